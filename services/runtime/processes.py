@@ -1,0 +1,190 @@
+"""Start and stop the platform's real processes locally: tritonserver, Milvus Lite, gateway.
+
+``make demo``, ``make serve`` and the integration tests all use these, so what the tests
+exercise is what a user runs. Each process logs to a file under ``var/logs`` and is stopped
+with SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.config import REPO_ROOT
+
+TRITON_ENV = Path(os.environ.get("RECSYS_TRITON_ENV", REPO_ROOT / ".venv-triton"))
+
+
+class StartupError(RuntimeError):
+    """A process exited or did not become ready in time."""
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with a log file, a readiness check and a clean stop."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(  # noqa: S603 - argv is built by this module
+            list(self.argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float) -> None:
+        """Poll ``check`` until it passes; fail early, with the log tail, if the process dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise StartupError(f"{self.name} exited during start-up:\n{self.log_tail()}")
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            time.sleep(0.25)
+        raise StartupError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after ``grace``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: for fault-injection tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+
+def triton_home(env: Path = TRITON_ENV) -> Path:
+    """The tritonserver tree shipped in the nvidia-pytriton wheel of the Triton environment."""
+    matches = sorted(env.glob("lib/python3*/site-packages/pytriton/tritonserver"))
+    if not matches:
+        raise StartupError(
+            f"no tritonserver under {env}: run `make env` (installs nvidia-pytriton there)"
+        )
+    return matches[0]
+
+
+def prepare_backends(env: Path = TRITON_ENV) -> Path:
+    """The wheel's backend directory, with the python-backend stub for this Python version.
+
+    The wheel ships stubs per Python version; tritonserver expects the stub beside
+    ``libtriton_python.so``. It is copied there in place (the stub's relative library path
+    must keep pointing at the wheel's bundled libraries).
+    """
+    home = triton_home(env)
+    stub = home / "backends" / "python" / "triton_python_backend_stub"
+    if not stub.exists():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        shutil.copy2(home / "python_backend_stubs" / version / "triton_python_backend_stub", stub)
+    return home / "backends"
+
+
+def triton_process(
+    repository: Path,
+    models: Sequence[str],
+    var_dir: Path,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    env: Path = TRITON_ENV,
+    log_name: str = "tritonserver.log",
+) -> ManagedProcess:
+    """The bundled CPU tritonserver serving ``models`` from ``repository`` (explicit mode)."""
+    home = triton_home(env)
+    argv = [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        f"--backend-directory={prepare_backends(env)}",
+        f"--cache-directory={home / 'caches'}",
+        "--model-control-mode=explicit",
+        *(f"--load-model={m}" for m in models),
+        "--grpc-address=127.0.0.1",
+        "--http-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        f"--http-port={http_port}",
+        f"--metrics-port={metrics_port}",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        "--log-verbose=0",
+    ]
+    # The python models import numpy<2, onnxruntime and tokenizers from the Python first on
+    # PATH: the Triton environment's, as its own container would have.
+    path = f"{env / 'bin'}:{os.environ.get('PATH', '')}"
+    return ManagedProcess(
+        "tritonserver", argv, var_dir / "logs" / log_name, {"PATH": path, "PYTHONNOUSERSITE": "1"}
+    )
+
+
+def milvus_process(
+    data_dir: Path, port: int, var_dir: Path, log_name: str = "milvus.log"
+) -> ManagedProcess:
+    """A Milvus Lite gRPC server: the same API as a Milvus cluster, on one local port."""
+    exe = Path(sys.executable).parent / "milvus-lite"
+    argv = [str(exe), "server", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
+    return ManagedProcess("milvus-lite", [*argv, "--port", str(port)], var_dir / "logs" / log_name)
+
+
+def gateway_process(
+    env: dict[str, str], var_dir: Path, log_name: str = "gateway.log"
+) -> ManagedProcess:
+    """The gateway in its own process, configured only through ``RECSYS_*`` variables."""
+    argv = [sys.executable, "-m", "services.gateway"]
+    return ManagedProcess("gateway", argv, var_dir / "logs" / log_name, env)

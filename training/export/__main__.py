@@ -1,0 +1,103 @@
+"""``python -m training.export``: publish towers (and the ranker) as a new Triton release.
+
+With ``--checkpoint`` it reads a training run's output (``item_tower/``, ``user_tower/`` and
+optionally ``ranker/``); without it, both towers are the pretrained BERT checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from services.config import get_settings
+from training.export.onnx_export import ParityError, export_ranker, export_tower, resolve_pretrained
+from training.export.repository import (
+    TOWERS,
+    copy_tokenizer,
+    new_release,
+    prune,
+    release_metadata,
+)
+
+log = logging.getLogger("training.export")
+
+
+def export_release(
+    repository: Path,
+    item_tower: str,
+    user_tower: str,
+    ranker: str | None = None,
+    keep: int = 3,
+) -> dict[str, object]:
+    """Export every model of one release into ``repository``; returns the parity report."""
+    release = new_release(repository)
+    log.info("release %d into %s", release.version, repository)
+    report: dict[str, object] = {"version": release.version}
+    try:
+        copy_tokenizer(item_tower, release.stage("tokenizer") / "tokenizer")
+        sources = {"item": item_tower, "user": user_tower}
+        exported: dict[str, Path] = {}
+        for tower in TOWERS:
+            target = release.stage(f"{tower}_encoder") / "model.onnx"
+            if sources[tower] in exported:  # shared weights: one export, two models
+                shutil.copyfile(exported[sources[tower]], target)
+                continue
+            result = export_tower(sources[tower], target)
+            exported[sources[tower]] = target
+            report[f"{tower}_encoder"] = result.as_dict()
+            release.stage(f"{tower}_embedder")
+        for tower in TOWERS:
+            if f"{tower}_embedder" not in release.staged:
+                release.stage(f"{tower}_embedder")
+        if ranker:
+            result = export_ranker(ranker, release.stage("ranker") / "model.onnx")
+            report["ranker"] = result.as_dict()
+            release.stage("ranker_scorer")
+        release.commit(
+            release_metadata(item_tower=item_tower, user_tower=user_tower, ranker=ranker)
+        )
+    except BaseException:
+        for staging in release.staged.values():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report["pruned"] = [str(p) for p in prune(repository, keep)]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
+    parser.add_argument(
+        "--checkpoint", help="training output dir (item_tower/, user_tower/, ranker/)"
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=settings.pretrained_model,
+        help="HF BERT dir used when no checkpoint is given",
+    )
+    parser.add_argument("--repository", type=Path, default=settings.model_repository)
+    parser.add_argument("--keep", type=int, default=3, help="versions kept per model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        item, user = str(ckpt / "item_tower"), str(ckpt / "user_tower")
+        ranker = str(ckpt / "ranker") if (ckpt / "ranker").is_dir() else None
+    else:
+        item = user = resolve_pretrained(args.pretrained)
+        ranker = None
+    try:
+        report = export_release(args.repository, item, user, ranker, args.keep)
+    except (ParityError, FileNotFoundError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model definitions (torch): the two-tower retriever and the cross-encoder CTR ranker."""
