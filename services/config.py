@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     )
     max_k: int = Field(200, ge=1, description="Largest page size a client may ask for.")
     default_k: int = Field(10, ge=1, description="Page size when the request leaves k at 0.")
+    max_events_per_call: int = Field(1000, ge=1, description="Events one IngestEvents may carry.")
+    max_items_per_call: int = Field(500, ge=1, description="Items one UpsertItems may carry.")
+    popular_cache_size: int = Field(500, ge=1, description="Popular items kept for cold start.")
+    popular_refresh_s: float = Field(60.0, gt=0, description="Popularity cache refresh period.")
     history_window: int = Field(
         50, ge=1, description="Most recent interactions used to build a user vector."
     )

@@ -14,8 +14,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 try:
-    from recsys.v1 import recommender_pb2 as pb  # noqa: E402
-    from recsys.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
+    from recsys.v1 import recommender_pb2 as pb
+    from recsys.v1 import recommender_pb2_grpc as pb_grpc
 except ImportError as exc:  # pragma: no cover - only before the first build
     raise ImportError(
         "gRPC stubs are missing: run `make proto` (generated from proto/recsys/v1)"

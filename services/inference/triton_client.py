@@ -84,7 +84,9 @@ class TritonClient:
 
     def _embed(self, model: str, texts: Sequence[str], timeout_s: float) -> np.ndarray:
         chunks = [
-            self._infer(model, [_text_input("TEXT", texts[i : i + self.batch])], "EMBEDDING", timeout_s)
+            self._infer(
+                model, [_text_input("TEXT", texts[i : i + self.batch])], "EMBEDDING", timeout_s
+            )
             for i in range(0, len(texts), self.batch)
         ]
         if not chunks:

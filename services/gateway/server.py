@@ -1,0 +1,83 @@
+"""The gateway's gRPC server: the API, health, reflection and graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.api import pb, pb_grpc
+from services.config import Settings
+from services.gateway.servicer import RecommenderServicer
+from services.gateway.state import GatewayState
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Gateway:
+    """A started server with the state it serves from."""
+
+    server: grpc.Server
+    state: GatewayState
+    port: int
+
+    def stop(self, grace: float) -> None:
+        """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds."""
+        self.state.begin_shutdown()  # NOT_SERVING first, so balancers stop sending
+        self.server.stop(grace).wait()
+        self.state.close()
+
+
+def build(settings: Settings) -> Gateway:
+    """Create and start the server; dependencies may still be down (health says so)."""
+    state = GatewayState(settings)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(settings, state), server)
+    health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
+    services = (
+        pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind {settings.grpc_host}:{settings.grpc_port}")
+    server.start()
+    if not state.check_once():
+        log.warning(
+            "gateway listening on port %d but NOT_SERVING until Triton (%s) and Milvus (%s) "
+            "are ready",
+            port,
+            settings.triton_url,
+            settings.milvus_uri,
+        )
+    state.start_monitor()
+    log.info("gateway listening on %s:%d", settings.grpc_host, port)
+    return Gateway(server, state, port)
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    gateway = build(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: draining for up to %.1fs", settings.grace_period_s)
+    gateway.stop(settings.grace_period_s)
+    log.info("gateway stopped")

@@ -1,0 +1,111 @@
+"""What the gateway holds between calls, and the monitor that keeps its health honest.
+
+The monitor polls Triton and Milvus; the gRPC health service reports SERVING only while both
+are ready, and says plainly in the log which one is not. It also creates missing Milvus
+collections, refreshes the popularity cache and the served model version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from grpc_health.v1 import health, health_pb2
+
+from services.config import Settings
+from services.inference.triton_client import InferenceUnavailable, TritonClient
+from services.profiles.profiles import Profiles
+from services.retrieval.popularity import PopularItems
+from services.vectors.store import StoreUnavailable, VectorStore
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "recsys.v1.RecommenderService"
+
+
+class GatewayState:
+    """Clients of the dependencies plus cached, periodically refreshed facts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = VectorStore(settings)
+        self.triton = TritonClient(settings)
+        self.profiles = Profiles(self.store, self.triton, settings.history_window)
+        self.popular = PopularItems(settings.popular_cache_size)
+        self.health = health.HealthServicer()
+        self.model_version = ""
+        self.triton_ready = False
+        self.milvus_ready = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._popular_at = 0.0
+        self._set_health(False)
+
+    def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def check_once(self) -> bool:
+        """Probe both dependencies once and update health; True when both are ready."""
+        triton_ready = self.triton.ready()
+        milvus_ready = self.store.ping()
+        if not milvus_ready:
+            try:
+                self.store.ensure_collections()
+                milvus_ready = self.store.ping()
+            except StoreUnavailable as exc:
+                log.debug("milvus not ready: %s", exc)
+        if triton_ready:
+            try:
+                self.model_version = self.triton.model_version(self.settings.triton_user_model)
+            except InferenceUnavailable:
+                triton_ready = False
+        if (
+            milvus_ready
+            and (
+                not len(self.popular)
+                or time.monotonic() - self._popular_at > self.settings.popular_refresh_s
+            )
+            and self.popular.refresh(self.store)
+        ):
+            self._popular_at = time.monotonic()
+        if (triton_ready, milvus_ready) != (self.triton_ready, self.milvus_ready):
+            log.log(
+                logging.INFO if triton_ready and milvus_ready else logging.WARNING,
+                "dependencies: triton %s (%s), milvus %s (%s)",
+                "ready" if triton_ready else "NOT READY",
+                self.settings.triton_url,
+                "ready" if milvus_ready else "NOT READY",
+                self.settings.milvus_uri,
+            )
+        self.triton_ready, self.milvus_ready = triton_ready, milvus_ready
+        self._set_health(triton_ready and milvus_ready)
+        return triton_ready and milvus_ready
+
+    def start_monitor(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.settings.readiness_poll_s):
+                try:
+                    self.check_once()
+                except Exception:  # the monitor must outlive any single failure
+                    log.exception("health check failed")
+
+        self._thread = threading.Thread(target=loop, name="dependency-monitor", daemon=True)
+        self._thread.start()
+
+    def begin_shutdown(self) -> None:
+        """Stop monitoring and report NOT_SERVING; in-flight calls still have the clients."""
+        self._stop.set()
+        self._set_health(False)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        self.begin_shutdown()
+        self.triton.close()
+        self.store.close()

@@ -1,0 +1,100 @@
+"""User profiles: history, interests and the user vector, kept on the Milvus user row.
+
+Ingested events go through the same implicit-feedback rule as training data. Positives move
+to the front of the user's history; interests are recomputed with time decay; the vector is
+re-encoded by the user tower on Triton from the behaviour text, exactly as offline indexing
+does, so an online profile and an indexed one are the same function of the history.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from services.api import pb
+from services.deadline import Deadline
+from services.inference.triton_client import TritonClient
+from services.vectors.schema import RECENT_ITEMS
+from services.vectors.store import Row, VectorStore
+from training.data.schema import ImplicitRule
+from training.features.text import user_text
+from training.indexing import interests
+
+EVENT_NAMES = {
+    pb.EVENT_TYPE_VIEW: "view",
+    pb.EVENT_TYPE_CLICK: "click",
+    pb.EVENT_TYPE_RATING: "rating",
+    pb.EVENT_TYPE_PURCHASE: "purchase",
+}
+
+
+@dataclass(frozen=True)
+class ProfileUpdate:
+    """What applying a batch of events changed."""
+
+    users: int
+    positives: int
+
+
+class Profiles:
+    """Reads and updates user rows; the Deadline-aware half of the gateway's profiling."""
+
+    def __init__(
+        self,
+        store: VectorStore,
+        triton: TritonClient,
+        history_window: int,
+        rule: ImplicitRule | None = None,
+    ) -> None:
+        self.store = store
+        self.triton = triton
+        self.history_window = history_window
+        self.rule = rule or ImplicitRule()
+
+    def get(self, user_id: str, timeout: float, with_vector: bool = True) -> Row | None:
+        return self.store.get_user(user_id, timeout, with_vector)
+
+    def positive_weights(self, events: Sequence[pb.Event]) -> list[float]:
+        types = pd.Series([EVENT_NAMES[e.event_type] for e in events], dtype=object)
+        values = pd.Series([e.value if e.value else float("nan") for e in events], dtype=float)
+        return [float(w) for w in self.rule.weights(types, values)]
+
+    def apply(self, events: Sequence[pb.Event], deadline: Deadline) -> ProfileUpdate:
+        """Fold events into their users' rows and re-encode the changed users."""
+        weights = self.positive_weights(events)
+        by_user: dict[str, list[tuple[float, str, float]]] = defaultdict(list)
+        for event, weight in zip(events, weights, strict=True):
+            ts = event.event_time.ToSeconds() if event.HasField("event_time") else time.time()
+            by_user[event.user_id].append((ts, event.item_id, weight))
+        rows, texts, positives = [], [], 0
+        for user_id, user_events in by_user.items():
+            current = self.get(user_id, deadline.left(), with_vector=False)
+            history = list(current["recent_items"]) if current else []
+            for _, item_id, weight in sorted(user_events):  # oldest first, newest ends in front
+                if weight > 0:
+                    positives += 1
+                    history = [item_id, *[h for h in history if h != item_id]]
+            history = history[:RECENT_ITEMS]
+            known = self.store.get_items(history[: self.history_window], deadline.left())
+            pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
+            rows.append(
+                {
+                    "user_id": user_id,
+                    "segment": current["segment"] if current else "",
+                    "interests": interests(pairs),
+                    "recent_items": history,
+                    "history_size": (current["history_size"] if current else 0) + len(user_events),
+                    "updated_at": int(time.time() * 1000),
+                }
+            )
+            texts.append(user_text(pairs[: self.history_window]))
+        vectors = self.triton.embed_users(texts, deadline.left())
+        self.store.upsert_users(
+            [{**row, "vector": v.tolist()} for row, v in zip(rows, vectors, strict=True)],
+            deadline.left(),
+        )
+        return ProfileUpdate(users=len(rows), positives=positives)

@@ -1,0 +1,139 @@
+"""``make demo`` / ``make serve``: the platform end to end on the embedded defaults.
+
+Loads the dataset, exports the models into the Triton repository when it has none, starts
+Milvus Lite, tritonserver and the gateway, indexes every item and user through Triton, then
+asks the gateway for recommendations over gRPC like any client would. ``--serve`` keeps the
+stack up until Ctrl-C instead of stopping after the answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from services.client import RecommenderClient
+from services.config import Settings, get_settings
+from services.runtime.stack import LocalStack, Ports, local_stack
+from services.vectors.store import VectorStore
+from training.data import load_dataset
+from training.export.repository import servable_models
+
+log = logging.getLogger("demo")
+
+
+class Steps:
+    """Numbered, timed progress lines."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.t0 = total, 0, time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        self.n += 1
+        print(
+            f"\n[{self.n}/{self.total}] {text}  (t={time.monotonic() - self.t0:.0f}s)", flush=True
+        )
+
+
+def ensure_models(settings: Settings, checkpoint: str | None) -> None:
+    """Export a release when the repository has none (or when a checkpoint is given)."""
+    if servable_models(settings.model_repository) and not checkpoint:
+        print(f"  using existing release in {settings.model_repository}")
+        return
+    from training.export.__main__ import main as export_main
+
+    args = ["--repository", str(settings.model_repository)]
+    args += ["--checkpoint", checkpoint] if checkpoint else []
+    if export_main(args) != 0:
+        raise SystemExit("model export failed")
+
+
+def index_everything(stack: LocalStack, dataset_path: Path) -> None:
+    from services.inference.triton_client import TritonClient
+    from training.indexing import index_items, index_users
+
+    dataset = load_dataset(dataset_path)
+    print(dataset.report.summary(max_rows=5))
+    store, triton = VectorStore(stack.settings), TritonClient(stack.settings)
+    try:
+        store.ensure_collections()
+        n_items = index_items(dataset, triton, store, stack.settings.triton_batch_size)
+        n_users = index_users(dataset, triton, store, stack.settings.triton_batch_size)
+        print(f"  indexed {n_items} items and {n_users} users")
+    finally:
+        triton.close()
+        store.close()
+
+
+def show_recommendations(target: str, users: list[str], k: int) -> None:
+    with RecommenderClient(target, timeout=10) as client:
+        for user in users:
+            reply = client.recommend(user, k=k)
+            flags = " (cold start)" if reply.cold_start else ""
+            flags += f" DEGRADED: {reply.degraded_reason}" if reply.degraded else ""
+            print(f"\n  user {user}{flags}  model release {reply.model_version or '-'}")
+            for rank, scored in enumerate(reply.items, 1):
+                cats = ", ".join(scored.item.categories)
+                print(f"   {rank:2d}. {scored.score:6.3f}  {scored.item.title}  [{cats}]")
+                print(f"       {scored.reason}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="python -m services.runtime.demo", description=__doc__)
+    parser.add_argument("--users", default="1,42,414,new-user-1", help="comma-separated ids")
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--checkpoint", help="fine-tuned training output to export first")
+    parser.add_argument("--serve", action="store_true", help="keep serving until Ctrl-C")
+    parser.add_argument("--keep-index", action="store_true", help="reuse the previous index")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    steps = Steps(6)
+    var_dir = settings.var_dir / ("serve" if args.serve else "demo")
+    fresh = not (args.keep_index or (args.serve and (var_dir / "milvus").exists()))
+    if fresh:
+        shutil.rmtree(var_dir / "milvus", ignore_errors=True)
+    steps("models: Triton repository")
+    ensure_models(settings, args.checkpoint)
+    ports = Ports(gateway=settings.grpc_port) if args.serve else Ports()
+    with local_stack(settings, var_dir, ports) as stack:
+        steps(
+            f"starting Milvus Lite (port {stack.ports.milvus}) and tritonserver "
+            f"(gRPC port {stack.ports.triton_grpc}); logs in {var_dir / 'logs'}"
+        )
+        stack.start_milvus()
+        stack.start_triton()
+        steps(f"indexing {settings.data_dir.name} through Triton into Milvus")
+        if fresh:
+            index_everything(stack, settings.data_dir)
+        else:
+            print("  reusing the existing index")
+        steps(f"starting the gateway on {stack.gateway_target}")
+        stack.start_gateway()
+        steps("recommendations through the gRPC API")
+        show_recommendations(stack.gateway_target, args.users.split(","), args.k)
+        if args.serve:
+            print(
+                f"\nServing on {stack.gateway_target}: try `recsys recommend --target "
+                f"{stack.gateway_target} --user 42`. Ctrl-C stops everything.",
+                flush=True,
+            )
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                stop.wait()
+            except KeyboardInterrupt:
+                pass
+        steps("stopping everything that was started")
+    print(f"done in {time.monotonic() - steps.t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

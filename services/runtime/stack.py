@@ -1,0 +1,142 @@
+"""The whole local stack (Milvus Lite server, tritonserver, gateway) as one context manager.
+
+Ports are free ones unless given, so the demo, ``make serve`` and every integration test can
+run side by side. Everything started is stopped on exit, also after an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.config import Settings
+from services.inference.triton_client import TritonClient
+from services.runtime.processes import (
+    ManagedProcess,
+    free_port,
+    gateway_process,
+    milvus_process,
+    port_open,
+    triton_process,
+)
+from training.export.repository import servable_models
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ports:
+    gateway: int = 0
+    triton_grpc: int = 0
+    triton_http: int = 0
+    triton_metrics: int = 0
+    milvus: int = 0
+    gateway_metrics: int = 0
+
+    def fill(self) -> Ports:
+        for name in self.__dataclass_fields__:
+            if not getattr(self, name):
+                setattr(self, name, free_port())
+        return self
+
+
+@dataclass
+class LocalStack:
+    """Handles on the running processes and the settings that reach them."""
+
+    settings: Settings
+    var_dir: Path
+    ports: Ports
+    processes: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    @property
+    def gateway_target(self) -> str:
+        return f"127.0.0.1:{self.ports.gateway}"
+
+    def env(self) -> dict[str, str]:
+        """The ``RECSYS_*`` variables a process of this stack runs with."""
+        return {
+            "RECSYS_GRPC_HOST": "127.0.0.1",
+            "RECSYS_GRPC_PORT": str(self.ports.gateway),
+            "RECSYS_METRICS_PORT": str(self.ports.gateway_metrics),
+            "RECSYS_TRITON_URL": self.settings.triton_url,
+            "RECSYS_MILVUS_URI": self.settings.milvus_uri,
+            "RECSYS_MODEL_REPOSITORY": str(self.settings.model_repository),
+            "RECSYS_ITEMS_COLLECTION": self.settings.items_collection,
+            "RECSYS_USERS_COLLECTION": self.settings.users_collection,
+            "RECSYS_LOG_LEVEL": self.settings.log_level,
+            "RECSYS_READINESS_POLL_S": str(self.settings.readiness_poll_s),
+        }
+
+    # --- processes -----------------------------------------------------------------------
+    def start_milvus(self, timeout: float = 60) -> ManagedProcess:
+        proc = milvus_process(self.var_dir / "milvus", self.ports.milvus, self.var_dir).start()
+        proc.wait_ready(lambda: port_open("127.0.0.1", self.ports.milvus), timeout)
+        self.processes["milvus"] = proc
+        return proc
+
+    def start_triton(self, timeout: float = 180) -> ManagedProcess:
+        repository = self.settings.model_repository
+        models = servable_models(repository)
+        if not models:
+            raise RuntimeError(f"{repository} has no exported models: run `make export`")
+        proc = triton_process(
+            repository,
+            models,
+            self.var_dir,
+            self.ports.triton_grpc,
+            self.ports.triton_http,
+            self.ports.triton_metrics,
+        ).start()
+        client = TritonClient(self.settings)
+        try:
+            proc.wait_ready(client.ready, timeout)
+        finally:
+            client.close()
+        self.processes["triton"] = proc
+        return proc
+
+    def start_gateway(self, timeout: float = 60) -> ManagedProcess:
+        proc = gateway_process(self.env(), self.var_dir).start()
+        proc.wait_ready(lambda: gateway_serving(self.gateway_target), timeout)
+        self.processes["gateway"] = proc
+        return proc
+
+    def stop(self) -> None:
+        for name in ("gateway", "triton", "milvus"):
+            proc = self.processes.pop(name, None)
+            if proc is not None:
+                proc.stop()
+
+
+def gateway_serving(target: str, timeout: float = 1.0) -> bool:
+    """True when the gateway's health service answers SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@contextlib.contextmanager
+def local_stack(base: Settings, var_dir: Path, ports: Ports | None = None) -> Iterator[LocalStack]:
+    """A stack with settings pointing at its own Milvus and Triton; stopped on exit."""
+    ports = (ports or Ports()).fill()
+    settings = base.model_copy(
+        update={
+            "triton_url": f"127.0.0.1:{ports.triton_grpc}",
+            "milvus_uri": f"http://127.0.0.1:{ports.milvus}",
+            "grpc_port": ports.gateway,
+            "metrics_port": ports.gateway_metrics,
+        }
+    )
+    stack = LocalStack(settings, var_dir, ports)
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -1,0 +1,99 @@
+"""The Milvus schema of the platform: one place for collections, fields and indexes.
+
+``items``: one row per catalogue item, its item-tower vector and the scalar fields that
+filters and explanations need. ``users``: one row per known user, the user-tower vector and
+the profile the gateway keeps (segment, interests, recent history). Both use inner product
+on L2-normalised vectors (= cosine) and Strong consistency, so a write is visible to the next
+search: an ingested event or upserted item counts on the very next ``Recommend``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pymilvus import CollectionSchema, DataType, MilvusClient
+
+from services.config import Settings
+
+ID_MAX_LENGTH = 128
+TITLE_MAX_LENGTH = 512
+CATEGORY_MAX_LENGTH = 64
+MAX_CATEGORIES = 32
+RECENT_ITEMS = 100  # history kept on the user row, most recent first
+CONSISTENCY = "Strong"
+METRIC = "IP"
+
+ITEM_FIELDS = ["item_id", "title", "categories", "popularity", "created_at"]
+USER_FIELDS = [
+    "user_id",
+    "segment",
+    "interests",
+    "recent_items",
+    "history_size",
+    "updated_at",
+]
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """A collection's name, schema and vector index."""
+
+    name: str
+    schema: CollectionSchema
+    primary_key: str
+
+
+def items_schema(dim: int) -> CollectionSchema:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("title", DataType.VARCHAR, max_length=TITLE_MAX_LENGTH)
+    schema.add_field(
+        "categories",
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=MAX_CATEGORIES,
+        max_length=CATEGORY_MAX_LENGTH,
+    )
+    schema.add_field("popularity", DataType.FLOAT)  # interactions in the training window
+    schema.add_field("created_at", DataType.INT64)  # epoch seconds; 0 when unknown
+    return schema
+
+
+def users_schema(dim: int) -> CollectionSchema:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("user_id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("segment", DataType.VARCHAR, max_length=64)
+    schema.add_field("interests", DataType.JSON)  # {category: time-decayed weight}
+    schema.add_field(
+        "recent_items",
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=RECENT_ITEMS,
+        max_length=ID_MAX_LENGTH,
+    )
+    schema.add_field("history_size", DataType.INT64)
+    schema.add_field("updated_at", DataType.INT64)  # epoch milliseconds
+    return schema
+
+
+def collections(settings: Settings) -> tuple[CollectionSpec, CollectionSpec]:
+    """The (items, users) collections this deployment uses."""
+    dim = settings.embedding_dim
+    return (
+        CollectionSpec(settings.items_collection, items_schema(dim), "item_id"),
+        CollectionSpec(settings.users_collection, users_schema(dim), "user_id"),
+    )
+
+
+def index_params(client: MilvusClient, settings: Settings):  # type: ignore[no-untyped-def]
+    """The vector index from settings (HNSW by default), inner-product metric."""
+    params = client.prepare_index_params()
+    params.add_index(
+        field_name="vector",
+        index_type=settings.index_type,
+        metric_type=METRIC,
+        params=dict(settings.index_params),
+    )
+    return params

@@ -1,0 +1,222 @@
+"""Item and user vectors in Milvus, through ``pymilvus``.
+
+The same code talks to Milvus Lite (a local file, the default), a Milvus Lite server, or a
+Milvus cluster: only ``RECSYS_MILVUS_URI`` changes. Every call takes a timeout (the caller's
+remaining deadline). Strings from clients enter filter expressions only as JSON-escaped
+literals (:func:`literal`), so ids and category names are data, never expression syntax
+(Milvus Lite does not take ``filter_params`` templates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from services.config import Settings
+from services.vectors.schema import CONSISTENCY, ITEM_FIELDS, USER_FIELDS, collections, index_params
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+class StoreUnavailable(RuntimeError):
+    """Milvus could not be reached or answered with an error."""
+
+
+class VectorStore:
+    """Items and users collections; connects lazily and reconnects after failures."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.items, self.users = collections(settings)
+        self._client: MilvusClient | None = None
+        self._lock = threading.Lock()
+
+    # --- connection --------------------------------------------------------------------
+    def _connect(self) -> MilvusClient:
+        with self._lock:
+            if self._client is None:
+                s = self.settings
+                try:
+                    self._client = MilvusClient(
+                        uri=s.milvus_uri,
+                        token=s.milvus_token.get_secret_value(),
+                        db_name=s.milvus_db_name,
+                        timeout=5.0,
+                    )
+                except Exception as exc:  # pymilvus raises several types on connect
+                    raise StoreUnavailable(f"Milvus at {s.milvus_uri}: {exc}") from exc
+            return self._client
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        client = self._connect()
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        except MilvusException as exc:
+            self._reset()
+            raise StoreUnavailable(f"Milvus {method}: {exc.message}") from exc
+        except Exception as exc:  # grpc errors surface as many exception types
+            self._reset()
+            raise StoreUnavailable(f"Milvus {method}: {exc}") from exc
+
+    def _reset(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def close(self) -> None:
+        self._reset()
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """True when both collections exist and are loaded."""
+        try:
+            for spec in (self.items, self.users):
+                state = self._call("get_load_state", spec.name, timeout=timeout)
+                if "Loaded" not in str(state.get("state")):
+                    return False
+            return True
+        except StoreUnavailable:
+            return False
+
+    def ensure_collections(self, timeout: float = 30.0) -> None:
+        """Create missing collections with their index, and load both (search needs it)."""
+        client = self._connect()
+        for spec in (self.items, self.users):
+            if not self._call("has_collection", spec.name, timeout=timeout):
+                log.info("creating Milvus collection %s", spec.name)
+                self._call(
+                    "create_collection",
+                    spec.name,
+                    schema=spec.schema,
+                    index_params=index_params(client, self.settings),
+                    consistency_level=CONSISTENCY,
+                    timeout=timeout,
+                )
+            self._call("load_collection", spec.name, timeout=timeout)
+
+    def drop_collections(self) -> None:
+        for spec in (self.items, self.users):
+            if self._call("has_collection", spec.name):
+                self._call("drop_collection", spec.name)
+
+    # --- items ---------------------------------------------------------------------------
+    def upsert_items(self, rows: Sequence[Row], timeout: float = 30.0) -> int:
+        if not rows:
+            return 0
+        result = self._call("upsert", self.items.name, list(rows), timeout=timeout)
+        return int(result["upsert_count"])
+
+    def get_items(
+        self, item_ids: Iterable[str], timeout: float, with_vectors: bool = False
+    ) -> dict[str, Row]:
+        ids = list(dict.fromkeys(item_ids))
+        if not ids:
+            return {}
+        fields = ITEM_FIELDS + (["vector"] if with_vectors else [])
+        rows = self._call(
+            "query",
+            self.items.name,
+            filter=f"item_id in {literal(ids)}",
+            output_fields=fields,
+            timeout=timeout,
+        )
+        return {r["item_id"]: _plain(r) for r in rows}
+
+    def search_items(
+        self,
+        vector: np.ndarray,
+        limit: int,
+        timeout: float,
+        categories: Sequence[str] = (),
+        exclude_ids: Sequence[str] = (),
+        with_vectors: bool = False,
+    ) -> list[Row]:
+        """Nearest items by inner product, with category and exclusion filters."""
+        clauses = []
+        if categories:
+            clauses.append(f"ARRAY_CONTAINS_ANY(categories, {literal(list(categories))})")
+        if exclude_ids:
+            clauses.append(f"item_id not in {literal(list(exclude_ids))}")
+        hits = self._call(
+            "search",
+            self.items.name,
+            data=[np.asarray(vector, dtype=np.float32).tolist()],
+            limit=limit,
+            filter=" and ".join(clauses),
+            output_fields=ITEM_FIELDS + (["vector"] if with_vectors else []),
+            search_params={"metric_type": "IP", "params": dict(self.settings.search_params)},
+            timeout=timeout,
+        )
+        return [{**_plain(h["entity"]), "score": float(h["distance"])} for h in hits[0]]
+
+    def all_items(self, fields: Sequence[str] = tuple(ITEM_FIELDS), batch: int = 4096) -> list[Row]:
+        """Every item (for popularity caches and offline jobs), read in pages."""
+        iterator = self._call(
+            "query_iterator", self.items.name, batch_size=batch, output_fields=list(fields)
+        )
+        rows: list[Row] = []
+        try:
+            while page := iterator.next():
+                rows.extend(_plain(r) for r in page)
+        finally:
+            iterator.close()
+        return rows
+
+    def count(self, collection: str) -> int:
+        rows = self._call("query", collection, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    # --- users ---------------------------------------------------------------------------
+    def upsert_users(self, rows: Sequence[Row], timeout: float = 30.0) -> int:
+        if not rows:
+            return 0
+        result = self._call("upsert", self.users.name, list(rows), timeout=timeout)
+        return int(result["upsert_count"])
+
+    def get_user(self, user_id: str, timeout: float, with_vector: bool = True) -> Row | None:
+        fields = USER_FIELDS + (["vector"] if with_vector else [])
+        rows = self._call(
+            "query",
+            self.users.name,
+            filter=f"user_id == {literal(user_id)}",
+            output_fields=fields,
+            timeout=timeout,
+        )
+        return _plain(rows[0]) if rows else None
+
+    def delete_user(self, user_id: str, timeout: float) -> bool:
+        existed = self.get_user(user_id, timeout, with_vector=False) is not None
+        self._call(
+            "delete",
+            self.users.name,
+            filter=f"user_id == {literal(user_id)}",
+            timeout=timeout,
+        )
+        return existed
+
+
+def literal(value: str | list[str]) -> str:
+    """A Milvus string (or string-list) literal: JSON escaping is Milvus's escaping."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _plain(row: Any) -> Row:
+    """Milvus rows as plain dicts with plain Python values (ARRAY fields come as protos)."""
+    out = dict(row)
+    for key in ("categories", "recent_items"):
+        if key in out and out[key] is not None:
+            out[key] = [str(v) for v in out[key]]
+    if "vector" in out:
+        out["vector"] = np.asarray(out["vector"], dtype=np.float32)
+    return out

@@ -1,0 +1,124 @@
+"""Fill Milvus from a dataset: item vectors from the item tower, user vectors from history.
+
+Vectors are computed by the models Triton serves (the same ones the gateway uses at request
+time), so what is indexed and what is searched with always come from one release.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from services.inference.triton_client import TritonClient
+from services.vectors.schema import MAX_CATEGORIES, RECENT_ITEMS, TITLE_MAX_LENGTH
+from services.vectors.store import VectorStore
+from training.data import Dataset
+from training.features.text import history_from_ids, item_lookup, item_texts, user_histories
+from training.features.text import user_text as build_user_text
+
+log = logging.getLogger(__name__)
+INDEX_TIMEOUT_S = 120.0
+INTEREST_DECAY = 0.9  # weight of the n-th most recent item: 0.9**n
+
+
+def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+def item_popularity(events: pd.DataFrame) -> dict[str, float]:
+    """Positive interactions per item (the popularity signal stored with each item)."""
+    counts = events.loc[events["weight"] > 0, "item_id"].value_counts()
+    return {str(k): float(v) for k, v in counts.items()}
+
+
+def interests(history: Sequence[tuple[str, Sequence[str]]], top: int = 10) -> dict[str, float]:
+    """Time-decayed category shares of a most-recent-first history, summing to 1."""
+    scores: Counter[str] = Counter()
+    for rank, (_, categories) in enumerate(history):
+        for category in categories:
+            scores[category] += INTEREST_DECAY**rank / max(len(categories), 1)
+    total = sum(scores.values()) or 1.0
+    return {c: round(w / total, 4) for c, w in scores.most_common(top)}
+
+
+def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batch: int = 64) -> int:
+    """Embed every item through Triton's item tower and upsert it with its scalar fields."""
+    items = dataset.items
+    texts = item_texts(items)
+    popularity = item_popularity(dataset.events)
+    created = items["created_at"] if "created_at" in items else pd.Series(pd.NaT, index=items.index)
+    rows = [
+        {
+            "item_id": str(iid),
+            "title": str(title)[:TITLE_MAX_LENGTH],
+            "categories": [c[:64] for c in list(cats)[:MAX_CATEGORIES]],
+            "popularity": popularity.get(str(iid), 0.0),
+            "created_at": 0 if pd.isna(ts) else int(pd.Timestamp(ts).timestamp()),
+        }
+        for iid, title, cats, ts in zip(
+            items["item_id"], items["title"], items["categories"], created, strict=True
+        )
+    ]
+    done = 0
+    with tqdm(total=len(rows), desc="index items", unit="item") as bar:
+        for chunk in _batches(rows, batch):
+            vectors = triton.embed_items([texts[r["item_id"]] for r in chunk], INDEX_TIMEOUT_S)
+            store.upsert_items(
+                [{**r, "vector": v.tolist()} for r, v in zip(chunk, vectors, strict=True)]
+            )
+            done += len(chunk)
+            bar.update(len(chunk))
+    return done
+
+
+def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[dict[str, Any], str]]:
+    """(user row without vector, behaviour text) for every user with positive history."""
+    lookup = item_lookup(dataset.items)
+    histories = user_histories(dataset.events, dataset.items, max_items=RECENT_ITEMS)
+    sizes = dataset.events.groupby("user_id").size()
+    now_ms = int(time.time() * 1000)
+    out = []
+    for uid, item_ids in histories.items():
+        history = history_from_ids(item_ids[:max_items], lookup)
+        row = {
+            "user_id": uid,
+            "segment": "",
+            "interests": interests(history),
+            "recent_items": item_ids[:RECENT_ITEMS],
+            "history_size": int(sizes.get(uid, 0)),
+            "updated_at": now_ms,
+        }
+        out.append((row, build_user_text(history)))
+    return out
+
+
+def index_users(
+    dataset: Dataset,
+    triton: TritonClient,
+    store: VectorStore,
+    batch: int = 64,
+    max_items: int = 50,
+) -> int:
+    """Encode each user's recent positive history with the user tower and upsert it."""
+    pending = user_rows(dataset, max_items)
+    done = 0
+    with tqdm(total=len(pending), desc="index users", unit="user") as bar:
+        for chunk in _batches(pending, batch):
+            vectors = triton.embed_users([text for _, text in chunk], INDEX_TIMEOUT_S)
+            store.upsert_users(
+                [
+                    {**row, "vector": np.asarray(v, dtype=np.float32).tolist()}
+                    for (row, _), v in zip(chunk, vectors, strict=True)
+                ]
+            )
+            done += len(chunk)
+            bar.update(len(chunk))
+    return done
