@@ -1,0 +1,99 @@
+# Recommendation platform: every entry point a user needs. Targets install what they need.
+#   make demo    - the platform end to end on the embedded defaults (Milvus Lite, local Triton)
+#   make test    - unit, integration (real tritonserver, Milvus Lite, Ray) and manifest tests
+#   make serve   - the same stack as the demo, kept up until Ctrl-C
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+TRITON_VENV := .venv-triton
+PY := $(VENV)/bin/python
+TOOLS := var/tools
+BUF_VERSION := 1.75.0
+BUF := $(TOOLS)/node_modules/.bin/buf
+STUBS := services/api/recsys/v1/recommender_pb2.py
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help env proto lint lint-proto kubectl-installed export train demo serve test test-unit \
+        test-integration test-k8s bench clean distclean
+
+help:
+	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+# --- environments -------------------------------------------------------------------------
+$(VENV)/.stamp: requirements.lock pyproject.toml
+	@echo ">> creating $(VENV) (pinned by requirements.lock; torch 2.13.0 CPU build)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# Triton's python backend needs numpy<2 (it returns empty tensors with numpy 2), while
+# pyarrow/pandas of the main environment need numpy 2: Triton gets its own environment.
+$(TRITON_VENV)/.stamp: requirements-triton.lock
+	@echo ">> creating $(TRITON_VENV) (tritonserver from nvidia-pytriton, numpy<2)"
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q -r requirements-triton.lock
+	touch $@
+
+$(BUF):
+	@echo ">> installing buf $(BUF_VERSION) (npm)"
+	mkdir -p $(TOOLS) && cd $(TOOLS) && npm install --silent --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
+
+kubectl-installed:
+	@command -v kubectl >/dev/null || { echo ">> installing kubectl (Debian)"; \
+	  (apt-get update -qq && apt-get install -y -qq kubectl) >/dev/null; }
+
+env: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(STUBS) ## create both environments and the gRPC stubs
+
+$(STUBS): proto/recsys/v1/recommender.proto $(VENV)/.stamp
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=services/api --grpc_python_out=services/api \
+	  --pyi_out=services/api proto/recsys/v1/recommender.proto
+
+proto: $(STUBS) ## generate Python stubs from proto/ (never edited by hand)
+
+# --- checks -------------------------------------------------------------------------------
+lint-proto: $(BUF) ## buf lint (Google API design rules)
+	$(BUF) lint
+
+lint: env lint-proto ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services training
+
+# --- the pipeline -------------------------------------------------------------------------
+export: env ## export the pretrained (or --checkpoint) towers into model_repository/
+	$(PY) -m training.export $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
+
+train: env ## fine-tune both models with Ray Train (local: 2 CPU workers)
+	$(PY) -m training.train --config training/configs/local.yaml
+
+demo: env ## end to end: export, start Triton + Milvus + gateway, index, recommend, stop
+	$(PY) -m services.runtime.demo
+
+serve: env ## the demo stack, serving on RECSYS_GRPC_PORT (50051) until Ctrl-C
+	$(PY) -m services.runtime.demo --serve
+
+# --- tests --------------------------------------------------------------------------------
+test: env kubectl-installed $(BUF) ## everything: lint, unit, integration, manifests
+	$(BUF) lint
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+
+test-unit: env
+	$(PY) -m pytest -q -m "not integration" --timeout=300
+
+test-integration: env
+	$(PY) -m pytest -q -m integration --timeout=900
+
+test-k8s: env kubectl-installed
+	$(PY) -m pytest -q tests/k8s
+
+clean:
+	rm -rf var/demo var/serve var/test .pytest_cache .mypy_cache .ruff_cache
+
+distclean: clean
+	rm -rf $(VENV) $(TRITON_VENV) var services/api/recsys model_repository/*/[0-9]*

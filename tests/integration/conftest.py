@@ -1,0 +1,105 @@
+"""Real components for the integration tests: an exported model repository, tritonserver,
+a Milvus Lite server and the gateway process, on free ports, stopped at the end.
+
+The dataset is a slice of the vendored MovieLens (first 400 movies, their ratings) so that
+indexing through Triton takes seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from services.config import REPO_ROOT, Settings
+from services.runtime.stack import LocalStack, local_stack
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MOVIELENS = REPO_ROOT / "third_party" / "movielens" / "ml-latest-small"
+N_MOVIES = 400
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tracked repository sources plus one exported release of the pretrained towers."""
+    from training.export.__main__ import export_release
+    from training.export.onnx_export import resolve_pretrained
+
+    repo = tmp_path_factory.mktemp("model_repository") / "repo"
+    shutil.copytree(
+        REPO_ROOT / "model_repository",
+        repo,
+        symlinks=True,
+        ignore=lambda d, names: [n for n in names if n.isdigit() or n.startswith(".staging")],
+    )
+    pretrained = resolve_pretrained()
+    report = export_release(repo, pretrained, pretrained)
+    assert report["item_encoder"]["max_abs_diff"] <= 1e-4  # type: ignore[index]
+    return repo
+
+
+@pytest.fixture(scope="session")
+def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MovieLens cut to its first movies, written CRLF like the original files."""
+    out = tmp_path_factory.mktemp("ml-small")
+    movies = pd.read_csv(MOVIELENS / "movies.csv").head(N_MOVIES)
+    ratings = pd.read_csv(MOVIELENS / "ratings.csv")
+    ratings = ratings[ratings["movieId"].isin(movies["movieId"])]
+    tags = pd.read_csv(MOVIELENS / "tags.csv")
+    tags = tags[tags["movieId"].isin(movies["movieId"])]
+    for name, frame in (("movies", movies), ("ratings", ratings), ("tags", tags)):
+        frame.to_csv(out / f"{name}.csv", index=False, lineterminator="\r\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def stack(
+    model_repository: Path, small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    """Milvus Lite + tritonserver + gateway, with the small dataset indexed."""
+    from services.inference.triton_client import TritonClient
+    from services.vectors.store import VectorStore
+    from training.data import load_dataset
+    from training.indexing import index_items, index_users
+
+    base = Settings(
+        model_repository=model_repository,
+        data_dir=small_dataset_dir,
+        readiness_poll_s=0.5,
+        popular_refresh_s=1.0,
+        log_level="INFO",
+    )
+    var_dir = tmp_path_factory.mktemp("var")
+    with local_stack(base, var_dir) as running:
+        running.start_milvus()
+        running.start_triton()
+        dataset = load_dataset(small_dataset_dir)
+        store, triton = VectorStore(running.settings), TritonClient(running.settings)
+        store.ensure_collections()
+        index_items(dataset, triton, store)
+        index_users(dataset, triton, store)
+        triton.close()
+        store.close()
+        running.start_gateway()
+        yield running
+
+
+@pytest.fixture(scope="session")
+def store(stack: LocalStack) -> Iterator[object]:
+    from services.vectors.store import VectorStore
+
+    s = VectorStore(stack.settings)
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def client(stack: LocalStack) -> Iterator[object]:
+    from services.client import RecommenderClient
+
+    with RecommenderClient(stack.gateway_target, timeout=20) as c:
+        yield c

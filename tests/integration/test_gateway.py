@@ -1,0 +1,207 @@
+"""The gateway against real tritonserver and Milvus Lite processes."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.api import pb, pb_grpc
+from services.client import RecommenderClient
+from services.inference.triton_client import TritonClient
+from services.runtime.stack import LocalStack
+from services.vectors.store import VectorStore
+
+pytestmark = pytest.mark.integration
+
+
+def _code(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return excinfo.value.code()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_health_serving_and_reflection(stack: LocalStack) -> None:
+    with grpc.insecure_channel(stack.gateway_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "recsys.v1.RecommenderService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert "recsys.v1.RecommenderService" in names
+    assert "grpc.health.v1.Health" in names
+
+
+def test_known_user_gets_ann_items_ranked_by_user_vector(
+    client: RecommenderClient, store: VectorStore
+) -> None:
+    reply = client.recommend("1", k=10)
+    assert not reply.degraded and not reply.cold_start
+    assert len(reply.items) == 10
+    assert all(s.source == "ann" for s in reply.items)
+    assert reply.model_version == "1"
+    # The answer is exactly Milvus' inner-product order for the stored user vector.
+    user = store.get_user("1", 5)
+    assert user is not None
+    ids = [s.item.item_id for s in reply.items]
+    vectors = store.get_items(ids, 5, with_vectors=True)
+    scores = [float(np.dot(user["vector"], vectors[i]["vector"])) for i in ids]
+    assert scores == sorted(scores, reverse=True)
+    assert np.allclose(scores, [s.score for s in reply.items], atol=1e-4)
+    # Seen items are not recommended again.
+    assert not set(ids) & set(user["recent_items"])
+    assert reply.items[0].reason.startswith("similar to ")
+
+
+def test_unknown_user_gets_popular_cold_start(client: RecommenderClient) -> None:
+    reply = client.recommend("someone-new", k=5)
+    assert reply.cold_start and not reply.degraded
+    assert [s.source for s in reply.items] == ["popular"] * 5
+    assert [s.score for s in reply.items] == sorted((s.score for s in reply.items), reverse=True)
+
+
+def test_category_filter_and_exclusions_hold(client: RecommenderClient) -> None:
+    first = client.recommend("1", k=5)
+    excluded = [s.item.item_id for s in first.items[:2]]
+    reply = client.recommend("1", k=10, categories=["Comedy"], exclude=excluded)
+    assert reply.items
+    for scored in reply.items:
+        assert "Comedy" in scored.item.categories
+        assert scored.item.item_id not in excluded
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "fragment"),
+    [
+        ({"user_id": "", "k": 5}, "user_id is required"),
+        ({"user_id": "bad id!", "k": 5}, "malformed"),
+        ({"user_id": "x" * 200, "k": 5}, "malformed"),
+        ({"user_id": "1", "k": -1}, "k must be between"),
+        ({"user_id": "1", "k": 100_000}, "k must be between"),
+        ({"user_id": "1", "k": 5, "exclude_item_ids": ["ok", "not ok"]}, "exclude_item_ids"),
+        ({"user_id": "1", "k": 5, "categories": ["\x00"]}, "categories"),
+        ({"user_id": "1", "k": 5, "diversity": 1.5}, "diversity"),
+    ],
+)
+def test_recommend_rejects_bad_input(
+    stack: LocalStack, request_kwargs: dict[str, object], fragment: str
+) -> None:
+    with grpc.insecure_channel(stack.gateway_target) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Recommend(pb.RecommendRequest(**request_kwargs), timeout=5)  # type: ignore[arg-type]
+    assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in excinfo.value.details()  # type: ignore[attr-defined]
+
+
+def test_k_zero_means_default(client: RecommenderClient) -> None:
+    assert len(client.recommend("1", k=0).items) == 10
+
+
+def test_similar_items_and_not_found(client: RecommenderClient) -> None:
+    reply = client.similar("1", k=5)  # Toy Story
+    assert len(reply.items) == 5 and "1" not in {s.item.item_id for s in reply.items}
+    with pytest.raises(grpc.RpcError) as excinfo:
+        client.similar("no-such-item")
+    assert _code(excinfo) == grpc.StatusCode.NOT_FOUND
+
+
+def test_new_item_is_retrievable_once_upsert_returns(client: RecommenderClient) -> None:
+    item = pb.Item(
+        item_id="new-space-film",
+        title="Galactic Toy Adventure (2031)",
+        categories=["Animation", "Children", "Sci-Fi"],
+        description="Toys lost in space find their way home.",
+    )
+    assert client.upsert_items([item]).upserted_count == 1
+    similar = client.similar("new-space-film", k=3)
+    assert len(similar.items) == 3
+
+
+def test_ingest_moves_recommendations_and_profile(client: RecommenderClient) -> None:
+    user = "fresh-viewer"
+    assert client.recommend(user, k=5).cold_start
+    events = [
+        pb.Event(user_id=user, item_id=i, event_type=pb.EVENT_TYPE_RATING, value=5.0)
+        for i in ("1", "2", "3")  # Toy Story, Jumanji, Grumpier Old Men
+    ]
+    assert client.ingest(events).accepted_count == 3
+    reply = client.recommend(user, k=5)
+    assert not reply.cold_start
+    assert {s.source for s in reply.items} == {"ann"}
+    assert not {"1", "2", "3"} & {s.item.item_id for s in reply.items}
+    profile = client.profile(user)
+    assert profile.history_size == 3
+    assert list(profile.recent_item_ids)[:3] == ["3", "2", "1"]
+    assert profile.top_interests[0].weight > 0
+
+
+def test_ingest_rejects_bad_events(client: RecommenderClient) -> None:
+    bad = [
+        pb.Event(user_id="u", item_id="1"),  # no event type
+        pb.Event(user_id="u", item_id="1", event_type=pb.EVENT_TYPE_RATING, value=9),
+        pb.Event(user_id="u u", item_id="1", event_type=pb.EVENT_TYPE_CLICK),
+    ]
+    for event in bad:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            client.ingest([event])
+        assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as excinfo:
+        client.ingest([])
+    assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_delete_user_leaves_nothing_in_milvus(client: RecommenderClient, store: VectorStore) -> None:
+    client.ingest([pb.Event(user_id="to-forget", item_id="1", event_type=pb.EVENT_TYPE_CLICK)])
+    assert store.get_user("to-forget", 5) is not None
+    assert client.delete_user("to-forget").existed
+    assert store.get_user("to-forget", 5) is None
+    with pytest.raises(grpc.RpcError) as excinfo:
+        client.profile("to-forget")
+    assert _code(excinfo) == grpc.StatusCode.NOT_FOUND
+    assert client.recommend("to-forget", k=3).cold_start
+    assert not client.delete_user("to-forget").existed
+
+
+def test_deadline_is_honoured(stack: LocalStack) -> None:
+    with grpc.insecure_channel(stack.gateway_target) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Recommend(pb.RecommendRequest(user_id="1", k=10), timeout=0.001)
+        assert time.monotonic() - started < 1.0
+    assert _code(excinfo) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_triton_serves_what_onnxruntime_computes(stack: LocalStack) -> None:
+    """The tokenizer ensemble on Triton equals ONNX Runtime run directly on HF tokens."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    texts = ["Toy Story (1995). Genres: Adventure, Animation", "Heat", "x " * 400]
+    triton = TritonClient(stack.settings)
+    try:
+        served = triton.embed_items(texts, 20)
+    finally:
+        triton.close()
+    version_dir = stack.settings.model_repository / "item_encoder" / "1"
+    tok_dir = stack.settings.model_repository / "tokenizer" / "1" / "tokenizer"
+    tokens = AutoTokenizer.from_pretrained(str(tok_dir))(
+        texts, padding=True, truncation=True, max_length=128, return_tensors="np"
+    )
+    session = ort.InferenceSession(str(version_dir / "model.onnx"))
+    direct = session.run(
+        None,
+        {
+            "input_ids": tokens["input_ids"].astype(np.int64),
+            "attention_mask": tokens["attention_mask"].astype(np.int64),
+        },
+    )[0]
+    assert served.shape == direct.shape == (3, 384)
+    assert np.abs(served - direct).max() < 1e-5
