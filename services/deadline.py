@@ -32,5 +32,9 @@ class Deadline:
             raise DeadlineExceeded("deadline exceeded")
         return remaining
 
+    def reserve(self, share: float) -> Deadline:
+        """An earlier deadline that keeps ``share`` of the time left for answering anyway."""
+        return Deadline(self.at - share * max(self.at - time.monotonic(), 0.0))
+
     def expired(self) -> bool:
         return time.monotonic() >= self.at

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,15 +16,21 @@ import pandas as pd
 from tqdm import tqdm
 
 from services.inference.triton_client import TritonClient
-from services.vectors.schema import MAX_CATEGORIES, RECENT_ITEMS, TITLE_MAX_LENGTH
+from services.vectors.schema import (
+    CO_ITEMS,
+    MAX_CATEGORIES,
+    RECENT_ITEMS,
+    TEXT_MAX_LENGTH,
+    TITLE_MAX_LENGTH,
+)
 from services.vectors.store import VectorStore
 from training.data import Dataset
+from training.features.behaviour import co_occurrence, interests, item_popularity
 from training.features.text import history_from_ids, item_lookup, item_texts, user_histories
 from training.features.text import user_text as build_user_text
 
 log = logging.getLogger(__name__)
 INDEX_TIMEOUT_S = 120.0
-INTEREST_DECAY = 0.9  # weight of the n-th most recent item: 0.9**n
 
 
 def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -33,38 +38,30 @@ def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield seq[start : start + size]
 
 
-def item_popularity(events: pd.DataFrame) -> dict[str, float]:
-    """Positive interactions per item (the popularity signal stored with each item)."""
-    counts = events.loc[events["weight"] > 0, "item_id"].value_counts()
-    return {str(k): float(v) for k, v in counts.items()}
-
-
-def interests(history: Sequence[tuple[str, Sequence[str]]], top: int = 10) -> dict[str, float]:
-    """Time-decayed category shares of a most-recent-first history, summing to 1."""
-    scores: Counter[str] = Counter()
-    for rank, (_, categories) in enumerate(history):
-        for category in categories:
-            scores[category] += INTEREST_DECAY**rank / max(len(categories), 1)
-    total = sum(scores.values()) or 1.0
-    return {c: round(w / total, 4) for c, w in scores.most_common(top)}
-
-
 def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batch: int = 64) -> int:
-    """Embed every item through Triton's item tower and upsert it with its scalar fields."""
+    """Embed every item through Triton's item tower; store it with popularity and neighbours."""
     items = dataset.items
     texts = item_texts(items)
     popularity = item_popularity(dataset.events)
+    neighbours = co_occurrence(dataset.events, top=CO_ITEMS)
     created = items["created_at"] if "created_at" in items else pd.Series(pd.NaT, index=items.index)
     rows = [
         {
             "item_id": str(iid),
             "title": str(title)[:TITLE_MAX_LENGTH],
             "categories": [c[:64] for c in list(cats)[:MAX_CATEGORIES]],
+            "text": str(text)[:TEXT_MAX_LENGTH],
             "popularity": popularity.get(str(iid), 0.0),
             "created_at": 0 if pd.isna(ts) else int(pd.Timestamp(ts).timestamp()),
+            "co_items": neighbours.get(str(iid), []),
         }
-        for iid, title, cats, ts in zip(
-            items["item_id"], items["title"], items["categories"], created, strict=True
+        for iid, title, cats, text, ts in zip(
+            items["item_id"],
+            items["title"],
+            items["categories"],
+            items["text"],
+            created,
+            strict=True,
         )
     ]
     done = 0

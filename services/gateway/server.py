@@ -14,8 +14,10 @@ from grpc_reflection.v1alpha import reflection
 
 from services.api import pb, pb_grpc
 from services.config import Settings
+from services.gateway.metrics import MetricsInterceptor, start_metrics_server
 from services.gateway.servicer import RecommenderServicer
 from services.gateway.state import GatewayState
+from services.reliability import interceptors, max_concurrent_rpcs, pseudonym, server_credentials
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -38,9 +40,14 @@ class Gateway:
 
 def build(settings: Settings) -> Gateway:
     """Create and start the server; dependencies may still be down (health says so)."""
+    pseudonym.install(settings)  # user ids in log lines become keyed hashes
+    credentials = server_credentials(settings)  # bad TLS or key settings fail before binding
+    guards = interceptors(settings)  # auth, per-client rate limit, bounded concurrency
     state = GatewayState(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
+        interceptors=[MetricsInterceptor(), *guards],  # metrics outermost: counts rejections
+        maximum_concurrent_rpcs=max_concurrent_rpcs(settings),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -54,10 +61,15 @@ def build(settings: Settings) -> Gateway:
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind {settings.grpc_host}:{settings.grpc_port}")
     server.start()
+    start_metrics_server(settings.metrics_port, settings.grpc_host)
     if not state.check_once():
         log.warning(
             "gateway listening on port %d but NOT_SERVING until Triton (%s) and Milvus (%s) "

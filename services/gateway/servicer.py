@@ -15,15 +15,16 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import pb, pb_grpc
 from services.config import Settings
 from services.deadline import Deadline, DeadlineExceeded
 from services.gateway import validation as v
+from services.gateway.metrics import record_recommendation
 from services.gateway.state import GatewayState
 from services.inference.triton_client import InferenceUnavailable
+from services.retrieval.candidates import Filters
 from services.vectors.store import Row, StoreUnavailable
 from training.features.text import item_text
 
@@ -86,63 +87,23 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         deadline = self._deadline(context)
         user_id = v.check_id(request.user_id, "user_id")
         k = v.check_k(request.k, self.settings)
-        categories = v.check_categories(request.categories)
-        exclude = set(v.check_excludes(request.exclude_item_ids))
-        v.check_diversity(request)
-        response = pb.RecommendResponse(model_version=self.state.model_version)
-        store = self.state.store
-        try:
-            profile = self.state.profiles.get(user_id, deadline.left())
-        except StoreUnavailable as exc:
-            return self._popular_answer(response, k, categories, exclude, f"milvus: {exc}")
-        if profile is None or not profile["recent_items"]:
-            response.cold_start = True
-            return self._popular_answer(response, k, categories, exclude, "")
-        seen = exclude | set(profile["recent_items"])
-        try:
-            hits = store.search_items(
-                profile["vector"], k, deadline.left(), categories, sorted(seen), with_vectors=True
-            )
-            reasons = self._similar_reasons(profile, hits, deadline)
-        except StoreUnavailable as exc:
-            return self._popular_answer(response, k, categories, seen, f"milvus: {exc}")
-        for hit, reason in zip(hits, reasons, strict=True):
-            response.items.append(_scored(hit, hit["score"], reason, "ann"))
-        if len(hits) < k:  # filters left too few neighbours: top up with popular items
-            taken = seen | {h["item_id"] for h in hits}
-            for row in self.state.popular.top(k - len(hits), categories, taken):
-                response.items.append(_scored(row, 0.0, "popular overall", "popular"))
-        return response
-
-    def _popular_answer(
-        self,
-        response: pb.RecommendResponse,
-        k: int,
-        categories: list[str],
-        exclude: set[str],
-        degraded: str,
-    ) -> pb.RecommendResponse:
-        rows = self.state.popular.top(k, categories, exclude)
-        top = max((float(r["popularity"]) for r in rows), default=1.0) or 1.0
-        for row in rows:
-            response.items.append(
-                _scored(row, float(row["popularity"]) / top, "popular overall", "popular")
-            )
-        if degraded:
-            response.degraded = True
-            response.degraded_reason = degraded
-        return response
-
-    def _similar_reasons(self, profile: Row, hits: list[Row], deadline: Deadline) -> list[str]:
-        """'similar to <title> you liked', naming the history item closest to each hit."""
-        recent = profile["recent_items"][: self.settings.history_window]
-        history = self.state.store.get_items(recent, deadline.left(), with_vectors=True)
-        if not history or not hits:
-            return ["matches your recent history"] * len(hits)
-        titles = [row["title"] for row in history.values()]
-        matrix = np.stack([row["vector"] for row in history.values()])
-        sims = np.stack([h["vector"] for h in hits]) @ matrix.T
-        return [f"similar to {titles[int(i)]} you liked" for i in sims.argmax(axis=1)]
+        filters = Filters(
+            tuple(v.check_categories(request.categories)),
+            frozenset(v.check_excludes(request.exclude_item_ids)),
+        )
+        diversity = v.check_diversity(request)
+        result = self.state.pipeline.recommend(user_id, k, filters, deadline, diversity)
+        record_recommendation(result.timings, result.candidates, result.degraded)
+        return pb.RecommendResponse(
+            items=[
+                _scored(c.row, c.relevance, reason, c.best_source)
+                for c, reason in zip(result.items, result.reasons, strict=True)
+            ],
+            degraded=bool(result.degraded),
+            degraded_reason="; ".join(result.degraded),
+            cold_start=result.cold_start,
+            model_version=self.state.model_version,
+        )
 
     # --- SimilarItems --------------------------------------------------------------------
     @rpc
@@ -227,7 +188,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             )
         for i, item in enumerate(items):
             v.check_item(item, i)
-        existing = self.state.store.get_items([i.item_id for i in items], deadline.left())
+        existing = self.state.store.get_items(
+            [i.item_id for i in items], deadline.left(), with_neighbours=True
+        )
         texts = [item_text(i.title, list(i.categories), i.description) for i in items]
         vectors = self.state.triton.embed_items(texts, deadline.left())
         now = int(time.time())
@@ -236,7 +199,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 "item_id": item.item_id,
                 "title": item.title.strip(),
                 "categories": list(item.categories),
+                "text": item.description,
+                # behaviour signals belong to the item id, not its text: keep them
                 "popularity": float(existing.get(item.item_id, {}).get("popularity", 0.0)),
+                "co_items": list(existing.get(item.item_id, {}).get("co_items", [])),
                 "created_at": item.create_time.seconds if item.HasField("create_time") else now,
                 "vector": vec.tolist(),
             }

@@ -14,6 +14,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from services.config import Settings
+from services.gateway.pipeline import Pipeline, RankerStatus
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
 from services.retrieval.popularity import PopularItems
@@ -32,6 +33,10 @@ class GatewayState:
         self.triton = TritonClient(settings)
         self.profiles = Profiles(self.store, self.triton, settings.history_window)
         self.popular = PopularItems(settings.popular_cache_size)
+        self.ranker_status = RankerStatus()
+        self.pipeline = Pipeline(
+            settings, self.store, self.triton, self.popular, lambda: self.ranker_status
+        )
         self.health = health.HealthServicer()
         self.model_version = ""
         self.triton_ready = False
@@ -40,6 +45,9 @@ class GatewayState:
         self._thread: threading.Thread | None = None
         self._popular_at = 0.0
         self._set_health(False)
+        # Liveness is about this process only: a Triton or Milvus outage must not make
+        # Kubernetes restart every gateway, so probes ask for this service name.
+        self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
     def _set_health(self, serving: bool) -> None:
         status = (
@@ -60,11 +68,17 @@ class GatewayState:
                 milvus_ready = self.store.ping()
             except StoreUnavailable as exc:
                 log.debug("milvus not ready: %s", exc)
+        ranker_ready = False
         if triton_ready:
             try:
                 self.model_version = self.triton.model_version(self.settings.triton_user_model)
+                ranker_ready = self.triton.ready([self.settings.triton_ranker_model])
             except InferenceUnavailable:
                 triton_ready = False
+        # "deployed" is sticky: once a release had a ranker, its absence is an outage.
+        self.ranker_status = RankerStatus(
+            deployed=self.ranker_status.deployed or ranker_ready, ready=ranker_ready
+        )
         if (
             milvus_ready
             and (

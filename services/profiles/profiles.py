@@ -21,8 +21,8 @@ from services.inference.triton_client import TritonClient
 from services.vectors.schema import RECENT_ITEMS
 from services.vectors.store import Row, VectorStore
 from training.data.schema import ImplicitRule
+from training.features.behaviour import interests
 from training.features.text import user_text
-from training.indexing import interests
 
 EVENT_NAMES = {
     pb.EVENT_TYPE_VIEW: "view",
@@ -93,6 +93,9 @@ class Profiles:
             )
             texts.append(user_text(pairs[: self.history_window]))
         vectors = self.triton.embed_users(texts, deadline.left())
+        for row, vector in zip(rows, vectors, strict=True):  # online segment assignment
+            segment = self.store.nearest_segment(vector, deadline.left())
+            row["segment"] = segment["segment_id"] if segment else row["segment"]
         self.store.upsert_users(
             [{**row, "vector": v.tolist()} for row, v in zip(rows, vectors, strict=True)],
             deadline.left(),

@@ -9,6 +9,7 @@ stack up until Ctrl-C instead of stopping after the answers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import signal
@@ -56,6 +57,7 @@ def ensure_models(settings: Settings, checkpoint: str | None) -> None:
 def index_everything(stack: LocalStack, dataset_path: Path) -> None:
     from services.inference.triton_client import TritonClient
     from training.indexing import index_items, index_users
+    from training.segments import fit_segments
 
     dataset = load_dataset(dataset_path)
     print(dataset.report.summary(max_rows=5))
@@ -64,7 +66,8 @@ def index_everything(stack: LocalStack, dataset_path: Path) -> None:
         store.ensure_collections()
         n_items = index_items(dataset, triton, store, stack.settings.triton_batch_size)
         n_users = index_users(dataset, triton, store, stack.settings.triton_batch_size)
-        print(f"  indexed {n_items} items and {n_users} users")
+        segments = fit_segments(store, stack.settings.segments)
+        print(f"  indexed {n_items} items and {n_users} users; {len(segments)} segments")
     finally:
         triton.close()
         store.close()
@@ -126,10 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 stop.wait()
-            except KeyboardInterrupt:
-                pass
         steps("stopping everything that was started")
     print(f"done in {time.monotonic() - steps.t0:.0f}s")
     return 0

@@ -1,10 +1,13 @@
 """The Milvus schema of the platform: one place for collections, fields and indexes.
 
-``items``: one row per catalogue item, its item-tower vector and the scalar fields that
-filters and explanations need. ``users``: one row per known user, the user-tower vector and
-the profile the gateway keeps (segment, interests, recent history). Both use inner product
-on L2-normalised vectors (= cosine) and Strong consistency, so a write is visible to the next
-search: an ingested event or upserted item counts on the very next ``Recommend``.
+``items``: one row per catalogue item, its item-tower vector, the scalar fields that filters,
+ranking and explanations need, and its co-occurrence neighbours (the collaborative signal).
+``users``: one row per known user, the user-tower vector and the profile the gateway
+keeps (segment, interests, recent history). ``segments``: one row per user segment, its
+k-means centroid (online assignment is a nearest-centroid search) and its popular items.
+All use inner product on L2-normalised vectors (= cosine) and Strong consistency, so a write
+is visible to the next search: an ingested event or upserted item counts on the very next
+``Recommend``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ TITLE_MAX_LENGTH = 512
 CATEGORY_MAX_LENGTH = 64
 MAX_CATEGORIES = 32
 RECENT_ITEMS = 100  # history kept on the user row, most recent first
+CO_ITEMS = 50  # co-occurrence neighbours kept per item
+SEGMENT_POPULAR = 100  # popular items kept per segment
+TEXT_MAX_LENGTH = 2048
 CONSISTENCY = "Strong"
 METRIC = "IP"
 
-ITEM_FIELDS = ["item_id", "title", "categories", "popularity", "created_at"]
+ITEM_FIELDS = ["item_id", "title", "categories", "text", "popularity", "created_at"]
+SEGMENT_FIELDS = ["segment_id", "popular_items", "size"]
 USER_FIELDS = [
     "user_id",
     "segment",
@@ -55,8 +62,16 @@ def items_schema(dim: int) -> CollectionSchema:
         max_capacity=MAX_CATEGORIES,
         max_length=CATEGORY_MAX_LENGTH,
     )
+    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_LENGTH)  # free text, tags
     schema.add_field("popularity", DataType.FLOAT)  # interactions in the training window
     schema.add_field("created_at", DataType.INT64)  # epoch seconds; 0 when unknown
+    schema.add_field(
+        "co_items",
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=CO_ITEMS,
+        max_length=ID_MAX_LENGTH,
+    )
     return schema
 
 
@@ -78,12 +93,28 @@ def users_schema(dim: int) -> CollectionSchema:
     return schema
 
 
-def collections(settings: Settings) -> tuple[CollectionSpec, CollectionSpec]:
-    """The (items, users) collections this deployment uses."""
+def segments_schema(dim: int) -> CollectionSchema:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("segment_id", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)  # unit-norm centroid
+    schema.add_field(
+        "popular_items",
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=SEGMENT_POPULAR,
+        max_length=ID_MAX_LENGTH,
+    )
+    schema.add_field("size", DataType.INT64)  # users in the segment when it was fitted
+    return schema
+
+
+def collections(settings: Settings) -> tuple[CollectionSpec, CollectionSpec, CollectionSpec]:
+    """The (items, users, segments) collections this deployment uses."""
     dim = settings.embedding_dim
     return (
         CollectionSpec(settings.items_collection, items_schema(dim), "item_id"),
         CollectionSpec(settings.users_collection, users_schema(dim), "user_id"),
+        CollectionSpec(settings.segments_collection, segments_schema(dim), "segment_id"),
     )
 
 

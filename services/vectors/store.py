@@ -21,7 +21,14 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from services.config import Settings
-from services.vectors.schema import CONSISTENCY, ITEM_FIELDS, USER_FIELDS, collections, index_params
+from services.vectors.schema import (
+    CONSISTENCY,
+    ITEM_FIELDS,
+    SEGMENT_FIELDS,
+    USER_FIELDS,
+    collections,
+    index_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +44,8 @@ class VectorStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.items, self.users = collections(settings)
+        self.items, self.users, self.segments = collections(settings)
+        self.specs = (self.items, self.users, self.segments)
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
 
@@ -79,9 +87,9 @@ class VectorStore:
         self._reset()
 
     def ping(self, timeout: float = 1.0) -> bool:
-        """True when both collections exist and are loaded."""
+        """True when every collection exists and is loaded."""
         try:
-            for spec in (self.items, self.users):
+            for spec in self.specs:
                 state = self._call("get_load_state", spec.name, timeout=timeout)
                 if "Loaded" not in str(state.get("state")):
                     return False
@@ -92,7 +100,7 @@ class VectorStore:
     def ensure_collections(self, timeout: float = 30.0) -> None:
         """Create missing collections with their index, and load both (search needs it)."""
         client = self._connect()
-        for spec in (self.items, self.users):
+        for spec in self.specs:
             if not self._call("has_collection", spec.name, timeout=timeout):
                 log.info("creating Milvus collection %s", spec.name)
                 self._call(
@@ -106,7 +114,7 @@ class VectorStore:
             self._call("load_collection", spec.name, timeout=timeout)
 
     def drop_collections(self) -> None:
-        for spec in (self.items, self.users):
+        for spec in self.specs:
             if self._call("has_collection", spec.name):
                 self._call("drop_collection", spec.name)
 
@@ -118,12 +126,17 @@ class VectorStore:
         return int(result["upsert_count"])
 
     def get_items(
-        self, item_ids: Iterable[str], timeout: float, with_vectors: bool = False
+        self,
+        item_ids: Iterable[str],
+        timeout: float,
+        with_vectors: bool = False,
+        with_neighbours: bool = False,
     ) -> dict[str, Row]:
         ids = list(dict.fromkeys(item_ids))
         if not ids:
             return {}
         fields = ITEM_FIELDS + (["vector"] if with_vectors else [])
+        fields += ["co_items"] if with_neighbours else []
         rows = self._call(
             "query",
             self.items.name,
@@ -160,10 +173,14 @@ class VectorStore:
         )
         return [{**_plain(h["entity"]), "score": float(h["distance"])} for h in hits[0]]
 
-    def all_items(self, fields: Sequence[str] = tuple(ITEM_FIELDS), batch: int = 4096) -> list[Row]:
-        """Every item (for popularity caches and offline jobs), read in pages."""
+    def all_items(self, fields: Sequence[str] = tuple(ITEM_FIELDS)) -> list[Row]:
+        """Every item (for popularity caches and offline jobs)."""
+        return self.scan(self.items.name, fields)
+
+    def scan(self, collection: str, fields: Sequence[str], batch: int = 4096) -> list[Row]:
+        """Every row of a collection, read in pages (offline jobs, caches)."""
         iterator = self._call(
-            "query_iterator", self.items.name, batch_size=batch, output_fields=list(fields)
+            "query_iterator", collection, batch_size=batch, output_fields=list(fields)
         )
         rows: list[Row] = []
         try:
@@ -205,6 +222,39 @@ class VectorStore:
         )
         return existed
 
+    # --- segments ------------------------------------------------------------------------
+    def replace_segments(self, rows: Sequence[Row], timeout: float = 30.0) -> int:
+        """Swap in a new segmentation: upsert the new centroids, delete stale segment ids."""
+        ids = [r["segment_id"] for r in rows]
+        self._call("upsert", self.segments.name, list(rows), timeout=timeout)
+        stale = f"segment_id not in {literal(ids)}" if ids else ""
+        self._call(
+            "delete", self.segments.name, filter=stale or 'segment_id != ""', timeout=timeout
+        )
+        return len(rows)
+
+    def nearest_segment(self, vector: np.ndarray, timeout: float) -> Row | None:
+        """The segment whose centroid is closest to ``vector`` (online assignment)."""
+        hits = self._call(
+            "search",
+            self.segments.name,
+            data=[np.asarray(vector, dtype=np.float32).tolist()],
+            limit=1,
+            output_fields=SEGMENT_FIELDS,
+            timeout=timeout,
+        )
+        return _plain(hits[0][0]["entity"]) if hits and hits[0] else None
+
+    def get_segment(self, segment_id: str, timeout: float) -> Row | None:
+        rows = self._call(
+            "query",
+            self.segments.name,
+            filter=f"segment_id == {literal(segment_id)}",
+            output_fields=SEGMENT_FIELDS,
+            timeout=timeout,
+        )
+        return _plain(rows[0]) if rows else None
+
 
 def literal(value: str | list[str]) -> str:
     """A Milvus string (or string-list) literal: JSON escaping is Milvus's escaping."""
@@ -214,7 +264,7 @@ def literal(value: str | list[str]) -> str:
 def _plain(row: Any) -> Row:
     """Milvus rows as plain dicts with plain Python values (ARRAY fields come as protos)."""
     out = dict(row)
-    for key in ("categories", "recent_items"):
+    for key in ("categories", "recent_items", "co_items", "popular_items"):
         if key in out and out[key] is not None:
             out[key] = [str(v) for v in out[key]]
     if "vector" in out:

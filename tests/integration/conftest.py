@@ -24,8 +24,22 @@ N_MOVIES = 400
 
 
 @pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tracked repository sources plus one exported release of the pretrained towers."""
+def tiny_ranker(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small, randomly initialised cross-encoder in the training output format: real
+    weights through the real export and serving path, fast enough for CI."""
+    from training.models.pretrained import load_bert, load_tokenizer, make_tiny_bert
+    from training.models.ranker import CrossEncoder, save_ranker
+
+    bert_dir = make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    model = CrossEncoder(load_bert(bert_dir), hidden_size=32)
+    out = tmp_path_factory.mktemp("tiny_ranker") / "ranker"
+    return save_ranker(model, load_tokenizer(bert_dir), out, max_seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_ranker: str) -> Path:
+    """The tracked repository sources plus one exported release: pretrained towers and a
+    (tiny, untrained) ranker."""
     from training.export.__main__ import export_release
     from training.export.onnx_export import resolve_pretrained
 
@@ -37,8 +51,9 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ignore=lambda d, names: [n for n in names if n.isdigit() or n.startswith(".staging")],
     )
     pretrained = resolve_pretrained()
-    report = export_release(repo, pretrained, pretrained)
+    report = export_release(repo, pretrained, pretrained, ranker=tiny_ranker)
     assert report["item_encoder"]["max_abs_diff"] <= 1e-4  # type: ignore[index]
+    assert report["ranker"]["max_abs_diff"] <= 1e-4  # type: ignore[index]
     return repo
 
 
@@ -65,6 +80,7 @@ def stack(
     from services.vectors.store import VectorStore
     from training.data import load_dataset
     from training.indexing import index_items, index_users
+    from training.segments import fit_segments
 
     base = Settings(
         model_repository=model_repository,
@@ -82,6 +98,7 @@ def stack(
         store.ensure_collections()
         index_items(dataset, triton, store)
         index_users(dataset, triton, store)
+        fit_segments(store, k=4)
         triton.close()
         store.close()
         running.start_gateway()

@@ -38,32 +38,87 @@ def test_health_serving_and_reflection(stack: LocalStack) -> None:
     assert "grpc.health.v1.Health" in names
 
 
-def test_known_user_gets_ann_items_ranked_by_user_vector(
+SOURCES = {"ann", "co_occurrence", "segment", "popular"}
+REASONS = (
+    "similar to ",
+    "people who liked ",
+    "popular in your segment",
+    "popular overall",
+    "new in ",
+)
+
+
+def test_known_user_gets_ranked_personal_items(
     client: RecommenderClient, store: VectorStore
 ) -> None:
-    reply = client.recommend("1", k=10)
+    reply = client.recommend("1", k=10, diversity=0.0)
     assert not reply.degraded and not reply.cold_start
-    assert len(reply.items) == 10
-    assert all(s.source == "ann" for s in reply.items)
     assert reply.model_version == "1"
-    # The answer is exactly Milvus' inner-product order for the stored user vector.
+    assert len(reply.items) == 10
+    sources = [s.source for s in reply.items]
+    assert set(sources) <= SOURCES and {"ann", "co_occurrence"} & set(sources)
+    # Ranked by the CTR model on Triton: probabilities, best first (no MMR at diversity 0).
+    scores = [s.score for s in reply.items]
+    assert all(0.0 < p < 1.0 for p in scores)
+    assert scores == sorted(scores, reverse=True)
+    assert all(s.reason.startswith(REASONS) for s in reply.items)
     user = store.get_user("1", 5)
     assert user is not None
-    ids = [s.item.item_id for s in reply.items]
-    vectors = store.get_items(ids, 5, with_vectors=True)
-    scores = [float(np.dot(user["vector"], vectors[i]["vector"])) for i in ids]
-    assert scores == sorted(scores, reverse=True)
-    assert np.allclose(scores, [s.score for s in reply.items], atol=1e-4)
-    # Seen items are not recommended again.
-    assert not set(ids) & set(user["recent_items"])
-    assert reply.items[0].reason.startswith("similar to ")
+    assert not {s.item.item_id for s in reply.items} & set(user["recent_items"])
+
+
+def test_ranker_scores_match_triton(
+    client: RecommenderClient, stack: LocalStack, store: VectorStore
+) -> None:
+    """The score a client sees is the ranker's click probability for (user text, item text)."""
+    from training.features.text import item_text, user_text
+
+    reply = client.recommend("1", k=5, diversity=0.0)
+    user = store.get_user("1", 5)
+    assert user is not None
+    window = user["recent_items"][: stack.settings.history_window]
+    history = store.get_items(window, 5)
+    text = user_text(
+        [(history[i]["title"], history[i]["categories"]) for i in window if i in history]
+    )
+    items = store.get_items([s.item.item_id for s in reply.items], 5)
+    docs = [
+        item_text(
+            items[s.item.item_id]["title"],
+            items[s.item.item_id]["categories"],
+            items[s.item.item_id]["text"],
+        )
+        for s in reply.items
+    ]
+    triton = TritonClient(stack.settings)
+    try:
+        direct = triton.score(text, docs, 20)
+    finally:
+        triton.close()
+    assert np.allclose(direct, [s.score for s in reply.items], atol=1e-5)
+
+
+def test_mmr_diversity_lowers_similarity_within_the_list(
+    client: RecommenderClient, store: VectorStore
+) -> None:
+    def intra_list_similarity(reply: pb.RecommendResponse) -> float:
+        ids = [s.item.item_id for s in reply.items]
+        rows = store.get_items(ids, 5, with_vectors=True)
+        vectors = np.stack([rows[i]["vector"] for i in ids])
+        sims = vectors @ vectors.T
+        return float((sims.sum() - np.trace(sims)) / (len(ids) * (len(ids) - 1)))
+
+    plain = client.recommend("1", k=10, diversity=0.0)
+    diverse = client.recommend("1", k=10, diversity=0.9)
+    assert intra_list_similarity(diverse) < intra_list_similarity(plain)
 
 
 def test_unknown_user_gets_popular_cold_start(client: RecommenderClient) -> None:
-    reply = client.recommend("someone-new", k=5)
+    reply = client.recommend("someone-new", k=5, diversity=0.0)
     assert reply.cold_start and not reply.degraded
     assert [s.source for s in reply.items] == ["popular"] * 5
     assert [s.score for s in reply.items] == sorted((s.score for s in reply.items), reverse=True)
+    assert {s.reason for s in reply.items} == {"popular overall"}
 
 
 def test_category_filter_and_exclusions_hold(client: RecommenderClient) -> None:
@@ -122,6 +177,13 @@ def test_new_item_is_retrievable_once_upsert_returns(client: RecommenderClient) 
     assert client.upsert_items([item]).upserted_count == 1
     similar = client.similar("new-space-film", k=3)
     assert len(similar.items) == 3
+    # ...and recommendable to a user whose taste it matches, explained as new.
+    client.ingest(
+        [pb.Event(user_id="toy-fan", item_id="1", event_type=pb.EVENT_TYPE_RATING, value=5.0)]
+    )
+    reply = client.recommend("toy-fan", k=50, diversity=0.0)
+    new = [s for s in reply.items if s.item.item_id == "new-space-film"]
+    assert new and new[0].reason.startswith("new in ")
 
 
 def test_ingest_moves_recommendations_and_profile(client: RecommenderClient) -> None:
@@ -133,13 +195,21 @@ def test_ingest_moves_recommendations_and_profile(client: RecommenderClient) -> 
     ]
     assert client.ingest(events).accepted_count == 3
     reply = client.recommend(user, k=5)
-    assert not reply.cold_start
-    assert {s.source for s in reply.items} == {"ann"}
+    assert reply.cold_start  # three events: still cold, but now content- and segment-aware
+    assert {"ann", "co_occurrence"} & {s.source for s in reply.items}
     assert not {"1", "2", "3"} & {s.item.item_id for s in reply.items}
     profile = client.profile(user)
     assert profile.history_size == 3
     assert list(profile.recent_item_ids)[:3] == ["3", "2", "1"]
     assert profile.top_interests[0].weight > 0
+    assert profile.segment.startswith("seg-")  # assigned online to the nearest centroid
+    more = [
+        pb.Event(user_id=user, item_id=i, event_type=pb.EVENT_TYPE_CLICK)
+        for i in ("4", "5", "6", "7")
+    ]
+    client.ingest(more)
+    warm = client.recommend(user, k=5)
+    assert not warm.cold_start and not warm.degraded
 
 
 def test_ingest_rejects_bad_events(client: RecommenderClient) -> None:
@@ -157,7 +227,9 @@ def test_ingest_rejects_bad_events(client: RecommenderClient) -> None:
     assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_delete_user_leaves_nothing_in_milvus(client: RecommenderClient, store: VectorStore) -> None:
+def test_delete_user_leaves_nothing_in_milvus(
+    client: RecommenderClient, store: VectorStore
+) -> None:
     client.ingest([pb.Event(user_id="to-forget", item_id="1", event_type=pb.EVENT_TYPE_CLICK)])
     assert store.get_user("to-forget", 5) is not None
     assert client.delete_user("to-forget").existed

@@ -36,6 +36,15 @@ def _wait_status(target: str, wanted: int, timeout: float) -> None:
     raise AssertionError(f"health of {target} never became {wanted}")
 
 
+def _wait_log(path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
 def test_not_serving_until_milvus_is_up_then_graceful_stop(
     stack: LocalStack, tmp_path: Path
 ) -> None:
@@ -54,8 +63,8 @@ def test_not_serving_until_milvus_is_up_then_graceful_stop(
     target = f"127.0.0.1:{gw_port}"
     try:
         _wait_status(target, health_pb2.HealthCheckResponse.NOT_SERVING, 30)
-        assert "NOT_SERVING until" in gateway.log_tail(50)
-        assert "NOT READY" in gateway.log_tail(50)
+        _wait_log(gateway.log_path, "NOT_SERVING until", 30)  # says plainly what is missing
+        assert "milvus NOT READY" in gateway.log_tail(50)
         milvus.start()
         milvus.wait_ready(lambda: port_open("127.0.0.1", milvus_port), 60)
         _wait_status(target, health_pb2.HealthCheckResponse.SERVING, 60)

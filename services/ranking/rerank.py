@@ -1,0 +1,55 @@
+"""Ranking: CTR scores from the cross-encoder on Triton, then an MMR diversity re-rank."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.deadline import Deadline
+from services.inference.triton_client import TritonClient
+from services.retrieval.candidates import Candidate
+from training.features.text import item_text
+
+
+def score_ctr(
+    triton: TritonClient, user_text: str, candidates: Sequence[Candidate], deadline: Deadline
+) -> None:
+    """Set each candidate's relevance to its click probability, in one batched request."""
+    documents = [
+        item_text(c.row["title"], c.row["categories"], c.row.get("text", "")) for c in candidates
+    ]
+    probabilities = triton.score(user_text, documents, deadline.left())
+    for cand, p in zip(candidates, probabilities, strict=True):
+        cand.relevance = float(p)
+
+
+def mmr(candidates: Sequence[Candidate], k: int, diversity: float) -> list[Candidate]:
+    """Maximal marginal relevance: ``(1 - λ)·relevance - λ·max cos(item, already chosen)``.
+
+    Relevance is min-max scaled first so λ means the same whichever scorer produced it.
+    With λ = 0 this is plain relevance order.
+    """
+    if not candidates:
+        return []
+    pool = list(candidates)
+    rel = np.array([c.relevance for c in pool], dtype=np.float64)
+    span = rel.max() - rel.min()
+    rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
+    if diversity <= 0:
+        order = np.argsort(-rel, kind="stable")[:k]
+        return [pool[i] for i in order]
+    vectors = np.stack([np.asarray(c.row["vector"], dtype=np.float32) for c in pool])
+    sims = vectors @ vectors.T
+    chosen: list[int] = []
+    remaining = list(range(len(pool)))
+    while remaining and len(chosen) < k:
+        if chosen:
+            redundancy = sims[np.ix_(remaining, chosen)].max(axis=1)
+        else:
+            redundancy = np.zeros(len(remaining))
+        gains = (1 - diversity) * rel[remaining] - diversity * redundancy
+        best = remaining[int(np.argmax(gains))]
+        chosen.append(best)
+        remaining.remove(best)
+    return [pool[i] for i in chosen]

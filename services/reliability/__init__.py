@@ -1,0 +1,34 @@
+"""Security and reliability of the gateway: identity, limits, durable ingestion, privacy.
+
+:func:`interceptors` gives the server interceptors in their order (authentication first,
+so the rate limiter and the servicer know the caller; then the per-client rate limit; then
+the concurrency limit). :func:`server_credentials` gives TLS/mTLS credentials or None.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from services.config import Settings
+from services.reliability import pseudonym
+from services.reliability.auth import AuthInterceptor, current_principal
+from services.reliability.concurrency import ConcurrencyLimiter, max_concurrent_rpcs
+from services.reliability.ratelimit import RateLimitInterceptor
+from services.reliability.tls import server_credentials
+
+__all__ = [
+    "current_principal",
+    "interceptors",
+    "max_concurrent_rpcs",
+    "pseudonym",
+    "server_credentials",
+]
+
+
+def interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
+    """Auth, rate limit and concurrency limit, outermost first."""
+    return [
+        AuthInterceptor.from_settings(settings),
+        RateLimitInterceptor.from_settings(settings),
+        ConcurrencyLimiter.from_settings(settings),
+    ]

@@ -1,0 +1,102 @@
+"""Bounded concurrency: a few calls work at once, others queue briefly, then are shed.
+
+Three layers keep an overloaded gateway answering instead of growing without bound:
+
+1. :class:`ConcurrencyLimiter` - at most ``RECSYS_MAX_IN_FLIGHT`` calls run servicer code at
+   once. A call beyond that waits for a slot for at most ``min(RECSYS_MAX_QUEUE_WAIT_S, time
+   left before its deadline)`` (``RECSYS_DEFAULT_DEADLINE_S`` when the client sent none), then
+   is shed with ``RESOURCE_EXHAUSTED`` and a ``retry-after-ms`` hint. A call whose deadline
+   has already passed while it waited for a thread is answered ``DEADLINE_EXCEEDED`` at once.
+2. The thread pool (``RECSYS_GRPC_WORKERS``) holds the running calls and the queued ones;
+   :func:`effective_in_flight` keeps at least one thread for queued and health calls.
+3. gRPC's own ``maximum_concurrent_rpcs`` (:func:`max_concurrent_rpcs` = workers +
+   ``RECSYS_MAX_PENDING_RPCS``) refuses calls beyond that at once, also with
+   ``RESOURCE_EXHAUSTED``, so the executor's backlog is bounded too.
+
+``RESOURCE_EXHAUSTED`` (not ``UNAVAILABLE``) is used for shedding, as gRPC itself does for its
+concurrency limit: the request was fine, the server is busy, retry after the hint (with
+backoff). Health and reflection calls are never queued here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from services.config import Settings
+from services.reliability.guard import GuardInterceptor, abort
+from services.reliability.retry_info import retry_trailers
+
+log = logging.getLogger(__name__)
+
+
+def effective_in_flight(settings: Settings) -> int:
+    """``max_in_flight``, capped so one worker thread is always left for waiting calls."""
+    return max(1, min(settings.max_in_flight, settings.grpc_workers - 1))
+
+
+def max_concurrent_rpcs(settings: Settings) -> int:
+    """The gRPC server's hard cap: every worker busy plus a bounded backlog."""
+    return settings.grpc_workers + settings.max_pending_rpcs
+
+
+class ConcurrencyLimiter(GuardInterceptor):
+    """A semaphore of work slots with a deadline-bounded wait."""
+
+    def __init__(self, limit: int, max_wait_s: float, default_deadline_s: float) -> None:
+        self.limit = limit
+        self.max_wait_s = max_wait_s
+        self.default_deadline_s = default_deadline_s
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.shed = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConcurrencyLimiter:
+        limit = effective_in_flight(settings)
+        if limit != settings.max_in_flight:
+            log.warning(
+                "max_in_flight %d lowered to %d: it must stay below grpc_workers (%d)",
+                settings.max_in_flight,
+                limit,
+                settings.grpc_workers,
+            )
+        return cls(limit, settings.max_queue_wait_s, settings.default_deadline_s)
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+            self._slots.release()
+
+    def guard(
+        self, method: str, context: grpc.ServicerContext
+    ) -> contextlib.AbstractContextManager[None]:
+        remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self.default_deadline_s
+        if remaining <= 0:
+            abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+        wait = min(self.max_wait_s, remaining)
+        if not self._slots.acquire(timeout=wait):
+            with self._lock:
+                self.shed += 1
+            if remaining <= self.max_wait_s:
+                abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+            message = (
+                f"server busy: {self.limit} calls in flight and none finished within "
+                f"{wait * 1000:.0f} ms; retry with backoff"
+            )
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            abort(context, code, message, retry_trailers(code.value[0], message, self.max_wait_s))
+        return self._held()
