@@ -1,0 +1,58 @@
+# syntax=docker/dockerfile:1
+# Training / export image, run by KubeRay as Ray head and workers:
+#   python -m training.train --config training/configs/<file>.yaml
+#   python -m training.export --checkpoint <dir> --repository <model repository>
+# Build from the repository root, after `make proto`:
+#   CPU (dev):  docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
+#   GPU (prod): docker build -f docker/training.Dockerfile --build-arg TORCH_VARIANT=cu128 \
+#                 -t recsys/training:0.1.0-cu128 .
+# TORCH_VARIANT picks the wheel flavour on download.pytorch.org (cpu, cu126, cu128, ...);
+# the torch version itself is always the one requirements.lock pins. The CUDA wheel brings
+# its CUDA runtime (nvidia-* wheels); the node only needs the NVIDIA driver.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+COPY requirements.lock ./
+RUN TORCH_VERSION="$(sed -nE 's/^torch==([0-9][^+ ;]*).*/\1/p' requirements.lock)" \
+ && test -n "${TORCH_VERSION}" \
+ && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
+ && grep -vE '^torch==' requirements.lock > /tmp/requirements.txt \
+ && pip install --no-deps -r /tmp/requirements.txt
+COPY pyproject.toml README.md ./
+COPY proto/ proto/
+COPY services/ services/
+COPY training/ training/
+# Tracked model configs only (.dockerignore drops weights): the job copies them into the
+# model repository next to the version it exports.
+COPY model_repository/ model_repository/
+# Demo dataset (RECSYS_DATA_DIR); real deployments point it at mounted or fetched data.
+COPY third_party/movielens/ third_party/movielens/
+RUN test -d services/api/recsys || { echo "services/api/recsys missing: run 'make proto' before docker build" >&2; exit 1; } \
+ && pip install --no-deps . \
+ && python -m compileall -q /app/services /app/training
+
+FROM ${PYTHON_IMAGE}
+# KubeRay's default Ray health probes call wget.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 recsys \
+ && useradd --system --uid 10001 --gid recsys --home-dir /tmp --no-create-home --shell /bin/bash recsys
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /app /app
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    RECSYS_VAR_DIR=/tmp/recsys \
+    RECSYS_DATA_DIR=/app/third_party/movielens/ml-latest-small
+WORKDIR /app
+USER 10001:10001
+CMD ["python", "-m", "training.train", "--help"]

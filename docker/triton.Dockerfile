@@ -1,0 +1,15 @@
+# syntax=docker/dockerfile:1
+# Triton image: the stock NVIDIA image (pinned tag: Triton 2.51, the version of the local
+# tritonserver) plus the packages the python-backend models import (tokenizer, CPU configs).
+#   docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
+# Pins follow requirements-triton.lock, except that the stock image's python backend runs
+# Python 3.10: onnxruntime 1.23.2 is the newest release with cp310 wheels.
+# numpy<2: the python backend returns empty tensors with numpy 2.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+RUN pip install --no-cache-dir "numpy==1.26.4" "onnxruntime==1.23.2" "tokenizers==0.23.3"
+# Any non-root UID works (Kubernetes runs it as 10001); the image's own user is triton-server.
+USER triton-server
+EXPOSE 8000 8001 8002
+# The stock entrypoint (nvidia_entrypoint.sh) runs the command; Kubernetes sets the full
+# tritonserver command line (k8s/base/triton/deployment.yaml).
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=poll"]
