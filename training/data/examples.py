@@ -114,19 +114,24 @@ def eval_users(
     builder: TextBuilder,
     *,
     max_users: int | None,
+    max_relevant: int | None = 10,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Validation users: ``{"user_id", "user_text", "relevant": [...], "seen": [...]}`` where
-    ``relevant`` = test-split positives not seen in training, ``seen`` = training positives
-    (excluded from the ranking). Users need both."""
+    """Validation users: ``{"user_id", "user_text", "relevant": [...], "seen": [...]}``.
+
+    ``relevant`` = the user's first ``max_relevant`` positives in the test split (in time
+    order; all when ``None``) that were not already positives in training - "the next items
+    the user liked"; ``seen`` = training positives (excluded from the ranking). Users need
+    both a training history and at least one relevant item."""
     known = set(builder.texts)
     train_seqs = _positive_sequences(train_events, known)
     test_seqs = _positive_sequences(test_events, known)
-    out = []
+    out: list[dict[str, Any]] = []
     for uid in sorted(set(train_seqs) & set(test_seqs)):
         seen_order = [i for _, i in train_seqs[uid]]
         seen = set(seen_order)
-        relevant = sorted({i for _, i in test_seqs[uid]} - seen)
+        relevant = [i for i in dict.fromkeys(i for _, i in test_seqs[uid]) if i not in seen]
+        relevant = relevant[:max_relevant] if max_relevant is not None else relevant
         if not relevant:
             continue
         hist = _recent_unique(seen_order, builder.history_len)
@@ -140,7 +145,7 @@ def eval_users(
         )
     rng = random.Random(seed)
     if max_users is not None and len(out) > max_users:
-        out = sorted(rng.sample(out, max_users), key=lambda u: u["user_id"])
+        out = sorted(rng.sample(out, max_users), key=lambda u: str(u["user_id"]))
     return out
 
 

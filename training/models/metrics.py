@@ -7,7 +7,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
-def recall_at_k(ranked: Sequence[Sequence[str]], relevant: Sequence[Iterable[str]], k: int = 10) -> float:
+def recall_at_k(
+    ranked: Sequence[Sequence[str]], relevant: Sequence[Iterable[str]], k: int = 10
+) -> float:
     """Mean over users of ``|top-k ∩ relevant| / |relevant|`` (users without relevant items
     are skipped). ``ranked[u]`` is the user's ranking, best first."""
     scores = []

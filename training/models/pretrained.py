@@ -36,11 +36,20 @@ def resolve_pretrained(path_or_empty: str | os.PathLike[str] | None = "") -> str
 
 
 def load_bert(path: str | os.PathLike[str]) -> Any:
-    """``AutoModel.from_pretrained`` of a local directory (offline)."""
+    """``AutoModel.from_pretrained`` of a local directory (offline).
+
+    The BERT pooler (a dense layer over [CLS]) is not used by the towers (mean pooling) or
+    the ranker (own head on the [CLS] state): it is frozen so DDP does not wait for its
+    gradients, and saved unchanged so the exported directories load without warnings.
+    """
     set_offline()
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(str(path), local_files_only=True)
+    model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
+    return model
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
@@ -79,6 +88,6 @@ def make_tiny_bert(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
+    BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)

@@ -44,7 +44,8 @@ class CrossEncoder(nn.Module):
     def __init__(self, bert: nn.Module, hidden_size: int | None = None) -> None:
         super().__init__()
         self.bert = bert
-        hidden = hidden_size or int(bert.config.hidden_size)  # type: ignore[union-attr]
+        config: Any = getattr(bert, "config", None)
+        hidden = hidden_size or int(config.hidden_size)
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MOVIELENS = REPO_ROOT / "third_party" / "movielens" / "ml-latest-small"
+
+
+def write(path: Path, text: str, *, crlf: bool = False) -> Path:
+    """Write ``text`` (lines separated by \\n) with LF or CRLF endings, byte-exact."""
+    data = text.replace("\n", "\r\n") if crlf else text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode("utf-8"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised 2-layer, 32-wide BERT with the MiniLM tokenizer."""
+    from training.models.pretrained import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def movielens():  # type: ignore[no-untyped-def]
+    """The vendored ml-latest-small, loaded once (read-only: do not mutate)."""
+    from training.data import load_movielens
+
+    return load_movielens(MOVIELENS)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.train import REPO_ROOT, TrainConfig, latest_checkpoint, load_config
+
+CONFIGS = REPO_ROOT / "training" / "configs"
+
+
+def test_shipped_configs_parse() -> None:
+    local = load_config(CONFIGS / "local.yaml")
+    assert local.num_workers == 2 and local.use_gpu is False and local.num_cpus == 2
+    assert local.retrieval.max_seq_len == 64 and local.retrieval.epochs <= 2
+    assert isinstance(local.retrieval.lr, float)
+    gpu = load_config(CONFIGS / "gpu.yaml")
+    assert gpu.use_gpu is True and gpu.num_workers > 2
+    assert gpu.retrieval.eval_candidates is None
+    assert (REPO_ROOT / local.data_dir / "ratings.csv").exists()
+
+
+def test_overrides_and_validation(tmp_path: Path) -> None:
+    cfg = load_config(
+        CONFIGS / "local.yaml", ["retrieval.epochs=3", "ranker.lr=1e-3", "name=x", "seed=7"]
+    )
+    assert cfg.retrieval.epochs == 3 and cfg.ranker.lr == 1e-3 and cfg.name == "x"
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(None, ["retrieval.nope=1"])
+    with pytest.raises(ValueError, match="true/false"):
+        load_config(None, ["use_gpu=maybe"])
+    with pytest.raises(ValueError, match="integer"):
+        load_config(None, ["num_workers=1.5"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["oops"])
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_latest_checkpoint(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path / "none") is None
+    for i, epoch in enumerate([1, 0, 2]):
+        d = tmp_path / f"checkpoint_{i}"
+        d.mkdir()
+        (d / "train_state.pt").write_bytes(b"x")
+        (d / "metrics.json").write_text(f'{{"latest": {{"epoch": {epoch}}}}}')
+    (tmp_path / "checkpoint_9").mkdir()  # incomplete: ignored
+    found = latest_checkpoint(tmp_path)
+    assert found is not None and found[0].name == "checkpoint_2" and found[1] == 2
