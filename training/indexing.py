@@ -38,14 +38,14 @@ def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield seq[start : start + size]
 
 
-def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batch: int = 64) -> int:
-    """Embed every item through Triton's item tower; store it with popularity and neighbours."""
+def item_rows(dataset: Dataset) -> list[dict[str, Any]]:
+    """Milvus item rows without vectors, each with ``embed_text`` for the item tower."""
     items = dataset.items
     texts = item_texts(items)
     popularity = item_popularity(dataset.events)
     neighbours = co_occurrence(dataset.events, top=CO_ITEMS)
     created = items["created_at"] if "created_at" in items else pd.Series(pd.NaT, index=items.index)
-    rows = [
+    return [
         {
             "item_id": str(iid),
             "title": str(title)[:TITLE_MAX_LENGTH],
@@ -54,6 +54,7 @@ def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batc
             "popularity": popularity.get(str(iid), 0.0),
             "created_at": 0 if pd.isna(ts) else int(pd.Timestamp(ts).timestamp()),
             "co_items": neighbours.get(str(iid), []),
+            "embed_text": texts[str(iid)],
         }
         for iid, title, cats, text, ts in zip(
             items["item_id"],
@@ -64,14 +65,28 @@ def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batc
             strict=True,
         )
     ]
+
+
+def embed_and_upsert(
+    rows: Sequence[dict[str, Any]], triton: TritonClient, store: VectorStore
+) -> int:
+    """One batch: item-tower vectors from Triton, then one Milvus upsert."""
+    vectors = triton.embed_items([r["embed_text"] for r in rows], INDEX_TIMEOUT_S)
+    return store.upsert_items(
+        [
+            {**{k: v for k, v in r.items() if k != "embed_text"}, "vector": vec.tolist()}
+            for r, vec in zip(rows, vectors, strict=True)
+        ]
+    )
+
+
+def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batch: int = 64) -> int:
+    """Embed every item through Triton's item tower; store it with popularity and neighbours."""
+    rows = item_rows(dataset)
     done = 0
     with tqdm(total=len(rows), desc="index items", unit="item") as bar:
         for chunk in _batches(rows, batch):
-            vectors = triton.embed_items([texts[r["item_id"]] for r in chunk], INDEX_TIMEOUT_S)
-            store.upsert_items(
-                [{**r, "vector": v.tolist()} for r, v in zip(chunk, vectors, strict=True)]
-            )
-            done += len(chunk)
+            done += embed_and_upsert(chunk, triton, store)
             bar.update(len(chunk))
     return done
 

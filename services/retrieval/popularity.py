@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from services.vectors.store import Row, StoreUnavailable, VectorStore
 
@@ -39,7 +39,7 @@ class PopularItems:
         return True
 
     def top(
-        self, k: int, categories: Sequence[str] = (), exclude: Sequence[str] | set[str] = ()
+        self, k: int, categories: Sequence[str] = (), exclude: Collection[str] = ()
     ) -> list[Row]:
         wanted, skip = set(categories), set(exclude)
         with self._lock:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from services.client import RecommenderClient
-from services.config import Settings, get_settings
+from services.config import REPO_ROOT, Settings, get_settings
 from services.runtime.stack import LocalStack, Ports, local_stack
 from services.vectors.store import VectorStore
 from training.data import load_dataset
-from training.export.repository import servable_models
+from training.export.repository import latest_release, servable_models
 
 log = logging.getLogger("demo")
 
@@ -41,17 +43,34 @@ class Steps:
         )
 
 
-def ensure_models(settings: Settings, checkpoint: str | None) -> None:
-    """Export a release when the repository has none (or when a checkpoint is given)."""
-    if servable_models(settings.model_repository) and not checkpoint:
-        print(f"  using existing release in {settings.model_repository}")
-        return
+def ensure_models(settings: Settings, checkpoint: Path | None) -> None:
+    """Export ``checkpoint`` (or the pretrained towers) unless the newest release already is it."""
+    repository = settings.model_repository
+    source = str(checkpoint / "item_tower") if checkpoint else None
+    latest = latest_release(repository)
+    if latest and servable_models(repository):
+        meta = json.loads((repository / "tokenizer" / str(latest) / "release.json").read_text())
+        trained_at = (checkpoint / "metrics.json").stat().st_mtime if checkpoint else 0.0
+        if meta.get("item_tower") == (source or meta.get("item_tower")) and (
+            (repository / "tokenizer" / str(latest)).stat().st_mtime >= trained_at
+        ):
+            print(f"  serving release {latest} from {meta.get('item_tower')}")
+            return
     from training.export.__main__ import main as export_main
 
-    args = ["--repository", str(settings.model_repository)]
-    args += ["--checkpoint", checkpoint] if checkpoint else []
+    args = ["--repository", str(repository)]
+    args += ["--checkpoint", str(checkpoint)] if checkpoint else []
     if export_main(args) != 0:
         raise SystemExit("model export failed")
+
+
+def ensure_fine_tuned(checkpoint: Path, config: str) -> None:
+    """A short Ray Train fine-tune on 2 CPU workers when no trained checkpoint exists yet."""
+    if (checkpoint / "metrics.json").is_file():
+        print(f"  using the fine-tuned checkpoint {checkpoint}")
+        return
+    print(f"  no checkpoint at {checkpoint}: fine-tuning with Ray Train ({config})", flush=True)
+    subprocess.run([sys.executable, "-m", "training.train", "--config", config], check=True)
 
 
 def index_everything(stack: LocalStack, dataset_path: Path) -> None:
@@ -91,19 +110,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.runtime.demo", description=__doc__)
     parser.add_argument("--users", default="1,42,414,new-user-1", help="comma-separated ids")
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--checkpoint", help="fine-tuned training output to export first")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=REPO_ROOT / "runs" / "local" / "final",
+        help="fine-tuned towers and ranker to serve (trained first when missing)",
+    )
+    parser.add_argument("--train-config", default="training/configs/local.yaml")
+    parser.add_argument(
+        "--pretrained", action="store_true", help="serve the pretrained towers, no fine-tune"
+    )
     parser.add_argument("--serve", action="store_true", help="keep serving until Ctrl-C")
     parser.add_argument("--keep-index", action="store_true", help="reuse the previous index")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    steps = Steps(6)
+    steps = Steps(7)
     var_dir = settings.var_dir / ("serve" if args.serve else "demo")
     fresh = not (args.keep_index or (args.serve and (var_dir / "milvus").exists()))
     if fresh:
         shutil.rmtree(var_dir / "milvus", ignore_errors=True)
-    steps("models: Triton repository")
-    ensure_models(settings, args.checkpoint)
+    steps("models: fine-tuned two-tower and CTR ranker (Ray Train)")
+    checkpoint = None if args.pretrained else args.checkpoint
+    if checkpoint is not None:
+        ensure_fine_tuned(checkpoint, args.train_config)
+    steps("models: ONNX export into the Triton repository (parity-checked)")
+    ensure_models(settings, checkpoint)
     ports = Ports(gateway=settings.grpc_port) if args.serve else Ports()
     with local_stack(settings, var_dir, ports) as stack:
         steps(

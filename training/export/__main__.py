@@ -57,6 +57,9 @@ def export_release(
             result = export_ranker(ranker, release.stage("ranker") / "model.onnx")
             report["ranker"] = result.as_dict()
             release.stage("ranker_scorer")
+        for model, entry in report.items():
+            if isinstance(entry, dict):  # report where the file ends up, not the staging dir
+                entry["onnx"] = str(repository / model / str(release.version) / "model.onnx")
         release.commit(
             release_metadata(item_tower=item_tower, user_tower=user_tower, ranker=ranker)
         )

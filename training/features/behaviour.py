@@ -6,7 +6,6 @@ online are computed the same way.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,12 +16,14 @@ INTEREST_DECAY = 0.9  # weight of the n-th most recent item: 0.9**n
 
 def interests(history: Sequence[tuple[str, Sequence[str]]], top: int = 10) -> dict[str, float]:
     """Time-decayed category shares of a most-recent-first history, summing to 1."""
-    scores: Counter[str] = Counter()
+    scores: dict[str, float] = {}
     for rank, (_, categories) in enumerate(history):
         for category in categories:
-            scores[category] += INTEREST_DECAY**rank / max(len(categories), 1)
+            gain = INTEREST_DECAY**rank / max(len(categories), 1)
+            scores[category] = scores.get(category, 0.0) + gain
     total = sum(scores.values()) or 1.0
-    return {c: round(w / total, 4) for c, w in scores.most_common(top)}
+    ranked = sorted(scores.items(), key=lambda cw: -cw[1])[:top]
+    return {c: round(w / total, 4) for c, w in ranked}
 
 
 def item_popularity(events: pd.DataFrame) -> dict[str, float]:
