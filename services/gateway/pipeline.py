@@ -126,8 +126,9 @@ class Pipeline:
         self._attach_vectors(candidates, deadline, degraded)
         clock.lap("retrieval")
 
-        for cand in candidates:
-            cand.relevance = cand.fused
+        top_fused = max((c.fused for c in candidates), default=1.0) or 1.0
+        for cand in candidates:  # retrieval order, scaled so the best candidate scores 1
+            cand.relevance = cand.fused / top_fused
         ranked = False
         status = self.ranker()
         if history and candidates and status.deployed:
@@ -141,7 +142,7 @@ class Pipeline:
                     ranked = True
                 except InferenceUnavailable as exc:
                     for cand in candidates:
-                        cand.relevance = cand.fused
+                        cand.relevance = cand.fused / top_fused
                     degraded.append(f"ranker unavailable: {exc}")
         lam = diversity if diversity is not None else variant.mmr_lambda
         lam = self.settings.mmr_lambda if lam is None else lam

@@ -249,31 +249,3 @@ def test_deadline_is_honoured(stack: LocalStack) -> None:
             stub.Recommend(pb.RecommendRequest(user_id="1", k=10), timeout=0.001)
         assert time.monotonic() - started < 1.0
     assert _code(excinfo) == grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def test_triton_serves_what_onnxruntime_computes(stack: LocalStack) -> None:
-    """The tokenizer ensemble on Triton equals ONNX Runtime run directly on HF tokens."""
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
-
-    texts = ["Toy Story (1995). Genres: Adventure, Animation", "Heat", "x " * 400]
-    triton = TritonClient(stack.settings)
-    try:
-        served = triton.embed_items(texts, 20)
-    finally:
-        triton.close()
-    version_dir = stack.settings.model_repository / "item_encoder" / "1"
-    tok_dir = stack.settings.model_repository / "tokenizer" / "1" / "tokenizer"
-    tokens = AutoTokenizer.from_pretrained(str(tok_dir))(
-        texts, padding=True, truncation=True, max_length=128, return_tensors="np"
-    )
-    session = ort.InferenceSession(str(version_dir / "model.onnx"))
-    direct = session.run(
-        None,
-        {
-            "input_ids": tokens["input_ids"].astype(np.int64),
-            "attention_mask": tokens["attention_mask"].astype(np.int64),
-        },
-    )[0]
-    assert served.shape == direct.shape == (3, 384)
-    assert np.abs(served - direct).max() < 1e-5

@@ -1,0 +1,251 @@
+"""Per-arm CTR, lift over control, 95% CI of the difference and a two-sided p-value.
+
+Outcome: each *exposure* (one recommendation response) is a Bernoulli trial, a success when
+at least one of its items gets a click from the same user in the same experiment at or after
+the exposure and within ``window_s`` (a click is credited to that user's most recent earlier
+exposure containing the item). ``--unit user`` instead counts a user as a success when any of
+their exposures was clicked - closer to the randomisation unit, since one user's exposures are
+not independent trials (the per-exposure test is then somewhat optimistic).
+
+Statistics (treatment ``t`` vs control ``c``, ``p = clicks / trials``):
+
+* lift = ``(p_t - p_c) / p_c``;
+* 95% CI of ``p_t - p_c``: Wald (unpooled normal approximation),
+  ``(p_t - p_c) +/- 1.96 * sqrt(p_t (1-p_t)/n_t + p_c (1-p_c)/n_c)``; adequate when every
+  arm has at least ~10 successes and ~10 failures (the report flags smaller counts);
+* p-value: two-proportion z-test with the pooled rate ``p = (x_t + x_c) / (n_t + n_c)``,
+  ``z = (p_t - p_c) / sqrt(p (1-p) (1/n_t + 1/n_c))``, ``p = 2 (1 - Phi(|z|))`` (equal to
+  the chi-square test without continuity correction). Several treatment arms are each
+  compared with control, without multiple-comparison correction.
+
+Usage: ``python -m services.experiments.report --log var/experiments/exposures.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+from services.experiments.exposures import read_log
+
+DEFAULT_WINDOW_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Treatment vs control on a binary outcome."""
+
+    diff: float
+    lift: float | None
+    ci_low: float
+    ci_high: float
+    z: float
+    p_value: float
+
+
+def two_proportion_test(
+    x_c: int, n_c: int, x_t: int, n_t: int, *, confidence: float = 0.95
+) -> Comparison:
+    """Wald CI of ``p_t - p_c`` and pooled two-sided z-test p-value (module docstring)."""
+    if n_c <= 0 or n_t <= 0:
+        raise ValueError("both arms need at least one trial")
+    p_c, p_t = x_c / n_c, x_t / n_t
+    diff = p_t - p_c
+    zcrit = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    se = math.sqrt(p_c * (1 - p_c) / n_c + p_t * (1 - p_t) / n_t)
+    pooled = (x_c + x_t) / (n_c + n_t)
+    se0 = math.sqrt(pooled * (1 - pooled) * (1 / n_c + 1 / n_t))
+    if se0 == 0.0:
+        z, p = 0.0, 1.0
+    else:
+        z = diff / se0
+        p = math.erfc(abs(z) / math.sqrt(2.0))
+    return Comparison(
+        diff=diff,
+        lift=diff / p_c if p_c > 0 else None,
+        ci_low=diff - zcrit * se,
+        ci_high=diff + zcrit * se,
+        z=z,
+        p_value=p,
+    )
+
+
+@dataclass
+class ArmResult:
+    experiment: str
+    arm: str
+    trials: int
+    successes: int
+    clicks: int
+    ctr: float
+    is_control: bool
+    comparison: Comparison | None = None
+    small_sample: bool = False
+
+
+def summarise(
+    records: Iterable[dict[str, Any]],
+    *,
+    unit: str = "exposure",
+    window_s: float | None = DEFAULT_WINDOW_S,
+    controls: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """``{"arms": [ArmResult...], "unattributed_clicks": n, "arm_mismatches": n}``.
+
+    ``controls`` maps experiment -> control arm (default: the arm named ``control``, else
+    the alphabetically first arm).
+    """
+    if unit not in ("exposure", "user"):
+        raise ValueError("unit must be 'exposure' or 'user'")
+    exposures: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    clicks: list[dict[str, Any]] = []
+    for r in records:
+        if r["type"] == "exposure":
+            exposures[(r["experiment"], r["user_id"])].append(r)
+        elif r.get("event", "click") == "click":
+            clicks.append(r)
+    for lst in exposures.values():
+        lst.sort(key=lambda e: e["ts"])
+    clicked: set[int] = set()
+    click_count: dict[int, int] = defaultdict(int)
+    unattributed = mismatched = 0
+    for c in clicks:
+        match = None
+        for e in reversed(exposures.get((c["experiment"], c["user_id"]), [])):
+            if e["ts"] > c["ts"]:
+                continue
+            if window_s is not None and c["ts"] - e["ts"] > window_s:
+                break
+            if c["item_id"] in e["items"]:
+                match = e
+                break
+        if match is None:
+            unattributed += 1
+            continue
+        if c.get("arm") not in (None, match["arm"]):
+            mismatched += 1
+        clicked.add(id(match))
+        click_count[id(match)] += 1
+
+    trials: dict[tuple[str, str], int] = defaultdict(int)
+    wins: dict[tuple[str, str], int] = defaultdict(int)
+    nclicks: dict[tuple[str, str], int] = defaultdict(int)
+    for (exp, _user), lst in exposures.items():
+        by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for e in lst:
+            by_arm[e["arm"]].append(e)
+        for arm, es in by_arm.items():
+            hit = [id(e) in clicked for e in es]
+            nclicks[(exp, arm)] += sum(click_count[id(e)] for e in es)
+            if unit == "exposure":
+                trials[(exp, arm)] += len(es)
+                wins[(exp, arm)] += sum(hit)
+            else:
+                trials[(exp, arm)] += 1
+                wins[(exp, arm)] += int(any(hit))
+
+    results: list[ArmResult] = []
+    experiments = sorted({exp for exp, _ in trials})
+    for exp in experiments:
+        arms = sorted(a for e, a in trials if e == exp)
+        control = (controls or {}).get(exp) or ("control" if "control" in arms else arms[0])
+        xc, nc = wins.get((exp, control), 0), trials.get((exp, control), 0)
+        for arm in [control, *[a for a in arms if a != control]]:
+            n, x = trials.get((exp, arm), 0), wins.get((exp, arm), 0)
+            res = ArmResult(
+                experiment=exp,
+                arm=arm,
+                trials=n,
+                successes=x,
+                clicks=nclicks.get((exp, arm), 0),
+                ctr=x / n if n else 0.0,
+                is_control=arm == control,
+                small_sample=min(x, n - x) < 10,
+            )
+            if arm != control and nc > 0 and n > 0:
+                res.comparison = two_proportion_test(xc, nc, x, n)
+            results.append(res)
+    return {
+        "unit": unit,
+        "window_s": window_s,
+        "arms": results,
+        "unattributed_clicks": unattributed,
+        "arm_mismatches": mismatched,
+    }
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{100 * v:+.{digits}f}%"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A markdown table of :func:`summarise` output."""
+    unit = summary["unit"]
+    lines = [
+        f"| experiment | arm | {unit}s | clicked | clicks | CTR | lift vs control "
+        "| 95% CI (CTR diff, Wald) | p-value |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in summary["arms"]:
+        c = r.comparison
+        arm = f"{r.arm} (control)" if r.is_control else r.arm
+        arm += " *" if r.small_sample else ""
+        lines.append(
+            f"| {r.experiment} | {arm} | {r.trials} | {r.successes} | {r.clicks} "
+            f"| {100 * r.ctr:.2f}% | {_pct(c.lift) if c else '-'} "
+            f"| {f'[{_pct(c.ci_low)}, {_pct(c.ci_high)}]' if c else '-'} "
+            f"| {f'{c.p_value:.4f}' if c else '-'} |"
+        )
+    notes = [
+        f"Unit: {unit}; click window: "
+        f"{'unlimited' if summary['window_s'] is None else f'{summary['window_s']:.0f} s'}; "
+        f"unattributed clicks: {summary['unattributed_clicks']}; "
+        f"clicks whose logged arm differs from the exposure's: {summary['arm_mismatches']}."
+    ]
+    if any(r.small_sample for r in summary["arms"]):
+        notes.append("* fewer than 10 successes or failures: the normal approximation is poor.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def to_json(summary: dict[str, Any]) -> dict[str, Any]:
+    out = dict(summary)
+    out["arms"] = [asdict(r) for r in summary["arms"]]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m services.experiments.report", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--log", required=True, type=Path, help="exposure/feedback JSONL file")
+    ap.add_argument("--unit", choices=("exposure", "user"), default="exposure")
+    ap.add_argument(
+        "--window-s", type=float, default=DEFAULT_WINDOW_S, help="click window (<=0: unlimited)"
+    )
+    ap.add_argument("--json", type=Path, help="also write the summary as JSON here")
+    args = ap.parse_args(argv)
+    if not args.log.exists():
+        print(f"no such log: {args.log}", file=sys.stderr)
+        return 2
+    window = args.window_s if args.window_s > 0 else None
+    summary = summarise(read_log(args.log), unit=args.unit, window_s=window)
+    if not summary["arms"]:
+        print(f"{args.log}: no exposures recorded")
+        return 0
+    print(format_table(summary))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(to_json(summary), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Every model Triton serves answers what ONNX Runtime computes from the same ONNX file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from transformers import AutoTokenizer
+
+from services.inference.triton_client import TritonClient
+from services.runtime.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["Toy Story (1995). Genres: Adventure, Animation", "Heat", "x " * 400]
+USERS = ["Recently liked: Heat (Action, Crime)", "Recently liked: Toy Story (Animation)", ""]
+
+
+def _direct(
+    repo: Path, model: str, texts: list[str], pairs: list[str] | None = None
+) -> list[np.ndarray]:
+    tokenizer = AutoTokenizer.from_pretrained(str(repo / "tokenizer" / "1" / "tokenizer"))
+    args = (texts, pairs) if pairs is not None else (texts,)
+    tokens = tokenizer(*args, padding=True, truncation=True, max_length=128, return_tensors="np")
+    session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"))
+    feeds = {i.name: tokens[i.name].astype(np.int64) for i in session.get_inputs()}
+    return session.run(None, feeds)
+
+
+@pytest.fixture()
+def triton(stack: LocalStack):  # type: ignore[no-untyped-def]
+    client = TritonClient(stack.settings)
+    yield client
+    client.close()
+
+
+def test_item_and_user_towers(stack: LocalStack, triton: TritonClient) -> None:
+    repo = stack.settings.model_repository
+    items = triton.embed_items(TEXTS, 20)
+    users = triton.embed_users(USERS, 20)
+    assert items.shape == (3, 384) and users.shape == (3, 384)
+    assert np.abs(items - _direct(repo, "item_encoder", TEXTS)[0]).max() < 1e-5
+    assert np.abs(users - _direct(repo, "user_encoder", USERS)[0]).max() < 1e-5
+    assert np.allclose(np.linalg.norm(items, axis=1), 1, atol=1e-5)
+
+
+def test_ranker_pairs(stack: LocalStack, triton: TritonClient) -> None:
+    repo = stack.settings.model_repository
+    served = triton.score(USERS[0], TEXTS, 20)
+    logit, probability = _direct(repo, "ranker", [USERS[0]] * 3, TEXTS)
+    assert served.shape == (3,)
+    assert np.abs(served - probability.reshape(-1)).max() < 1e-5
+    assert np.allclose(probability, 1 / (1 + np.exp(-logit)), atol=1e-6)
+
+
+def test_dynamic_batching_merges_concurrent_requests(
+    stack: LocalStack, triton: TritonClient
+) -> None:
+    """Concurrent single-text requests come back identical to one batched request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"Movie number {i} (2001). Genres: Drama" for i in range(24)]
+    batched = triton.embed_items(texts, 20)
+    with ThreadPoolExecutor(8) as pool:
+        singles = list(pool.map(lambda t: triton.embed_items([t], 20)[0], texts))
+    assert np.abs(np.stack(singles) - batched).max() < 1e-5
