@@ -109,8 +109,26 @@ images: proto ## container images (needs a Docker engine; none on the build mach
 	docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
 	docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
 
+fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
+	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz --timeout=1800
+
+reliability: env ## fault scenarios (kills, restarts), then the report table
+	rm -f var/reliability/report.jsonl
+	RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/reliability/report.jsonl $(PY) -m pytest -q \
+	  -p no:cacheprovider -m integration tests/reliability tests/fuzz --timeout=1800
+	$(PY) -m services.reliability.report var/reliability/report.jsonl
+
 clean:
 	rm -rf var/demo var/serve var/test .pytest_cache .mypy_cache .ruff_cache
 
-distclean: clean
+distfuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
+	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz --timeout=1800
+
+reliability: env ## fault scenarios (kills, restarts), then the report table
+	rm -f var/reliability/report.jsonl
+	RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/reliability/report.jsonl $(PY) -m pytest -q \
+	  -p no:cacheprovider -m integration tests/reliability tests/fuzz --timeout=1800
+	$(PY) -m services.reliability.report var/reliability/report.jsonl
+
+clean: clean
 	rm -rf $(VENV) $(TRITON_VENV) var services/api/recsys model_repository/*/[0-9]*

@@ -2,7 +2,7 @@
 
 * :mod:`.assignment` - experiments from settings (JSON), ``assign(experiment, user_id)``;
 * :mod:`.exposures` - append-only JSONL log of exposures and clicks, with the arm;
-* :mod:`.report` - per-arm CTR, lift, 95% CI and p-value (``python -m services.experiments.report``);
+* :mod:`.report` - per-arm CTR, lift, 95% CI, p-value (``python -m services.experiments.report``);
 * :mod:`.replay` - held-out interactions turned into simulated traffic, end to end.
 """
 

@@ -48,7 +48,8 @@ class Variant:
 
     def set_fields(self) -> dict[str, Any]:
         """Only the fields this variant overrides."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in values.items() if v is not None}
 
     @classmethod
     def parse(cls, raw: object, where: str) -> Variant:

@@ -152,9 +152,10 @@ class ExposureLog:
             removed = 0
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out, self.path.open(
-                    encoding="utf-8"
-                ) as src:
+                with (
+                    os.fdopen(fd, "w", encoding="utf-8") as out,
+                    self.path.open(encoding="utf-8") as src,
+                ):
                     for line in src:
                         rec = _parse(line)
                         if rec is not None and rec.get("user_id") == user_id:

@@ -11,13 +11,15 @@ end without a gateway. ``recommend`` can wrap an offline system or a gateway cli
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from services.experiments.assignment import Experiment, assign_all, merged_variant
-from services.experiments.exposures import ExposureLog
+from services.experiments.exposures import ExposureLog, read_log
 
 RecommendFn = Callable[[str, dict[str, Any], int], Sequence[str]]
 
@@ -67,3 +69,120 @@ def heldout_from_events(
     _train, test = time_split(events, quantile=quantile)
     pos = test[test["weight"] > min_weight]
     return {str(u): set(map(str, g)) for u, g in pos.groupby("user_id")["item_id"]}
+
+
+# --------------------------------------------------------------------------------------------
+# offline arms: the reference pipeline of training.evaluation with the variant's knobs
+
+DEMO_EXPERIMENTS = [
+    {
+        "name": "retrieval_mix",
+        "salt": "replay-demo",
+        "arms": [
+            {"name": "control", "weight": 50, "variant": {"retrieval_mix": {"popularity": 1}}},
+            {
+                "name": "treatment",
+                "weight": 50,
+                "variant": {
+                    "retrieval_mix": {"popularity_trending": 2, "itemknn": 1, "bpr": 1},
+                    "mmr_lambda": 0.1,
+                },
+            },
+        ],
+    }
+]
+
+
+def offline_arms(
+    data_dir: str | Path,
+    *,
+    quantile: float = 0.8,
+    fold_in: int = 3,
+    max_users: int | None = None,
+    seed: int = 0,
+    content: bool = False,
+) -> tuple[dict[str, set[str]], RecommendFn]:
+    """Held-out targets of the evaluation protocol and a ``recommend(user, variant, k)``
+    served by :class:`training.evaluation.pipeline.HybridPipeline`: ``retrieval_mix`` names
+    fusion weights of its sources (popularity, popularity_trending, itemknn, als, bpr and,
+    with ``content``, content_pretrained), ``mmr_lambda`` its MMR (needs ``content``);
+    ``model_version`` has no offline meaning and is ignored. Unset knobs: equal weights, no
+    MMR."""
+    from training.data import load_dataset
+    from training.evaluation import systems as S
+    from training.evaluation.pipeline import HybridPipeline, PipelineConfig
+    from training.evaluation.protocol import make_split
+
+    ds = load_dataset(data_dir)
+    split = make_split(ds, quantile=quantile, fold_in=fold_in, max_users=max_users, seed=seed)
+    sources: dict[str, S.CatalogueRecommender] = {
+        "popularity": S.Popularity(),
+        "popularity_trending": S.TrendingPopularity(),
+        "itemknn": S.ItemKNN(),
+        "als": S.ALS(seed=seed),
+        "bpr": S.BPR(seed=seed),
+    }
+    vectors = None
+    if content:
+        vectors = S.PretrainedContent()
+        sources["content_pretrained"] = vectors
+    for src in sources.values():
+        src.fit(split.train)
+        src.observe(split.observed)
+    pipes: dict[str, HybridPipeline] = {}
+
+    def recommend(user_id: str, variant: dict[str, Any], k: int) -> list[str]:
+        key = json.dumps(variant, sort_keys=True)
+        if key not in pipes:
+            mix = variant.get("retrieval_mix") or dict.fromkeys(sources, 1.0)
+            unknown = sorted(set(mix) - set(sources))
+            if unknown:
+                raise ValueError(f"retrieval_mix names unknown sources {unknown}")
+            cfg = PipelineConfig(
+                weights=dict(mix), mmr_lambda=float(variant.get("mmr_lambda") or 0.0)
+            )
+            pipe = HybridPipeline(sources, cfg, mmr_source=vectors)
+            pipe.fit(split.train)
+            pipe.observe(split.observed)
+            pipes[key] = pipe
+        return pipes[key].recommend([user_id], k)[user_id]
+
+    return split.targets, recommend
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from services.experiments.assignment import load_experiments, parse_experiments
+    from services.experiments.report import format_table, summarise
+
+    ap = argparse.ArgumentParser(
+        prog="python -m services.experiments.replay",
+        description="Simulate A/B traffic from held-out interactions, then print the report.",
+    )
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--log", required=True, type=Path, help="exposure log to (re)write")
+    ap.add_argument(
+        "--experiments",
+        help="JSON experiments (default: settings / RECSYS_EXPERIMENTS, else a demo)",
+    )
+    ap.add_argument("--max-users", type=int)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--content", action="store_true", help="add pretrained content + MMR")
+    args = ap.parse_args(argv)
+    experiments = (
+        parse_experiments(args.experiments) if args.experiments else load_experiments()
+    ) or parse_experiments(DEMO_EXPERIMENTS)
+    heldout, recommend = offline_arms(
+        args.data, max_users=args.max_users, seed=args.seed, content=args.content
+    )
+    args.log.unlink(missing_ok=True)
+    stats = replay(heldout, experiments, recommend, ExposureLog(args.log), k=args.k)
+    print(f"replayed {len(heldout)} held-out users into {args.log}: {dict(stats)}")
+    print(format_table(summarise(read_log(args.log))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

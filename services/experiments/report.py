@@ -186,27 +186,32 @@ def _pct(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{100 * v:+.{digits}f}%"
 
 
+def _pp(v: float) -> str:
+    return f"{100 * v:+.2f} pp"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """A markdown table of :func:`summarise` output."""
     unit = summary["unit"]
     lines = [
         f"| experiment | arm | {unit}s | clicked | clicks | CTR | lift vs control "
-        "| 95% CI (CTR diff, Wald) | p-value |",
+        "| 95% CI of CTR difference (Wald) | p-value |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in summary["arms"]:
         c = r.comparison
-        arm = f"{r.arm} (control)" if r.is_control else r.arm
+        arm = f"{r.arm} (control)" if r.is_control and r.arm != "control" else r.arm
         arm += " *" if r.small_sample else ""
         lines.append(
             f"| {r.experiment} | {arm} | {r.trials} | {r.successes} | {r.clicks} "
             f"| {100 * r.ctr:.2f}% | {_pct(c.lift) if c else '-'} "
-            f"| {f'[{_pct(c.ci_low)}, {_pct(c.ci_high)}]' if c else '-'} "
+            f"| {f'[{_pp(c.ci_low)}, {_pp(c.ci_high)}]' if c else '-'} "
             f"| {f'{c.p_value:.4f}' if c else '-'} |"
         )
+    window = summary["window_s"]
     notes = [
         f"Unit: {unit}; click window: "
-        f"{'unlimited' if summary['window_s'] is None else f'{summary['window_s']:.0f} s'}; "
+        f"{'unlimited' if window is None else f'{window:.0f} s'}; "
         f"unattributed clicks: {summary['unattributed_clicks']}; "
         f"clicks whose logged arm differs from the exposure's: {summary['arm_mismatches']}."
     ]

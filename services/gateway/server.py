@@ -78,7 +78,7 @@ def build(settings: Settings) -> Gateway:
             settings.triton_url,
             settings.milvus_uri,
         )
-    state.start_monitor()
+    state.start_background()
     log.info("gateway listening on %s:%d", settings.grpc_host, port)
     return Gateway(server, state, port)
 

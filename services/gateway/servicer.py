@@ -24,7 +24,9 @@ from services.gateway import validation as v
 from services.gateway.metrics import record_recommendation
 from services.gateway.state import GatewayState
 from services.inference.triton_client import InferenceUnavailable
+from services.reliability.wal import WalError
 from services.retrieval.candidates import Filters
+from services.vectors.schema import TEXT_MAX_LENGTH
 from services.vectors.store import Row, StoreUnavailable
 from training.features.text import item_text
 
@@ -50,7 +52,7 @@ def rpc(method: Callable[[Any, Req, grpc.ServicerContext], Resp]) -> Callable[..
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except DeadlineExceeded:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method.__name__}: deadline passed")
-        except (StoreUnavailable, InferenceUnavailable) as exc:
+        except (StoreUnavailable, InferenceUnavailable, WalError) as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Exception:
             log.exception("%s failed", method.__name__)
@@ -164,15 +166,22 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         return pb.StreamIngestEventsResponse(accepted_count=accepted, duplicate_count=duplicates)
 
     def _ingest(self, events: list[pb.Event], deadline: Deadline) -> tuple[int, int]:
+        """OK means durable: the events are in the fsync'd log before the reply. The reply
+        also waits (within the deadline) until they are applied, so the caller's next
+        Recommend sees them; if Triton or Milvus are down they are applied on recovery."""
         v.check_events(events, self.settings.max_events_per_call)
-        self.state.profiles.apply(events, deadline)
-        return len(events), 0
+        result = self.state.applier.submit(events)
+        if result.records:
+            self.state.applier.wait_applied(result.last_offset, deadline.reserve(0.1).left())
+        return result.accepted, result.duplicates
 
     @rpc
     def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.ServicerContext):
         deadline = self._deadline(context)
         user_id = v.check_id(request.user_id, "user_id")
-        existed = self.state.store.delete_user(user_id, deadline.left())
+        with self.state.applier.exclusive():  # no batch of this user is applied meanwhile
+            removed = self.state.wal.delete_user(user_id)
+            existed = self.state.store.delete_user(user_id, deadline.left()) or removed > 0
         return pb.DeleteUserResponse(existed=existed)
 
     # --- catalogue -----------------------------------------------------------------------
@@ -199,7 +208,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 "item_id": item.item_id,
                 "title": item.title.strip(),
                 "categories": list(item.categories),
-                "text": item.description,
+                "text": item.description[:TEXT_MAX_LENGTH],  # the full text was embedded
                 # behaviour signals belong to the item id, not its text: keep them
                 "popularity": float(existing.get(item.item_id, {}).get("popularity", 0.0)),
                 "co_items": list(existing.get(item.item_id, {}).get("co_items", [])),

@@ -14,14 +14,17 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from services.config import Settings
+from services.deadline import Deadline
 from services.gateway.pipeline import Pipeline, RankerStatus
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
+from services.reliability.wal import WalApplier, WriteAheadLog
 from services.retrieval.popularity import PopularItems
 from services.vectors.store import StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "recsys.v1.RecommenderService"
+APPLY_TIMEOUT_S = 30.0  # one WAL batch: read rows, re-encode users on Triton, upsert
 
 
 class GatewayState:
@@ -33,6 +36,12 @@ class GatewayState:
         self.triton = TritonClient(settings)
         self.profiles = Profiles(self.store, self.triton, settings.history_window)
         self.popular = PopularItems(settings.popular_cache_size)
+        # Ingestion is durable first (fsync'd log), applied to profiles second, on one
+        # thread in log order; a restart replays whatever was acknowledged but not applied.
+        self.wal = WriteAheadLog.from_settings(settings)
+        self.applier = WalApplier(
+            self.wal, lambda events: self.profiles.apply(events, Deadline.after(APPLY_TIMEOUT_S))
+        )
         self.ranker_status = RankerStatus()
         self.pipeline = Pipeline(
             settings, self.store, self.triton, self.popular, lambda: self.ranker_status
@@ -101,6 +110,11 @@ class GatewayState:
         self._set_health(triton_ready and milvus_ready)
         return triton_ready and milvus_ready
 
+    def start_background(self) -> None:
+        """Dependency monitor and the WAL applier (which first replays what is pending)."""
+        self.applier.start()
+        self.start_monitor()
+
     def start_monitor(self) -> None:
         def loop() -> None:
             while not self._stop.wait(self.settings.readiness_poll_s):
@@ -121,5 +135,7 @@ class GatewayState:
 
     def close(self) -> None:
         self.begin_shutdown()
+        self.applier.stop()
+        self.wal.close()
         self.triton.close()
         self.store.close()

@@ -90,7 +90,9 @@ def check_event(event: pb.Event, index: int, now_s: float | None = None) -> None
         raise InvalidArgument(f"{where}.value must be a rating within [0.5, 5], got {event.value}")
     if event.HasField("event_time"):
         now = time.time() if now_s is None else now_s
-        seconds = event.event_time.seconds
+        seconds, nanos = event.event_time.seconds, event.event_time.nanos
+        if not 0 <= nanos < 1_000_000_000:
+            raise InvalidArgument(f"{where}.event_time.nanos must be within [0, 999999999]")
         if seconds < 0 or seconds > now + FUTURE_SLACK_S:
             raise InvalidArgument(f"{where}.event_time is outside [1970, now + 1 day]")
     if len(event.idempotency_key) > 128:
@@ -117,3 +119,8 @@ def check_item(item: pb.Item, index: int) -> None:
     if len(item.description) > MAX_DESCRIPTION_LENGTH:
         raise InvalidArgument(f"{where}.description: at most {MAX_DESCRIPTION_LENGTH} characters")
     check_categories(item.categories, f"{where}.categories")
+    if item.HasField("create_time") and not (
+        0 <= item.create_time.seconds <= time.time() + FUTURE_SLACK_S
+        and 0 <= item.create_time.nanos < 1_000_000_000
+    ):
+        raise InvalidArgument(f"{where}.create_time is outside [1970, now + 1 day]")

@@ -72,6 +72,7 @@ class LocalStack:
             "RECSYS_USERS_COLLECTION": self.settings.users_collection,
             "RECSYS_LOG_LEVEL": self.settings.log_level,
             "RECSYS_READINESS_POLL_S": str(self.settings.readiness_poll_s),
+            "RECSYS_WAL_DIR": str(self.var_dir / "wal"),
         }
 
     # --- processes -----------------------------------------------------------------------

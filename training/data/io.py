@@ -55,6 +55,11 @@ def read_table(
         df = _read_csv(path, rename=rename, report=report, counter_prefix=counter_prefix)
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv or .parquet)")
+    duplicated = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if duplicated:
+        raise ValueError(
+            f"{path}: column(s) {duplicated} appear more than once (after header aliasing)"
+        )
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(

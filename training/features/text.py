@@ -57,7 +57,12 @@ def normalize_categories(categories: Iterable[object] | str | None, sep: str = "
         return []
     if isinstance(categories, float) and categories != categories:
         return []
-    raw: Iterable[object] = categories.split(sep) if isinstance(categories, str) else categories
+    if isinstance(categories, str):
+        raw: Iterable[object] = categories.split(sep)
+    elif isinstance(categories, Iterable):
+        raw = categories
+    else:  # a lone number or flag where a list was expected: one category
+        raw = [categories]
     out: list[str] = []
     seen: set[str] = set()
     for c in raw:
