@@ -34,7 +34,9 @@ CRD_FILES = {
     ("milvus.io", "Milvus"): "milvus.io_milvuses.yaml",
 }
 # Secrets the prod overlay expects to exist already (created out of band, see k8s/README.md).
-EXTERNAL_SECRETS = {"prod": {"milvus-credentials"}}
+EXTERNAL_SECRETS = {
+    "prod": {"milvus-credentials", "gateway-api-keys", "gateway-tls", "gateway-pseudonym-key"}
+}
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 
@@ -66,6 +68,16 @@ class Rendered:
             if n == name or n.rsplit("-", 1)[0] == name:
                 return d
         raise AssertionError(f"{self.name}: no {kind} named {name!r}")
+
+    def workload(self, name: str) -> dict[str, Any]:
+        """The one workload (Deployment, StatefulSet, ...) called ``name``, whatever its kind."""
+        found = [
+            d
+            for d in self.docs
+            if d.get("kind") in WORKLOAD_KINDS and d["metadata"]["name"] == name
+        ]
+        assert len(found) == 1, f"{self.name}: {len(found)} workloads named {name!r}"
+        return found[0]
 
     def has(self, kind: str, name: str) -> bool:
         try:

@@ -12,6 +12,7 @@ import pytest
 from k8s_helpers import (
     EXTERNAL_SECRETS,
     REPO_ROOT,
+    WORKLOAD_KINDS,
     Rendered,
     containers,
     env_values,
@@ -20,14 +21,16 @@ from k8s_helpers import (
 from pydantic import SecretStr
 
 ENV_PREFIX = "RECSYS_"
+SERVICE_NAME = "recsys.v1.RecommenderService"  # the readiness health service
 TRITON_IMAGE_TAG = "24.10-py3"
 
 
 # --- helpers -----------------------------------------------------------------------------
 
 
-def container(rendered: Rendered, kind: str, name: str, index: int = 0) -> dict[str, Any]:
-    return rendered.get(kind, name)["spec"]["template"]["spec"]["containers"][index]
+def container(rendered: Rendered, name: str, index: int = 0) -> dict[str, Any]:
+    """Container ``index`` of the workload ``name`` (Deployment or StatefulSet alike)."""
+    return rendered.workload(name)["spec"]["template"]["spec"]["containers"][index]
 
 
 def named_port(c: dict[str, Any], name: str) -> int:
@@ -42,6 +45,56 @@ def probe_port(c: dict[str, Any], probe: dict[str, Any]) -> int:
     return named_port(c, value) if isinstance(value, str) else value
 
 
+# The in-container gRPC health check the prod gateway runs as an exec probe (TLS port):
+# ["python", "-c", <script>, <health service>, <TLS server name>]; the script finds the port
+# and the certificate files in the container's RECSYS_* environment.
+EXEC_HEALTH_ARGS = 5
+
+
+def health_check(c: dict[str, Any], probe: dict[str, Any], settings: Any) -> tuple[int, str]:
+    """(port, grpc.health.v1 service name) a gateway probe asks; native gRPC or exec."""
+    if "grpc" in probe:
+        return probe_port(c, probe), probe["grpc"].get("service", "")
+    assert "exec" in probe, f"gateway probe must be a gRPC health check: {probe}"
+    command = probe["exec"]["command"]
+    assert command[:2] == ["python", "-c"] and len(command) == EXEC_HEALTH_ARGS, command
+    script = command[2]
+    assert "grpc_health.v1" in script and "HealthStub" in script, "not a grpc.health.v1 check"
+    assert "os.environ['RECSYS_GRPC_PORT']" in script, "the exec check must use RECSYS_GRPC_PORT"
+    return settings.grpc_port, command[3]
+
+
+def secret_mounts(template: dict[str, Any], c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mountPath -> {secret, files: {file name: key}, readOnly} for the Secret volumes of c."""
+    volumes = {v["name"]: v["secret"] for v in template["spec"].get("volumes", []) if "secret" in v}
+    out = {}
+    for mount in c.get("volumeMounts", []):
+        secret = volumes.get(mount["name"])
+        if secret is None:
+            continue
+        assert "subPath" not in mount, "subPath mounts of Secrets never see a rotation"
+        files = {item["path"]: item["key"] for item in secret.get("items", [])}
+        out[mount["mountPath"].rstrip("/")] = {
+            "secret": secret["secretName"],
+            "files": files,
+            "readOnly": mount.get("readOnly", False),
+        }
+    return out
+
+
+def secret_file(template: dict[str, Any], c: dict[str, Any], path: Path) -> tuple[str, str, bool]:
+    """(Secret, key, read-only) that provide the file ``path`` inside container c."""
+    mount = secret_mounts(template, c).get(str(path.parent))
+    assert mount is not None, f"{path} is not in a mounted Secret volume"
+    files = mount["files"]
+    if files:
+        assert path.name in files, f"{path}: the Secret volume's items do not project it"
+        key = files[path.name]
+    else:
+        key = path.name
+    return mount["secret"], key, mount["readOnly"]
+
+
 def flag(args: list[str], name: str) -> str | None:
     prefix = f"--{name}="
     values = [a[len(prefix) :] for a in args if a.startswith(prefix)]
@@ -51,7 +104,8 @@ def flag(args: list[str], name: str) -> str | None:
 
 def recsys_containers(rendered: Rendered):
     """(where, container) for every container that runs this project's Python code."""
-    for obj in rendered.of_kind("Deployment") + rendered.of_kind("RayJob"):
+    workloads = [d for d in rendered.docs if d.get("kind") in WORKLOAD_KINDS | {"RayJob"}]
+    for obj in workloads:
         for label, template in pod_templates(obj):
             for c in containers(template):
                 if "/recsys/" in f"/{c['image']}" and "triton" not in c["image"]:
@@ -83,6 +137,8 @@ def proto_service_names() -> set[str]:
 
 def test_every_recsys_variable_is_a_setting(overlay: Rendered, settings_cls: type) -> None:
     fields = {f"{ENV_PREFIX}{name.upper()}" for name in settings_cls.model_fields}
+    checked = [where for where, _ in recsys_containers(overlay)]
+    assert any(w.startswith("StatefulSet/gateway/") for w in checked), checked
     unknown = {
         f"{where}: {key}"
         for where, c in recsys_containers(overlay)
@@ -117,15 +173,25 @@ def test_secret_settings_come_from_secrets(overlay: Rendered, settings_cls: type
                 assert isinstance(value, dict) and "secretKeyRef" in value, (
                     f"{where}: {key} must come from a Secret, not a literal/ConfigMap"
                 )
-    gateway_env = env_values(overlay, container(overlay, "Deployment", "gateway"))
+    gateway_env = env_values(overlay, container(overlay, "gateway"))
     assert "secretKeyRef" in gateway_env[f"{ENV_PREFIX}MILVUS_TOKEN"]
+    # One pseudonym key for every pod (an empty one would be random per process).
+    assert "secretKeyRef" in gateway_env[f"{ENV_PREFIX}PSEUDONYM_KEY"]
 
 
 def test_config_and_secret_references_resolve(overlay: Rendered) -> None:
     external = EXTERNAL_SECRETS.get(overlay.name, set())
-    for obj in overlay.of_kind("Deployment") + overlay.of_kind("RayJob"):
+    workloads = [d for d in overlay.docs if d.get("kind") in WORKLOAD_KINDS | {"RayJob"}]
+    for obj in workloads:
         for _, template in pod_templates(obj):
             refs = []
+            for volume in template["spec"].get("volumes", []):
+                if "secret" in volume:
+                    items = volume["secret"].get("items") or [{"key": None}]
+                    refs += [("Secret", volume["secret"]["secretName"], i["key"]) for i in items]
+                if "configMap" in volume:
+                    items = volume["configMap"].get("items") or [{"key": None}]
+                    refs += [("ConfigMap", volume["configMap"]["name"], i["key"]) for i in items]
             for c in containers(template):
                 for entry in c.get("env", []):
                     source = entry.get("valueFrom", {})
@@ -144,7 +210,8 @@ def test_config_and_secret_references_resolve(overlay: Rendered) -> None:
                     f"{overlay.name}: {obj['metadata']['name']} uses missing {kind} {name}"
                 )
                 if key is not None:
-                    assert key in matches[0].get("data", {}), f"{kind} {name} has no key {key}"
+                    data = matches[0].get("data", {}) | matches[0].get("stringData", {})
+                    assert key in data, f"{kind} {name} has no key {key}"
 
 
 def test_external_secrets_are_documented() -> None:
@@ -156,9 +223,23 @@ def test_external_secrets_are_documented() -> None:
 
 # --- gateway -----------------------------------------------------------------------------
 
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+# The Secret keys a file setting must be read from: a kubernetes.io/tls Secret (+ ca.crt,
+# as cert-manager writes it) for the TLS files.
+TLS_KEYS = {"tls_cert_file": "tls.crt", "tls_key_file": "tls.key", "tls_client_ca_file": "ca.crt"}
+
+
+def wal_applier_stop_s() -> float:
+    """How long the gateway's shutdown waits for the WAL applier (its default timeout)."""
+    import inspect
+
+    from services.reliability.wal import WalApplier
+
+    return float(inspect.signature(WalApplier.stop).parameters["timeout"].default)
+
 
 def test_gateway_ports_probes_and_shutdown(overlay: Rendered, settings_cls, monkeypatch) -> None:
-    gateway = overlay.get("Deployment", "gateway")
+    gateway = overlay.workload("gateway")
     pod = gateway["spec"]["template"]
     c = pod["spec"]["containers"][0]
     settings = settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
@@ -168,15 +249,18 @@ def test_gateway_ports_probes_and_shutdown(overlay: Rendered, settings_cls, monk
     assert named_port(c, "grpc") == settings.grpc_port
     assert named_port(c, "metrics") == settings.metrics_port != 0
 
-    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-        probe = c[kind]
-        assert "grpc" in probe, f"gateway {kind} must be a gRPC health probe"
-        assert probe_port(c, probe) == settings.grpc_port
-    readiness_service = c["readinessProbe"]["grpc"].get("service", "")
+    checks = {kind: health_check(c, c[kind], settings) for kind in PROBES}
+    for kind, (port, _) in checks.items():
+        assert port == settings.grpc_port, f"gateway {kind} must probe the gRPC port"
+        if settings.tls_cert_file is not None:
+            assert "grpc" not in c[kind], (
+                f"gateway {kind}: the kubelet's native gRPC probe speaks plaintext and cannot "
+                "reach a TLS port"
+            )
+    readiness_service = checks["readinessProbe"][1]
     assert readiness_service in proto_service_names(), readiness_service
     for kind in ("startupProbe", "livenessProbe"):
-        service = c[kind]["grpc"].get("service", "")
-        assert service != readiness_service, f"{kind} must not depend on Triton/Milvus health"
+        assert checks[kind][1] != readiness_service, f"{kind} must not depend on Triton/Milvus"
 
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -185,28 +269,35 @@ def test_gateway_ports_probes_and_shutdown(overlay: Rendered, settings_cls, monk
 
     pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert grace > pre_stop + settings.grace_period_s + 5, (
+    applier = wal_applier_stop_s()
+    assert grace > pre_stop + settings.grace_period_s + applier + 5, (
         f"terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop}s + "
-        f"RECSYS_GRACE_PERIOD_S {settings.grace_period_s}s with margin"
+        f"RECSYS_GRACE_PERIOD_S {settings.grace_period_s}s + the WAL applier's stop "
+        f"{applier}s with margin"
     )
 
     service = overlay.get("Service", "gateway")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert service["spec"].get("clusterIP") != "None", "clients reach the gateway on one VIP"
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == settings.grpc_port and ports["grpc"]["targetPort"] == "grpc"
     assert ports["grpc"].get("appProtocol") == "grpc"
     assert ports["metrics"]["targetPort"] == "metrics"
 
 
-def test_gateway_registers_probed_health_services(overlay: Rendered) -> None:
+def test_gateway_registers_probed_health_services(
+    overlay: Rendered, settings_cls, monkeypatch
+) -> None:
     """Every health service name a probe asks for is one the gateway sets.
 
     grpc.health.v1 answers NOT_FOUND for an unknown name, which fails the probe: a liveness
     name the gateway never registers would restart every pod in a loop.
     """
     sources = "\n".join(p.read_text() for p in (REPO_ROOT / "services" / "gateway").glob("*.py"))
-    c = container(overlay, "Deployment", "gateway")
-    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-        service = c[kind]["grpc"].get("service", "")
+    c = container(overlay, "gateway")
+    settings = settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
+    for kind in PROBES:
+        _, service = health_check(c, c[kind], settings)
         if service:
             registered = f'"{service}"' in sources or f"'{service}'" in sources
             assert registered, (
@@ -216,10 +307,224 @@ def test_gateway_registers_probed_health_services(overlay: Rendered) -> None:
             )
 
 
+def test_gateway_wal_on_a_per_pod_claim(overlay: Rendered, settings_cls, monkeypatch) -> None:
+    """RECSYS_WAL_DIR is on the pod's own claim, which outlives restarts and scale-down."""
+    gateway = overlay.workload("gateway")
+    assert gateway["kind"] == "StatefulSet", "each gateway pod owns a WAL: a StatefulSet"
+    spec = gateway["spec"]
+    pod = spec["template"]
+    c = pod["spec"]["containers"][0]
+    settings = settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
+    assert settings.wal_fsync, "an acknowledged event must be on disk: keep RECSYS_WAL_FSYNC"
+
+    wal_dir = settings.wal_dir
+    assert wal_dir.is_absolute(), wal_dir
+    covering = [
+        m
+        for m in c.get("volumeMounts", [])
+        if wal_dir == Path(m["mountPath"]) or Path(m["mountPath"]) in wal_dir.parents
+    ]
+    assert covering, f"RECSYS_WAL_DIR {wal_dir} is on the (read-only) root filesystem"
+    mount = max(covering, key=lambda m: len(Path(m["mountPath"]).parts))
+    claims = {t["metadata"]["name"]: t["spec"] for t in spec.get("volumeClaimTemplates", [])}
+    assert mount["name"] in claims, (
+        f"RECSYS_WAL_DIR {wal_dir} is on volume {mount['name']!r}, not a volumeClaimTemplate"
+    )
+    assert not mount.get("readOnly"), "the WAL volume must be writable"
+    pod_volumes = {v["name"] for v in pod["spec"].get("volumes", [])}
+    assert mount["name"] not in pod_volumes, "a pod volume of that name would shadow the claim"
+    claim = claims[mount["name"]]
+    assert set(claim["accessModes"]) <= {"ReadWriteOnce", "ReadWriteOncePod"}, (
+        "one writer per log (flock): ReadWriteOnce block storage, not shared storage"
+    )
+    assert claim["resources"]["requests"]["storage"]
+
+    retention = spec["persistentVolumeClaimRetentionPolicy"]
+    assert retention == {"whenDeleted": "Retain", "whenScaled": "Retain"}, (
+        "deleting a claim would drop acknowledged, not yet applied events"
+    )
+    assert spec["podManagementPolicy"] == "Parallel"
+
+    headless = overlay.get("Service", spec["serviceName"])["spec"]
+    assert headless.get("clusterIP") == "None", "serviceName must be a headless Service"
+    assert headless["selector"].items() <= pod["metadata"]["labels"].items()
+
+
+def test_gateway_files_come_from_secret_mounts(
+    overlay: Rendered, settings_cls, monkeypatch
+) -> None:
+    """API keys and TLS material are read-only files of mounted Secrets, never inlined."""
+    pod = overlay.workload("gateway")["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    settings = settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
+    for field in ("api_keys_file", *TLS_KEYS):
+        path = getattr(settings, field)
+        if path is None:
+            continue
+        _, key, read_only = secret_file(pod, c, path)
+        assert read_only, f"RECSYS_{field.upper()}: mount the Secret readOnly"
+        if field in TLS_KEYS:
+            assert key == TLS_KEYS[field], f"RECSYS_{field.upper()} must be key {TLS_KEYS[field]}"
+    tls = [getattr(settings, f) is not None for f in TLS_KEYS]
+    assert tls in ([False] * 3, [True] * 3, [True, True, False]), (
+        "TLS needs both RECSYS_TLS_CERT_FILE and _KEY_FILE; a client CA needs them too"
+    )
+    if settings.tls_cert_file is not None:
+        secrets = {
+            secret_file(pod, c, getattr(settings, f))[0]
+            for f in TLS_KEYS
+            if getattr(settings, f) is not None
+        }
+        assert len(secrets) == 1, f"certificate, key and CA from one tls Secret: {secrets}"
+
+
+def test_prod_gateway_requires_api_keys_and_mutual_tls(
+    rendered_all: dict[str, Rendered], settings_cls, monkeypatch
+) -> None:
+    prod = rendered_all["prod"]
+    pod = prod.workload("gateway")["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    env = env_values(prod, c)
+    settings = settings_from_env(settings_cls, env, monkeypatch)
+    external = EXTERNAL_SECRETS["prod"]
+
+    assert settings.auth_mode == "api_key"
+    key_sources = []
+    if settings.api_keys_file is not None:
+        key_sources.append(secret_file(pod, c, settings.api_keys_file)[0])
+    if isinstance(env.get(f"{ENV_PREFIX}API_KEYS"), dict):
+        key_sources.append(env[f"{ENV_PREFIX}API_KEYS"]["secretKeyRef"]["name"])
+    assert key_sources, "prod API keys must come from a Secret (file mount or secretKeyRef)"
+    assert set(key_sources) <= external, f"{key_sources}: create them out of band (README)"
+
+    for field in TLS_KEYS:
+        assert getattr(settings, field) is not None, f"prod needs RECSYS_{field.upper()}"
+        secret, _, _ = secret_file(pod, c, getattr(settings, field))
+        assert secret in external, f"{secret}: the TLS Secret is created out of band (README)"
+    pseudonym = env[f"{ENV_PREFIX}PSEUDONYM_KEY"]["secretKeyRef"]["name"]
+    assert pseudonym in external
+
+
+def _pki(directory: Path, server_name: str) -> dict[str, Path]:
+    """A CA and one certificate for ``server_name`` usable as server and client (mTLS)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def builder(subject: str, public_key: Any) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name("recsys test CA"))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+        )
+
+    ca = (
+        builder("recsys test CA", ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    leaf = (
+        builder("gateway", key.public_key())
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    files = {
+        "tls.crt": leaf.public_bytes(pem),
+        "tls.key": key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        "ca.crt": ca.public_bytes(pem),
+    }
+    for filename, data in files.items():
+        (directory / filename).write_bytes(data)
+    return {filename: directory / filename for filename in files}
+
+
+def test_gateway_exec_probes_work_over_mutual_tls(
+    overlay: Rendered, settings_cls, monkeypatch, tmp_path: Path
+) -> None:
+    """Run each exec probe, as the kubelet would, against a health server with the
+    gateway's own TLS setup (services.reliability.tls) and the pod's certificate files."""
+    import os
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from services.reliability.tls import server_credentials
+
+    pod = overlay.workload("gateway")["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    probes = {kind: c[kind]["exec"]["command"] for kind in PROBES if "exec" in c[kind]}
+    if not probes:
+        return  # native gRPC probes: test_gateway_ports_probes_and_shutdown checks TLS is off
+    env = env_values(overlay, c)
+    settings = settings_from_env(settings_cls, env, monkeypatch)
+    assert settings.tls_cert_file is not None, "exec probes are for the TLS port"
+    (server_name,) = {command[4] for command in probes.values()}
+    files = _pki(tmp_path, server_name)
+    local = {
+        f"{ENV_PREFIX}{field.upper()}": str(files[secret_file(pod, c, getattr(settings, field))[1]])
+        for field in TLS_KEYS
+        if getattr(settings, field) is not None
+    }
+    tls_settings = settings_from_env(settings_cls, local, monkeypatch)
+
+    status = health_pb2.HealthCheckResponse
+    servicer = health.HealthServicer()
+    servicer.set("liveness", status.SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls_settings))
+    server.start()
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        manifest = {k: v for k, v in env.items() if isinstance(v, str)}
+        run_env = base | manifest | local | {f"{ENV_PREFIX}GRPC_PORT": str(port)}
+
+        def probe(kind: str) -> int:
+            command = [sys.executable, *probes[kind][1:]]
+            timeout = c[kind].get("timeoutSeconds", 1)
+            proc = subprocess.run(
+                command, env=run_env, capture_output=True, text=True, timeout=timeout
+            )
+            return proc.returncode
+
+        for serving in (False, True):
+            servicer.set(SERVICE_NAME, status.SERVING if serving else status.NOT_SERVING)
+            for kind in probes:
+                asks_readiness = probes[kind][3] == SERVICE_NAME
+                expected = 0 if serving or not asks_readiness else 1
+                assert probe(kind) == expected, f"{kind} (RecommenderService serving={serving})"
+        server.stop(0)
+        assert all(probe(kind) != 0 for kind in probes), "a dead server must fail the probes"
+    finally:
+        server.stop(0)
+
+
 @pytest.mark.parametrize("name", ["gateway", "triton"])
 def test_selectors_match_pods(overlay: Rendered, name: str) -> None:
-    labels = overlay.get("Deployment", name)["spec"]["template"]["metadata"]["labels"]
-    selectors = [overlay.get("Deployment", name)["spec"]["selector"]["matchLabels"]]
+    workload = overlay.workload(name)
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    selectors = [workload["spec"]["selector"]["matchLabels"]]
     selectors.append(overlay.get("Service", name)["spec"]["selector"])
     selectors.append(overlay.get("PodDisruptionBudget", name)["spec"]["selector"]["matchLabels"])
     for selector in selectors:
@@ -227,19 +532,19 @@ def test_selectors_match_pods(overlay: Rendered, name: str) -> None:
 
 
 def test_gateway_reaches_triton(overlay: Rendered, settings_cls, monkeypatch) -> None:
-    gateway = container(overlay, "Deployment", "gateway")
+    gateway = container(overlay, "gateway")
     settings = settings_from_env(settings_cls, env_values(overlay, gateway), monkeypatch)
     host, _, port = settings.triton_url.rpartition(":")
     service = overlay.get("Service", host)
     service_port = next(p for p in service["spec"]["ports"] if p["port"] == int(port))
-    triton = container(overlay, "Deployment", "triton")
+    triton = container(overlay, "triton")
     assert named_port(triton, service_port["targetPort"]) == int(port)
     assert service_port["targetPort"] == "grpc"
     assert flag(triton["args"], "grpc-port") == port
 
 
 def test_gateway_reaches_milvus(overlay: Rendered, settings_cls, monkeypatch) -> None:
-    gateway = container(overlay, "Deployment", "gateway")
+    gateway = container(overlay, "gateway")
     settings = settings_from_env(settings_cls, env_values(overlay, gateway), monkeypatch)
     assert not settings.milvus_is_lite, "Kubernetes must use the Milvus server, not Lite"
     uri = urlsplit(settings.milvus_uri)
@@ -253,7 +558,7 @@ def test_gateway_reaches_milvus(overlay: Rendered, settings_cls, monkeypatch) ->
 
 
 def test_triton_server(overlay: Rendered) -> None:
-    deployment = overlay.get("Deployment", "triton")
+    deployment = overlay.workload("triton")
     pod = deployment["spec"]["template"]
     c = pod["spec"]["containers"][0]
     assert c["image"].rsplit(":", 1)[1] == TRITON_IMAGE_TAG
@@ -299,7 +604,7 @@ def test_gpu_model_configs_exist(rendered_all: dict[str, Rendered]) -> None:
     if not configs:
         pytest.skip("model_repository/ has no model configs yet (being written)")
     for overlay in rendered_all.values():
-        args = container(overlay, "Deployment", "triton")["args"]
+        args = container(overlay, "triton")["args"]
         name = flag(args, "model-config-name")
         if name:
             found = sorted((REPO_ROOT / "model_repository").glob(f"*/configs/{name}.pbtxt"))
@@ -345,7 +650,7 @@ def test_rayjob_trains_and_exports_into_the_served_repository(overlay: Rendered)
 
     cluster = spec["rayClusterSpec"]
     head_mounts = mounts_by_claim(cluster["headGroupSpec"]["template"])
-    triton = overlay.get("Deployment", "triton")["spec"]["template"]
+    triton = overlay.workload("triton")["spec"]["template"]
     triton_repo = flag(triton["spec"]["containers"][0]["args"], "model-repository")
     triton_claim = next(k for k, v in mounts_by_claim(triton).items() if v == triton_repo)
     assert head_mounts.get(triton_claim) == option(export, "--repository"), (

@@ -175,8 +175,8 @@ def test_manifest_images_are_built_here_or_pinned(overlay: Rendered) -> None:
 
 
 def test_gateway_command_matches_image(overlay: Rendered) -> None:
-    deployment = overlay.get("Deployment", "gateway")
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    gateway = overlay.workload("gateway")
+    command = gateway["spec"]["template"]["spec"]["containers"][0]["command"]
     cmd = [
         rest for keyword, rest in instructions(dockerfile("gateway.Dockerfile")) if keyword == "CMD"
     ]
@@ -184,7 +184,7 @@ def test_gateway_command_matches_image(overlay: Rendered) -> None:
 
 
 def test_triton_image_tag_matches_base(overlay: Rendered) -> None:
-    image = overlay.get("Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+    image = overlay.workload("triton")["spec"]["template"]["spec"]["containers"][0]
     assert image["image"].rsplit(":", 1)[1] == TRITON_BASE.rsplit(":", 1)[1]
 
 

@@ -80,7 +80,7 @@ def pods(rendered: Rendered) -> dict[str, Pod]:
     own = {"kubernetes.io/metadata.name": rendered.namespace}
     out = {}
     for name in ("gateway", "triton"):
-        labels = rendered.get("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        labels = rendered.workload(name)["spec"]["template"]["metadata"]["labels"]
         out[name] = Pod(name, labels, own)
     rayjob = rendered.get("RayJob", "recsys-train")
     for label, template in pod_templates(rayjob):

@@ -46,8 +46,9 @@ def test_renders_namespaced_and_labelled(variant: Rendered) -> None:
 
 def test_every_component_present(variant: Rendered) -> None:
     for kind, name in [
-        ("Deployment", "gateway"),
+        ("StatefulSet", "gateway"),
         ("Service", "gateway"),
+        ("Service", "gateway-headless"),
         ("HorizontalPodAutoscaler", "gateway"),
         ("PodDisruptionBudget", "gateway"),
         ("ConfigMap", "gateway-config"),
@@ -60,6 +61,8 @@ def test_every_component_present(variant: Rendered) -> None:
         ("NetworkPolicy", "default-deny-ingress"),
     ]:
         assert variant.has(kind, name), f"{variant.name}: missing {kind}/{name}"
+    # The gateway was a Deployment: a leftover one would run pods without a WAL volume.
+    assert not variant.has("Deployment", "gateway"), f"{variant.name}: gateway Deployment"
 
 
 def test_dev_is_cpu_single_replica_standalone(rendered_all: dict[str, Rendered]) -> None:
@@ -68,7 +71,7 @@ def test_dev_is_cpu_single_replica_standalone(rendered_all: dict[str, Rendered])
     assert hpa["minReplicas"] == hpa["maxReplicas"] == 1
     assert dev.get("Deployment", "triton")["spec"].get("replicas", 1) == 1
     assert dev.get("Milvus", "milvus")["spec"]["mode"] == "standalone"
-    for obj in dev.of_kind("Deployment") + dev.of_kind("RayJob"):
+    for obj in dev.of_kind("Deployment") + dev.of_kind("StatefulSet") + dev.of_kind("RayJob"):
         for label, template in pod_templates(obj):
             assert gpu_limit(template) == 0, f"dev {obj['kind']} {label} asks for a GPU"
             assert not tolerates_gpu(template), f"dev {obj['kind']} {label} tolerates GPU taint"
@@ -95,11 +98,12 @@ def test_prod_is_gpu_replicated_cluster(rendered_all: dict[str, Rendered]) -> No
 
 
 def test_hpa_owns_replicas(variant: Rendered) -> None:
-    """A Deployment scaled by an HPA must not pin spec.replicas (apply would reset it)."""
+    """A workload scaled by an HPA must not pin spec.replicas (apply would reset it)."""
     for hpa in variant.of_kind("HorizontalPodAutoscaler"):
         target = hpa["spec"]["scaleTargetRef"]
-        deployment = variant.get(target["kind"], target["name"])
-        assert "replicas" not in deployment["spec"], (
+        assert target["apiVersion"] == "apps/v1", target
+        workload = variant.get(target["kind"], target["name"])
+        assert "replicas" not in workload["spec"], (
             f"{variant.name}: {target['name']} has spec.replicas and an HPA"
         )
 
