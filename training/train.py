@@ -321,7 +321,10 @@ def init_ray(cfg: TrainConfig) -> None:
         ray.init(
             num_cpus=cfg.num_cpus,
             num_gpus=None if cfg.use_gpu else 0,
-            include_dashboard=False,
+            # Ray Train's placement-group cleaner polls the state API, which the dashboard
+            # serves; without it the driver log fills with warnings. Loopback only.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             runtime_env={"env_vars": env},
             log_to_driver=True,
             **kwargs,

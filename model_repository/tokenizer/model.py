@@ -4,6 +4,8 @@ It stands in front of every BERT model through an ensemble, so clients send stri
 tokenizer files (``tokenizer.json``) are exported beside this file in each version directory.
 Each request is padded to a multiple of ``pad_to_multiple_of`` tokens: requests of similar
 length then share a shape, which lets the encoder's dynamic batcher put them in one batch.
+Pairs (the ranker's input) have their own, shorter budget, ``pair_max_length``: the ranker's
+cost grows with candidates x length, and it is trained at that length.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.max_length = int(params.get("max_length", "128"))
         multiple = int(params.get("pad_to_multiple_of", "16"))
-        self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer" / "tokenizer.json"))
-        self.tokenizer.enable_truncation(max_length=self.max_length)
+        path = str(version_dir / "tokenizer" / "tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(path)
+        self.tokenizer.enable_truncation(max_length=int(params.get("max_length", "128")))
         self.tokenizer.enable_padding(pad_to_multiple_of=multiple)
+        self.pair_tokenizer = Tokenizer.from_file(path)
+        self.pair_tokenizer.enable_truncation(max_length=int(params.get("pair_max_length", "64")))
+        self.pair_tokenizer.enable_padding(pad_to_multiple_of=multiple)
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -45,7 +50,9 @@ class TritonPythonModel:
                     pairs = _decode(pair_tensor.as_numpy().reshape(-1))
                     if len(pairs) != len(texts):
                         raise ValueError("TEXT_PAIR must have one entry per TEXT")
-                    encodings = self.tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
+                    encodings = self.pair_tokenizer.encode_batch(
+                        list(zip(texts, pairs, strict=True))
+                    )
                 else:
                     encodings = self.tokenizer.encode_batch(texts)
                 ids = np.array([e.ids for e in encodings], dtype=np.int64)

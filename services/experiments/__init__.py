@@ -3,7 +3,8 @@
 * :mod:`.assignment` - experiments from settings (JSON), ``assign(experiment, user_id)``;
 * :mod:`.exposures` - append-only JSONL log of exposures and clicks, with the arm;
 * :mod:`.report` - per-arm CTR, lift, 95% CI, p-value (``python -m services.experiments.report``);
-* :mod:`.replay` - held-out interactions turned into simulated traffic, end to end.
+* :mod:`.replay` - held-out interactions turned into simulated traffic, end to end;
+* :mod:`.runtime` - :class:`ExperimentService`, what the gateway calls.
 """
 
 from services.experiments.assignment import (
@@ -18,12 +19,14 @@ from services.experiments.assignment import (
     parse_experiments,
 )
 from services.experiments.exposures import ExposureLog
+from services.experiments.runtime import ExperimentService
 
 __all__ = [
     "Arm",
     "Assignment",
     "Experiment",
     "ExperimentConfigError",
+    "ExperimentService",
     "ExposureLog",
     "Variant",
     "assign",

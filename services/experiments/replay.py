@@ -120,7 +120,7 @@ def offline_arms(
         "popularity_trending": S.TrendingPopularity(),
         "itemknn": S.ItemKNN(),
         "als": S.ALS(seed=seed),
-        "bpr": S.BPR(seed=seed),
+        "bpr": S.BPR(seed=seed, threads=1),  # multi-threaded BPR is not reproducible
     }
     vectors = None
     if content:

@@ -36,6 +36,7 @@ class Variant:
 
     mmr_lambda: float | None = None
     retrieval_weights: Mapping[str, float] | None = None
+    model_version: str | None = None  # ranker release on Triton
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Pipeline:
                 budget = answer_by.reserve(RESERVE)
                 try:
                     text = user_text([(h["title"], h["categories"]) for h in history])
-                    score_ctr(self.triton, text, candidates, budget)
+                    score_ctr(self.triton, text, candidates, budget, variant.model_version)
                     ranked = True
                 except InferenceUnavailable as exc:
                     for cand in candidates:

@@ -22,6 +22,7 @@ from services.config import Settings
 from services.deadline import Deadline, DeadlineExceeded
 from services.gateway import validation as v
 from services.gateway.metrics import record_recommendation
+from services.gateway.pipeline import Variant
 from services.gateway.state import GatewayState
 from services.inference.triton_client import InferenceUnavailable
 from services.reliability.wal import WalError
@@ -94,8 +95,15 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             frozenset(v.check_excludes(request.exclude_item_ids)),
         )
         diversity = v.check_diversity(request)
-        result = self.state.pipeline.recommend(user_id, k, filters, deadline, diversity)
+        assignments, arm = self.state.experiments.for_user(user_id)
+        variant = Variant(
+            mmr_lambda=arm.get("mmr_lambda"),
+            retrieval_weights=arm.get("retrieval_mix"),
+            model_version=arm.get("model_version"),
+        )
+        result = self.state.pipeline.recommend(user_id, k, filters, deadline, diversity, variant)
         record_recommendation(result.timings, result.candidates, result.degraded)
+        self.state.experiments.exposed(user_id, assignments, [c.item_id for c in result.items])
         return pb.RecommendResponse(
             items=[
                 _scored(c.row, c.relevance, reason, c.best_source)
@@ -104,7 +112,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             degraded=bool(result.degraded),
             degraded_reason="; ".join(result.degraded),
             cold_start=result.cold_start,
-            model_version=self.state.model_version,
+            model_version=arm.get("model_version") or self.state.model_version,
+            experiment_arm=";".join(a.label() for a in assignments),
         )
 
     # --- SimilarItems --------------------------------------------------------------------
@@ -171,9 +180,16 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         Recommend sees them; if Triton or Milvus are down they are applied on recovery."""
         v.check_events(events, self.settings.max_events_per_call)
         result = self.state.applier.submit(events)
+        self._record_feedback([r.event for r in result.records])
         if result.records:
             self.state.applier.wait_applied(result.last_offset, deadline.reserve(0.1).left())
         return result.accepted, result.duplicates
+
+    def _record_feedback(self, events: list[pb.Event]) -> None:
+        """Clicks and purchases of users in experiments, logged with their arm."""
+        for event in events:
+            if event.event_type in (pb.EVENT_TYPE_CLICK, pb.EVENT_TYPE_PURCHASE):
+                self.state.experiments.clicked(event.user_id, [event.item_id])
 
     @rpc
     def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.ServicerContext):
@@ -181,6 +197,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         user_id = v.check_id(request.user_id, "user_id")
         with self.state.applier.exclusive():  # no batch of this user is applied meanwhile
             removed = self.state.wal.delete_user(user_id)
+            removed += self.state.experiments.delete_user(user_id)
             existed = self.state.store.delete_user(user_id, deadline.left()) or removed > 0
         return pb.DeleteUserResponse(existed=existed)
 

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2
 
 from services.config import Settings
 from services.deadline import Deadline
+from services.experiments.runtime import ExperimentService
 from services.gateway.pipeline import Pipeline, RankerStatus
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
@@ -42,6 +43,8 @@ class GatewayState:
         self.applier = WalApplier(
             self.wal, lambda events: self.profiles.apply(events, Deadline.after(APPLY_TIMEOUT_S))
         )
+        # Invalid experiment JSON fails the start, loudly, rather than running no experiment.
+        self.experiments = ExperimentService.from_settings(settings)
         self.ranker_status = RankerStatus()
         self.pipeline = Pipeline(
             settings, self.store, self.triton, self.popular, lambda: self.ranker_status

@@ -69,8 +69,12 @@ class TritonClient:
     def embed_users(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
         return self._embed(self.user_model, texts, timeout_s)
 
-    def score(self, query: str, documents: Sequence[str], timeout_s: float) -> np.ndarray:
-        """Click probability of each document for one user text, shape ``(len(documents),)``."""
+    def score(
+        self, query: str, documents: Sequence[str], timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
+        """Click probability of each document for one user text, shape ``(len(documents),)``.
+
+        ``version`` pins a release for this call (an experiment arm); default the client's."""
         out = []
         for start in range(0, len(documents), self.batch):
             chunk = documents[start : start + self.batch]
@@ -78,7 +82,7 @@ class TritonClient:
                 _text_input("QUERY", [query] * len(chunk)),
                 _text_input("DOCUMENT", chunk),
             ]
-            result = self._infer(self.ranker_model, inputs, "PROBABILITY", timeout_s)
+            result = self._infer(self.ranker_model, inputs, "PROBABILITY", timeout_s, version)
             out.append(result.reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
@@ -94,7 +98,12 @@ class TritonClient:
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
     def _infer(
-        self, model: str, inputs: list[grpcclient.InferInput], output: str, timeout_s: float
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        output: str,
+        timeout_s: float,
+        version: str | None = None,
     ) -> np.ndarray:
         if timeout_s <= 0:
             raise InferenceUnavailable(f"no time left for {model} before the deadline")
@@ -102,7 +111,7 @@ class TritonClient:
             result = self._client.infer(
                 model,
                 inputs,
-                model_version=self.version,
+                model_version=self.version if version is None else version,
                 outputs=[grpcclient.InferRequestedOutput(output)],
                 client_timeout=timeout_s,
             )

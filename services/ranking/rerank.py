@@ -13,13 +13,17 @@ from training.features.text import item_text
 
 
 def score_ctr(
-    triton: TritonClient, user_text: str, candidates: Sequence[Candidate], deadline: Deadline
+    triton: TritonClient,
+    user_text: str,
+    candidates: Sequence[Candidate],
+    deadline: Deadline,
+    version: str | None = None,
 ) -> None:
     """Set each candidate's relevance to its click probability, in one batched request."""
     documents = [
         item_text(c.row["title"], c.row["categories"], c.row.get("text", "")) for c in candidates
     ]
-    probabilities = triton.score(user_text, documents, deadline.left())
+    probabilities = triton.score(user_text, documents, deadline.left(), version)
     for cand, p in zip(candidates, probabilities, strict=True):
         cand.relevance = float(p)
 

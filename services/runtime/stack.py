@@ -73,6 +73,9 @@ class LocalStack:
             "RECSYS_LOG_LEVEL": self.settings.log_level,
             "RECSYS_READINESS_POLL_S": str(self.settings.readiness_poll_s),
             "RECSYS_WAL_DIR": str(self.var_dir / "wal"),
+            "RECSYS_EXPOSURE_LOG": str(self.var_dir / "experiments" / "exposures.jsonl"),
+            "RECSYS_EXPERIMENTS": self.settings.experiments,
+            "RECSYS_RANK_CANDIDATES": str(self.settings.rank_candidates),
         }
 
     # --- processes -----------------------------------------------------------------------

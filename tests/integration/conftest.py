@@ -87,6 +87,7 @@ def stack(
         data_dir=small_dataset_dir,
         readiness_poll_s=0.5,
         popular_refresh_s=1.0,
+        rank_candidates=50,
         log_level="INFO",
     )
     var_dir = tmp_path_factory.mktemp("var")

@@ -23,7 +23,8 @@ def _direct(
 ) -> list[np.ndarray]:
     tokenizer = AutoTokenizer.from_pretrained(str(repo / "tokenizer" / "1" / "tokenizer"))
     args = (texts, pairs) if pairs is not None else (texts,)
-    tokens = tokenizer(*args, padding=True, truncation=True, max_length=128, return_tensors="np")
+    limit = 128 if pairs is None else 64  # the tokenizer model's max_length / pair_max_length
+    tokens = tokenizer(*args, padding=True, truncation=True, max_length=limit, return_tensors="np")
     session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"))
     feeds = {i.name: tokens[i.name].astype(np.int64) for i in session.get_inputs()}
     return session.run(None, feeds)

@@ -1,0 +1,76 @@
+"""A/B experiments through the real gateway: sticky arms in responses, exposures and clicks
+logged with the arm, the report computed from that log, and erasure on DeleteUser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.api import pb
+from services.client import RecommenderClient
+from services.runtime.processes import free_port, gateway_process
+from services.runtime.stack import LocalStack, gateway_serving
+
+pytestmark = pytest.mark.integration
+
+EXPERIMENTS = [
+    {
+        "name": "mmr",
+        "salt": "test-salt",
+        "arms": [
+            {"name": "control", "weight": 50, "variant": {"mmr_lambda": 0.0}},
+            {"name": "treatment", "weight": 50, "variant": {"mmr_lambda": 0.6}},
+        ],
+    }
+]
+
+
+def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "exposures.jsonl"
+    env = {
+        **stack.env(),
+        "RECSYS_GRPC_PORT": str(port),
+        "RECSYS_METRICS_PORT": "0",
+        "RECSYS_WAL_DIR": str(tmp_path / "wal"),
+        "RECSYS_EXPOSURE_LOG": str(log_path),
+        "RECSYS_EXPERIMENTS": json.dumps(EXPERIMENTS),
+    }
+    gateway = gateway_process(env, tmp_path, "gateway-ab.log").start()
+    target = f"127.0.0.1:{port}"
+    try:
+        gateway.wait_ready(lambda: gateway_serving(target), 60)
+        with RecommenderClient(target, timeout=20) as client:
+            users = [str(u) for u in range(1, 21)]
+            arms = {u: client.recommend(u, k=5).experiment_arm for u in users}
+            assert set(arms.values()) == {"mmr=control", "mmr=treatment"}
+            assert all(client.recommend(u, k=5).experiment_arm == arms[u] for u in users[:5])
+            shown = client.recommend("1", k=5).items[0].item.item_id
+            client.ingest([pb.Event(user_id="1", item_id=shown, event_type=pb.EVENT_TYPE_CLICK)])
+            records = [json.loads(line) for line in log_path.read_text().splitlines()]
+            exposures = [r for r in records if r["type"] == "exposure"]
+            assert len(exposures) == 26
+            assert {r["arm"] for r in exposures} == {"control", "treatment"}
+            clicks = [r for r in records if r["type"] == "feedback"]
+            assert clicks == [
+                {**clicks[0], "user_id": "1", "item_id": shown, "arm": arms["1"].split("=")[1]}
+            ]
+            report = subprocess.run(
+                [sys.executable, "-m", "services.experiments.report", "--log", str(log_path)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+            assert "control" in report and "treatment" in report
+            client.delete_user("1")
+            time.sleep(0.1)
+            left = [json.loads(line) for line in log_path.read_text().splitlines()]
+            assert left and not [r for r in left if r["user_id"] == "1"]
+    finally:
+        gateway.stop()
