@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -50,15 +49,23 @@ def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path:
             arms = {u: client.recommend(u, k=5).experiment_arm for u in users}
             assert set(arms.values()) == {"mmr=control", "mmr=treatment"}
             assert all(client.recommend(u, k=5).experiment_arm == arms[u] for u in users[:5])
-            shown = client.recommend("1", k=5).items[0].item.item_id
-            client.ingest([pb.Event(user_id="1", item_id=shown, event_type=pb.EVENT_TYPE_CLICK)])
+            clicker = "ab-clicker"  # its own user: the erasure below must not touch others
+            arms[clicker] = client.recommend(clicker, k=5).experiment_arm
+            shown = client.recommend(clicker, k=5).items[0].item.item_id
+            click = pb.Event(user_id=clicker, item_id=shown, event_type=pb.EVENT_TYPE_CLICK)
+            client.ingest([click])
             records = [json.loads(line) for line in log_path.read_text().splitlines()]
             exposures = [r for r in records if r["type"] == "exposure"]
-            assert len(exposures) == 26
+            assert len(exposures) == 27
             assert {r["arm"] for r in exposures} == {"control", "treatment"}
             clicks = [r for r in records if r["type"] == "feedback"]
             assert clicks == [
-                {**clicks[0], "user_id": "1", "item_id": shown, "arm": arms["1"].split("=")[1]}
+                {
+                    **clicks[0],
+                    "user_id": clicker,
+                    "item_id": shown,
+                    "arm": arms[clicker].split("=")[1],
+                }
             ]
             report = subprocess.run(
                 [sys.executable, "-m", "services.experiments.report", "--log", str(log_path)],
@@ -68,9 +75,8 @@ def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path:
                 timeout=60,
             ).stdout
             assert "control" in report and "treatment" in report
-            client.delete_user("1")
-            time.sleep(0.1)
+            client.delete_user(clicker)
             left = [json.loads(line) for line in log_path.read_text().splitlines()]
-            assert left and not [r for r in left if r["user_id"] == "1"]
+            assert len(left) == 25 and not [r for r in left if r["user_id"] == clicker]
     finally:
         gateway.stop()
