@@ -128,7 +128,8 @@ fuzz: env ## >= 10,000 generated requests against the real gateway, plus the fil
 reliability: env ## fault scenarios (kills, restarts), then the report table
 	rm -f var/reliability/report.jsonl
 	RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/reliability/report.jsonl $(PY) -m pytest -q \
-	  -p no:cacheprovider -m integration tests/reliability tests/fuzz --timeout=1800
+	  -p no:cacheprovider -m integration tests/reliability tests/fuzz \
+	  tests/integration/test_faults_under_load.py --timeout=1800
 	$(PY) -m services.reliability.report var/reliability/report.jsonl
 
 clean:
@@ -153,7 +154,8 @@ fuzz: env ## >= 10,000 generated requests against the real gateway, plus the fil
 reliability: env ## fault scenarios (kills, restarts), then the report table
 	rm -f var/reliability/report.jsonl
 	RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/reliability/report.jsonl $(PY) -m pytest -q \
-	  -p no:cacheprovider -m integration tests/reliability tests/fuzz --timeout=1800
+	  -p no:cacheprovider -m integration tests/reliability tests/fuzz \
+	  tests/integration/test_faults_under_load.py --timeout=1800
 	$(PY) -m services.reliability.report var/reliability/report.jsonl
 
 clean: clean
