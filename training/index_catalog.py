@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any
 
@@ -22,6 +21,7 @@ from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
 from training.data import load_dataset
 from training.indexing import embed_and_upsert, item_rows
+from training.ray_cluster import connect
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=settings.triton_batch_size)
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level)
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # a cluster: ray job submit sets RAY_ADDRESS
-    else:
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False)
+    connect()
     VectorStore(settings).ensure_collections()
     n = index_catalog_ray(
         item_rows(load_dataset(args.data)), settings, args.batch_size, args.actors

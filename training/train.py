@@ -49,6 +49,7 @@ from typing import Any
 import yaml
 
 from training.models.pretrained import OFFLINE_ENV, resolve_pretrained, set_offline
+from training.ray_cluster import connect
 
 log = logging.getLogger("training.train")
 
@@ -311,24 +312,14 @@ def init_ray(cfg: TrainConfig) -> None:
         # print() in workers reaches the driver once (the patch would log it a second time)
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        kwargs: dict[str, Any] = {}
+    if cfg.ray_address:
+        os.environ["RAY_ADDRESS"] = cfg.ray_address
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_gpus"] = None if cfg.use_gpu else 0
         if cfg.object_store_memory:
             kwargs["object_store_memory"] = int(cfg.object_store_memory)
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            num_gpus=None if cfg.use_gpu else 0,
-            # Ray Train's placement-group cleaner polls the state API, which the dashboard
-            # serves; without it the driver log fills with warnings. Loopback only.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            runtime_env={"env_vars": env},
-            log_to_driver=True,
-            **kwargs,
-        )
+    connect(num_cpus=cfg.num_cpus, **kwargs)
 
 
 def _storage(cfg: TrainConfig) -> str:

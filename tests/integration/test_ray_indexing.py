@@ -11,6 +11,7 @@ from services.vectors.store import VectorStore
 from training.data import load_dataset
 from training.index_catalog import index_catalog_ray
 from training.indexing import item_rows
+from training.ray_cluster import connect
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ def test_ray_data_job_indexes_through_triton_into_milvus(stack: LocalStack) -> N
     store = VectorStore(settings)
     store.ensure_collections()
     rows = item_rows(load_dataset(stack.settings.data_dir))[:150]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         written = index_catalog_ray(rows, settings, batch_size=32, actors=2)
     finally:

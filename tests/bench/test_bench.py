@@ -1,0 +1,65 @@
+"""``python -m bench --quick`` end to end: real stack, every section in the JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import SECTIONS
+from bench.metrics import histogram_quantiles
+from bench.report import targets
+from services.config import REPO_ROOT
+
+
+def test_histogram_quantiles_interpolate_within_buckets() -> None:
+    samples = {
+        ("h_bucket", frozenset({("le", "0.1"), ("stage", "x")})): 50.0,
+        ("h_bucket", frozenset({("le", "1.0"), ("stage", "x")})): 100.0,
+        ("h_bucket", frozenset({("le", "+Inf"), ("stage", "x")})): 100.0,
+    }
+    q = histogram_quantiles(samples, "h", {"stage": "x"}, qs=(50, 75))
+    assert q["p50"] == pytest.approx(0.1)
+    assert q["p75"] == pytest.approx(0.55)
+    assert q["count"] == 100
+
+
+def test_targets_compare_with_the_baseline() -> None:
+    results = {
+        "gateway": {"levels": [{"concurrency": 16, "qps_ranked": 3.0, "p99_over_p50": 3.0}]},
+        "baseline": {"qps": 1.0},
+    }
+    t = targets(results)
+    assert t["gateway_vs_pytorch"]["met"]
+    assert not t["tail_c16"]["met"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1500)
+def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
+    out, report = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--json", str(report)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1400,
+    )
+    assert report.is_file(), proc.stderr[-3000:]
+    results = json.loads(report.read_text())
+    failed = {s: results.get(s, {}).get("error", "missing") for s in SECTIONS}
+    assert not {s: e for s, e in failed.items() if s not in results or "error" in results[s]}
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results["gateway"]["levels"][0]["ranked"] > 0
+    assert results["baseline"]["requests"] > 0
+    assert {r["backend"] for r in results["ranker"]["rows"]} >= {"pytorch", "ort-plain", "ort-int8"}
+    assert results["milvus"]["runs"][0]["recall_at_k"] > 0.5
+    assert "perf_analyzer" in results and "targets" in results
+    text = out.read_text()
+    for heading in ("## Targets", "## Gateway", "## Milvus", "## perf_analyzer"):
+        assert heading in text

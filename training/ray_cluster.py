@@ -1,0 +1,36 @@
+"""Connecting to Ray: the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), else a
+local one, retried because Ray gives a local raylet a fixed 30 s to register and a loaded
+2-core machine can miss that once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def connect(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> None:
+    """``ray.init`` for a cluster or a local node (dashboard on loopback only)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    kwargs.setdefault("include_dashboard", True)  # Ray Train's cleaner uses the state API
+    kwargs.setdefault("dashboard_host", "127.0.0.1")
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for the startup timeout
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("local Ray did not start in time (attempt %d); retrying", attempt)
+            ray.shutdown()
+            time.sleep(2 * attempt)
