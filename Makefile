@@ -83,7 +83,7 @@ train: env ## fine-tune both models with Ray Train (local: 2 CPU workers)
 gpu-export: env ## fp16 ONNX variants (+ TensorRT engines where a GPU and TensorRT exist)
 	$(PY) -m training.export.gpu $(if $(ENGINES),--engines,)
 
-demo: env ## end to end: export, start Triton + Milvus + gateway, index, recommend, stop
+demo: env ## end to end: fine-tune (once), export, start Triton + Milvus + gateway, index, recommend, stop
 	$(PY) -m services.runtime.demo
 
 serve: env ## the demo stack, serving on RECSYS_GRPC_PORT (50051) until Ctrl-C
@@ -135,28 +135,5 @@ reliability: env ## fault scenarios (kills, restarts), then the report table
 clean:
 	rm -rf var/demo var/serve var/test .pytest_cache .mypy_cache .ruff_cache
 
-disteval: env ## offline evaluation (baselines vs the pipeline) -> reports/eval
-	$(PY) -m training.evaluation --data $(or $(DATA),third_party/movielens/ml-latest-small) \
-	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),$(if $(wildcard runs/local/final/user_tower),--checkpoint runs/local/final,)) \
-	  $(if $(MAX_USERS),--max-users $(MAX_USERS),) --out reports/eval
-
-ab-report: env ## per-arm CTR, lift, 95% CI, p-value from the exposure log
-	$(PY) -m services.experiments.report --log $(or $(AB_LOG),var/experiments/exposures.jsonl)
-
-ab-replay: env ## simulated A/B traffic from held-out interactions, then the report
-	$(PY) -m services.experiments.replay --data third_party/movielens/ml-latest-small \
-	  --log var/experiments/replay.jsonl
-	$(PY) -m services.experiments.report --log var/experiments/replay.jsonl
-
-fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
-	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz --timeout=1800
-
-reliability: env ## fault scenarios (kills, restarts), then the report table
-	rm -f var/reliability/report.jsonl
-	RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/reliability/report.jsonl $(PY) -m pytest -q \
-	  -p no:cacheprovider -m integration tests/reliability tests/fuzz \
-	  tests/integration/test_faults_under_load.py --timeout=1800
-	$(PY) -m services.reliability.report var/reliability/report.jsonl
-
-clean: clean
+distclean: clean
 	rm -rf $(VENV) $(TRITON_VENV) var services/api/recsys model_repository/*/[0-9]*
