@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import filecmp
 import json
 import logging
 import shutil
@@ -26,6 +27,7 @@ from services.runtime.stack import LocalStack, Ports, local_stack
 from services.vectors.store import VectorStore
 from training.data import load_dataset
 from training.export.repository import latest_release, servable_models
+from training.models.pretrained import resolve_pretrained
 
 log = logging.getLogger("demo")
 
@@ -44,18 +46,29 @@ class Steps:
 
 
 def ensure_models(settings: Settings, checkpoint: Path | None) -> None:
-    """Export ``checkpoint`` (or the pretrained towers) unless the newest release already is it."""
+    """Export ``checkpoint`` (or the pretrained towers) unless the newest release already is
+    exactly that: same source, newer than the checkpoint, same python-backend code."""
     repository = settings.model_repository
-    source = str(checkpoint / "item_tower") if checkpoint else None
+    expected = (
+        str(checkpoint / "item_tower")
+        if checkpoint
+        else resolve_pretrained(settings.pretrained_model)
+    )
     latest = latest_release(repository)
     if latest and servable_models(repository):
-        meta = json.loads((repository / "tokenizer" / str(latest) / "release.json").read_text())
+        release = repository / "tokenizer" / str(latest)
+        meta = json.loads((release / "release.json").read_text())
         trained_at = (checkpoint / "metrics.json").stat().st_mtime if checkpoint else 0.0
-        if meta.get("item_tower") == (source or meta.get("item_tower")) and (
-            (repository / "tokenizer" / str(latest)).stat().st_mtime >= trained_at
-        ):
-            print(f"  serving release {latest} from {meta.get('item_tower')}")
-            return
+        code_current = all(
+            filecmp.cmp(model / "model.py", model / str(latest) / "model.py", shallow=False)
+            for model in repository.iterdir()
+            if (model / "model.py").exists() and (model / str(latest) / "model.py").exists()
+        )
+        if meta.get("item_tower") == expected and release.stat().st_mtime >= trained_at:
+            if code_current:
+                print(f"  serving release {latest} from {expected}")
+                return
+            print("  the python-backend model code changed: exporting a new release")
     from training.export.__main__ import main as export_main
 
     args = ["--repository", str(repository)]
