@@ -122,6 +122,9 @@ ab-replay: env ## simulated A/B traffic from held-out interactions, then the rep
 	  --log var/experiments/replay.jsonl
 	$(PY) -m services.experiments.report --log var/experiments/replay.jsonl
 
+bench: env ## benchmarks against the running stack, side by side -> BENCHMARKS.md, reports/bench.json
+	$(PY) -m bench --out BENCHMARKS.md --json reports/bench.json
+
 fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
 	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz --timeout=1800
 

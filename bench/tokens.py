@@ -1,0 +1,67 @@
+"""Tokenization exactly as the release's Triton ``tokenizer`` model does it.
+
+The settings are read from the release's ``tokenizer/config.pbtxt`` parameters
+(``max_length`` for single texts, ``pair_max_length`` for the ranker's (user, item) pairs,
+``pad_to_multiple_of``), so the PyTorch and ONNX Runtime benchmarks feed the same token ids
+as Triton, whatever the release configures.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_PARAM = re.compile(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}')
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    path: Path  # tokenizer.json of the release
+    max_length: int = 128
+    pair_max_length: int = 128
+    multiple: int = 16
+
+    @classmethod
+    def of_release(cls, repository: Path) -> TokenizerSpec:
+        model = repository / "tokenizer"
+        version = max(int(p.name) for p in model.iterdir() if p.name.isdigit())
+        params = dict(_PARAM.findall((model / "config.pbtxt").read_text()))
+        max_length = int(params.get("max_length", "128"))
+        return cls(
+            model / str(version) / "tokenizer" / "tokenizer.json",
+            max_length,
+            int(params.get("pair_max_length", max_length)),
+            int(params.get("pad_to_multiple_of", "16")),
+        )
+
+    def tokenizer(self, pairs: bool = False, max_length: int | None = None) -> Any:
+        """A ``tokenizers.Tokenizer`` configured like Triton's (texts or pairs)."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.path))
+        default = self.pair_max_length if pairs else self.max_length
+        tok.enable_truncation(max_length=max_length or default)
+        tok.enable_padding(pad_to_multiple_of=self.multiple)
+        return tok
+
+
+def encode(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask (/ token_type_ids for pairs) as int64 arrays."""
+    if pairs is not None:
+        encodings = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
+    else:
+        encodings = tokenizer.encode_batch(list(texts))
+    feeds = {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+    }
+    if pairs is not None:
+        feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+    return feeds

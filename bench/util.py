@@ -1,0 +1,68 @@
+"""Small helpers shared by the benchmark sections: bounded loops, quantiles, load average."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (what else was running while we measured)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def quantiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
+    """``{"p50": ..., "p95": ..., "p99": ...}`` in the unit of ``values``; NaN when empty."""
+    if not len(values):
+        return {f"p{q:g}": float("nan") for q in qs}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q:g}": float(np.percentile(arr, q)) for q in qs}
+
+
+@dataclass
+class Bounded:
+    """Run ``fn`` until ``max_iters`` calls or ``max_seconds`` have passed (at least once)."""
+
+    max_iters: int
+    max_seconds: float
+    warmup: int = 1
+    times: list[float] = field(default_factory=list)
+
+    def run(self, fn: Callable[[], Any]) -> Bounded:
+        for _ in range(self.warmup):
+            fn()
+        start = time.perf_counter()
+        while len(self.times) < self.max_iters:
+            t0 = time.perf_counter()
+            fn()
+            self.times.append(time.perf_counter() - t0)
+            if time.perf_counter() - start >= self.max_seconds:
+                break
+        return self
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.times))
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(len(self.times), 1)
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    """A number for a Markdown table: ``-`` for NaN/None."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
