@@ -123,6 +123,8 @@ ab-replay: env ## simulated A/B traffic from held-out interactions, then the rep
 	$(PY) -m services.experiments.report --log var/experiments/replay.jsonl
 
 bench: env ## benchmarks against the running stack, side by side -> BENCHMARKS.md, reports/bench.json
+	test -d var/bench/pydeps/nvidia || $(PY) -m pip install -q --target var/bench/pydeps \
+	  nvidia-cuda-runtime-cu12  # only for perf_analyzer's libcudart; nothing runs on a GPU
 	$(PY) -m bench --out BENCHMARKS.md --json reports/bench.json
 
 fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -283,11 +283,11 @@ def run(
     with results.section("ranker") as r:
         from training.export.onnx_export import load_ranker
 
-        module = load_ranker(chosen.ranker)
+        ranker = load_ranker(chosen.ranker)
         r.update(
             models.bench_model(
                 "ranker",
-                module,
+                ranker,
                 Path(str(results["setup"]["export"]["ranker"]["onnx"])),
                 spec,
                 texts["users"],
@@ -440,7 +440,7 @@ def _triton_models(
     r["fp32_peak"] = peak
     encoder_arch = models.arch_of(PooledEncoder(load_bert(chosen.item_tower)))
     ranker_arch = models.arch_of(load_ranker(chosen.ranker))
-    common: dict[str, Callable[..., Any] | Any] = {
+    common: dict[str, Any] = {
         "settings": running.settings,
         "triton_metrics_port": running.ports.triton_metrics,
         "spec": spec,

@@ -137,13 +137,18 @@ def _ort_matmul(n: int, seconds: float, threads: int, integer: bool) -> float:
         providers=["CPUExecutionProvider"],
     )
     rng = np.random.default_rng(0)
-    if integer:
-        a = rng.integers(0, 255, (n, n), dtype=np.uint8)
-        b = rng.integers(-128, 127, (n, n), dtype=np.int8)
-    else:
-        a = rng.standard_normal((n, n), dtype=np.float32)
-        b = rng.standard_normal((n, n), dtype=np.float32)
-    return _rate(lambda: session.run(None, {"A": a, "B": b}), 2.0 * n**3, seconds)
+    feeds: dict[str, np.ndarray] = (
+        {
+            "A": rng.integers(0, 255, (n, n), dtype=np.uint8),
+            "B": rng.integers(-128, 127, (n, n), dtype=np.int8),
+        }
+        if integer
+        else {
+            "A": rng.standard_normal((n, n), dtype=np.float32),
+            "B": rng.standard_normal((n, n), dtype=np.float32),
+        }
+    )
+    return _rate(lambda: session.run(None, feeds), 2.0 * n**3, seconds)
 
 
 def gemm_peaks(n: int = 2048, seconds: float = 3.0, threads: int = 2) -> dict[str, Any]:

@@ -176,32 +176,30 @@ def throughput(
     warmup: int,
 ) -> dict[str, float]:
     """Items/s, achieved FLOP/s and ms per batch, cycling through ``feeds``."""
-    state = {"i": 0, "items": 0, "flops": 0.0, "tokens": 0, "real": 0}
+    position = [0]
 
     def step() -> None:
-        f = feeds[state["i"] % len(feeds)]
-        run(f)
-        state["i"] += 1
+        run(feeds[position[0] % len(feeds)])
+        position[0] += 1
 
     for _ in range(warmup):
         step()
-    state["i"] = 0
     timer = Bounded(max_iters, max_seconds, warmup=0)
+    position[0] = 0
     timer.run(step)
-    for j in range(len(timer.times)):
-        f = feeds[j % len(feeds)]
-        state["items"] += f["input_ids"].shape[0]
-        state["flops"] += arch.flops(f)
-        state["tokens"] += f["input_ids"].size
-        state["real"] += int(f["attention_mask"].sum())
+    done = [feeds[j % len(feeds)] for j in range(len(timer.times))]
+    items = sum(f["input_ids"].shape[0] for f in done)
+    flops = sum(arch.flops(f) for f in done)
+    tokens = sum(f["input_ids"].size for f in done)
+    real = sum(int(f["attention_mask"].sum()) for f in done)
     total = timer.total
     return {
         "batches": len(timer.times),
-        "items_per_s": state["items"] / total,
-        "flops_per_s": state["flops"] / total,
+        "items_per_s": items / total,
+        "flops_per_s": flops / total,
         "ms_per_batch": 1000 * total / len(timer.times),
-        "padded_len": state["tokens"] / max(state["items"], 1),
-        "real_token_share": state["real"] / max(state["tokens"], 1),
+        "padded_len": tokens / max(items, 1),
+        "real_token_share": real / max(tokens, 1),
     }
 
 
