@@ -446,15 +446,7 @@ def retrieval_loop(cfg: dict[str, Any]) -> None:
 
             def save(d: Path, _epoch: int = epoch, _hist: list[Any] = snapshot) -> None:
                 save_towers(_unwrap(ddp), tok, d, max_seq_len=cfg["max_seq_len"])
-                torch.save(
-                    {
-                        "epoch": _epoch,
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "history": _hist,
-                    },
-                    d / STATE_FILE,
-                )
+                _save_state(d, _epoch, opt, sched, _hist)
 
         _report(rank, metrics, save, history)
         _maybe_fail(cfg, epoch, rank)
@@ -635,21 +627,26 @@ def ranker_loop(cfg: dict[str, Any]) -> None:
 
             def save(d: Path, _epoch: int = epoch, _hist: list[Any] = snapshot) -> None:
                 save_ranker(_unwrap(ddp), tok, d / "ranker", max_seq_len=cfg["max_seq_len"])
-                torch.save(
-                    {
-                        "epoch": _epoch,
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "history": _hist,
-                    },
-                    d / STATE_FILE,
-                )
+                _save_state(d, _epoch, opt, sched, _hist)
 
         _report(rank, metrics, save, history)
         _maybe_fail(cfg, epoch, rank)
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _save_state(d: Path, epoch: int, opt: Any, sched: Any, history: list[Any]) -> None:
+    """What resuming needs besides the weights: epoch, optimizer, scheduler, metrics."""
+    torch.save(
+        {
+            "epoch": epoch,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "history": history,
+        },
+        d / STATE_FILE,
+    )
 
 
 class _nullctx:
