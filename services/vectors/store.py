@@ -26,6 +26,7 @@ from services.vectors.schema import (
     ITEM_FIELDS,
     SEGMENT_FIELDS,
     USER_FIELDS,
+    CollectionSpec,
     collections,
     index_params,
 )
@@ -203,14 +204,7 @@ class VectorStore:
 
     def get_user(self, user_id: str, timeout: float, with_vector: bool = True) -> Row | None:
         fields = USER_FIELDS + (["vector"] if with_vector else [])
-        rows = self._call(
-            "query",
-            self.users.name,
-            filter=f"user_id == {literal(user_id)}",
-            output_fields=fields,
-            timeout=timeout,
-        )
-        return _plain(rows[0]) if rows else None
+        return self._get_one(self.users, user_id, fields, timeout)
 
     def delete_user(self, user_id: str, timeout: float) -> bool:
         existed = self.get_user(user_id, timeout, with_vector=False) is not None
@@ -246,11 +240,17 @@ class VectorStore:
         return _plain(hits[0][0]["entity"]) if hits and hits[0] else None
 
     def get_segment(self, segment_id: str, timeout: float) -> Row | None:
+        return self._get_one(self.segments, segment_id, SEGMENT_FIELDS, timeout)
+
+    def _get_one(
+        self, spec: CollectionSpec, key: str, fields: Sequence[str], timeout: float
+    ) -> Row | None:
+        """One row by primary key, or None."""
         rows = self._call(
             "query",
-            self.segments.name,
-            filter=f"segment_id == {literal(segment_id)}",
-            output_fields=SEGMENT_FIELDS,
+            spec.name,
+            filter=f"{spec.primary_key} == {literal(key)}",
+            output_fields=list(fields),
             timeout=timeout,
         )
         return _plain(rows[0]) if rows else None

@@ -396,11 +396,7 @@ def retrieval_loop(cfg: dict[str, Any]) -> None:
                 batch["item_attention_mask"],
             )
             loss = in_batch_softmax_loss(u, v, scale, batch["user_idx"], batch["item_idx"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _optimizer_step(ddp, opt, sched, loss)
             losses.append(float(loss.item()))
             if step % cfg["log_every"] == 0 or step == steps:
                 _step_log(
@@ -580,11 +576,7 @@ def ranker_loop(cfg: dict[str, Any]) -> None:
             labels = batch.pop("labels")
             logits = ddp(**batch)
             loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _optimizer_step(ddp, opt, sched, loss)
             losses.append(float(loss.item()))
             if step % cfg["log_every"] == 0 or step == steps:
                 _step_log(
@@ -634,6 +626,15 @@ def ranker_loop(cfg: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _optimizer_step(model: Any, opt: Any, sched: Any, loss: torch.Tensor) -> None:
+    """Backward, clip the global gradient norm to 1, step the optimizer and the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
 
 
 def _save_state(d: Path, epoch: int, opt: Any, sched: Any, history: list[Any]) -> None:
