@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help env proto lint lint-proto kubectl-installed export train demo serve test test-unit \
-        test-integration test-k8s images gpu-export bench eval ab-report ab-replay fuzz reliability clean \
+        test-integration test-k8s images gpu-export gpu-bench-pack bench eval ab-report ab-replay fuzz reliability clean \
         distclean
 
 help:
@@ -121,6 +121,9 @@ ab-replay: env ## simulated A/B traffic from held-out interactions, then the rep
 	$(PY) -m services.experiments.replay --data third_party/movielens/ml-latest-small \
 	  --log var/experiments/replay.jsonl
 	$(PY) -m services.experiments.report --log var/experiments/replay.jsonl
+
+gpu-bench-pack: env ## bundle (fp16 ranker + real pairs) for `python -m bench.gpu run` on a GPU machine
+	$(PY) -m bench.gpu pack --out var/gpu-bundle
 
 bench: env ## benchmarks against the running stack, side by side -> BENCHMARKS.md, reports/bench.json
 	test -d var/bench/pydeps/nvidia || $(PY) -m pip install -q --target var/bench/pydeps \

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.tokens import TokenizerSpec
+from bench.tokens import TokenizerSpec, real_texts
 from services.config import REPO_ROOT
 
 log = logging.getLogger("bench")
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, args.json))
+    gpu_json = args.json.with_name("bench_gpu.json")  # kept from a lent GPU (bench.gpu)
+    gpu = json.loads(gpu_json.read_text()) if gpu_json.is_file() else None
+    args.out.write_text(render(results, args.json, gpu=gpu))
     print(f"\nwrote {args.out} and {args.json}")
     failed = [name for name in SECTIONS if "error" in results.get(name, {"error": "missing"})]
     if failed:
@@ -196,7 +198,7 @@ def run(
         r.update(models=chosen.__dict__, repository=str(repository), export=export)
         r["export_seconds"] = round(time.monotonic() - t0, 1)
         data_dir = stack.dataset_slice(plan.items, plan.users, cache)
-        texts = _texts(data_dir)
+        texts = real_texts(data_dir)
         r.update(data_dir=str(data_dir), n_item_texts=len(texts["items"]))
         r["n_user_texts"] = len(texts["users"])
         spec = TokenizerSpec.of_release(repository)
@@ -384,24 +386,6 @@ def _variants(
         run["baseline_qps"] = base_qps
         r["runs"].append(run)
         print(f"  {variant.name}: {run['qps_ranked']:.2f} ranked/s", flush=True)
-
-
-def _texts(data_dir: Path) -> dict[str, list[str]]:
-    """Real item texts and user behaviour texts of the slice (deterministic order)."""
-    import numpy as np
-
-    from training.data import load_dataset
-    from training.features.text import item_texts
-    from training.indexing import user_rows
-
-    dataset = load_dataset(data_dir)
-    rng = np.random.default_rng(0)
-    items = list(item_texts(dataset.items).values())
-    users = [text for _, text in user_rows(dataset) if text]
-    return {
-        "items": [items[i] for i in rng.permutation(len(items))],
-        "users": [users[i] for i in rng.permutation(len(users))],
-    }
 
 
 def _gateway(r: dict[str, Any], running: Any, users: list[str], plan: Plan) -> None:

@@ -65,3 +65,19 @@ def encode(
     if pairs is not None:
         feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
     return feeds
+
+
+def real_texts(data_dir: Path) -> dict[str, list[str]]:
+    """Real item texts and user behaviour texts of the slice (deterministic order)."""
+    from training.data import load_dataset
+    from training.features.text import item_texts
+    from training.indexing import user_rows
+
+    dataset = load_dataset(data_dir)
+    rng = np.random.default_rng(0)
+    items = list(item_texts(dataset.items).values())
+    users = [text for _, text in user_rows(dataset) if text]
+    return {
+        "items": [items[i] for i in rng.permutation(len(items))],
+        "users": [users[i] for i in rng.permutation(len(users))],
+    }

@@ -3,7 +3,8 @@
 ``python -m training.export.gpu --repository model_repository`` converts the newest release's
 ONNX graphs to fp16 (``model_fp16.onnx`` beside ``model.onnx``) and, where TensorRT and a GPU
 are present, builds an fp16 engine per model (``model.plan``) with one optimisation profile
-covering batch 1..64 and sequence 16..128, then times it against ONNX Runtime. The stock
+covering batch 1..64 and sequence 16..128 (``python -m bench.gpu`` times the ranker's engine
+against ONNX Runtime on the CPU). The stock
 Triton GPU configs (``configs/gpu.pbtxt``) can serve ``model.onnx`` through ONNX Runtime's
 TensorRT accelerator (with an engine cache) without this script; the engines are for
 ``tensorrt_plan`` deployments and for measuring.
@@ -15,7 +16,7 @@ import argparse
 import json
 import logging
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,35 +104,45 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, fp16: boo
     return engine_path
 
 
-def time_trt(engine_path: Path, input_names: list[str], batch: int, seq: int, runs: int) -> float:
-    """Median latency (ms) of one engine execution on the GPU, inputs already on device."""
+def trt_runner(engine_path: Path) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """A callable running a serialized engine on numpy feeds (copies in and out included, as a
+    server pays them); outputs in the engine's output order, as fp32 numpy arrays."""
     import tensorrt as trt
     import torch
 
+    dtypes = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+    }
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not load {engine_path}")
     context = engine.create_execution_context()
-    tensors = {}
-    for name, array in _feeds(input_names, batch, seq).items():
-        tensors[name] = torch.from_numpy(array).cuda()
-        context.set_input_shape(name, tuple(array.shape))
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if n not in inputs]
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        stream = torch.cuda.current_stream()  # copies and the engine ordered on one stream
+        buffers = {}
+        for name in inputs:
+            tensor = torch.from_numpy(feeds[name]).to("cuda", dtypes[engine.get_tensor_dtype(name)])
+            context.set_input_shape(name, tuple(tensor.shape))
+            buffers[name] = tensor
+        for name in outputs:
             shape = tuple(context.get_tensor_shape(name))
-            tensors[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-    for name, tensor in tensors.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.Stream()
-    samples = []
-    for i in range(runs + 5):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        if i >= 5:
-            samples.append((time.perf_counter() - start) * 1000)
-    return float(np.median(samples))
+            dtype = dtypes[engine.get_tensor_dtype(name)]
+            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+        for name, tensor in buffers.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return [buffers[name].float().cpu().numpy() for name in outputs]
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
