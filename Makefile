@@ -71,7 +71,7 @@ lint-proto: $(BUF) ## buf lint (Google API design rules)
 lint: env lint-proto ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services training
+	$(VENV)/bin/mypy services training bench
 
 # --- the pipeline -------------------------------------------------------------------------
 export: env ## export the pretrained (or --checkpoint) towers into model_repository/
@@ -109,8 +109,8 @@ images: proto ## container images (needs a Docker engine; none on the build mach
 	docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
 	docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
 
-eval: env ## offline evaluation (baselines vs the pipeline) -> reports/eval
-	$(PY) -m training.evaluation --data $(or $(DATA),third_party/movielens/ml-latest-small) \
+eval: env ## evaluation: baselines, the offline pipeline and the served gateway -> reports/eval
+	$(PY) -m services.runtime.served_eval --data $(or $(DATA),third_party/movielens/ml-latest-small) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),$(if $(wildcard runs/local/final/user_tower),--checkpoint runs/local/final,)) \
 	  $(if $(MAX_USERS),--max-users $(MAX_USERS),) --out reports/eval
 

@@ -47,12 +47,25 @@ class Settings(BaseSettings):
     rank_candidates: int = Field(
         30, ge=1, le=64, description="Candidates the CTR ranker scores per request (one batch)."
     )
+    # Defaults carried over from the offline pipeline's tuning on validation windows of the
+    # training period (make eval): trending popularity 4, content similarity 2, item-item 0.5,
+    # a collaborative source 0.5, the ranker's vote 1, MMR 0.1.
     mmr_lambda: float = Field(
-        0.2, ge=0, le=1, description="Default diversity weight of the MMR re-rank (0 = off)."
+        0.1, ge=0, le=1, description="Default diversity weight of the MMR re-rank (0 = off)."
     )
     retrieval_weights: dict[str, float] = Field(
-        default_factory=lambda: {"ann": 1.0, "co_occurrence": 0.8, "segment": 0.4, "popular": 0.2},
+        default_factory=lambda: {"ann": 2.0, "co_occurrence": 0.5, "segment": 0.5, "popular": 4.0},
         description="Reciprocal-rank-fusion weight of each candidate source (JSON).",
+    )
+    ranker_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Fusion weight of the CTR ranker's order (0 = not called: retrieval order).",
+    )
+    ann_query: Literal["history", "user_tower"] = Field(
+        "history",
+        description="ANN query: the mean item vector of the recent history, or the user-tower "
+        "vector (cold-start users always use the history).",
     )
     history_window: int = Field(
         50, ge=1, description="Most recent interactions used to build a user vector."

@@ -20,12 +20,13 @@ from services.vectors.schema import (
     CO_ITEMS,
     MAX_CATEGORIES,
     RECENT_ITEMS,
+    SEEN_ITEMS,
     TEXT_MAX_LENGTH,
     TITLE_MAX_LENGTH,
 )
 from services.vectors.store import VectorStore
 from training.data import Dataset
-from training.features.behaviour import co_occurrence, interests, item_popularity
+from training.features.behaviour import co_occurrence, interests, item_popularity, seen_items
 from training.features.text import history_from_ids, item_lookup, item_texts, user_histories
 from training.features.text import user_text as build_user_text
 
@@ -96,6 +97,7 @@ def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[dict[str, Any
     lookup = item_lookup(dataset.items)
     histories = user_histories(dataset.events, dataset.items, max_items=RECENT_ITEMS)
     sizes = dataset.events.groupby("user_id").size()
+    seen = seen_items(dataset.events, SEEN_ITEMS)
     now_ms = int(time.time() * 1000)
     out = []
     for uid, item_ids in histories.items():
@@ -105,6 +107,7 @@ def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[dict[str, Any
             "segment": "",
             "interests": interests(history),
             "recent_items": item_ids[:RECENT_ITEMS],
+            "seen_items": seen.get(uid, item_ids)[:SEEN_ITEMS],
             "history_size": int(sizes.get(uid, 0)),
             "updated_at": now_ms,
         }

@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 
 from services.config import get_settings
-from services.vectors.schema import SEGMENT_POPULAR
+from services.vectors.schema import SEGMENT_POPULAR, USER_FIELDS
 from services.vectors.store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,7 @@ def spherical_kmeans(
 
 def fit_segments(store: VectorStore, k: int = 8, seed: int = 0) -> dict[str, int]:
     """Refit segments from every user row in Milvus; returns users per segment."""
-    users = store.scan(
-        store.users.name,
-        ["user_id", "vector", "recent_items", "segment", "interests", "history_size", "updated_at"],
-    )
+    users = store.scan(store.users.name, [*USER_FIELDS, "vector"])  # rewritten whole below
     if not users:
         return {}
     vectors = np.stack([u["vector"] for u in users]).astype(np.float32)

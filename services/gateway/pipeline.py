@@ -18,7 +18,7 @@ import numpy as np
 from services.config import Settings
 from services.deadline import Deadline
 from services.inference.triton_client import InferenceUnavailable, TritonClient
-from services.ranking.rerank import mmr, score_ctr
+from services.ranking.rerank import fuse_ranker, mmr, score_ctr
 from services.retrieval.candidates import Candidate, Filters, Retriever
 from services.retrieval.popularity import PopularItems
 from services.vectors.store import Row, StoreUnavailable, VectorStore
@@ -76,6 +76,7 @@ class Pipeline:
         self.triton = triton
         self.retriever = Retriever(store, popular)
         self.ranker = ranker
+        self.history_query = settings.ann_query == "history"
 
     def recommend(
         self,
@@ -104,35 +105,42 @@ class Pipeline:
         clock.lap("profile")
 
         n = self.settings.rank_candidates
+        # Milvus filters the ANN search by the recent history (a short expression); every
+        # source is then filtered in memory by everything the user has interacted with.
         seen = Filters(filters.categories, filters.exclude | set(history_ids))
+        seen_all = Filters(
+            filters.categories, seen.exclude | set(profile["seen_items"] if profile else ())
+        )
         lists: dict[str, Sequence[Row | tuple[Row, str]]] = {}
         degraded: list[str] = []
         try:
             if history:
-                lists["ann"] = self.retriever.ann(
-                    self._query_vector(profile, history, cold), n, seen, deadline
+                query = self._query_vector(profile, history, cold or self.history_query)
+                hits = self.retriever.ann(query, 2 * n, seen, deadline)
+                lists["ann"] = [h for h in hits if seen_all.admits(h)][:n]
+                lists["co_occurrence"] = self.retriever.co_occurrence(
+                    history, n, seen_all, deadline
                 )
-                lists["co_occurrence"] = self.retriever.co_occurrence(history, n, seen, deadline)
             if profile and profile["segment"]:
                 segment = self.store.get_segment(profile["segment"], deadline.left())
                 if segment:
                     lists["segment"] = self.retriever.segment(
-                        segment["popular_items"], n, seen, deadline
+                        segment["popular_items"], n, seen_all, deadline
                     )
         except StoreUnavailable as exc:
             degraded.append(f"milvus unavailable: {exc}")
-        lists["popular"] = self.retriever.global_popular(n, seen)
+        lists["popular"] = self.retriever.global_popular(n, seen_all)
         weights = variant.retrieval_weights or self.settings.retrieval_weights
         candidates = Retriever.fuse(lists, weights, n)
         self._attach_vectors(candidates, deadline, degraded)
         clock.lap("retrieval")
 
-        top_fused = max((c.fused for c in candidates), default=1.0) or 1.0
-        for cand in candidates:  # retrieval order, scaled so the best candidate scores 1
-            cand.relevance = cand.fused / top_fused
+        for cand in candidates:  # retrieval order until the ranker votes
+            cand.relevance = cand.fused
         ranked = False
         status = self.ranker()
-        if history and candidates and status.deployed:
+        ranker_weight = self.settings.ranker_weight
+        if history and candidates and status.deployed and ranker_weight > 0:
             if not status.ready:
                 degraded.append("ranker unavailable: triton not ready")
             else:
@@ -140,10 +148,9 @@ class Pipeline:
                 try:
                     text = user_text([(h["title"], h["categories"]) for h in history])
                     score_ctr(self.triton, text, candidates, budget, variant.model_version)
+                    fuse_ranker(candidates, ranker_weight)
                     ranked = True
                 except InferenceUnavailable as exc:
-                    for cand in candidates:
-                        cand.relevance = cand.fused / top_fused
                     degraded.append(f"ranker unavailable: {exc}")
         lam = diversity if diversity is not None else variant.mmr_lambda
         lam = self.settings.mmr_lambda if lam is None else lam
@@ -162,9 +169,12 @@ class Pipeline:
 
     # --- helpers -------------------------------------------------------------------------
     @staticmethod
-    def _query_vector(profile: Row | None, history: Sequence[Row], cold: bool) -> np.ndarray:
-        """The user-tower vector; for cold-start users the mean of what they touched."""
-        if profile is not None and not cold and "vector" in profile:
+    def _query_vector(
+        profile: Row | None, history: Sequence[Row], from_history: bool
+    ) -> np.ndarray:
+        """The mean item vector of the recent history (cold-start users, and everyone with
+        ``ann_query=history``), else the user-tower vector."""
+        if profile is not None and not from_history and "vector" in profile:
             return np.asarray(profile["vector"], dtype=np.float32)
         mean = np.mean([h["vector"] for h in history], axis=0)
         return (mean / (np.linalg.norm(mean) or 1.0)).astype(np.float32)

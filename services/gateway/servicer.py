@@ -70,8 +70,16 @@ def _item(row: Row) -> pb.Item:
     return item
 
 
-def _scored(row: Row, score: float, reason: str, source: str) -> pb.ScoredItem:
-    return pb.ScoredItem(item=_item(row), score=score, reason=reason, source=source)
+def _scored(
+    row: Row, score: float, reason: str, source: str, click_probability: float | None = None
+) -> pb.ScoredItem:
+    return pb.ScoredItem(
+        item=_item(row),
+        score=score,
+        reason=reason,
+        source=source,
+        click_probability=click_probability or 0.0,
+    )
 
 
 class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
@@ -106,7 +114,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.state.experiments.exposed(user_id, assignments, [c.item_id for c in result.items])
         return pb.RecommendResponse(
             items=[
-                _scored(c.row, c.relevance, reason, c.best_source)
+                _scored(c.row, c.relevance, reason, c.best_source, c.ctr)
                 for c, reason in zip(result.items, result.reasons, strict=True)
             ],
             degraded=bool(result.degraded),

@@ -21,7 +21,7 @@ from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
 from services.reliability.wal import WalApplier, WriteAheadLog
 from services.retrieval.popularity import PopularItems
-from services.vectors.store import StoreUnavailable, VectorStore
+from services.vectors.store import StoreSchemaError, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "recsys.v1.RecommenderService"
@@ -78,6 +78,8 @@ class GatewayState:
             try:
                 self.store.ensure_collections()
                 milvus_ready = self.store.ping()
+            except StoreSchemaError as exc:
+                log.error("milvus not usable: %s", exc)
             except StoreUnavailable as exc:
                 log.debug("milvus not ready: %s", exc)
         ranker_ready = False

@@ -18,10 +18,10 @@ import pandas as pd
 from services.api import pb
 from services.deadline import Deadline
 from services.inference.triton_client import TritonClient
-from services.vectors.schema import RECENT_ITEMS
+from services.vectors.schema import RECENT_ITEMS, SEEN_ITEMS
 from services.vectors.store import Row, VectorStore
 from training.data.schema import ImplicitRule
-from training.features.behaviour import interests
+from training.features.behaviour import interests, merge_seen
 from training.features.text import user_text
 
 EVENT_NAMES = {
@@ -79,6 +79,8 @@ class Profiles:
                     positives += 1
                     history = [item_id, *[h for h in history if h != item_id]]
             history = history[:RECENT_ITEMS]
+            newest_first = [item_id for _, item_id, _ in sorted(user_events, reverse=True)]
+            seen = merge_seen(newest_first, current["seen_items"] if current else [], SEEN_ITEMS)
             known = self.store.get_items(history[: self.history_window], deadline.left())
             pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
             rows.append(
@@ -87,6 +89,7 @@ class Profiles:
                     "segment": current["segment"] if current else "",
                     "interests": interests(pairs),
                     "recent_items": history,
+                    "seen_items": seen,
                     "history_size": (current["history_size"] if current else 0) + len(user_events),
                     "updated_at": int(time.time() * 1000),
                 }

@@ -8,7 +8,7 @@ import numpy as np
 
 from services.deadline import Deadline
 from services.inference.triton_client import TritonClient
-from services.retrieval.candidates import Candidate
+from services.retrieval.candidates import RRF_K, Candidate
 from training.features.text import item_text
 
 
@@ -19,13 +19,29 @@ def score_ctr(
     deadline: Deadline,
     version: str | None = None,
 ) -> None:
-    """Set each candidate's relevance to its click probability, in one batched request."""
+    """Set each candidate's click probability (``ctr``), in one batched request."""
     documents = [
         item_text(c.row["title"], c.row["categories"], c.row.get("text", "")) for c in candidates
     ]
     probabilities = triton.score(user_text, documents, deadline.left(), version)
     for cand, p in zip(candidates, probabilities, strict=True):
-        cand.relevance = float(p)
+        cand.ctr = float(p)
+
+
+def fuse_ranker(candidates: Sequence[Candidate], weight: float) -> None:
+    """The ranker's order joins the retrieval fusion as one more list:
+    ``relevance = fused + weight / (RRF_K + rank by click probability)``.
+
+    A vote rather than a replacement: the cross-encoder sees one (user text, item text) pair
+    at a time and none of the collaborative or recency evidence behind the candidates, so on
+    its own it re-orders them worse than retrieval did (``make eval``); as one more list its
+    vote helps (offline: +0.006 NDCG@10 at weight 1, tuned on validation windows).
+    """
+    order = sorted(
+        (c for c in candidates if c.ctr is not None), key=lambda c: (-(c.ctr or 0.0), c.item_id)
+    )
+    for rank, cand in enumerate(order):
+        cand.relevance = cand.fused + weight / (RRF_K + rank)
 
 
 def mmr(candidates: Sequence[Candidate], k: int, diversity: float) -> list[Candidate]:

@@ -30,7 +30,8 @@ class Candidate:
     ranks: dict[str, int] = field(default_factory=dict)  # source -> 0-based rank there
     because_of: dict[str, str] = field(default_factory=dict)  # source -> history title
     fused: float = 0.0
-    relevance: float = 0.0  # what the final order uses: CTR probability or fused score
+    relevance: float = 0.0  # what the final order uses: fused score (+ the ranker's vote)
+    ctr: float | None = None  # the CTR ranker's click probability, when it scored the item
 
     @property
     def best_source(self) -> str:

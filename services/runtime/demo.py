@@ -26,6 +26,7 @@ from services.config import REPO_ROOT, Settings, get_settings
 from services.runtime.stack import LocalStack, Ports, local_stack
 from services.vectors.store import VectorStore
 from training.data import load_dataset
+from training.data.schema import Dataset
 from training.export.repository import latest_release, servable_models
 from training.models.pretrained import resolve_pretrained
 
@@ -87,12 +88,17 @@ def ensure_fine_tuned(checkpoint: Path, config: str) -> None:
 
 
 def index_everything(stack: LocalStack, dataset_path: Path) -> None:
+    dataset = load_dataset(dataset_path)
+    print(dataset.report.summary(max_rows=5))
+    index_dataset(stack, dataset)
+
+
+def index_dataset(stack: LocalStack, dataset: Dataset) -> None:
+    """Every item and user of ``dataset`` through Triton into the stack's Milvus; segments."""
     from services.inference.triton_client import TritonClient
     from training.indexing import index_items, index_users
     from training.segments import fit_segments
 
-    dataset = load_dataset(dataset_path)
-    print(dataset.report.summary(max_rows=5))
     store, triton = VectorStore(stack.settings), TritonClient(stack.settings)
     try:
         store.ensure_collections()

@@ -22,7 +22,11 @@ ID_MAX_LENGTH = 128
 TITLE_MAX_LENGTH = 512
 CATEGORY_MAX_LENGTH = 64
 MAX_CATEGORIES = 32
-RECENT_ITEMS = 100  # history kept on the user row, most recent first
+RECENT_ITEMS = 100  # positive history kept on the user row, most recent first
+# Every item the user interacted with (any event, newest first), never recommended again:
+# heavy users have rated most of the popular catalogue long before their last 100 positives.
+# 4096 is Milvus's largest ARRAY capacity; beyond it the oldest interactions drop out.
+SEEN_ITEMS = 4096
 CO_ITEMS = 50  # co-occurrence neighbours kept per item
 SEGMENT_POPULAR = 100  # popular items kept per segment
 TEXT_MAX_LENGTH = 2048
@@ -36,6 +40,7 @@ USER_FIELDS = [
     "segment",
     "interests",
     "recent_items",
+    "seen_items",
     "history_size",
     "updated_at",
 ]
@@ -63,7 +68,7 @@ def items_schema(dim: int) -> CollectionSchema:
         max_length=CATEGORY_MAX_LENGTH,
     )
     schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_LENGTH)  # free text, tags
-    schema.add_field("popularity", DataType.FLOAT)  # interactions in the training window
+    schema.add_field("popularity", DataType.FLOAT)  # time-decayed positive users
     schema.add_field("created_at", DataType.INT64)  # epoch seconds; 0 when unknown
     schema.add_field(
         "co_items",
@@ -86,6 +91,13 @@ def users_schema(dim: int) -> CollectionSchema:
         DataType.ARRAY,
         element_type=DataType.VARCHAR,
         max_capacity=RECENT_ITEMS,
+        max_length=ID_MAX_LENGTH,
+    )
+    schema.add_field(
+        "seen_items",
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=SEEN_ITEMS,
         max_length=ID_MAX_LENGTH,
     )
     schema.add_field("history_size", DataType.INT64)

@@ -40,6 +40,10 @@ class StoreUnavailable(RuntimeError):
     """Milvus could not be reached or answered with an error."""
 
 
+class StoreSchemaError(StoreUnavailable):
+    """A collection exists with fields this version does not match: it needs re-indexing."""
+
+
 class VectorStore:
     """Items and users collections; connects lazily and reconnects after failures."""
 
@@ -49,6 +53,7 @@ class VectorStore:
         self.specs = (self.items, self.users, self.segments)
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
+        self._schema_checked = False
 
     # --- connection --------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -90,6 +95,8 @@ class VectorStore:
     def ping(self, timeout: float = 1.0) -> bool:
         """True when every collection exists and is loaded."""
         try:
+            if not self._schema_checked:
+                self.check_schema(timeout)
             for spec in self.specs:
                 state = self._call("get_load_state", spec.name, timeout=timeout)
                 if "Loaded" not in str(state.get("state")):
@@ -113,6 +120,23 @@ class VectorStore:
                     timeout=timeout,
                 )
             self._call("load_collection", spec.name, timeout=timeout)
+        self.check_schema(timeout)
+
+    def check_schema(self, timeout: float = 30.0) -> None:
+        """Fail loudly when an existing collection lacks a field of this schema (created by an
+        older version): writes would fail field by field instead, far from the cause."""
+        for spec in self.specs:
+            if not self._call("has_collection", spec.name, timeout=timeout):
+                continue
+            described = self._call("describe_collection", spec.name, timeout=timeout)
+            have = {f["name"] for f in described.get("fields", [])}
+            missing = sorted(f.name for f in spec.schema.fields if f.name not in have)
+            if missing:
+                raise StoreSchemaError(
+                    f"Milvus collection {spec.name!r} lacks fields {missing}: it was created by "
+                    "an older version; index into a fresh collection (or drop it and re-index)"
+                )
+        self._schema_checked = True
 
     def drop_collections(self) -> None:
         for spec in self.specs:
@@ -264,7 +288,7 @@ def literal(value: str | list[str]) -> str:
 def _plain(row: Any) -> Row:
     """Milvus rows as plain dicts with plain Python values (ARRAY fields come as protos)."""
     out = dict(row)
-    for key in ("categories", "recent_items", "co_items", "popular_items"):
+    for key in ("categories", "recent_items", "seen_items", "co_items", "popular_items"):
         if key in out and out[key] is not None:
             out[key] = [str(v) for v in out[key]]
     if "vector" in out:

@@ -76,11 +76,8 @@ def stack(
     model_repository: Path, small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
     """Milvus Lite + tritonserver + gateway, with the small dataset indexed."""
-    from services.inference.triton_client import TritonClient
-    from services.vectors.store import VectorStore
+    from services.runtime.demo import index_dataset
     from training.data import load_dataset
-    from training.indexing import index_items, index_users
-    from training.segments import fit_segments
 
     base = Settings(
         model_repository=model_repository,
@@ -88,20 +85,14 @@ def stack(
         readiness_poll_s=0.5,
         popular_refresh_s=1.0,
         rank_candidates=50,
+        segments=4,
         log_level="INFO",
     )
     var_dir = tmp_path_factory.mktemp("var")
     with local_stack(base, var_dir) as running:
         running.start_milvus()
         running.start_triton()
-        dataset = load_dataset(small_dataset_dir)
-        store, triton = VectorStore(running.settings), TritonClient(running.settings)
-        store.ensure_collections()
-        index_items(dataset, triton, store)
-        index_users(dataset, triton, store)
-        fit_segments(store, k=4)
-        triton.close()
-        store.close()
+        index_dataset(running, load_dataset(small_dataset_dir))
         running.start_gateway()
         yield running
 

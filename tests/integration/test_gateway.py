@@ -57,9 +57,10 @@ def test_known_user_gets_ranked_personal_items(
     assert len(reply.items) == 10
     sources = [s.source for s in reply.items]
     assert set(sources) <= SOURCES and {"ann", "co_occurrence"} & set(sources)
-    # Ranked by the CTR model on Triton: probabilities, best first (no MMR at diversity 0).
+    # Every item was scored by the CTR model on Triton; its vote is fused with retrieval's
+    # and the list is in that order, best first (no MMR at diversity 0).
+    assert all(0.0 < s.click_probability < 1.0 for s in reply.items)
     scores = [s.score for s in reply.items]
-    assert all(0.0 < p < 1.0 for p in scores)
     assert scores == sorted(scores, reverse=True)
     assert all(s.reason.startswith(REASONS) for s in reply.items)
     user = store.get_user("1", 5)
@@ -70,7 +71,7 @@ def test_known_user_gets_ranked_personal_items(
 def test_ranker_scores_match_triton(
     client: RecommenderClient, stack: LocalStack, store: VectorStore
 ) -> None:
-    """The score a client sees is the ranker's click probability for (user text, item text)."""
+    """The click probability a client sees is the ranker's for (user text, item text)."""
     from training.features.text import item_text, user_text
 
     reply = client.recommend("1", k=5, diversity=0.0)
@@ -95,7 +96,7 @@ def test_ranker_scores_match_triton(
         direct = triton.score(text, docs, 20)
     finally:
         triton.close()
-    assert np.allclose(direct, [s.score for s in reply.items], atol=1e-5)
+    assert np.allclose(direct, [s.click_probability for s in reply.items], atol=1e-5)
 
 
 def test_mmr_diversity_lowers_similarity_within_the_list(

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from services.deadline import Deadline, DeadlineExceeded
-from services.ranking.rerank import mmr
+from services.ranking.rerank import fuse_ranker, mmr
 from services.retrieval.candidates import Candidate, Filters, Retriever
 from services.retrieval.popularity import PopularItems
 from services.vectors.store import literal
-from training.features.behaviour import co_occurrence, interests
+from training.features.behaviour import co_occurrence, interests, item_popularity
 from training.segments import spherical_kmeans
 
 
@@ -27,6 +27,40 @@ def test_fusion_rewards_agreement_between_sources() -> None:
     assert fused[0].item_id == "c"  # in both lists
     assert fused[0].ranks == {"ann": 2, "popular": 0}
     assert Retriever.fuse(lists, {"ann": 1.0, "popular": 0.0}, n=2)[0].item_id == "a"
+
+
+def test_ranker_votes_in_the_fusion_instead_of_replacing_it() -> None:
+    lists = {"ann": [row("a"), row("b"), row("c")], "popular": [row("a"), row("c")]}
+    cands = Retriever.fuse(lists, {"ann": 1.0, "popular": 1.0}, n=10)  # a, c, b
+    for cand, ctr in zip(cands, (0.1, 0.2, 0.9), strict=True):  # the ranker likes b best
+        cand.ctr = ctr
+    fused = {c.item_id: c.fused for c in cands}
+    fuse_ranker(cands, weight=1.0)
+    relevance = {c.item_id: c.relevance for c in cands}
+    assert relevance["b"] == pytest.approx(fused["b"] + 1 / 60)  # rank 0 by probability
+    assert relevance["a"] == pytest.approx(fused["a"] + 1 / 62)
+    assert relevance["a"] > relevance["b"]  # two sources' agreement outweighs one vote
+    fuse_ranker(cands, weight=0.0)
+    assert {c.item_id: c.relevance for c in cands} == fused
+
+
+def test_popularity_decays_with_age_and_counts_users_once() -> None:
+    day = pd.Timedelta(days=1)
+    t0 = pd.Timestamp("2020-01-01", tz="UTC")
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2", "u3", "u4"],
+            "item_id": ["old", "old", "old", "new", "neg"],
+            "timestamp": [t0, t0 + day, t0, t0 + 365 * day, t0 + 365 * day],
+            "weight": [1.0, 1.0, 1.0, 1.0, 0.0],
+        }
+    )
+    decayed = item_popularity(events, half_life_days=365.0)
+    assert decayed["new"] == pytest.approx(1.0)  # one user, at the newest time
+    # two users a year (u2) and 364 days (u1's latest) before the newest event
+    assert decayed["old"] == pytest.approx(0.5 + 0.5 ** (364 / 365))
+    assert "neg" not in decayed
+    assert item_popularity(events, half_life_days=None) == {"old": 2.0, "new": 1.0}
 
 
 def test_mmr_zero_is_relevance_order_and_diversity_spreads() -> None:

@@ -4,6 +4,9 @@ Example::
 
     python -m training.evaluation --data third_party/movielens/ml-latest-small \\
         [--checkpoint runs/local/final] [--max-users N] [--out reports/eval] [--smoke]
+
+``python -m services.runtime.served_eval`` takes the same arguments and adds the running
+gateway as one more system.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, extra_systems: Sequence[Any] = ()) -> int:
+    """Parse, evaluate every system (plus ``extra_systems``, e.g. the served gateway), report."""
     ap = argparse.ArgumentParser(prog="python -m training.evaluation", description=__doc__)
     ap.add_argument("--data", type=Path, required=True, help="MovieLens or generic dataset dir")
     ap.add_argument("--checkpoint", type=Path, help="training output with user_tower/, ...")
@@ -58,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrained_model=args.pretrained_model,
         bootstrap_samples=500 if args.smoke else 2000,
         val_quantiles=(0.8,) if args.smoke else (0.7, 0.8, 0.9),
+        extra_systems=list(extra_systems),
     )
     result = run_evaluation(opts)
     paths = write_report(result, args.out, plots=not args.no_plots)

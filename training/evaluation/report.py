@@ -72,6 +72,46 @@ def losses(result: dict[str, Any], system: str = "pipeline") -> list[str]:
     return out
 
 
+def quality_target_lines(qt: dict[str, Any]) -> list[str]:
+    """The quality-target verdicts of one pipeline system (offline or served)."""
+    lines: list[str] = []
+    name = qt.get("system", "pipeline")
+    if qt.get("evaluated"):
+        vb = qt["vs_best_baseline_all"]
+        verdict = "**NOT met**"
+        if qt["beats_best_baseline_all"]:
+            verdict = "**met**" if vb["low"] > 0 else "**met on the mean, not significant**"
+        lines.append(
+            f"- All users: `{name}` NDCG@10 {qt['pipeline_ndcg_all']:.4f} vs best baseline "
+            f"`{qt['best_baseline_all']}` {qt['best_baseline_ndcg_all']:.4f}: {verdict} "
+            f"(paired difference {vb['diff']:+.4f}, 95% bootstrap CI "
+            f"[{vb['low']:+.4f}, {vb['high']:+.4f}] over {int(vb['users'])} users)."
+        )
+        if (
+            "best_issue_baseline_all" in qt
+            and qt["best_issue_baseline_all"] != qt["best_baseline_all"]
+        ):
+            vi = qt["vs_best_issue_baseline_all"]
+            lines.append(
+                f"- Against the issue's list only (without the trending popularity added "
+                f"here): best `{qt['best_issue_baseline_all']}` "
+                f"{qt['best_issue_baseline_ndcg_all']:.4f}, difference {vi['diff']:+.4f} "
+                f"[{vi['low']:+.4f}, {vi['high']:+.4f}]."
+            )
+        if "pipeline_ndcg_cold" in qt:
+            vp = qt["vs_popularity_cold"]
+            lines.append(
+                f"- Cold start: `{name}` {qt['pipeline_ndcg_cold']:.4f} vs popularity "
+                f"{qt['popularity_ndcg_cold']:.4f} ({100 * qt['relative_margin_cold']:+.1f}%, "
+                f"CI of difference [{vp['low']:+.4f}, {vp['high']:+.4f}]): "
+                f"{'**met**' if qt['beats_popularity_cold_widely'] else '**NOT met**'} "
+                "(wide = at least +10% relative and CI above 0)."
+            )
+    else:
+        lines.append(f"- not evaluated: {qt.get('reason', 'pipeline missing')}")
+    return lines
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     d, sp = result["dataset"], result["split"]
     lines = [
@@ -98,41 +138,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     for sname, rows in result["metrics"].items():
         lines += [f"## {SLICE_TITLES.get(sname, sname)}", "", metrics_table(rows), ""]
-    qt = result.get("quality_target", {})
     lines += ["## Quality target", ""]
-    if qt.get("evaluated"):
-        vb = qt["vs_best_baseline_all"]
-        verdict = "**NOT met**"
-        if qt["beats_best_baseline_all"]:
-            verdict = "**met**" if vb["low"] > 0 else "**met on the mean, not significant**"
-        lines.append(
-            f"- All users: pipeline NDCG@10 {qt['pipeline_ndcg_all']:.4f} vs best baseline "
-            f"`{qt['best_baseline_all']}` {qt['best_baseline_ndcg_all']:.4f}: {verdict} "
-            f"(paired difference {vb['diff']:+.4f}, 95% bootstrap CI "
-            f"[{vb['low']:+.4f}, {vb['high']:+.4f}] over {int(vb['users'])} users)."
-        )
-        if (
-            "best_issue_baseline_all" in qt
-            and qt["best_issue_baseline_all"] != qt["best_baseline_all"]
-        ):
-            vi = qt["vs_best_issue_baseline_all"]
-            lines.append(
-                f"- Against the issue's list only (without the trending popularity added "
-                f"here): best `{qt['best_issue_baseline_all']}` "
-                f"{qt['best_issue_baseline_ndcg_all']:.4f}, difference {vi['diff']:+.4f} "
-                f"[{vi['low']:+.4f}, {vi['high']:+.4f}]."
-            )
-        if "pipeline_ndcg_cold" in qt:
-            vp = qt["vs_popularity_cold"]
-            lines.append(
-                f"- Cold start: pipeline {qt['pipeline_ndcg_cold']:.4f} vs popularity "
-                f"{qt['popularity_ndcg_cold']:.4f} ({100 * qt['relative_margin_cold']:+.1f}%, "
-                f"CI of difference [{vp['low']:+.4f}, {vp['high']:+.4f}]): "
-                f"{'**met**' if qt['beats_popularity_cold_widely'] else '**NOT met**'} "
-                "(wide = at least +10% relative and CI above 0)."
-            )
-    else:
-        lines.append(f"- not evaluated: {qt.get('reason', 'pipeline missing')}")
+    targets = [result.get("quality_target", {})]
+    targets += list(result.get("quality_targets_extra", {}).values())
+    for qt in targets:
+        lines += quality_target_lines(qt)
     lost = losses(result)
     lines += ["", "## Where the pipeline loses", ""]
     lines += [f"- {x}" for x in lost] or ["- nowhere on the accuracy metrics above."]

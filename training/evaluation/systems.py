@@ -26,6 +26,7 @@ from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from training.data.schema import Dataset
+from training.features.behaviour import POPULARITY_HALF_LIFE_DAYS, item_popularity
 from training.features.text import history_from_ids, item_lookup, item_texts, user_text
 
 log = logging.getLogger(__name__)
@@ -199,19 +200,13 @@ class TrendingPopularity(CatalogueRecommender):
 
     name = "popularity_trending"
 
-    def __init__(self, half_life_days: float = 365.0) -> None:
+    def __init__(self, half_life_days: float = POPULARITY_HALF_LIFE_DAYS) -> None:
         super().__init__()
         self.half_life_days = half_life_days
         self.trending = np.zeros(0)
 
     def _fit(self, train: Dataset) -> None:
-        pos = train.positives.drop_duplicates(["user_id", "item_id"], keep="last")
-        if len(pos):
-            age = (pos["timestamp"].max() - pos["timestamp"]).dt.total_seconds() / 86400.0
-            w = np.power(0.5, age.to_numpy() / self.half_life_days)
-            sums = pd.Series(w, index=pos.index).groupby(pos["item_id"]).sum()
-        else:
-            sums = pd.Series(dtype=float)
+        sums = item_popularity(train.positives, self.half_life_days)  # what the gateway serves
         self.trending = np.array([sums.get(i, 0.0) for i in self.item_ids], dtype=np.float64)
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:

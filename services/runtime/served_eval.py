@@ -1,0 +1,130 @@
+"""``make eval`` with the served system: the gateway's own composition beside the baselines.
+
+``python -m services.runtime.served_eval`` takes the arguments of ``python -m
+training.evaluation`` and adds one system, ``pipeline_served``, evaluated on the same split,
+fold-in and users as every offline system:
+
+* ``fit(train)``: starts Milvus Lite and tritonserver on free ports (the newest release of the
+  model repository), indexes the catalogue with the *training period's* popularity and
+  co-occurrence and the training users' profiles through Triton, fits the segments, starts
+  the gateway;
+* ``observe(events)``: sends each test user's fold-in events through ``IngestEvents``, which
+  answers once they are applied (read-your-writes), as a backend client would;
+* ``recommend(users, k)``: ``Recommend`` over gRPC, nothing excluded by the client.
+
+The offline ``pipeline`` row is the reference composition tuned on validation windows; this
+row is what the gateway actually serves with its configured settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.api import pb
+from services.client import RecommenderClient
+from services.config import Settings, get_settings
+from services.runtime.demo import index_dataset
+from services.runtime.stack import LocalStack, local_stack
+from training.data.schema import Dataset
+
+log = logging.getLogger(__name__)
+EVENT_TYPES = {
+    "view": pb.EVENT_TYPE_VIEW,
+    "click": pb.EVENT_TYPE_CLICK,
+    "rating": pb.EVENT_TYPE_RATING,
+    "purchase": pb.EVENT_TYPE_PURCHASE,
+}
+INGEST_BATCH = 500  # events per IngestEvents call
+
+
+def to_events(events: pd.DataFrame) -> list[pb.Event]:
+    """Dataset event rows as API events (same type, value and time)."""
+    out = []
+    for row in events.itertuples(index=False):
+        stamp = Timestamp()
+        stamp.FromDatetime(pd.Timestamp(row.timestamp).to_pydatetime())
+        value = float(row.value) if pd.notna(row.value) else 0.0
+        out.append(
+            pb.Event(
+                user_id=str(row.user_id),
+                item_id=str(row.item_id),
+                event_type=EVENT_TYPES[str(row.event_type)],
+                event_time=stamp,
+                value=value,
+                idempotency_key=f"eval:{row.user_id}:{row.item_id}:{stamp.ToNanoseconds()}",
+            )
+        )
+    return out
+
+
+class ServedGateway:
+    """The running gateway as an evaluation system (see the module docstring)."""
+
+    name = "pipeline_served"
+
+    def __init__(self, settings: Settings, var_dir: Path, timeout_s: float = 30.0) -> None:
+        self.settings = settings
+        self.var_dir = var_dir
+        self.timeout_s = timeout_s  # the call deadline: generous, quality is measured here
+        self._exit = contextlib.ExitStack()
+        self._client: RecommenderClient | None = None
+
+    def fit(self, train: Dataset) -> None:
+        shutil.rmtree(self.var_dir, ignore_errors=True)
+        stack: LocalStack = self._exit.enter_context(local_stack(self.settings, self.var_dir))
+        stack.start_milvus()
+        stack.start_triton()
+        index_dataset(stack, train)
+        stack.start_gateway()
+        self._client = self._exit.enter_context(
+            RecommenderClient(stack.gateway_target, timeout=self.timeout_s)
+        )
+
+    @property
+    def client(self) -> RecommenderClient:
+        if self._client is None:
+            raise RuntimeError("fit() starts the stack first")
+        return self._client
+
+    def observe(self, events: pd.DataFrame) -> None:
+        api_events = to_events(events.sort_values("timestamp"))
+        for start in range(0, len(api_events), INGEST_BATCH):
+            reply = self.client.ingest(api_events[start : start + INGEST_BATCH])
+            log.info("ingested %d (%d duplicates)", reply.accepted_count, reply.duplicate_count)
+
+    def recommend(
+        self, user_ids: Sequence[str], k: int, exclude_seen: bool = True
+    ) -> dict[str, list[str]]:
+        out = {}
+        for user in user_ids:
+            reply = self.client.recommend(user, k=k)
+            if reply.degraded:
+                log.warning("user %s: degraded answer: %s", user, reply.degraded_reason)
+            out[user] = [scored.item.item_id for scored in reply.items]
+        return out
+
+    def close(self) -> None:
+        self._exit.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.evaluation.__main__ import main as evaluate
+
+    settings = get_settings()
+    served = ServedGateway(settings, settings.var_dir / "eval-served")
+    try:
+        return evaluate(argv, extra_systems=[served])
+    finally:
+        served.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
