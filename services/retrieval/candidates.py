@@ -19,6 +19,11 @@ from services.vectors.store import Row, VectorStore
 
 RRF_K = 60.0
 CO_SEEDS = 10  # most recent history items whose neighbours are expanded
+# Each weighted source's best items keep this share of the candidate slots whatever their
+# fused score: with popularity weighted 4, a personal source's first item (2 / 60) would
+# otherwise never outscore the 30th popular one (4 / 89), and new items, which only the ANN
+# finds, could never be ranked at all.
+SOURCE_QUOTA = 0.1
 
 
 @dataclass
@@ -101,7 +106,8 @@ class Retriever:
         weights: Mapping[str, float],
         n: int,
     ) -> list[Candidate]:
-        """Weighted reciprocal-rank fusion of per-source lists into the top ``n``."""
+        """Weighted reciprocal-rank fusion of per-source lists into the top ``n``, each weighted
+        source's first ``SOURCE_QUOTA * n`` items kept (see ``SOURCE_QUOTA``)."""
         merged: dict[str, Candidate] = {}
         for source, entries in lists.items():
             weight = float(weights.get(source, 0.0))
@@ -115,4 +121,13 @@ class Retriever:
                     cand.because_of[source] = because
                 cand.fused += weight / (RRF_K + rank)
         ranked = sorted(merged.values(), key=lambda c: (-c.fused, c.item_id))
-        return ranked[:n]
+        quota = int(SOURCE_QUOTA * n)
+        kept = {
+            cand.item_id
+            for cand in ranked
+            for source, rank in cand.ranks.items()
+            if rank < quota and weights.get(source, 0.0) > 0
+        }
+        chosen = [c for c in ranked if c.item_id in kept][:n]
+        chosen += [c for c in ranked if c.item_id not in kept][: n - len(chosen)]
+        return sorted(chosen, key=lambda c: (-c.fused, c.item_id))

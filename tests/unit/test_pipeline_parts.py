@@ -29,6 +29,18 @@ def test_fusion_rewards_agreement_between_sources() -> None:
     assert Retriever.fuse(lists, {"ann": 1.0, "popular": 0.0}, n=2)[0].item_id == "a"
 
 
+def test_fusion_keeps_each_sources_best_items_among_the_candidates() -> None:
+    popular = [row(f"p{i}") for i in range(20)]
+    lists = {"popular": popular, "ann": [row("new"), row("p3")], "segment": [row("s")]}
+    weights = {"popular": 4.0, "ann": 2.0, "segment": 0.0}
+    fused = Retriever.fuse(lists, weights, n=10)  # quota: the first 1 of each weighted source
+    ids = [c.item_id for c in fused]
+    assert len(ids) == 10 and "new" in ids  # outscored by every popular item, kept anyway
+    assert ids[0] == "p3"  # in two lists; the order is still the fused score
+    assert ids[-1] == "new"
+    assert "s" not in ids  # a source with weight 0 reserves nothing
+
+
 def test_ranker_votes_in_the_fusion_instead_of_replacing_it() -> None:
     lists = {"ann": [row("a"), row("b"), row("c")], "popular": [row("a"), row("c")]}
     cands = Retriever.fuse(lists, {"ann": 1.0, "popular": 1.0}, n=10)  # a, c, b
