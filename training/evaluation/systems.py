@@ -413,6 +413,14 @@ class PretrainedContent(EmbeddingRecommender):
         return u / np.where(norms == 0, 1.0, norms)
 
 
+class FineTunedContent(PretrainedContent):
+    """The fine-tuned item tower used as a content model: the user is the mean vector of
+    their recent positives. This is what the gateway's ANN searches (``ann_query=history``),
+    so its tuned fusion weight is the one the gateway's ``ann`` source should get."""
+
+    name = "content_finetuned"
+
+
 class FreshContent(CatalogueRecommender):
     """Pipeline source for the item cold start: the content similarity of a wrapped
     :class:`EmbeddingRecommender`, restricted to items with at most ``max_interactions``
