@@ -55,28 +55,29 @@ class CollectionSpec:
     primary_key: str
 
 
+def _add_string_list(
+    schema: CollectionSchema, name: str, capacity: int, max_length: int = ID_MAX_LENGTH
+) -> None:
+    """An ARRAY<VARCHAR> field (ids by default): categories, neighbours, histories."""
+    schema.add_field(
+        name,
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=capacity,
+        max_length=max_length,
+    )
+
+
 def items_schema(dim: int) -> CollectionSchema:
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("title", DataType.VARCHAR, max_length=TITLE_MAX_LENGTH)
-    schema.add_field(
-        "categories",
-        DataType.ARRAY,
-        element_type=DataType.VARCHAR,
-        max_capacity=MAX_CATEGORIES,
-        max_length=CATEGORY_MAX_LENGTH,
-    )
+    _add_string_list(schema, "categories", MAX_CATEGORIES, CATEGORY_MAX_LENGTH)
     schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_LENGTH)  # free text, tags
     schema.add_field("popularity", DataType.FLOAT)  # time-decayed positive users
     schema.add_field("created_at", DataType.INT64)  # epoch seconds; 0 when unknown
-    schema.add_field(
-        "co_items",
-        DataType.ARRAY,
-        element_type=DataType.VARCHAR,
-        max_capacity=CO_ITEMS,
-        max_length=ID_MAX_LENGTH,
-    )
+    _add_string_list(schema, "co_items", CO_ITEMS)
     return schema
 
 
@@ -86,20 +87,8 @@ def users_schema(dim: int) -> CollectionSchema:
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("segment", DataType.VARCHAR, max_length=64)
     schema.add_field("interests", DataType.JSON)  # {category: time-decayed weight}
-    schema.add_field(
-        "recent_items",
-        DataType.ARRAY,
-        element_type=DataType.VARCHAR,
-        max_capacity=RECENT_ITEMS,
-        max_length=ID_MAX_LENGTH,
-    )
-    schema.add_field(
-        "seen_items",
-        DataType.ARRAY,
-        element_type=DataType.VARCHAR,
-        max_capacity=SEEN_ITEMS,
-        max_length=ID_MAX_LENGTH,
-    )
+    _add_string_list(schema, "recent_items", RECENT_ITEMS)
+    _add_string_list(schema, "seen_items", SEEN_ITEMS)
     schema.add_field("history_size", DataType.INT64)
     schema.add_field("updated_at", DataType.INT64)  # epoch milliseconds
     return schema
@@ -109,13 +98,7 @@ def segments_schema(dim: int) -> CollectionSchema:
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("segment_id", DataType.VARCHAR, is_primary=True, max_length=64)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)  # unit-norm centroid
-    schema.add_field(
-        "popular_items",
-        DataType.ARRAY,
-        element_type=DataType.VARCHAR,
-        max_capacity=SEGMENT_POPULAR,
-        max_length=ID_MAX_LENGTH,
-    )
+    _add_string_list(schema, "popular_items", SEGMENT_POPULAR)
     schema.add_field("size", DataType.INT64)  # users in the segment when it was fitted
     return schema
 
