@@ -113,6 +113,50 @@ def _restore_dir(cfg: dict[str, Any]) -> tuple[Any, str | None]:
     return None, str(path) if path else None
 
 
+def _resume(
+    cfg: dict[str, Any], rank: int, stage: str, load: Callable[[Path], Any]
+) -> tuple[Any, dict[str, Any] | None]:
+    """The model (``load`` of the checkpoint directory) and training state to resume from,
+    or ``(None, None)`` for a fresh start."""
+    ckpt, resume_path = _restore_dir(cfg)
+    if ckpt is None and not resume_path:
+        return None, None
+    with ckpt.as_directory() if ckpt is not None else _nullctx(resume_path) as d:
+        model = load(Path(d))
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    _log(rank, f"[{stage}] resumed from checkpoint after epoch {state['epoch'] + 1}")
+    return model, state
+
+
+def _optimizer(
+    model: Any, cfg: dict[str, Any], steps: int, state: dict[str, Any] | None
+) -> tuple[Any, Any, list[dict[str, Any]], int]:
+    """AdamW with linear warm-up/decay over every step of the run; restored from ``state``
+    when resuming. Returns (optimizer, schedule, metrics history, first epoch to run)."""
+    total = steps * int(cfg["epochs"])
+    opt = adamw(model, cfg["lr"], cfg["weight_decay"])
+    sched = _linear_schedule(opt, int(cfg["warmup_ratio"] * total), total)
+    if state is None:
+        return opt, sched, [], 0
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return opt, sched, list(state["history"]), int(state["epoch"]) + 1
+
+
+def _epoch_metrics(
+    epoch: int, losses: list[float], world: int, t0: float, **extra: Any
+) -> dict[str, Any]:
+    """Training-loss summary of one epoch, averaged over workers (every worker calls this)."""
+    return {
+        "epoch": epoch,
+        "train_loss": _mean_across_workers(float(np.mean(losses)) if losses else math.nan, world),
+        "train_loss_first_step": _mean_across_workers(losses[0] if losses else math.nan, world),
+        "train_loss_last_step": _mean_across_workers(losses[-1] if losses else math.nan, world),
+        **extra,
+        "epoch_seconds": time.time() - t0,
+    }
+
+
 def _report(
     rank: int,
     metrics: dict[str, Any],
@@ -340,14 +384,11 @@ def retrieval_loop(cfg: dict[str, Any]) -> None:
     _setup(cfg, rank)
     device = ray.train.torch.get_device()
     tok = load_tokenizer(cfg["pretrained"])
-    ckpt, resume_path = _restore_dir(cfg)
-    state: dict[str, Any] | None = None
-    if ckpt is not None or resume_path:
-        with ckpt.as_directory() if ckpt is not None else _nullctx(resume_path) as d:
-            model, _ = load_towers(d, learn_temperature=cfg["learn_temperature"])
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        _log(rank, f"[retrieval] resumed from checkpoint after epoch {state['epoch'] + 1}")
-    else:
+    learn_temperature = cfg["learn_temperature"]
+    model, state = _resume(
+        cfg, rank, "retrieval", lambda d: load_towers(d, learn_temperature=learn_temperature)[0]
+    )
+    if model is None:
         model = TwoTower.from_pretrained(
             cfg["pretrained"],
             shared_weights=cfg["shared_weights"],
@@ -359,27 +400,23 @@ def retrieval_loop(cfg: dict[str, Any]) -> None:
     loader = _loader(examples, cfg["batch_size"], world, RetrievalCollator(tok, cfg["max_seq_len"]))
     steps = len(loader)
     epochs = int(cfg["epochs"])
-    opt = adamw(_unwrap(ddp), cfg["lr"], cfg["weight_decay"])
-    sched = _linear_schedule(opt, int(cfg["warmup_ratio"] * steps * epochs), steps * epochs)
-    history: list[dict[str, Any]] = []
-    start = 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history = list(state["history"])
-        start = int(state["epoch"]) + 1
+    opt, sched, history, start = _optimizer(_unwrap(ddp), cfg, steps, state)
     eval_data = _ray_get(cfg["eval_data"]) if rank == 0 else None
-    k = int(cfg.get("k", 10))
-    if rank == 0 and start == 0 and cfg.get("eval_before_training") and eval_data:
-        base = evaluate_retrieval(
+
+    def evaluate() -> dict[str, float]:  # rank 0 only, where eval_data is loaded
+        assert eval_data is not None
+        return evaluate_retrieval(
             _unwrap(ddp),
             tok,
             eval_data,
-            k=k,
+            k=int(cfg.get("k", 10)),
             max_seq_len=cfg["max_seq_len"],
             batch_size=cfg["eval_batch_size"],
             device=device,
         )
+
+    if rank == 0 and start == 0 and cfg.get("eval_before_training") and eval_data:
+        base = evaluate()
         _log(rank, f"[retrieval] before training: {base}")
         history.append({"epoch": -1, **base})
     _log(rank, f"[retrieval] {len(examples)} examples, {world} workers, {steps} steps/epoch/worker")
@@ -411,30 +448,11 @@ def retrieval_loop(cfg: dict[str, Any]) -> None:
                     temperature=_unwrap(ddp).temperature,
                     s_per_step=(time.time() - t0) / step,
                 )
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": _mean_across_workers(
-                float(np.mean(losses)) if losses else math.nan, world
-            ),
-            "train_loss_first_step": _mean_across_workers(losses[0] if losses else math.nan, world),
-            "train_loss_last_step": _mean_across_workers(losses[-1] if losses else math.nan, world),
-            "temperature": _unwrap(ddp).temperature,
-            "epoch_seconds": time.time() - t0,
-        }
+        metrics = _epoch_metrics(epoch, losses, world, t0, temperature=_unwrap(ddp).temperature)
         save = None
         if rank == 0:
             if eval_data:
-                metrics.update(
-                    evaluate_retrieval(
-                        _unwrap(ddp),
-                        tok,
-                        eval_data,
-                        k=k,
-                        max_seq_len=cfg["max_seq_len"],
-                        batch_size=cfg["eval_batch_size"],
-                        device=device,
-                    )
-                )
+                metrics.update(evaluate())
             history.append(dict(metrics))
             _log(rank, f"[retrieval] epoch {epoch + 1}/{epochs} " + _fmt(metrics))
 
@@ -523,36 +541,20 @@ def ranker_loop(cfg: dict[str, Any]) -> None:
     _setup(cfg, rank)
     device = ray.train.torch.get_device()
     tok = load_tokenizer(cfg["pretrained"])
-    ckpt, resume_path = _restore_dir(cfg)
-    state: dict[str, Any] | None = None
-    if ckpt is not None or resume_path:
-        with ckpt.as_directory() if ckpt is not None else _nullctx(resume_path) as d:
-            model, _ = load_ranker(Path(d) / "ranker")
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        _log(rank, f"[ranker] resumed from checkpoint after epoch {state['epoch'] + 1}")
-    else:
+    model, state = _resume(cfg, rank, "ranker", lambda d: load_ranker(d / "ranker")[0])
+    if model is None:
         model = CrossEncoder.from_pretrained(cfg["pretrained"])
     ddp = ray.train.torch.prepare_model(model)
     examples = _ray_get(cfg["train_examples"])
     loader = _loader(examples, cfg["batch_size"], world, PairCollator(tok, cfg["max_seq_len"]))
     steps = len(loader)
     epochs = int(cfg["epochs"])
-    opt = adamw(_unwrap(ddp), cfg["lr"], cfg["weight_decay"])
-    sched = _linear_schedule(opt, int(cfg["warmup_ratio"] * steps * epochs), steps * epochs)
-    history: list[dict[str, Any]] = []
-    start = 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history = list(state["history"])
-        start = int(state["epoch"]) + 1
+    opt, sched, history, start = _optimizer(_unwrap(ddp), cfg, steps, state)
     eval_pairs = _ray_get(cfg["eval_data"]) if rank == 0 else None
-    pos_rate = float(np.mean([e["label"] for e in examples])) if examples else 0.5
-    pos_weight = None
-    if cfg.get("balance_classes") and 0 < pos_rate < 1:
-        pos_weight = torch.tensor([(1 - pos_rate) / pos_rate], device=device)
-    if rank == 0 and start == 0 and cfg.get("eval_before_training") and eval_pairs:
-        base = evaluate_ranker(
+
+    def evaluate() -> dict[str, float]:  # rank 0 only, where eval_pairs are loaded
+        assert eval_pairs is not None
+        return evaluate_ranker(
             _unwrap(ddp),
             tok,
             eval_pairs,
@@ -560,6 +562,13 @@ def ranker_loop(cfg: dict[str, Any]) -> None:
             batch_size=cfg["eval_batch_size"],
             device=device,
         )
+
+    pos_rate = float(np.mean([e["label"] for e in examples])) if examples else 0.5
+    pos_weight = None
+    if cfg.get("balance_classes") and 0 < pos_rate < 1:
+        pos_weight = torch.tensor([(1 - pos_rate) / pos_rate], device=device)
+    if rank == 0 and start == 0 and cfg.get("eval_before_training") and eval_pairs:
+        base = evaluate()
         _log(rank, f"[ranker] before training: {base}")
         history.append({"epoch": -1, **base})
     _log(
@@ -590,28 +599,11 @@ def ranker_loop(cfg: dict[str, Any]) -> None:
                     lr=sched.get_last_lr()[0],
                     s_per_step=(time.time() - t0) / step,
                 )
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": _mean_across_workers(
-                float(np.mean(losses)) if losses else math.nan, world
-            ),
-            "train_loss_first_step": _mean_across_workers(losses[0] if losses else math.nan, world),
-            "train_loss_last_step": _mean_across_workers(losses[-1] if losses else math.nan, world),
-            "epoch_seconds": time.time() - t0,
-        }
+        metrics = _epoch_metrics(epoch, losses, world, t0)
         save = None
         if rank == 0:
             if eval_pairs:
-                metrics.update(
-                    evaluate_ranker(
-                        _unwrap(ddp),
-                        tok,
-                        eval_pairs,
-                        max_seq_len=cfg["max_seq_len"],
-                        batch_size=cfg["eval_batch_size"],
-                        device=device,
-                    )
-                )
+                metrics.update(evaluate())
             history.append(dict(metrics))
             _log(rank, f"[ranker] epoch {epoch + 1}/{epochs} " + _fmt(metrics))
 
