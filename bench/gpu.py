@@ -51,6 +51,7 @@ BATCH_SIZES = (1, 16, 64, 256, 1024)
 QUALITY_USERS, QUALITY_ITEMS = 8, 30  # the gateway's shape: one user, 30 candidates
 RANKER_FILES = ("config.json", "head.pt", "ranker_config.json", "tokenizer.json")
 REFERENCE = "ort-cpu fp32"
+FP16_WEIGHTS = "model_fp16.safetensors"  # the bundle's weights: half the bytes, so they travel
 
 
 # --- pack (on the development machine) ---------------------------------------------------
@@ -79,20 +80,9 @@ def pack_ranker(
     release: int | None = None,
 ) -> Path:
     """A ranker directory (fp16 weights), its tokenizer settings and the texts, into ``out``."""
-    from safetensors.torch import load_file, save_file
-
     if out.exists():
         shutil.rmtree(out)
-    (out / "ranker").mkdir(parents=True)
-    for name in (*RANKER_FILES, "tokenizer_config.json"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / "ranker" / name)
-    weights = load_file(str(source / "model.safetensors"))
-    save_file(
-        {k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
-        str(out / "ranker" / "model_fp16.safetensors"),
-        metadata={"format": "pt"},
-    )
+    _copy_ranker(source, "model.safetensors", out / "ranker", FP16_WEIGHTS, half=True)
     settings = {
         "max_length": spec.max_length,
         "pair_max_length": spec.pair_max_length,
@@ -107,20 +97,28 @@ def pack_ranker(
 
 def restore_ranker(bundle: Path, work: Path) -> Path:
     """An fp32 ranker directory from the bundle (fp16-rounded weights, widened back)."""
+    target = work / "ranker"
+    _copy_ranker(bundle / "ranker", FP16_WEIGHTS, target, "model.safetensors", half=False)
+    return target
+
+
+def _copy_ranker(source: Path, weights: str, target: Path, out_weights: str, half: bool) -> None:
+    """Copy a ranker directory, its floating-point weights cast to fp16 or back to fp32."""
     from safetensors.torch import load_file, save_file
 
-    target = work / "ranker"
     target.mkdir(parents=True, exist_ok=True)
     for name in (*RANKER_FILES, "tokenizer_config.json"):
-        if (bundle / "ranker" / name).is_file():
-            shutil.copy2(bundle / "ranker" / name, target / name)
-    weights = load_file(str(bundle / "ranker" / "model_fp16.safetensors"))
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    tensors = load_file(str(source / weights))
     save_file(
-        {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
-        str(target / "model.safetensors"),
+        {
+            k: (v.half() if half else v.float()) if v.is_floating_point() else v
+            for k, v in tensors.items()
+        },
+        str(target / out_weights),
         metadata={"format": "pt"},
     )
-    return target
 
 
 # --- the machine ---------------------------------------------------------------------------
@@ -199,14 +197,19 @@ def gpu_peaks(n: int = 8192, reps: int = 10) -> dict[str, float]:
 
 
 # --- backends ------------------------------------------------------------------------------
-def torch_cuda_runner(module: Any, half: bool) -> Runner:
-    """The PyTorch module on the GPU, fp32 (TF32 off) or fp16 weights and activations."""
+def _on_gpu(module: Any, half: bool) -> Any:
+    """A copy of ``module`` on the GPU in fp16 or fp32, in eval mode."""
     import copy
 
+    model = copy.deepcopy(module).to("cuda")
+    return (model.half() if half else model.float()).eval()
+
+
+def torch_cuda_runner(module: Any, half: bool) -> Runner:
+    """The PyTorch module on the GPU, fp32 (TF32 off) or fp16 weights and activations."""
     import torch
 
-    model = copy.deepcopy(module).to("cuda")
-    model = (model.half() if half else model.float()).eval()
+    model = _on_gpu(module, half)
 
     def run(feeds: models.Feeds) -> list[np.ndarray]:
         with torch.inference_mode():
@@ -220,12 +223,9 @@ def cuda_graph_runner(module: Any, half: bool) -> Runner:
     """The PyTorch module replayed as one CUDA graph per input shape: the per-kernel launch
     cost of eager PyTorch (which dominates small batches) is paid once, at capture; the
     nearest thing to a compiled engine this machine has without TensorRT."""
-    import copy
-
     import torch
 
-    model = copy.deepcopy(module).to("cuda")
-    model = (model.half() if half else model.float()).eval()
+    model = _on_gpu(module, half)
     graphs: dict[tuple[Any, ...], tuple[Any, dict[str, Any], Any]] = {}
 
     def capture(feeds: models.Feeds) -> tuple[Any, dict[str, Any], Any]:
