@@ -68,10 +68,11 @@ proto: $(STUBS) ## generate Python stubs from proto/ (never edited by hand)
 lint-proto: $(BUF) ## buf lint (Google API design rules)
 	$(BUF) lint
 
-lint: env lint-proto ## ruff and mypy
+lint: env lint-proto ## ruff, ruff format, mypy, buf lint and the one-way layer contract
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services training bench
+	$(VENV)/bin/mypy core services training ops bench
+	$(VENV)/bin/lint-imports --no-cache
 
 # --- the pipeline -------------------------------------------------------------------------
 export: env ## export the pretrained (or --checkpoint) towers into model_repository/
@@ -84,15 +85,13 @@ gpu-export: env ## fp16 ONNX variants (+ TensorRT engines where a GPU and Tensor
 	$(PY) -m training.export.gpu $(if $(ENGINES),--engines,)
 
 demo: env ## end to end: fine-tune (once), export, start Triton + Milvus + gateway, index, recommend, stop
-	$(PY) -m services.runtime.demo
+	$(PY) -m ops.demo
 
 serve: env ## the demo stack, serving on RECSYS_GRPC_PORT (50051) until Ctrl-C
-	$(PY) -m services.runtime.demo --serve
+	$(PY) -m ops.demo --serve
 
 # --- tests --------------------------------------------------------------------------------
-test: env kubectl-installed $(BUF) $(CHECKOV) ## everything: lint, unit, integration, manifests
-	$(BUF) lint
-	$(VENV)/bin/ruff check .
+test: lint kubectl-installed $(CHECKOV) ## everything: lint, unit, integration, manifests
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 test-unit: env
@@ -110,7 +109,7 @@ images: proto ## container images (needs a Docker engine; none on the build mach
 	docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
 
 eval: env ## evaluation: baselines, the offline pipeline and the served gateway -> reports/eval
-	$(PY) -m services.runtime.served_eval --data $(or $(DATA),third_party/movielens/ml-latest-small) \
+	$(PY) -m ops.served_eval --data $(or $(DATA),third_party/movielens/ml-latest-small) \
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),$(if $(wildcard runs/local/final/user_tower),--checkpoint runs/local/final,)) \
 	  $(if $(MAX_USERS),--max-users $(MAX_USERS),) --out reports/eval
 
@@ -118,7 +117,7 @@ ab-report: env ## per-arm CTR, lift, 95% CI, p-value from the exposure log
 	$(PY) -m services.experiments.report --log $(or $(AB_LOG),var/experiments/exposures.jsonl)
 
 ab-replay: env ## simulated A/B traffic from held-out interactions, then the report
-	$(PY) -m services.experiments.replay --data third_party/movielens/ml-latest-small \
+	$(PY) -m ops.ab_replay --data third_party/movielens/ml-latest-small \
 	  --log var/experiments/replay.jsonl
 	$(PY) -m services.experiments.report --log var/experiments/replay.jsonl
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.tokens import TokenizerSpec, real_texts
-from services.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 log = logging.getLogger("bench")
 
@@ -160,14 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     results = run(
         plan, args.cache_dir, args.checkpoint, args.threads, command.strip(), args.omp_wait_policy
     )
+    from bench.gpu import render as render_gpu
     from bench.report import render
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     gpu_json = args.json.with_name("bench_gpu.json")  # kept from a lent GPU (bench.gpu)
-    gpu = json.loads(gpu_json.read_text()) if gpu_json.is_file() else None
-    args.out.write_text(render(results, args.json, gpu=gpu))
+    gpu = render_gpu(json.loads(gpu_json.read_text())) if gpu_json.is_file() else None
+    args.out.write_text(render(results, args.json, gpu_section=gpu))
     print(f"\nwrote {args.out} and {args.json}")
     failed = [name for name in SECTIONS if "error" in results.get(name, {"error": "missing"})]
     if failed:

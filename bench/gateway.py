@@ -29,9 +29,9 @@ import numpy as np
 from bench import metrics
 from bench.tokens import TokenizerSpec, encode
 from bench.util import load_average, quantiles
+from core.config import Settings
+from ops.stack import LocalStack
 from services.api import pb, pb_grpc
-from services.config import Settings
-from services.runtime.stack import LocalStack
 
 STAGES = ("profile", "retrieval", "ranking")
 

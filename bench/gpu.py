@@ -540,10 +540,10 @@ def report(gpu_json: Path, bench_json: Path, benchmarks_md: Path, keep: Path) ->
         shutil.copyfile(gpu_json, keep)
     results = json.loads(bench_json.read_text())
     gpu = json.loads(keep.read_text())
-    benchmarks_md.write_text(render_all(results, bench_json, gpu=gpu))
+    benchmarks_md.write_text(render_all(results, bench_json, gpu_section=render(gpu)))
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # not services.config: the GPU machine lacks
+REPO_ROOT = Path(__file__).resolve().parents[1]  # not core.config: the GPU machine lacks
 # the serving dependencies (pydantic-settings), and only this path is needed
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from bench.util import load_average, quantiles
-from services.config import Settings
+from core.config import Settings
 from services.vectors.store import VectorStore, literal
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.util import load_average
-from services.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 WANTED = {"libb64.so.0d": "libb64*.so.0d", "libcudart.so.12": "libcudart.so.12"}
 

@@ -70,8 +70,9 @@ def _gflops(x: float) -> str:
     return fmt(x / 1e9, 1)
 
 
-def render(results: dict[str, Any], json_path: Path, gpu: dict[str, Any] | None = None) -> str:
-    """``BENCHMARKS.md``: this machine's sections, then the GPU section when one was run."""
+def render(results: dict[str, Any], json_path: Path, gpu_section: str | None = None) -> str:
+    """``BENCHMARKS.md``: this machine's sections, then the GPU section (already rendered by
+    :func:`bench.gpu.render`) when one was run."""
     m = results.get("machine", {})
     lines = [
         "# Benchmarks",
@@ -106,10 +107,8 @@ def render(results: dict[str, Any], json_path: Path, gpu: dict[str, Any] | None 
     lines += _targets(results) + _gemm(results) + _gateway(results) + _models(results)
     lines += _variants(results) + _triton(results) + _perf(results) + _milvus(results)
     lines += _errors(results)
-    if gpu is not None:
-        from bench.gpu import render as render_gpu
-
-        lines += ["", render_gpu(gpu)]
+    if gpu_section is not None:
+        lines += ["", gpu_section]
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,7 @@
 
 The release is exported once per (checkpoint, repository sources) into ``var/bench`` and
 reused; Milvus is filled afresh every run through Triton, exactly as the integration tests
-and the demo do it (``training.indexing``, ``training.segments``).
+and the demo do it (``ops.indexing``, ``ops.segments``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from services.config import REPO_ROOT, Settings
-from services.runtime.stack import LocalStack, local_stack
+from core.config import REPO_ROOT, Settings
+from ops.stack import LocalStack, local_stack
 
 log = logging.getLogger(__name__)
 MOVIELENS = REPO_ROOT / "third_party" / "movielens" / "ml-latest-small"
@@ -137,11 +137,11 @@ def running_stack(
     repository: Path, data_dir: Path, var_dir: Path, segments: int = 8
 ) -> Iterator[LocalStack]:
     """Milvus Lite + tritonserver, the slice indexed through Triton, then the gateway."""
+    from ops.indexing import index_items, index_users
+    from ops.segments import fit_segments
     from services.inference.triton_client import TritonClient
     from services.vectors.store import VectorStore
     from training.data import load_dataset
-    from training.indexing import index_items, index_users
-    from training.segments import fit_segments
 
     state = var_dir / "stack"
     shutil.rmtree(state, ignore_errors=True)

@@ -69,9 +69,9 @@ def encode(
 
 def real_texts(data_dir: Path) -> dict[str, list[str]]:
     """Real item texts and user behaviour texts of the slice (deterministic order)."""
+    from core.text import item_texts
+    from ops.indexing import user_rows
     from training.data import load_dataset
-    from training.features.text import item_texts
-    from training.indexing import user_rows
 
     dataset = load_dataset(data_dir)
     rng = np.random.default_rng(0)

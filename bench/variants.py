@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.runtime.stack import LocalStack, gateway_serving
+from ops.stack import LocalStack, gateway_serving
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import grpc
 
+from core.config import get_settings
 from services.api import pb
 from services.client import RecommenderClient
-from services.config import get_settings
 
 EVENT_TYPES = {
     "view": pb.EVENT_TYPE_VIEW,

@@ -109,7 +109,7 @@ class RankerConfig(StageConfig):
 class TrainConfig:
     name: str = "local"
     data_dir: str = "third_party/movielens/ml-latest-small"
-    pretrained_model: str = ""  # "" = services.config pretrained_model, else bundled MiniLM
+    pretrained_model: str = ""  # "" = core.config pretrained_model, else bundled MiniLM
     storage_path: str = "runs"
     output_dir: str | None = None  # default <storage_path>/<name>/final
     seed: int = 0
@@ -207,7 +207,7 @@ def _pretrained(cfg: TrainConfig) -> str:
     name = cfg.pretrained_model
     if not name:
         try:
-            from services.config import get_settings
+            from core.config import get_settings
 
             name = get_settings().pretrained_model
         except Exception:  # services not importable: fall back to the bundled model

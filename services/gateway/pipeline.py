@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.config import Settings
+from core.config import Settings
+from core.text import user_text
 from services.deadline import Deadline
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.ranking.rerank import fuse_ranker, mmr, score_ctr
 from services.retrieval.candidates import Candidate, Filters, Retriever
 from services.retrieval.popularity import PopularItems
 from services.vectors.store import Row, StoreUnavailable, VectorStore
-from training.features.text import user_text
 
 NEW_ITEM_AGE_S = 90 * 24 * 3600
 # Share of the time left kept back at each dependency call, so a dependency that is down or

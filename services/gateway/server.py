@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core.config import Settings
 from services.api import pb, pb_grpc
-from services.config import Settings
 from services.gateway.metrics import MetricsInterceptor, start_metrics_server
 from services.gateway.servicer import RecommenderServicer
 from services.gateway.state import GatewayState

@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from core.config import Settings
+from core.rows import item_row
+from core.text import item_text
 from services.api import pb, pb_grpc
-from services.config import Settings
 from services.deadline import Deadline, DeadlineExceeded
 from services.gateway import validation as v
 from services.gateway.metrics import record_recommendation
@@ -27,9 +29,7 @@ from services.gateway.state import GatewayState
 from services.inference.triton_client import InferenceUnavailable
 from services.reliability.wal import WalError
 from services.retrieval.candidates import Filters
-from services.vectors.schema import TEXT_MAX_LENGTH
 from services.vectors.store import Row, StoreUnavailable
-from training.features.text import item_text
 
 log = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -229,17 +229,17 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         vectors = self.state.triton.embed_items(texts, deadline.left())
         now = int(time.time())
         rows = [
-            {
-                "item_id": item.item_id,
-                "title": item.title.strip(),
-                "categories": list(item.categories),
-                "text": item.description[:TEXT_MAX_LENGTH],  # the full text was embedded
+            item_row(
+                item.item_id,
+                item.title.strip(),
+                list(item.categories),
+                item.description,  # cut to the schema; the full text was embedded
                 # behaviour signals belong to the item id, not its text: keep them
-                "popularity": float(existing.get(item.item_id, {}).get("popularity", 0.0)),
-                "co_items": list(existing.get(item.item_id, {}).get("co_items", [])),
-                "created_at": item.create_time.seconds if item.HasField("create_time") else now,
-                "vector": vec.tolist(),
-            }
+                popularity=float(existing.get(item.item_id, {}).get("popularity", 0.0)),
+                co_items=list(existing.get(item.item_id, {}).get("co_items", [])),
+                created_at=item.create_time.seconds if item.HasField("create_time") else now,
+                vector=vec,
+            )
             for item, vec in zip(items, vectors, strict=True)
         ]
         count = self.state.store.upsert_items(rows, deadline.left())

@@ -13,7 +13,7 @@ import time
 
 from grpc_health.v1 import health, health_pb2
 
-from services.config import Settings
+from core.config import Settings
 from services.deadline import Deadline
 from services.experiments.runtime import ExperimentService
 from services.gateway.pipeline import Pipeline, RankerStatus

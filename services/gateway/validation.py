@@ -12,8 +12,8 @@ import re
 import time
 from collections.abc import Sequence
 
+from core.config import Settings
 from services.api import pb
-from services.config import Settings
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 MAX_CATEGORY_LENGTH = 64

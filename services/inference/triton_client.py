@@ -13,7 +13,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from services.config import Settings
+from core.config import Settings
 
 MAX_BATCH = 64  # max_batch_size of the ensembles in model_repository/
 

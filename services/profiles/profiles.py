@@ -15,14 +15,15 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from core.behaviour import interests, merge_seen
+from core.events import ImplicitRule
+from core.milvus_schema import RECENT_ITEMS, SEEN_ITEMS
+from core.rows import UserRow, user_row
+from core.text import user_text
 from services.api import pb
 from services.deadline import Deadline
 from services.inference.triton_client import TritonClient
-from services.vectors.schema import RECENT_ITEMS, SEEN_ITEMS
 from services.vectors.store import Row, VectorStore
-from training.data.schema import ImplicitRule
-from training.features.behaviour import interests, merge_seen
-from training.features.text import user_text
 
 EVENT_NAMES = {
     pb.EVENT_TYPE_VIEW: "view",
@@ -70,7 +71,9 @@ class Profiles:
         for event, weight in zip(events, weights, strict=True):
             ts = event.event_time.ToSeconds() if event.HasField("event_time") else time.time()
             by_user[event.user_id].append((ts, event.item_id, weight))
-        rows, texts, positives = [], [], 0
+        rows: list[UserRow] = []
+        texts: list[str] = []
+        positives = 0
         for user_id, user_events in by_user.items():
             current = self.get(user_id, deadline.left(), with_vector=False)
             history = list(current["recent_items"]) if current else []
@@ -84,23 +87,20 @@ class Profiles:
             known = self.store.get_items(history[: self.history_window], deadline.left())
             pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
             rows.append(
-                {
-                    "user_id": user_id,
-                    "segment": current["segment"] if current else "",
-                    "interests": interests(pairs),
-                    "recent_items": history,
-                    "seen_items": seen,
-                    "history_size": (current["history_size"] if current else 0) + len(user_events),
-                    "updated_at": int(time.time() * 1000),
-                }
+                user_row(
+                    user_id,
+                    segment=current["segment"] if current else "",
+                    interests=interests(pairs),
+                    recent_items=history,
+                    seen_items=seen,
+                    history_size=(current["history_size"] if current else 0) + len(user_events),
+                )
             )
             texts.append(user_text(pairs[: self.history_window]))
         vectors = self.triton.embed_users(texts, deadline.left())
         for row, vector in zip(rows, vectors, strict=True):  # online segment assignment
             segment = self.store.nearest_segment(vector, deadline.left())
             row["segment"] = segment["segment_id"] if segment else row["segment"]
-        self.store.upsert_users(
-            [{**row, "vector": v.tolist()} for row, v in zip(rows, vectors, strict=True)],
-            deadline.left(),
-        )
+            row["vector"] = vector.tolist()
+        self.store.upsert_users(rows, deadline.left())
         return ProfileUpdate(users=len(rows), positives=positives)

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core import fusion
+from core.text import item_text
 from services.deadline import Deadline
 from services.inference.triton_client import TritonClient
-from services.retrieval.candidates import RRF_K, Candidate
-from training.features.text import item_text
+from services.retrieval.candidates import Candidate
 
 
 def score_ctr(
@@ -30,7 +31,7 @@ def score_ctr(
 
 def fuse_ranker(candidates: Sequence[Candidate], weight: float) -> None:
     """The ranker's order joins the retrieval fusion as one more list:
-    ``relevance = fused + weight / (RRF_K + rank by click probability)``.
+    ``relevance = fused + weight · rrf(rank by click probability)``.
 
     A vote rather than a replacement: the cross-encoder sees one (user text, item text) pair
     at a time and none of the collaborative or recency evidence behind the candidates, so on
@@ -41,35 +42,19 @@ def fuse_ranker(candidates: Sequence[Candidate], weight: float) -> None:
         (c for c in candidates if c.ctr is not None), key=lambda c: (-(c.ctr or 0.0), c.item_id)
     )
     for rank, cand in enumerate(order):
-        cand.relevance = cand.fused + weight / (RRF_K + rank)
+        cand.relevance = cand.fused + weight * fusion.rrf(rank + 1)
 
 
 def mmr(candidates: Sequence[Candidate], k: int, diversity: float) -> list[Candidate]:
-    """Maximal marginal relevance: ``(1 - λ)·relevance - λ·max cos(item, already chosen)``.
-
-    Relevance is min-max scaled first so λ means the same whichever scorer produced it.
-    With λ = 0 this is plain relevance order.
-    """
+    """The final ``k`` by maximal marginal relevance (:func:`core.fusion.mmr`) over the item
+    vectors; with λ = 0 this is plain relevance order."""
     if not candidates:
         return []
     pool = list(candidates)
-    rel = np.array([c.relevance for c in pool], dtype=np.float64)
-    span = rel.max() - rel.min()
-    rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
-    if diversity <= 0:
-        order = np.argsort(-rel, kind="stable")[:k]
-        return [pool[i] for i in order]
-    vectors = np.stack([np.asarray(c.row["vector"], dtype=np.float32) for c in pool])
-    sims = vectors @ vectors.T
-    chosen: list[int] = []
-    remaining = list(range(len(pool)))
-    while remaining and len(chosen) < k:
-        if chosen:
-            redundancy = sims[np.ix_(remaining, chosen)].max(axis=1)
-        else:
-            redundancy = np.zeros(len(remaining))
-        gains = (1 - diversity) * rel[remaining] - diversity * redundancy
-        best = remaining[int(np.argmax(gains))]
-        chosen.append(best)
-        remaining.remove(best)
-    return [pool[i] for i in chosen]
+    relevance = np.array([c.relevance for c in pool], dtype=np.float64)
+    vectors = (
+        np.stack([np.asarray(c.row["vector"], dtype=np.float32) for c in pool])
+        if diversity > 0
+        else None
+    )
+    return [pool[i] for i in fusion.mmr(relevance, vectors, k, diversity)]

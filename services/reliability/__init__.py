@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.config import Settings
+from core.config import Settings
 from services.reliability import pseudonym
 from services.reliability.auth import AuthInterceptor, current_principal
 from services.reliability.concurrency import ConcurrencyLimiter, max_concurrent_rpcs

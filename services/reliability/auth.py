@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from services.config import Settings
+from core.config import Settings
 from services.reliability.guard import GuardInterceptor, abort, metadata_value
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from services.config import Settings
+from core.config import Settings
 from services.reliability.guard import GuardInterceptor, abort
 from services.reliability.retry_info import retry_trailers
 

@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 
-from services.config import Settings
+from core.config import Settings
 
 _key: bytes = secrets.token_bytes(32)
 PREFIX = "u~"

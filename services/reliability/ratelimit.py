@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import grpc
 
-from services.config import Settings
+from core.config import Settings
 from services.reliability.auth import current_principal, peer_name
 from services.reliability.guard import GuardInterceptor, abort
 from services.reliability.retry_info import retry_trailers

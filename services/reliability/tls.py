@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from services.config import Settings
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.config import Settings
 from services.api import pb
-from services.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Candidate retrieval: ANN on the user vector, co-occurrence, segment and global popularity.
 
 Each source returns its own ranked list; lists are merged by weighted reciprocal-rank fusion
-(``sum_s w_s / (RRF_K + rank_s)``), which needs no score calibration between sources. Items
+(:func:`core.fusion.rrf`), which needs no score calibration between sources. Items
 the user has seen, excluded ids and items outside the category filter never survive.
 """
 
@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.fusion import rrf
 from services.deadline import Deadline
 from services.retrieval.popularity import PopularItems
 from services.vectors.store import Row, VectorStore
 
-RRF_K = 60.0
 CO_SEEDS = 10  # most recent history items whose neighbours are expanded
 # Each weighted source's best items keep this share of the candidate slots whatever their
-# fused score: with popularity weighted 4, a personal source's first item (2 / 60) would
-# otherwise never outscore the 30th popular one (4 / 89), and new items, which only the ANN
+# fused score: with popularity weighted 4, a personal source's first item (2 / 61) would
+# otherwise never outscore the 30th popular one (4 / 90), and new items, which only the ANN
 # finds, could never be ranked at all.
 SOURCE_QUOTA = 0.1
 
@@ -119,7 +119,7 @@ class Retriever:
                 cand.ranks[source] = rank
                 if because:
                     cand.because_of[source] = because
-                cand.fused += weight / (RRF_K + rank)
+                cand.fused += weight * rrf(rank + 1)
         ranked = sorted(merged.values(), key=lambda c: (-c.fused, c.item_id))
         quota = int(SOURCE_QUOTA * n)
         kept = {

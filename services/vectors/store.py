@@ -20,8 +20,8 @@ import numpy as np
 from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from services.config import Settings
-from services.vectors.schema import (
+from core.config import Settings
+from core.milvus_schema import (
     CONSISTENCY,
     ITEM_FIELDS,
     SEGMENT_FIELDS,
@@ -30,6 +30,7 @@ from services.vectors.schema import (
     collections,
     index_params,
 )
+from core.rows import ItemRow, SegmentRow, UserRow
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class VectorStore:
                 self._call("drop_collection", spec.name)
 
     # --- items ---------------------------------------------------------------------------
-    def upsert_items(self, rows: Sequence[Row], timeout: float = 30.0) -> int:
+    def upsert_items(self, rows: Sequence[ItemRow], timeout: float = 30.0) -> int:
         if not rows:
             return 0
         result = self._call("upsert", self.items.name, list(rows), timeout=timeout)
@@ -220,7 +221,7 @@ class VectorStore:
         return int(rows[0]["count(*)"])
 
     # --- users ---------------------------------------------------------------------------
-    def upsert_users(self, rows: Sequence[Row], timeout: float = 30.0) -> int:
+    def upsert_users(self, rows: Sequence[UserRow], timeout: float = 30.0) -> int:
         if not rows:
             return 0
         result = self._call("upsert", self.users.name, list(rows), timeout=timeout)
@@ -241,7 +242,7 @@ class VectorStore:
         return existed
 
     # --- segments ------------------------------------------------------------------------
-    def replace_segments(self, rows: Sequence[Row], timeout: float = 30.0) -> int:
+    def replace_segments(self, rows: Sequence[SegmentRow], timeout: float = 30.0) -> int:
         """Swap in a new segmentation: upsert the new centroids, delete stale segment ids."""
         ids = [r["segment_id"] for r in rows]
         self._call("upsert", self.segments.name, list(rows), timeout=timeout)

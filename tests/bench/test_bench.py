@@ -13,7 +13,7 @@ import pytest
 from bench.__main__ import SECTIONS
 from bench.metrics import histogram_quantiles
 from bench.report import targets
-from services.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 
 def test_histogram_quantiles_interpolate_within_buckets() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.fusion import mmr
 from training.data import load_dataset
 from training.data.schema import Dataset
 from training.evaluation import systems as S
@@ -15,7 +16,6 @@ from training.evaluation.pipeline import (
     Fold,
     HybridPipeline,
     PipelineConfig,
-    mmr,
     rank_terms,
     tune,
 )
@@ -159,8 +159,8 @@ def test_rank_terms_and_mmr() -> None:
     vecs = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     items = np.array([0, 1, 2])
     rel = np.array([1.0, 0.9, 0.5])
-    assert mmr(items, rel, vecs, 2, 0.0).tolist() == [0, 1]  # pure relevance
-    assert mmr(items, rel, vecs, 2, 0.7).tolist() == [0, 2]  # 1 duplicates 0: skipped
+    assert items[mmr(rel, vecs[items], 2, 0.0)].tolist() == [0, 1]  # pure relevance
+    assert items[mmr(rel, vecs[items], 2, 0.7)].tolist() == [0, 2]  # 1 duplicates 0: skipped
 
 
 def test_reference_pipeline_tunes_and_recommends(generic_dir: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ops.ab_replay import heldout_from_events, offline_arms, replay
 from services.experiments.assignment import assign, parse_experiments
 from services.experiments.exposures import ExposureLog, read_log
-from services.experiments.replay import heldout_from_events, offline_arms, replay
 from services.experiments.report import summarise
 from tests.evaluation.conftest import synthetic_generic
 

@@ -18,9 +18,9 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from ops.stack import LocalStack
 from services.api import pb, pb_grpc
 from services.reliability.report import Scenario, record
-from services.runtime.stack import LocalStack
 from tests.fuzz import strategies as s
 
 pytestmark = pytest.mark.integration

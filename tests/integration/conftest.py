@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from services.config import REPO_ROOT, Settings
-from services.runtime.stack import LocalStack, local_stack
+from core.config import REPO_ROOT, Settings
+from ops.stack import LocalStack, local_stack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MOVIELENS = REPO_ROOT / "third_party" / "movielens" / "ml-latest-small"
@@ -76,7 +76,7 @@ def stack(
     model_repository: Path, small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
     """Milvus Lite + tritonserver + gateway, with the small dataset indexed."""
-    from services.runtime.demo import index_dataset
+    from ops.demo import index_dataset
     from training.data import load_dataset
 
     base = Settings(

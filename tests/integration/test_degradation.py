@@ -12,9 +12,9 @@ import urllib.request
 import grpc
 import pytest
 
+from ops.stack import LocalStack
 from services.api import pb, pb_grpc
 from services.client import RecommenderClient
-from services.runtime.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 1.5

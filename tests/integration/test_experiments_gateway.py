@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from ops.processes import free_port, gateway_process
+from ops.stack import LocalStack, gateway_serving
 from services.api import pb
 from services.client import RecommenderClient
-from services.runtime.processes import free_port, gateway_process
-from services.runtime.stack import LocalStack, gateway_serving
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from ops.stack import LocalStack
 from services.api import pb, pb_grpc
 from services.reliability.report import Scenario, record
-from services.runtime.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 2.0

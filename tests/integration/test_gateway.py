@@ -10,10 +10,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from ops.stack import LocalStack
 from services.api import pb, pb_grpc
 from services.client import RecommenderClient
 from services.inference.triton_client import TritonClient
-from services.runtime.stack import LocalStack
 from services.vectors.store import VectorStore
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,7 @@ def test_ranker_scores_match_triton(
     client: RecommenderClient, stack: LocalStack, store: VectorStore
 ) -> None:
     """The click probability a client sees is the ranker's for (user text, item text)."""
-    from training.features.text import item_text, user_text
+    from core.text import item_text, user_text
 
     reply = client.recommend("1", k=5, diversity=0.0)
     user = store.get_user("1", 5)

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.runtime.processes import free_port, gateway_process, milvus_process, port_open
-from services.runtime.stack import LocalStack
+from ops.processes import free_port, gateway_process, milvus_process, port_open
+from ops.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

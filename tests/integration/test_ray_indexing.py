@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ops.index_catalog import index_catalog_ray
+from ops.indexing import item_rows
+from ops.stack import LocalStack
 from services.inference.triton_client import TritonClient
-from services.runtime.stack import LocalStack
 from services.vectors.store import VectorStore
 from training.data import load_dataset
-from training.index_catalog import index_catalog_ray
-from training.indexing import item_rows
 from training.ray_cluster import connect
 
 pytestmark = pytest.mark.integration
@@ -36,15 +36,15 @@ def test_ray_data_job_indexes_through_triton_into_milvus(stack: LocalStack) -> N
         ray.shutdown()
     assert written == 150
     assert store.count("ray_items") == 150
-    ids = [r["item_id"] for r in rows[:5]]
+    ids = [r["item_id"] for r, _ in rows[:5]]
     stored = store.get_items(ids, 10, with_vectors=True, with_neighbours=True)
     triton = TritonClient(settings)
     try:
-        direct = triton.embed_items([r["embed_text"] for r in rows[:5]], 20)
+        direct = triton.embed_items([text for _, text in rows[:5]], 20)
     finally:
         triton.close()
-    got = np.stack([stored[r["item_id"]]["vector"] for r in rows[:5]])
+    got = np.stack([stored[r["item_id"]]["vector"] for r, _ in rows[:5]])
     assert np.abs(got - direct).max() < 1e-5
-    assert stored[rows[0]["item_id"]]["co_items"] == rows[0]["co_items"]
+    assert stored[rows[0][0]["item_id"]]["co_items"] == rows[0][0]["co_items"]
     store.drop_collections()
     store.close()

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from services.config import Settings
+from core.config import Settings
 
 
 @pytest.mark.timeout(900)
 def test_served_gateway_is_evaluated_like_the_offline_systems(
     model_repository: Path, small_dataset_dir: Path, tmp_path: Path
 ) -> None:
-    from services.runtime.served_eval import ServedGateway
+    from ops.served_eval import ServedGateway
     from training.data import load_dataset
     from training.evaluation.protocol import make_split
     from training.evaluation.runner import EvalOptions, run_evaluation, smoke_subset

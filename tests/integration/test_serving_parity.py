@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from transformers import AutoTokenizer
 
+from ops.stack import LocalStack
 from services.inference.triton_client import TritonClient
-from services.runtime.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

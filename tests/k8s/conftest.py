@@ -50,7 +50,7 @@ def variant(request: pytest.FixtureRequest, rendered_all: dict[str, Rendered]) -
 def settings_cls() -> type:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from services.config import Settings
+    from core.config import Settings
 
     return Settings
 

@@ -151,7 +151,7 @@ def test_every_recsys_variable_is_a_setting(overlay: Rendered, settings_cls: typ
             for key in cm.get("data", {})
             if key.startswith(ENV_PREFIX) and key not in fields
         }
-    assert not unknown, "not fields of services.config.Settings:\n" + "\n".join(sorted(unknown))
+    assert not unknown, "not fields of core.config.Settings:\n" + "\n".join(sorted(unknown))
 
 
 def test_settings_parse(overlay: Rendered, settings_cls: type, monkeypatch) -> None:

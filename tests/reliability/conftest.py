@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from core.config import Settings
 from services.api import pb, pb_grpc
-from services.config import Settings
 from services.reliability import current_principal, interceptors, max_concurrent_rpcs
 
 

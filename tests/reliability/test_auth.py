@@ -9,8 +9,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.config import Settings
 from services.api import pb, pb_grpc
-from services.config import Settings
 from services.reliability.auth import (
     AuthInterceptor,
     KeyStore,

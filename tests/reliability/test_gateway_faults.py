@@ -18,11 +18,11 @@ from typing import Any
 import grpc
 import pytest
 
+from ops.processes import ManagedProcess, free_port, gateway_process
+from ops.stack import LocalStack, gateway_serving
 from services.api import pb, pb_grpc
 from services.reliability.report import Scenario, record
 from services.reliability.wal import MAGIC
-from services.runtime.processes import ManagedProcess, free_port, gateway_process
-from services.runtime.stack import LocalStack, gateway_serving
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0

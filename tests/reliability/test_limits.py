@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from core.config import Settings
 from services.api import pb, pb_grpc
-from services.config import Settings
 from services.reliability.auth import hash_key
 from services.reliability.concurrency import effective_in_flight, max_concurrent_rpcs
 from services.reliability.ratelimit import TokenBuckets

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from services.config import Settings
+from core.config import Settings
 from services.reliability import pseudonym as ps
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from core.config import Settings
 from services.api import pb, pb_grpc
-from services.config import Settings
 from services.reliability.tls import channel_credentials, server_credentials
 from tests.reliability.certs import Pki, make_pki
 from tests.reliability.conftest import running_server

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from core.config import REPO_ROOT
 from services.api import pb
-from services.config import REPO_ROOT
 from services.reliability.wal import MAGIC, WalApplier, WalError, WriteAheadLog, encode_record
 
 

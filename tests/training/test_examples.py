@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from core.text import ITEM_SEPARATOR, USER_PREFIX, user_text
 from training.data import Dataset
 from training.data.examples import (
     TextBuilder,
@@ -12,7 +13,6 @@ from training.data.examples import (
     user_positive_sets,
 )
 from training.data.split import time_split
-from training.features.text import ITEM_SEPARATOR, USER_PREFIX, user_text
 
 
 def test_examples_use_only_the_past(movielens: Dataset) -> None:

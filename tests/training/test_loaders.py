@@ -5,9 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core.events import EVENT_TYPES, ImplicitRule
 from tests.training.conftest import MOVIELENS, write
 from training.data import load_dataset, load_generic, load_movielens
-from training.data.schema import EVENT_TYPES, ImplicitRule
 
 MOVIES = """movieId,title,genres
 1,Toy Story (1995),Adventure|Animation|Children

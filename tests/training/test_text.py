@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-from training.features.text import (
+from core.text import (
     item_text,
     normalize_categories,
     normalize_text,
@@ -86,7 +86,7 @@ def test_user_histories() -> None:
 
 def test_features_import_is_light() -> None:
     code = (
-        "import sys, training.features.text, training.data;"
+        "import sys, core.text, training.data;"
         "bad = [m for m in ('torch', 'transformers', 'ray') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -7,7 +7,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from services.config import Settings
+from core.config import Settings
 
 
 def test_defaults_are_local(monkeypatch: pytest.MonkeyPatch) -> None:

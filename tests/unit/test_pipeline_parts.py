@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.behaviour import co_occurrence, interests, item_popularity
+from ops.segments import spherical_kmeans
 from services.deadline import Deadline, DeadlineExceeded
 from services.ranking.rerank import fuse_ranker, mmr
 from services.retrieval.candidates import Candidate, Filters, Retriever
 from services.retrieval.popularity import PopularItems
 from services.vectors.store import literal
-from training.features.behaviour import co_occurrence, interests, item_popularity
-from training.segments import spherical_kmeans
 
 
 def row(item_id: str, cats: tuple[str, ...] = ("A",), pop: float = 0.0) -> dict[str, object]:
@@ -49,8 +49,9 @@ def test_ranker_votes_in_the_fusion_instead_of_replacing_it() -> None:
     fused = {c.item_id: c.fused for c in cands}
     fuse_ranker(cands, weight=1.0)
     relevance = {c.item_id: c.relevance for c in cands}
-    assert relevance["b"] == pytest.approx(fused["b"] + 1 / 60)  # rank 0 by probability
-    assert relevance["a"] == pytest.approx(fused["a"] + 1 / 62)
+    # the standard RRF term 1 / (60 + rank), rank 1-based (core.fusion.rrf, also offline)
+    assert relevance["b"] == pytest.approx(fused["b"] + 1 / 61)  # first by probability
+    assert relevance["a"] == pytest.approx(fused["a"] + 1 / 63)
     assert relevance["a"] > relevance["b"]  # two sources' agreement outweighs one vote
     fuse_ranker(cands, weight=0.0)
     assert {c.item_id: c.relevance for c in cands} == fused

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import REPO_ROOT
+from core.config import REPO_ROOT
 from training.export.repository import latest_release, new_release, prune, servable_models, versions
 
 

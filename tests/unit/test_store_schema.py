@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.config import Settings
-from services.vectors.schema import users_schema
+from core.config import Settings
+from core.milvus_schema import users_schema
 from services.vectors.store import StoreSchemaError, VectorStore
 
 

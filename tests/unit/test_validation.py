@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from core.config import Settings
 from services.api import pb
-from services.config import Settings
 from services.gateway import validation as v
 
 SETTINGS = Settings(max_k=50, default_k=10)

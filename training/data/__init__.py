@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.events import EVENT_TYPES, ImplicitRule
 from training.data.generic import load_generic
 from training.data.movielens import load_movielens
 from training.data.schema import (
-    EVENT_TYPES,
     Dataset,
-    ImplicitRule,
     LoadReport,
     MalformedRow,
 )

@@ -28,14 +28,14 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from core.events import ImplicitRule
+from core.text import normalize_categories, normalize_text
 from training.data.io import LINE
 from training.data.schema import (
     EVENT_TYPE_ALIASES,
-    ImplicitRule,
     LoadReport,
     empty_events,
 )
-from training.features.text import normalize_categories, normalize_text
 
 DEFAULT_NEAR_DUPLICATE_WINDOW = pd.Timedelta(seconds=60)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from training.features.text import history_from_ids, item_lookup, item_texts, user_text
+from core.text import history_from_ids, item_lookup, item_texts, user_text
 
 
 def _positive_sequences(events: pd.DataFrame, known: set[str]) -> dict[str, list[tuple[Any, str]]]:

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.events import ImplicitRule
 from training.data.cleaning import DEFAULT_NEAR_DUPLICATE_WINDOW, clean_events, clean_items
 from training.data.io import LINE, read_table
-from training.data.schema import Dataset, ImplicitRule, LoadReport
+from training.data.schema import Dataset, LoadReport
 
 _ITEM_FIXED = ("item_id", "title", "categories", "created_at")
 

@@ -2,7 +2,7 @@
 optional ``tags.csv``; CRLF or LF line endings).
 
 * ratings become ``event_type="rating"`` events with ``value`` = the star rating; the
-  implicit weight follows :class:`~training.data.schema.ImplicitRule`.
+  implicit weight follows :class:`~core.events.ImplicitRule`.
 * movies: ``genres`` split on ``|`` (``"(no genres listed)"`` -> ``[]``); titles of the form
   ``"Matrix, The (1999)"`` are turned into ``"The Matrix (1999)"`` so the language model reads
   natural text; ``created_at`` is 1 January of the year in the title (NaT without a year).
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.events import ImplicitRule
+from core.text import normalize_text
 from training.data.cleaning import (
     DEFAULT_NEAR_DUPLICATE_WINDOW,
     clean_events,
@@ -25,8 +27,7 @@ from training.data.cleaning import (
     clean_items,
 )
 from training.data.io import LINE, read_table
-from training.data.schema import Dataset, ImplicitRule, LoadReport
-from training.features.text import normalize_text
+from training.data.schema import Dataset, LoadReport
 
 _ARTICLE = re.compile(r"^(?P<name>.+), (?P<art>The|A|An)(?P<rest>(?: \([^()]*\))*)$")
 _YEAR = re.compile(r"\((\d{4})(?:[-\u2013]\d{0,4})?\)\s*$")

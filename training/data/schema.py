@@ -7,7 +7,7 @@ column          dtype                     meaning
 ==============  ========================  ==================================================
 ``user_id``     str (object)              user identifier, whitespace-stripped
 ``item_id``     str (object)              item identifier, present in ``Dataset.items``
-``event_type``  str (object)              one of :data:`EVENT_TYPES`
+``event_type``  str (object)              one of :data:`core.events.EVENT_TYPES`
 ``timestamp``   ``datetime64[ns, UTC]``   normalised event time
 ``value``       float64                   rating or other numeric payload; NaN when none
 ``weight``      float64                   implicit-feedback strength in [0, 1] (see below);
@@ -24,7 +24,7 @@ Items (``Dataset.items``), one row per item id:
 ``created_at``  ``datetime64[ns, UTC]``   NaT when unknown
 ==============  ========================  ==================================================
 
-Implicit-feedback rule (:class:`ImplicitRule`, documented defaults):
+Implicit-feedback rule (:class:`core.events.ImplicitRule`, shared with the gateway):
 
 * ``rating``: ``weight = value / rating_max`` when ``value >= rating_threshold`` (3.5 on the
   5-star MovieLens scale, so 3.5 -> 0.7, 4 -> 0.8, 5 -> 1.0), else ``0`` (a rating below the
@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import pandas as pd
-
-EVENT_TYPES: Final = ("view", "click", "rating", "purchase")
 
 #: Accepted spellings of event types in input files (lower-cased before lookup).
 EVENT_TYPE_ALIASES: Final[dict[str, str]] = {
@@ -62,30 +60,6 @@ EVENT_TYPE_ALIASES: Final[dict[str, str]] = {
 
 EVENT_COLUMNS: Final = ("user_id", "item_id", "event_type", "timestamp", "value", "weight")
 ITEM_COLUMNS: Final = ("item_id", "title", "categories", "text", "created_at")
-
-
-@dataclass(frozen=True)
-class ImplicitRule:
-    """Turns an event into an implicit-feedback weight in [0, 1] (see module docstring)."""
-
-    rating_max: float = 5.0
-    rating_threshold: float = 3.5
-    view: float = 0.2
-    click: float = 0.5
-    purchase: float = 1.0
-
-    def weights(self, event_type: pd.Series, value: pd.Series) -> pd.Series:
-        """Vectorised weights for aligned ``event_type`` / ``value`` columns."""
-        out = pd.Series(0.0, index=event_type.index, dtype="float64")
-        out[event_type == "view"] = self.view
-        out[event_type == "click"] = self.click
-        out[event_type == "purchase"] = self.purchase
-        is_rating = event_type == "rating"
-        v = value.astype("float64")
-        positive = is_rating & (v >= self.rating_threshold)
-        out[positive] = (v[positive] / self.rating_max).clip(0.0, 1.0)
-        out[is_rating & ~positive] = 0.0
-        return out
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Example::
     python -m training.evaluation --data third_party/movielens/ml-latest-small \\
         [--checkpoint runs/local/final] [--max-users N] [--out reports/eval] [--smoke]
 
-``python -m services.runtime.served_eval`` takes the same arguments and adds the running
+``python -m ops.served_eval`` takes the same arguments and adds the running
 gateway as one more system.
 """
 

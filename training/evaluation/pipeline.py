@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.fusion import mmr, rrf
+from core.text import history_from_ids, item_lookup, item_texts, user_text
 from training.data.schema import Dataset
 from training.evaluation.metrics import ndcg_at_k
 from training.evaluation.systems import (
@@ -38,7 +40,6 @@ from training.evaluation.systems import (
     EmbeddingRecommender,
     find_train_config,
 )
-from training.features.text import history_from_ids, item_lookup, item_texts, user_text
 
 log = logging.getLogger(__name__)
 
@@ -77,31 +78,9 @@ def rank_terms(scores: np.ndarray, rrf_k: float) -> np.ndarray:
     for r, row in enumerate(scores):
         desc = -np.sort(-row)
         ranks = np.searchsorted(-desc, -row, side="left")  # items strictly better
-        out[r] = 1.0 / (rrf_k + ranks + 1.0)
+        out[r] = rrf(ranks + 1.0, rrf_k)
     out[~np.isfinite(scores)] = 0.0
     return out
-
-
-def mmr(items: np.ndarray, rel: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> np.ndarray:
-    """Greedy MMR over ``items`` (catalogue indices) with relevance ``rel``; see module doc."""
-    n = len(items)
-    if lam <= 0 or n <= 1:
-        return items[:k]
-    span = float(rel.max() - rel.min())
-    r = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
-    v = vectors[items]
-    sims = v @ v.T
-    picked: list[int] = []
-    max_sim = np.full(n, -np.inf)
-    free = np.ones(n, dtype=bool)
-    for _ in range(min(k, n)):
-        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
-        obj = np.where(free, (1 - lam) * r - lam * penalty, -np.inf)
-        j = int(np.argmax(obj))
-        picked.append(j)
-        free[j] = False
-        max_sim = np.maximum(max_sim, sims[j])
-    return items[picked]
 
 
 def _weighted(
@@ -229,7 +208,7 @@ class HybridPipeline(CatalogueRecommender):
             order = np.argsort(-lg, kind="stable")
             ranks = np.empty(top)
             ranks[order] = np.arange(top)
-            s[:top] += w / (self.config.rrf_k + ranks + 1.0)
+            s[:top] += w * rrf(ranks + 1.0, self.config.rrf_k)
             o = np.argsort(-s, kind="stable")
             out.append(Candidates(c.items[o], s[o], c.extra))
         return out
@@ -268,8 +247,8 @@ class HybridPipeline(CatalogueRecommender):
         vecs = self.mmr_source.item_vectors if self.mmr_source is not None else None
         out = []
         for c in cands:
-            if lam > 0 and vecs is not None:
-                idx = mmr(c.items, c.scores, vecs, k, lam)
+            if lam > 0 and vecs is not None and len(c.items) > 1:
+                idx = c.items[mmr(c.scores, vecs[c.items], k, lam)]
             else:
                 idx = c.items[:k]
             out.append([self.item_ids[i] for i in idx])

@@ -25,9 +25,9 @@ import pandas as pd
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
+from core.behaviour import POPULARITY_HALF_LIFE_DAYS, item_popularity
+from core.text import history_from_ids, item_lookup, item_texts, user_text
 from training.data.schema import Dataset
-from training.features.behaviour import POPULARITY_HALF_LIFE_DAYS, item_popularity
-from training.features.text import history_from_ids, item_lookup, item_texts, user_text
 
 log = logging.getLogger(__name__)
 

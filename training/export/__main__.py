@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from services.config import get_settings
+from core.config import get_settings
 from training.export.onnx_export import ParityError, export_ranker, export_tower, resolve_pretrained
 from training.export.repository import (
     TOWERS,

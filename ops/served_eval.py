@@ -1,6 +1,6 @@
 """``make eval`` with the served system: the gateway's own composition beside the baselines.
 
-``python -m services.runtime.served_eval`` takes the arguments of ``python -m
+``python -m ops.served_eval`` takes the arguments of ``python -m
 training.evaluation`` and adds one system, ``pipeline_served``, evaluated on the same split,
 fold-in and users as every offline system:
 
@@ -28,11 +28,11 @@ from pathlib import Path
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from core.config import Settings, get_settings
+from ops.demo import index_dataset
+from ops.stack import LocalStack, local_stack
 from services.api import pb
 from services.client import RecommenderClient
-from services.config import Settings, get_settings
-from services.runtime.demo import index_dataset
-from services.runtime.stack import LocalStack, local_stack
 from training.data.schema import Dataset
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Scale-out catalogue indexing as a Ray Data job: batches through Triton into Milvus.
 
-``python -m training.index_catalog`` runs it on the local Ray here and unchanged on a Ray
-cluster (``ray job submit -- python -m training.index_catalog``), where each actor holds its
+``python -m ops.index_catalog`` runs it on the local Ray here and unchanged on a Ray
+cluster (``ray job submit -- python -m ops.index_catalog``), where each actor holds its
 own Triton and Milvus clients and writes in batches; throughput grows with actors until
 Triton's instances or Milvus' write path saturate. It needs a Milvus server (a Milvus Lite
 file cannot be shared between processes).
@@ -12,18 +12,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
-from services.config import Settings, get_settings
+from core.config import Settings, get_settings
+from core.rows import ItemRow, item_row
+from ops.indexing import embed_and_upsert, item_rows
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
 from training.data import load_dataset
-from training.indexing import embed_and_upsert, item_rows
 from training.ray_cluster import connect
 
 log = logging.getLogger(__name__)
+EMBED_TEXT = "embed_text"  # the item tower's input travels beside the row
 
 
 class EmbedAndWrite:
@@ -34,22 +37,34 @@ class EmbedAndWrite:
         self.store = VectorStore(settings)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows: list[dict[str, Any]] = batch.to_dict("records")
-        for row in rows:  # Arrow hands lists back as arrays
-            row["categories"] = [str(c) for c in row["categories"]]
-            row["co_items"] = [str(c) for c in row["co_items"]]
+        records: list[dict[str, Any]] = batch.to_dict("records")
+        rows = [  # rebuilt through the one builder: Arrow hands lists back as arrays
+            (
+                item_row(
+                    r["item_id"],
+                    r["title"],
+                    r["categories"],
+                    r["text"],
+                    popularity=r["popularity"],
+                    created_at=r["created_at"],
+                    co_items=r["co_items"],
+                ),
+                str(r[EMBED_TEXT]),
+            )
+            for r in records
+        ]
         return pd.DataFrame({"written": [embed_and_upsert(rows, self.triton, self.store)]})
 
 
 def index_catalog_ray(
-    rows: list[dict[str, Any]], settings: Settings, batch_size: int = 64, actors: int = 2
+    rows: Sequence[tuple[ItemRow, str]], settings: Settings, batch_size: int = 64, actors: int = 2
 ) -> int:
-    """Embed and write ``rows`` (from :func:`training.indexing.item_rows`) with Ray Data."""
+    """Embed and write ``rows`` (from :func:`ops.indexing.item_rows`) with Ray Data."""
     import ray
 
     if settings.milvus_is_lite:
         raise ValueError("Ray indexing needs a Milvus server URI, not a Milvus Lite file")
-    dataset = ray.data.from_pandas(pd.DataFrame(rows))
+    dataset = ray.data.from_pandas(pd.DataFrame([{**row, EMBED_TEXT: text} for row, text in rows]))
     written = dataset.map_batches(
         EmbedAndWrite,
         fn_constructor_kwargs={"settings": settings},
@@ -64,7 +79,7 @@ def index_catalog_ray(
 
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
-    parser = argparse.ArgumentParser(prog="python -m training.index_catalog", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ops.index_catalog", description=__doc__)
     parser.add_argument("--data", default=str(settings.data_dir))
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=settings.triton_batch_size)

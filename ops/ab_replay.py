@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from services.experiments.report import format_table, summarise
 
     ap = argparse.ArgumentParser(
-        prog="python -m services.experiments.replay",
+        prog="python -m ops.ab_replay",
         description="Simulate A/B traffic from held-out interactions, then print the report.",
     )
     ap.add_argument("--data", required=True, type=Path)

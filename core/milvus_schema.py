@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pymilvus import CollectionSchema, DataType, MilvusClient
 
-from services.config import Settings
+from core.config import Settings
 
 ID_MAX_LENGTH = 128
 TITLE_MAX_LENGTH = 512

@@ -15,9 +15,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.config import Settings
-from services.inference.triton_client import TritonClient
-from services.runtime.processes import (
+from core.config import Settings
+from ops.processes import (
     ManagedProcess,
     free_port,
     gateway_process,
@@ -25,6 +24,7 @@ from services.runtime.processes import (
     port_open,
     triton_process,
 )
+from services.inference.triton_client import TritonClient
 from training.export.repository import servable_models
 
 log = logging.getLogger(__name__)

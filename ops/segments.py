@@ -1,6 +1,6 @@
 """Fit user segments: spherical k-means over user vectors, with each segment's popular items.
 
-A job (``python -m training.segments``, also run by the demo after indexing) refits the
+A job (``python -m ops.segments``, also run by the demo after indexing) refits the
 centroids and rewrites every user's segment; between refits the gateway assigns a changed
 user online to the nearest centroid (a search on the segments collection).
 """
@@ -13,8 +13,9 @@ from collections import Counter
 
 import numpy as np
 
-from services.config import get_settings
-from services.vectors.schema import SEGMENT_POPULAR, USER_FIELDS
+from core.config import get_settings
+from core.milvus_schema import SEGMENT_POPULAR, USER_FIELDS
+from core.rows import segment_row, user_row
 from services.vectors.store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,20 @@ def fit_segments(store: VectorStore, k: int = 8, seed: int = 0) -> dict[str, int
         counts = Counter(i for u in members for i in u["recent_items"])
         segment_id = f"seg-{j}"
         sizes[segment_id] = len(members)
-        rows.append(
-            {
-                "segment_id": segment_id,
-                "vector": centroid.tolist(),
-                "popular_items": [i for i, _ in counts.most_common(SEGMENT_POPULAR)],
-                "size": len(members),
-            }
-        )
+        popular = [i for i, _ in counts.most_common(SEGMENT_POPULAR)]
+        rows.append(segment_row(segment_id, centroid, popular, len(members)))
     store.replace_segments(rows)
     updated = [
-        {**u, "segment": f"seg-{label}", "vector": u["vector"].tolist()}
+        user_row(
+            u["user_id"],
+            segment=f"seg-{label}",
+            interests=u["interests"],
+            recent_items=u["recent_items"],
+            seen_items=u["seen_items"],
+            history_size=u["history_size"],
+            updated_at=u["updated_at"],
+            vector=u["vector"],
+        )
         for u, label in zip(users, labels, strict=True)
     ]
     for start in range(0, len(updated), 500):
@@ -84,7 +88,7 @@ def fit_segments(store: VectorStore, k: int = 8, seed: int = 0) -> dict[str, int
 
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
-    parser = argparse.ArgumentParser(prog="python -m training.segments", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ops.segments", description=__doc__)
     parser.add_argument("-k", type=int, default=settings.segments)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -21,9 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+from core.config import REPO_ROOT, Settings, get_settings
+from ops.stack import LocalStack, Ports, local_stack
 from services.client import RecommenderClient
-from services.config import REPO_ROOT, Settings, get_settings
-from services.runtime.stack import LocalStack, Ports, local_stack
 from services.vectors.store import VectorStore
 from training.data import load_dataset
 from training.data.schema import Dataset
@@ -95,9 +95,9 @@ def index_everything(stack: LocalStack, dataset_path: Path) -> None:
 
 def index_dataset(stack: LocalStack, dataset: Dataset) -> None:
     """Every item and user of ``dataset`` through Triton into the stack's Milvus; segments."""
+    from ops.indexing import index_items, index_users
+    from ops.segments import fit_segments
     from services.inference.triton_client import TritonClient
-    from training.indexing import index_items, index_users
-    from training.segments import fit_segments
 
     store, triton = VectorStore(stack.settings), TritonClient(stack.settings)
     try:
@@ -126,7 +126,7 @@ def show_recommendations(target: str, users: list[str], k: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
-    parser = argparse.ArgumentParser(prog="python -m services.runtime.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ops.demo", description=__doc__)
     parser.add_argument("--users", default="1,42,414,new-user-1", help="comma-separated ids")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 TRITON_ENV = Path(os.environ.get("RECSYS_TRITON_ENV", REPO_ROOT / ".venv-triton"))
 

@@ -15,20 +15,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from core.behaviour import co_occurrence, interests, item_popularity, seen_items
+from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
+from core.rows import ItemRow, UserRow, item_row, user_row
+from core.text import history_from_ids, item_lookup, item_texts, user_histories
+from core.text import user_text as build_user_text
 from services.inference.triton_client import TritonClient
-from services.vectors.schema import (
-    CO_ITEMS,
-    MAX_CATEGORIES,
-    RECENT_ITEMS,
-    SEEN_ITEMS,
-    TEXT_MAX_LENGTH,
-    TITLE_MAX_LENGTH,
-)
 from services.vectors.store import VectorStore
 from training.data import Dataset
-from training.features.behaviour import co_occurrence, interests, item_popularity, seen_items
-from training.features.text import history_from_ids, item_lookup, item_texts, user_histories
-from training.features.text import user_text as build_user_text
 
 log = logging.getLogger(__name__)
 INDEX_TIMEOUT_S = 120.0
@@ -39,24 +33,26 @@ def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield seq[start : start + size]
 
 
-def item_rows(dataset: Dataset) -> list[dict[str, Any]]:
-    """Milvus item rows without vectors, each with ``embed_text`` for the item tower."""
+def item_rows(dataset: Dataset) -> list[tuple[ItemRow, str]]:
+    """(Milvus item row without vector, the text the item tower embeds) for every item."""
     items = dataset.items
     texts = item_texts(items)
     popularity = item_popularity(dataset.events)
     neighbours = co_occurrence(dataset.events, top=CO_ITEMS)
     created = items["created_at"] if "created_at" in items else pd.Series(pd.NaT, index=items.index)
     return [
-        {
-            "item_id": str(iid),
-            "title": str(title)[:TITLE_MAX_LENGTH],
-            "categories": [c[:64] for c in list(cats)[:MAX_CATEGORIES]],
-            "text": str(text)[:TEXT_MAX_LENGTH],
-            "popularity": popularity.get(str(iid), 0.0),
-            "created_at": 0 if pd.isna(ts) else int(pd.Timestamp(ts).timestamp()),
-            "co_items": neighbours.get(str(iid), []),
-            "embed_text": texts[str(iid)],
-        }
+        (
+            item_row(
+                str(iid),
+                title,
+                cats,
+                text,
+                popularity=popularity.get(str(iid), 0.0),
+                created_at=0 if pd.isna(ts) else int(pd.Timestamp(ts).timestamp()),
+                co_items=neighbours.get(str(iid), []),
+            ),
+            texts[str(iid)],
+        )
         for iid, title, cats, text, ts in zip(
             items["item_id"],
             items["title"],
@@ -69,16 +65,13 @@ def item_rows(dataset: Dataset) -> list[dict[str, Any]]:
 
 
 def embed_and_upsert(
-    rows: Sequence[dict[str, Any]], triton: TritonClient, store: VectorStore
+    rows: Sequence[tuple[ItemRow, str]], triton: TritonClient, store: VectorStore
 ) -> int:
     """One batch: item-tower vectors from Triton, then one Milvus upsert."""
-    vectors = triton.embed_items([r["embed_text"] for r in rows], INDEX_TIMEOUT_S)
-    return store.upsert_items(
-        [
-            {**{k: v for k, v in r.items() if k != "embed_text"}, "vector": vec.tolist()}
-            for r, vec in zip(rows, vectors, strict=True)
-        ]
-    )
+    vectors = triton.embed_items([text for _, text in rows], INDEX_TIMEOUT_S)
+    for (row, _), vector in zip(rows, vectors, strict=True):
+        row["vector"] = vector.tolist()
+    return store.upsert_items([row for row, _ in rows])
 
 
 def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batch: int = 64) -> int:
@@ -92,7 +85,7 @@ def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batc
     return done
 
 
-def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[dict[str, Any], str]]:
+def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[UserRow, str]]:
     """(user row without vector, behaviour text) for every user with positive history."""
     lookup = item_lookup(dataset.items)
     histories = user_histories(dataset.events, dataset.items, max_items=RECENT_ITEMS)
@@ -102,15 +95,15 @@ def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[dict[str, Any
     out = []
     for uid, item_ids in histories.items():
         history = history_from_ids(item_ids[:max_items], lookup)
-        row = {
-            "user_id": uid,
-            "segment": "",
-            "interests": interests(history),
-            "recent_items": item_ids[:RECENT_ITEMS],
-            "seen_items": seen.get(uid, item_ids)[:SEEN_ITEMS],
-            "history_size": int(sizes.get(uid, 0)),
-            "updated_at": now_ms,
-        }
+        row = user_row(
+            uid,
+            segment="",
+            interests=interests(history),
+            recent_items=item_ids,
+            seen_items=seen.get(uid, item_ids),
+            history_size=int(sizes.get(uid, 0)),
+            updated_at=now_ms,
+        )
         out.append((row, build_user_text(history)))
     return out
 
@@ -128,12 +121,9 @@ def index_users(
     with tqdm(total=len(pending), desc="index users", unit="user") as bar:
         for chunk in _batches(pending, batch):
             vectors = triton.embed_users([text for _, text in chunk], INDEX_TIMEOUT_S)
-            store.upsert_users(
-                [
-                    {**row, "vector": np.asarray(v, dtype=np.float32).tolist()}
-                    for (row, _), v in zip(chunk, vectors, strict=True)
-                ]
-            )
+            for (row, _), vector in zip(chunk, vectors, strict=True):
+                row["vector"] = np.asarray(vector, dtype=np.float32).tolist()
+            store.upsert_users([row for row, _ in chunk])
             done += len(chunk)
             bar.update(len(chunk))
     return done

@@ -1,0 +1,57 @@
+"""The two ranking kernels that the gateway and the offline evaluation share.
+
+* :func:`rrf` - reciprocal-rank fusion (Cormack et al., SIGIR 2009): a source's item at
+  1-based rank ``r`` contributes ``w / (k + r)``. Ranks rather than raw scores, because the
+  sources' scores live on unrelated scales (counts, cosines, dot products).
+* :func:`mmr` - greedy maximal marginal relevance (Carbonell & Goldstein, 1998):
+  ``argmax (1 - λ)·rel(i) - λ·max_j cos(i, j)`` over the items already picked, with ``rel``
+  min-max scaled so that λ means the same whichever scorer produced it.
+
+One implementation of each, so the served order and the evaluated order cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import overload
+
+import numpy as np
+
+RRF_K = 60.0
+
+
+@overload
+def rrf(rank: int, k: float = RRF_K) -> float: ...
+@overload
+def rrf(rank: np.ndarray, k: float = RRF_K) -> np.ndarray: ...
+def rrf(rank: int | np.ndarray, k: float = RRF_K) -> float | np.ndarray:
+    """The fusion term of a 1-based ``rank`` (scalar or array): ``1 / (k + rank)``."""
+    return 1.0 / (k + rank)
+
+
+def mmr(relevance: np.ndarray, vectors: np.ndarray | None, k: int, diversity: float) -> np.ndarray:
+    """Positions (into ``relevance``) of the ``k`` items MMR picks, in pick order.
+
+    ``vectors`` are the items' unit vectors, row-aligned with ``relevance``. With
+    ``diversity <= 0`` (or no vectors) this is relevance order, ties kept in input order.
+    """
+    rel = np.asarray(relevance, dtype=np.float64)
+    n = len(rel)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if diversity <= 0 or vectors is None:
+        return np.argsort(-rel, kind="stable")[:k]
+    span = float(rel.max() - rel.min())
+    rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
+    v = np.asarray(vectors, dtype=np.float32)
+    sims = v @ v.T
+    picked: list[int] = []
+    closest = np.full(n, -np.inf)  # max cosine to anything picked so far
+    free = np.ones(n, dtype=bool)
+    for _ in range(min(k, n)):
+        redundancy = np.where(np.isfinite(closest), closest, 0.0)
+        gains = np.where(free, (1 - diversity) * rel - diversity * redundancy, -np.inf)
+        best = int(np.argmax(gains))
+        picked.append(best)
+        free[best] = False
+        closest = np.maximum(closest, sims[best])
+    return np.asarray(picked, dtype=np.int64)
