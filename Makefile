@@ -130,14 +130,15 @@ bench: env ## benchmarks against the running stack, side by side -> BENCHMARKS.m
 	$(PY) -m bench --out BENCHMARKS.md --json reports/bench.json
 
 fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
-	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz --timeout=1800
+	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider -m fuzz --timeout=1800
 
 reliability: env ## fault scenarios (kills, restarts), then the report table
 	rm -f var/reliability/report.jsonl
 	RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/reliability/report.jsonl $(PY) -m pytest -q \
-	  -p no:cacheprovider -m integration tests/reliability tests/fuzz \
-	  tests/integration/test_faults_under_load.py --timeout=1800
-	$(PY) -m services.reliability.report var/reliability/report.jsonl
+	  -p no:cacheprovider -m integration tests/services/reliability \
+	  tests/services/gateway/test_fuzz_requests.py tests/services/gateway/test_faults_under_load.py \
+	  --timeout=1800
+	$(PY) -m ops.reliability_report var/reliability/report.jsonl
 
 clean:
 	rm -rf var/demo var/serve var/test .pytest_cache .mypy_cache .ruff_cache

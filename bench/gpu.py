@@ -45,6 +45,7 @@ import numpy as np
 from bench import models
 from bench.tokens import TokenizerSpec, encode
 from bench.util import fmt, table
+from core.paths import REPO_ROOT
 
 Runner = Callable[[models.Feeds], list[np.ndarray]]
 BATCH_SIZES = (1, 16, 64, 256, 1024)
@@ -541,10 +542,6 @@ def report(gpu_json: Path, bench_json: Path, benchmarks_md: Path, keep: Path) ->
     results = json.loads(bench_json.read_text())
     gpu = json.loads(keep.read_text())
     benchmarks_md.write_text(render_all(results, bench_json, gpu_section=render(gpu)))
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]  # not core.config: the GPU machine lacks
-# the serving dependencies (pydantic-settings), and only this path is needed
 
 
 def main(argv: list[str] | None = None) -> int:

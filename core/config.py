@@ -15,7 +15,26 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from core.paths import REPO_ROOT
+
+#: The gateway's candidate sources, the only valid keys of a retrieval mix (settings and
+#: experiment variants alike): Milvus ANN, item-to-item co-occurrence, the user's segment's
+#: popular items, global time-decayed popularity.
+RETRIEVAL_SOURCES = ("ann", "co_occurrence", "segment", "popular")
+
+
+def check_retrieval_mix(mix: dict[str, float], where: str) -> dict[str, float]:
+    """A retrieval mix names known sources with non-negative weights; anything else is an
+    error naming the source (an unknown name would otherwise silently weigh 0)."""
+    unknown = sorted(set(mix) - set(RETRIEVAL_SOURCES))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown retrieval source(s) {unknown}; known: {list(RETRIEVAL_SOURCES)}"
+        )
+    negative = sorted(name for name, weight in mix.items() if not float(weight) >= 0)
+    if negative:
+        raise ValueError(f"{where}: weights of {negative} must be >= 0")
+    return {name: float(weight) for name, weight in mix.items()}
 
 
 class Settings(BaseSettings):
@@ -84,6 +103,10 @@ class Settings(BaseSettings):
         "", description="Pinned release of every model; empty = latest (rollback by pinning)."
     )
     triton_batch_size: int = Field(64, ge=1, description="Texts per Triton request when indexing.")
+    triton_env: Path = Field(
+        REPO_ROOT / ".venv-triton",
+        description="Local stack only: the environment holding tritonserver (nvidia-pytriton).",
+    )
 
     # --- Milvus --------------------------------------------------------------------------
     milvus_uri: str = Field(
@@ -171,6 +194,15 @@ class Settings(BaseSettings):
     pseudonym_key: SecretStr = Field(
         SecretStr(""), description="HMAC key pseudonymising user ids in logs; empty = random."
     )
+    reliability_report: Path | None = Field(
+        None,
+        description="Fault-injection tests append their scenario rows here (make reliability).",
+    )
+
+    @field_validator("retrieval_weights")
+    @classmethod
+    def _known_sources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_retrieval_mix(v, "retrieval_weights")
 
     @field_validator("log_level")
     @classmethod

@@ -19,9 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import REPO_ROOT
-
-TRITON_ENV = Path(os.environ.get("RECSYS_TRITON_ENV", REPO_ROOT / ".venv-triton"))
+from core.config import get_settings
 
 
 class StartupError(RuntimeError):
@@ -111,8 +109,10 @@ class ManagedProcess:
             self.proc.wait(timeout=5)
 
 
-def triton_home(env: Path = TRITON_ENV) -> Path:
-    """The tritonserver tree shipped in the nvidia-pytriton wheel of the Triton environment."""
+def triton_home(env: Path | None = None) -> Path:
+    """The tritonserver tree shipped in the nvidia-pytriton wheel of the Triton environment
+    (``RECSYS_TRITON_ENV``, default ``.venv-triton``)."""
+    env = env or get_settings().triton_env
     matches = sorted(env.glob("lib/python3*/site-packages/pytriton/tritonserver"))
     if not matches:
         raise StartupError(
@@ -121,7 +121,7 @@ def triton_home(env: Path = TRITON_ENV) -> Path:
     return matches[0]
 
 
-def prepare_backends(env: Path = TRITON_ENV) -> Path:
+def prepare_backends(env: Path | None = None) -> Path:
     """The wheel's backend directory, with the python-backend stub for this Python version.
 
     The wheel ships stubs per Python version; tritonserver expects the stub beside
@@ -143,10 +143,11 @@ def triton_process(
     grpc_port: int,
     http_port: int,
     metrics_port: int,
-    env: Path = TRITON_ENV,
+    env: Path | None = None,
     log_name: str = "tritonserver.log",
 ) -> ManagedProcess:
     """The bundled CPU tritonserver serving ``models`` from ``repository`` (explicit mode)."""
+    env = env or get_settings().triton_env
     home = triton_home(env)
     argv = [
         str(home / "bin" / "tritonserver"),

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from core.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 DEFAULT_CACHE = REPO_ROOT / "var" / "cache" / "eval"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

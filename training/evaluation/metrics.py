@@ -1,6 +1,6 @@
 """Top-K recommendation metrics (pure numpy), one user at a time plus aggregates.
 
-Conventions (the hand-computed tests in ``tests/evaluation`` pin them):
+Conventions (the hand-computed tests in ``tests/training/evaluation`` pin them):
 
 * ``ranked`` is a user's recommendation list, best first; ``relevant`` the held-out items.
 * Recall@K = hits in the top K / ``min(K, |relevant|)``: with a time split a user can have

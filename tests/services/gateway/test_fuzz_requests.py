@@ -18,12 +18,12 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from ops.reliability_report import Scenario, record
 from ops.stack import LocalStack
 from services.api import pb, pb_grpc
-from services.reliability.report import Scenario, record
-from tests.fuzz import strategies as s
+from tests.services.gateway import fuzz_strategies as s
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fuzz]
 
 TOTAL = int(os.environ.get("RECSYS_FUZZ_EXAMPLES", "210"))
 TARGETS = 7
@@ -47,9 +47,9 @@ FAILED: set[str] = set()  # targets that found a defect (they stop early)
 
 
 @pytest.fixture(scope="module")
-def stub(stack: LocalStack) -> Iterator[pb_grpc.RecommenderServiceStub]:
+def stub(scratch_stack: LocalStack) -> Iterator[pb_grpc.RecommenderServiceStub]:
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    with grpc.insecure_channel(stack.gateway_target, options=options) as channel:
+    with grpc.insecure_channel(scratch_stack.gateway_target, options=options) as channel:
         yield pb_grpc.RecommenderServiceStub(channel)
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from core.paths import REPO_ROOT
 
 
 def test_smoke_run_on_generic_data(

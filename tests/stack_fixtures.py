@@ -1,12 +1,18 @@
 """Real components for the integration tests: an exported model repository, tritonserver,
 a Milvus Lite server and the gateway process, on free ports, stopped at the end.
 
+``stack`` is shared by every integration test of the session; ``scratch_stack`` is a second,
+independent one for tests that write arbitrary data (the request fuzzer), so whatever they
+write never reaches the catalogue the other tests assert on. Both start only when a test
+asks for them (session fixtures are lazy).
+
 The dataset is a slice of the vendored MovieLens (first 400 movies, their ratings) so that
 indexing through Triton takes seconds, not minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -71,9 +77,9 @@ def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def stack(
-    model_repository: Path, small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def _indexed_stack(
+    model_repository: Path, dataset_dir: Path, var_dir: Path
 ) -> Iterator[LocalStack]:
     """Milvus Lite + tritonserver + gateway, with the small dataset indexed."""
     from ops.demo import index_dataset
@@ -81,20 +87,37 @@ def stack(
 
     base = Settings(
         model_repository=model_repository,
-        data_dir=small_dataset_dir,
+        data_dir=dataset_dir,
         readiness_poll_s=0.5,
         popular_refresh_s=1.0,
         rank_candidates=50,
         segments=4,
         log_level="INFO",
     )
-    var_dir = tmp_path_factory.mktemp("var")
     with local_stack(base, var_dir) as running:
         running.start_milvus()
         running.start_triton()
-        index_dataset(running, load_dataset(small_dataset_dir))
+        index_dataset(running, load_dataset(dataset_dir))
         running.start_gateway()
         yield running
+
+
+@pytest.fixture(scope="session")
+def stack(
+    model_repository: Path, small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    with _indexed_stack(model_repository, small_dataset_dir, tmp_path_factory.mktemp("var")) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def scratch_stack(
+    model_repository: Path, small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    with _indexed_stack(
+        model_repository, small_dataset_dir, tmp_path_factory.mktemp("scratch")
+    ) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

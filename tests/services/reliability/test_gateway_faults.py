@@ -19,9 +19,9 @@ import grpc
 import pytest
 
 from ops.processes import ManagedProcess, free_port, gateway_process
+from ops.reliability_report import Scenario, record
 from ops.stack import LocalStack, gateway_serving
 from services.api import pb, pb_grpc
-from services.reliability.report import Scenario, record
 from services.reliability.wal import MAGIC
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from services.reliability.auth import (
     hash_key,
     required_scope,
 )
-from tests.reliability.conftest import running_server
+from tests.services.reliability.conftest import running_server
 
 KEYS = {
     hash_key("reader-key"): {"client": "web", "scopes": ["read"]},

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from services.reliability import report as r
+from ops import reliability_report as r
 
 
 def test_record_load_render(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "report.jsonl"
     r.record(r.Scenario("ignored: no env"))
     assert not path.exists()
-    monkeypatch.setenv(r.ENV, str(path))
+    monkeypatch.setenv("RECSYS_RELIABILITY_REPORT", str(path))
     s = r.Scenario("kill triton", acknowledged=10, found=10, recovery_s=3.25)
     s.answer("OK", degraded=True)
     s.answer("OK")

@@ -10,8 +10,8 @@ import pytest
 from core.config import Settings
 from services.api import pb, pb_grpc
 from services.reliability.tls import channel_credentials, server_credentials
-from tests.reliability.certs import Pki, make_pki
-from tests.reliability.conftest import running_server
+from tests.services.reliability.certs import Pki, make_pki
+from tests.services.reliability.conftest import running_server
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from ops.reliability_report import Scenario, record
 from ops.stack import LocalStack
 from services.api import pb, pb_grpc
-from services.reliability.report import Scenario, record
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 2.0

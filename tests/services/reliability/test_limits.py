@@ -14,7 +14,7 @@ from services.reliability.auth import hash_key
 from services.reliability.concurrency import effective_in_flight, max_concurrent_rpcs
 from services.reliability.ratelimit import TokenBuckets
 from services.reliability.retry_info import DETAILS_KEY, RetryInfo, Status, retry_delay_ms
-from tests.reliability.conftest import running_server
+from tests.services.reliability.conftest import running_server
 
 Code = grpc.StatusCode
 

@@ -1,7 +1,7 @@
 """The reliability report: what each fault scenario sent, got back and kept.
 
 Tests append one JSON line per scenario to the file named by ``RECSYS_RELIABILITY_REPORT``
-(nothing is written when it is unset); ``python -m services.reliability.report [FILE]``
+(nothing is written when it is unset); ``python -m ops.reliability_report [FILE]``
 prints them as a Markdown table - requests sent, answers by status code, degraded answers,
 events acknowledged vs found afterwards, recovery time - for ``make reliability`` and the
 README.
@@ -10,13 +10,12 @@ README.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ENV = "RECSYS_RELIABILITY_REPORT"
+from core.config import Settings
 
 
 @dataclass
@@ -39,10 +38,9 @@ class Scenario:
 
 def record(scenario: Scenario) -> None:
     """Append ``scenario`` to the report file, if ``RECSYS_RELIABILITY_REPORT`` names one."""
-    target = os.environ.get(ENV)
-    if not target:
+    path = Settings().reliability_report  # read per call: tests set it per scenario run
+    if path is None:
         return
-    path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fh.write(json.dumps({**asdict(scenario), "codes": dict(scenario.codes)}) + "\n")
@@ -80,7 +78,8 @@ def render(scenarios: list[Scenario]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0] if args else os.environ.get(ENV, "var/reliability/report.jsonl"))
+    default = Settings().reliability_report or Path("var/reliability/report.jsonl")
+    path = Path(args[0]) if args else default
     if not path.exists():
         print(f"no reliability report at {path}: run `make reliability`", file=sys.stderr)
         return 1

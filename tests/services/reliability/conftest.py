@@ -101,8 +101,3 @@ def running_server(
 @pytest.fixture()
 def base_settings(tmp_path: Any) -> Settings:
     return Settings(wal_dir=tmp_path / "wal", grpc_workers=8, max_in_flight=4)
-
-
-# The real stack (tritonserver, Milvus Lite, gateway) for the integration tests of this
-# directory; started only when such a test runs (session fixtures are lazy).
-from tests.integration.conftest import *  # noqa: E402, F403

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 
 from training.data import load_generic
 
+pytestmark = pytest.mark.fuzz
+
 TOTAL = int(os.environ.get("RECSYS_FUZZ_EXAMPLES", "210"))
 EXAMPLES = max(20, TOTAL // 20)
 FUZZ = settings(

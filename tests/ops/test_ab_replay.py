@@ -9,7 +9,7 @@ from ops.ab_replay import heldout_from_events, offline_arms, replay
 from services.experiments.assignment import assign, parse_experiments
 from services.experiments.exposures import ExposureLog, read_log
 from services.experiments.report import summarise
-from tests.evaluation.conftest import synthetic_generic
+from tests.training.evaluation.conftest import synthetic_generic
 
 EXPERIMENTS = json.dumps(
     [
