@@ -18,9 +18,14 @@ COLUMNS = (
     ("novelty@10", "Novelty@10"),
 )
 SLICE_TITLES = {
-    "all": "All test users",
-    "cold_start": "Cold-start users",
+    "all": "All test users (long horizon: every later positive)",
+    "warm": "Warm users (long horizon)",
+    "cold_start": "Cold-start users (long horizon)",
     "new_items": "New items (targets restricted to items without training events)",
+    "next_items": "Next items: the next 10 positives after the fold-in point",
+    "next_items_warm": "Next items, warm users",
+    "next_items_cold": "Next items, cold-start users",
+    "next_30_days": "Next 30 days: positives within 30 days of the fold-in point",
 }
 ACCURACY = ("recall@10", "recall@20", "ndcg@10", "mrr@20", "hit_rate@10")
 
@@ -106,6 +111,15 @@ def quality_target_lines(qt: dict[str, Any]) -> list[str]:
                 f"CI of difference [{vp['low']:+.4f}, {vp['high']:+.4f}]): "
                 f"{'**met**' if qt['beats_popularity_cold_widely'] else '**NOT met**'} "
                 "(wide = at least +10% relative and CI above 0)."
+            )
+        if "next_items" in qt:
+            nx = qt["next_items"]
+            vn = nx["vs_best_baseline"]
+            lines.append(
+                f"- Next items: `{name}` NDCG@10 {nx['ndcg']:.4f} vs best baseline "
+                f"`{nx['best_baseline']}` {nx['best_baseline_ndcg']:.4f} "
+                f"({nx['ratio']:.2f}x, CI of difference [{vn['low']:+.4f}, {vn['high']:+.4f}]): "
+                f"{'**met**' if nx['met'] else '**NOT met**'} (target >= 1.2x, CI above 0)."
             )
     else:
         lines.append(f"- not evaluated: {qt.get('reason', 'pipeline missing')}")

@@ -389,6 +389,7 @@ def _diversity_vectors(
 #: (added here because the pipelines use them: leaving them out would flatter the pipelines)
 ISSUE_BASELINES = ("popularity", "itemknn", "als", "bpr", "content_pretrained", "two_tower")
 BASELINES = (*ISSUE_BASELINES, "popularity_trending", "content_finetuned")
+NEXT_ITEMS_RATIO = 1.2  # the next-items target: >= 1.2x the best baseline, CI above 0
 
 
 def _quality_target(
@@ -429,6 +430,26 @@ def _quality_target(
         "vs_best_baseline_all": vs_best,
         "beats_best_baseline_all": allm[system]["ndcg@10"] > allm[best]["ndcg@10"],
     }
+    nxt = table.get("next_items", {})
+    if system in nxt and nxt[system].get("users", 0):
+        nbase = [b for b in BASELINES if b in nxt]
+        nbest = max(nbase, key=lambda b: nxt[b]["ndcg@10"])
+        vs = M.paired_bootstrap(
+            per_user["next_items"][system],
+            per_user["next_items"][nbest],
+            samples=opts.bootstrap_samples,
+            seed=opts.seed,
+        )
+        mine, theirs = nxt[system]["ndcg@10"], nxt[nbest]["ndcg@10"]
+        ratio = mine / theirs if theirs > 0 else float("inf")
+        out["next_items"] = {
+            "best_baseline": nbest,
+            "ndcg": mine,
+            "best_baseline_ndcg": theirs,
+            "ratio": ratio,
+            "vs_best_baseline": vs,
+            "met": bool(ratio >= NEXT_ITEMS_RATIO and vs["low"] > 0),
+        }
     cold = table.get("cold_start", {})
     if cold.get(system, {}).get("users", 0) and "popularity" in cold:
         p, q = cold[system]["ndcg@10"], cold["popularity"]["ndcg@10"]

@@ -50,7 +50,16 @@ def test_smoke_run_on_generic_data(
         "pipeline",
     }
     assert expected <= systems, result["skipped"]
-    assert set(result["metrics"]) == {"all", "cold_start", "new_items"}
+    assert set(result["metrics"]) == {
+        "all",
+        "warm",
+        "cold_start",
+        "new_items",
+        "next_items",
+        "next_items_warm",
+        "next_items_cold",
+        "next_30_days",
+    }
     for row in result["metrics"]["all"].values():
         assert 0.0 <= row["ndcg@10"] <= 1.0 and "novelty@10" in row and "ild@10" in row
     assert result["seed"] == 0 and result["split"]["quantile"] == 0.8
