@@ -680,7 +680,7 @@ def train_config(train: list[str]) -> Any:
     config_path = REPO_ROOT / option(train, "--config")
     if not config_path.is_file():
         pytest.skip(f"{config_path.relative_to(REPO_ROOT)} not written yet")
-    from training.train import load_config
+    from training.config import load_config
 
     overrides = [train[i + 1] for i, arg in enumerate(train) if arg == "--set"]
     return load_config(config_path, overrides)  # also rejects unknown keys

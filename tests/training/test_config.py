@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from training.train import REPO_ROOT, TrainConfig, latest_checkpoint, load_config
+from core.config import REPO_ROOT
+from training.config import TrainConfig, load_config
+from training.loop import latest_checkpoint
 
 CONFIGS = REPO_ROOT / "training" / "configs"
 

@@ -23,7 +23,8 @@ CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "local.y
 def ray_local() -> Iterator[None]:
     import ray
 
-    from training.train import init_ray, load_config
+    from training.config import load_config
+    from training.train import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -65,7 +66,8 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
 def first_run(
     ray_local: None, tiny_bert: str, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Any], Path, list[str]]:
-    from training.train import load_config, run
+    from training.config import load_config
+    from training.train import run
 
     root = tmp_path_factory.mktemp("ray_run")
     ov = _overrides(tiny_bert, root)
@@ -109,7 +111,8 @@ def test_two_worker_run_loss_goes_down_and_exports(
 def test_resume_continues_from_checkpoint(
     first_run: tuple[dict[str, Any], Path, list[str]],
 ) -> None:
-    from training.train import load_config, run
+    from training.config import load_config
+    from training.train import run
 
     before, root, ov = first_run
     ov = [o for o in ov if not o.startswith(("retrieval.epochs", "retrieval.fail"))]

@@ -1,0 +1,196 @@
+"""Training configuration: dataclasses mirroring ``training/configs/*.yaml``.
+
+Kept free of torch and Ray so that reading a config (``--help``, the k8s manifest checks)
+stays cheap. ``load_config`` rejects unknown keys and casts values to the field types,
+because a typo in a YAML key would otherwise silently train with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.config import REPO_ROOT, get_settings
+from training.models.pretrained import resolve_pretrained
+
+
+@dataclass
+class StageConfig:
+    """What every Ray Train stage reads (see :mod:`training.loop`)."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_seq_len: int = 64
+    max_examples: int | None = 400
+    eval_users: int | None = 100
+    eval_batch_size: int = 64
+    eval_before_training: bool = False
+    log_every: int = 5
+    #: test hook: raise once after this epoch to exercise FailureConfig + resume
+    fail_after_epoch: int | None = None
+
+
+@dataclass
+class RetrievalConfig(StageConfig):
+    shared_weights: bool = True
+    temperature: float = 0.05
+    learn_temperature: bool = True
+    k: int = 10
+    #: relevant items per validation user: their next N unseen positives after the split
+    eval_relevant_per_user: int | None = 10
+    #: items ranked at validation: relevant items + a random sample up to this size
+    #: (``null`` = the whole catalogue)
+    eval_candidates: int | None = 1000
+
+
+@dataclass
+class RankerConfig(StageConfig):
+    max_seq_len: int = 128
+    max_examples: int | None = 200  # positives; each gets the negatives below
+    random_negatives: int = 1
+    hard_negatives: int = 1
+    hard_negative_top_k: int = 50
+    mining_candidates: int | None = 2000
+    eval_users: int | None = 50
+    eval_positives_per_user: int = 2
+    eval_random_negatives: int = 2
+    eval_hard_negatives: int = 2
+    balance_classes: bool = False
+
+
+@dataclass
+class TrainConfig:
+    name: str = "local"
+    data_dir: str = "third_party/movielens/ml-latest-small"
+    pretrained_model: str = ""  # "" = core.config pretrained_model, else bundled MiniLM
+    storage_path: str = "runs"
+    output_dir: str | None = None  # default <storage_path>/<name>/final
+    seed: int = 0
+    # time split for validation: leave_last_n per user, else cutoff, else quantile
+    split_quantile: float | None = 0.8
+    split_cutoff: str | None = None
+    split_leave_last_n: int | None = None
+    history_len: int = 20
+    max_chars: int = 1000
+    # Ray
+    ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray with num_cpus
+    num_cpus: int | None = 2
+    object_store_memory: int | None = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 1
+    checkpoints_to_keep: int = 2
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        ret = _build(RetrievalConfig, d.pop("retrieval", None) or {}, "retrieval")
+        rk = _build(RankerConfig, d.pop("ranker", None) or {}, "ranker")
+        cfg = _build(cls, d, "")
+        cfg.retrieval, cfg.ranker = ret, rk
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def storage(self) -> str:
+        """Ray Train's ``storage_path``: a URI as given, a local path made absolute."""
+        s = self.storage_path
+        return s if "://" in s else str(resolve_path(s))
+
+    def run_dir(self, stage: str) -> Path:
+        """The Ray run directory of a stage; its name is the ``RunConfig`` name, which is
+        what lets Ray restore an unfinished run."""
+        return Path(self.storage()) / f"{self.name}-{stage}"
+
+    def export_dir(self) -> Path:
+        """Where the final models and ``metrics.json`` go (always a local directory)."""
+        default = Path(self.storage()) / self.name / "final"
+        out = Path(self.output_dir) if self.output_dir else default
+        if "://" in str(out):
+            raise ValueError("output_dir must be a local path")
+        return out.absolute()
+
+    def pretrained_dir(self) -> str:
+        """The BERT directory both stages start from: the config's, else the platform
+        setting, else the bundled all-MiniLM-L6-v2."""
+        name = self.pretrained_model
+        if not name:
+            try:
+                name = get_settings().pretrained_model
+            except Exception:  # invalid RECSYS_* settings: fall back to the bundled model
+                name = ""
+        return resolve_pretrained(name)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """YAML reads ``1e-3`` as a string and ``5`` as an int: cast to the field's type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        if hint is not None and type(None) not in typing.get_args(hint):
+            raise ValueError(f"config key {key!r} must not be null")
+        return None
+    target = args[0] if args else hint
+    if target is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true/false, got {value!r}")
+        return value
+    if target in (int, float, str):
+        try:
+            out = target(value)
+        except (TypeError, ValueError):
+            msg = f"config key {key!r}: cannot read {value!r} as {target.__name__}"
+            raise ValueError(msg) from None
+        if target is int and isinstance(value, float) and value != out:
+            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+        return out
+    return value
+
+
+def _build(cls: Any, d: dict[str, Any], where: str) -> Any:
+    """``cls(**d)`` with unknown keys rejected and every value coerced to its field type."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {where or 'top level'}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()})
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (or defaults) plus ``key=value`` / ``section.key=value`` overrides (values
+    parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    for ov in overrides or []:
+        key, sep, value = ov.partition("=")
+        if not sep:
+            raise ValueError(f"override {ov!r} is not key=value")
+        target = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+        target[parts[-1]] = yaml.safe_load(value)
+    return TrainConfig.from_dict(raw)
+
+
+def resolve_path(p: str) -> Path:
+    """A config path as given when it exists (or is absolute or a URI), else relative to the
+    repository, so the configs work from any working directory."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists() or "://" in p:
+        return path.absolute() if "://" not in p else path
+    alt = REPO_ROOT / path
+    return alt if alt.exists() else path.absolute()
