@@ -2,6 +2,8 @@
 # Training / export image, run by KubeRay as Ray head and workers:
 #   python -m training.train --config training/configs/<file>.yaml
 #   python -m training.export --checkpoint <dir> --repository <model repository>
+# and the offline jobs of ops/ (indexing into Milvus, segments, evaluation). It installs the
+# whole requirements.lock (serving, training and dev stacks); the gateway image does not.
 # Build from the repository root, after `make proto`:
 #   CPU (dev):  docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
 #   GPU (prod): docker build -f docker/training.Dockerfile --build-arg TORCH_VARIANT=cu128 \
@@ -27,8 +29,12 @@ RUN TORCH_VERSION="$(sed -nE 's/^torch==([0-9][^+ ;]*).*/\1/p' requirements.lock
  && pip install --no-deps -r /tmp/requirements.txt
 COPY pyproject.toml README.md ./
 COPY proto/ proto/
+COPY core/ core/
+# services/: the ops/ jobs (indexing, segments, served evaluation) use its vector store,
+# Triton client and gRPC client.
 COPY services/ services/
 COPY training/ training/
+COPY ops/ ops/
 # Tracked model configs only (.dockerignore drops weights): the job copies them into the
 # model repository next to the version it exports.
 COPY model_repository/ model_repository/
@@ -36,7 +42,7 @@ COPY model_repository/ model_repository/
 COPY third_party/movielens/ third_party/movielens/
 RUN test -d services/api/recsys || { echo "services/api/recsys missing: run 'make proto' before docker build" >&2; exit 1; } \
  && pip install --no-deps . \
- && python -m compileall -q /app/services /app/training
+ && python -m compileall -q /app/core /app/services /app/training /app/ops
 
 FROM ${PYTHON_IMAGE}
 # KubeRay's default Ray health probes call wget.

@@ -36,6 +36,16 @@ def dockerfile(name: str) -> str:
     return (DOCKER_DIR / name).read_text()
 
 
+def copy_sources(text: str) -> set[str]:
+    """What the Dockerfile copies from the build context (not from other stages)."""
+    return {
+        source.rstrip("/")
+        for rest in arguments(text, "COPY")
+        if not rest.startswith("--from")
+        for source in rest.split()[:-1]
+    }
+
+
 def instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
     joined = re.sub(r"\\\n", " ", text)
@@ -100,10 +110,39 @@ def test_python_images(name: str) -> None:
     assert len(bases) >= 2 and set(bases) == {PYTHON_BASE}, f"{name}: multi-stage on {bases}"
     assert "COPY --from=build" in text
     runs = " ".join(arguments(text, "RUN"))
-    assert "pip install --no-deps -r" in runs, "dependencies must come from requirements.lock"
     assert "pip install --no-deps ." in runs
-    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in runs
     assert re.search(r"USER\s+10001", text), "pods run as UID 10001 (runAsUser)"
+
+
+def test_training_image_installs_the_full_lock() -> None:
+    text = dockerfile("training.Dockerfile")
+    runs = " ".join(arguments(text, "RUN"))
+    assert "pip install --no-deps -r" in runs, "dependencies must come from requirements.lock"
+    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in runs
+    copied = copy_sources(text)
+    # training/ and the ops/ jobs, on core/; the jobs use services' store and clients
+    assert {"requirements.lock", "core", "services", "training", "ops"} <= copied, copied
+
+
+def test_gateway_image_installs_only_the_gateway_lock() -> None:
+    """The gateway image gets requirements-gateway.lock (hashed pins), core/ and services/:
+    no torch (nor any other training or dev package), no training/ or ops/ code."""
+    text = dockerfile("gateway.Dockerfile")
+    runs = " ".join(arguments(text, "RUN"))
+    assert "pip install --require-hashes --no-deps -r requirements-gateway.lock" in runs, (
+        "dependencies must come from requirements-gateway.lock, hashes checked"
+    )
+    copied = copy_sources(text)
+    assert copied == {
+        "requirements-gateway.lock",
+        "pyproject.toml",
+        "README.md",
+        "proto",
+        "core",
+        "services",
+    }, f"gateway image copies {sorted(copied)}"
+    assert "requirements.lock" not in text.replace("requirements-gateway.lock", "")
+    assert "torch" not in runs and "download.pytorch.org" not in runs, "no torch in the gateway"
 
 
 def test_triton_image() -> None:
