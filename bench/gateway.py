@@ -6,7 +6,7 @@ of known users (round robin) with a deadline, until ``max_requests`` were issued
 gateway's ``recsys_stage_seconds`` histogram (bucket deltas of a scrape before and after) and
 Triton's own per-model queue/compute counters.
 
-Baseline: the gateway's :class:`~services.gateway.pipeline.Pipeline` (same Milvus, same
+Baseline: the gateway's :class:`~services.recommend.pipeline.Pipeline` (same Milvus, same
 retrieval, same candidates, same MMR) with the CTR scorer swapped for the ranker in PyTorch in
 this process, one request at a time, no batching across requests, no Triton. Its inputs are
 tokenized with the release's own ``tokenizer.json`` and the Triton tokenizer's settings
@@ -33,7 +33,7 @@ from core.config import Settings
 from ops.stack import LocalStack
 from services.api import pb, pb_grpc
 
-STAGES = ("profile", "retrieval", "ranking")
+STAGES = ("profile", "retrieval", "ranking", "diversify", "explain")
 
 
 def known_users(settings: Settings, limit: int, seed: int = 0) -> list[str]:
@@ -244,9 +244,10 @@ class Baseline:
     """The gateway's pipeline in this process with the PyTorch ranker, one call at a time."""
 
     def __init__(self, stack: LocalStack, ranker_dir: str, spec: TokenizerSpec) -> None:
-        from services.gateway.pipeline import Pipeline, RankerStatus
         from services.inference.triton_client import TritonClient
-        from services.retrieval.popularity import PopularItems
+        from services.recommend.pipeline import Pipeline
+        from services.recommend.rank import RankerStatus
+        from services.recommend.retrieve import PopularItems
         from services.vectors.store import VectorStore
 
         self.stack = stack
@@ -271,7 +272,7 @@ class Baseline:
 
     def call(self, user: str, k: int = 10) -> Any:
         from services.deadline import Deadline
-        from services.retrieval.candidates import Filters
+        from services.recommend.context import Filters
 
         return self.pipeline.recommend(user, k, Filters(), Deadline.after(600.0))
 

@@ -7,6 +7,10 @@ exposure and logs a click for every exposed item that is among the user's held-o
 (each kept with probability ``click_prob``, seeded). The log then goes through the same
 report as live traffic, so assignment -> exposure -> feedback -> report is exercised end to
 end without a gateway. ``recommend`` can wrap an offline system or a gateway client.
+
+Experiments are written for the gateway: a ``retrieval_mix`` names the gateway's sources
+(:data:`core.config.RETRIEVAL_SOURCES`), and the offline arms map each to the offline system
+closest to it (:data:`OFFLINE_SOURCES`), so one configuration runs in both places.
 """
 
 from __future__ import annotations
@@ -18,10 +22,48 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.experiments.assignment import Experiment, assign_all, merged_variant
+from services.experiments.assignment import Experiment, Variant, assign_all, merged_variant
 from services.experiments.exposures import ExposureLog, read_log
 
-RecommendFn = Callable[[str, dict[str, Any], int], Sequence[str]]
+RecommendFn = Callable[[str, Variant, int], Sequence[str]]
+
+#: Gateway source -> the offline system (``training.evaluation.systems``) standing in for it.
+#: The gateway's defaults were carried over from the offline tuning along the same lines
+#: (``core.config.Settings.retrieval_weights``):
+#:
+#: * ``ann`` - Milvus ANN with the mean vector of the recent history: ``content_pretrained``
+#:   (cosine to the mean of the user's recent item vectors from the pretrained tower; the
+#:   fine-tuned tower the gateway serves needs a checkpoint). Loaded only with ``content``.
+#: * ``co_occurrence`` - neighbours of history items by cosine over users: ``itemknn``.
+#: * ``segment`` - what users near this user in vector space liked, a collaborative signal:
+#:   ``bpr``, the collaborative source the offline tuning weights like ``segment`` (0.5).
+#: * ``popular`` - time-decayed global popularity: ``popularity_trending``.
+OFFLINE_SOURCES = {
+    "ann": "content_pretrained",
+    "co_occurrence": "itemknn",
+    "segment": "bpr",
+    "popular": "popularity_trending",
+}
+
+
+def offline_mix(mix: Mapping[str, float], loaded: Collection[str]) -> dict[str, float]:
+    """A gateway ``retrieval_mix`` as fusion weights of offline systems; a source with no
+    offline counterpart, or whose counterpart is not ``loaded``, is an error naming it."""
+    out: dict[str, float] = {}
+    for source, weight in mix.items():
+        system = OFFLINE_SOURCES.get(source)
+        if system is None:
+            raise ValueError(
+                f"retrieval_mix source {source!r} has no offline counterpart; "
+                f"mapped: {sorted(OFFLINE_SOURCES)}"
+            )
+        if system not in loaded:
+            raise ValueError(
+                f"retrieval_mix source {source!r} replays as {system!r}, which is not loaded"
+                + (" (pass --content)" if system == "content_pretrained" else "")
+            )
+        out[system] = float(weight)
+    return out
 
 
 def replay(
@@ -79,12 +121,12 @@ DEMO_EXPERIMENTS = [
         "name": "retrieval_mix",
         "salt": "replay-demo",
         "arms": [
-            {"name": "control", "weight": 50, "variant": {"retrieval_mix": {"popularity": 1}}},
+            {"name": "control", "weight": 50, "variant": {"retrieval_mix": {"popular": 1}}},
             {
                 "name": "treatment",
                 "weight": 50,
                 "variant": {
-                    "retrieval_mix": {"popularity_trending": 2, "itemknn": 1, "bpr": 1},
+                    "retrieval_mix": {"popular": 2, "co_occurrence": 1, "segment": 1},
                     "mmr_lambda": 0.1,
                 },
             },
@@ -104,10 +146,11 @@ def offline_arms(
 ) -> tuple[dict[str, set[str]], RecommendFn]:
     """Held-out targets of the evaluation protocol and a ``recommend(user, variant, k)``
     served by :class:`training.evaluation.pipeline.HybridPipeline`: ``retrieval_mix`` names
-    fusion weights of its sources (popularity, popularity_trending, itemknn, als, bpr and,
-    with ``content``, content_pretrained), ``mmr_lambda`` its MMR (needs ``content``);
-    ``model_version`` has no offline meaning and is ignored. Unset knobs: equal weights, no
-    MMR."""
+    gateway sources, replayed by the offline systems of :data:`OFFLINE_SOURCES` (``ann``
+    needs ``content``), ``mmr_lambda`` its MMR (needs ``content``); ``model_version`` has no
+    offline meaning and is ignored. Unset knobs: equal weights over every loaded system
+    (popularity, popularity_trending, itemknn, als, bpr and, with ``content``,
+    content_pretrained), no MMR."""
     from training.data import load_dataset
     from training.evaluation import systems as S
     from training.evaluation.pipeline import HybridPipeline, PipelineConfig
@@ -131,16 +174,12 @@ def offline_arms(
         src.observe(split.observed)
     pipes: dict[str, HybridPipeline] = {}
 
-    def recommend(user_id: str, variant: dict[str, Any], k: int) -> list[str]:
-        key = json.dumps(variant, sort_keys=True)
+    def recommend(user_id: str, variant: Variant, k: int) -> list[str]:
+        key = json.dumps(variant.set_fields(), sort_keys=True)
         if key not in pipes:
-            mix = variant.get("retrieval_mix") or dict.fromkeys(sources, 1.0)
-            unknown = sorted(set(mix) - set(sources))
-            if unknown:
-                raise ValueError(f"retrieval_mix names unknown sources {unknown}")
-            cfg = PipelineConfig(
-                weights=dict(mix), mmr_lambda=float(variant.get("mmr_lambda") or 0.0)
-            )
+            mix = variant.retrieval_mix
+            weights = offline_mix(mix, sources) if mix else dict.fromkeys(sources, 1.0)
+            cfg = PipelineConfig(weights=weights, mmr_lambda=float(variant.mmr_lambda or 0.0))
             pipe = HybridPipeline(sources, cfg, mmr_source=vectors)
             pipe.fit(split.train)
             pipe.observe(split.observed)
@@ -153,6 +192,7 @@ def offline_arms(
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
+    from core.config import get_settings
     from services.experiments.assignment import load_experiments, parse_experiments
     from services.experiments.report import format_table, summarise
 
@@ -172,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--content", action="store_true", help="add pretrained content + MMR")
     args = ap.parse_args(argv)
     experiments = (
-        parse_experiments(args.experiments) if args.experiments else load_experiments()
+        parse_experiments(args.experiments)
+        if args.experiments
+        else load_experiments(get_settings())
     ) or parse_experiments(DEMO_EXPERIMENTS)
     heldout, recommend = offline_arms(
         args.data, max_users=args.max_users, seed=args.seed, content=args.content

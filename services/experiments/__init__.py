@@ -1,10 +1,13 @@
 """A/B experiments: deterministic arm assignment, exposure/feedback log, report, replay.
 
-* :mod:`.assignment` - experiments from settings (JSON), ``assign(experiment, user_id)``;
+* :mod:`.assignment` - experiments from settings (JSON), ``assign(experiment, user_id)``, and
+  :class:`Variant`, the knobs an arm changes, which the recommendation pipeline takes as is;
 * :mod:`.exposures` - append-only JSONL log of exposures and clicks, with the arm;
 * :mod:`.report` - per-arm CTR, lift, 95% CI, p-value (``python -m services.experiments.report``);
-* :mod:`.replay` - held-out interactions turned into simulated traffic, end to end;
 * :mod:`.runtime` - :class:`ExperimentService`, what the gateway calls.
+
+The simulated replay of held-out interactions lives in :mod:`ops.ab_replay` (it needs the
+offline systems).
 """
 
 from services.experiments.assignment import (

@@ -1,6 +1,7 @@
 """Experiments defined in settings and deterministic, sticky arm assignment.
 
-Configuration is a JSON list (setting ``experiments`` / env ``RECSYS_EXPERIMENTS``)::
+Configuration is a JSON list, read only through the settings (``Settings.experiments``, env
+``RECSYS_EXPERIMENTS``)::
 
     [{"name": "mmr", "salt": "s1",
       "arms": [{"name": "control",   "weight": 50, "variant": {"mmr_lambda": 0.0}},
@@ -8,9 +9,10 @@ Configuration is a JSON list (setting ``experiments`` / env ``RECSYS_EXPERIMENTS
 
 Optional per experiment: ``"control"`` (the baseline arm's name; default the arm called
 ``control``, else the first arm) and ``"enabled"`` (default true). A variant may set
-``model_version`` (Triton release to pin), ``retrieval_mix`` (source -> weight) and
-``mmr_lambda`` (0 = pure relevance); anything else is rejected so a typo cannot silently
-run an experiment that changes nothing.
+``model_version`` (Triton release to pin), ``retrieval_mix`` (gateway source -> weight, the
+sources of :data:`core.config.RETRIEVAL_SOURCES`) and ``mmr_lambda`` (0 = pure relevance);
+anything else, an unknown source name included, is rejected so a typo cannot silently run
+an experiment that changes nothing. The parsed :class:`Variant` is what the pipeline takes.
 
 Assignment: ``bucket = int(sha256(f"{salt}:{user_id}")[:16 hex], 16) % 10000``; arm ``i``
 owns the buckets ``[B_i, B_{i+1})`` with ``B_i`` the rounded cumulative weight share. It
@@ -25,13 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
+
+from core.config import check_retrieval_mix
 
 BUCKETS = 10_000
-ENV_VAR = "RECSYS_EXPERIMENTS"
 
 
 class ExperimentConfigError(ValueError):
@@ -40,16 +42,28 @@ class ExperimentConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Variant:
-    """The pipeline knobs an arm may change; ``None`` = keep the serving default."""
+    """The pipeline knobs an arm may change; ``None`` = keep the serving default.
 
-    model_version: str | None = None
-    retrieval_mix: Mapping[str, float] | None = None
+    One type from the configuration to the pipeline: parsed (and validated) here, merged
+    over a user's arms, then read by the recommendation stages.
+    """
+
+    model_version: str | None = None  # ranker release on Triton
+    retrieval_mix: Mapping[str, float] | None = None  # gateway source -> fusion weight
     mmr_lambda: float | None = None
 
     def set_fields(self) -> dict[str, Any]:
         """Only the fields this variant overrides."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return {k: v for k, v in values.items() if v is not None}
+
+    @classmethod
+    def merge(cls, variants: Iterable[Variant]) -> Variant:
+        """All overrides together (parsing guarantees that no two set the same field)."""
+        out = cls()
+        for variant in variants:
+            out = replace(out, **variant.set_fields())
+        return out
 
     @classmethod
     def parse(cls, raw: object, where: str) -> Variant:
@@ -73,7 +87,12 @@ class Variant:
             for k, v in mix.items():
                 if not _is_number(v) or v < 0:
                     raise ExperimentConfigError(f"{where}.retrieval_mix[{k!r}] must be >= 0")
-            mix = {str(k): float(v) for k, v in mix.items()}
+            try:
+                mix = check_retrieval_mix(
+                    {str(k): float(v) for k, v in mix.items()}, f"{where}.retrieval_mix"
+                )
+            except ValueError as exc:  # an unknown source, named in the message
+                raise ExperimentConfigError(str(exc)) from exc
         lam = raw.get("mmr_lambda")
         if lam is not None and (not _is_number(lam) or not 0.0 <= lam <= 1.0):
             raise ExperimentConfigError(f"{where}.mmr_lambda must be a number in [0, 1]")
@@ -161,12 +180,9 @@ def assign_all(experiments: Sequence[Experiment], user_id: str) -> list[Assignme
     return out
 
 
-def merged_variant(assignments: Sequence[Assignment]) -> dict[str, Any]:
+def merged_variant(assignments: Sequence[Assignment]) -> Variant:
     """The overrides of all assignments together (fields never overlap, see parsing)."""
-    out: dict[str, Any] = {}
-    for a in assignments:
-        out.update(a.variant.set_fields())
-    return out
+    return Variant.merge(a.variant for a in assignments)
 
 
 def parse_experiments(raw: str | list[Any] | None) -> list[Experiment]:
@@ -235,10 +251,14 @@ def parse_experiments(raw: str | list[Any] | None) -> list[Experiment]:
     return out
 
 
-def load_experiments(settings: object | None = None) -> list[Experiment]:
-    """Experiments from ``settings.experiments`` when the settings object has that field,
-    else from the ``RECSYS_EXPERIMENTS`` environment variable."""
-    raw = getattr(settings, "experiments", None) if settings is not None else None
-    if raw is None:
-        raw = os.environ.get(ENV_VAR, "")
-    return parse_experiments(raw)
+class ExperimentSettings(Protocol):
+    """What experiments need of the settings (:class:`core.config.Settings` has it)."""
+
+    @property
+    def experiments(self) -> str: ...
+
+
+def load_experiments(settings: ExperimentSettings) -> list[Experiment]:
+    """Experiments from ``settings.experiments``: the settings object is the one way in, so
+    the environment variable is read (and overridden) where every other setting is."""
+    return parse_experiments(settings.experiments)

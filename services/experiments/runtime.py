@@ -2,8 +2,8 @@
 
 Wiring (the lead's part) in ``Recommend``::
 
-    assignments, variant = experiments.for_user(user_id)     # apply variant knobs
-    ... compose the response with them ...
+    assignments, variant = experiments.for_user(user_id)     # the merged Variant
+    pipeline.recommend(..., variant=variant)                  # applies its knobs
     response.experiments = [a.label() for a in assignments]  # returned to the client
     experiments.exposed(user_id, assignments, [item ids], request_id)
 
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from services.experiments.assignment import (
     Assignment,
     Experiment,
+    ExperimentSettings,
+    Variant,
     assign_all,
     load_experiments,
     merged_variant,
@@ -37,8 +38,8 @@ class ExperimentService:
         self.log = log
 
     @classmethod
-    def from_settings(cls, settings: object) -> ExperimentService:
-        """Experiments from ``settings.experiments`` (or ``RECSYS_EXPERIMENTS``); the log at
+    def from_settings(cls, settings: ExperimentSettings) -> ExperimentService:
+        """Experiments from ``settings.experiments`` (validated: a bad one fails here); the log at
         ``settings.exposure_log`` when that field exists, else ``<var_dir>/experiments/``."""
         experiments = load_experiments(settings)
         path = getattr(settings, "exposure_log", None)
@@ -49,8 +50,8 @@ class ExperimentService:
         # earlier experiments recorded.
         return cls(experiments, ExposureLog(path))
 
-    def for_user(self, user_id: str) -> tuple[list[Assignment], dict[str, Any]]:
-        """The user's arms and the merged variant overrides to apply."""
+    def for_user(self, user_id: str) -> tuple[list[Assignment], Variant]:
+        """The user's arms and their variants merged: what the pipeline applies."""
         assignments = assign_all(self.experiments, user_id)
         return assignments, merged_variant(assignments)
 

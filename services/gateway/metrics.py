@@ -1,8 +1,8 @@
 """Prometheus metrics of the gateway, served on ``RECSYS_METRICS_PORT`` at ``/metrics``.
 
 Requests by RPC and status code come from a server interceptor, so every path (including
-validation errors and aborts) is counted; stage latencies, candidate counts and degraded
-answers come from the pipeline.
+validation errors and aborts) is counted; each pipeline stage observes its own latency as it
+ends (:func:`observe_stage`), candidate counts and degraded answers come from the answer.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LATENCY = Histogram(
 )
 STAGE_LATENCY = Histogram(
     "recsys_stage_seconds",
-    "Recommend latency per pipeline stage (profile, retrieval, ranking)",
+    "Recommend latency per pipeline stage (profile, retrieval, ranking, diversify, explain)",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
@@ -38,9 +38,13 @@ def start_metrics_server(port: int, host: str) -> None:
         start_http_server(port, addr=host)
 
 
-def record_recommendation(timings: dict[str, float], candidates: int, degraded: list[str]) -> None:
-    for stage, seconds in timings.items():
-        STAGE_LATENCY.labels(stage).observe(seconds)
+def observe_stage(stage: str, seconds: float) -> None:
+    """One ``Recommend`` stage's latency, called by the stage as it ends."""
+    STAGE_LATENCY.labels(stage).observe(seconds)
+
+
+def record_recommendation(candidates: int, degraded: list[str]) -> None:
+    """What the finished answer says: candidates after fusion, why it degraded."""
     CANDIDATES.observe(candidates)
     for reason in degraded:
         DEGRADED.labels(reason.split(" ", 1)[0]).inc()

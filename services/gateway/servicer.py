@@ -24,11 +24,10 @@ from services.api import pb, pb_grpc
 from services.deadline import Deadline, DeadlineExceeded
 from services.gateway import validation as v
 from services.gateway.metrics import record_recommendation
-from services.gateway.pipeline import Variant
 from services.gateway.state import GatewayState
 from services.inference.triton_client import InferenceUnavailable
+from services.recommend.context import Filters
 from services.reliability.wal import WalError
-from services.retrieval.candidates import Filters
 from services.vectors.store import Row, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -103,14 +102,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             frozenset(v.check_excludes(request.exclude_item_ids)),
         )
         diversity = v.check_diversity(request)
-        assignments, arm = self.state.experiments.for_user(user_id)
-        variant = Variant(
-            mmr_lambda=arm.get("mmr_lambda"),
-            retrieval_weights=arm.get("retrieval_mix"),
-            model_version=arm.get("model_version"),
-        )
+        assignments, variant = self.state.experiments.for_user(user_id)
         result = self.state.pipeline.recommend(user_id, k, filters, deadline, diversity, variant)
-        record_recommendation(result.timings, result.candidates, result.degraded)
+        record_recommendation(result.candidates, result.degraded)  # stages timed themselves
         self.state.experiments.exposed(user_id, assignments, [c.item_id for c in result.items])
         return pb.RecommendResponse(
             items=[
@@ -120,7 +114,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             degraded=bool(result.degraded),
             degraded_reason="; ".join(result.degraded),
             cold_start=result.cold_start,
-            model_version=arm.get("model_version") or self.state.model_version,
+            model_version=variant.model_version or self.state.model_version,
             experiment_arm=";".join(a.label() for a in assignments),
         )
 

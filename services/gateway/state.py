@@ -16,11 +16,13 @@ from grpc_health.v1 import health, health_pb2
 from core.config import Settings
 from services.deadline import Deadline
 from services.experiments.runtime import ExperimentService
-from services.gateway.pipeline import Pipeline, RankerStatus
+from services.gateway.metrics import observe_stage
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
+from services.recommend.pipeline import Pipeline
+from services.recommend.rank import RankerStatus
+from services.recommend.retrieve import PopularItems
 from services.reliability.wal import WalApplier, WriteAheadLog
-from services.retrieval.popularity import PopularItems
 from services.vectors.store import StoreSchemaError, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,12 @@ class GatewayState:
         self.experiments = ExperimentService.from_settings(settings)
         self.ranker_status = RankerStatus()
         self.pipeline = Pipeline(
-            settings, self.store, self.triton, self.popular, lambda: self.ranker_status
+            settings,
+            self.store,
+            self.triton,
+            self.popular,
+            lambda: self.ranker_status,
+            on_stage=observe_stage,
         )
         self.health = health.HealthServicer()
         self.model_version = ""

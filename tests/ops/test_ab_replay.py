@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ops.ab_replay import heldout_from_events, offline_arms, replay
-from services.experiments.assignment import assign, parse_experiments
+import pytest
+
+from core.config import RETRIEVAL_SOURCES
+from ops.ab_replay import (
+    DEMO_EXPERIMENTS,
+    OFFLINE_SOURCES,
+    heldout_from_events,
+    offline_arms,
+    offline_mix,
+    replay,
+)
+from services.experiments.assignment import Variant, assign, parse_experiments
 from services.experiments.exposures import ExposureLog, read_log
 from services.experiments.report import summarise
 from tests.training.evaluation.conftest import synthetic_generic
@@ -17,8 +27,8 @@ EXPERIMENTS = json.dumps(
             "name": "mix",
             "salt": "t1",
             "arms": [
-                {"name": "control", "weight": 50, "variant": {"retrieval_mix": {"a": 1}}},
-                {"name": "treatment", "weight": 50, "variant": {"retrieval_mix": {"b": 1}}},
+                {"name": "control", "weight": 50, "variant": {"retrieval_mix": {"popular": 1}}},
+                {"name": "treatment", "weight": 50, "variant": {"retrieval_mix": {"ann": 1}}},
             ],
         }
     ]
@@ -29,9 +39,9 @@ def test_replay_with_a_known_better_arm(tmp_path: Path) -> None:
     (exp,) = parse_experiments(EXPERIMENTS)
     heldout = {f"u{i}": {f"hit{i}"} for i in range(400)}
 
-    def recommend(user: str, variant: dict, k: int) -> list[str]:
+    def recommend(user: str, variant: Variant, k: int) -> list[str]:
         # treatment always shows the held-out item, control only for every 4th user
-        good = "b" in variant["retrieval_mix"] or int(user[1:]) % 4 == 0
+        good = "ann" in (variant.retrieval_mix or {}) or int(user[1:]) % 4 == 0
         return ([f"hit{user[1:]}"] if good else []) + [f"filler{j}" for j in range(k)]
 
     log = ExposureLog(tmp_path / "replay.jsonl")
@@ -65,8 +75,11 @@ def test_offline_arms_end_to_end(tmp_path: Path) -> None:
                 "name": "mix",
                 "salt": "s",
                 "arms": [
-                    {"name": "control", "variant": {"retrieval_mix": {"popularity": 1}}},
-                    {"name": "knn", "variant": {"retrieval_mix": {"itemknn": 1, "bpr": 1}}},
+                    {"name": "control", "variant": {"retrieval_mix": {"popular": 1}}},
+                    {
+                        "name": "knn",
+                        "variant": {"retrieval_mix": {"co_occurrence": 1, "segment": 1}},
+                    },
                 ],
             }
         ]
@@ -77,6 +90,23 @@ def test_offline_arms_end_to_end(tmp_path: Path) -> None:
     assert {r.arm for r in s["arms"]} == {"control", "knn"}
     assert sum(r.trials for r in s["arms"]) == len(heldout)
     assert s["unattributed_clicks"] == 0
+    # ann replays as the pretrained content model, loaded only with content=True
+    with pytest.raises(ValueError, match="'ann' replays as 'content_pretrained'"):
+        recommend(next(iter(heldout)), Variant(retrieval_mix={"ann": 1.0}), 10)
+
+
+def test_gateway_sources_map_explicitly_to_offline_systems() -> None:
+    assert set(OFFLINE_SOURCES) == set(RETRIEVAL_SOURCES)  # every gateway source, no other
+    loaded = set(OFFLINE_SOURCES.values())
+    assert offline_mix({"popular": 2, "co_occurrence": 1, "segment": 0.5, "ann": 1}, loaded) == {
+        "popularity_trending": 2.0,
+        "itemknn": 1.0,
+        "bpr": 0.5,
+        "content_pretrained": 1.0,
+    }
+    with pytest.raises(ValueError, match="'itemknn' has no offline counterpart"):
+        offline_mix({"itemknn": 1}, loaded)  # offline names are not accepted
+    parse_experiments(DEMO_EXPERIMENTS)  # the demo is written in the gateway's names
 
 
 def test_heldout_from_events(tmp_path: Path) -> None:

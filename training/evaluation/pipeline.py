@@ -1,7 +1,7 @@
 """The offline reference composition of the full pipeline: retrieval mix -> ranker -> MMR.
 
-This is what the gateway's composition should reproduce; :class:`~.systems.Pipeline` wraps
-the served one once it exists. Stages:
+This is what the gateway's composition should reproduce (the served one is evaluated through
+:class:`~.systems.CallableRecommender`, see ``ops/served_eval.py``). Stages:
 
 1. **Retrieval mix** - every source (popularity, trending popularity, ItemKNN, ALS, BPR,
    pretrained content, two-tower) ranks the whole catalogue for the user; the ranks are fused

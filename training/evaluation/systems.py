@@ -518,10 +518,10 @@ class TwoTower(EmbeddingRecommender):
         return vecs
 
 
-class Pipeline:
-    """Hook for the served composition (retrieval + ranker + MMR): wraps a callable
-    ``(user_id, k) -> item ids`` (e.g. a gateway client), with optional ``fit_fn(train)``
-    and ``observe_fn(events)`` so the same protocol (fit, fold-in, recommend) applies.
+class CallableRecommender:
+    """Any callable ``(user_id, k) -> item ids`` (e.g. a gateway client serving the composed
+    pipeline) as an evaluation system, with optional ``fit_fn(train)`` and
+    ``observe_fn(events)`` so the same protocol (fit, fold-in, recommend) applies.
     The callable is responsible for excluding items the user has already seen."""
 
     def __init__(

@@ -7,9 +7,11 @@ from collections import Counter
 
 import pytest
 
+from core.config import Settings
 from services.experiments.assignment import (
     BUCKETS,
     ExperimentConfigError,
+    Variant,
     assign,
     assign_all,
     bucket,
@@ -71,7 +73,11 @@ def test_unequal_weights_and_three_arms() -> None:
             "arms": [
                 {"name": "a", "weight": 1},
                 {"name": "b", "weight": 1},
-                {"name": "c", "weight": 2, "variant": {"retrieval_mix": {"ann": 1, "cf": 0.5}}},
+                {
+                    "name": "c",
+                    "weight": 2,
+                    "variant": {"retrieval_mix": {"ann": 1, "co_occurrence": 0.5}},
+                },
             ],
         }
     ]
@@ -82,7 +88,7 @@ def test_unequal_weights_and_three_arms() -> None:
     for arm, share in (("a", 0.25), ("b", 0.25), ("c", 0.5)):
         sd = (n * share * (1 - share)) ** 0.5
         assert abs(counts[arm] - n * share) < 4 * sd
-    assert exp.arm("c").variant.retrieval_mix == {"ann": 1.0, "cf": 0.5}
+    assert exp.arm("c").variant.retrieval_mix == {"ann": 1.0, "co_occurrence": 0.5}
 
 
 def test_salt_changes_the_split() -> None:
@@ -106,7 +112,10 @@ def test_assign_all_and_merged_variant() -> None:
     assigned = assign_all(exps, "user-1")
     assert [a.experiment for a in assigned] == ["mmr", "model"]  # disabled one skipped
     merged = merged_variant(assigned)
-    assert "mmr_lambda" in merged
+    assert isinstance(merged, Variant)  # the type the pipeline takes, no dict in between
+    assert "mmr_lambda" in merged.set_fields()
+    assert merged.mmr_lambda == assigned[0].variant.mmr_lambda
+    assert merged.model_version == assigned[1].variant.model_version
     assert assigned[0].label().startswith("mmr=")
 
 
@@ -141,6 +150,11 @@ def test_assign_all_and_merged_variant() -> None:
             '[{"name": "e", "salt": "s", "control": "zz", "arms": [{"name": "a"}, {"name": "b"}]}]',
             "not an arm",
         ),
+        (  # the offline systems' names are not the gateway's sources
+            '[{"name": "e", "salt": "s", "arms": [{"name": "a", "variant": '
+            '{"retrieval_mix": {"ann": 1, "itemknn": 1}}}, {"name": "b"}]}]',
+            r"arms\[0\]\.variant\.retrieval_mix: unknown retrieval source\(s\) \['itemknn'\]",
+        ),
     ],
 )
 def test_invalid_configs_are_rejected(bad: str, message: str) -> None:
@@ -161,7 +175,8 @@ def test_load_from_settings_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
         experiments = MMR
 
     assert [e.name for e in load_experiments(FakeSettings())] == ["mmr"]
+    # the environment reaches experiments the way it reaches every setting: through Settings
     monkeypatch.setenv("RECSYS_EXPERIMENTS", MMR)
-    assert [e.name for e in load_experiments(object())] == ["mmr"]
+    assert [e.name for e in load_experiments(Settings())] == ["mmr"]
     monkeypatch.delenv("RECSYS_EXPERIMENTS")
-    assert load_experiments() == []
+    assert load_experiments(Settings()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from services.experiments.assignment import Variant
 from services.experiments.exposures import read_log
 from services.experiments.report import summarise
 from services.experiments.runtime import ExperimentService
@@ -33,7 +34,7 @@ def test_service_round_trip(tmp_path: Path) -> None:
     svc = ExperimentService.from_settings(FakeSettings(tmp_path, CFG))
     assignments, variant = svc.for_user("u1")
     assert [a.experiment for a in assignments] == ["mmr"]
-    assert variant == {"mmr_lambda": assignments[0].variant.mmr_lambda}
+    assert variant == Variant(mmr_lambda=assignments[0].variant.mmr_lambda)
     assert svc.for_user("u1")[0] == assignments  # sticky
     svc.exposed("u1", assignments, ["i1", "i2"], request_id="r")
     svc.clicked("u1", ["i2"])
@@ -50,7 +51,7 @@ def test_service_round_trip(tmp_path: Path) -> None:
 
 def test_service_without_experiments_is_a_no_op(tmp_path: Path) -> None:
     svc = ExperimentService.from_settings(FakeSettings(tmp_path, ""))
-    assert svc.for_user("u") == ([], {})
+    assert svc.for_user("u") == ([], Variant())
     svc.exposed("u", [], ["i"])
     svc.clicked("u", ["i"])
     assert svc.delete_user("u") == 0

@@ -142,9 +142,11 @@ def test_trending_popularity_prefers_recent(toy: Dataset) -> None:
     assert pop.recommend(["x"], 2)["x"] == ["old", "fresh"]
 
 
-def test_pipeline_hook_wraps_a_callable(toy: Dataset) -> None:
+def test_callable_recommender_wraps_a_callable(toy: Dataset) -> None:
     seen: list[str] = []
-    hook = S.Pipeline(lambda u, k: ["a", "b", "c"][:k], name="served", fit_fn=lambda d: None)
+    hook = S.CallableRecommender(
+        lambda u, k: ["a", "b", "c"][:k], name="served", fit_fn=lambda d: None
+    )
     hook.fit(toy)
     hook.observe(toy.events.iloc[:0])
     assert hook.recommend(["u1", "u2"], 2) == {"u1": ["a", "b"], "u2": ["a", "b"]}

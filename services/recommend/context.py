@@ -1,0 +1,161 @@
+"""What one ``Recommend`` call carries from stage to stage, and how a stage is timed.
+
+Every stage reads the :class:`Context` that earlier stages filled and adds its own part, so
+no stage needs another's locals; each stage observes its own latency the moment it ends.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from services.deadline import Deadline
+from services.experiments.assignment import Variant
+from services.vectors.store import Row
+
+# Share of the time left kept back at each dependency call, so a dependency that is down or
+# slow still leaves time to answer from what the gateway has (popularity, retrieval order).
+RESERVE = 0.25
+
+#: Called with ``(stage, seconds)`` as each stage ends (the gateway's stage histogram).
+StageObserver = Callable[[str, float], None]
+
+
+def no_metrics(stage: str, seconds: float) -> None:
+    """No metrics (benchmarks and tests that run the pipeline in-process)."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The request's category filter and excluded ids."""
+
+    categories: tuple[str, ...] = ()
+    exclude: frozenset[str] = frozenset()
+
+    def admits(self, row: Row) -> bool:
+        if row["item_id"] in self.exclude:
+            return False
+        return not self.categories or bool(set(self.categories) & set(row["categories"]))
+
+
+@dataclass
+class Candidate:
+    """An item with the evidence for it from each source."""
+
+    item_id: str
+    row: Row
+    ranks: dict[str, int] = field(default_factory=dict)  # source -> 0-based rank there
+    because_of: dict[str, str] = field(default_factory=dict)  # source -> history title
+    fused: float = 0.0
+    relevance: float = 0.0  # what the final order uses: fused score (+ the ranker's vote)
+    ctr: float | None = None  # the CTR ranker's click probability, when it scored the item
+
+    @property
+    def best_source(self) -> str:
+        return min(self.ranks, key=lambda s: self.ranks[s])
+
+
+@dataclass
+class Recommendation:
+    """The pipeline's answer with what a client and the metrics need to know about it."""
+
+    items: list[Candidate]
+    reasons: list[str]
+    cold_start: bool = False
+    degraded: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    candidates: int = 0
+    ranked: bool = False
+
+
+@dataclass
+class Context:
+    """One ``Recommend`` call: the request, its budget, and what the stages produced."""
+
+    user_id: str
+    k: int
+    filters: Filters
+    answer_by: Deadline  # the caller's deadline
+    deadline: Deadline  # what dependency calls may use: ``answer_by`` less ``RESERVE``
+    diversity: float | None = None  # the request's MMR λ, over the variant's and the default
+    variant: Variant = field(default_factory=Variant)
+    on_stage: StageObserver = no_metrics
+    degraded: list[str] = field(default_factory=list)  # reasons, in the order they happened
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    # profile
+    profile: Row | None = None
+    history_ids: list[str] = field(default_factory=list)  # newest first, all of them
+    history: list[Row] = field(default_factory=list)  # rows of the window, with vectors
+    cold: bool = False
+    # retrieve, rank
+    candidates: list[Candidate] = field(default_factory=list)
+    ranked: bool = False
+    # diversify (or the popularity fallback), explain
+    items: list[Candidate] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    _lap: float = field(default_factory=time.perf_counter, repr=False)
+
+    @classmethod
+    def begin(
+        cls,
+        user_id: str,
+        k: int,
+        filters: Filters,
+        deadline: Deadline,
+        diversity: float | None = None,
+        variant: Variant | None = None,
+        on_stage: StageObserver = no_metrics,
+    ) -> Context:
+        """A context whose dependency calls keep ``RESERVE`` of ``deadline`` for answering."""
+        return cls(
+            user_id,
+            k,
+            filters,
+            answer_by=deadline,
+            deadline=deadline.reserve(RESERVE),
+            diversity=diversity,
+            variant=variant or Variant(),
+            on_stage=on_stage,
+        )
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Time a stage from the end of the previous one and observe it as it ends.
+
+        A stage that raises records nothing: its time counts toward the stage that answers
+        instead (the popularity fallback after a failed profile read is timed from the start).
+        """
+        yield
+        now = time.perf_counter()
+        self.timings[stage] = seconds = now - self._lap
+        self._lap = now
+        self.on_stage(stage, seconds)
+
+    def answer(self) -> Recommendation:
+        return Recommendation(
+            items=self.items,
+            reasons=self.reasons,
+            cold_start=self.cold,
+            degraded=self.degraded,
+            timings=self.timings,
+            candidates=len(self.candidates),
+            ranked=self.ranked,
+        )
+
+
+class Stage(ABC):
+    """A named step of ``Recommend``; calling it runs it and times it under ``name``."""
+
+    name: ClassVar[str]  # the ``stage`` label of the stage-latency histogram
+
+    def __call__(self, ctx: Context) -> None:
+        with ctx.timed(self.name):
+            self.run(ctx)
+
+    @abstractmethod
+    def run(self, ctx: Context) -> None:
+        """Read what earlier stages left in ``ctx`` and add this stage's part."""

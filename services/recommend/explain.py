@@ -1,0 +1,40 @@
+"""Stage ``explain``: one reason per recommended item, from the source that ranked it best."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.recommend.context import Candidate, Context, Stage
+from services.vectors.store import Row
+
+NEW_ITEM_AGE_S = 90 * 24 * 3600
+
+
+def reason(cand: Candidate, history: Sequence[Row]) -> str:
+    """New items first (no popularity yet), then the best source's own wording."""
+    row = cand.row
+    created = int(row.get("created_at") or 0)
+    if not row.get("popularity") and created and time.time() - created < NEW_ITEM_AGE_S:
+        category = row["categories"][0] if row["categories"] else "the catalogue"
+        return f"new in {category}"
+    source = cand.best_source
+    if source == "ann" and history and "vector" in row:
+        sims = np.stack([h["vector"] for h in history]) @ np.asarray(row["vector"])
+        return f"similar to {history[int(np.argmax(sims))]['title']} you liked"
+    if source == "co_occurrence" and cand.because_of.get(source):
+        return f"people who liked {cand.because_of[source]} also liked this"
+    if source == "segment":
+        return "popular in your segment"
+    return "popular overall"
+
+
+class Explain(Stage):
+    """Sets ``reasons``, aligned with ``items``."""
+
+    name = "explain"
+
+    def run(self, ctx: Context) -> None:
+        ctx.reasons = [reason(c, ctx.history) for c in ctx.items]

@@ -1,0 +1,246 @@
+"""Stage ``retrieval``: candidates from ANN, co-occurrence, segment and global popularity.
+
+Each source returns its own ranked list; lists are merged by weighted reciprocal-rank fusion
+(:func:`core.fusion.rrf`), which needs no score calibration between sources. Items the user
+has seen, excluded ids and items outside the category filter never survive. Without Milvus
+the personal sources are skipped (and the answer says so); the global popularity comes from
+a cache in the gateway, so there is always something to answer with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+
+import numpy as np
+
+from core.config import Settings
+from core.fusion import rrf
+from services.deadline import Deadline
+from services.recommend.context import Candidate, Context, Filters, Stage
+from services.vectors.store import Row, StoreUnavailable, VectorStore
+
+log = logging.getLogger(__name__)
+
+CO_SEEDS = 10  # most recent history items whose neighbours are expanded
+# Each weighted source's best items keep this share of the candidate slots whatever their
+# fused score: with popularity weighted 4, a personal source's first item (2 / 61) would
+# otherwise never outscore the 30th popular one (4 / 90), and new items, which only the ANN
+# finds, could never be ranked at all.
+SOURCE_QUOTA = 0.1
+
+
+class PopularItems:
+    """Top items by popularity, cached in the gateway, with category and exclusion filters
+    applied on read.
+
+    Cold-start users get these, and so does every user while Milvus is unreachable: the
+    cache is filled from Milvus at start and refreshed in the background, and it keeps its
+    last good contents when a refresh fails.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: list[Row] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def refresh(self, store: VectorStore) -> bool:
+        try:
+            rows = store.all_items()
+        except StoreUnavailable as exc:
+            log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
+            return False
+        rows.sort(key=lambda r: (-float(r["popularity"]), r["item_id"]))
+        with self._lock:
+            self._items = rows[: self.size]
+        return True
+
+    def top(
+        self, k: int, categories: Sequence[str] = (), exclude: Collection[str] = ()
+    ) -> list[Row]:
+        wanted, skip = set(categories), set(exclude)
+        with self._lock:
+            items = self._items
+        out = []
+        for row in items:
+            if row["item_id"] in skip or (wanted and not wanted.intersection(row["categories"])):
+                continue
+            out.append(row)
+            if len(out) == k:
+                break
+        return out
+
+
+class Retriever:
+    """The candidate sources, one method each, and their fusion."""
+
+    def __init__(self, store: VectorStore, popular: PopularItems) -> None:
+        self.store = store
+        self.popular = popular
+
+    def ann(self, vector: np.ndarray, n: int, filters: Filters, deadline: Deadline) -> list[Row]:
+        return self.store.search_items(
+            vector,
+            n,
+            deadline.left(),
+            filters.categories,
+            sorted(filters.exclude),
+            with_vectors=True,
+        )
+
+    def co_occurrence(
+        self, history: Sequence[Row], n: int, filters: Filters, deadline: Deadline
+    ) -> list[tuple[Row, str]]:
+        """Neighbours of recent history items, scored by recency of the seed and their rank."""
+        scores: dict[str, float] = defaultdict(float)
+        seed_of: dict[str, str] = {}
+        for h_rank, seed in enumerate(history[:CO_SEEDS]):
+            for n_rank, neighbour in enumerate(seed.get("co_items") or []):
+                gain = 0.9**h_rank / (1 + n_rank)
+                if gain > scores.get(neighbour, 0.0):
+                    seed_of[neighbour] = seed["title"]
+                scores[neighbour] += gain
+        ranked = sorted((i for i in scores if i not in filters.exclude), key=lambda i: -scores[i])[
+            : 3 * n
+        ]
+        rows = self.store.get_items(ranked, deadline.left(), with_vectors=True)
+        admitted = [rows[i] for i in ranked if i in rows and filters.admits(rows[i])]
+        return [(row, seed_of[row["item_id"]]) for row in admitted[:n]]
+
+    def segment(
+        self, popular_ids: Sequence[str], n: int, filters: Filters, deadline: Deadline
+    ) -> list[Row]:
+        wanted = [i for i in popular_ids if i not in filters.exclude][: 3 * n]
+        rows = self.store.get_items(wanted, deadline.left(), with_vectors=True)
+        return [rows[i] for i in wanted if i in rows and filters.admits(rows[i])][:n]
+
+    def global_popular(self, n: int, filters: Filters) -> list[Row]:
+        return self.popular.top(n, filters.categories, filters.exclude)
+
+    @staticmethod
+    def fuse(
+        lists: Mapping[str, Sequence[Row | tuple[Row, str]]],
+        weights: Mapping[str, float],
+        n: int,
+    ) -> list[Candidate]:
+        """Weighted reciprocal-rank fusion of per-source lists into the top ``n``, each weighted
+        source's first ``SOURCE_QUOTA * n`` items kept (see ``SOURCE_QUOTA``)."""
+        merged: dict[str, Candidate] = {}
+        for source, entries in lists.items():
+            weight = float(weights.get(source, 0.0))
+            for rank, entry in enumerate(entries):
+                row, because = entry if isinstance(entry, tuple) else (entry, "")
+                cand = merged.setdefault(row["item_id"], Candidate(row["item_id"], row))
+                if "vector" not in cand.row and "vector" in row:
+                    cand.row = row
+                cand.ranks[source] = rank
+                if because:
+                    cand.because_of[source] = because
+                cand.fused += weight * rrf(rank + 1)
+        ranked = sorted(merged.values(), key=lambda c: (-c.fused, c.item_id))
+        quota = int(SOURCE_QUOTA * n)
+        kept = {
+            cand.item_id
+            for cand in ranked
+            for source, rank in cand.ranks.items()
+            if rank < quota and weights.get(source, 0.0) > 0
+        }
+        chosen = [c for c in ranked if c.item_id in kept][:n]
+        chosen += [c for c in ranked if c.item_id not in kept][: n - len(chosen)]
+        return sorted(chosen, key=lambda c: (-c.fused, c.item_id))
+
+
+def query_vector(profile: Row | None, history: Sequence[Row], from_history: bool) -> np.ndarray:
+    """The mean item vector of the recent history (cold-start users, and everyone with
+    ``ann_query=history``), else the user-tower vector."""
+    if profile is not None and not from_history and "vector" in profile:
+        return np.asarray(profile["vector"], dtype=np.float32)
+    mean = np.mean([h["vector"] for h in history], axis=0)
+    return (mean / (np.linalg.norm(mean) or 1.0)).astype(np.float32)
+
+
+class Retrieve(Stage):
+    """Sets ``candidates``: the top ``rank_candidates`` of the fused sources, with vectors.
+
+    The fusion weights are the variant's ``retrieval_mix``, else the settings'. A Milvus
+    failure here costs the personal sources, not the answer.
+    """
+
+    name = "retrieval"
+
+    def __init__(self, settings: Settings, store: VectorStore, retriever: Retriever) -> None:
+        self.settings = settings
+        self.store = store
+        self.retriever = retriever
+        self.history_query = settings.ann_query == "history"
+
+    def run(self, ctx: Context) -> None:
+        n = self.settings.rank_candidates
+        profile, history, filters = ctx.profile, ctx.history, ctx.filters
+        # Milvus filters the ANN search by the recent history (a short expression); every
+        # source is then filtered in memory by everything the user has interacted with.
+        seen = Filters(filters.categories, filters.exclude | set(ctx.history_ids))
+        seen_all = Filters(
+            filters.categories, seen.exclude | set(profile["seen_items"] if profile else ())
+        )
+        lists: dict[str, Sequence[Row | tuple[Row, str]]] = {}
+        try:
+            if history:
+                query = query_vector(profile, history, ctx.cold or self.history_query)
+                hits = self.retriever.ann(query, 2 * n, seen, ctx.deadline)
+                lists["ann"] = [h for h in hits if seen_all.admits(h)][:n]
+                lists["co_occurrence"] = self.retriever.co_occurrence(
+                    history, n, seen_all, ctx.deadline
+                )
+            if profile and profile["segment"]:
+                segment = self.store.get_segment(profile["segment"], ctx.deadline.left())
+                if segment:
+                    lists["segment"] = self.retriever.segment(
+                        segment["popular_items"], n, seen_all, ctx.deadline
+                    )
+        except StoreUnavailable as exc:
+            ctx.degraded.append(f"milvus unavailable: {exc}")
+        lists["popular"] = self.retriever.global_popular(n, seen_all)
+        weights = ctx.variant.retrieval_mix or self.settings.retrieval_weights
+        ctx.candidates = Retriever.fuse(lists, weights, n)
+        self._attach_vectors(ctx)
+
+    def _attach_vectors(self, ctx: Context) -> None:
+        """Vectors for the candidates that came without (popularity), for MMR."""
+        missing = [c.item_id for c in ctx.candidates if "vector" not in c.row]
+        if not missing:
+            return
+        try:
+            rows = self.store.get_items(missing, ctx.deadline.left(), with_vectors=True)
+        except StoreUnavailable as exc:
+            if not ctx.degraded:
+                ctx.degraded.append(f"milvus unavailable: {exc}")
+            return
+        for cand in ctx.candidates:
+            if cand.item_id in rows:
+                cand.row = {**cand.row, **rows[cand.item_id]}
+
+
+class PopularOnly(Stage):
+    """The answer when the profile could not be read: the cached global popularity under
+    the request's filters, relevance its popularity share. Sets ``items``, ``candidates``
+    and ``reasons``; the caller records why it degraded."""
+
+    name = "retrieval"
+
+    def __init__(self, retriever: Retriever) -> None:
+        self.retriever = retriever
+
+    def run(self, ctx: Context) -> None:
+        rows = self.retriever.global_popular(ctx.k, ctx.filters)
+        top = max((float(r["popularity"]) for r in rows), default=1.0) or 1.0
+        items = [Candidate(r["item_id"], r, {"popular": i}) for i, r in enumerate(rows)]
+        for cand in items:
+            cand.relevance = float(cand.row["popularity"]) / top
+        ctx.items = ctx.candidates = items
+        ctx.reasons = ["popular overall"] * len(items)

@@ -1,0 +1,99 @@
+"""In-memory stand-ins for Milvus and Triton, enough to run the stages without either."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from services.inference.triton_client import InferenceUnavailable
+from services.vectors.store import Row, StoreUnavailable
+
+
+def row(item_id: str, cats: tuple[str, ...] = ("A",), pop: float = 0.0) -> dict[str, Any]:
+    return {"item_id": item_id, "title": item_id, "categories": list(cats), "popularity": pop}
+
+
+class FakeStore:
+    """Items, users and segments in dicts; ``down`` names the calls that fail."""
+
+    def __init__(
+        self, items: Iterable[Row], users: Iterable[Row] = (), segments: Iterable[Row] = ()
+    ) -> None:
+        self.items = {r["item_id"]: r for r in items}
+        self.users = {r["user_id"]: r for r in users}
+        self.segments = {r["segment_id"]: r for r in segments}
+        self.down: set[str] = set()
+
+    def _check(self, call: str) -> None:
+        if call in self.down or "all" in self.down:
+            raise StoreUnavailable(f"{call}: connection refused")
+
+    def _out(self, r: Row, with_vectors: bool, with_neighbours: bool = False) -> Row:
+        drop = {"vector"} if not with_vectors else set()
+        drop |= {"co_items"} if not with_neighbours else set()
+        return {k: v for k, v in r.items() if k not in drop}
+
+    def get_user(self, user_id: str, timeout: float, with_vector: bool = True) -> Row | None:
+        self._check("get_user")
+        user = self.users.get(user_id)
+        return None if user is None else self._out(user, with_vector)
+
+    def get_items(
+        self,
+        item_ids: Iterable[str],
+        timeout: float,
+        with_vectors: bool = False,
+        with_neighbours: bool = False,
+    ) -> dict[str, Row]:
+        self._check("get_items")
+        return {
+            i: self._out(self.items[i], with_vectors, with_neighbours)
+            for i in dict.fromkeys(item_ids)
+            if i in self.items
+        }
+
+    def search_items(
+        self,
+        vector: np.ndarray,
+        limit: int,
+        timeout: float,
+        categories: Sequence[str] = (),
+        exclude_ids: Sequence[str] = (),
+        with_vectors: bool = False,
+    ) -> list[Row]:
+        self._check("search_items")
+        hits = [
+            {**self._out(r, with_vectors), "score": float(np.dot(r["vector"], vector))}
+            for r in self.items.values()
+            if r["item_id"] not in exclude_ids
+            and (not categories or set(categories) & set(r["categories"]))
+        ]
+        return sorted(hits, key=lambda h: (-h["score"], h["item_id"]))[:limit]
+
+    def get_segment(self, segment_id: str, timeout: float) -> Row | None:
+        self._check("get_segment")
+        return self.segments.get(segment_id)
+
+    def all_items(self) -> list[Row]:
+        self._check("all_items")
+        return [self._out(r, False) for r in self.items.values()]
+
+
+class FakeTriton:
+    """Click probabilities from a hash of the document; ``down`` makes every call fail."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.versions: list[str | None] = []
+
+    def score(
+        self, query: str, documents: Sequence[str], timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
+        if self.down:
+            raise InferenceUnavailable("ranker_scorer: connection refused")
+        self.versions.append(version)
+        digest = [hashlib.sha256(f"{query}|{d}".encode()).digest()[0] for d in documents]
+        return np.asarray(digest, dtype=np.float32) / 255.0

@@ -1,0 +1,128 @@
+"""The stages composed, on in-memory Milvus and Triton: order, metrics, variant, degrading."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import numpy as np
+
+from core.config import Settings
+from services.deadline import Deadline
+from services.experiments.assignment import Variant
+from services.inference.triton_client import TritonClient
+from services.recommend.context import Filters
+from services.recommend.pipeline import Pipeline
+from services.recommend.rank import RankerStatus
+from services.recommend.retrieve import PopularItems
+from services.vectors.store import VectorStore
+from tests.services.recommend.fakes import FakeStore, FakeTriton, row
+
+STAGES = ["profile", "retrieval", "ranking", "diversify", "explain"]
+
+
+def _vec(*xs: float) -> np.ndarray:
+    v = np.asarray(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _world() -> tuple[FakeStore, FakeTriton]:
+    items = []
+    for i in range(12):
+        r = row(f"i{i}", ("A",) if i % 2 else ("B",), pop=float(12 - i))
+        r |= {"vector": _vec(1.0, i / 4), "co_items": [f"i{(i + 1) % 12}"], "created_at": 0}
+        items.append(r)
+    user = {
+        "user_id": "u1",
+        "recent_items": ["i0", "i1", "i2", "i3", "i4"],
+        "seen_items": ["i0", "i1", "i2", "i3", "i4"],
+        "segment": "s0",
+        "vector": _vec(1.0, 1.0),
+    }
+    segment = {"segment_id": "s0", "popular_items": ["i9", "i10"]}
+    return FakeStore(items, [user], [segment]), FakeTriton()
+
+
+def _pipeline(
+    store: FakeStore,
+    triton: FakeTriton,
+    status: RankerStatus,
+    observed: list[tuple[str, float]] | None = None,
+    **settings: Any,
+) -> Pipeline:
+    popular = PopularItems(100)
+    milvus = cast(VectorStore, store)
+    assert popular.refresh(milvus)
+    sink = [] if observed is None else observed
+    return Pipeline(
+        Settings(**settings),
+        milvus,
+        cast(TritonClient, triton),
+        popular,
+        lambda: status,
+        on_stage=lambda stage, seconds: sink.append((stage, seconds)),
+    )
+
+
+def test_stages_run_in_order_and_each_observes_its_latency() -> None:
+    store, triton = _world()
+    observed: list[tuple[str, float]] = []
+    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=True), observed)
+    rec = pipe.recommend("u1", 4, Filters(), Deadline.after(5), variant=Variant(model_version="3"))
+    assert [s for s, _ in observed] == STAGES
+    assert rec.timings == dict(observed)
+    assert rec.ranked and not rec.degraded and not rec.cold_start
+    assert len(rec.items) == 4 == len(rec.reasons)
+    assert not {c.item_id for c in rec.items} & {"i0", "i1", "i2", "i3", "i4"}  # seen
+    assert triton.versions == ["3"]  # the variant's ranker release
+    assert all(c.ctr is not None for c in rec.items)
+
+
+def test_variant_mix_and_lambda_reach_the_stages() -> None:
+    store, triton = _world()
+    pipe = _pipeline(store, triton, RankerStatus())
+    only_segment = Variant(retrieval_mix={"segment": 1.0}, mmr_lambda=0.0)
+    rec = pipe.recommend("u1", 2, Filters(), Deadline.after(5), variant=only_segment)
+    assert [c.item_id for c in rec.items] == ["i9", "i10"]  # the only weighted source
+    assert rec.reasons == ["popular in your segment"] * 2
+    assert not rec.ranked  # no ranker deployed: retrieval order, not degraded
+    assert not rec.degraded
+
+
+def test_milvus_down_answers_from_cached_popularity() -> None:
+    store, triton = _world()
+    observed: list[tuple[str, float]] = []
+    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=True), observed)
+    store.down.add("get_user")
+    rec = pipe.recommend("u1", 3, Filters(("A",)), Deadline.after(5))
+    assert [c.item_id for c in rec.items] == ["i1", "i3", "i5"]  # most popular of A
+    assert rec.reasons == ["popular overall"] * 3
+    assert rec.degraded == ["milvus unavailable: get_user: connection refused"]
+    assert [s for s, _ in observed] == ["retrieval"]  # timed from the start
+    assert rec.items[0].relevance == 1.0 and rec.candidates == 3 and not rec.ranked
+
+
+def test_ranker_not_ready_or_failing_keeps_retrieval_order() -> None:
+    store, triton = _world()
+    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=False))
+    rec = pipe.recommend("u1", 3, Filters(), Deadline.after(5))
+    assert rec.degraded == ["ranker unavailable: triton not ready"]
+    assert not rec.ranked and all(c.relevance == c.fused for c in rec.items)
+    triton.down = True
+    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=True))
+    rec = pipe.recommend("u1", 3, Filters(), Deadline.after(5))
+    assert rec.degraded == ["ranker unavailable: ranker_scorer: connection refused"]
+    assert not rec.ranked
+
+
+def test_each_item_is_explained_by_its_best_source() -> None:
+    store, triton = _world()
+    pipe = _pipeline(store, triton, RankerStatus())
+    rec = pipe.recommend("u1", 12, Filters(), Deadline.after(5), diversity=0.0)
+    reasons = dict(zip((c.item_id for c in rec.items), rec.reasons, strict=True))
+    assert reasons["i5"] == "similar to i4 you liked"  # ANN rank 0, nearest to i4
+    assert reasons["i9"] == "popular in your segment"
+    store.items["i5"] |= {"popularity": 0.0, "created_at": int(time.time()) - 3600}
+    rec = pipe.recommend("u1", 12, Filters(), Deadline.after(5), diversity=0.0)
+    reasons = dict(zip((c.item_id for c in rec.items), rec.reasons, strict=True))
+    assert reasons["i5"] == "new in A"  # no popularity yet, created an hour ago

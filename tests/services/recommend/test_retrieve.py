@@ -1,0 +1,45 @@
+"""Stage ``retrieval``: fusion with per-source quotas, request filters, the popularity cache,
+and the Milvus filter literals built from client strings."""
+
+from __future__ import annotations
+
+from services.recommend.context import Filters
+from services.recommend.retrieve import PopularItems, Retriever
+from services.vectors.store import literal
+from tests.services.recommend.fakes import row
+
+
+def test_fusion_rewards_agreement_between_sources() -> None:
+    lists = {"ann": [row("a"), row("b"), row("c")], "popular": [row("c"), row("d")]}
+    fused = Retriever.fuse(lists, {"ann": 1.0, "popular": 1.0}, n=10)
+    assert fused[0].item_id == "c"  # in both lists
+    assert fused[0].ranks == {"ann": 2, "popular": 0}
+    assert Retriever.fuse(lists, {"ann": 1.0, "popular": 0.0}, n=2)[0].item_id == "a"
+
+
+def test_fusion_keeps_each_sources_best_items_among_the_candidates() -> None:
+    popular = [row(f"p{i}") for i in range(20)]
+    lists = {"popular": popular, "ann": [row("new"), row("p3")], "segment": [row("s")]}
+    weights = {"popular": 4.0, "ann": 2.0, "segment": 0.0}
+    fused = Retriever.fuse(lists, weights, n=10)  # quota: the first 1 of each weighted source
+    ids = [c.item_id for c in fused]
+    assert len(ids) == 10 and "new" in ids  # outscored by every popular item, kept anyway
+    assert ids[0] == "p3"  # in two lists; the order is still the fused score
+    assert ids[-1] == "new"
+    assert "s" not in ids  # a source with weight 0 reserves nothing
+
+
+def test_filters_and_popularity_cache() -> None:
+    f = Filters(("Drama",), frozenset({"x"}))
+    assert f.admits(row("y", ("Drama", "War")))
+    assert not f.admits(row("x", ("Drama",)))
+    assert not f.admits(row("z", ("Comedy",)))
+    cache = PopularItems(size=3)
+    cache._items = [row("a", ("A",), 9), row("b", ("B",), 5), row("c", ("A",), 1)]
+    assert [r["item_id"] for r in cache.top(2, ("A",))] == ["a", "c"]
+    assert [r["item_id"] for r in cache.top(5, (), {"a"})] == ["b", "c"]
+
+
+def test_milvus_literals_escape_client_strings() -> None:
+    assert literal('Sci "Fi') == '"Sci \\"Fi"'
+    assert literal(["a\\b", "c"]) == '["a\\\\b", "c"]'
