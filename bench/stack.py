@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from core.config import REPO_ROOT, Settings
 from ops.stack import LocalStack, local_stack
 
 log = logging.getLogger(__name__)
+_RELEASE_ENSEMBLE = re.compile(r".+_r[0-9]+")  # build outputs of an export
 MOVIELENS = REPO_ROOT / "third_party" / "movielens" / "ml-latest-small"
 DEFAULT_CHECKPOINT = REPO_ROOT / "runs" / "local" / "final"
 
@@ -75,7 +77,9 @@ def _fingerprint(models: Models) -> str:
                 h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
     exporter = sorted((REPO_ROOT / "training" / "export").glob("*.py"))
     for f in [*exporter, *sorted((REPO_ROOT / "model_repository").rglob("*"))]:
-        if f.is_file() and not any(p.isdigit() or p == "__pycache__" for p in f.parts):
+        if f.is_file() and not any(
+            p.isdigit() or p == "__pycache__" or _RELEASE_ENSEMBLE.fullmatch(p) for p in f.parts
+        ):
             h.update(f.relative_to(REPO_ROOT).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:12]
 

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     default_deadline_s: float = Field(
         2.0, gt=0, description="Deadline applied to a call whose client sent none."
     )
+    max_deadline_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest the server works on one call: a longer client deadline is cut "
+        "to this (gRPC reports 'no deadline' as ~9e18 s remaining; such calls get "
+        "default_deadline_s).",
+    )
     max_k: int = Field(200, ge=1, description="Largest page size a client may ask for.")
     default_k: int = Field(10, ge=1, description="Page size when the request leaves k at 0.")
     max_events_per_call: int = Field(1000, ge=1, description="Events one IngestEvents may carry.")

@@ -62,6 +62,17 @@ class SegmentRow(TypedDict):
     size: int
 
 
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, never inside a character.
+
+    A Milvus server's VARCHAR ``max_length`` counts bytes (Milvus Lite counts characters, a
+    laxer rule): a cut by characters leaves multibyte text (accents, CJK, emoji) too long,
+    and the whole write is refused."""
+    data = text.encode("utf-8", "replace")  # a lone surrogate cannot be stored: "?"
+    # A prefix of valid UTF-8 is valid but for a character split at its end: "ignore" drops it.
+    return data[:max_bytes].decode("utf-8", "ignore")
+
+
 def _as_list(vector: Vector) -> list[float]:
     out: list[float] = np.asarray(vector, dtype=np.float32).tolist()
     return out
@@ -78,12 +89,15 @@ def item_row(
     co_items: Sequence[str] = (),
     vector: Vector | None = None,
 ) -> ItemRow:
-    """An item row cut to the schema's limits (the full text may have been embedded)."""
+    """An item row cut to the schema's limits, in UTF-8 bytes as Milvus counts them (the full
+    text may have been embedded)."""
     row = ItemRow(
         item_id=str(item_id),
-        title=str(title)[:TITLE_MAX_LENGTH],
-        categories=[str(c)[:CATEGORY_MAX_LENGTH] for c in list(categories)[:MAX_CATEGORIES]],
-        text=str(text)[:TEXT_MAX_LENGTH],
+        title=cut_utf8(str(title), TITLE_MAX_LENGTH),
+        categories=[
+            cut_utf8(str(c), CATEGORY_MAX_LENGTH) for c in list(categories)[:MAX_CATEGORIES]
+        ],
+        text=cut_utf8(str(text), TEXT_MAX_LENGTH),
         popularity=float(popularity),
         created_at=int(created_at),
         co_items=[str(i) for i in list(co_items)[:CO_ITEMS]],

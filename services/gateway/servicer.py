@@ -89,7 +89,12 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.state = state
 
     def _deadline(self, context: grpc.ServicerContext) -> Deadline:
-        return Deadline.from_remaining(context.time_remaining(), self.settings.default_deadline_s)
+        """The client's deadline, or the default when it set none, never beyond the maximum."""
+        return Deadline.from_remaining(
+            context.time_remaining(),
+            self.settings.default_deadline_s,
+            self.settings.max_deadline_s,
+        )
 
     # --- Recommend ---------------------------------------------------------------------
     @rpc

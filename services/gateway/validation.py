@@ -2,7 +2,11 @@
 
 Each check raises :class:`InvalidArgument`, which the servicer turns into
 ``INVALID_ARGUMENT``; messages name the field and the rule so a caller can fix the request
-without reading our code.
+without reading our code. String limits are the Milvus schema's (:mod:`core.milvus_schema`)
+and, like a Milvus server's VARCHAR ``max_length``, count UTF-8 bytes, not characters: a limit
+counted in characters lets multibyte text through to a write Milvus refuses (UNAVAILABLE,
+which clients retry) instead of failing here (INVALID_ARGUMENT). Milvus Lite counts
+characters; bytes are the stricter rule and hold for both.
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ import time
 from collections.abc import Sequence
 
 from core.config import Settings
+from core.milvus_schema import (
+    CATEGORY_MAX_LENGTH,
+    ID_MAX_LENGTH,
+    MAX_CATEGORIES,
+    TITLE_MAX_LENGTH,
+)
 from services.api import pb
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-MAX_CATEGORY_LENGTH = 64
-MAX_CATEGORIES = 32
+# ASCII only, so characters = bytes. Matched with fullmatch: "$" would accept a trailing "\n".
+ID_PATTERN = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{ID_MAX_LENGTH}}}")
 MAX_EXCLUDE = 1000
-MAX_TITLE_LENGTH = 512
-MAX_DESCRIPTION_LENGTH = 10_000
+# The description is embedded in full but stored cut to TEXT_MAX_LENGTH bytes (core.rows),
+# so its request limit is a size guard, not a schema limit.
+MAX_DESCRIPTION_BYTES = 10_000
+MAX_IDEMPOTENCY_KEY_BYTES = 128
 FUTURE_SLACK_S = 24 * 3600  # client clocks drift; a day ahead is a bug, not drift
 
 
@@ -28,13 +39,29 @@ class InvalidArgument(ValueError):
     """The request breaks a documented rule; the message says which."""
 
 
+def utf8_len(value: str) -> int:
+    """Length as Milvus counts it: UTF-8 bytes (lone surrogates count as one byte each)."""
+    return len(value.encode("utf-8", "replace"))
+
+
+def check_bytes(value: str, limit: int, field: str) -> str:
+    """``value`` fits ``limit`` UTF-8 bytes, else an error naming the field and the limit."""
+    size = utf8_len(value)
+    if size > limit:
+        raise InvalidArgument(
+            f"{field}: at most {limit} bytes (UTF-8), got {size} ({len(value)} characters)"
+        )
+    return value
+
+
 def check_id(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(f"{field} is required")
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         shown = value if len(value) <= 40 else value[:40] + "..."
         raise InvalidArgument(
-            f"{field} {shown!r} is malformed: use 1-128 characters from [A-Za-z0-9_.:-]"
+            f"{field} {shown!r} is malformed: use 1-{ID_MAX_LENGTH} bytes from "
+            "[A-Za-z0-9_.:-] (ASCII letters, digits and _.:-; no spaces or control characters)"
         )
     return value
 
@@ -53,8 +80,11 @@ def check_categories(categories: Sequence[str], field: str = "categories") -> li
         raise InvalidArgument(f"{field}: at most {MAX_CATEGORIES} entries, got {len(categories)}")
     out = []
     for c in categories:
-        if not c.strip() or len(c) > MAX_CATEGORY_LENGTH:
-            raise InvalidArgument(f"{field}: each entry needs 1-{MAX_CATEGORY_LENGTH} characters")
+        if not c.strip() or utf8_len(c) > CATEGORY_MAX_LENGTH:
+            raise InvalidArgument(
+                f"{field}: each entry needs 1-{CATEGORY_MAX_LENGTH} bytes (UTF-8), "
+                f"got {utf8_len(c)} in {c[:40]!r}"
+            )
         if not c.isprintable():
             raise InvalidArgument(f"{field}: entries must not contain control characters")
         out.append(c.strip())
@@ -95,8 +125,7 @@ def check_event(event: pb.Event, index: int, now_s: float | None = None) -> None
             raise InvalidArgument(f"{where}.event_time.nanos must be within [0, 999999999]")
         if seconds < 0 or seconds > now + FUTURE_SLACK_S:
             raise InvalidArgument(f"{where}.event_time is outside [1970, now + 1 day]")
-    if len(event.idempotency_key) > 128:
-        raise InvalidArgument(f"{where}.idempotency_key: at most 128 characters")
+    check_bytes(event.idempotency_key, MAX_IDEMPOTENCY_KEY_BYTES, f"{where}.idempotency_key")
 
 
 def check_events(events: Sequence[pb.Event], max_events: int) -> None:
@@ -114,10 +143,8 @@ def check_item(item: pb.Item, index: int) -> None:
     check_id(item.item_id, f"{where}.item_id")
     if not item.title.strip():
         raise InvalidArgument(f"{where}.title is required")
-    if len(item.title) > MAX_TITLE_LENGTH:
-        raise InvalidArgument(f"{where}.title: at most {MAX_TITLE_LENGTH} characters")
-    if len(item.description) > MAX_DESCRIPTION_LENGTH:
-        raise InvalidArgument(f"{where}.description: at most {MAX_DESCRIPTION_LENGTH} characters")
+    check_bytes(item.title, TITLE_MAX_LENGTH, f"{where}.title")
+    check_bytes(item.description, MAX_DESCRIPTION_BYTES, f"{where}.description")
     check_categories(item.categories, f"{where}.categories")
     if item.HasField("create_time") and not (
         0 <= item.create_time.seconds <= time.time() + FUTURE_SLACK_S

@@ -3,6 +3,15 @@
 It speaks KServe v2 gRPC through ``tritonclient`` to the ensembles of the model repository
 (tokenizer in front of each BERT model), so callers never tokenize. Every call takes the
 caller's remaining deadline and passes it on as the request timeout.
+
+A pinned release N (``RECSYS_TRITON_MODEL_VERSION``, an experiment arm's ``model_version``)
+is served by that release's own ensemble, ``<ensemble>_r<N>`` version N, whose steps name
+release N's tokenizer, encoder and ranker. Asking the shared ensemble for version N cannot
+roll back: Triton reads one config per model, not per version, so its steps
+(``model_version: -1``) run the newest composing models whichever ensemble version is asked
+for (and under its default version policy only its newest version is loaded at all). The
+exporter (``training/export/repository.py``) writes those ensembles; unpinned calls use the
+shared ensemble, which follows the newest release.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from core.config import Settings
+from core.releases import pinned_model_name
 
 MAX_BATCH = 64  # max_batch_size of the ensembles in model_repository/
 
@@ -45,7 +55,7 @@ class TritonClient:
             if not self._client.is_server_ready(client_timeout=timeout_s):
                 return False
             return all(
-                self._client.is_model_ready(m, self.version, client_timeout=timeout_s)
+                self._client.is_model_ready(*self.target(m), client_timeout=timeout_s)
                 for m in names
             )
         except InferenceServerException:
@@ -61,6 +71,12 @@ class TritonClient:
             raise InferenceUnavailable(f"triton at {self.url}: {exc.message()}") from exc
         ready = [int(m.version) for m in index.models if m.name == model and m.state == "READY"]
         return str(max(ready)) if ready else ""
+
+    def target(self, model: str, version: str | None = None) -> tuple[str, str]:
+        """The ``(model name, version)`` that serves ``model`` at ``version`` (default: the
+        client's pin): the release's own ensemble when pinned, else the shared one's newest."""
+        pinned = self.version if version is None else version
+        return (pinned_model_name(model, pinned), pinned) if pinned else (model, "")
 
     # --- inference -----------------------------------------------------------------------
     def embed_items(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
@@ -107,16 +123,17 @@ class TritonClient:
     ) -> np.ndarray:
         if timeout_s <= 0:
             raise InferenceUnavailable(f"no time left for {model} before the deadline")
+        name, pinned = self.target(model, version)
         try:
             result = self._client.infer(
-                model,
+                name,
                 inputs,
-                model_version=self.version if version is None else version,
+                model_version=pinned,
                 outputs=[grpcclient.InferRequestedOutput(output)],
                 client_timeout=timeout_s,
             )
         except InferenceServerException as exc:
-            raise InferenceUnavailable(f"{model} on {self.url}: {exc.message()}") from exc
+            raise InferenceUnavailable(f"{name} on {self.url}: {exc.message()}") from exc
         array = result.as_numpy(output)
         if array is None or array.size == 0:
             raise InferenceUnavailable(f"{model} returned an empty {output}")

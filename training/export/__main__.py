@@ -64,8 +64,7 @@ def export_release(
             release_metadata(item_tower=item_tower, user_tower=user_tower, ranker=ranker)
         )
     except BaseException:
-        for staging in release.staged.values():
-            shutil.rmtree(staging, ignore_errors=True)
+        release.abort()
         raise
     report["pruned"] = [str(p) for p in prune(repository, keep)]
     return report

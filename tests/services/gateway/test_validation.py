@@ -90,3 +90,78 @@ def test_items() -> None:
         v.check_item(pb.Item(item_id="i", title="  "), 0)
     with pytest.raises(v.InvalidArgument, match="description"):
         v.check_item(pb.Item(item_id="i", title="T", description="x" * 10_001), 0)
+
+
+# --- limits in UTF-8 bytes (as Milvus counts them), patterns anchored ------------------------
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "user\n",  # "$" would have matched before the trailing newline
+        "x" * 128 + "\n",  # 129 bytes Milvus refuses
+        "\nuser",
+        "us\ter",
+        "user\x00",
+        "user\r",
+        "\x7f",
+        "ü" * 64,  # 128 bytes but not ASCII
+    ],
+)
+def test_ids_with_newlines_or_control_characters_are_rejected(bad: str) -> None:
+    with pytest.raises(v.InvalidArgument, match=r"malformed.*bytes"):
+        v.check_id(bad, "user_id")
+
+
+def test_id_limit_comes_from_the_schema() -> None:
+    from core.milvus_schema import ID_MAX_LENGTH
+
+    assert v.check_id("x" * ID_MAX_LENGTH, "item_id")
+    with pytest.raises(v.InvalidArgument, match=f"1-{ID_MAX_LENGTH} bytes"):
+        v.check_id("x" * (ID_MAX_LENGTH + 1), "item_id")
+
+
+@pytest.mark.parametrize("char", ["é", "漢", "😀"])  # 2, 3 and 4 bytes
+def test_title_limit_is_in_bytes(char: str) -> None:
+    from core.milvus_schema import TITLE_MAX_LENGTH
+
+    fits = char * (TITLE_MAX_LENGTH // len(char.encode()))
+    fits += "x" * (TITLE_MAX_LENGTH - len(fits.encode()))  # exactly at the limit
+    assert len(fits.encode()) == TITLE_MAX_LENGTH
+    v.check_item(pb.Item(item_id="i", title=fits), 0)
+    with pytest.raises(
+        v.InvalidArgument, match=f"items\\[3\\].title: at most {TITLE_MAX_LENGTH} bytes"
+    ):
+        v.check_item(pb.Item(item_id="i", title=fits + "x"), 3)  # one byte over
+    with pytest.raises(v.InvalidArgument, match="title"):
+        v.check_item(pb.Item(item_id="i", title=char * TITLE_MAX_LENGTH), 0)  # chars fit, bytes not
+
+
+def test_category_limit_is_in_bytes() -> None:
+    from core.milvus_schema import CATEGORY_MAX_LENGTH, MAX_CATEGORIES
+
+    at_limit = "é" * (CATEGORY_MAX_LENGTH // 2)
+    assert v.check_categories([at_limit] * MAX_CATEGORIES) == [at_limit] * MAX_CATEGORIES
+    for bad in (at_limit + "x", "漢" * (CATEGORY_MAX_LENGTH // 3 + 1)):
+        with pytest.raises(v.InvalidArgument, match=f"1-{CATEGORY_MAX_LENGTH} bytes"):
+            v.check_categories([bad])
+    with pytest.raises(
+        v.InvalidArgument, match=f"items\\[0\\].categories: at most {MAX_CATEGORIES}"
+    ):
+        v.check_item(pb.Item(item_id="i", title="T", categories=["c"] * (MAX_CATEGORIES + 1)), 0)
+    with pytest.raises(v.InvalidArgument, match=r"items\[0\]\.categories"):
+        v.check_item(pb.Item(item_id="i", title="T", categories=[at_limit + "é"]), 0)
+
+
+def test_description_limit_is_in_bytes() -> None:
+    limit = v.MAX_DESCRIPTION_BYTES
+    v.check_item(pb.Item(item_id="i", title="T", description="é" * (limit // 2)), 0)
+    with pytest.raises(v.InvalidArgument, match=f"description: at most {limit} bytes"):
+        v.check_item(pb.Item(item_id="i", title="T", description="é" * (limit // 2) + "x"), 0)
+
+
+def test_idempotency_key_limit_is_in_bytes() -> None:
+    event = pb.Event(user_id="u", item_id="i", event_type=pb.EVENT_TYPE_CLICK)
+    event.idempotency_key = "é" * 64  # 128 bytes
+    v.check_events([event], 10)
+    event.idempotency_key = "é" * 65
+    with pytest.raises(v.InvalidArgument, match="idempotency_key: at most 128 bytes"):
+        v.check_events([event], 10)
