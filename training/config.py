@@ -67,6 +67,49 @@ class RankerConfig(StageConfig):
 
 
 @dataclass
+class SequenceConfig(StageConfig):
+    """The SASRec-style sequence model (:mod:`training.models.sequence`), trained by the Ray
+    loop (``sequence:`` section) and in-process by the offline evaluation. ``max_seq_len`` is
+    the number of most recent interactions the transformer reads. The defaults were chosen on
+    a validation window inside the training period (``training/evaluation/FINDINGS.md``)."""
+
+    enabled: bool = True
+    epochs: int = 6
+    batch_size: int = 32  # sequences (chunks of at most max_seq_len + 1 events) per step
+    lr: float = 2e-3
+    weight_decay: float = 0.1  # decoupled (AdamW); on the id embeddings too
+    warmup_ratio: float = 0.05
+    max_seq_len: int = 50
+    max_examples: int | None = None  # training sequences (chunks); None = all of them
+    eval_users: int | None = 500
+    eval_batch_size: int = 256
+    log_every: int = 20
+    dim: int = 32
+    blocks: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    #: share of catalogue items whose id embedding is replaced by the "new item" vector in a
+    #: training step, so the content + new-item path alone learns to score (cold items)
+    id_dropout: float = 0.1
+    #: ``full``: softmax over the whole catalogue; ``sampled``: ``negatives`` items drawn by
+    #: popularity, logits corrected by ``-log q`` (large catalogues)
+    loss: str = "full"
+    #: each target's loss weighs ``(the user's positive events) ** -user_balance``: 0 = every
+    #: event alike (heavy users dominate), 1 = every user alike, as the per-user metrics
+    user_balance: float = 0.0
+    negatives: int = 1024
+    #: add the learned request-time item term (decayed popularity at several half-lives and
+    #: item age, from snapshots of the training period) to every score
+    time_term: bool = True
+    time_periods: int = 128  # snapshots of that term over the training period
+    #: project the items' frozen BERT content vectors into the item representation
+    use_content: bool = True
+    content_model: str = ""  # "" = the run's pretrained model
+    content_max_seq_len: int = 128  # the same as the evaluation's content baseline: one cache
+    content_cache: bool = True  # cache item vectors under var/cache/eval/
+
+
+@dataclass
 class TrainConfig:
     name: str = "local"
     data_dir: str = "third_party/movielens/ml-latest-small"
@@ -91,14 +134,16 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         ret = _build(RetrievalConfig, d.pop("retrieval", None) or {}, "retrieval")
         rk = _build(RankerConfig, d.pop("ranker", None) or {}, "ranker")
+        seq = _build(SequenceConfig, d.pop("sequence", None) or {}, "sequence")
         cfg = _build(cls, d, "")
-        cfg.retrieval, cfg.ranker = ret, rk
+        cfg.retrieval, cfg.ranker, cfg.sequence = ret, rk, seq
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

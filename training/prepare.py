@@ -1,9 +1,12 @@
-"""Data preparation for both stages (pandas only, no torch): runs once on the driver.
+"""Data preparation for every stage (pandas/numpy, no model work): runs once on the driver.
 
 The dataset is loaded and split by time (:func:`training.data.split.time_split`) so that
 validation asks "which items does the user like next", then turned into text examples
-(:mod:`training.data.examples`). Everything that samples is seeded from ``cfg.seed`` with a
-fixed offset per use, so a run is reproducible and the stages draw independent samples.
+(:mod:`training.data.examples`) for the towers and the ranker, and into event sequences of
+all users' training-period interactions for the sequence model
+(:mod:`training.models.sequence`; its content vectors are added by the driver, which has the
+encoder). Everything that samples is seeded from ``cfg.seed`` with a fixed offset per use, so
+a run is reproducible and the stages draw independent samples.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from training.config import TrainConfig, resolve_path
@@ -25,6 +28,13 @@ from training.data.examples import (
     user_positive_sets,
 )
 from training.data.split import time_split
+from training.models.sequence import (
+    ItemSpace,
+    SequenceEval,
+    build_item_space,
+    sequence_eval,
+    training_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,11 @@ class PreparedData:
     ranker_positives: list[dict[str, str]]
     ranker_eval_users: list[dict[str, Any]]
     info: dict[str, Any]
+    #: the sequence model's catalogue (without content vectors), training sequences (every
+    #: user's training events, in chunks) and validation users; empty when disabled
+    sequence_space: ItemSpace | None = None
+    sequence_train: list[dict[str, Any]] = field(default_factory=list)
+    sequence_eval: SequenceEval | None = None
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
@@ -85,6 +100,17 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     )
     if not ret_train:
         raise ValueError("no retrieval training examples: is the training split empty?")
+    seq = cfg.sequence
+    space, seq_rows, seq_eval = None, [], None
+    if seq.enabled:
+        catalogue = [str(i) for i in ds.items["item_id"]]
+        space = build_item_space(train_ev, catalogue, periods=seq.time_periods)
+        seq_rows = training_rows(
+            train_ev, space, max_len=seq.max_seq_len, max_rows=seq.max_examples, seed=cfg.seed + 4
+        )
+        seq_eval = sequence_eval(
+            train_ev, test_ev, space, max_users=seq.eval_users, seed=cfg.seed + 4
+        )
     info = {
         "events": len(ds.events),
         "items": len(ds.items),
@@ -97,6 +123,8 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         "retrieval_eval_candidates": len(pool),
         "ranker_positives": len(rk_pos),
         "ranker_eval_users": len(rk_users),
+        "sequence_train_sequences": len(seq_rows),
+        "sequence_eval_users": len(seq_eval.inputs) if seq_eval else 0,
         "load_report_counts": dict(ds.report.counts),
         "malformed_rows": len(ds.report.malformed),
         "prepare_seconds": round(time.time() - t0, 2),
@@ -114,6 +142,9 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         ranker_positives=rk_pos,
         ranker_eval_users=rk_users,
         info=info,
+        sequence_space=space,
+        sequence_train=seq_rows,
+        sequence_eval=seq_eval,
     )
 
 

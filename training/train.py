@@ -17,11 +17,16 @@ Stages (:func:`run`):
    (a Ray task, on a GPU when ``use_gpu``); each positive gets random + hard negatives;
 4. train the ranker: the same loop running the :class:`~training.tasks.RankerTask`; AUC and
    log-loss per epoch;
-5. export to ``output_dir`` (default ``<storage_path>/<name>/final``): ``user_tower/``,
-   ``item_tower/``, ``ranker/``, ``metrics.json`` (per-epoch history of both stages, data
+5. train the sequence model (``sequence.enabled``): the items' frozen content vectors from
+   the pretrained BERT, then the same loop running the :class:`~training.tasks.SequenceTask`
+   over every user's training-period events; NDCG@10 of validation users' next positives
+   per epoch;
+6. export to ``output_dir`` (default ``<storage_path>/<name>/final``): ``user_tower/``,
+   ``item_tower/``, ``ranker/``, ``sequence/`` (weights, config, item-id vocabulary, content
+   matrix, request-time snapshots), ``metrics.json`` (per-epoch history of every stage, data
    counts, timings), ``train_config.yaml`` and ``data_report.txt``.
 
-Resume: without ``--resume`` the two Ray run directories (``<storage_path>/<name>-<stage>``)
+Resume: without ``--resume`` the Ray run directories (``<storage_path>/<name>-<stage>``)
 are deleted and training starts from the pretrained model. With ``--resume`` a finished
 stage is reused as is and an unfinished one continues after its latest checkpoint (Ray Train
 restores the run with the same name and storage path, and the latest checkpoint is also
@@ -52,9 +57,10 @@ from core.config import REPO_ROOT
 from training.config import TrainConfig, load_config
 from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.pretrained import OFFLINE_ENV, set_offline
+from training.models.sequence import content_vectors
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
-from training.tasks import RankerTask, RetrievalTask, Task
+from training.tasks import RankerTask, RetrievalTask, SequenceTask, Task
 from training.tasks.retrieval import mine_with_towers
 
 
@@ -83,10 +89,15 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     with _timed(timings, "ranker"):
         rk_dir = fit(cfg, ranker, train_pairs, eval_pairs, pretrained, resume)
 
+    seq_dir = None
+    if cfg.sequence.enabled:
+        with _timed(timings, "sequence"):
+            seq_dir = fit_sequence(cfg, data, pretrained, resume)
+
     info = dict(data.info)
     if not ranker_done:
         info.update(ranker_train_pairs=len(train_pairs), ranker_eval_pairs=len(eval_pairs))
-    return export(cfg, data, ret_dir, rk_dir, info, timings, t_start, pretrained)
+    return export(cfg, data, ret_dir, rk_dir, info, timings, t_start, pretrained, seq_dir)
 
 
 def fit(
@@ -135,6 +146,30 @@ def fit(
     return _local_checkpoint(cfg, task.name, result)
 
 
+def fit_sequence(cfg: TrainConfig, data: PreparedData, pretrained: str, resume: bool) -> Path:
+    """The sequence stage: content vectors of the catalogue (skipped when ``resume`` finds
+    the stage finished), the item space put into Ray's object store once, then :func:`fit`."""
+    seq = cfg.sequence
+    if resume and _finished(cfg, SequenceTask(seq, space=None)):
+        return fit(cfg, SequenceTask(seq, space=None), [], None, pretrained, resume)
+    space = data.sequence_space
+    if space is None:
+        raise ValueError("sequence stage enabled but no sequences were prepared")
+    if seq.use_content:
+        t0 = time.time()
+        vectors = content_vectors(
+            data.dataset.items,
+            space.item_ids,
+            model_dir=seq.content_model or pretrained,
+            max_seq_len=seq.content_max_seq_len,
+            cache=seq.content_cache,
+        )
+        space = space.with_content(vectors)
+        print(f"[sequence] content vectors {vectors.shape} in {time.time() - t0:.1f}s")
+    task = SequenceTask(seq, space=ray.put(space))
+    return fit(cfg, task, data.sequence_train, data.sequence_eval, pretrained, resume)
+
+
 def mine_hard_negatives(
     cfg: TrainConfig, data: PreparedData, towers_dir: Path
 ) -> tuple[dict[int, list[str]], list[list[str]]]:
@@ -175,22 +210,26 @@ def export(
     timings: dict[str, float],
     started: float,
     pretrained: str,
+    seq_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Copy the final models to ``cfg.export_dir()`` with ``metrics.json`` (both stages'
+    """Copy the final models to ``cfg.export_dir()`` with ``metrics.json`` (every stage's
     per-epoch history), the effective config and the data report; returns the metrics."""
     out = cfg.export_dir()
     out.mkdir(parents=True, exist_ok=True)
-    for name, src in (
+    copies = [
         ("user_tower", ret_dir / "user_tower"),
         ("item_tower", ret_dir / "item_tower"),
         ("ranker", rk_dir / "ranker"),
-    ):
+    ]
+    if seq_dir is not None:
+        copies.append(("sequence", seq_dir / "sequence"))
+    for name, src in copies:
         if (out / name).exists():
             shutil.rmtree(out / name)
         shutil.copytree(src, out / name)
     ret_m = json.loads((ret_dir / "metrics.json").read_text())
     rk_m = json.loads((rk_dir / "metrics.json").read_text())
-    metrics = {
+    metrics: dict[str, Any] = {
         "retrieval": {
             "final": ret_m["latest"],
             "epochs": ret_m["history"],
@@ -199,19 +238,26 @@ def export(
         "ranker": {"final": rk_m["latest"], "epochs": rk_m["history"], "checkpoint": str(rk_dir)},
         "data": info,
         "timing_seconds": {
-            "retrieval": round(timings["retrieval"], 1),
-            "mining": round(timings["mining"], 1),
-            "ranker": round(timings["ranker"], 1),
+            **{k: round(v, 1) for k, v in timings.items()},
             "total": round(time.time() - started, 1),
         },
         "pretrained_model": pretrained,
     }
+    if seq_dir is not None:
+        seq_m = json.loads((seq_dir / "metrics.json").read_text())
+        metrics["sequence"] = {
+            "final": seq_m["latest"],
+            "epochs": seq_m["history"],
+            "checkpoint": str(seq_dir),
+        }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (out / "data_report.txt").write_text(data.dataset.report.summary(max_rows=1000) + "\n")
     print(f"[done] exported to {out} in {time.time() - started:.1f}s")
     print(f"[done] retrieval: {_short(ret_m['latest'])}")
     print(f"[done] ranker:    {_short(rk_m['latest'])}")
+    if seq_dir is not None:
+        print(f"[done] sequence:  {_short(metrics['sequence']['final'])}")
     return metrics
 
 

@@ -1,8 +1,9 @@
 """Tiny end-to-end Ray Train runs: 2 CPU workers, a 2-layer 32-wide random BERT.
 
 One pipeline run (retrieval with an injected worker failure after epoch 2, so Ray restarts
-the worker group from the latest checkpoint; then hard-negative mining and the ranker), then a
-``--resume`` run that extends retrieval by one epoch and reuses the finished ranker.
+the worker group from the latest checkpoint; then hard-negative mining, the ranker and the
+sequence model), then a ``--resume`` run that extends retrieval by one epoch and reuses the
+finished ranker and sequence model.
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "ranker.eval_users=10",
         "ranker.mining_candidates=100",
         "ranker.hard_negative_top_k=10",
+        "sequence.epochs=2",
+        "sequence.max_examples=64",
+        "sequence.batch_size=8",
+        "sequence.dim=16",
+        "sequence.blocks=1",
+        "sequence.max_seq_len=20",
+        "sequence.eval_users=20",
+        "sequence.time_periods=8",
+        "sequence.content_max_seq_len=32",
+        "sequence.content_cache=false",
     ]
 
 
@@ -108,6 +119,24 @@ def test_two_worker_run_loss_goes_down_and_exports(
     assert json.loads((ckpt / "metrics.json").read_text())["latest"]["epoch"] == 2
 
 
+def test_sequence_stage_trains_and_exports(
+    first_run: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    from training.models.sequence import load_sequence_model
+
+    metrics, root, _ = first_run
+    seq = _epochs(metrics, "sequence")
+    assert [e["epoch"] for e in seq] == [0, 1]
+    assert all(e["train_loss"] > 0 for e in seq) and 0.0 <= seq[-1]["ndcg_at_10"] <= 1.0
+    assert metrics["data"]["sequence_train_sequences"] == 64
+    final = root / "final" / "sequence"
+    for name in ("model.pt", "sequence_config.json", "items.json", "content.npy"):
+        assert (final / name).exists(), name
+    model = load_sequence_model(final)
+    assert model.content.shape[1] == 32  # the tiny BERT's item vectors (+ a padding row)
+    assert model.cfg.dim == 16 and len(model.space.item_ids) == metrics["data"]["items"]
+
+
 def test_resume_continues_from_checkpoint(
     first_run: tuple[dict[str, Any], Path, list[str]],
 ) -> None:
@@ -122,8 +151,9 @@ def test_resume_continues_from_checkpoint(
     assert [e["epoch"] for e in ret_after] == [0, 1, 2, 3]
     # epochs 0-2 come from the restored history, not from retraining
     assert ret_after[:3] == ret_before
-    # the finished ranker stage was reused as is
+    # the finished ranker and sequence stages were reused as is
     assert after["ranker"]["checkpoint"] == before["ranker"]["checkpoint"]
+    assert after["sequence"]["checkpoint"] == before["sequence"]["checkpoint"]
     assert (
         json.loads((root / "final" / "metrics.json").read_text())["retrieval"]["final"]["epoch"]
         == 3

@@ -1,0 +1,792 @@
+"""A SASRec-style sequence model of user behaviour (Kang & McAuley, 2018), trained with
+full-softmax cross-entropy (Klenitskiy & Vasilev, RecSys 2023), pure PyTorch.
+
+The model reads a user's last ``max_seq_len`` interactions in time order and predicts the
+next positive one; its last hidden state is the user vector in the item space (ANN-ready).
+
+* **Inputs per position**: item representation + event-token embedding (event type x
+  positive/negative, so a low rating or a view reads differently from a purchase; works for
+  click-only data too) + bucketised log2 time-gap embedding (gap to the previous
+  interaction: first, same second, 1 s, 2 s, 4 s, ... ~30 years) + bucketised log2 count of
+  the user's earlier interactions (a new user's third event vs the start of a training chunk
+  cut from a long history) + position.
+* **Item representation** (shared by inputs and outputs, i.e. tied): a learned id embedding,
+  or a shared learned "new item" vector for items without training events, plus a linear
+  projection of the item's frozen BERT content vector. An item nobody has interacted with
+  is therefore scored through its content alone. ``id_dropout`` swaps random items' id
+  embeddings for the new-item vector during training so that path is trained.
+* **Request-time item term** (``time_term``): an additive per-item score,
+  ``w . log1p(decayed positive counts at half-lives 1/7/30/365 days and all time) +
+  b[item age bucket]``, read from snapshots of the training period taken at event-count
+  quantiles (``time_periods``). A training target uses the snapshot of the period its own
+  timestamp falls in (only events before that period start: no leakage); recommendations use
+  the final snapshot ("now"). Age buckets: "no interaction yet" (before the snapshot), then
+  log2 days since the first interaction. (A first version had a separate bucket for items
+  whose first interaction falls inside the target's period: that leaks the future - such an
+  item is in the bucket *because* it is about to be consumed - and at request time it put
+  every never-seen item on top; validation NDCG fell with every epoch.) Items nobody has
+  interacted with yet therefore get the prior learned for them, and their content vector
+  decides among them. A dot product alone cannot express *when* an item is
+  popular; the issue measured a plain SASRec at 0.29-0.31 NDCG@10 on the long-horizon
+  protocol against 0.371 for time-decayed popularity, so the trend is put into the model
+  (the ranker still learns the final fusion). Memory: ``(time_periods + 1) x items x 5``
+  float16 values; lower ``time_periods`` for very large catalogues.
+* **Loss**: cross-entropy over the whole catalogue at every position whose next interaction
+  is positive; ``loss="sampled"`` draws ``negatives`` items from the training popularity
+  and subtracts ``log q`` from every logit (logQ correction) for catalogues too large for a
+  full softmax.
+* **Regularisation**: on ml-latest-small every lightly regularised run lost validation NDCG
+  with every epoch (users of a later period do not follow the older periods' sequences);
+  the defaults (d=32, dropout 0.5, weight decay 0.1, 6 epochs) come from validation windows
+  of the training period (``training/evaluation/FINDINGS.md``).
+* **Same-second events**: ties of a user's timestamps have no real order (28% of
+  ml-latest-small's training events share a second with another event of the same user),
+  so :class:`SequenceCollator` reshuffles them every time it builds a batch.
+
+For ANN (Milvus, inner product): the user vector is ``[encode_user(...), 1]`` and the item
+vectors ``[item_vectors(), request_bias()]``, which reproduces :meth:`SASRec.score_users`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from core.events import EVENT_TYPES
+from core.text import item_texts
+from training.config import SequenceConfig
+from training.models.ranker import adamw
+
+PAD = 0
+#: event tokens: 0 = padding, then (type, negative/positive) pairs; unknown types -> "other"
+TOKEN_TYPES = (*EVENT_TYPES, "other")
+N_TOKENS = 1 + 2 * len(TOKEN_TYPES)
+#: gap buckets: 0 = padding, 1 = first interaction, 2 = same second, 3 + floor(log2(seconds))
+GAP_BUCKETS = 3 + 31
+#: age buckets: 0 = no interaction before the snapshot, 1 + floor(log2(1 + days since))
+AGE_BUCKETS = 1 + 18
+#: how much history the user had at a position: 0 = padding, 1 + floor(log2(1 + earlier))
+RANK_BUCKETS = 1 + 17
+#: the model's per-position inputs, as :func:`user_inputs` and the collator name them
+INPUTS = ("items", "tokens", "gaps", "ranks")
+HALF_LIVES_DAYS = (1.0, 7.0, 30.0, 365.0)  # plus all-time counts: learned weights choose
+N_POP_FEATURES = len(HALF_LIVES_DAYS) + 1
+TERM_SCALE = 10.0  # see SASRec.__init__
+DAY = 86400.0
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "sequence_config.json"
+ITEMS_FILE = "items.json"
+CONTENT_FILE = "content.npy"
+SPACE_FILE = "item_space.npz"
+
+
+# --------------------------------------------------------------------------------------------
+# the item space: vocabulary, content vectors and request-time snapshots (numpy)
+
+
+@dataclass
+class ItemSpace:
+    """Everything the model knows about the catalogue besides its weights; saved with it.
+
+    Model index of ``item_ids[n]`` is ``n + 1`` (0 is padding)."""
+
+    item_ids: list[str]
+    #: ``[N]`` bool: the item has a training event (else the "new item" vector is its id part)
+    known: np.ndarray
+    #: ``[P + 1]`` int64 unix seconds; snapshot ``k`` counts events before ``boundaries[k]``,
+    #: snapshot ``P`` (all training events) is the one recommendations use
+    boundaries: np.ndarray
+    #: ``[P + 1, N, N_POP_FEATURES]`` float16: log1p of decayed positive-user counts
+    popularity: np.ndarray
+    #: ``[P + 1, N]`` int8 age bucket (module docstring)
+    age: np.ndarray
+    #: ``[N, C]`` float32 frozen content vectors (``C = 0``: none)
+    content: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    _index: dict[str, int] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def now(self) -> int:
+        """The snapshot recommendations are scored with (after the whole training period)."""
+        return len(self.boundaries) - 1
+
+    def index(self) -> dict[str, int]:
+        """``item_id -> model index`` (from 1)."""
+        if self._index is None:
+            self._index = {i: n + 1 for n, i in enumerate(self.item_ids)}
+        return self._index
+
+    def period(self, seconds: np.ndarray) -> np.ndarray:
+        """The training snapshot of events at ``seconds`` (the period they fall in)."""
+        k = np.searchsorted(self.boundaries, seconds, side="right") - 1
+        return np.clip(k, 0, max(0, self.now - 1)).astype(np.int64)
+
+    def with_content(self, content: np.ndarray) -> ItemSpace:
+        if len(content) != self.n_items:
+            raise ValueError(f"{len(content)} content vectors for {self.n_items} items")
+        return dataclasses.replace(self, content=np.asarray(content, dtype=np.float32))
+
+
+def to_seconds(ts: pd.Series) -> np.ndarray:
+    """Unix seconds (int64) of a datetime column."""
+    t = pd.to_datetime(ts, utc=True).dt.tz_localize(None)  # any resolution (ns, us, s)
+    return np.asarray(t.to_numpy(dtype="datetime64[s]").astype(np.int64))
+
+
+def build_item_space(
+    events: pd.DataFrame,
+    item_ids: Sequence[str],
+    *,
+    periods: int = 128,
+    content: np.ndarray | None = None,
+) -> ItemSpace:
+    """The :class:`ItemSpace` of a catalogue from its training events (see module docs)."""
+    ids = [str(i) for i in item_ids]
+    col = {i: n for n, i in enumerate(ids)}
+    ev = events[events["item_id"].astype(str).isin(col)]
+    n = len(ids)
+    ts = to_seconds(ev["timestamp"]) if len(ev) else np.zeros(0, dtype=np.int64)
+    items = ev["item_id"].astype(str).map(col).to_numpy(dtype=np.int64)
+    if len(ts):
+        qs = np.floor(np.quantile(ts, np.linspace(0.0, 1.0, max(1, periods) + 1)[:-1]))
+        bounds = np.unique(np.append(qs.astype(np.int64), ts.max() + 1))
+    else:
+        bounds = np.array([0, 1], dtype=np.int64)
+    n_snap = len(bounds)  # P + 1
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, items, ts)
+    known = first < np.iinfo(np.int64).max
+
+    # popularity: each user's first positive on an item counts once, from its time on
+    pos = ev.loc[ev["weight"] > 0, ["user_id", "item_id", "timestamp"]].copy()
+    pos["_s"] = to_seconds(pos["timestamp"]) if len(pos) else np.zeros(0, dtype=np.int64)
+    pos = pos.sort_values("_s", kind="stable").drop_duplicates(["user_id", "item_id"])
+    p_ts = pos["_s"].to_numpy(dtype=np.int64)
+    p_items = pos["item_id"].astype(str).map(col).to_numpy(dtype=np.int64)
+    p_snap = np.searchsorted(bounds, p_ts, side="right")  # first snapshot that counts it
+    pop = np.zeros((n_snap, n, N_POP_FEATURES), dtype=np.float32)
+    inside = p_snap < n_snap
+    for f, half_life in enumerate((*HALF_LIVES_DAYS, math.inf)):
+        decay = 0.0 if math.isinf(half_life) else math.log(2.0) / (half_life * DAY)
+        add = np.zeros((n_snap, n), dtype=np.float64)
+        age = (bounds[p_snap[inside]] - p_ts[inside]).astype(np.float64)
+        np.add.at(add, (p_snap[inside], p_items[inside]), np.exp(-decay * age))
+        run = np.zeros(n, dtype=np.float64)
+        for k in range(n_snap):
+            if k:
+                run *= math.exp(-decay * float(bounds[k] - bounds[k - 1]))
+            run += add[k]
+            pop[k, :, f] = np.log1p(run)
+
+    ages = np.zeros((n_snap, n), dtype=np.int8)
+    for k in range(n_snap):
+        seen = first < bounds[k]  # only what happened before the snapshot: no leakage
+        days = np.maximum(bounds[k] - first, 0).astype(np.float64) / DAY
+        bucket = 1 + np.minimum(np.floor(np.log2(1.0 + days)), AGE_BUCKETS - 2)
+        ages[k] = np.where(seen, bucket, 0).astype(np.int8)
+    space = ItemSpace(
+        item_ids=ids,
+        known=known,
+        boundaries=bounds,
+        popularity=pop.astype(np.float16),
+        age=ages,
+    )
+    return space if content is None else space.with_content(content)
+
+
+def content_vectors(
+    items: pd.DataFrame,
+    item_ids: Sequence[str],
+    *,
+    model_dir: str = "",
+    max_seq_len: int = 128,
+    encoder: Any = None,
+    cache: bool = True,
+) -> np.ndarray:
+    """Frozen BERT vectors of the item texts, from the encoder the content baseline uses
+    (``PretrainedContent``: mean-pooled, normalised, cached under ``var/cache/eval/``)."""
+    if encoder is None:
+        from training.evaluation.encoders import TowerEncoder
+        from training.models.pretrained import resolve_pretrained
+
+        encoder = TowerEncoder(resolve_pretrained(model_dir), max_seq_len=max_seq_len)
+    texts = item_texts(items)
+    return np.asarray(encoder.encode([texts[i] for i in item_ids], cache=cache), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# sequences (numpy): training rows, user inputs, same-second shuffling
+
+
+def event_tokens(event_type: pd.Series, weight: pd.Series) -> np.ndarray:
+    """Event token per row: ``1 + 2 * type + positive`` (0 is padding)."""
+    lookup = {t: n for n, t in enumerate(TOKEN_TYPES)}
+    other = lookup["other"]
+    types = event_type.astype(str).map(lambda t: lookup.get(t, other)).to_numpy(dtype=np.int64)
+    return (1 + 2 * types + (weight.to_numpy() > 0)).astype(np.int64)
+
+
+def gap_buckets(seconds: np.ndarray) -> np.ndarray:
+    """Bucket of the gap to the previous interaction of one user (time-ordered seconds)."""
+    out = np.ones(len(seconds), dtype=np.int64)  # the first interaction
+    if len(seconds) > 1:
+        gap = np.diff(seconds).astype(np.float64)
+        b = np.where(gap <= 0, 2, 3 + np.floor(np.log2(np.maximum(gap, 1.0))))
+        out[1:] = np.minimum(b, GAP_BUCKETS - 1).astype(np.int64)
+    return out
+
+
+def rank_buckets(n: int) -> np.ndarray:
+    """Bucket of the number of earlier interactions of each of a user's ``n`` events: tells a
+    new user from a long history (a training chunk that starts mid-history included)."""
+    return 1 + np.minimum(np.floor(np.log2(1.0 + np.arange(n))), RANK_BUCKETS - 2).astype(np.int64)
+
+
+def shuffle_ties(seconds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of time-ordered events that reorders only events sharing a second."""
+    return np.lexsort((rng.random(len(seconds)), seconds))
+
+
+@dataclass(frozen=True)
+class UserSequence:
+    """One user's interactions in time order (ties in file order), as model inputs."""
+
+    items: np.ndarray  # model indices
+    tokens: np.ndarray
+    seconds: np.ndarray
+    positive: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def user_sequences(events: pd.DataFrame, space: ItemSpace) -> dict[str, UserSequence]:
+    """``user_id -> UserSequence`` of every event on a catalogue item (negatives too: what a
+    user disliked or only viewed is context; only positives are targets)."""
+    idx = space.index()
+    ev = events[events["item_id"].astype(str).isin(idx)].reset_index(drop=True)
+    if ev.empty:
+        return {}
+    ev = ev.assign(_s=to_seconds(ev["timestamp"]), _o=np.arange(len(ev)))
+    ev = ev.sort_values(["user_id", "_s", "_o"], kind="stable")
+    items = ev["item_id"].astype(str).map(idx).to_numpy(dtype=np.int64)
+    tokens = event_tokens(ev["event_type"], ev["weight"])
+    secs = ev["_s"].to_numpy(dtype=np.int64)
+    positive = ev["weight"].to_numpy() > 0
+    users = ev["user_id"].astype(str).to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    return {
+        users[a]: UserSequence(items[a:b], tokens[a:b], secs[a:b], positive[a:b])
+        for a, b in zip(starts, ends, strict=True)
+    }
+
+
+def training_rows(
+    events: pd.DataFrame,
+    space: ItemSpace,
+    *,
+    max_len: int,
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, np.ndarray]]:
+    """Training sequences: every user's events cut into chunks of ``max_len + 1`` from the
+    end (consecutive chunks share one event, so every transition is a target exactly once).
+    A row holds ``items``, ``tokens``, ``seconds``, ``positive``, ``gaps``, ``ranks``,
+    ``periods`` (the snapshot of each event's time) and ``user_positives`` (the user's
+    positive events in all rows, for ``user_balance``); rows without a positive target are
+    dropped."""
+    rows: list[dict[str, np.ndarray]] = []
+    for seq in user_sequences(events, space).values():
+        gaps = gap_buckets(seq.seconds)
+        ranks = rank_buckets(len(seq))
+        periods = space.period(seq.seconds)
+        n_pos = np.array(max(1, int(seq.positive.sum())))
+        for end in range(len(seq), 1, -max_len):
+            s = slice(max(0, end - max_len - 1), end)
+            if not seq.positive[s][1:].any():
+                continue
+            rows.append(
+                {
+                    "items": seq.items[s],
+                    "tokens": seq.tokens[s],
+                    "seconds": seq.seconds[s],
+                    "positive": seq.positive[s],
+                    "gaps": gaps[s],
+                    "ranks": ranks[s],
+                    "periods": periods[s],
+                    "user_positives": n_pos,
+                }
+            )
+    if max_rows is not None and len(rows) > max_rows:
+        keep = np.random.default_rng(seed).choice(len(rows), size=max_rows, replace=False)
+        rows = [rows[i] for i in sorted(keep)]
+    return rows
+
+
+def user_inputs(seqs: Sequence[UserSequence | None], max_len: int) -> dict[str, torch.Tensor]:
+    """Left-padded :data:`INPUTS` of each user's last ``max_len`` events (an empty row for
+    ``None``), as :meth:`SASRec.encode_user` reads them."""
+    out = {k: np.zeros((len(seqs), max_len), dtype=np.int64) for k in INPUTS}
+    for r, seq in enumerate(seqs):
+        if seq is None or not len(seq):
+            continue
+        gaps = gap_buckets(seq.seconds)[-max_len:]
+        m = len(gaps)
+        out["items"][r, max_len - m :] = seq.items[-max_len:]
+        out["tokens"][r, max_len - m :] = seq.tokens[-max_len:]
+        out["gaps"][r, max_len - m :] = gaps
+        out["ranks"][r, max_len - m :] = rank_buckets(len(seq))[-max_len:]
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+class SequenceCollator:
+    """Training rows -> a left-padded batch: :data:`INPUTS` of events ``0..n-1``, targets the
+    next event's item where that event is positive (0 = no loss there), ``target_periods``
+    the snapshot of each target's time, ``user_positives`` the row's user's positive count.
+    Same-second events are reshuffled on every call."""
+
+    def __init__(self, max_len: int, *, seed: int | None = None, shuffle: bool = True) -> None:
+        self.max_len = max_len
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        # padded to the longest sequence of the batch, not to max_len: less wasted work
+        b = len(rows)
+        n = max(1, min(self.max_len, max(len(r["items"]) for r in rows) - 1)) if rows else 1
+        keys = (*INPUTS, "targets", "target_periods")
+        out: dict[str, np.ndarray] = {k: np.zeros((b, n), dtype=np.int64) for k in keys}
+        out["user_positives"] = np.ones(b, dtype=np.int64)
+        for r, row in enumerate(rows):
+            order = (
+                shuffle_ties(row["seconds"], self.rng)
+                if self.shuffle
+                else np.arange(len(row["items"]))
+            )
+            items, tokens = row["items"][order], row["tokens"][order]
+            positive = row["positive"][order]
+            # gaps, ranks and periods depend on the (unchanged) sorted times only
+            gaps, ranks, periods = row["gaps"], row["ranks"], row["periods"]
+            m = min(n, len(items) - 1)
+            if m <= 0:
+                continue
+            sl = slice(len(items) - 1 - m, len(items) - 1)
+            nx = slice(len(items) - m, len(items))
+            out["items"][r, n - m :] = items[sl]
+            out["tokens"][r, n - m :] = tokens[sl]
+            out["gaps"][r, n - m :] = gaps[sl]
+            out["ranks"][r, n - m :] = ranks[sl]
+            out["user_positives"][r] = int(row["user_positives"])
+            out["targets"][r, n - m :] = np.where(positive[nx], items[nx], PAD)
+            out["target_periods"][r, n - m :] = periods[nx]
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block with causal self-attention."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=allowed,  # no attention dropout: on CPU it costs more than the rest
+        )
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class SASRec(nn.Module):
+    """Causal transformer over interactions; ``forward(batch)`` is the training loss (so the
+    DDP wrapper sees every parameter used in its forward pass)."""
+
+    # buffers (not saved in the state dict: they come from the ItemSpace)
+    known: torch.Tensor
+    content: torch.Tensor
+    pop: torch.Tensor
+    age: torch.Tensor
+    proposal: torch.Tensor
+
+    def __init__(self, cfg: SequenceConfig, space: ItemSpace) -> None:
+        super().__init__()
+        self.cfg, self.space = cfg, space
+        n, d = space.n_items, cfg.dim
+        self.item_emb = nn.Embedding(n + 1, d, padding_idx=PAD)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        self.new_item = nn.Parameter(torch.zeros(d))
+        self.register_buffer("known", torch.from_numpy(np.r_[False, space.known]), False)
+        content = space.content if cfg.use_content else np.zeros((n, 0), np.float32)
+        c = content.shape[1] if content.size else 0
+        self.content_proj = nn.Linear(c, d, bias=False) if c else None
+        padded = np.zeros((n + 1, c), dtype=np.float32)
+        padded[1:] = content.reshape(n, c)
+        self.register_buffer("content", torch.from_numpy(padded), False)
+        self.token_emb = nn.Embedding(N_TOKENS, d, padding_idx=PAD)
+        self.gap_emb = nn.Embedding(GAP_BUCKETS, d, padding_idx=PAD)
+        self.rank_emb = nn.Embedding(RANK_BUCKETS, d, padding_idx=PAD)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
+        self.in_norm, self.out_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.blocks))
+        # request-time term; padded with a zero item column so indices match the table
+        pop = np.zeros((space.now + 1, n + 1, N_POP_FEATURES), dtype=np.float16)
+        pop[:, 1:] = space.popularity
+        age = np.zeros((space.now + 1, n + 1), dtype=np.int64)
+        age[:, 1:] = space.age
+        self.register_buffer("pop", torch.from_numpy(pop), False)
+        self.register_buffer("age", torch.from_numpy(age), False)
+        # stored divided by TERM_SCALE: Adam moves a parameter by about lr per step, too
+        # little for these few scalars to reach their scale (biases of several units) in a
+        # few hundred steps. Starts as a unigram prior (log all-time count, weight 1).
+        w = torch.zeros(N_POP_FEATURES)
+        w[-1] = 1.0
+        age_bias = torch.zeros(AGE_BUCKETS)
+        self.pop_weight = nn.Parameter(w / TERM_SCALE)
+        self.age_bias = nn.Parameter(age_bias / TERM_SCALE)
+        counts = np.expm1(space.popularity[-1, :, -1].astype(np.float64)) + 1.0
+        q = np.r_[0.0, counts / counts.sum()]  # sampled softmax proposal (never the padding)
+        self.register_buffer("proposal", torch.tensor(q, dtype=torch.float32), False)
+
+    # --- representations -------------------------------------------------------------------
+    def item_table(self) -> torch.Tensor:
+        """``[N + 1, d]`` item representations (row 0: padding), inputs and outputs alike."""
+        use_id = self.known
+        if self.training and self.cfg.id_dropout > 0:
+            keep = torch.rand(use_id.shape, device=use_id.device) >= self.cfg.id_dropout
+            use_id = use_id & keep
+        table = torch.where(use_id[:, None], self.item_emb.weight, self.new_item)
+        if self.content_proj is not None:
+            table = table + self.content_proj(self.content)
+        return table
+
+    def hidden(
+        self, x: Mapping[str, torch.Tensor], table: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, L, d]`` hidden states of left-padded :data:`INPUTS`; position ``t`` attends
+        to positions ``<= t`` only (and padding to nothing but itself)."""
+        table = self.item_table() if table is None else table
+        items = x["items"]
+        n = items.shape[1]
+        if n > self.cfg.max_seq_len:
+            raise ValueError(f"{n} positions > max_seq_len {self.cfg.max_seq_len}")
+        pos = torch.arange(self.cfg.max_seq_len - n, self.cfg.max_seq_len, device=items.device)
+        h = (
+            table[items]
+            + self.token_emb(x["tokens"])
+            + self.gap_emb(x["gaps"])
+            + self.rank_emb(x["ranks"])
+            + self.pos_emb(pos)
+        )
+        h = self.drop(self.in_norm(h))
+        causal = torch.ones(n, n, dtype=torch.bool, device=items.device).tril()
+        eye = torch.eye(n, dtype=torch.bool, device=items.device)
+        allowed = (causal & (items != PAD)[:, None, :]) | eye  # [B, L, L]
+        allowed = allowed[:, None]  # heads
+        for block in self.blocks:
+            h = block(h, allowed)
+        return self.out_norm(h)
+
+    def time_term(self, periods: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """``[len(periods), len(items)]`` request-time item term of each snapshot index
+        (``items``: model indices, default every item including the padding column)."""
+        cols = slice(None) if items is None else items
+        n = self.space.n_items + 1 if items is None else len(items)
+        if not self.cfg.time_term:
+            return torch.zeros(len(periods), n, device=periods.device)
+        uniq, inv = periods.unique(return_inverse=True)
+        pop, age = self.pop[uniq][:, cols], self.age[uniq][:, cols]
+        rows = (pop.float() @ self.pop_weight + self.age_bias[age]) * TERM_SCALE
+        return rows[inv]
+
+    def pair_term(self, periods: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``[len(periods)]`` request-time term of one item per snapshot index."""
+        if not self.cfg.time_term:
+            return torch.zeros(len(periods), device=periods.device)
+        pop = self.pop[periods, items].float() @ self.pop_weight
+        return (pop + self.age_bias[self.age[periods, items]]) * TERM_SCALE
+
+    # --- training ----------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of the positive next interactions of a collated batch."""
+        table = self.item_table()
+        h = self.hidden(batch, table)
+        sel = batch["targets"] != PAD
+        if not bool(sel.any()):  # keep every parameter in the graph (DDP)
+            return (h.sum() + table.sum() + self.pop_weight.sum() + self.age_bias.sum()) * 0.0
+        hs, y, per = h[sel], batch["targets"][sel], batch["target_periods"][sel]
+        if self.cfg.loss == "sampled":
+            losses = self._sampled_loss(hs, y, per, table)
+        elif self.cfg.loss == "full":
+            logits = hs @ table.T + self.time_term(per)
+            logits[:, PAD] = float("-inf")
+            losses = F.cross_entropy(logits, y, reduction="none")
+        else:
+            raise ValueError(f"unknown sequence loss {self.cfg.loss!r} (full or sampled)")
+        if not self.cfg.user_balance:
+            return losses.mean()
+        # each target weighs n_user_positives ** -user_balance (1: every user counts alike)
+        n = batch["user_positives"][:, None].expand_as(sel)[sel].float()
+        w = n.pow(-self.cfg.user_balance)
+        return (losses * w).sum() / w.sum()
+
+    def _sampled_loss(
+        self, hs: torch.Tensor, y: torch.Tensor, per: torch.Tensor, table: torch.Tensor
+    ) -> torch.Tensor:
+        """Sampled softmax: shared popularity-drawn negatives, logQ-corrected, accidental
+        hits (a negative equal to the target) masked."""
+        neg = torch.multinomial(self.proposal, self.cfg.negatives, replacement=True)
+        logq = torch.log(self.proposal.clamp_min(1e-12))
+        pos = (hs * table[y]).sum(-1) + self.pair_term(per, y) - logq[y]
+        negs = hs @ table[neg].T + self.time_term(per, neg) - logq[neg]
+        negs = negs.masked_fill(neg[None, :] == y[:, None], float("-inf"))
+        logits = torch.cat([pos[:, None], negs], dim=1)
+        zeros = torch.zeros(len(y), dtype=torch.long, device=y.device)
+        return F.cross_entropy(logits, zeros, reduction="none")
+
+    # --- serving -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_user(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, d]`` user vectors in the item space: the hidden state after the latest
+        interaction of left-padded inputs (:func:`user_inputs`)."""
+        return self.hidden(x)[:, -1]
+
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        """``[N, d]`` item vectors (catalogue order of ``space.item_ids``)."""
+        return self.item_table()[1:]
+
+    @torch.no_grad()
+    def request_bias(self) -> torch.Tensor:
+        """``[N]`` request-time item term at the final snapshot ("now")."""
+        now = torch.tensor([self.space.now], device=self.pop.device)
+        return self.time_term(now)[0, 1:]
+
+    @torch.no_grad()
+    def score_users(self, user_vectors: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` scores: dot product with every item plus the request-time term."""
+        return user_vectors @ self.item_vectors().T + self.request_bias()[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# training without Ray (the offline evaluation), saving and loading
+
+
+def linear_schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up then linear decay to 0, as the Ray loop uses."""
+    warmup = int(warmup_ratio * total)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+class _Rows(torch.utils.data.Dataset[Mapping[str, Any]]):
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        return self.rows[i]
+
+
+def train_sequence_model(
+    cfg: SequenceConfig,
+    space: ItemSpace,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[SASRec, list[dict[str, float]]]:
+    """Train in this process (no Ray): the same model, batches, loss and optimizer settings
+    as the Ray stage (AdamW, linear warm-up/decay, gradient norm clipped to 1)."""
+    torch.manual_seed(seed)
+    model = SASRec(cfg, space)
+    collate = SequenceCollator(cfg.max_seq_len, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    loader: torch.utils.data.DataLoader[Mapping[str, Any]] = torch.utils.data.DataLoader(
+        _Rows(rows), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen
+    )
+    total = max(1, len(loader) * cfg.epochs)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, cfg.warmup_ratio))
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0, losses = time.perf_counter(), []
+        for batch in loader:
+            loss = model(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.item()))
+        row = {
+            "epoch": float(epoch),
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "epoch_seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        if log is not None:
+            log(f"[sequence] epoch {epoch + 1}/{cfg.epochs} " + _fmt(row))
+    model.eval()
+    return model, history
+
+
+def save_sequence_model(model: SASRec, out: Path) -> None:
+    """``model.pt`` (weights), ``sequence_config.json``, ``items.json`` (the id vocabulary,
+    model index = position + 1), ``content.npy`` (the content vectors it used) and
+    ``item_space.npz`` (known items, request-time snapshots)."""
+    out.mkdir(parents=True, exist_ok=True)
+    s = model.space
+    torch.save(model.state_dict(), out / MODEL_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    (out / ITEMS_FILE).write_text(json.dumps(s.item_ids) + "\n")
+    np.save(out / CONTENT_FILE, s.content)
+    np.savez_compressed(
+        out / SPACE_FILE, known=s.known, boundaries=s.boundaries, popularity=s.popularity, age=s.age
+    )
+
+
+def load_sequence_model(d: Path) -> SASRec:
+    """The model :func:`save_sequence_model` wrote (in eval mode)."""
+    raw = json.loads((d / CONFIG_FILE).read_text())
+    names = {f.name for f in dataclasses.fields(SequenceConfig)}
+    cfg = SequenceConfig(**{k: v for k, v in raw.items() if k in names})
+    arrays = np.load(d / SPACE_FILE)
+    space = ItemSpace(
+        item_ids=json.loads((d / ITEMS_FILE).read_text()),
+        known=arrays["known"],
+        boundaries=arrays["boundaries"],
+        popularity=arrays["popularity"],
+        age=arrays["age"],
+        content=np.load(d / CONTENT_FILE),
+    )
+    model = SASRec(cfg, space)
+    model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# validation (next positives of held-out users)
+
+
+@dataclass(frozen=True)
+class SequenceEval:
+    """Validation users: inputs from their training events, the model indices they had
+    already seen, and their next positives after the split (the targets)."""
+
+    inputs: list[UserSequence]
+    seen: list[np.ndarray]
+    targets: list[np.ndarray]
+
+
+def sequence_eval(
+    train_events: pd.DataFrame,
+    later_events: pd.DataFrame,
+    space: ItemSpace,
+    *,
+    max_users: int | None,
+    relevant_per_user: int = 10,
+    seed: int = 0,
+) -> SequenceEval:
+    """Users with training history and unseen positives after the split; targets are their
+    next ``relevant_per_user`` unseen positive items (the near future the model serves)."""
+    hist = user_sequences(train_events, space)
+    later = user_sequences(later_events, space)
+    users = sorted(u for u in later if u in hist)
+    rng = np.random.default_rng(seed)
+    if max_users is not None and len(users) > max_users:
+        users = sorted(rng.choice(users, size=max_users, replace=False).tolist())
+    inputs, seen, targets = [], [], []
+    for u in users:
+        h, nx = hist[u], later[u]
+        known = set(h.items.tolist())
+        nxt = [i for i in dict.fromkeys(nx.items[nx.positive].tolist()) if i not in known]
+        if not nxt:
+            continue
+        inputs.append(h)
+        seen.append(np.array(sorted(known), dtype=np.int64))
+        targets.append(np.array(nxt[:relevant_per_user], dtype=np.int64))
+    return SequenceEval(inputs, seen, targets)
+
+
+@torch.no_grad()
+def evaluate_sequence(
+    model: SASRec,
+    data: SequenceEval,
+    *,
+    k: int = 10,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """NDCG@k and Recall@k (truncated denominator) over the whole catalogue, seen items
+    excluded."""
+    if not data.inputs:
+        return {}
+    model.eval()
+    ndcg, recall = [], []
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    for s in range(0, len(data.inputs), batch_size):
+        chunk = slice(s, s + batch_size)
+        x = user_inputs(data.inputs[chunk], model.cfg.max_seq_len)
+        scores = model.score_users(model.encode_user({n: t.to(device) for n, t in x.items()}))
+        scores = scores.cpu()
+        for r, (seen, rel) in enumerate(zip(data.seen[chunk], data.targets[chunk], strict=True)):
+            row = scores[r]
+            row[torch.from_numpy(seen - 1)] = float("-inf")
+            top = (row.topk(min(k, len(row))).indices + 1).numpy()
+            hits = np.isin(top, rel)
+            ideal = min(k, len(rel))
+            ndcg.append(float((hits * discounts[: len(hits)]).sum() / discounts[:ideal].sum()))
+            recall.append(float(hits.sum() / ideal))
+    return {
+        f"ndcg_at_{k}": float(np.mean(ndcg)),
+        f"recall_at_{k}": float(np.mean(recall)),
+        "eval_users": float(len(ndcg)),
+    }
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
