@@ -16,6 +16,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Sci-Fi"]
 
 
+def rating_events(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
+    """An events frame from ``(user, item, epoch seconds, weight)`` rows, as rating events
+    (value = weight x 5), in the loaders' column layout."""
+    return pd.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "event_type": "rating",
+            "timestamp": pd.to_datetime([r[2] for r in rows], unit="s", utc=True),
+            "value": [r[3] * 5 for r in rows],
+            "weight": [r[3] for r in rows],
+        }
+    )
+
+
 def synthetic_generic(root: Path, *, users: int = 60, items: int = 80, seed: int = 0) -> Path:
     """``events.csv`` + ``items.csv``: users prefer one genre; item popularity is skewed;
     items ``i60``.. appear only late (new items after a 0.8 time cut-off)."""

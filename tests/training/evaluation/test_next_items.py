@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tests.training.evaluation.conftest import rating_events
 from training.data.schema import Dataset
 from training.evaluation.protocol import NEXT_ITEMS, make_split, next_targets
 
 DAY = 86400
-
-
-def _events(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "user_id": [r[0] for r in rows],
-            "item_id": [r[1] for r in rows],
-            "event_type": "rating",
-            "timestamp": pd.to_datetime([r[2] for r in rows], unit="s", utc=True),
-            "value": [r[3] * 5 for r in rows],
-            "weight": [r[3] for r in rows],
-        }
-    )
 
 
 def test_next_items_are_the_next_ten_unseen_positives_ties_kept() -> None:
@@ -29,7 +17,7 @@ def test_next_items_are_the_next_ten_unseen_positives_ties_kept() -> None:
     rows[10] = ("u", "i10", 9 * DAY, 1.0)  # the 10th unseen positive ...
     rows[11] = ("u", "i11", 9 * DAY, 1.0)  # ... and the 11th in the same second
     rows.append(("u", "neg", 2 * DAY, 0.0))
-    later = _events(rows).sort_values("timestamp", kind="stable")
+    later = rating_events(rows).sort_values("timestamp", kind="stable")
     nxt, window = next_targets(later, {"i0"}, pd.Timestamp(0, unit="s", tz="UTC"))
     assert NEXT_ITEMS == 10
     # i0 seen, neg negative: i1..i10 are the next ten, i11 ties the 10th, i12 is later
@@ -39,7 +27,7 @@ def test_next_items_are_the_next_ten_unseen_positives_ties_kept() -> None:
 
 
 def test_window_counts_from_the_fold_in_point() -> None:
-    later = _events([("u", "a", 10 * DAY, 1.0), ("u", "b", 45 * DAY, 1.0)])
+    later = rating_events([("u", "a", 10 * DAY, 1.0), ("u", "b", 45 * DAY, 1.0)])
     nxt, window = next_targets(later, set(), pd.Timestamp(5 * DAY, unit="s", tz="UTC"))
     assert nxt == {"a", "b"}
     assert window == {"a"}  # b is 40 days after the anchor
@@ -50,7 +38,7 @@ def test_split_gives_both_protocols_the_same_users() -> None:
     test = [("w", f"s{n}", 1000 + n * DAY, 1.0) for n in range(15)]  # warm user
     test += [("c", f"s{n}", 1000 + n * DAY, 1.0) for n in range(5)]  # new user, cold
     test += [("c", "far", 1000 + 200 * DAY, 1.0)]
-    events = _events(train + test)
+    events = rating_events(train + test)
     items = pd.DataFrame(
         {
             "item_id": sorted(set(events["item_id"])),

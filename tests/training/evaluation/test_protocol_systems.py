@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from core.fusion import mmr
+from tests.training.evaluation.conftest import rating_events
 from training.data import load_dataset
 from training.data.schema import Dataset
 from training.evaluation import systems as S
@@ -20,19 +21,6 @@ from training.evaluation.pipeline import (
     tune,
 )
 from training.evaluation.protocol import make_split
-
-
-def _events(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "user_id": [r[0] for r in rows],
-            "item_id": [r[1] for r in rows],
-            "event_type": "rating",
-            "timestamp": pd.to_datetime([r[2] for r in rows], unit="s", utc=True),
-            "value": [r[3] * 5 for r in rows],
-            "weight": [r[3] for r in rows],
-        }
-    )
 
 
 def _items(ids: list[str]) -> pd.DataFrame:
@@ -68,7 +56,7 @@ def toy() -> Dataset:
         ("u1", "c", 105, 1.0),
         ("u1", "new", 106, 1.0),
     ]
-    return Dataset(_events(rows), _items(["a", "b", "c", "d", "e", "new"]))
+    return Dataset(rating_events(rows), _items(["a", "b", "c", "d", "e", "new"]))
 
 
 def test_split_fold_in_targets_and_slices(toy: Dataset) -> None:
@@ -114,7 +102,7 @@ def test_itemknn_cosine(toy: Dataset) -> None:
     assert knn.sim[ia, ib] == pytest.approx(2 / np.sqrt(8))
     assert knn.sim[ia, ic] == pytest.approx(1 / np.sqrt(4))
     assert knn.sim[ib, ic] == 0.0
-    knn.observe(_events([("x", "b", 200, 1.0)]))
+    knn.observe(rating_events([("x", "b", 200, 1.0)]))
     # history {b}: a is its only neighbour
     assert knn.recommend(["x"], 1)["x"] == ["a"]
 
@@ -133,7 +121,7 @@ def test_matrix_factorisation_runs_and_folds_in(toy: Dataset, cls: type) -> None
 
 def test_trending_popularity_prefers_recent(toy: Dataset) -> None:
     rows = [("u1", "old", 0, 1.0), ("u2", "old", 1, 1.0), ("u3", "fresh", 400 * 86400, 1.0)]
-    ds = Dataset(_events(rows), _items(["old", "fresh"]))
+    ds = Dataset(rating_events(rows), _items(["old", "fresh"]))
     trending = S.TrendingPopularity(half_life_days=30)
     trending.fit(ds)
     assert trending.recommend(["x"], 2)["x"] == ["fresh", "old"]
