@@ -19,7 +19,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.config import REPO_ROOT, Settings, get_settings
 from ops.stack import LocalStack, Ports, local_stack
@@ -29,6 +31,9 @@ from training.data import load_dataset
 from training.data.schema import Dataset
 from training.export.repository import latest_release, servable_models
 from training.models.pretrained import resolve_pretrained
+
+if TYPE_CHECKING:
+    from ops.segments import SegmentReport
 
 log = logging.getLogger("demo")
 
@@ -93,7 +98,7 @@ def index_everything(stack: LocalStack, dataset_path: Path) -> None:
     index_dataset(stack, dataset)
 
 
-def index_dataset(stack: LocalStack, dataset: Dataset) -> None:
+def index_dataset(stack: LocalStack, dataset: Dataset, k_scan: Sequence[int] = ()) -> SegmentReport:
     """Every item and user of ``dataset`` through Triton into the stack's Milvus; segments."""
     from ops.indexing import index_items, index_users
     from ops.segments import fit_segments
@@ -104,11 +109,12 @@ def index_dataset(stack: LocalStack, dataset: Dataset) -> None:
         store.ensure_collections()
         n_items = index_items(dataset, triton, store, stack.settings.triton_batch_size)
         n_users = index_users(dataset, triton, store, stack.settings.triton_batch_size)
-        segments = fit_segments(store, stack.settings.segments)
-        print(f"  indexed {n_items} items and {n_users} users; {len(segments)} segments")
+        segments = fit_segments(store, stack.settings.segments, k_scan=k_scan)
+        print(f"  indexed {n_items} items and {n_users} users; {len(segments.sizes)} segments")
     finally:
         triton.close()
         store.close()
+    return segments
 
 
 def show_recommendations(target: str, users: list[str], k: int) -> None:

@@ -6,19 +6,23 @@ fold-in and users as every offline system:
 
 * ``fit(train)``: starts Milvus Lite and tritonserver on free ports (the newest release of the
   model repository), indexes the catalogue with the *training period's* popularity and
-  co-occurrence and the training users' profiles through Triton, fits the segments, starts
-  the gateway;
+  co-occurrence and the training users' profiles through Triton, fits the segments (PCA +
+  spherical k-means, ``ops.segments``), starts the gateway;
 * ``observe(events)``: sends each test user's fold-in events through ``IngestEvents``, which
   answers once they are applied (read-your-writes), as a backend client would;
 * ``recommend(users, k)``: ``Recommend`` over gRPC, nothing excluded by the client.
 
 The offline ``pipeline`` row is the reference composition tuned on validation windows; this
-row is what the gateway actually serves with its configured settings.
+row is what the gateway actually serves with its configured settings. The segments fitted on
+the training users are reported beside it: ``segments.json`` and a section of ``eval.md``
+(sizes, silhouettes, PCA dimensions and variance, online/offline agreement).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
 import shutil
 import sys
@@ -30,6 +34,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from core.config import Settings, get_settings
 from ops.demo import index_dataset
+from ops.segments import K_SCAN, SegmentReport
 from ops.stack import LocalStack, local_stack
 from services.api import pb
 from services.client import RecommenderClient
@@ -76,13 +81,14 @@ class ServedGateway:
         self.timeout_s = timeout_s  # the call deadline: generous, quality is measured here
         self._exit = contextlib.ExitStack()
         self._client: RecommenderClient | None = None
+        self.segments: SegmentReport | None = None
 
     def fit(self, train: Dataset) -> None:
         shutil.rmtree(self.var_dir, ignore_errors=True)
         stack: LocalStack = self._exit.enter_context(local_stack(self.settings, self.var_dir))
         stack.start_milvus()
         stack.start_triton()
-        index_dataset(stack, train)
+        self.segments = index_dataset(stack, train, k_scan=K_SCAN)
         stack.start_gateway()
         self._client = self._exit.enter_context(
             RecommenderClient(stack.gateway_target, timeout=self.timeout_s)
@@ -121,9 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = get_settings()
     served = ServedGateway(settings, settings.var_dir / "eval-served")
     try:
-        return evaluate(argv, extra_systems=[served])
+        code = evaluate(argv, extra_systems=[served])
     finally:
         served.close()
+    if served.segments is not None:
+        out = argparse.ArgumentParser(add_help=False)
+        out.add_argument("--out", type=Path, default=Path("reports/eval"))
+        write_segments(served.segments, out.parse_known_args(argv)[0].out)
+    return code
+
+
+def write_segments(report: SegmentReport, out: Path) -> list[Path]:
+    """``segments.json`` and a "User segments" section appended to ``eval.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "segments.json"
+    js.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    section = ["", "## User segments (served stack, training users)", "", *report.markdown()]
+    md = out / "eval.md"
+    with md.open("a") as fh:
+        fh.write("\n".join(section) + "\n")
+    print("\n".join(section))
+    return [js, md]
 
 
 if __name__ == "__main__":

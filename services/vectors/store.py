@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -251,6 +251,29 @@ class VectorStore:
             "delete", self.segments.name, filter=stale or 'segment_id != ""', timeout=timeout
         )
         return len(rows)
+
+    def set_user_segments(self, segments: Mapping[str, str], timeout: float = 30.0) -> int:
+        """Write only the ``segment`` field of the users that still exist (partial update).
+
+        The segment refit runs beside the live gateway: a whole-row upsert from its earlier
+        scan would undo profile updates ingested meanwhile and bring back users deleted
+        meanwhile. A user deleted between the check and the write fails the batch.
+        """
+        ids = list(segments)
+        if not ids:
+            return 0
+        existing = self._call(
+            "query",
+            self.users.name,
+            filter=f"user_id in {literal(ids)}",
+            output_fields=["user_id"],
+            timeout=timeout,
+        )
+        rows = [{"user_id": r["user_id"], "segment": segments[r["user_id"]]} for r in existing]
+        if not rows:
+            return 0
+        result = self._call("upsert", self.users.name, rows, partial_update=True, timeout=timeout)
+        return int(result["upsert_count"])
 
     def nearest_segment(self, vector: np.ndarray, timeout: float) -> Row | None:
         """The segment whose centroid is closest to ``vector`` (online assignment)."""
