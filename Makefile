@@ -13,12 +13,14 @@ BUF_VERSION := 1.75.0
 BUF := $(TOOLS)/node_modules/.bin/buf
 CHECKOV_VERSION := 3.3.30
 CHECKOV := $(TOOLS)/checkov/bin/checkov
+MLFLOW_VERSION := $(shell sed -nE 's/^mlflow-skinny==([^ ;]+).*/\1/p' requirements.lock)
+MLFLOW_UI := $(TOOLS)/mlflow/.stamp
 STUBS := services/api/recsys/v1/recommender_pb2.py
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env proto lint lint-proto kubectl-installed export train demo serve test test-unit \
+.PHONY: help env proto lint lint-proto kubectl-installed export train mlflow-ui demo serve test test-unit \
         test-integration test-k8s images gpu-export gpu-bench-pack bench eval ab-report ab-replay fuzz reliability clean \
         distclean
 
@@ -81,6 +83,17 @@ export: env ## export the pretrained (or --checkpoint) towers into model_reposit
 train: env ## fine-tune both models with Ray Train (local: 2 CPU workers)
 	$(PY) -m training.train --config training/configs/local.yaml
 
+# The MLflow UI is the full mlflow, which pins pyarrow<26: a tool environment of its own.
+$(MLFLOW_UI): requirements-mlflow.lock
+	@echo ">> installing mlflow $(MLFLOW_VERSION) (server and UI) in $(TOOLS)/mlflow"
+	test -x $(TOOLS)/mlflow/bin/python || $(PYTHON) -m venv $(TOOLS)/mlflow
+	$(TOOLS)/mlflow/bin/pip install -q --no-deps -r requirements-mlflow.lock
+	touch $@
+
+mlflow-ui: $(MLFLOW_UI) ## the MLflow UI on the tracked training runs (runs/mlruns), http://127.0.0.1:5000
+	MLFLOW_ALLOW_FILE_STORE=true $(TOOLS)/mlflow/bin/mlflow ui --port 5000 \
+	  --backend-store-uri $(or $(MLRUNS),runs/mlruns)
+
 gpu-export: env ## fp16 ONNX variants (+ TensorRT engines where a GPU and TensorRT exist)
 	$(PY) -m training.export.gpu $(if $(ENGINES),--engines,)
 
@@ -107,6 +120,7 @@ images: proto ## container images (needs a Docker engine; none on the build mach
 	docker build -f docker/gateway.Dockerfile -t recsys/gateway:0.1.0 .
 	docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
 	docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
+	docker build -f docker/mlflow.Dockerfile -t recsys/mlflow:$(MLFLOW_VERSION) .
 
 eval: env ## evaluation: baselines, the offline pipeline and the served gateway -> reports/eval
 	$(PY) -m ops.served_eval --data $(or $(DATA),third_party/movielens/ml-latest-small) \

@@ -110,6 +110,26 @@ class SequenceConfig(StageConfig):
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow tracking of ``python -m training.train`` (:mod:`training.tracking`): one parent
+    run per invocation, a nested run per stage. A tracking failure only logs a warning."""
+
+    enabled: bool = True
+    #: "" = ``MLFLOW_TRACKING_URI`` when set, else a local file store ``<storage_path>/mlruns``
+    #: (``<RECSYS_VAR_DIR>/mlruns`` when storage_path is a URI); a value here wins over both
+    tracking_uri: str = ""
+    experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "recsys-training"
+    run_name: str = ""  # "" = <name>-<UTC start time>
+    #: release files up to this size are logged as artifacts; larger ones (the BERT weights)
+    #: are listed in the artifact release/SKIPPED.txt instead
+    max_artifact_mb: float = 10.0
+    #: MLflow HTTP timeout and retries (MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES win): a
+    #: tracking server that is down costs seconds once, then tracking is off for the run
+    timeout_s: int = 10
+    max_retries: int = 2
+
+
+@dataclass
 class TrainConfig:
     name: str = "local"
     data_dir: str = "third_party/movielens/ml-latest-small"
@@ -135,6 +155,7 @@ class TrainConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -142,8 +163,10 @@ class TrainConfig:
         ret = _build(RetrievalConfig, d.pop("retrieval", None) or {}, "retrieval")
         rk = _build(RankerConfig, d.pop("ranker", None) or {}, "ranker")
         seq = _build(SequenceConfig, d.pop("sequence", None) or {}, "sequence")
+        trk = _build(TrackingConfig, d.pop("tracking", None) or {}, "tracking")
         cfg = _build(cls, d, "")
         cfg.retrieval, cfg.ranker, cfg.sequence = ret, rk, seq
+        cfg.tracking = trk
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

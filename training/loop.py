@@ -8,7 +8,8 @@ comes from ``config["task"]`` (:mod:`training.tasks`):
 * AdamW with linear warm-up and decay over every step of the run, gradient norm clipped to 1;
 * after every epoch all workers call ``ray.train.report(metrics, checkpoint=...)``; rank 0
   evaluates, writes a checkpoint directory (the task's model files, ``train_state.pt`` with
-  optimizer/scheduler/epoch/history, and ``metrics.json``) and attaches it;
+  optimizer/scheduler/epoch/history, and ``metrics.json``) and attaches it; it also logs the
+  epoch's metrics to the stage's MLflow run (Ray's ``setup_mlflow``, :mod:`training.tracking`);
 * on start, ``ray.train.get_checkpoint()`` (set by Ray after a worker failure with
   ``FailureConfig(max_failures)``, or when a run with the same name/storage is restarted) or
   ``config["resume_from"]`` restores weights, optimizer, scheduler and epoch, so training
@@ -40,6 +41,7 @@ from training.config import StageConfig
 from training.models.pretrained import load_tokenizer, set_offline
 from training.models.ranker import adamw
 from training.tasks.base import Row, Task
+from training.tracking import worker_logger
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
@@ -58,6 +60,7 @@ class LoopConfig:
     eval_data: Any  # ObjectRef of the task's evaluation data, fetched by rank 0 only
     resume_from: str | None  # checkpoint to continue when Ray has none of its own
     fail_marker: str  # see _maybe_fail
+    tracking: dict[str, Any] | None = None  # the stage's MLflow run (training.tracking)
 
     def to_dict(self) -> dict[str, Any]:
         """Shallow, unlike ``dataclasses.asdict`` (which would turn the task into a dict)."""
@@ -71,6 +74,7 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _setup(c.seed, c.torch_threads, rank)
+    tracker = worker_logger(c.tracking, rank)  # Ray's setup_mlflow on rank 0
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(c.pretrained)
     restored, state = _resume(task, c.resume_from, rank)
@@ -89,6 +93,7 @@ def train_func(config: dict[str, Any]) -> None:
         base = task.evaluate(model, tokenizer, eval_data, device)
         _log(rank, f"[{task.name}] before training: {base}")
         history.append({"epoch": -1, **base})
+        tracker.log_epoch(history[-1])
     _log(rank, f"[{task.name}] {described}, {world} workers, {steps} steps/epoch/worker")
     for epoch in range(start, epochs):
         _set_epoch(loader, epoch)
@@ -117,6 +122,7 @@ def train_func(config: dict[str, Any]) -> None:
             if eval_data:
                 metrics.update(task.evaluate(model, tokenizer, eval_data, device))
             history.append(dict(metrics))
+            tracker.log_epoch(metrics)
             _log(rank, f"[{task.name}] epoch {epoch + 1}/{epochs} " + _fmt(metrics))
             with tempfile.TemporaryDirectory(prefix="ckpt-", ignore_cleanup_errors=True) as tmp:
                 task.save_model(model, tokenizer, Path(tmp))
@@ -125,6 +131,7 @@ def train_func(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
         _maybe_fail(stage, c.fail_marker, epoch, rank)
+    tracker.end()
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:

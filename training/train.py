@@ -54,6 +54,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from core.config import REPO_ROOT
+from training import tracking
 from training.config import TrainConfig, load_config
 from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.pretrained import OFFLINE_ENV, set_offline
@@ -64,6 +65,7 @@ from training.tasks import RankerTask, RetrievalTask, SequenceTask, Task
 from training.tasks.retrieval import mine_with_towers
 
 
+@tracking.tracked  # one MLflow run per call (training/tracking.py)
 def run(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """The whole pipeline; returns the final ``metrics.json`` content."""
     t_start = time.time()
@@ -123,6 +125,7 @@ def fit(
         eval_data=ray.put(eval_data),
         resume_from=str(resume_from) if resume_from else None,
         fail_marker=str(run_dir.parent / f".{run_dir.name}.failed_once"),
+        tracking=tracking.stage(task.name, task.cfg),
     )
     gpu = {"GPU": 1} if cfg.use_gpu else {}
     trainer = TorchTrainer(

@@ -21,6 +21,7 @@ IMAGES = {
     "recsys/gateway": "gateway.Dockerfile",
     "recsys/training": "training.Dockerfile",
     "recsys/triton": "triton.Dockerfile",
+    "recsys/mlflow": "mlflow.Dockerfile",
 }
 # Files the lead is still writing; COPY sources that are absent are skipped, not failed.
 PENDING = {"requirements.lock", "README.md"}
@@ -270,3 +271,20 @@ def test_module_paths_are_relative_to_app(overlay: Rendered) -> None:
     entrypoint = overlay.get("RayJob", "recsys-train")["spec"]["entrypoint"]
     assert "cd /app" in entrypoint
     assert Path("/app/model_repository").name in entrypoint
+
+
+def test_mlflow_server_is_the_training_client_version(overlay: Rendered) -> None:
+    """The tracking server image (full mlflow, requirements-mlflow.lock) and its tag are the
+    version of the client the training image logs with (mlflow-skinny, requirements.lock)."""
+    locked = dict(
+        re.findall(r"^([\w.-]+)==(\S+)", (REPO_ROOT / "requirements.lock").read_text(), re.M)
+    )
+    server = dict(
+        re.findall(r"^([\w.-]+)==(\S+)", (REPO_ROOT / "requirements-mlflow.lock").read_text(), re.M)
+    )
+    client = locked["mlflow-skinny"]
+    assert server["mlflow"] == server["mlflow-skinny"] == client
+    text = dockerfile("mlflow.Dockerfile")
+    assert "pip install --no-deps -r requirements-mlflow.lock" in " ".join(arguments(text, "RUN"))
+    image = overlay.workload("mlflow")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image_repository(image) == "recsys/mlflow" and image.rsplit(":", 1)[1] == client

@@ -183,3 +183,14 @@ def test_metrics_scrapable_from_monitoring(overlay: Rendered) -> None:
     p = pods(overlay)
     for target, port in [("gateway", 9464), ("triton", 8002), ("milvus", 9091)]:
         assert allowed(overlay, p["prometheus"], p[target], port), f"{target}:{port}"
+
+
+def test_only_training_reaches_mlflow(overlay: Rendered) -> None:
+    """The Ray driver (head) and workers log to the MLflow server; nobody else connects
+    (people use `kubectl port-forward`, which NetworkPolicies do not filter)."""
+    p = pods(overlay)
+    labels = overlay.workload("mlflow")["spec"]["template"]["metadata"]["labels"]
+    mlflow = Pod("mlflow", labels, {"kubernetes.io/metadata.name": overlay.namespace})
+    sources = {name for name, pod in p.items() if allowed(overlay, pod, mlflow, 5000)}
+    expected = {n for n in p if n.startswith("ray-") and n != "ray-submitter"}
+    assert "ray-head" in expected and sources == expected, f"mlflow:5000 open to {sorted(sources)}"
