@@ -6,11 +6,12 @@ of known users (round robin) with a deadline, until ``max_requests`` were issued
 gateway's ``recsys_stage_seconds`` histogram (bucket deltas of a scrape before and after) and
 Triton's own per-model queue/compute counters.
 
-Baseline: the gateway's :class:`~services.recommend.pipeline.Pipeline` (same Milvus, same
-retrieval, same candidates, same MMR) with the CTR scorer swapped for the ranker in PyTorch in
-this process, one request at a time, no batching across requests, no Triton. Its inputs are
-tokenized with the release's own ``tokenizer.json`` and the Triton tokenizer's settings
-(:class:`~bench.tokens.TokenizerSpec`), so both score the same token ids.
+Baseline: the gateway's :class:`~services.recommend.pipeline.Pipeline` as the cross-encoder
+pipeline (same Milvus, same retrieval, 30 candidates, same MMR) with the cross-encoder
+swapped for the ranker in PyTorch in this process, one request at a time, no batching
+across requests, no Triton. Its inputs are tokenized with the release's own
+``tokenizer.json`` and the Triton tokenizer's settings (:class:`~bench.tokens.TokenizerSpec`),
+so both score the same token ids.
 """
 
 from __future__ import annotations
@@ -246,12 +247,15 @@ class Baseline:
     def __init__(self, stack: LocalStack, ranker_dir: str, spec: TokenizerSpec) -> None:
         from services.inference.triton_client import TritonClient
         from services.recommend.pipeline import Pipeline
-        from services.recommend.rank import RankerStatus
+        from services.recommend.rank import Rankers, RankerStatus
         from services.recommend.retrieve import PopularItems
         from services.vectors.store import VectorStore
 
         self.stack = stack
-        settings = stack.settings
+        # the cross-encoder pipeline (bench.pipelines): 30 candidates, each scored by it
+        settings = stack.settings.model_copy(
+            update={"rank_candidates": 30, "cross_encoder_top": 30}
+        )
         self.store = VectorStore(settings)
         popular = PopularItems(settings.popular_cache_size)
         for _ in range(5):  # a fresh pymilvus connection to Milvus Lite sometimes fails once
@@ -261,7 +265,7 @@ class Baseline:
         else:
             raise RuntimeError("could not read the popular items from Milvus")
         scorer = TorchScorer(ranker_dir, spec)
-        ready = RankerStatus(deployed=True, ready=True)
+        ready = Rankers(cross_encoder=RankerStatus(deployed=True, ready=True))
         self.pipeline = Pipeline(
             settings, self.store, cast(TritonClient, scorer), popular, lambda: ready
         )

@@ -35,16 +35,19 @@ class Models:
     user_tower: str
     ranker: str
     source: str  # "fine-tuned <dir>" or "pretrained MiniLM + untrained head"
+    feature_ranker: str  # the checkpoint's, else a seeded untrained DCN-v2 (speed only)
 
 
 def resolve_models(checkpoint: Path | None, var_dir: Path) -> Models:
     """The fine-tuned checkpoint when it is there, else pretrained towers and a MiniLM ranker."""
+    features = _feature_ranker(checkpoint, var_dir)
     if checkpoint and (checkpoint / "item_tower").is_dir() and (checkpoint / "ranker").is_dir():
         return Models(
             str(checkpoint / "item_tower"),
             str(checkpoint / "user_tower"),
             str(checkpoint / "ranker"),
             f"fine-tuned checkpoint {checkpoint}",
+            features,
         )
     from training.export.onnx_export import resolve_pretrained
 
@@ -64,13 +67,29 @@ def resolve_models(checkpoint: Path | None, var_dir: Path) -> Models:
         pretrained,
         str(ranker),
         "pretrained MiniLM towers, MiniLM ranker with untrained head",
+        features,
     )
+
+
+def _feature_ranker(checkpoint: Path | None, var_dir: Path) -> str:
+    """The checkpoint's feature ranker, else a seeded untrained one (its speed is the same)."""
+    if checkpoint and (checkpoint / "feature_ranker").is_dir():
+        return str(checkpoint / "feature_ranker")
+    out = var_dir / "untrained_feature_ranker"
+    if not (out / "config.json").is_file():
+        import torch
+
+        from training.models.feature_ranker import DCNv2, save_feature_ranker
+
+        torch.manual_seed(0)
+        save_feature_ranker(DCNv2().eval(), out)
+    return str(out)
 
 
 def _fingerprint(models: Models) -> str:
     """Changes when the weights, the exporter or the tracked repository sources change."""
     h = hashlib.sha1()
-    for path in (models.item_tower, models.user_tower, models.ranker):
+    for path in (models.item_tower, models.user_tower, models.ranker, models.feature_ranker):
         h.update(path.encode())
         for f in sorted(Path(path).glob("*")):
             if f.is_file():
@@ -104,7 +123,13 @@ def exported_repository(models: Models, var_dir: Path) -> tuple[Path, dict[str, 
             n for n in names if n.isdigit() or n.startswith(".staging") or n == "__pycache__"
         ],
     )
-    report = export_release(staging, models.item_tower, models.user_tower, ranker=models.ranker)
+    report = export_release(
+        staging,
+        models.item_tower,
+        models.user_tower,
+        ranker=models.ranker,
+        feature_ranker=models.feature_ranker,
+    )
     for entry in report.values():  # paths as they will be after the rename
         if isinstance(entry, dict) and "onnx" in entry:
             entry["onnx"] = str(entry["onnx"]).replace(str(staging), str(target))

@@ -69,6 +69,15 @@ def item_popularity(
     return {str(k): float(v) for k, v in sums.items()}
 
 
+def first_seen(events: pd.DataFrame) -> dict[str, float]:
+    """Per item, the epoch seconds of its first event: its age where the catalogue gives no
+    creation time (indexing and the ranker's training data use it alike)."""
+    if events.empty:
+        return {}
+    first = events.groupby("item_id")["timestamp"].min()
+    return {str(k): float(v.timestamp()) for k, v in first.items()}
+
+
 def co_occurrence(
     events: pd.DataFrame, top: int = 50, min_support: int = 2
 ) -> dict[str, list[str]]:

@@ -71,13 +71,31 @@ class Settings(BaseSettings):
         3, ge=0, description="Users with at most this many positive events are cold-start."
     )
     rank_candidates: int = Field(
-        30, ge=1, le=64, description="Candidates the CTR ranker scores per request (one batch)."
+        100,
+        ge=1,
+        le=1000,
+        description="Candidates retrieval keeps per request; the feature ranker scores them all "
+        "in one batch (its training replays the same number: feature_ranker.candidates).",
+    )
+    cross_encoder_top: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Top candidates the BERT cross-encoder re-scores after the feature ranker, "
+        "as a precision vote (0 = off: the CPU default; a BERT pass per candidate).",
     )
     # Defaults carried over from the offline pipeline's tuning on validation windows of the
     # training period (make eval): trending popularity 4, content similarity 2, item-item 0.5,
     # a collaborative source 0.5, the ranker's vote 1, MMR 0.1.
     mmr_lambda: float = Field(
         0.1, ge=0, le=1, description="Default diversity weight of the MMR re-rank (0 = off)."
+    )
+    exploration_share: float = Field(
+        0.1,
+        ge=0,
+        le=0.5,
+        description="Share of the k slots (the last ones) kept for new items (no interaction "
+        "yet) that the content ANN found; 0 = none.",
     )
     retrieval_weights: dict[str, float] = Field(
         default_factory=lambda: {"ann": 2.0, "co_occurrence": 0.5, "segment": 0.5, "popular": 4.0},
@@ -86,7 +104,7 @@ class Settings(BaseSettings):
     ranker_weight: float = Field(
         1.0,
         ge=0,
-        description="Fusion weight of the CTR ranker's order (0 = not called: retrieval order).",
+        description="Weight of the cross-encoder's vote on the top candidates (0 = not called).",
     )
     ann_query: Literal["history", "user_tower"] = Field(
         "history",
@@ -105,7 +123,12 @@ class Settings(BaseSettings):
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port).")
     triton_item_model: str = Field("item_embedder", description="Item-tower ensemble (text in).")
     triton_user_model: str = Field("user_embedder", description="User-tower ensemble (text in).")
-    triton_ranker_model: str = Field("ranker_scorer", description="CTR ranker ensemble.")
+    triton_ranker_model: str = Field(
+        "ranker_scorer", description="Cross-encoder CTR ranker ensemble (text pairs in)."
+    )
+    triton_feature_ranker_model: str = Field(
+        "feature_ranker", description="Feature ranker (DCN-v2, candidate features in)."
+    )
     triton_model_version: str = Field(
         "", description="Pinned release of every model; empty = latest (rollback by pinning)."
     )

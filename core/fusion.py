@@ -12,6 +12,7 @@ One implementation of each, so the served order and the evaluated order cannot d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import overload
 
 import numpy as np
@@ -55,3 +56,28 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray | None, k: int, diversity: fl
         free[best] = False
         closest = np.maximum(closest, sims[best])
     return np.asarray(picked, dtype=np.int64)
+
+
+def explore(
+    picked: Sequence[int],
+    new_by_content: Sequence[int],
+    is_new: Sequence[bool],
+    k: int,
+    share: float,
+) -> list[int]:
+    """``picked`` (positions, final order) with its last ``floor(share * k)`` slots, less the
+    new items already picked, given to ``new_by_content`` (positions of new items, best
+    content match first) not picked yet: exploration slots for items no behaviour-trained
+    ranker can put in a top ``k``."""
+    slots = int(share * k) - sum(bool(is_new[i]) for i in picked)
+    chosen = set(picked)
+    extra = [i for i in new_by_content if i not in chosen][: max(slots, 0)]
+    keep = list(picked)
+    surplus = len(keep) + len(extra) - k  # picks to give up: the last ones that are not new
+    for n in range(len(keep) - 1, -1, -1):
+        if surplus <= 0:
+            break
+        if not is_new[keep[n]]:
+            del keep[n]
+            surplus -= 1
+    return keep + extra

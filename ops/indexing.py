@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core.behaviour import co_occurrence, interests, item_popularity, seen_items
+from core.behaviour import co_occurrence, first_seen, interests, item_popularity, seen_items
 from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
 from core.rows import ItemRow, UserRow, item_row, user_row
 from core.text import history_from_ids, item_lookup, item_texts, user_histories
@@ -48,7 +48,11 @@ def item_rows(dataset: Dataset) -> list[tuple[ItemRow, str]]:
                 cats,
                 text,
                 popularity=popularity.get(str(iid), 0.0),
-                created_at=0 if pd.isna(ts) else int(pd.Timestamp(ts).timestamp()),
+                created_at=(
+                    int(seen_at.get(str(iid), 0))
+                    if pd.isna(ts)
+                    else int(pd.Timestamp(ts).timestamp())
+                ),
                 co_items=neighbours.get(str(iid), []),
             ),
             texts[str(iid)],
@@ -127,3 +131,4 @@ def index_users(
             done += len(chunk)
             bar.update(len(chunk))
     return done
+    seen_at = first_seen(dataset.events)  # the age of items without a creation time

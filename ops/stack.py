@@ -76,6 +76,8 @@ class LocalStack:
             "RECSYS_EXPOSURE_LOG": str(self.var_dir / "experiments" / "exposures.jsonl"),
             "RECSYS_EXPERIMENTS": self.settings.experiments,
             "RECSYS_RANK_CANDIDATES": str(self.settings.rank_candidates),
+            "RECSYS_CROSS_ENCODER_TOP": str(self.settings.cross_encoder_top),
+            "RECSYS_TRITON_FEATURE_RANKER_MODEL": self.settings.triton_feature_ranker_model,
         }
 
     # --- processes -----------------------------------------------------------------------
@@ -111,6 +113,14 @@ class LocalStack:
         proc.wait_ready(lambda: gateway_serving(self.gateway_target), timeout)
         self.processes["gateway"] = proc
         return proc
+
+    def restart_gateway(self, **settings: object) -> ManagedProcess:
+        """The gateway again with some settings changed (benchmarks compare pipelines)."""
+        proc = self.processes.pop("gateway", None)
+        if proc is not None:
+            proc.stop()
+        self.settings = self.settings.model_copy(update=settings)
+        return self.start_gateway()
 
     def stop(self) -> None:
         for name in ("gateway", "triton", "milvus"):

@@ -43,9 +43,24 @@ def tiny_ranker(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_ranker: str) -> Path:
-    """The tracked repository sources plus one exported release: pretrained towers and a
-    (tiny, untrained) ranker."""
+def tiny_feature_ranker(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A seeded, untrained DCN-v2 feature ranker in the training output format."""
+    import torch
+
+    from training.models.feature_ranker import DCNv2, save_feature_ranker
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_feature_ranker") / "feature_ranker"
+    save_feature_ranker(DCNv2().eval(), out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def model_repository(
+    tmp_path_factory: pytest.TempPathFactory, tiny_ranker: str, tiny_feature_ranker: str
+) -> Path:
+    """The tracked repository sources plus one exported release: pretrained towers and
+    (tiny, untrained) rankers."""
     from training.export.__main__ import export_release
     from training.export.onnx_export import resolve_pretrained
 
@@ -57,9 +72,11 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_ranker: str)
         ignore=lambda d, names: [n for n in names if n.isdigit() or n.startswith(".staging")],
     )
     pretrained = resolve_pretrained()
-    report = export_release(repo, pretrained, pretrained, ranker=tiny_ranker)
-    assert report["item_encoder"]["max_abs_diff"] <= 1e-4  # type: ignore[index]
-    assert report["ranker"]["max_abs_diff"] <= 1e-4  # type: ignore[index]
+    report = export_release(
+        repo, pretrained, pretrained, ranker=tiny_ranker, feature_ranker=tiny_feature_ranker
+    )
+    for model in ("item_encoder", "ranker", "feature_ranker"):
+        assert report[model]["max_abs_diff"] <= 1e-4  # type: ignore[index]
     return repo
 
 

@@ -110,6 +110,35 @@ class SequenceConfig(StageConfig):
 
 
 @dataclass
+class FeatureRankerConfig(StageConfig):
+    """The DCN-v2 feature ranker (:mod:`training.models.feature_ranker`) on the gateway's
+    candidates replayed at cut-offs inside the training period
+    (:mod:`training.data.candidates`). ``batch_size`` counts users (each a few hundred
+    candidates); ``eval_users`` are drawn after the training/validation split."""
+
+    enabled: bool = True
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_ratio: float = 0.05
+    max_examples: int | None = None  # unused: ``users_per_cutoff`` bounds the data
+    eval_users: int | None = 300
+    log_every: int = 50
+    cross_layers: int = 2
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.1
+    #: cut-offs as event-count quantiles of the training period
+    cutoffs: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])
+    users_per_cutoff: int | None = 400
+    #: keep equal to the gateway's RECSYS_RANK_CANDIDATES and RECSYS_HISTORY_WINDOW
+    candidates: int = 100
+    history_window: int = 50
+    fold_in: int = 3
+    targets: int = 10
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking of ``python -m training.train`` (:mod:`training.tracking`): one parent
     run per invocation, a nested run per stage. A tracking failure only logs a warning."""
@@ -155,6 +184,7 @@ class TrainConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    feature_ranker: FeatureRankerConfig = field(default_factory=FeatureRankerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod
@@ -163,9 +193,10 @@ class TrainConfig:
         ret = _build(RetrievalConfig, d.pop("retrieval", None) or {}, "retrieval")
         rk = _build(RankerConfig, d.pop("ranker", None) or {}, "ranker")
         seq = _build(SequenceConfig, d.pop("sequence", None) or {}, "sequence")
+        fr = _build(FeatureRankerConfig, d.pop("feature_ranker", None) or {}, "feature_ranker")
         trk = _build(TrackingConfig, d.pop("tracking", None) or {}, "tracking")
         cfg = _build(cls, d, "")
-        cfg.retrieval, cfg.ranker, cfg.sequence = ret, rk, seq
+        cfg.retrieval, cfg.ranker, cfg.sequence, cfg.feature_ranker = ret, rk, seq, fr
         cfg.tracking = trk
         return cfg
 
@@ -204,6 +235,11 @@ class TrainConfig:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """YAML reads ``1e-3`` as a string and ``5`` as an int: cast to the field's type."""
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
+        (element,) = typing.get_args(hint)
+        return [_coerce(v, element, f"{key}[{n}]") for n, v in enumerate(value)]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if value is None:
         if hint is not None and type(None) not in typing.get_args(hint):

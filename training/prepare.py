@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
+
 from training.config import TrainConfig, resolve_path
 from training.data import Dataset, load_dataset
 from training.data.examples import (
@@ -68,6 +70,9 @@ class PreparedData:
     sequence_space: ItemSpace | None = None
     sequence_train: list[dict[str, Any]] = field(default_factory=list)
     sequence_eval: SequenceEval | None = None
+    #: the time split itself (the feature ranker replays candidates at cut-offs inside it)
+    train_events: pd.DataFrame | None = None
+    test_events: pd.DataFrame | None = None
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
@@ -145,6 +150,8 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         sequence_space=space,
         sequence_train=seq_rows,
         sequence_eval=seq_eval,
+        train_events=train_ev,
+        test_events=test_ev,
     )
 
 

@@ -37,6 +37,7 @@ from the latest checkpoint up to ``max_failures`` times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -54,15 +55,24 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from core.config import REPO_ROOT
+from core.text import item_texts
 from training import tracking
 from training.config import TrainConfig, load_config
+from training.data.candidates import (
+    CandidateConfig,
+    Catalogue,
+    candidate_groups,
+    split_at,
+    training_cutoffs,
+)
 from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.pretrained import OFFLINE_ENV, set_offline
 from training.models.sequence import content_vectors
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
-from training.tasks import RankerTask, RetrievalTask, SequenceTask, Task
-from training.tasks.retrieval import mine_with_towers
+from training.tasks import FeatureRankerTask, RankerTask, RetrievalTask, SequenceTask, Task
+from training.tasks.feature_ranker import feature_scaling
+from training.tasks.retrieval import mine_with_towers, tower_vectors
 
 
 @tracking.tracked  # one MLflow run per call (training/tracking.py)
@@ -96,10 +106,16 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         with _timed(timings, "sequence"):
             seq_dir = fit_sequence(cfg, data, pretrained, resume)
 
+    fr_dir = None
+    if cfg.feature_ranker.enabled:
+        with _timed(timings, "feature_ranker"):
+            fr_dir = fit_feature_ranker(cfg, data, ret_dir, pretrained, resume)
+
     info = dict(data.info)
     if not ranker_done:
         info.update(ranker_train_pairs=len(train_pairs), ranker_eval_pairs=len(eval_pairs))
-    return export(cfg, data, ret_dir, rk_dir, info, timings, t_start, pretrained, seq_dir)
+    stages = {"sequence": seq_dir, "feature_ranker": fr_dir}
+    return export(cfg, data, ret_dir, rk_dir, info, timings, t_start, pretrained, stages)
 
 
 def fit(
@@ -173,6 +189,53 @@ def fit_sequence(cfg: TrainConfig, data: PreparedData, pretrained: str, resume: 
     return fit(cfg, task, data.sequence_train, data.sequence_eval, pretrained, resume)
 
 
+def fit_feature_ranker(
+    cfg: TrainConfig, data: PreparedData, towers_dir: Path, pretrained: str, resume: bool
+) -> Path:
+    """The feature-ranker stage: the catalogue's vectors from the trained item tower (what
+    indexing puts into Milvus; a Ray task, on a GPU when ``use_gpu``), the gateway's
+    candidates replayed at cut-offs inside the training period, then :func:`fit`."""
+    fr = cfg.feature_ranker
+    if resume and _finished(cfg, FeatureRankerTask(fr)):
+        return fit(cfg, FeatureRankerTask(fr), [], None, pretrained, resume)
+    train, test = data.train_events, data.test_events
+    if train is None or test is None:
+        raise ValueError("feature ranker enabled but the time split was not prepared")
+    items = data.dataset.items
+    item_ids = [str(i) for i in items["item_id"]]
+    texts = item_texts(items)
+    t0 = time.time()
+    encode = ray.remote(tower_vectors).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0
+    )
+    vectors = ray.get(
+        encode.remote(  # type: ignore[call-arg]
+            str(towers_dir / "item_tower"),
+            [texts[i] for i in item_ids],
+            cfg.retrieval.max_seq_len,
+            cfg.cpus_per_worker,
+        )
+    )
+    print(f"[feature_ranker] item vectors {vectors.shape} in {time.time() - t0:.1f}s")
+    catalogue = Catalogue.build(items, item_ids, vectors)
+    replay = CandidateConfig(
+        fr.candidates, fr.history_window, fr.fold_in, fr.targets, fr.users_per_cutoff
+    )
+    groups: list[dict[str, Any]] = []
+    for n, cut in enumerate(training_cutoffs(train, fr.cutoffs)):
+        groups += candidate_groups(catalogue, *split_at(train, cut), replay, seed=cfg.seed + n)
+    replay = dataclasses.replace(replay, max_users=fr.eval_users)
+    held_out = candidate_groups(catalogue, train, test, replay, seed=cfg.seed + 5)
+    if not groups:
+        raise ValueError("no feature-ranker training groups: too few users after the cut-offs")
+    print(
+        f"[feature_ranker] {len(groups)} training users at {len(fr.cutoffs)} cut-offs, "
+        f"{len(held_out)} validation users, in {time.time() - t0:.1f}s"
+    )
+    mean, std = feature_scaling(groups)
+    return fit(cfg, FeatureRankerTask(fr, mean, std), groups, held_out, pretrained, resume)
+
+
 def mine_hard_negatives(
     cfg: TrainConfig, data: PreparedData, towers_dir: Path
 ) -> tuple[dict[int, list[str]], list[list[str]]]:
@@ -213,10 +276,13 @@ def export(
     timings: dict[str, float],
     started: float,
     pretrained: str,
-    seq_dir: Path | None = None,
+    stages: dict[str, Path | None] | None = None,
 ) -> dict[str, Any]:
     """Copy the final models to ``cfg.export_dir()`` with ``metrics.json`` (every stage's
-    per-epoch history), the effective config and the data report; returns the metrics."""
+    per-epoch history), the effective config and the data report; returns the metrics.
+    ``stages``: the optional stages' checkpoint directories (``sequence``,
+    ``feature_ranker``), ``None`` where a stage did not run."""
+    optional = {name: d for name, d in (stages or {}).items() if d is not None}
     out = cfg.export_dir()
     out.mkdir(parents=True, exist_ok=True)
     copies = [
@@ -224,8 +290,7 @@ def export(
         ("item_tower", ret_dir / "item_tower"),
         ("ranker", rk_dir / "ranker"),
     ]
-    if seq_dir is not None:
-        copies.append(("sequence", seq_dir / "sequence"))
+    copies += [(name, d / name) for name, d in optional.items()]
     for name, src in copies:
         if (out / name).exists():
             shutil.rmtree(out / name)
@@ -246,12 +311,12 @@ def export(
         },
         "pretrained_model": pretrained,
     }
-    if seq_dir is not None:
-        seq_m = json.loads((seq_dir / "metrics.json").read_text())
-        metrics["sequence"] = {
-            "final": seq_m["latest"],
-            "epochs": seq_m["history"],
-            "checkpoint": str(seq_dir),
+    for name, d in optional.items():
+        stage_m = json.loads((d / "metrics.json").read_text())
+        metrics[name] = {
+            "final": stage_m["latest"],
+            "epochs": stage_m["history"],
+            "checkpoint": str(d),
         }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -259,8 +324,8 @@ def export(
     print(f"[done] exported to {out} in {time.time() - started:.1f}s")
     print(f"[done] retrieval: {_short(ret_m['latest'])}")
     print(f"[done] ranker:    {_short(rk_m['latest'])}")
-    if seq_dir is not None:
-        print(f"[done] sequence:  {_short(metrics['sequence']['final'])}")
+    for name in optional:
+        print(f"[done] {name}: {_short(metrics[name]['final'])}")
     return metrics
 
 

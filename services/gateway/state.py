@@ -20,7 +20,7 @@ from services.gateway.metrics import observe_stage
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
 from services.recommend.pipeline import Pipeline
-from services.recommend.rank import RankerStatus
+from services.recommend.rank import Rankers, RankerStatus
 from services.recommend.retrieve import PopularItems
 from services.reliability.wal import WalApplier, WriteAheadLog
 from services.vectors.store import StoreSchemaError, StoreUnavailable, VectorStore
@@ -47,13 +47,13 @@ class GatewayState:
         )
         # Invalid experiment JSON fails the start, loudly, rather than running no experiment.
         self.experiments = ExperimentService.from_settings(settings)
-        self.ranker_status = RankerStatus()
+        self.rankers = Rankers()
         self.pipeline = Pipeline(
             settings,
             self.store,
             self.triton,
             self.popular,
-            lambda: self.ranker_status,
+            lambda: self.rankers,
             on_stage=observe_stage,
         )
         self.health = health.HealthServicer()
@@ -89,16 +89,19 @@ class GatewayState:
                 log.error("milvus not usable: %s", exc)
             except StoreUnavailable as exc:
                 log.debug("milvus not ready: %s", exc)
-        ranker_ready = False
+        features_ready = cross_ready = False
         if triton_ready:
             try:
                 self.model_version = self.triton.model_version(self.settings.triton_user_model)
-                ranker_ready = self.triton.ready([self.settings.triton_ranker_model])
+                features_ready = self.triton.ready([self.settings.triton_feature_ranker_model])
+                cross_ready = self.triton.ready([self.settings.triton_ranker_model])
             except InferenceUnavailable:
                 triton_ready = False
         # "deployed" is sticky: once a release had a ranker, its absence is an outage.
-        self.ranker_status = RankerStatus(
-            deployed=self.ranker_status.deployed or ranker_ready, ready=ranker_ready
+        was = self.rankers
+        self.rankers = Rankers(
+            features=RankerStatus(was.features.deployed or features_ready, features_ready),
+            cross_encoder=RankerStatus(was.cross_encoder.deployed or cross_ready, cross_ready),
         )
         if (
             milvus_ready

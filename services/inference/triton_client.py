@@ -1,4 +1,5 @@
-"""The one Triton client of the platform: text in, vectors or click probabilities out.
+"""The one Triton client of the platform: text in, vectors or click probabilities out, and
+the feature ranker's numbers in, click probabilities out.
 
 It speaks KServe v2 gRPC through ``tritonclient`` to the ensembles of the model repository
 (tokenizer in front of each BERT model), so callers never tokenize. Every call takes the
@@ -11,7 +12,8 @@ roll back: Triton reads one config per model, not per version, so its steps
 (``model_version: -1``) run the newest composing models whichever ensemble version is asked
 for (and under its default version policy only its newest version is loaded at all). The
 exporter (``training/export/repository.py``) writes those ensembles; unpinned calls use the
-shared ensemble, which follows the newest release.
+shared ensemble, which follows the newest release. The feature ranker is no ensemble: a
+pinned call asks for version N of it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from core.config import Settings
 from core.releases import pinned_model_name
 
 MAX_BATCH = 64  # max_batch_size of the ensembles in model_repository/
+FEATURE_BATCH = 1024  # max_batch_size of model_repository/feature_ranker
 
 
 class InferenceUnavailable(RuntimeError):
@@ -40,6 +43,8 @@ class TritonClient:
         self.item_model = settings.triton_item_model
         self.user_model = settings.triton_user_model
         self.ranker_model = settings.triton_ranker_model
+        self.feature_ranker_model = settings.triton_feature_ranker_model
+        self._ensembles = {self.item_model, self.user_model, self.ranker_model}
         self.version = settings.triton_model_version
         self.batch = min(settings.triton_batch_size, MAX_BATCH)
         self._client = grpcclient.InferenceServerClient(self.url)
@@ -74,9 +79,12 @@ class TritonClient:
 
     def target(self, model: str, version: str | None = None) -> tuple[str, str]:
         """The ``(model name, version)`` that serves ``model`` at ``version`` (default: the
-        client's pin): the release's own ensemble when pinned, else the shared one's newest."""
+        client's pin): the release's own ensemble when pinned, else the shared one's newest;
+        for a model that is no ensemble, that version of it."""
         pinned = self.version if version is None else version
-        return (pinned_model_name(model, pinned), pinned) if pinned else (model, "")
+        if pinned and model in self._ensembles:
+            return pinned_model_name(model, pinned), pinned
+        return model, pinned or ""
 
     # --- inference -----------------------------------------------------------------------
     def embed_items(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
@@ -99,6 +107,23 @@ class TritonClient:
                 _text_input("DOCUMENT", chunk),
             ]
             result = self._infer(self.ranker_model, inputs, "PROBABILITY", timeout_s, version)
+            out.append(result.reshape(-1))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def rank_features(
+        self, features: np.ndarray, timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
+        """The feature ranker's click probability of each row of ``features`` (``(n, F)``,
+        :data:`core.ranking_features.FEATURES`), shape ``(n,)``; one request per 1,024 rows."""
+        rows = np.ascontiguousarray(features, dtype=np.float32)
+        out = []
+        for start in range(0, len(rows), FEATURE_BATCH):
+            chunk = rows[start : start + FEATURE_BATCH]
+            tensor = grpcclient.InferInput("features", list(chunk.shape), "FP32")
+            tensor.set_data_from_numpy(chunk)
+            result = self._infer(
+                self.feature_ranker_model, [tensor], "probability", timeout_s, version
+            )
             out.append(result.reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 

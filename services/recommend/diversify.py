@@ -1,7 +1,12 @@
-"""Stage ``diversify``: the final ``k`` by maximal marginal relevance over item vectors.
+"""Stage ``diversify``: the final ``k`` by maximal marginal relevance over item vectors,
+then exploration slots for new items.
 
 λ comes from the request, else the experiment variant, else the settings; without a vector
-for every candidate it falls back to plain relevance order (λ = 0).
+for every candidate it falls back to plain relevance order (λ = 0). Exploration: an item
+nobody has interacted with yet has no popularity and no co-occurrence, so no ranker trained
+on behaviour puts it in a top 10; ``exploration_share`` of the slots (the last ones) go to
+the new items the content ANN found, best content match first, so new items get seen and
+their behaviour can start (what it costs in NDCG: training/evaluation/FINDINGS.md).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import numpy as np
 
 from core import fusion
 from core.config import Settings
+from core.ranking_features import is_new
 from services.recommend.context import Candidate, Context, Stage
+from services.recommend.retrieve import PopularItems
 
 
 def mmr(candidates: Sequence[Candidate], k: int, diversity: float) -> list[Candidate]:
@@ -35,11 +42,33 @@ class Diversify(Stage):
 
     name = "diversify"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, popular: PopularItems) -> None:
         self.settings = settings
+        self.popular = popular
 
     def run(self, ctx: Context) -> None:
         lam = ctx.diversity if ctx.diversity is not None else ctx.variant.mmr_lambda
         lam = self.settings.mmr_lambda if lam is None else lam
         with_vectors = all("vector" in c.row for c in ctx.candidates)
-        ctx.items = mmr(ctx.candidates, ctx.k, lam if with_vectors else 0.0)
+        items = mmr(ctx.candidates, ctx.k, lam if with_vectors else 0.0)
+        share, now = self.settings.exploration_share, self.popular.clock().now
+        ctx.items = explore(items, ctx.candidates, ctx.k, share, now)
+
+
+def explore(
+    items: list[Candidate], candidates: Sequence[Candidate], k: int, share: float, now: float
+) -> list[Candidate]:
+    """``items`` with exploration slots (:func:`core.fusion.explore`) for the new items
+    (:func:`core.ranking_features.is_new` at the catalogue's clock ``now``) the ANN found,
+    in ANN order."""
+    picked = {c.item_id for c in items}
+    pool = list(items) + [c for c in candidates if c.item_id not in picked]
+    new = [
+        is_new(float(c.row.get("popularity") or 0), float(c.row.get("created_at") or 0), now)
+        for c in pool
+    ]
+    found = sorted(
+        (i for i, c in enumerate(pool) if new[i] and "ann" in c.ranks),
+        key=lambda i: pool[i].ranks["ann"],
+    )
+    return [pool[i] for i in fusion.explore(range(len(items)), found, new, k, share)]

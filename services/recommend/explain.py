@@ -1,4 +1,8 @@
-"""Stage ``explain``: one reason per recommended item, from the source that ranked it best."""
+"""Stage ``explain``: one reason per recommended item, from the source that ranked it best,
+except that "popular overall" gives way to the user's own history when a personal source
+found the item too (the ranker orders by all the evidence at once, so a popular item that
+co-occurs with something the user liked is explained by that).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +18,17 @@ NEW_ITEM_AGE_S = 90 * 24 * 3600
 
 
 def reason(cand: Candidate, history: Sequence[Row]) -> str:
-    """New items first (no popularity yet), then the best source's own wording."""
+    """New items first (no popularity yet), then the best source's own wording, a personal
+    source's before global popularity's."""
     row = cand.row
     created = int(row.get("created_at") or 0)
     if not row.get("popularity") and created and time.time() - created < NEW_ITEM_AGE_S:
         category = row["categories"][0] if row["categories"] else "the catalogue"
         return f"new in {category}"
     source = cand.best_source
+    if source == "popular":
+        personal = [s for s in ("co_occurrence", "ann") if s in cand.ranks]
+        source = min(personal, key=lambda s: cand.ranks[s]) if personal else source
     if source == "ann" and history and "vector" in row:
         sims = np.stack([h["vector"] for h in history]) @ np.asarray(row["vector"])
         return f"similar to {history[int(np.argmax(sims))]['title']} you liked"

@@ -1,8 +1,9 @@
 """The recommendation pipeline the gateway runs for ``Recommend``, as its list of stages.
 
 profile (Milvus user row and history) -> retrieval (ANN, co-occurrence, segment and global
-popularity, fused) -> ranking (CTR cross-encoder on Triton, one batched request, as a vote)
--> diversify (MMR) -> explain. It degrades instead of failing: without Milvus it answers
+popularity, fused; a hundred candidates) -> ranking (the feature ranker on Triton, one
+batched request; optionally the BERT cross-encoder's vote on the top few) -> diversify (MMR)
+-> explain. It degrades instead of failing: without Milvus it answers
 from the cached popularity, without Triton (or when Triton would miss the deadline) in
 retrieval order; either way the answer says so.
 """
@@ -19,7 +20,7 @@ from services.recommend.context import Context, Filters, Recommendation, StageOb
 from services.recommend.diversify import Diversify
 from services.recommend.explain import Explain
 from services.recommend.profile import LoadProfile
-from services.recommend.rank import Rank, RankerStatus
+from services.recommend.rank import Rank, Rankers
 from services.recommend.retrieve import PopularItems, PopularOnly, Retrieve, Retriever
 from services.vectors.store import StoreUnavailable, VectorStore
 
@@ -33,15 +34,15 @@ class Pipeline:
         store: VectorStore,
         triton: TritonClient,
         popular: PopularItems,
-        ranker: Callable[[], RankerStatus],
+        rankers: Callable[[], Rankers],
         on_stage: StageObserver = no_metrics,
     ) -> None:
         retriever = Retriever(store, popular)
         self.profile = LoadProfile(settings, store)
         self.popular_only = PopularOnly(retriever)
         self.retrieve = Retrieve(settings, store, retriever)
-        self.rank = Rank(settings, triton, ranker)
-        self.diversify = Diversify(settings)
+        self.rank = Rank(settings, triton, rankers, popular)
+        self.diversify = Diversify(settings, popular)
         self.explain = Explain()
         self.on_stage = on_stage
 

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
+import time
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
 from core.config import Settings
 from core.fusion import rrf
+from core.ranking_features import CatalogueClock, co_occurrence_scores
 from services.deadline import Deadline
 from services.recommend.context import Candidate, Context, Filters, Stage
 from services.vectors.store import Row, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 
-CO_SEEDS = 10  # most recent history items whose neighbours are expanded
 # Each weighted source's best items keep this share of the candidate slots whatever their
 # fused score: with popularity weighted 4, a personal source's first item (2 / 61) would
 # otherwise never outscore the 30th popular one (4 / 90), and new items, which only the ANN
@@ -44,6 +44,7 @@ class PopularItems:
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: list[Row] = []
+        self._clock = CatalogueClock(top_popularity=0.0, now=time.time())
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -56,9 +57,21 @@ class PopularItems:
             log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
             return False
         rows.sort(key=lambda r: (-float(r["popularity"]), r["item_id"]))
+        created = [int(r.get("created_at") or 0) for r in rows]
+        clock = CatalogueClock(
+            top_popularity=float(rows[0]["popularity"]) if rows else 0.0,
+            now=float(max(created)) if any(created) else time.time(),
+        )
         with self._lock:
             self._items = rows[: self.size]
+            self._clock = clock
         return True
+
+    def clock(self) -> CatalogueClock:
+        """The catalogue's top popularity and newest item time, for the ranker's features
+        (relative, so they do not depend on the catalogue's size or the wall clock)."""
+        with self._lock:
+            return self._clock
 
     def top(
         self, k: int, categories: Sequence[str] = (), exclude: Collection[str] = ()
@@ -96,15 +109,10 @@ class Retriever:
     def co_occurrence(
         self, history: Sequence[Row], n: int, filters: Filters, deadline: Deadline
     ) -> list[tuple[Row, str]]:
-        """Neighbours of recent history items, scored by recency of the seed and their rank."""
-        scores: dict[str, float] = defaultdict(float)
-        seed_of: dict[str, str] = {}
-        for h_rank, seed in enumerate(history[:CO_SEEDS]):
-            for n_rank, neighbour in enumerate(seed.get("co_items") or []):
-                gain = 0.9**h_rank / (1 + n_rank)
-                if gain > scores.get(neighbour, 0.0):
-                    seed_of[neighbour] = seed["title"]
-                scores[neighbour] += gain
+        """Neighbours of recent history items, scored by recency of the seed and their rank
+        (:func:`core.ranking_features.co_occurrence_scores`); each with the seed's title."""
+        scores, seed = co_occurrence_scores([h.get("co_items") or [] for h in history])
+        seed_of = {item: history[index]["title"] for item, index in seed.items()}
         ranked = sorted((i for i in scores if i not in filters.exclude), key=lambda i: -scores[i])[
             : 3 * n
         ]

@@ -2,8 +2,8 @@
 
 One pipeline run (retrieval with an injected worker failure after epoch 2, so Ray restarts
 the worker group from the latest checkpoint; then hard-negative mining, the ranker and the
-sequence model), then a ``--resume`` run that extends retrieval by one epoch and reuses the
-finished ranker and sequence model.
+sequence model and the feature ranker), then a ``--resume`` run that extends retrieval by one
+epoch and reuses the finished rankers and sequence model.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -70,6 +71,12 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "sequence.time_periods=8",
         "sequence.content_max_seq_len=32",
         "sequence.content_cache=false",
+        "feature_ranker.epochs=2",
+        "feature_ranker.batch_size=4",
+        "feature_ranker.cutoffs=[0.7, 0.9]",
+        "feature_ranker.users_per_cutoff=20",
+        "feature_ranker.eval_users=20",
+        "feature_ranker.candidates=20",
     ]
 
 
@@ -137,6 +144,29 @@ def test_sequence_stage_trains_and_exports(
     assert model.cfg.dim == 16 and len(model.space.item_ids) == metrics["data"]["items"]
 
 
+def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
+    first_run: tuple[dict[str, Any], Path, list[str]], tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    from core.ranking_features import FEATURES
+    from training.export.onnx_export import export_feature_ranker
+    from training.models.feature_ranker import load_feature_ranker
+
+    metrics, root, _ = first_run
+    fr = _epochs(metrics, "feature_ranker")
+    assert [e["epoch"] for e in fr] == [0, 1]
+    assert fr[-1]["train_loss"] < fr[0]["train_loss"]
+    assert 0.0 <= fr[-1]["auc"] <= 1.0 and 0.0 <= fr[-1]["ndcg_at_10"] <= 1.0
+    model = load_feature_ranker(root / "final" / "feature_ranker")
+    assert float(model.std.min()) > 0 and float(model.mean.abs().sum()) > 0  # scaling fitted
+    report = export_feature_ranker(str(root / "final" / "feature_ranker"), tmp_path / "m.onnx")
+    assert report.max_abs_diff <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    logit, prob = session.run(None, {"features": np.zeros((3, len(FEATURES)), np.float32)})
+    assert logit.shape == prob.shape == (3, 1) and np.all((prob > 0) & (prob < 1))
+
+
 def test_resume_continues_from_checkpoint(
     first_run: tuple[dict[str, Any], Path, list[str]],
 ) -> None:
@@ -154,6 +184,7 @@ def test_resume_continues_from_checkpoint(
     # the finished ranker and sequence stages were reused as is
     assert after["ranker"]["checkpoint"] == before["ranker"]["checkpoint"]
     assert after["sequence"]["checkpoint"] == before["sequence"]["checkpoint"]
+    assert after["feature_ranker"]["checkpoint"] == before["feature_ranker"]["checkpoint"]
     assert (
         json.loads((root / "final" / "metrics.json").read_text())["retrieval"]["final"]["epoch"]
         == 3

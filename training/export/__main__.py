@@ -1,7 +1,8 @@
-"""``python -m training.export``: publish towers (and the ranker) as a new Triton release.
+"""``python -m training.export``: publish towers (and the rankers) as a new Triton release.
 
 With ``--checkpoint`` it reads a training run's output (``item_tower/``, ``user_tower/`` and
-optionally ``ranker/``); without it, both towers are the pretrained BERT checkpoint.
+optionally ``ranker/`` and ``feature_ranker/``); without it, both towers are the pretrained
+BERT checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import sys
 from pathlib import Path
 
 from core.config import get_settings
-from training.export.onnx_export import ParityError, export_ranker, export_tower, resolve_pretrained
+from training.export.onnx_export import (
+    ParityError,
+    export_feature_ranker,
+    export_ranker,
+    export_tower,
+    resolve_pretrained,
+)
 from training.export.repository import (
     TOWERS,
     copy_tokenizer,
@@ -32,6 +39,7 @@ def export_release(
     user_tower: str,
     ranker: str | None = None,
     keep: int = 3,
+    feature_ranker: str | None = None,
 ) -> dict[str, object]:
     """Export every model of one release into ``repository``; returns the parity report."""
     release = new_release(repository)
@@ -57,11 +65,19 @@ def export_release(
             result = export_ranker(ranker, release.stage("ranker") / "model.onnx")
             report["ranker"] = result.as_dict()
             release.stage("ranker_scorer")
+        if feature_ranker:
+            target = release.stage("feature_ranker") / "model.onnx"
+            report["feature_ranker"] = export_feature_ranker(feature_ranker, target).as_dict()
         for model, entry in report.items():
             if isinstance(entry, dict):  # report where the file ends up, not the staging dir
                 entry["onnx"] = str(repository / model / str(release.version) / "model.onnx")
         release.commit(
-            release_metadata(item_tower=item_tower, user_tower=user_tower, ranker=ranker)
+            release_metadata(
+                item_tower=item_tower,
+                user_tower=user_tower,
+                ranker=ranker,
+                feature_ranker=feature_ranker,
+            )
         )
     except BaseException:
         release.abort()
@@ -74,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
     parser.add_argument(
-        "--checkpoint", help="training output dir (item_tower/, user_tower/, ranker/)"
+        "--checkpoint",
+        help="training output dir (item_tower/, user_tower/, ranker/, feature_ranker/)",
     )
     parser.add_argument(
         "--pretrained",
@@ -89,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.checkpoint)
         item, user = str(ckpt / "item_tower"), str(ckpt / "user_tower")
         ranker = str(ckpt / "ranker") if (ckpt / "ranker").is_dir() else None
+        features = ckpt / "feature_ranker"
+        feature_ranker = str(features) if features.is_dir() else None
     else:
         item = user = resolve_pretrained(args.pretrained)
-        ranker = None
+        ranker = feature_ranker = None
     try:
-        report = export_release(args.repository, item, user, ranker, args.keep)
-    except (ParityError, FileNotFoundError) as exc:
+        report = export_release(args.repository, item, user, ranker, args.keep, feature_ranker)
+    except (ParityError, FileNotFoundError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))

@@ -1,7 +1,8 @@
 """Export BERT towers and the ranker to ONNX and prove the graphs match PyTorch.
 
-Each graph takes ``input_ids`` and ``attention_mask`` (plus ``token_type_ids`` for the
-cross-encoder) with dynamic batch and sequence axes. Towers end in mean pooling and L2
+Each BERT graph takes ``input_ids`` and ``attention_mask`` (plus ``token_type_ids`` for the
+cross-encoder) with dynamic batch and sequence axes; the feature ranker takes one
+``features`` row per candidate. Towers end in mean pooling and L2
 normalisation, so Milvus can search them by inner product; the ranker ends in a logit and its
 sigmoid. Parity is checked on fresh texts the export never saw, and the export fails when the
 largest absolute difference exceeds the stated tolerance.
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.ranking_features import FEATURES
+from training.models.feature_ranker import FeatureScorer, load_feature_ranker
 from training.models.pretrained import load_bert, resolve_pretrained
 from training.models.ranker import CrossEncoder
 from training.models.ranker import load_ranker as load_trained_ranker
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CrossEncoderScorer",
     "PooledEncoder",
+    "export_feature_ranker",
     "export_ranker",
     "export_tower",
     "resolve_pretrained",
@@ -184,3 +188,35 @@ def export_ranker(
     diff = _check_parity(module, onnx_path, feeds, tolerance)
     log.info("exported %s (max |onnx - torch| = %.2e)", onnx_path, diff)
     return ExportReport(onnx_path, diff, tolerance, len(PARITY_TEXTS))
+
+
+def export_feature_ranker(
+    model_dir: str, onnx_path: Path, tolerance: float = PARITY_TOLERANCE
+) -> ExportReport:
+    """Export the DCN-v2 feature ranker and check it on feature rows it never saw: draws
+    around the training distribution (its stored mean and spread), plus zeros and ones."""
+    module = FeatureScorer(load_feature_ranker(Path(model_dir))).eval()
+    mean, std = module.model.mean, module.model.std
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (torch.zeros(2, len(FEATURES)),),
+            str(onnx_path),
+            dynamo=False,
+            input_names=["features"],
+            output_names=["logit", "probability"],
+            dynamic_axes={
+                "features": {0: "batch"},
+                "logit": {0: "batch"},
+                "probability": {0: "batch"},
+            },
+            opset_version=OPSET,
+        )
+    noise = torch.randn(254, len(FEATURES), generator=torch.Generator().manual_seed(0))
+    rows = (mean + 2 * std * noise).clamp(min=0)
+    edges = torch.stack([torch.zeros(len(FEATURES)), torch.ones(len(FEATURES))])
+    feeds = {"features": torch.cat([rows, edges])}
+    diff = _check_parity(module, onnx_path, feeds, tolerance)
+    log.info("exported %s (max |onnx - torch| = %.2e)", onnx_path, diff)
+    return ExportReport(onnx_path, diff, tolerance, len(feeds["features"]))

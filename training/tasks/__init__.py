@@ -1,11 +1,13 @@
 """What the stages train, each as a :class:`Task` run by the one loop in
 :mod:`training.loop`: :class:`RetrievalTask` (two-tower, in-batch softmax),
-:class:`RankerTask` (cross-encoder, BCE) and :class:`SequenceTask` (SASRec, softmax over the
+:class:`RankerTask` (cross-encoder, BCE), :class:`FeatureRankerTask` (DCN-v2 on the
+gateway's candidate features, BCE) and :class:`SequenceTask` (SASRec, softmax over the
 catalogue)."""
 
 from training.tasks.base import Task
+from training.tasks.feature_ranker import FeatureRankerTask
 from training.tasks.ranker import RankerTask
 from training.tasks.retrieval import RetrievalTask
 from training.tasks.sequence import SequenceTask
 
-__all__ = ["RankerTask", "RetrievalTask", "SequenceTask", "Task"]
+__all__ = ["FeatureRankerTask", "RankerTask", "RetrievalTask", "SequenceTask", "Task"]

@@ -2,7 +2,8 @@
 (user text, positive item text) pairs, Recall@K on validation users.
 
 Also the tower-based ranking helpers: evaluation, and hard-negative mining for the ranker
-(:func:`mine_with_towers`, run by the driver as a Ray task).
+(:func:`mine_with_towers`) and the catalogue's item vectors for the feature ranker's
+training data (:func:`tower_vectors`), both run by the driver as Ray tasks.
 
 Checkpoint format: ``user_tower/`` and ``item_tower/`` (see :mod:`training.models.two_tower`).
 """
@@ -20,8 +21,14 @@ from torch import nn
 
 from training.config import RetrievalConfig
 from training.models.metrics import recall_at_k
-from training.models.pretrained import load_tokenizer, set_offline
-from training.models.two_tower import TwoTower, in_batch_softmax_loss, load_towers, save_towers
+from training.models.pretrained import load_bert, load_tokenizer, set_offline
+from training.models.two_tower import (
+    TwoTower,
+    encode,
+    in_batch_softmax_loss,
+    load_towers,
+    save_towers,
+)
 from training.prepare import RetrievalEval
 from training.tasks.base import Batch, Row, Task
 
@@ -203,6 +210,25 @@ def mine_with_towers(
         max_seq_len=max_seq_len,
         device=device,
     )
+
+
+def tower_vectors(
+    towers_dir: str, texts: list[str], max_seq_len: int, threads: int = 0
+) -> np.ndarray:
+    """Unit vectors of ``texts`` under a saved item tower (``towers_dir`` is the tower's own
+    directory), as indexing writes them into Milvus; float32 ``(len(texts), dim)``."""
+    set_offline()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bert = load_bert(towers_dir).to(device).eval()
+    tok = load_tokenizer(Path(towers_dir))
+
+    def pooled(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return encode(bert, ids, mask)
+
+    vectors = encode_texts(pooled, tok, texts, max_seq_len=max_seq_len, device=device)
+    return vectors.numpy().astype(np.float32)
 
 
 @dataclass

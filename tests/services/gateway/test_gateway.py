@@ -57,8 +57,8 @@ def test_known_user_gets_ranked_personal_items(
     assert len(reply.items) == 10
     sources = [s.source for s in reply.items]
     assert set(sources) <= SOURCES and {"ann", "co_occurrence"} & set(sources)
-    # Every item was scored by the CTR model on Triton; its vote is fused with retrieval's
-    # and the list is in that order, best first (no MMR at diversity 0).
+    # Every candidate was scored by the feature ranker on Triton (one request) and the list
+    # is in its order, best first (no MMR at diversity 0, no new item in this slice).
     assert all(0.0 < s.click_probability < 1.0 for s in reply.items)
     scores = [s.score for s in reply.items]
     assert scores == sorted(scores, reverse=True)
@@ -68,35 +68,42 @@ def test_known_user_gets_ranked_personal_items(
     assert not {s.item.item_id for s in reply.items} & set(user["recent_items"])
 
 
-def test_ranker_scores_match_triton(
+def test_click_probabilities_are_the_feature_rankers_on_the_gateways_features(
     client: RecommenderClient, stack: LocalStack, store: VectorStore
 ) -> None:
-    """The click probability a client sees is the ranker's for (user text, item text)."""
-    from core.text import item_text, user_text
+    """The probability a client sees is the feature ranker's (the exported ONNX graph, run
+    here by ONNX Runtime) on the rows the gateway builds, and Triton serves the same."""
+    import onnxruntime as ort
 
-    reply = client.recommend("1", k=5, diversity=0.0)
-    user = store.get_user("1", 5)
-    assert user is not None
-    window = user["recent_items"][: stack.settings.history_window]
-    history = store.get_items(window, 5)
-    text = user_text(
-        [(history[i]["title"], history[i]["categories"]) for i in window if i in history]
-    )
-    items = store.get_items([s.item.item_id for s in reply.items], 5)
-    docs = [
-        item_text(
-            items[s.item.item_id]["title"],
-            items[s.item.item_id]["categories"],
-            items[s.item.item_id]["text"],
-        )
-        for s in reply.items
-    ]
-    triton = TritonClient(stack.settings)
+    from services.deadline import Deadline
+    from services.recommend.context import Context, Filters
+    from services.recommend.pipeline import Pipeline
+    from services.recommend.rank import Rankers, RankerStatus, candidate_features
+    from services.recommend.retrieve import PopularItems
+
+    settings = stack.settings
+    popular = PopularItems(settings.popular_cache_size)
+    assert popular.refresh(store)
+    triton = TritonClient(settings)
     try:
-        direct = triton.score(text, docs, 20)
+        up = Rankers(features=RankerStatus(deployed=True, ready=True))
+        pipe = Pipeline(settings, store, triton, popular, lambda: up)
+        ctx = Context.begin("1", 5, Filters(), Deadline.after(20), diversity=0.0)
+        pipe.profile(ctx)
+        pipe.retrieve(ctx)
+        features = candidate_features(ctx, popular.clock())
+        served = triton.rank_features(features, 20)
     finally:
         triton.close()
-    assert np.allclose(direct, [s.click_probability for s in reply.items], atol=1e-5)
+    model_dir = settings.model_repository / "feature_ranker"
+    newest = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+    session = ort.InferenceSession(str(model_dir / str(newest) / "model.onnx"))
+    expected = session.run(["probability"], {"features": features})[0].reshape(-1)
+    assert np.allclose(served, expected, atol=1e-5)
+    by_id = dict(zip((c.item_id for c in ctx.candidates), expected, strict=True))
+    reply = client.recommend("1", k=5, diversity=0.0)
+    got = [s.click_probability for s in reply.items]
+    assert np.allclose(got, [by_id[s.item.item_id] for s in reply.items], atol=1e-5)
 
 
 def test_mmr_diversity_lowers_similarity_within_the_list(

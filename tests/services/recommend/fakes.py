@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from core.ranking_features import FEATURES
 from services.inference.triton_client import InferenceUnavailable
 from services.vectors.store import Row, StoreUnavailable
 
@@ -88,6 +89,8 @@ class FakeTriton:
     def __init__(self) -> None:
         self.down = False
         self.versions: list[str | None] = []
+        self.scored: list[int] = []  # documents per cross-encoder call
+        self.rows: list[np.ndarray] = []  # feature rows per feature-ranker call
 
     def score(
         self, query: str, documents: Sequence[str], timeout_s: float, version: str | None = None
@@ -96,4 +99,16 @@ class FakeTriton:
             raise InferenceUnavailable("ranker_scorer: connection refused")
         self.versions.append(version)
         digest = [hashlib.sha256(f"{query}|{d}".encode()).digest()[0] for d in documents]
+        self.scored.append(len(documents))
         return np.asarray(digest, dtype=np.float32) / 255.0
+
+    def rank_features(
+        self, features: np.ndarray, timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
+        """A fixed function of the rows: the mean of content similarity and popularity."""
+        if self.down:
+            raise InferenceUnavailable("feature_ranker: connection refused")
+        self.versions.append(version)
+        self.rows.append(np.array(features))
+        cos = features[:, FEATURES.index("cos_mean")]
+        return ((cos + features[:, FEATURES.index("popularity")]) / 2).astype(np.float32)

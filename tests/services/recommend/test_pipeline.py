@@ -13,12 +13,15 @@ from services.experiments.assignment import Variant
 from services.inference.triton_client import TritonClient
 from services.recommend.context import Filters
 from services.recommend.pipeline import Pipeline
-from services.recommend.rank import RankerStatus
+from services.recommend.rank import Rankers, RankerStatus
 from services.recommend.retrieve import PopularItems
 from services.vectors.store import VectorStore
 from tests.services.recommend.fakes import FakeStore, FakeTriton, row
 
 STAGES = ["profile", "retrieval", "ranking", "diversify", "explain"]
+UP = RankerStatus(deployed=True, ready=True)
+FEATURES_UP = Rankers(features=UP)
+BOTH_UP = Rankers(features=UP, cross_encoder=UP)
 
 
 def _vec(*xs: float) -> np.ndarray:
@@ -46,7 +49,7 @@ def _world() -> tuple[FakeStore, FakeTriton]:
 def _pipeline(
     store: FakeStore,
     triton: FakeTriton,
-    status: RankerStatus,
+    status: Rankers,
     observed: list[tuple[str, float]] | None = None,
     **settings: Any,
 ) -> Pipeline:
@@ -67,7 +70,7 @@ def _pipeline(
 def test_stages_run_in_order_and_each_observes_its_latency() -> None:
     store, triton = _world()
     observed: list[tuple[str, float]] = []
-    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=True), observed)
+    pipe = _pipeline(store, triton, FEATURES_UP, observed)
     rec = pipe.recommend("u1", 4, Filters(), Deadline.after(5), variant=Variant(model_version="3"))
     assert [s for s, _ in observed] == STAGES
     assert rec.timings == dict(observed)
@@ -75,12 +78,28 @@ def test_stages_run_in_order_and_each_observes_its_latency() -> None:
     assert len(rec.items) == 4 == len(rec.reasons)
     assert not {c.item_id for c in rec.items} & {"i0", "i1", "i2", "i3", "i4"}  # seen
     assert triton.versions == ["3"]  # the variant's ranker release
+    assert triton.scored == []  # the cross-encoder is off by default
+    # one request for every candidate, and its probability is the order (MMR off)
+    assert [len(r) for r in triton.rows] == [rec.candidates]
+    rec = pipe.recommend("u1", 7, Filters(), Deadline.after(5), diversity=0.0)
+    assert [c.relevance for c in rec.items] == sorted((c.ctr or 0 for c in rec.items), reverse=True)
     assert all(c.ctr is not None for c in rec.items)
+
+
+def test_cross_encoder_votes_only_on_the_top_when_enabled() -> None:
+    store, triton = _world()
+    plain = _pipeline(store, triton, BOTH_UP).recommend("u1", 7, Filters(), Deadline.after(5), 0.0)
+    pipe = _pipeline(store, triton, BOTH_UP, cross_encoder_top=3)
+    rec = pipe.recommend("u1", 7, Filters(), Deadline.after(5), diversity=0.0)
+    assert triton.scored == [3]  # a BERT pass for the top three only
+    assert {c.item_id for c in rec.items[:3]} == {c.item_id for c in plain.items[:3]}
+    assert [c.item_id for c in rec.items[3:]] == [c.item_id for c in plain.items[3:]]
+    assert rec.ranked and not rec.degraded
 
 
 def test_variant_mix_and_lambda_reach_the_stages() -> None:
     store, triton = _world()
-    pipe = _pipeline(store, triton, RankerStatus())
+    pipe = _pipeline(store, triton, Rankers())
     only_segment = Variant(retrieval_mix={"segment": 1.0}, mmr_lambda=0.0)
     rec = pipe.recommend("u1", 2, Filters(), Deadline.after(5), variant=only_segment)
     assert [c.item_id for c in rec.items] == ["i9", "i10"]  # the only weighted source
@@ -92,7 +111,7 @@ def test_variant_mix_and_lambda_reach_the_stages() -> None:
 def test_milvus_down_answers_from_cached_popularity() -> None:
     store, triton = _world()
     observed: list[tuple[str, float]] = []
-    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=True), observed)
+    pipe = _pipeline(store, triton, FEATURES_UP, observed)
     store.down.add("get_user")
     rec = pipe.recommend("u1", 3, Filters(("A",)), Deadline.after(5))
     assert [c.item_id for c in rec.items] == ["i1", "i3", "i5"]  # most popular of A
@@ -104,20 +123,24 @@ def test_milvus_down_answers_from_cached_popularity() -> None:
 
 def test_ranker_not_ready_or_failing_keeps_retrieval_order() -> None:
     store, triton = _world()
-    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=False))
+    not_ready = RankerStatus(deployed=True, ready=False)
+    pipe = _pipeline(store, triton, Rankers(features=not_ready))
     rec = pipe.recommend("u1", 3, Filters(), Deadline.after(5))
-    assert rec.degraded == ["ranker unavailable: triton not ready"]
+    assert rec.degraded == ["feature ranker unavailable: triton not ready"]
     assert not rec.ranked and all(c.relevance == c.fused for c in rec.items)
     triton.down = True
-    pipe = _pipeline(store, triton, RankerStatus(deployed=True, ready=True))
+    pipe = _pipeline(store, triton, BOTH_UP, cross_encoder_top=3)
     rec = pipe.recommend("u1", 3, Filters(), Deadline.after(5))
-    assert rec.degraded == ["ranker unavailable: ranker_scorer: connection refused"]
+    assert rec.degraded == [
+        "feature ranker unavailable: feature_ranker: connection refused",
+        "cross-encoder unavailable: ranker_scorer: connection refused",
+    ]
     assert not rec.ranked
 
 
 def test_each_item_is_explained_by_its_best_source() -> None:
     store, triton = _world()
-    pipe = _pipeline(store, triton, RankerStatus())
+    pipe = _pipeline(store, triton, Rankers())
     rec = pipe.recommend("u1", 12, Filters(), Deadline.after(5), diversity=0.0)
     reasons = dict(zip((c.item_id for c in rec.items), rec.reasons, strict=True))
     assert reasons["i5"] == "similar to i4 you liked"  # ANN rank 0, nearest to i4

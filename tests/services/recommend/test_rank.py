@@ -1,25 +1,61 @@
-"""Stage ``ranking``: the CTR ranker's order is one more vote in the fusion."""
+"""Stage ``ranking``: the feature rows the gateway sends, and the cross-encoder's vote."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from services.recommend.rank import fuse_ranker
-from services.recommend.retrieve import Retriever
+from core.ranking_features import FEATURES, CatalogueClock
+from services.deadline import Deadline
+from services.recommend.context import Candidate, Context, Filters
+from services.recommend.rank import candidate_features, vote
 from tests.services.recommend.fakes import row
 
 
-def test_ranker_votes_in_the_fusion_instead_of_replacing_it() -> None:
-    lists = {"ann": [row("a"), row("b"), row("c")], "popular": [row("a"), row("c")]}
-    cands = Retriever.fuse(lists, {"ann": 1.0, "popular": 1.0}, n=10)  # a, c, b
-    for cand, ctr in zip(cands, (0.1, 0.2, 0.9), strict=True):  # the ranker likes b best
-        cand.ctr = ctr
-    fused = {c.item_id: c.fused for c in cands}
-    fuse_ranker(cands, weight=1.0)
-    relevance = {c.item_id: c.relevance for c in cands}
-    # the standard RRF term 1 / (60 + rank), rank 1-based (core.fusion.rrf, also offline)
-    assert relevance["b"] == pytest.approx(fused["b"] + 1 / 61)  # first by probability
-    assert relevance["a"] == pytest.approx(fused["a"] + 1 / 63)
-    assert relevance["a"] > relevance["b"]  # two sources' agreement outweighs one vote
-    fuse_ranker(cands, weight=0.0)
-    assert {c.item_id: c.relevance for c in cands} == fused
+def _col(matrix: np.ndarray, name: str) -> np.ndarray:
+    return matrix[:, FEATURES.index(name)]
+
+
+def test_cross_encoder_votes_among_the_top_which_stay_above_the_rest() -> None:
+    top = [Candidate(i, row(i)) for i in "abc"]
+    for cand, relevance in zip(top, (0.9, 0.8, 0.7), strict=True):
+        cand.relevance = relevance
+    vote(top, [0.1, 0.2, 0.9], weight=1.0)  # the cross-encoder likes c best
+    relevance = {c.item_id: c.relevance for c in top}
+    # floor + the standard RRF term 1 / (60 + rank), rank 1-based (core.fusion.rrf)
+    assert relevance["c"] == pytest.approx(0.9 + 1 / 63 + 1 / 61)
+    assert relevance["a"] == pytest.approx(0.9 + 1 / 61 + 1 / 63)
+    assert relevance["b"] == pytest.approx(0.9 + 1 / 62 + 1 / 62)
+    assert min(relevance.values()) > 0.9  # above every candidate outside the top
+    vote(top, [0.1, 0.2, 0.9], weight=0.0)
+    assert [c.item_id for c in sorted(top, key=lambda c: -c.relevance)] == ["a", "b", "c"]
+
+
+def test_candidate_features_are_built_from_the_profile_and_the_rows() -> None:
+    ctx = Context.begin("u", 5, Filters(), Deadline.after(5))
+    ctx.profile = {"interests": {"A": 0.75, "B": 0.25}}
+    ctx.history_ids = ["h0", "h1", "x", "y"]
+    ctx.history = [
+        {**row("h0"), "vector": [1.0, 0.0], "co_items": ["n", "m"]},
+        {**row("h1"), "vector": [0.0, 1.0], "co_items": ["m"]},
+    ]
+    n = Candidate("n", {**row("n", ("A", "B"), pop=3.0), "vector": [1.0, 0.0], "created_at": 0})
+    m = Candidate("m", {**row("m", ("C",), pop=0.0), "vector": [0.6, 0.8], "created_at": 86400})
+    n.ranks, m.ranks = {"ann": 0, "popular": 4}, {"co_occurrence": 1}
+    ctx.candidates = [n, m]
+    f = candidate_features(ctx, CatalogueClock(top_popularity=15.0, now=86400 * 8.0))
+    assert f.shape == (2, len(FEATURES)) and f.dtype == np.float32
+    assert _col(f, "ann_rr").tolist() == [1.0, 0.0]
+    assert _col(f, "popular_rr").tolist() == pytest.approx([0.2, 0.0])
+    assert _col(f, "co_occurrence_rr").tolist() == pytest.approx([0.0, 0.5])
+    assert _col(f, "sources").tolist() == pytest.approx([2 / 3, 1 / 3])
+    # m: 1/2 from h0 (its second neighbour) + 0.9 from h1 (first); n: 1 from h0
+    assert _col(f, "co_occurrence_score").tolist() == pytest.approx(np.log1p([1.0, 1.4]))
+    assert _col(f, "cos_max").tolist() == pytest.approx([1.0, 0.8])
+    assert _col(f, "cos_last").tolist() == pytest.approx([1.0, 0.6])  # h0 is the newest
+    assert _col(f, "cos_mean").tolist() == pytest.approx([2**-0.5, 1.4 * 2**-0.5])
+    assert _col(f, "popularity").tolist() == pytest.approx([np.log1p(3) / np.log1p(15), 0.0])
+    assert _col(f, "age_known").tolist() == [0.0, 1.0]
+    assert _col(f, "age").tolist() == pytest.approx([0.0, np.log1p(7) / 10])
+    assert _col(f, "category_affinity").tolist() == pytest.approx([1.0, 0.0])
+    assert _col(f, "history_len").tolist() == pytest.approx([np.log1p(4) / 10] * 2)

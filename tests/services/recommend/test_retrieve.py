@@ -40,6 +40,20 @@ def test_filters_and_popularity_cache() -> None:
     assert [r["item_id"] for r in cache.top(5, (), {"a"})] == ["b", "c"]
 
 
+def test_popularity_cache_keeps_the_catalogues_clock_for_the_ranker() -> None:
+    from typing import cast
+
+    from services.vectors.store import VectorStore
+    from tests.services.recommend.fakes import FakeStore
+
+    items = [row(i, pop=p) | {"created_at": t} for i, p, t in (("a", 2, 50), ("b", 7, 0))]
+    cache = PopularItems(size=1)
+    assert cache.refresh(cast(VectorStore, FakeStore(items)))
+    clock = cache.clock()
+    assert (clock.top_popularity, clock.now) == (7.0, 50.0)  # the newest item, not the wall
+    assert [r["item_id"] for r in cache.top(5)] == ["b"]
+
+
 def test_milvus_literals_escape_client_strings() -> None:
     assert literal('Sci "Fi') == '"Sci \\"Fi"'
     assert literal(["a\\b", "c"]) == '["a\\\\b", "c"]'

@@ -1,0 +1,209 @@
+"""The feature ranker's training data: the gateway's candidates, replayed at past points.
+
+At a cut-off ``t`` the catalogue is what indexing would have written then (time-decayed
+popularity, co-occurrence neighbours and first-seen times from the events before ``t``). Each
+user active after ``t`` reveals their first ``fold_in`` events (as ``IngestEvents`` would),
+then gets the candidates the gateway's sources would return (ANN on the mean item vector of
+the recent history, co-occurrence neighbours of the recent items, global popularity; every
+item the user ever touched excluded), each a row of :data:`core.ranking_features.FEATURES`.
+The label is whether the candidate is among the user's next ``targets`` new positives. So
+the negatives are the retrieval candidates themselves: what the ranker will see when served.
+
+Cut-offs inside the training period give training groups; the training/validation split
+gives validation groups (its targets lie after the training period; nothing from it is
+used to fit).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.behaviour import co_occurrence, first_seen, interests, item_popularity
+from core.milvus_schema import CO_ITEMS
+from core.ranking_features import (
+    CatalogueClock,
+    UserSide,
+    co_occurrence_scores,
+    feature_matrix,
+)
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """How the gateway retrieves (keep equal to its settings) and how groups are drawn."""
+
+    candidates: int = 100  # per source (the gateway's ``rank_candidates``)
+    history_window: int = 50  # the gateway's ``history_window``
+    fold_in: int = 3
+    targets: int = 10
+    max_users: int | None = 300  # per cut-off
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Item ids with their unit item vectors (the vectors the gateway's Milvus holds)."""
+
+    item_ids: list[str]
+    vectors: np.ndarray
+    categories: list[list[str]]
+    titles: list[str]
+    created_at: np.ndarray  # epoch seconds, 0 when unknown
+
+    @classmethod
+    def build(cls, items: pd.DataFrame, item_ids: Sequence[str], vectors: np.ndarray) -> Catalogue:
+        frame = items.set_index(items["item_id"].astype(str))
+        frame = frame.loc[list(item_ids)]
+        created = np.zeros(len(frame), dtype=np.float64)
+        if "created_at" in frame:
+            ts = pd.to_datetime(frame["created_at"], utc=True)
+            created = np.where(ts.notna(), ts.astype("int64") // 10**9, 0).astype(np.float64)
+        return cls(
+            list(item_ids),
+            np.asarray(vectors, dtype=np.float32),
+            [list(c) for c in frame["categories"]],
+            [str(t) for t in frame["title"]],
+            created,
+        )
+
+
+def candidate_groups(
+    catalogue: Catalogue,
+    before: pd.DataFrame,
+    after: pd.DataFrame,
+    cfg: CandidateConfig,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One group per user active in ``after``: ``{"user_id", "features" (c, F), "labels"
+    (c,), "targets" (the user's target count, found or not), "items" (c,) catalogue
+    indices}``, catalogue state from ``before`` (see the module docstring)."""
+    index = {iid: n for n, iid in enumerate(catalogue.item_ids)}
+    popularity = item_popularity(before)
+    pop = np.array([popularity.get(i, 0.0) for i in catalogue.item_ids])
+    neighbours = co_occurrence(before, top=CO_ITEMS)
+    seen_at = first_seen(before)
+    created = np.where(
+        catalogue.created_at > 0,
+        catalogue.created_at,
+        [seen_at.get(i, 0.0) for i in catalogue.item_ids],
+    )
+    # the catalogue's clock is its newest item, as the gateway's (PopularItems.clock)
+    latest = before["timestamp"].max().timestamp() if len(before) else 0.0
+    present = created <= latest
+    known = created[present & (created > 0)]
+    now = float(known.max()) if len(known) else latest
+    clock = CatalogueClock(top_popularity=float(pop.max(initial=0.0)), now=now)
+    unborn = {int(i) for i in np.flatnonzero(~present)}  # created after the cut-off
+    popular_order = np.lexsort((np.array(catalogue.item_ids), -pop))
+    users = sorted(after["user_id"].astype(str).unique())
+    if cfg.max_users is not None and len(users) > cfg.max_users:
+        users = sorted(random.Random(seed).sample(users, cfg.max_users))
+    earlier = {str(u): g for u, g in before.groupby("user_id", sort=False)}
+    later = {str(u): g for u, g in after.groupby("user_id", sort=False)}
+    groups = []
+    for user in users:
+        past = earlier.get(user, before.iloc[:0])
+        future = later[user].sort_values("timestamp", kind="stable")
+        history = pd.concat([past, future.iloc[: cfg.fold_in]])
+        rest = future.iloc[cfg.fold_in :]
+        group = _user_group(
+            catalogue,
+            index,
+            pop,
+            popular_order,
+            neighbours,
+            created,
+            clock,
+            history,
+            rest,
+            cfg,
+            unborn,
+        )
+        if group is not None:
+            groups.append({"user_id": user, **group})
+    return groups
+
+
+def _user_group(
+    catalogue: Catalogue,
+    index: dict[str, int],
+    pop: np.ndarray,
+    popular_order: np.ndarray,
+    neighbours: dict[str, list[str]],
+    created: np.ndarray,
+    clock: CatalogueClock,
+    history: pd.DataFrame,
+    rest: pd.DataFrame,
+    cfg: CandidateConfig,
+    unborn: set[int],
+) -> dict[str, Any] | None:
+    seen = {index[i] for i in history["item_id"].astype(str) if i in index} | unborn
+    positives = history[history["weight"] > 0].sort_values("timestamp", kind="stable")
+    newest_first = dict.fromkeys(reversed(positives["item_id"].astype(str).tolist()))
+    recent = [index[i] for i in newest_first if i in index]
+    targets = [
+        index[i]
+        for i in dict.fromkeys(rest.loc[rest["weight"] > 0, "item_id"].astype(str))
+        if i in index and index[i] not in seen
+    ][: cfg.targets]
+    if not recent or not targets:
+        return None
+    window = recent[: cfg.history_window]
+    n = cfg.candidates
+    ranks: dict[int, dict[str, int]] = {}
+
+    def add(source: str, found: Sequence[int]) -> None:
+        for rank, item in enumerate(found[:n]):
+            ranks.setdefault(int(item), {})[source] = rank
+
+    hist = catalogue.vectors[window]
+    query = hist.mean(axis=0)
+    query /= np.linalg.norm(query) or 1.0
+    scores = catalogue.vectors @ query
+    top = np.argpartition(-scores, min(n + len(seen), len(scores) - 1))[: n + len(seen)]
+    add("ann", [i for i in top[np.argsort(-scores[top], kind="stable")] if i not in seen])
+    co, _ = co_occurrence_scores([neighbours.get(catalogue.item_ids[i], []) for i in window])
+    co_ids = [index[i] for i in co if i in index and index[i] not in seen]
+    co_ids.sort(key=lambda i: -co[catalogue.item_ids[i]])
+    add("co_occurrence", co_ids)
+    add("popular", [i for i in popular_order[: n + len(seen)] if i not in seen])
+    items = sorted(ranks)
+    user = UserSide(
+        history_vectors=hist,
+        interests=interests([(catalogue.titles[i], catalogue.categories[i]) for i in recent[:50]]),
+        history_len=len(recent),
+    )
+    features = feature_matrix(
+        user,
+        clock,
+        catalogue.vectors[items],
+        [ranks[i] for i in items],
+        [co.get(catalogue.item_ids[i], 0.0) for i in items],
+        pop[items],
+        created[items],
+        [catalogue.categories[i] for i in items],
+    )
+    wanted = set(targets)
+    labels = np.array([i in wanted for i in items], dtype=np.float32)
+    return {
+        "features": features,
+        "labels": labels,
+        "targets": len(targets),
+        "items": np.asarray(items, dtype=np.int64),  # catalogue indices, row by row
+    }
+
+
+def training_cutoffs(train: pd.DataFrame, quantiles: Sequence[float]) -> list[pd.Timestamp]:
+    """Cut-offs at event-count quantiles of the training period (not dataset constants)."""
+    ts = train["timestamp"].sort_values(kind="stable").reset_index(drop=True)
+    return [ts.iloc[min(int(q * len(ts)), len(ts) - 1)] for q in quantiles]
+
+
+def split_at(events: pd.DataFrame, cut: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Events before ``cut`` and from it on."""
+    return events[events["timestamp"] < cut], events[events["timestamp"] >= cut]

@@ -1,0 +1,122 @@
+"""The DCN-v2 feature ranker as a :class:`~training.tasks.base.Task`: binary cross-entropy on
+the gateway's candidates (label: among the user's next new positives), AUC, log-loss and
+NDCG@10 of its order on validation users' candidates.
+
+A row is one user's candidate group (``features`` ``(c, F)``, ``labels`` ``(c,)``,
+``targets``), so a batch is a few users' groups concatenated. The feature statistics for
+standardisation come from the driver (plain lists), so every worker builds the same model.
+
+Checkpoint format: ``feature_ranker/`` (see :mod:`training.models.feature_ranker`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from core import fusion
+from core.ranking_features import FEATURES, NEW_ITEM_DAYS
+from training.config import FeatureRankerConfig
+from training.models.feature_ranker import DCNv2, load_feature_ranker, save_feature_ranker
+from training.models.metrics import log_loss, roc_auc
+from training.tasks.base import Batch, Row, Task
+
+SUBDIR = "feature_ranker"
+Groups = Sequence[Row]
+
+
+def collate_groups(rows: Sequence[Row]) -> Batch:
+    return {
+        "features": torch.from_numpy(np.concatenate([r["features"] for r in rows])),
+        "labels": torch.from_numpy(np.concatenate([r["labels"] for r in rows])),
+    }
+
+
+def feature_scaling(groups: Groups) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of every feature over the training candidates."""
+    stacked = np.concatenate([g["features"] for g in groups]).astype(np.float64)
+    return stacked.mean(axis=0).tolist(), stacked.std(axis=0).tolist()
+
+
+def group_ndcg(
+    groups: Groups, scores: Sequence[np.ndarray], k: int = 10, exploration: float = 0.0
+) -> float:
+    """Mean NDCG@k of ranking each group by ``scores``; the ideal counts every target of the
+    user (also those retrieval missed), as the offline evaluation does. ``exploration``: the
+    gateway's exploration slots for new items (:func:`core.fusion.explore`) applied first."""
+    discount = 1.0 / np.log2(np.arange(k) + 2)
+    pop, ann = FEATURES.index("popularity"), FEATURES.index("ann_rr")
+    age, known = FEATURES.index("age"), FEATURES.index("age_known")
+    recent = np.log1p(NEW_ITEM_DAYS) / 10  # the age feature of a NEW_ITEM_DAYS old item
+    values = []
+    for g, s in zip(groups, scores, strict=True):
+        order = np.argsort(-s, kind="stable")[:k]
+        if exploration > 0:
+            f = g["features"]
+            new = (f[:, pop] == 0) & ((f[:, known] == 0) | (f[:, age] < recent))  # is_new
+            by_content = [int(i) for i in np.argsort(-f[:, ann], kind="stable")]
+            found = [i for i in by_content if new[i] and f[i, ann] > 0]
+            order = np.asarray(fusion.explore(order.tolist(), found, new, k, exploration))
+        dcg = float((g["labels"][order] * discount[: len(order)]).sum())
+        values.append(dcg / float(discount[: min(k, int(g["targets"]))].sum()))
+    return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass
+class FeatureRankerTask(Task[DCNv2, Groups]):
+    """Click / no-click on replayed gateway candidates (see the module docstring)."""
+
+    cfg: FeatureRankerConfig
+    mean: list[float] = field(default_factory=lambda: [0.0] * len(FEATURES))
+    std: list[float] = field(default_factory=lambda: [1.0] * len(FEATURES))
+    name: ClassVar[str] = "feature_ranker"
+
+    def build_model(self, pretrained: str) -> DCNv2:
+        model = DCNv2(len(FEATURES), self.cfg.cross_layers, self.cfg.hidden, self.cfg.dropout)
+        model.set_scaling(torch.tensor(self.mean), torch.tensor(self.std))
+        return model
+
+    def load_model(self, checkpoint: Path) -> DCNv2:
+        return load_feature_ranker(checkpoint / SUBDIR)
+
+    def save_model(self, model: DCNv2, tokenizer: Any, checkpoint: Path) -> None:
+        save_feature_ranker(model, checkpoint / SUBDIR)
+
+    def collator(self, tokenizer: Any) -> Any:
+        return collate_groups
+
+    def start(self, rows: Sequence[Row], device: torch.device) -> str:
+        candidates = sum(len(r["labels"]) for r in rows)
+        positives = int(sum(r["labels"].sum() for r in rows))
+        return f"{len(rows)} users, {candidates} candidates ({positives} clicked)"
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(model(batch["features"]), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: DCNv2, tokenizer: Any, data: Groups, device: torch.device
+    ) -> dict[str, float]:
+        model.eval()
+        scores = [
+            model(torch.from_numpy(g["features"]).to(device)).float().cpu().numpy() for g in data
+        ]
+        model.train()
+        labels = np.concatenate([g["labels"] for g in data])
+        logits = np.concatenate(scores)
+        popular = [g["features"][:, FEATURES.index("popular_rr")] for g in data]
+        return {
+            "auc": roc_auc(labels, logits),
+            "log_loss": log_loss(labels, 1 / (1 + np.exp(-logits))),
+            "ndcg_at_10": group_ndcg(data, scores),
+            # what one exploration slot in ten (the gateway's default) costs
+            "ndcg_at_10_explore": group_ndcg(data, scores, exploration=0.1),
+            "ndcg_at_10_popularity": group_ndcg(data, popular),
+        }
