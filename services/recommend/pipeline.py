@@ -37,7 +37,7 @@ class Pipeline:
         rankers: Callable[[], Rankers],
         on_stage: StageObserver = no_metrics,
     ) -> None:
-        retriever = Retriever(store, popular)
+        retriever = Retriever(store, popular, settings.popular_refresh_s)
         self.profile = LoadProfile(settings, store)
         self.popular_only = PopularOnly(retriever)
         self.retrieve = Retrieve(settings, store, retriever)

@@ -90,11 +90,20 @@ class PopularItems:
 
 
 class Retriever:
-    """The candidate sources, one method each, and their fusion."""
+    """The candidate sources, one method each, and their fusion.
 
-    def __init__(self, store: VectorStore, popular: PopularItems) -> None:
+    Only the ANN is a search; co-occurrence, segment and global popularity are id lists
+    (neighbours on the history's rows, the segment's popular items, the gateway's popularity
+    cache) whose rows come back in one Milvus read (:meth:`rows`), so a request costs two
+    round trips here, not five. Segment rows change only when the segments are refitted:
+    they are cached for ``segment_ttl_s``.
+    """
+
+    def __init__(self, store: VectorStore, popular: PopularItems, segment_ttl_s: float = 60.0):
         self.store = store
         self.popular = popular
+        self.segment_ttl_s = segment_ttl_s
+        self._segments: dict[str, tuple[float, list[str]]] = {}
 
     def ann(self, vector: np.ndarray, n: int, filters: Filters, deadline: Deadline) -> list[Row]:
         return self.store.search_items(
@@ -106,26 +115,32 @@ class Retriever:
             with_vectors=True,
         )
 
+    @staticmethod
     def co_occurrence(
-        self, history: Sequence[Row], n: int, filters: Filters, deadline: Deadline
-    ) -> list[tuple[Row, str]]:
-        """Neighbours of recent history items, scored by recency of the seed and their rank
-        (:func:`core.ranking_features.co_occurrence_scores`); each with the seed's title."""
+        history: Sequence[Row], n: int, exclude: Collection[str]
+    ) -> tuple[list[str], dict[str, str]]:
+        """The best ``3 n`` neighbours of recent history items, scored by recency of the seed
+        and their rank (:func:`core.ranking_features.co_occurrence_scores`), and the seed's
+        title of each (its explanation)."""
         scores, seed = co_occurrence_scores([h.get("co_items") or [] for h in history])
-        seed_of = {item: history[index]["title"] for item, index in seed.items()}
-        ranked = sorted((i for i in scores if i not in filters.exclude), key=lambda i: -scores[i])[
-            : 3 * n
-        ]
-        rows = self.store.get_items(ranked, deadline.left(), with_vectors=True)
-        admitted = [rows[i] for i in ranked if i in rows and filters.admits(rows[i])]
-        return [(row, seed_of[row["item_id"]]) for row in admitted[:n]]
+        ranked = sorted((i for i in scores if i not in exclude), key=lambda i: -scores[i])
+        return ranked[: 3 * n], {item: history[index]["title"] for item, index in seed.items()}
 
     def segment(
-        self, popular_ids: Sequence[str], n: int, filters: Filters, deadline: Deadline
-    ) -> list[Row]:
-        wanted = [i for i in popular_ids if i not in filters.exclude][: 3 * n]
-        rows = self.store.get_items(wanted, deadline.left(), with_vectors=True)
-        return [rows[i] for i in wanted if i in rows and filters.admits(rows[i])][:n]
+        self, segment_id: str, n: int, exclude: Collection[str], deadline: Deadline
+    ) -> list[str]:
+        """The segment's popular items not excluded, at most ``3 n`` (cached segment row)."""
+        now = time.monotonic()
+        cached = self._segments.get(segment_id)
+        if cached is None or now - cached[0] > self.segment_ttl_s:
+            row = self.store.get_segment(segment_id, deadline.left())
+            cached = (now, list(row["popular_items"]) if row else [])
+            self._segments[segment_id] = cached
+        return [i for i in cached[1] if i not in exclude][: 3 * n]
+
+    def rows(self, ids: Sequence[str], deadline: Deadline) -> dict[str, Row]:
+        """The rows (with vectors) of every listed id, in one read."""
+        return self.store.get_items(ids, deadline.left(), with_vectors=True)
 
     def global_popular(self, n: int, filters: Filters) -> list[Row]:
         return self.popular.top(n, filters.categories, filters.exclude)
@@ -197,23 +212,31 @@ class Retrieve(Stage):
             filters.categories, seen.exclude | set(profile["seen_items"] if profile else ())
         )
         lists: dict[str, Sequence[Row | tuple[Row, str]]] = {}
+        popular = self.retriever.global_popular(n, seen_all)  # cached rows, no vectors
         try:
+            co_ids, seed_of = self.retriever.co_occurrence(history, n, seen_all.exclude)
+            segment_ids = (
+                self.retriever.segment(profile["segment"], n, seen_all.exclude, ctx.deadline)
+                if profile and profile["segment"]
+                else []
+            )
+            wanted = [*co_ids, *segment_ids, *(r["item_id"] for r in popular)]
+            rows = self.retriever.rows(wanted, ctx.deadline)
+            popular = [rows.get(r["item_id"], r) for r in popular]
+
+            def admitted(ids: Sequence[str]) -> list[Row]:
+                return [rows[i] for i in ids if i in rows and seen_all.admits(rows[i])][:n]
+
             if history:
                 query = query_vector(profile, history, ctx.cold or self.history_query)
                 hits = self.retriever.ann(query, 2 * n, seen, ctx.deadline)
                 lists["ann"] = [h for h in hits if seen_all.admits(h)][:n]
-                lists["co_occurrence"] = self.retriever.co_occurrence(
-                    history, n, seen_all, ctx.deadline
-                )
-            if profile and profile["segment"]:
-                segment = self.store.get_segment(profile["segment"], ctx.deadline.left())
-                if segment:
-                    lists["segment"] = self.retriever.segment(
-                        segment["popular_items"], n, seen_all, ctx.deadline
-                    )
+                lists["co_occurrence"] = [(r, seed_of[r["item_id"]]) for r in admitted(co_ids)]
+            if segment_ids:
+                lists["segment"] = admitted(segment_ids)
         except StoreUnavailable as exc:
             ctx.degraded.append(f"milvus unavailable: {exc}")
-        lists["popular"] = self.retriever.global_popular(n, seen_all)
+        lists["popular"] = popular
         weights = ctx.variant.retrieval_mix or self.settings.retrieval_weights
         ctx.candidates = Retriever.fuse(lists, weights, n)
         self._attach_vectors(ctx)

@@ -27,8 +27,10 @@ class FakeStore:
         self.users = {r["user_id"]: r for r in users}
         self.segments = {r["segment_id"]: r for r in segments}
         self.down: set[str] = set()
+        self.calls: list[str] = []  # every call, in order
 
     def _check(self, call: str) -> None:
+        self.calls.append(call)
         if call in self.down or "all" in self.down:
             raise StoreUnavailable(f"{call}: connection refused")
 

@@ -86,6 +86,21 @@ def test_stages_run_in_order_and_each_observes_its_latency() -> None:
     assert all(c.ctr is not None for c in rec.items)
 
 
+def test_a_request_reads_milvus_four_times_and_segments_are_cached() -> None:
+    store, triton = _world()
+    pipe = _pipeline(store, triton, FEATURES_UP)
+    store.calls.clear()  # the popularity cache's scan at start
+    rec = pipe.recommend("u1", 12, Filters(), Deadline.after(5), diversity=0.0)
+    # profile: user + history rows; retrieval: the segment's first read (then cached), one
+    # read for the co-occurrence, segment and popular rows, the ANN search
+    assert store.calls == ["get_user", "get_items", "get_segment", "get_items", "search_items"]
+    assert {"co_occurrence", "segment", "popular", "ann"} <= {s for c in rec.items for s in c.ranks}
+    store.calls.clear()
+    pipe.recommend("u1", 5, Filters(), Deadline.after(5))
+    assert store.calls == ["get_user", "get_items", "get_items", "search_items"]
+    assert all("vector" in c.row for c in rec.items)
+
+
 def test_cross_encoder_votes_only_on_the_top_when_enabled() -> None:
     store, triton = _world()
     plain = _pipeline(store, triton, BOTH_UP).recommend("u1", 7, Filters(), Deadline.after(5), 0.0)
