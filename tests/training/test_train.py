@@ -163,8 +163,10 @@ def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
     report = export_feature_ranker(str(root / "final" / "feature_ranker"), tmp_path / "m.onnx")
     assert report.max_abs_diff <= 1e-4
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    logit, prob = session.run(None, {"features": np.zeros((3, len(FEATURES)), np.float32)})
+    rows = np.tile(model.mean.numpy().astype(np.float32), (3, 1))  # an average candidate
+    logit, prob = session.run(None, {"features": rows})
     assert logit.shape == prob.shape == (3, 1) and np.all((prob > 0) & (prob < 1))
+    assert rows.shape[1] == len(FEATURES)
 
 
 def test_resume_continues_from_checkpoint(
