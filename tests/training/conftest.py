@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MOVIELENS = REPO_ROOT / "third_party" / "movielens" / "ml-latest-small"
+LOCAL_CONFIG = REPO_ROOT / "training" / "configs" / "local.yaml"
 
 
 def write(path: Path, text: str, *, crlf: bool = False) -> Path:
@@ -34,3 +36,19 @@ def movielens():  # type: ignore[no-untyped-def]
     from training.data import load_movielens
 
     return load_movielens(MOVIELENS)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A local Ray for one test module, started as ``make train`` starts it (small object
+    store), shut down after the module."""
+    import ray
+
+    from training.config import load_config
+    from training.train import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(load_config(LOCAL_CONFIG, ["object_store_memory=200000000"]))
+    yield
+    ray.shutdown()

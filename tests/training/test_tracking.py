@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,19 +221,6 @@ def test_disabled_tracking_writes_nothing(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # one real Ray Train stage
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    import ray
-
-    from training.train import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(load_config(CONFIG, ["object_store_memory=200000000"]))
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.integration

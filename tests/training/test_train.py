@@ -9,7 +9,6 @@ epoch and reuses the finished rankers and sequence model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,6 @@ import pytest
 pytestmark = pytest.mark.integration
 
 CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "local.yaml"
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    import ray
-
-    from training.config import load_config
-    from training.train import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(load_config(CONFIG, ["object_store_memory=200000000"]))
-    yield
-    ray.shutdown()
 
 
 def _overrides(tiny_bert: str, root: Path) -> list[str]:
