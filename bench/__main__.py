@@ -54,6 +54,14 @@ class Plan:
     milvus_efs: tuple[int, ...]
     milvus_seconds: float
     variant_rounds: int  # paired rounds per serving variant (0 = none)
+    # feature ranker against the cross-encoder pipeline: (concurrency, max requests, max
+    # seconds) per level, and rounds (alternating order)
+    pipeline_levels: tuple[tuple[int, int, float], ...] = ((1, 200, 30.0), (16, 1000, 30.0))
+    pipeline_rounds: int = 2
+    # item indexing, length-bucketed against file-order batches: catalogue items (0 = all of
+    # MovieLens) and rounds (the variants take turns batch by batch within each round)
+    indexing_items: int = 0
+    indexing_rounds: int = 1
 
 
 FULL = Plan(
@@ -97,16 +105,21 @@ QUICK = Plan(
     milvus_efs=(16,),
     milvus_seconds=15.0,
     variant_rounds=0,
+    pipeline_levels=((1, 3, 10.0), (4, 6, 10.0)),
+    pipeline_rounds=1,
+    indexing_items=300,
 )
 SECTIONS = (
     "machine",
     "gemm_peak",
     "setup",
+    "pipelines",
     "gateway",
     "baseline",
     "triton_models",
     "perf_analyzer",
     "milvus",
+    "indexing",
     "variants",
     "encoder",
     "ranker",
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(
     plan: Plan, cache: Path, checkpoint: Path, threads: int, command: str, omp_policy: str
 ) -> Results:
-    from bench import gateway, machine, models, stack
+    from bench import gateway, machine, models, pipelines, stack
     from bench.milvus import bench_milvus
     from bench.perf_analyzer import run_perf_analyzer
 
@@ -221,6 +234,12 @@ def run(
             users = gateway.known_users(running.settings, 200)
             results["setup"]["load_users"] = len(users)
             baseline: Any = None
+            with results.section("pipelines") as r:
+                r.update(
+                    pipelines.compare(
+                        running, users, plan.pipeline_levels, plan.pipeline_rounds, plan.deadline_s
+                    )
+                )
             with results.section("gateway") as r:
                 _gateway(r, running, users, plan)
             with results.section("baseline") as r:
@@ -252,6 +271,8 @@ def run(
                         max_seconds=plan.milvus_seconds,
                     )
                 )
+            with results.section("indexing") as r:
+                _indexing(r, running, repository, chosen, plan, threads)
             with results.section("variants") as r:
                 _variants(r, running, users, plan, repository, graphs["ranker"], state, baseline)
             if baseline is not None:
@@ -387,6 +408,29 @@ def _variants(
         run["baseline_qps"] = base_qps
         r["runs"].append(run)
         print(f"  {variant.name}: {run['qps_ranked']:.2f} ranked/s", flush=True)
+
+
+def _indexing(
+    r: dict[str, Any], running: Any, repository: Path, chosen: Any, plan: Plan, threads: int
+) -> None:
+    """Item indexing of the whole catalogue (not the slice), into scratch collections."""
+    from bench import indexing, machine, models, stack
+    from ops.indexing import item_rows
+    from training.data import load_dataset
+    from training.export.onnx_export import PooledEncoder
+    from training.models.pretrained import load_bert
+
+    t0 = time.monotonic()
+    rows = item_rows(load_dataset(stack.MOVIELENS))
+    rows = rows[: plan.indexing_items] if plan.indexing_items else rows
+    r["row_build_seconds"] = round(time.monotonic() - t0, 1)
+    arch = models.arch_of(PooledEncoder(load_bert(chosen.item_tower)))
+    peak = machine.quick_fp32_peak(1.0, threads)
+    r.update(
+        indexing.compare(
+            running.settings, rows, repository, plan.indexing_rounds, arch=arch, fp32_peak=peak
+        )
+    )
 
 
 def _gateway(r: dict[str, Any], running: Any, users: list[str], plan: Plan) -> None:

@@ -45,6 +45,17 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             "measured": ratio,
             "met": bool(ratio <= TAIL_RATIO),
         }
+    from bench import indexing
+
+    fastest = indexing.best(results.get("indexing", {}))
+    if fastest is not None:
+        name, v = fastest
+        out["item_indexing"] = {
+            "target": f">= {indexing.TARGET_ITEMS_PER_S:.0f} items/s (Triton + Milvus upsert)",
+            "measured": v["items_per_s"],
+            "at": f"{name}; file order {fmt(indexing.baseline_items_per_s(results), 1)}",
+            "met": v["items_per_s"] >= indexing.TARGET_ITEMS_PER_S,
+        }
     for model in ("encoder", "ranker"):
         rows = results.get(model, {}).get("rows", [])
         if not rows:
@@ -104,12 +115,25 @@ def render(results: dict[str, Any], json_path: Path, gpu_section: str | None = N
         "The machine is shared: every section records the load average around it, and each "
         "model section measures its own GEMM peak right before it.",
     ]
-    lines += _targets(results) + _gemm(results) + _gateway(results) + _models(results)
+    lines += _targets(results) + _gemm(results) + _pipelines(results) + _gateway(results)
+    lines += _models(results)
     lines += _variants(results) + _triton(results) + _perf(results) + _milvus(results)
+    lines += _indexing(results)
     lines += _errors(results)
     if gpu_section is not None:
         lines += ["", gpu_section]
     return "\n".join(lines) + "\n"
+
+
+def _pipelines(results: dict[str, Any]) -> list[str]:
+    from bench import pipelines
+
+    section = results.get("pipelines", {})
+    out = ["", "## `Recommend`: feature ranker against the cross-encoder pipeline", ""]
+    if "table" not in section:
+        return [*out, f"not measured: {section.get('error', 'section missing')}"]
+    first = pipelines.__doc__ or ""
+    return [*out, first.split("\n\n")[1].strip(), "", pipelines.render(section)]
 
 
 def _targets(results: dict[str, Any]) -> list[str]:
@@ -511,6 +535,25 @@ def _milvus(results: dict[str, Any]) -> list[str]:
         f"Load average before/after: {mv['load_average']}.",
         "",
         table(["ef", "mode (queries)", "recall@10", "min recall", "latency p50/p95/p99 ms"], rows),
+    ]
+
+
+def _indexing(results: dict[str, Any]) -> list[str]:
+    from bench import indexing
+
+    section = results.get("indexing", {})
+    out = ["", "## Item indexing: length-bucketed against file-order batches", ""]
+    if "rounds" not in section or indexing.best(section) is None:
+        return [*out, f"not measured: {section.get('error', 'section missing')}"]
+    return [
+        *out,
+        indexing.describe(),
+        "",
+        f"{section['items']} items, batches of {section['batch']}, "
+        f"rows built in {section.get('row_build_seconds', '?')} s (not counted). "
+        + indexing.ceiling(section),
+        "",
+        indexing.render(section),
     ]
 
 

@@ -2,13 +2,22 @@
 
 Vectors are computed by the models Triton serves (the same ones the gateway uses at request
 time), so what is indexed and what is searched with always come from one release.
+
+Items are sent to Triton in length buckets: sorted by their (approximate or exact) token
+count and cut into batches from that order. Triton's tokenizer pads every request to its
+longest text (rounded up to ``pad_to_multiple_of``), so a batch of similar lengths pads little,
+while a batch in file order pads every short text to the longest one that happens to be in
+it. Each row keeps its own vector: a batch's vectors are zipped with that batch's rows, and
+:func:`embed_bucketed` puts vectors back in input order.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +37,97 @@ log = logging.getLogger(__name__)
 INDEX_TIMEOUT_S = 120.0
 
 
+Lengths = Callable[[Sequence[str]], Sequence[int]]
+"""Token counts (or an estimate) of texts, one per text, in their order."""
+
+# BERT's pre-tokenizer splits on whitespace and around every punctuation mark; WordPiece then
+# splits words further. The count of such pieces follows the token count closely.
+_PRE_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
 def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
+
+
+def estimated_lengths(texts: Sequence[str]) -> list[int]:
+    """Pre-token count of each text (words and punctuation marks), a tokenizer-free estimate
+    of its token count. Any text works; it only orders texts, it never cuts one."""
+    return [len(_PRE_TOKEN.findall(text)) for text in texts]
+
+
+def release_lengths(repository: Path) -> Lengths | None:
+    """Exact token counts from the ``tokenizer.json`` of the newest ``tokenizer`` version in
+    ``repository``, or ``None`` when the repository has none here (e.g. Triton is remote).
+
+    Only the order of the batches depends on it: another release's tokenizer, or none, costs
+    padding, never a wrong vector."""
+    model = repository / "tokenizer"
+    versions = sorted(
+        (int(p.name) for p in model.iterdir() if p.name.isdigit()) if model.is_dir() else ()
+    )
+    if not versions:
+        return None
+    path = model / str(versions[-1]) / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+
+    def lengths(texts: Sequence[str]) -> list[int]:
+        return [len(e.ids) for e in tokenizer.encode_batch(list(texts))]
+
+    return lengths
+
+
+def length_order(texts: Sequence[str], lengths: Lengths | None = None) -> list[int]:
+    """Indices of ``texts`` from shortest to longest (ties: fewer characters, then input
+    order), so that consecutive slices are length buckets."""
+    counts = list((lengths or estimated_lengths)(texts))
+    if len(counts) != len(texts):
+        raise ValueError(f"{len(counts)} lengths for {len(texts)} texts")
+    return sorted(range(len(texts)), key=lambda i: (counts[i], len(texts[i]), i))
+
+
+def length_buckets(
+    texts: Sequence[str], size: int, lengths: Lengths | None = None
+) -> list[list[int]]:
+    """Batches of at most ``size`` indices into ``texts``, each of similar length; every
+    index exactly once."""
+    if size < 1:
+        raise ValueError("batch size must be >= 1")
+    return [list(chunk) for chunk in _batches(length_order(texts, lengths), size)]
+
+
+def item_batches(
+    texts: Sequence[str], size: int, *, bucketed: bool = True, lengths: Lengths | None = None
+) -> list[list[int]]:
+    """The batches :func:`index_rows` sends, as indices into ``texts``: length buckets, or
+    consecutive slices in input order when not ``bucketed``."""
+    if not bucketed:
+        return [list(chunk) for chunk in _batches(range(len(texts)), size)]
+    return length_buckets(texts, size, lengths)
+
+
+def embed_bucketed(
+    texts: Sequence[str],
+    embed: Callable[[Sequence[str]], np.ndarray],
+    batch: int = 64,
+    lengths: Lengths | None = None,
+) -> np.ndarray:
+    """``embed`` over length buckets of ``texts``; row ``i`` of the result is text ``i``'s."""
+    out: np.ndarray | None = None
+    for bucket in length_buckets(texts, batch, lengths):
+        vectors = np.asarray(embed([texts[i] for i in bucket]))
+        if vectors.ndim != 2 or vectors.shape[0] != len(bucket):
+            raise ValueError(f"{vectors.shape[0]} vectors for a batch of {len(bucket)} texts")
+        if out is None:
+            out = np.empty((len(texts), vectors.shape[1]), dtype=vectors.dtype)
+        out[bucket] = vectors
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 def item_rows(dataset: Dataset) -> list[tuple[ItemRow, str]]:
@@ -39,6 +136,7 @@ def item_rows(dataset: Dataset) -> list[tuple[ItemRow, str]]:
     texts = item_texts(items)
     popularity = item_popularity(dataset.events)
     neighbours = co_occurrence(dataset.events, top=CO_ITEMS)
+    seen_at = first_seen(dataset.events)  # the age of items without a creation time
     created = items["created_at"] if "created_at" in items else pd.Series(pd.NaT, index=items.index)
     return [
         (
@@ -78,13 +176,38 @@ def embed_and_upsert(
     return store.upsert_items([row for row, _ in rows])
 
 
-def index_items(dataset: Dataset, triton: TritonClient, store: VectorStore, batch: int = 64) -> int:
-    """Embed every item through Triton's item tower; store it with popularity and neighbours."""
+def index_items(
+    dataset: Dataset,
+    triton: TritonClient,
+    store: VectorStore,
+    batch: int = 64,
+    *,
+    bucketed: bool = True,
+    lengths: Lengths | None = None,
+) -> int:
+    """Embed every item through Triton's item tower; store it with popularity and neighbours.
+
+    Batches are length buckets (:func:`length_buckets`, ``lengths`` default
+    :func:`estimated_lengths`; :func:`release_lengths` gives exact counts); ``bucketed=False``
+    sends them in file order, as before."""
     rows = item_rows(dataset)
+    return index_rows(rows, triton, store, batch, bucketed=bucketed, lengths=lengths)
+
+
+def index_rows(
+    rows: Sequence[tuple[ItemRow, str]],
+    triton: TritonClient,
+    store: VectorStore,
+    batch: int = 64,
+    *,
+    bucketed: bool = True,
+    lengths: Lengths | None = None,
+) -> int:
+    """:func:`index_items` for rows already built by :func:`item_rows`."""
     done = 0
     with tqdm(total=len(rows), desc="index items", unit="item") as bar:
-        for chunk in _batches(rows, batch):
-            done += embed_and_upsert(chunk, triton, store)
+        for chunk in item_batches([t for _, t in rows], batch, bucketed=bucketed, lengths=lengths):
+            done += embed_and_upsert([rows[i] for i in chunk], triton, store)
             bar.update(len(chunk))
     return done
 
@@ -131,4 +254,3 @@ def index_users(
             done += len(chunk)
             bar.update(len(chunk))
     return done
-    seen_at = first_seen(dataset.events)  # the age of items without a creation time

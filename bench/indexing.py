@@ -1,0 +1,344 @@
+"""Item indexing side by side: length-bucketed batches against file-order batches.
+
+Each variant indexes the same catalogue rows (MovieLens' ``movies.csv``, all of it unless the
+plan cuts it) through the stack's Triton ``item_embedder`` into its own scratch Milvus
+collection, created afresh each round; the batches are those ``ops.indexing.index_rows``
+sends (``item_batches``), each embedded and upserted by its ``embed_and_upsert``:
+
+- **file order** (before): batches of 64 in the catalogue's order; Triton's tokenizer pads
+  each request to its longest text, so short texts pay for long neighbours;
+- **bucketed, estimated lengths**: batches cut from the texts sorted by their word and
+  punctuation count (no tokenizer needed: what ``make demo`` uses);
+- **bucketed, tokenizer lengths**: sorted by the exact token count of the release's own
+  ``tokenizer.json``.
+
+The variants take turns batch by batch (who goes first alternates), so that load drift on a
+shared machine hits all of them alike. Items/s is end to end (Triton, then the Milvus
+upsert, as the job runs: the items over the time spent in that variant's batches); the embed
+and upsert columns are the same items over the time spent in each; `x file order` is against
+the file-order batches of the same round. Padded length and real-token share are computed
+with the release's tokenizer for the batches each variant sent (exact, independent of load).
+Every round checks that each variant wrote each item exactly once (else the section fails);
+the last column is the largest difference between a variant's vectors and file order's.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from bench.models import Arch
+from bench.tokens import TokenizerSpec
+from bench.util import fmt, load_average, table
+from core.config import Settings
+from core.rows import ItemRow
+from ops.indexing import embed_and_upsert, item_batches, release_lengths
+from services.inference.triton_client import TritonClient
+from services.vectors.store import VectorStore
+
+BASELINE = "file order"
+TARGET_ITEMS_PER_S = 500.0
+SCRATCH = {
+    "items_collection": "bench_indexing_items",
+    "users_collection": "bench_indexing_users",
+    "segments_collection": "bench_indexing_segments",
+}
+
+
+class _TimedTriton:
+    """The Triton client, timing ``embed_items``."""
+
+    def __init__(self, triton: TritonClient) -> None:
+        self.triton, self.seconds, self.requests = triton, 0.0, 0
+
+    def embed_items(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            return self.triton.embed_items(texts, timeout_s)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.requests += 1
+
+
+class _TimedStore:
+    """The Milvus store, timing ``upsert_items`` and keeping a copy of each written vector."""
+
+    def __init__(self, store: VectorStore) -> None:
+        self.store, self.seconds = store, 0.0
+        self.vectors: dict[str, np.ndarray] = {}
+        self.writes = 0
+
+    def upsert_items(self, rows: Sequence[ItemRow], timeout: float = 30.0) -> int:
+        for row in rows:
+            self.vectors[str(row["item_id"])] = np.asarray(row["vector"], dtype=np.float32)
+        self.writes += len(rows)
+        t0 = time.perf_counter()
+        try:
+            return self.store.upsert_items(rows, timeout)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def padding(
+    texts: Sequence[str],
+    chunks: Sequence[Sequence[int]],
+    spec: TokenizerSpec,
+    arch: Arch | None = None,
+) -> dict[str, float]:
+    """Tokens Triton's tokenizer produces for these batches: each padded to its longest text,
+    rounded up to ``pad_to_multiple_of`` (never past ``max_length``); with ``arch``, the
+    encoder FLOPs of those batches and of the same texts without any padding."""
+    tokenizer = spec.tokenizer()
+    tokenizer.no_padding()
+    real = np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
+    padded, flops = 0, 0.0
+    for chunk in chunks:
+        longest = int(real[list(chunk)].max())
+        width = min(-(-longest // spec.multiple) * spec.multiple, spec.max_length)
+        padded += width * len(chunk)
+        flops += _flops(arch, len(chunk), width) if arch else 0.0
+    out = {
+        "real_tokens": int(real.sum()),
+        "padded_tokens": padded,
+        "mean_padded_len": padded / max(len(texts), 1),
+        "real_token_share": float(real.sum()) / max(padded, 1),
+    }
+    if arch:
+        out["flops"] = flops
+        out["flops_unpadded"] = sum(_flops(arch, 1, int(n)) for n in real)
+    return out
+
+
+def _flops(arch: Arch, batch: int, length: int) -> float:
+    """One encoder forward over ``batch`` texts of ``length`` tokens (``bench.models``)."""
+    per_token = 2 * arch.weight_entries + 4 * arch.layers * length * arch.hidden
+    return float(per_token * batch * length)
+
+
+def _variants(repository: Path) -> dict[str, dict[str, Any]]:
+    exact = release_lengths(repository)
+    out: dict[str, dict[str, Any]] = {
+        BASELINE: {"bucketed": False, "lengths": None},
+        "bucketed, estimated lengths": {"bucketed": True, "lengths": None},
+    }
+    if exact is not None:
+        out["bucketed, tokenizer lengths"] = {"bucketed": True, "lengths": exact}
+    return out
+
+
+def compare(
+    settings: Settings,
+    rows: Sequence[tuple[ItemRow, str]],
+    repository: Path,
+    rounds: int,
+    batch: int = 64,
+    arch: Arch | None = None,
+    fp32_peak: float | None = None,
+) -> dict[str, Any]:
+    """Every variant over ``rows`` in each of ``rounds`` rounds, batches taking turns; with
+    the item tower's ``arch`` and the machine's ``fp32_peak`` (FLOP/s), the FLOP rate of each
+    and the items/s that peak would allow."""
+    spec = TokenizerSpec.of_release(repository)
+    variants = _variants(repository)
+    texts = [text for _, text in rows]
+    batches = {name: item_batches(texts, batch, **v) for name, v in variants.items()}
+    out: dict[str, Any] = {"items": len(rows), "batch": batch, "rounds": [], "variants": {}}
+    if arch is not None and fp32_peak:
+        out.update(arch=arch.__dict__, fp32_peak=fp32_peak)
+    for name in variants:
+        out["variants"][name] = padding(texts, batches[name], spec, arch)
+    stores = {
+        name: VectorStore(settings.model_copy(update={k: f"{v}_{n}" for k, v in SCRATCH.items()}))
+        for n, name in enumerate(variants)
+    }
+    triton = TritonClient(settings)
+    written: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        triton.embed_items(texts[: 2 * batch], 120.0)  # warm-up, not timed
+        for r in range(rounds):
+            entry = _round(rows, batches, triton, stores, first=r % 2, written=written)
+            out["rounds"].append(entry)
+            print(
+                f"  round {r + 1}: "
+                + ", ".join(f"{k} {v['items_per_s']:.1f} items/s" for k, v in entry.items()),
+                flush=True,
+            )
+    finally:
+        for store in stores.values():
+            store.drop_collections()
+            store.close()
+        triton.close()
+    for name, summary in out["variants"].items():
+        runs = [entry[name] for entry in out["rounds"]]
+        items = sum(run["items"] for run in runs)
+        summary["items_per_s"] = items / sum(run["wall_s"] for run in runs)
+        summary["embed_items_per_s"] = items / sum(run["embed_s"] for run in runs)
+        summary["upsert_items_per_s"] = items / sum(run["upsert_s"] for run in runs)
+        summary["x_file_order"] = [run["x_file_order"] for run in runs]
+        summary["max_abs_diff_vs_file_order"] = _max_diff(written[name], written[BASELINE])
+        if "fp32_peak" in out:
+            embed_s = sum(run["embed_s"] for run in runs)
+            summary["embed_flops_per_s"] = summary["flops"] * len(runs) / embed_s
+            summary["share_of_peak"] = summary["embed_flops_per_s"] / out["fp32_peak"]
+            summary["items_per_s_at_peak"] = out["fp32_peak"] * len(rows) / summary["flops"]
+    if "fp32_peak" in out:
+        unpadded = next(iter(out["variants"].values()))["flops_unpadded"]
+        out["items_per_s_at_peak_unpadded"] = out["fp32_peak"] * len(rows) / unpadded
+    print(render(out), flush=True)
+    return out
+
+
+def _round(
+    rows: Sequence[tuple[ItemRow, str]],
+    batches: dict[str, list[list[int]]],
+    triton: TritonClient,
+    stores: dict[str, VectorStore],
+    first: int,
+    written: dict[str, dict[str, np.ndarray]],
+) -> dict[str, Any]:
+    """One pass of every variant over ``rows``, one batch of each in turn."""
+    names = list(batches)
+    timed = {name: (_TimedTriton(triton), _TimedStore(stores[name])) for name in names}
+    wall = dict.fromkeys(names, 0.0)
+    done = dict.fromkeys(names, 0)
+    for store in stores.values():
+        store.drop_collections()
+        store.ensure_collections()
+    load = load_average()
+    for step in range(max(len(b) for b in batches.values())):
+        for name in names if (step + first) % 2 == 0 else names[::-1]:
+            if step >= len(batches[name]):
+                continue
+            chunk = [rows[i] for i in batches[name][step]]
+            t0 = time.perf_counter()
+            done[name] += embed_and_upsert(
+                chunk, cast(TritonClient, timed[name][0]), cast(VectorStore, timed[name][1])
+            )
+            wall[name] += time.perf_counter() - t0
+    entry: dict[str, Any] = {}
+    for name in names:
+        triton_t, store_t = timed[name]
+        stored = stores[name].count(stores[name].items.name)
+        _check(name, done[name], stored, store_t, rows)
+        written[name] = store_t.vectors
+        entry[name] = {
+            "items": done[name],
+            "wall_s": wall[name],
+            "embed_s": triton_t.seconds,
+            "upsert_s": store_t.seconds,
+            "requests": triton_t.requests,
+            "items_per_s": done[name] / wall[name],
+            "load_average": [load, load_average()],
+        }
+    for name in names:
+        entry[name]["x_file_order"] = entry[name]["items_per_s"] / entry[BASELINE]["items_per_s"]
+    return entry
+
+
+def _check(
+    name: str, done: int, stored: int, store: _TimedStore, rows: Sequence[tuple[ItemRow, str]]
+) -> None:
+    """Every item written exactly once, and the collection holds them all."""
+    ids = {str(row["item_id"]) for row, _ in rows}
+    if not store.writes == done == len(rows) or set(store.vectors) != ids or stored != len(ids):
+        raise AssertionError(
+            f"{name}: {store.writes} writes of {len(store.vectors)} ids, {stored} stored, "
+            f"for {len(rows)} rows"
+        )
+
+
+def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    if set(a) != set(b):
+        raise AssertionError("the variants wrote different item ids")
+    return max((float(np.abs(a[k] - b[k]).max()) for k in a), default=0.0)
+
+
+def best(section: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The fastest bucketed variant (end to end)."""
+    bucketed = {k: v for k, v in section.get("variants", {}).items() if k != BASELINE}
+    if not bucketed or "items_per_s" not in next(iter(bucketed.values())):
+        return None
+    name = max(bucketed, key=lambda k: bucketed[k]["items_per_s"])
+    return name, bucketed[name]
+
+
+def baseline_items_per_s(results: dict[str, Any]) -> float:
+    """File-order items/s of a run's results (NaN when not measured)."""
+    variants = results.get("indexing", {}).get("variants", {})
+    return float(variants.get(BASELINE, {}).get("items_per_s", float("nan")))
+
+
+def describe() -> str:
+    """This module's description as Markdown paragraphs (for ``BENCHMARKS.md``)."""
+    paragraphs = []
+    for paragraph in (__doc__ or "").split("\n\n")[1:]:
+        entries = re.split(r"\n(?=- )", paragraph.strip())
+        paragraphs.append("\n".join(" ".join(e.split()) for e in entries).replace("``", "`"))
+    return "\n\n".join(paragraphs)
+
+
+def render(section: dict[str, Any]) -> str:
+    """The table of ``BENCHMARKS.md``: one row per variant; FLOP columns when measured."""
+    peak = "fp32_peak" in section
+    rows = []
+    for name, v in section["variants"].items():
+        runs = [entry[name] for entry in section["rounds"]]
+        flops = (
+            [
+                fmt(v["embed_flops_per_s"] / 1e9, 1),
+                f"{v['share_of_peak']:.0%}",
+                fmt(v["items_per_s_at_peak"], 0),
+            ]
+            if peak
+            else []
+        )
+        rows.append(
+            [
+                name,
+                len(runs),
+                fmt(v["items_per_s"], 1),
+                fmt(v["embed_items_per_s"], 1),
+                fmt(v["upsert_items_per_s"], 0),
+                fmt(v["mean_padded_len"], 1),
+                f"{v['real_token_share']:.0%}",
+                *flops,
+                "/".join(f"{x:.2f}" for x in v["x_file_order"]),
+                f"{v['max_abs_diff_vs_file_order']:.1e}",
+                "/".join(str(run["load_average"][0][0]) for run in runs),
+            ]
+        )
+    headers = [
+        "batches",
+        "rounds",
+        "items/s",
+        "embed items/s",
+        "upsert items/s",
+        "padded len",
+        "real tokens",
+        *(["embed GFLOP/s", "of fp32 peak", "items/s at peak"] if peak else []),
+        "x file order (per round)",
+        "max abs diff vs file order",
+        "load",
+    ]
+    return table(headers, rows)
+
+
+def ceiling(section: dict[str, Any]) -> str:
+    """What the measured fp32 peak allows at all: a sentence, or ``""`` when not measured."""
+    if "fp32_peak" not in section:
+        return ""
+    a = section["arch"]
+    real = next(iter(section["variants"].values()))["real_tokens"] / section["items"]
+    return (
+        f"FLOPs/token = 2 x W + 4 x layers x L x d (W = {a['weight_entries']:,}, "
+        f"{a['layers']} layers, d = {a['hidden']}, L = padded length). At the fp32 GEMM "
+        f"peak measured right before ({section['fp32_peak'] / 1e9:.1f} GFLOP/s) the item "
+        f"tower could embed at most {section['items_per_s_at_peak_unpadded']:.0f} items/s "
+        f"of this catalogue even with no padding at all (mean {real:.1f} real tokens per "
+        "item); `items/s at peak` is that bound for the batches as sent."
+    )

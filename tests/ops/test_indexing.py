@@ -1,0 +1,204 @@
+"""Length-bucketed item indexing: every item once, with its own vector, whatever the order.
+
+A fake Triton client derives each vector from its text, so a vector that lands on another
+item's row is caught; the last tests make sure these checks do fail on such mix-ups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.rows import ItemRow, item_row
+from ops.indexing import (
+    embed_and_upsert,
+    embed_bucketed,
+    estimated_lengths,
+    index_rows,
+    length_buckets,
+    length_order,
+    release_lengths,
+)
+from services.inference.triton_client import TritonClient
+from services.vectors.store import VectorStore
+
+DIM = 8
+
+
+def vector_of(text: str) -> np.ndarray:
+    """A vector that only this text gets."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return np.frombuffer(digest[: DIM * 4], dtype=np.uint32).astype(np.float32) / 2**32
+
+
+class FakeTriton:
+    """``embed_items`` as Triton answers it: one vector per text, in the order sent."""
+
+    def __init__(self, scramble: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.requests: list[list[str]] = []
+        self.scramble = scramble
+
+    def embed_items(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+        self.requests.append(list(texts))
+        out = np.stack([vector_of(t) for t in texts])
+        return self.scramble(out) if self.scramble else out
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def upsert_items(self, rows: Sequence[ItemRow], timeout: float = 30.0) -> int:
+        self.rows.extend(dict(r) for r in rows)
+        return len(rows)
+
+
+def catalogue(n: int) -> list[tuple[ItemRow, str]]:
+    """Rows whose embedded texts differ in length (1 to 40 words) and are all distinct."""
+    rng = np.random.default_rng(n)
+    out = []
+    for i in range(n):
+        words = " ".join(f"w{i}x{k}" for k in range(int(rng.integers(1, 40))))
+        out.append((item_row(f"item-{i}", f"Title {i}", ["Drama"], ""), f"Title {i}. {words}"))
+    return out
+
+
+def run_index(
+    rows: list[tuple[ItemRow, str]], triton: FakeTriton, batch: int, **kwargs: Any
+) -> FakeStore:
+    store = FakeStore()
+    written = index_rows(
+        rows, cast(TritonClient, triton), cast(VectorStore, store), batch, **kwargs
+    )
+    assert written == len(rows)
+    return store
+
+
+def assert_each_item_once_with_its_vector(
+    store: FakeStore, rows: list[tuple[ItemRow, str]]
+) -> None:
+    ids = [r["item_id"] for r in store.rows]
+    assert sorted(ids) == sorted(row["item_id"] for row, _ in rows), "items lost or repeated"
+    text_of = {row["item_id"]: text for row, text in rows}
+    for r in store.rows:
+        assert np.array_equal(np.asarray(r["vector"], np.float32), vector_of(text_of[r["item_id"]]))
+
+
+# --- bucketing ---------------------------------------------------------------------------
+@settings(max_examples=80, deadline=None)
+@given(texts=st.lists(st.text(max_size=60), max_size=150), size=st.integers(1, 70))
+def test_length_buckets_hold_every_index_once_in_length_order(texts: list[str], size: int) -> None:
+    buckets = length_buckets(texts, size)
+    flat = [i for bucket in buckets for i in bucket]
+    assert sorted(flat) == list(range(len(texts)))
+    assert all(1 <= len(b) <= size for b in buckets)
+    assert all(len(b) == size for b in buckets[:-1])
+    lengths = estimated_lengths(texts)
+    assert [lengths[i] for i in flat] == sorted(lengths)
+
+
+def test_length_order_follows_given_lengths_then_characters_then_input() -> None:
+    texts = ["ccc", "a", "bb", "dd", "e"]
+    assert length_order(texts, lambda ts: [1, 2, 1, 1, 2]) == [2, 3, 0, 1, 4]
+    with pytest.raises(ValueError, match="lengths for"):
+        length_order(texts, lambda ts: [1, 2])
+    with pytest.raises(ValueError, match="batch size"):
+        length_buckets(texts, 0)
+
+
+def test_estimated_lengths_count_words_and_punctuation() -> None:
+    assert estimated_lengths(["Toy Story (1995). Genres: Animation", "", "é!"]) == [9, 0, 2]
+
+
+def test_bucketed_indexing_writes_each_item_once_with_its_own_vector() -> None:
+    rows = catalogue(300)
+    triton = FakeTriton()
+    store = run_index(rows, triton, 64)
+    assert_each_item_once_with_its_vector(store, rows)
+    assert [len(r) for r in triton.requests] == [64, 64, 64, 64, 44]
+    sizes = [estimated_lengths(r) for r in triton.requests]
+    assert all(max(a) <= min(b) for a, b in pairwise(sizes))  # buckets
+    # file order (the baseline) writes the same rows with the same vectors
+    baseline = run_index(rows, FakeTriton(), 64, bucketed=False)
+    assert_each_item_once_with_its_vector(baseline, rows)
+    assert [r["item_id"] for r in baseline.rows] == [row["item_id"] for row, _ in rows]
+
+
+def test_bucketing_pads_less_than_file_order() -> None:
+    rows = catalogue(500)
+    padded = {}
+    for bucketed in (False, True):
+        triton = FakeTriton()
+        run_index(rows, triton, 64, bucketed=bucketed)
+        padded[bucketed] = sum(max(estimated_lengths(r)) * len(r) for r in triton.requests)
+    assert padded[True] < 0.75 * padded[False]
+
+
+def test_embed_bucketed_returns_vectors_in_input_order() -> None:
+    texts = [text for _, text in catalogue(130)]
+    triton = FakeTriton()
+    got = embed_bucketed(texts, lambda ts: triton.embed_items(ts, 1.0), batch=32)
+    assert np.array_equal(got, np.stack([vector_of(t) for t in texts]))
+    assert [texts.index(t) for t in triton.requests[0]] != list(range(32))  # it did reorder
+    assert embed_bucketed([], lambda ts: np.zeros((0, DIM))).shape == (0, 0)
+
+
+def test_release_lengths_use_the_newest_tokenizer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    assert release_lengths(tmp_path) is None
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    for version in ("2", "10"):
+        (tmp_path / "tokenizer" / version / "tokenizer").mkdir(parents=True)
+    tokenizer.save(str(tmp_path / "tokenizer" / "10" / "tokenizer" / "tokenizer.json"))
+    lengths = release_lengths(tmp_path)
+    assert lengths is not None
+    assert list(lengths(["a b c", "a", ""])) == [3, 1, 0]
+    assert length_order(["a b c", "a", ""], lengths) == [2, 1, 0]
+
+
+# --- the checks above do fail -------------------------------------------------------------
+def test_the_check_catches_vectors_swapped_within_a_batch() -> None:
+    rows = catalogue(100)
+    store = run_index(rows, FakeTriton(scramble=lambda v: v[::-1]), 32)
+    with pytest.raises(AssertionError):
+        assert_each_item_once_with_its_vector(store, rows)
+
+
+def test_the_check_catches_a_lost_or_repeated_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ops.indexing
+
+    rows = catalogue(100)
+
+    def repeating(texts: Sequence[str], size: int, lengths: Any = None) -> list[list[int]]:
+        order = ops.indexing.length_order(texts, lengths)
+        order[-1] = order[0]  # one item twice, one never
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    monkeypatch.setattr(ops.indexing, "length_buckets", repeating)
+    store = run_index(rows, FakeTriton(), 32)
+    with pytest.raises(AssertionError, match="lost or repeated"):
+        assert_each_item_once_with_its_vector(store, rows)
+
+
+def test_a_short_answer_from_triton_fails_the_batch() -> None:
+    rows = catalogue(10)
+    with pytest.raises(ValueError):
+        embed_and_upsert(
+            rows,
+            cast(TritonClient, FakeTriton(scramble=lambda v: v[:-1])),
+            cast(VectorStore, FakeStore()),
+        )
+    with pytest.raises(ValueError, match="vectors for a batch"):
+        embed_bucketed([t for _, t in rows], lambda ts: np.zeros((len(ts) - 1, DIM)), batch=4)
