@@ -1,6 +1,6 @@
 # Recommendation platform: every entry point a user needs. Targets install what they need.
 #   make demo    - the platform end to end on the embedded defaults (Milvus Lite, local Triton)
-#   make test    - unit, integration (real tritonserver, Milvus Lite, Ray) and manifest tests
+#   make test    - unit, integration (real tritonserver, Milvus Lite and engine, Ray), manifests
 #   make serve   - the same stack as the demo, kept up until Ctrl-C
 
 SHELL := /bin/bash
@@ -13,6 +13,7 @@ BUF_VERSION := 1.75.0
 BUF := $(TOOLS)/node_modules/.bin/buf
 CHECKOV_VERSION := 3.3.30
 CHECKOV := $(TOOLS)/checkov/bin/checkov
+MILVUS_ENGINE := $(TOOLS)/milvus/.stamp
 MLFLOW_VERSION := $(shell sed -nE 's/^mlflow-skinny==([^ ;]+).*/\1/p' requirements.lock)
 MLFLOW_UI := $(TOOLS)/mlflow/.stamp
 STUBS := services/api/recsys/v1/recommender_pb2.py
@@ -20,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env proto lint lint-proto kubectl-installed export train mlflow-ui demo serve test test-unit \
+.PHONY: help env proto lint lint-proto kubectl-installed milvus-engine export train mlflow-ui demo serve test test-unit \
         test-integration test-k8s images gpu-export gpu-bench-pack bench eval ab-report ab-replay fuzz reliability clean \
         distclean
 
@@ -53,6 +54,16 @@ $(CHECKOV):
 	@echo ">> installing checkov $(CHECKOV_VERSION) in $(TOOLS)/checkov"
 	$(PYTHON) -m venv $(TOOLS)/checkov
 	$(TOOLS)/checkov/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
+
+# The real Milvus engine beside Milvus Lite (RECSYS_MILVUS_SERVER=engine; the engine tests):
+# PyPI `milvus` 2.3.5 in a tool environment of its own, so .venv keeps its locked pymilvus.
+$(MILVUS_ENGINE): requirements-milvus.lock
+	@echo ">> installing the Milvus engine (PyPI milvus, requirements-milvus.lock) in $(TOOLS)/milvus"
+	test -x $(TOOLS)/milvus/bin/python || $(PYTHON) -m venv $(TOOLS)/milvus
+	$(TOOLS)/milvus/bin/pip install -q --no-deps --require-hashes -r requirements-milvus.lock
+	touch $@
+
+milvus-engine: $(MILVUS_ENGINE) ## the real Milvus engine (2.3.5 standalone) for RECSYS_MILVUS_SERVER=engine
 
 kubectl-installed:
 	@command -v kubectl >/dev/null || { echo ">> installing kubectl (Debian)"; \
@@ -104,13 +115,13 @@ serve: env ## the demo stack, serving on RECSYS_GRPC_PORT (50051) until Ctrl-C
 	$(PY) -m ops.demo --serve
 
 # --- tests --------------------------------------------------------------------------------
-test: lint kubectl-installed $(CHECKOV) ## everything: lint, unit, integration, manifests
+test: lint kubectl-installed $(CHECKOV) $(MILVUS_ENGINE) ## everything: lint, unit, integration, manifests
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 test-unit: env
 	$(PY) -m pytest -q -m "not integration" --timeout=300
 
-test-integration: env
+test-integration: env $(MILVUS_ENGINE)
 	$(PY) -m pytest -q -m integration --timeout=900
 
 test-k8s: env kubectl-installed $(CHECKOV)

@@ -121,15 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from bench import stack as bench_stack
-    from core.config import REPO_ROOT
+    from core.config import REPO_ROOT, Settings
 
     parser = argparse.ArgumentParser(prog="python -m bench.pipelines", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "runs" / "local" / "final")
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "var" / "bench")
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=REPO_ROOT / "reports" / "bench_pipelines.json")
+    parser.add_argument(
+        "--milvus",
+        choices=("lite", "engine"),
+        default=Settings().milvus_server,
+        help="the Milvus Lite server, or the real engine (make milvus-engine); "
+        "default RECSYS_MILVUS_SERVER, else lite",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="default reports/bench_pipelines.json, or bench_pipelines_engine.json on the engine",
+    )
     args = parser.parse_args(argv)
+    suffix = "_engine" if args.milvus == "engine" else ""
+    args.json = args.json or REPO_ROOT / "reports" / f"bench_pipelines{suffix}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     models = bench_stack.resolve_models(args.checkpoint, args.cache_dir)
@@ -137,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = bench_stack.dataset_slice(args.items, 0, args.cache_dir)
     state = args.cache_dir / f"pipelines-{os.getpid()}"
     os.environ["RECSYS_WAL_DIR"] = str(state / "wal")
-    with bench_stack.running_stack(repository, data_dir, state) as running:
+    with bench_stack.running_stack(repository, data_dir, state, milvus=args.milvus) as running:
         users = gateway.known_users(running.settings, 200)
         section = compare(running, users, ((1, 200, 30.0), (16, 1000, 30.0)), args.rounds, 180.0)
     section["models"] = models.source
+    section["milvus"] = args.milvus
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(section, indent=2, default=str) + "\n")
     print(render(section))

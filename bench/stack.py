@@ -163,9 +163,16 @@ def dataset_slice(n_items: int, n_users: int, var_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def running_stack(
-    repository: Path, data_dir: Path, var_dir: Path, segments: int = 8
+    repository: Path,
+    data_dir: Path,
+    var_dir: Path,
+    segments: int = 8,
+    milvus: str | None = None,
 ) -> Iterator[LocalStack]:
-    """Milvus Lite + tritonserver, the slice indexed through Triton, then the gateway."""
+    """Milvus (``milvus``: ``lite``, the Milvus Lite server, or ``engine``, the real engine;
+    default ``RECSYS_MILVUS_SERVER``) + tritonserver, the slice indexed through Triton, then
+    the gateway. On the engine the index is flushed, so searches run on sealed HNSW segments
+    as they would after a bulk indexing job."""
     from ops.indexing import index_items, index_users
     from ops.segments import fit_segments
     from services.inference.triton_client import TritonClient
@@ -181,8 +188,9 @@ def running_stack(
         readiness_poll_s=1.0,
         log_level="WARNING",
     )
+    engine = (milvus or base.milvus_server) == "engine"
     with local_stack(base, state) as stack:
-        stack.start_milvus()
+        stack.start_milvus(engine=engine)
         stack.start_triton()
         dataset = load_dataset(data_dir)
         store, triton = VectorStore(stack.settings), TritonClient(stack.settings)
@@ -191,6 +199,8 @@ def running_stack(
             index_items(dataset, triton, store)
             index_users(dataset, triton, store)
             fit_segments(store, k=segments)
+            if engine:
+                store.flush()
         finally:
             triton.close()
             store.close()

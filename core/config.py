@@ -22,6 +22,9 @@ from core.paths import REPO_ROOT
 #: popular items, global time-decayed popularity.
 RETRIEVAL_SOURCES = ("ann", "co_occurrence", "segment", "popular")
 
+#: Milvus read consistency levels (``Customized`` is left out: it takes a timestamp).
+MilvusConsistency = Literal["Strong", "Bounded", "Session", "Eventually"]
+
 
 def check_retrieval_mix(mix: dict[str, float], where: str) -> dict[str, float]:
     """A retrieval mix names known sources with non-negative weights; anything else is an
@@ -158,6 +161,34 @@ class Settings(BaseSettings):
     )
     search_params: dict[str, int] = Field(
         default_factory=lambda: {"ef": 128}, description="Search parameters (JSON)."
+    )
+    milvus_item_consistency: MilvusConsistency = Field(
+        "Session",
+        description="Consistency level of the gateway's item and segment reads (ANN search, "
+        "items by id, segment centroids). Session: items this gateway upserted are visible to "
+        "its next read (the first read after a write waits for a time tick), otherwise no "
+        "wait (a Strong read waits for one, ~200 ms on a Milvus server); items written by "
+        "other processes appear once Milvus has applied them, usually within a time tick. "
+        "Bounded: that lag is bounded (Milvus's common.gracefulTime, 5 s), but the gateway's "
+        "own upserts may be missing for as long.",
+    )
+    milvus_user_consistency: MilvusConsistency = Field(
+        "Session",
+        description="Consistency level of user-profile reads. Session: every write this "
+        "process made is visible (read-your-writes after IngestEvents and DeleteUser, which "
+        "the same gateway applies); writes of other processes may lag by a time tick. Strong "
+        "when several gateways write the same users.",
+    )
+    milvus_server: Literal["lite", "engine"] = Field(
+        "lite",
+        description="Local stack only: the Milvus server it starts, the Milvus Lite server "
+        "(the embedded default) or the real Milvus engine (PyPI milvus 2.3.5 standalone, "
+        "`make milvus-engine`).",
+    )
+    milvus_engine_env: Path = Field(
+        REPO_ROOT / "var" / "tools" / "milvus",
+        description="Local stack only: the environment holding the Milvus engine (the "
+        "`milvus` package; its binaries unpack into <env>/engine).",
     )
 
     # --- paths ---------------------------------------------------------------------------

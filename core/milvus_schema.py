@@ -5,9 +5,10 @@ ranking and explanations need, and its co-occurrence neighbours (the collaborati
 ``users``: one row per known user, the user-tower vector and the profile the gateway
 keeps (segment, interests, recent history). ``segments``: one row per user segment, its
 k-means centroid (online assignment is a nearest-centroid search) and its popular items.
-All use inner product on L2-normalised vectors (= cosine) and Strong consistency, so a write
-is visible to the next search: an ingested event or upserted item counts on the very next
-``Recommend``.
+All use inner product on L2-normalised vectors (= cosine). The collections' consistency level
+is Strong, which the offline jobs' scans use; the gateway chooses a level per kind of read
+(``RECSYS_MILVUS_ITEM_CONSISTENCY``, ``RECSYS_MILVUS_USER_CONSISTENCY``; see
+``services/vectors/store.py``), since a Strong read waits for a time tick on a Milvus server.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``make demo`` / ``make serve``: the platform end to end on the embedded defaults.
 
 Loads the dataset, exports the models into the Triton repository when it has none, starts
-Milvus Lite, tritonserver and the gateway, indexes every item and user through Triton, then
+Milvus Lite (the real engine with ``RECSYS_MILVUS_SERVER=engine``), tritonserver and the
+gateway, indexes every item and user through Triton, then
 asks the gateway for recommendations over gRPC like any client would. ``--serve`` keeps the
 stack up until Ctrl-C instead of stopping after the answers.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.config import REPO_ROOT, Settings, get_settings
-from ops.stack import LocalStack, Ports, local_stack
+from ops.stack import LocalStack, Ports, local_stack, milvus_data_dir
 from services.client import RecommenderClient
 from services.vectors.store import VectorStore
 from training.data import load_dataset
@@ -110,6 +111,8 @@ def index_dataset(stack: LocalStack, dataset: Dataset, k_scan: Sequence[int] = (
         n_items = index_items(dataset, triton, store, stack.settings.triton_batch_size)
         n_users = index_users(dataset, triton, store, stack.settings.triton_batch_size)
         segments = fit_segments(store, stack.settings.segments, k_scan=k_scan)
+        if stack.settings.milvus_server == "engine":
+            store.flush()  # seal and index: searches then run on HNSW, not growing segments
         print(f"  indexed {n_items} items and {n_users} users; {len(segments.sizes)} segments")
     finally:
         triton.close()
@@ -152,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = Steps(7)
     var_dir = settings.var_dir / ("serve" if args.serve else "demo")
-    fresh = not (args.keep_index or (args.serve and (var_dir / "milvus").exists()))
+    milvus_dir = milvus_data_dir(var_dir, settings.milvus_server)
+    fresh = not (args.keep_index or (args.serve and milvus_dir.exists()))
     if fresh:
-        shutil.rmtree(var_dir / "milvus", ignore_errors=True)
+        shutil.rmtree(milvus_dir, ignore_errors=True)
     steps("models: fine-tuned two-tower and CTR ranker (Ray Train)")
     checkpoint = None if args.pretrained else args.checkpoint
     if checkpoint is not None:
@@ -162,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     steps("models: ONNX export into the Triton repository (parity-checked)")
     ensure_models(settings, checkpoint)
     ports = Ports(gateway=settings.grpc_port) if args.serve else Ports()
+    milvus = "the Milvus engine" if settings.milvus_server == "engine" else "Milvus Lite"
     with local_stack(settings, var_dir, ports) as stack:
         steps(
-            f"starting Milvus Lite (port {stack.ports.milvus}) and tritonserver "
+            f"starting {milvus} (port {stack.ports.milvus}) and tritonserver "
             f"(gRPC port {stack.ports.triton_grpc}); logs in {var_dir / 'logs'}"
         )
         stack.start_milvus()

@@ -1,4 +1,5 @@
-"""Start and stop the platform's real processes locally: tritonserver, Milvus Lite, gateway.
+"""Start and stop the platform's real processes locally: tritonserver, Milvus (the Milvus Lite
+server, or the real engine), gateway.
 
 ``make demo``, ``make serve`` and the integration tests all use these, so what the tests
 exercise is what a user runs. Each process logs to a file under ``var/logs`` and is stopped
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +183,41 @@ def milvus_process(
     exe = Path(sys.executable).parent / "milvus-lite"
     argv = [str(exe), "server", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
     return ManagedProcess("milvus-lite", [*argv, "--port", str(port)], var_dir / "logs" / log_name)
+
+
+def milvus_engine_process(
+    data_dir: Path,
+    port: int,
+    metrics_port: int,
+    var_dir: Path,
+    env: Path | None = None,
+    log_name: str = "milvus-engine.log",
+) -> ManagedProcess:
+    """The real Milvus engine (PyPI ``milvus`` 2.3.5: the Go/C++ standalone with embedded
+    etcd, local storage and RocksMQ) from its own environment (``RECSYS_MILVUS_ENGINE_ENV``,
+    ``make milvus-engine``): gRPC on ``port``, ``/healthz`` and ``/metrics`` on
+    ``metrics_port``, every other port a free one (``ops/milvus_engine_launcher.py``)."""
+    env = env or get_settings().milvus_engine_env
+    python = env / "bin" / "python"
+    if not python.exists():
+        raise StartupError(f"no Milvus engine environment at {env}: run `make milvus-engine`")
+    argv = [
+        str(python),
+        "-I",  # the launcher needs only the standard library and the `milvus` package
+        str(Path(__file__).with_name("milvus_engine_launcher.py")),
+        f"--data={data_dir}",
+        f"--home={env / 'engine'}",
+        f"--port={port}",
+        f"--metrics-port={metrics_port}",
+    ]
+    return ManagedProcess("milvus-engine", argv, var_dir / "logs" / log_name)
+
+
+def milvus_engine_healthy(metrics_port: int, timeout: float = 1.0) -> bool:
+    """True when the engine's ``/healthz`` answers OK (every component is up)."""
+    url = f"http://127.0.0.1:{metrics_port}/healthz"
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return bool(reply.status == 200 and b"OK" in reply.read())
 
 
 def gateway_process(

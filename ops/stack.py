@@ -1,4 +1,7 @@
-"""The whole local stack (Milvus Lite server, tritonserver, gateway) as one context manager.
+"""The whole local stack (Milvus, tritonserver, gateway) as one context manager.
+
+Milvus is the Milvus Lite server by default, or the real engine with
+``RECSYS_MILVUS_SERVER=engine`` (or ``start_milvus(engine=True)``).
 
 Ports are free ones unless given, so the demo, ``make serve`` and every integration test can
 run side by side. Everything started is stopped on exit, also after an error or Ctrl-C.
@@ -20,6 +23,8 @@ from ops.processes import (
     ManagedProcess,
     free_port,
     gateway_process,
+    milvus_engine_healthy,
+    milvus_engine_process,
     milvus_process,
     port_open,
     triton_process,
@@ -37,6 +42,7 @@ class Ports:
     triton_http: int = 0
     triton_metrics: int = 0
     milvus: int = 0
+    milvus_metrics: int = 0  # the engine's /healthz and /metrics (Milvus Lite has none)
     gateway_metrics: int = 0
 
     def fill(self) -> Ports:
@@ -67,6 +73,8 @@ class LocalStack:
             "RECSYS_METRICS_PORT": str(self.ports.gateway_metrics),
             "RECSYS_TRITON_URL": self.settings.triton_url,
             "RECSYS_MILVUS_URI": self.settings.milvus_uri,
+            "RECSYS_MILVUS_ITEM_CONSISTENCY": self.settings.milvus_item_consistency,
+            "RECSYS_MILVUS_USER_CONSISTENCY": self.settings.milvus_user_consistency,
             "RECSYS_MODEL_REPOSITORY": str(self.settings.model_repository),
             "RECSYS_ITEMS_COLLECTION": self.settings.items_collection,
             "RECSYS_USERS_COLLECTION": self.settings.users_collection,
@@ -81,9 +89,31 @@ class LocalStack:
         }
 
     # --- processes -----------------------------------------------------------------------
-    def start_milvus(self, timeout: float = 60) -> ManagedProcess:
-        proc = milvus_process(self.var_dir / "milvus", self.ports.milvus, self.var_dir).start()
-        proc.wait_ready(lambda: port_open("127.0.0.1", self.ports.milvus), timeout)
+    def start_milvus(
+        self, timeout: float | None = None, engine: bool | None = None
+    ) -> ManagedProcess:
+        """Milvus on ``ports.milvus``, its data under the var dir: the Milvus Lite server, or
+        the real engine when ``engine`` (default: the ``milvus_server`` setting, which an
+        explicit choice updates, so a restart starts the same kind; ready in 3-12 s here)."""
+        if engine is not None:
+            kind = "engine" if engine else "lite"
+            self.settings = self.settings.model_copy(update={"milvus_server": kind})
+        data_dir = milvus_data_dir(self.var_dir, self.settings.milvus_server)
+        if self.settings.milvus_server == "engine":
+            metrics = self.ports.milvus_metrics
+            proc = milvus_engine_process(
+                data_dir,
+                self.ports.milvus,
+                metrics,
+                self.var_dir,
+                self.settings.milvus_engine_env,
+            ).start()
+            proc.wait_ready(lambda: milvus_engine_healthy(metrics), timeout or 120)
+        else:
+            proc = milvus_process(data_dir, self.ports.milvus, self.var_dir)
+            proc.start().wait_ready(
+                lambda: port_open("127.0.0.1", self.ports.milvus), timeout or 60
+            )
         self.processes["milvus"] = proc
         return proc
 
@@ -127,6 +157,11 @@ class LocalStack:
             proc = self.processes.pop(name, None)
             if proc is not None:
                 proc.stop()
+
+
+def milvus_data_dir(var_dir: Path, server: str) -> Path:
+    """Where a stack's Milvus keeps its data: ``milvus`` (Lite) or ``milvus-engine``."""
+    return var_dir / ("milvus-engine" if server == "engine" else "milvus")
 
 
 def gateway_serving(target: str, timeout: float = 1.0) -> bool:

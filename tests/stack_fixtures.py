@@ -1,5 +1,6 @@
 """Real components for the integration tests: an exported model repository, tritonserver,
-a Milvus Lite server and the gateway process, on free ports, stopped at the end.
+a Milvus Lite server (the real engine with ``RECSYS_MILVUS_SERVER=engine``) and the gateway
+process, on free ports, stopped at the end.
 
 ``stack`` is shared by every integration test of the session; ``scratch_stack`` is a second,
 independent one for tests that write arbitrary data (the request fuzzer), so whatever they
@@ -139,9 +140,12 @@ def scratch_stack(
 
 @pytest.fixture(scope="session")
 def store(stack: LocalStack) -> Iterator[object]:
+    """The tests' own view of Milvus: another process than the gateway, so it reads Strong to
+    see what the gateway wrote (Session only covers a process's own writes)."""
     from services.vectors.store import VectorStore
 
-    s = VectorStore(stack.settings)
+    strong = {"milvus_item_consistency": "Strong", "milvus_user_consistency": "Strong"}
+    s = VectorStore(stack.settings.model_copy(update=strong))
     yield s
     s.close()
 

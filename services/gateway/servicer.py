@@ -221,8 +221,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             )
         for i, item in enumerate(items):
             v.check_item(item, i)
-        existing = self.state.store.get_items(
-            [i.item_id for i in items], deadline.left(), with_neighbours=True
+        existing = self.state.store.get_items(  # Strong: the signals kept must be the latest
+            [i.item_id for i in items], deadline.left(), with_neighbours=True, consistency="Strong"
         )
         texts = [item_text(i.title, list(i.categories), i.description) for i in items]
         vectors = self.state.triton.embed_items(texts, deadline.left())

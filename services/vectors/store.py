@@ -5,6 +5,18 @@ Milvus cluster: only ``RECSYS_MILVUS_URI`` changes. Every call takes a timeout (
 remaining deadline). Strings from clients enter filter expressions only as JSON-escaped
 literals (:func:`literal`), so ids and category names are data, never expression syntax
 (Milvus Lite does not take ``filter_params`` templates).
+
+Consistency is chosen per kind of read, not per collection: on a Milvus server a Strong read
+waits for the next time tick (~200 ms at the default ``proxy.timeTickInterval``), which the
+gateway cannot pay several times per ``Recommend``. Item and segment reads use
+``RECSYS_MILVUS_ITEM_CONSISTENCY``, user-profile reads ``RECSYS_MILVUS_USER_CONSISTENCY``,
+both Session by default: pymilvus keeps the last write timestamp of each collection per
+process, so what this gateway ingested or upserted is visible to its next read (which waits
+for a time tick once after each write), and every other read waits for nothing; writes of
+other processes (indexing, segment refits) appear once Milvus has applied them. Bounded
+would bound that lag (5 s) but lose the gateway's read-your-writes. The read before an item
+upsert (which keeps the item's popularity and neighbours) is Strong, and the offline scans
+keep the collections' level (Strong). Milvus Lite takes the levels and is always consistent.
 """
 
 from __future__ import annotations
@@ -12,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +69,7 @@ class VectorStore:
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._schema_checked = False
+        self._version: str | None = None  # the server's, asked once
 
     # --- connection --------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -139,6 +154,37 @@ class VectorStore:
                 )
         self._schema_checked = True
 
+    def flush(self, timeout: float = 300.0) -> None:
+        """Seal what was written to every collection and wait until the vector index covers
+        it and the query node serves the indexed segments: bulk indexing ends with this.
+
+        A Milvus server searches rows still in growing segments through a coarse interim
+        index, not HNSW (measured on the 2.3 engine, random 384-d vectors, ef 128: recall@10
+        0.31 before the sealed segment was served, 0.78 after). Milvus Lite only flushes.
+        """
+        deadline = time.monotonic() + timeout
+        lite = self._server_version(timeout).startswith("milvus_lite")
+        for spec in self.specs:
+            self._call("flush", spec.name, timeout=timeout)
+            while True:
+                left = max(deadline - time.monotonic(), 0.1)
+                info = self._call("describe_index", spec.name, "vector", timeout=left)
+                indexed = int(info.get("indexed_rows", 0))
+                done = not info.get("pending_index_rows") and indexed >= info.get("total_rows", 0)
+                if done and not lite:
+                    loaded = self._call("list_loaded_segments", spec.name, timeout=left)
+                    done = sum(s.num_rows for s in loaded if "Sealed" in str(s.state)) >= indexed
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"Milvus {spec.name}: not indexed after {timeout:.0f}s")
+                time.sleep(0.5)
+
+    def _server_version(self, timeout: float) -> str:
+        if self._version is None:
+            self._version = str(self._call("get_server_version", timeout=timeout))
+        return self._version
+
     def drop_collections(self) -> None:
         for spec in self.specs:
             if self._call("has_collection", spec.name):
@@ -157,7 +203,10 @@ class VectorStore:
         timeout: float,
         with_vectors: bool = False,
         with_neighbours: bool = False,
+        consistency: str | None = None,
     ) -> dict[str, Row]:
+        """Items by id at the item read level, or ``consistency`` (Strong before rewriting
+        the rows read: an upsert must not carry stale behaviour signals over)."""
         ids = list(dict.fromkeys(item_ids))
         if not ids:
             return {}
@@ -168,6 +217,7 @@ class VectorStore:
             self.items.name,
             filter=f"item_id in {literal(ids)}",
             output_fields=fields,
+            consistency_level=consistency or self.settings.milvus_item_consistency,
             timeout=timeout,
         )
         return {r["item_id"]: _plain(r) for r in rows}
@@ -187,6 +237,9 @@ class VectorStore:
             clauses.append(f"ARRAY_CONTAINS_ANY(categories, {literal(list(categories))})")
         if exclude_ids:
             clauses.append(f"item_id not in {literal(list(exclude_ids))}")
+        params = dict(self.settings.search_params)
+        if "ef" in params:  # HNSW: a Milvus server refuses ef < limit (Milvus Lite does not)
+            params["ef"] = max(int(params["ef"]), limit)
         hits = self._call(
             "search",
             self.items.name,
@@ -194,7 +247,8 @@ class VectorStore:
             limit=limit,
             filter=" and ".join(clauses),
             output_fields=ITEM_FIELDS + (["vector"] if with_vectors else []),
-            search_params={"metric_type": "IP", "params": dict(self.settings.search_params)},
+            search_params={"metric_type": "IP", "params": params},
+            consistency_level=self.settings.milvus_item_consistency,
             timeout=timeout,
         )
         return [{**_plain(h["entity"]), "score": float(h["distance"])} for h in hits[0]]
@@ -229,9 +283,16 @@ class VectorStore:
 
     def get_user(self, user_id: str, timeout: float, with_vector: bool = True) -> Row | None:
         fields = USER_FIELDS + (["vector"] if with_vector else [])
-        return self._get_one(self.users, user_id, fields, timeout)
+        level = self.settings.milvus_user_consistency
+        return self._get_one(self.users, user_id, fields, timeout, level)
 
     def delete_user(self, user_id: str, timeout: float) -> bool:
+        """Delete the user's row; the next read of this process no longer finds it.
+
+        Milvus 2.3 answers a delete without its timestamp, so a Session read would not wait
+        for it: one Strong read after the delete (a time tick, ~200 ms on a server) makes the
+        query node apply it before DeleteUser answers.
+        """
         existed = self.get_user(user_id, timeout, with_vector=False) is not None
         self._call(
             "delete",
@@ -239,6 +300,8 @@ class VectorStore:
             filter=f"user_id == {literal(user_id)}",
             timeout=timeout,
         )
+        if self._get_one(self.users, user_id, ["user_id"], timeout, "Strong") is not None:
+            raise StoreUnavailable("Milvus delete: the user's row is still there")
         return existed
 
     # --- segments ------------------------------------------------------------------------
@@ -258,22 +321,39 @@ class VectorStore:
         The segment refit runs beside the live gateway: a whole-row upsert from its earlier
         scan would undo profile updates ingested meanwhile and bring back users deleted
         meanwhile. A user deleted between the check and the write fails the batch.
+
+        Servers before Milvus 2.6.2 (the local 2.3 engine) have no partial upsert: there the
+        rows are read afresh (Strong) and written whole with the new segment, so only a
+        profile update landing between that read and the write is lost (the user's next
+        event rewrites the row).
         """
         ids = list(segments)
         if not ids:
             return 0
+        partial = self._supports_partial_update(timeout)
         existing = self._call(
             "query",
             self.users.name,
             filter=f"user_id in {literal(ids)}",
-            output_fields=["user_id"],
+            output_fields=["user_id"] if partial else [*USER_FIELDS, "vector"],
             timeout=timeout,
         )
-        rows = [{"user_id": r["user_id"], "segment": segments[r["user_id"]]} for r in existing]
+        if partial:
+            rows = [{"user_id": r["user_id"], "segment": segments[r["user_id"]]} for r in existing]
+        else:
+            rows = [{**_plain(r), "segment": segments[r["user_id"]]} for r in existing]
+            for row in rows:
+                row["vector"] = row["vector"].tolist()
         if not rows:
             return 0
-        result = self._call("upsert", self.users.name, rows, partial_update=True, timeout=timeout)
+        extra = {"partial_update": True} if partial else {}
+        result = self._call("upsert", self.users.name, rows, timeout=timeout, **extra)
         return int(result["upsert_count"])
+
+    def _supports_partial_update(self, timeout: float) -> bool:
+        """Milvus Lite and Milvus >= 2.6.2 take ``partial_update``; earlier servers do not."""
+        match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", self._server_version(timeout))
+        return not match or tuple(map(int, match.groups())) >= (2, 6, 2)
 
     def nearest_segment(self, vector: np.ndarray, timeout: float) -> Row | None:
         """The segment whose centroid is closest to ``vector`` (online assignment)."""
@@ -283,15 +363,22 @@ class VectorStore:
             data=[np.asarray(vector, dtype=np.float32).tolist()],
             limit=1,
             output_fields=SEGMENT_FIELDS,
+            consistency_level=self.settings.milvus_item_consistency,
             timeout=timeout,
         )
         return _plain(hits[0][0]["entity"]) if hits and hits[0] else None
 
     def get_segment(self, segment_id: str, timeout: float) -> Row | None:
-        return self._get_one(self.segments, segment_id, SEGMENT_FIELDS, timeout)
+        level = self.settings.milvus_item_consistency
+        return self._get_one(self.segments, segment_id, SEGMENT_FIELDS, timeout, level)
 
     def _get_one(
-        self, spec: CollectionSpec, key: str, fields: Sequence[str], timeout: float
+        self,
+        spec: CollectionSpec,
+        key: str,
+        fields: Sequence[str],
+        timeout: float,
+        consistency: str,
     ) -> Row | None:
         """One row by primary key, or None."""
         rows = self._call(
@@ -299,6 +386,7 @@ class VectorStore:
             spec.name,
             filter=f"{spec.primary_key} == {literal(key)}",
             output_fields=list(fields),
+            consistency_level=consistency,
             timeout=timeout,
         )
         return _plain(rows[0]) if rows else None
