@@ -36,6 +36,7 @@ class Models:
     ranker: str
     source: str  # "fine-tuned <dir>" or "pretrained MiniLM + untrained head"
     feature_ranker: str  # the checkpoint's, else a seeded untrained DCN-v2 (speed only)
+    sequence: str | None = None  # the checkpoint's sequence model, when it has one
 
 
 def resolve_models(checkpoint: Path | None, var_dir: Path) -> Models:
@@ -48,6 +49,7 @@ def resolve_models(checkpoint: Path | None, var_dir: Path) -> Models:
             str(checkpoint / "ranker"),
             f"fine-tuned checkpoint {checkpoint}",
             features,
+            str(checkpoint / "sequence") if (checkpoint / "sequence").is_dir() else None,
         )
     from training.export.onnx_export import resolve_pretrained
 
@@ -89,7 +91,8 @@ def _feature_ranker(checkpoint: Path | None, var_dir: Path) -> str:
 def _fingerprint(models: Models) -> str:
     """Changes when the weights, the exporter or the tracked repository sources change."""
     h = hashlib.sha1()
-    for path in (models.item_tower, models.user_tower, models.ranker, models.feature_ranker):
+    paths = (models.item_tower, models.user_tower, models.ranker, models.feature_ranker)
+    for path in (*paths, *([models.sequence] if models.sequence else [])):
         h.update(path.encode())
         for f in sorted(Path(path).glob("*")):
             if f.is_file():
@@ -129,6 +132,7 @@ def exported_repository(models: Models, var_dir: Path) -> tuple[Path, dict[str, 
         models.user_tower,
         ranker=models.ranker,
         feature_ranker=models.feature_ranker,
+        sequence=models.sequence,
     )
     for entry in report.values():  # paths as they will be after the rename
         if isinstance(entry, dict) and "onnx" in entry:

@@ -20,7 +20,7 @@ from core.paths import REPO_ROOT
 #: The gateway's candidate sources, the only valid keys of a retrieval mix (settings and
 #: experiment variants alike): Milvus ANN, item-to-item co-occurrence, the user's segment's
 #: popular items, global time-decayed popularity.
-RETRIEVAL_SOURCES = ("ann", "co_occurrence", "segment", "popular")
+RETRIEVAL_SOURCES = ("ann", "co_occurrence", "segment", "popular", "sequence")
 
 #: Milvus read consistency levels (``Customized`` is left out: it takes a timestamp).
 MilvusConsistency = Literal["Strong", "Bounded", "Session", "Eventually"]
@@ -101,7 +101,13 @@ class Settings(BaseSettings):
         "yet) that the content ANN found; 0 = none.",
     )
     retrieval_weights: dict[str, float] = Field(
-        default_factory=lambda: {"ann": 2.0, "co_occurrence": 0.5, "segment": 0.5, "popular": 4.0},
+        default_factory=lambda: {
+            "ann": 2.0,
+            "co_occurrence": 0.5,
+            "segment": 0.5,
+            "popular": 4.0,
+            "sequence": 2.0,
+        },
         description="Reciprocal-rank-fusion weight of each candidate source (JSON).",
     )
     ranker_weight: float = Field(
@@ -131,6 +137,10 @@ class Settings(BaseSettings):
     )
     triton_feature_ranker_model: str = Field(
         "feature_ranker", description="Feature ranker (DCN-v2, candidate features in)."
+    )
+    triton_sequence_model: str = Field(
+        "sequence_recommender",
+        description="Sequence model (the user's newest events in: top items, candidate scores).",
     )
     triton_model_version: str = Field(
         "", description="Pinned release of every model; empty = latest (rollback by pinning)."

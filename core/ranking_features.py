@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: the sources whose rank is a feature (see the module docstring for why not ``segment``)
-RANKED_SOURCES = ("ann", "co_occurrence", "popular")
+RANKED_SOURCES = ("ann", "co_occurrence", "popular", "sequence")
 FEATURES = (
     "ann_rr",  # 1 / (1 + rank) in the ANN list, 0 when absent
     "co_occurrence_rr",
@@ -34,7 +34,10 @@ FEATURES = (
     "age_known",  # 1 when the item has a creation (or first-seen) time
     "category_affinity",  # the user's interest weights summed over the item's categories
     "history_len",  # log1p(the user's positives) / 10
+    "sequence_rr",  # 1 / (1 + rank) in the sequence model's list, 0 when absent
+    "sequence_logp",  # the sequence model's log-probability among the candidates
 )
+_COLUMN = {name: n for n, name in enumerate(FEATURES)}
 CO_SEEDS = 10  # most recent history items whose neighbours are expanded
 SECONDS_PER_DAY = 86400.0
 NEW_ITEM_DAYS = 90.0  # an item without positives counts as new this long after it appeared
@@ -94,15 +97,20 @@ def feature_matrix(
     popularity: Sequence[float] | np.ndarray,
     created_at: Sequence[float] | np.ndarray,
     categories: Sequence[Sequence[str]],
+    sequence_scores: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """The ``(n, len(FEATURES))`` float32 matrix for ``n`` candidates (``vectors`` unit norm,
-    ``ranks`` 0-based per source, ``created_at`` epoch seconds with 0 for unknown)."""
+    ``ranks`` 0-based per source, ``created_at`` epoch seconds with 0 for unknown,
+    ``sequence_scores`` the sequence model's logits, ``None`` when it is not served: then
+    every candidate gets the uniform log-probability, which says nothing)."""
     n = len(ranks)
     out = np.zeros((n, len(FEATURES)), dtype=np.float32)
     if n == 0:
         return out
-    for j, source in enumerate(RANKED_SOURCES):
-        out[:, j] = [1.0 / (1 + r[source]) if source in r else 0.0 for r in ranks]
+    for source in RANKED_SOURCES:
+        out[:, _COLUMN[f"{source}_rr"]] = [
+            1.0 / (1 + r[source]) if source in r else 0.0 for r in ranks
+        ]
     out[:, 3] = [sum(s in r for s in RANKED_SOURCES) / len(RANKED_SOURCES) for r in ranks]
     out[:, 4] = np.log1p(np.asarray(co_scores, dtype=np.float64))
     history = user.history_vectors
@@ -123,4 +131,17 @@ def feature_matrix(
     out[:, 10] = known
     out[:, 11] = [sum(user.interests.get(c, 0.0) for c in cats) for cats in categories]
     out[:, 12] = np.log1p(user.history_len) / 10.0
+    out[:, _COLUMN["sequence_logp"]] = log_softmax(sequence_scores, n)
     return out
+
+
+def log_softmax(scores: Sequence[float] | np.ndarray | None, n: int) -> np.ndarray:
+    """Log-probabilities of ``scores`` among themselves (scale-free across users and model
+    releases); ``-log n`` each when there are none."""
+    if scores is None:
+        return np.full(n, -np.log(max(n, 1)), dtype=np.float64)
+    x = np.asarray(scores, dtype=np.float64)
+    if not len(x):
+        return x
+    top = x.max()
+    return x - top - np.log(np.exp(x - top).sum())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class UserRow(TypedDict):
     seen_items: list[str]  # every item with any event, newest first
     history_size: int
     updated_at: int  # epoch milliseconds
+    events: dict[str, list[Any]]  # newest events, time order (core.sequence_inputs)
     vector: NotRequired[list[float]]
 
 
@@ -115,10 +116,12 @@ def user_row(
     recent_items: Sequence[str],
     seen_items: Sequence[str],
     history_size: int,
+    events: Mapping[str, Sequence[Any]] | None = None,
     updated_at: int | None = None,
     vector: Vector | None = None,
 ) -> UserRow:
-    """A user row; ``updated_at`` defaults to now (epoch milliseconds)."""
+    """A user row; ``updated_at`` defaults to now (epoch milliseconds), ``events`` to none
+    (:func:`core.sequence_inputs.append_events` builds it)."""
     row = UserRow(
         user_id=str(user_id),
         segment=segment,
@@ -127,6 +130,9 @@ def user_row(
         seen_items=list(seen_items)[:SEEN_ITEMS],
         history_size=int(history_size),
         updated_at=int(time.time() * 1000) if updated_at is None else int(updated_at),
+        events={
+            k: list(v) for k, v in (events or {"items": [], "tokens": [], "seconds": []}).items()
+        },
     )
     if vector is not None:
         row["vector"] = _as_list(vector)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from core.behaviour import co_occurrence, first_seen, interests, item_popularity, seen_items
 from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
 from core.rows import ItemRow, UserRow, item_row, user_row
+from core.sequence_inputs import user_event_sequences
 from core.text import history_from_ids, item_lookup, item_texts, user_histories
 from core.text import user_text as build_user_text
 from services.inference.triton_client import TritonClient
@@ -218,6 +219,7 @@ def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[UserRow, str]
     histories = user_histories(dataset.events, dataset.items, max_items=RECENT_ITEMS)
     sizes = dataset.events.groupby("user_id").size()
     seen = seen_items(dataset.events, SEEN_ITEMS)
+    sequences = user_event_sequences(dataset.events)
     now_ms = int(time.time() * 1000)
     out = []
     for uid, item_ids in histories.items():
@@ -229,6 +231,7 @@ def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[UserRow, str]
             recent_items=item_ids,
             seen_items=seen.get(uid, item_ids),
             history_size=int(sizes.get(uid, 0)),
+            events=sequences.get(uid),
             updated_at=now_ms,
         )
         out.append((row, build_user_text(history)))

@@ -57,11 +57,40 @@ def tiny_feature_ranker(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sequence_model(tmp_path_factory: pytest.TempPathFactory, small_dataset_dir: Path) -> str:
+    """A small sequence model trained for one epoch on the small dataset (no content
+    vectors), in the training output format: its vocabulary is the indexed catalogue."""
+    from training.config import SequenceConfig
+    from training.data import load_dataset
+    from training.models.sequence import (
+        build_item_space,
+        save_sequence_model,
+        train_sequence_model,
+        training_rows,
+    )
+
+    data = load_dataset(small_dataset_dir)
+    cfg = SequenceConfig(
+        dim=16, blocks=1, heads=2, max_seq_len=20, epochs=1, time_periods=8, use_content=False
+    )
+    ids = [str(i) for i in data.items["item_id"]]
+    space = build_item_space(data.events, ids, periods=cfg.time_periods)
+    rows = training_rows(data.events, space, max_len=cfg.max_seq_len)
+    model, _ = train_sequence_model(cfg, space, rows)
+    out = tmp_path_factory.mktemp("tiny_sequence") / "sequence"
+    save_sequence_model(model, out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def model_repository(
-    tmp_path_factory: pytest.TempPathFactory, tiny_ranker: str, tiny_feature_ranker: str
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_ranker: str,
+    tiny_feature_ranker: str,
+    tiny_sequence_model: str,
 ) -> Path:
-    """The tracked repository sources plus one exported release: pretrained towers and
-    (tiny, untrained) rankers."""
+    """The tracked repository sources plus one exported release: pretrained towers, (tiny,
+    untrained) rankers and a tiny sequence model."""
     from training.export.__main__ import export_release
     from training.export.onnx_export import resolve_pretrained
 
@@ -74,9 +103,14 @@ def model_repository(
     )
     pretrained = resolve_pretrained()
     report = export_release(
-        repo, pretrained, pretrained, ranker=tiny_ranker, feature_ranker=tiny_feature_ranker
+        repo,
+        pretrained,
+        pretrained,
+        ranker=tiny_ranker,
+        feature_ranker=tiny_feature_ranker,
+        sequence=tiny_sequence_model,
     )
-    for model in ("item_encoder", "ranker", "feature_ranker"):
+    for model in ("item_encoder", "ranker", "feature_ranker", "sequence_recommender"):
         assert report[model]["max_abs_diff"] <= 1e-4  # type: ignore[index]
     return repo
 

@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
@@ -57,17 +58,26 @@ from ray.train.torch import TorchTrainer
 from core.config import REPO_ROOT
 from core.text import item_texts
 from training import tracking
-from training.config import TrainConfig, load_config
+from training.config import SequenceConfig, TrainConfig, load_config
 from training.data.candidates import (
     CandidateConfig,
     Catalogue,
+    SequenceScores,
     candidate_groups,
     split_at,
     training_cutoffs,
 )
 from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.pretrained import OFFLINE_ENV, set_offline
-from training.models.sequence import content_vectors
+from training.models.sequence import (
+    SASRec,
+    build_item_space,
+    catalogue_scores,
+    content_vectors,
+    load_sequence_model,
+    train_sequence_model,
+    training_rows,
+)
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
 from training.tasks import FeatureRankerTask, RankerTask, RetrievalTask, SequenceTask, Task
@@ -109,7 +119,7 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     fr_dir = None
     if cfg.feature_ranker.enabled:
         with _timed(timings, "feature_ranker"):
-            fr_dir = fit_feature_ranker(cfg, data, ret_dir, pretrained, resume)
+            fr_dir = fit_feature_ranker(cfg, data, ret_dir, pretrained, resume, seq_dir)
 
     info = dict(data.info)
     if not ranker_done:
@@ -190,11 +200,23 @@ def fit_sequence(cfg: TrainConfig, data: PreparedData, pretrained: str, resume: 
 
 
 def fit_feature_ranker(
-    cfg: TrainConfig, data: PreparedData, towers_dir: Path, pretrained: str, resume: bool
+    cfg: TrainConfig,
+    data: PreparedData,
+    towers_dir: Path,
+    pretrained: str,
+    resume: bool,
+    seq_dir: Path | None = None,
 ) -> Path:
     """The feature-ranker stage: the catalogue's vectors from the trained item tower (what
     indexing puts into Milvus; a Ray task, on a GPU when ``use_gpu``), the gateway's
-    candidates replayed at cut-offs inside the training period, then :func:`fit`."""
+    candidates replayed at cut-offs inside the training period, then :func:`fit`.
+
+    With a sequence model (``seq_dir``) it is a candidate source and a feature, as served.
+    The served model was trained on the whole training period, so it has seen what the
+    cut-offs' users did next: the training groups get a replay model trained in this process
+    on the events before the first cut-off only (its request-time term stays at that
+    cut-off), the validation groups, whose targets lie after the training period, the served
+    model itself."""
     fr = cfg.feature_ranker
     if resume and _finished(cfg, FeatureRankerTask(fr)):
         return fit(cfg, FeatureRankerTask(fr), [], None, pretrained, resume)
@@ -221,11 +243,27 @@ def fit_feature_ranker(
     replay = CandidateConfig(
         fr.candidates, fr.history_window, fr.fold_in, fr.targets, fr.users_per_cutoff
     )
+    cuts = training_cutoffs(train, fr.cutoffs)
+    served = early = None
+    if seq_dir is not None:
+        served = load_sequence_model(seq_dir / "sequence")
+        early = replay_sequence_model(cfg.sequence, served, train[train["timestamp"] < min(cuts)])
+
+    def scores(model: SASRec | None) -> SequenceScores | None:
+        if model is None:
+            return None
+        return lambda events, users: catalogue_scores(model, events, users, item_ids)
+
     groups: list[dict[str, Any]] = []
-    for n, cut in enumerate(training_cutoffs(train, fr.cutoffs)):
-        groups += candidate_groups(catalogue, *split_at(train, cut), replay, seed=cfg.seed + n)
+    for n, cut in enumerate(cuts):
+        before, after = split_at(train, cut)
+        groups += candidate_groups(
+            catalogue, before, after, replay, seed=cfg.seed + n, sequence=scores(early)
+        )
     replay = dataclasses.replace(replay, max_users=fr.eval_users)
-    held_out = candidate_groups(catalogue, train, test, replay, seed=cfg.seed + 5)
+    held_out = candidate_groups(
+        catalogue, train, test, replay, seed=cfg.seed + 5, sequence=scores(served)
+    )
     if not groups:
         raise ValueError("no feature-ranker training groups: too few users after the cut-offs")
     print(
@@ -234,6 +272,25 @@ def fit_feature_ranker(
     )
     mean, std = feature_scaling(groups)
     return fit(cfg, FeatureRankerTask(fr, mean, std), groups, held_out, pretrained, resume)
+
+
+def replay_sequence_model(cfg: SequenceConfig, served: SASRec, events: pd.DataFrame) -> SASRec:
+    """The served sequence model's twin (same catalogue, content vectors and settings)
+    trained in this process on ``events`` only (see :func:`fit_feature_ranker`)."""
+    t0 = time.time()
+    space = build_item_space(
+        events,
+        served.space.item_ids,
+        periods=cfg.time_periods,
+        content=served.space.content if served.space.content.size else None,
+    )
+    rows = training_rows(events, space, max_len=cfg.max_seq_len, max_rows=cfg.max_examples)
+    model, _ = train_sequence_model(cfg, space, rows)
+    print(
+        f"[feature_ranker] replay sequence model on {len(rows)} sequences in "
+        f"{time.time() - t0:.1f}s"
+    )
+    return model
 
 
 def mine_hard_negatives(

@@ -89,12 +89,13 @@ class GatewayState:
                 log.error("milvus not usable: %s", exc)
             except StoreUnavailable as exc:
                 log.debug("milvus not ready: %s", exc)
-        features_ready = cross_ready = False
+        features_ready = cross_ready = sequence_ready = False
         if triton_ready:
             try:
                 self.model_version = self.triton.model_version(self.settings.triton_user_model)
                 features_ready = self.triton.ready([self.settings.triton_feature_ranker_model])
                 cross_ready = self.triton.ready([self.settings.triton_ranker_model])
+                sequence_ready = self.triton.ready([self.settings.triton_sequence_model])
             except InferenceUnavailable:
                 triton_ready = False
         # "deployed" is sticky: once a release had a ranker, its absence is an outage.
@@ -102,6 +103,7 @@ class GatewayState:
         self.rankers = Rankers(
             features=RankerStatus(was.features.deployed or features_ready, features_ready),
             cross_encoder=RankerStatus(was.cross_encoder.deployed or cross_ready, cross_ready),
+            sequence=RankerStatus(was.sequence.deployed or sequence_ready, sequence_ready),
         )
         if (
             milvus_ready

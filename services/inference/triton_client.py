@@ -18,7 +18,8 @@ pinned call asks for version N of it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -35,6 +36,16 @@ class InferenceUnavailable(RuntimeError):
     """Triton could not answer (down, not ready, model missing, or past the deadline)."""
 
 
+@dataclass(frozen=True)
+class SequenceResult:
+    """The sequence model's answer for one user: its best items (ids, best first) with their
+    scores, and the scores of the candidates asked about (in their order)."""
+
+    top_items: list[str]
+    top_scores: np.ndarray
+    candidate_scores: np.ndarray
+
+
 class TritonClient:
     """Embeds texts with the towers and scores (user, item) text pairs with the ranker."""
 
@@ -44,6 +55,7 @@ class TritonClient:
         self.user_model = settings.triton_user_model
         self.ranker_model = settings.triton_ranker_model
         self.feature_ranker_model = settings.triton_feature_ranker_model
+        self.sequence_model = settings.triton_sequence_model
         self._ensembles = {self.item_model, self.user_model, self.ranker_model}
         self.version = settings.triton_model_version
         self.batch = min(settings.triton_batch_size, MAX_BATCH)
@@ -127,6 +139,33 @@ class TritonClient:
             out.append(result.reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
+    def sequence(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        candidates: Sequence[str],
+        timeout_s: float,
+        version: str | None = None,
+    ) -> SequenceResult:
+        """The sequence model on one user's events (:func:`core.sequence_inputs.model_inputs`
+        arrays, ``items`` as strings): its best items outside them, with scores, and the
+        score of each of ``candidates``."""
+        tensors = [_text_input("items", [str(i) for i in inputs["items"]], flat=True)]
+        for name in ("tokens", "gaps", "ranks"):
+            data = np.ascontiguousarray(inputs[name], dtype=np.int64).reshape(-1)
+            tensor = grpcclient.InferInput(name, list(data.shape), "INT64")
+            tensor.set_data_from_numpy(data)
+            tensors.append(tensor)
+        tensors.append(_text_input("candidates", list(candidates), flat=True))
+        outputs = ("top_items", "top_scores", "candidate_scores")
+        top, top_scores, scores = self._infer_all(
+            self.sequence_model, tensors, outputs, timeout_s, version, allow_empty=True
+        )
+        return SequenceResult(
+            [bytes(i).decode("utf-8") for i in top.reshape(-1)],
+            top_scores.reshape(-1).astype(np.float32),
+            scores.reshape(-1).astype(np.float32),
+        )
+
     def _embed(self, model: str, texts: Sequence[str], timeout_s: float) -> np.ndarray:
         chunks = [
             self._infer(
@@ -146,6 +185,17 @@ class TritonClient:
         timeout_s: float,
         version: str | None = None,
     ) -> np.ndarray:
+        return self._infer_all(model, inputs, (output,), timeout_s, version)[0]
+
+    def _infer_all(
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        outputs: Sequence[str],
+        timeout_s: float,
+        version: str | None = None,
+        allow_empty: bool = False,
+    ) -> list[np.ndarray]:
         if timeout_s <= 0:
             raise InferenceUnavailable(f"no time left for {model} before the deadline")
         name, pinned = self.target(model, version)
@@ -154,19 +204,23 @@ class TritonClient:
                 name,
                 inputs,
                 model_version=pinned,
-                outputs=[grpcclient.InferRequestedOutput(output)],
+                outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
                 client_timeout=timeout_s,
             )
         except InferenceServerException as exc:
             raise InferenceUnavailable(f"{name} on {self.url}: {exc.message()}") from exc
-        array = result.as_numpy(output)
-        if array is None or array.size == 0:
-            raise InferenceUnavailable(f"{model} returned an empty {output}")
-        return array
+        arrays = []
+        for output in outputs:
+            array = result.as_numpy(output)
+            if array is None or (array.size == 0 and not allow_empty):
+                raise InferenceUnavailable(f"{model} returned an empty {output}")
+            arrays.append(array)
+        return arrays
 
 
-def _text_input(name: str, texts: Sequence[str]) -> grpcclient.InferInput:
-    data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
+def _text_input(name: str, texts: Sequence[str], flat: bool = False) -> grpcclient.InferInput:
+    data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)
+    data = data.reshape(-1) if flat else data.reshape(-1, 1)
     tensor = grpcclient.InferInput(name, list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
     return tensor

@@ -19,6 +19,7 @@ from core.behaviour import interests, merge_seen
 from core.events import ImplicitRule
 from core.milvus_schema import RECENT_ITEMS, SEEN_ITEMS
 from core.rows import UserRow, user_row
+from core.sequence_inputs import append_events
 from core.text import user_text
 from services.api import pb
 from services.deadline import Deadline
@@ -67,22 +68,24 @@ class Profiles:
     def apply(self, events: Sequence[pb.Event], deadline: Deadline) -> ProfileUpdate:
         """Fold events into their users' rows and re-encode the changed users."""
         weights = self.positive_weights(events)
-        by_user: dict[str, list[tuple[float, str, float]]] = defaultdict(list)
+        by_user: dict[str, list[tuple[float, str, float, str]]] = defaultdict(list)
         for event, weight in zip(events, weights, strict=True):
             ts = event.event_time.ToSeconds() if event.HasField("event_time") else time.time()
-            by_user[event.user_id].append((ts, event.item_id, weight))
+            by_user[event.user_id].append(
+                (ts, event.item_id, weight, EVENT_NAMES[event.event_type])
+            )
         rows: list[UserRow] = []
         texts: list[str] = []
         positives = 0
         for user_id, user_events in by_user.items():
             current = self.get(user_id, deadline.left(), with_vector=False)
             history = list(current["recent_items"]) if current else []
-            for _, item_id, weight in sorted(user_events):  # oldest first, newest ends in front
+            for _, item_id, weight, _ in sorted(user_events):  # oldest first, newest ends in front
                 if weight > 0:
                     positives += 1
                     history = [item_id, *[h for h in history if h != item_id]]
             history = history[:RECENT_ITEMS]
-            newest_first = [item_id for _, item_id, _ in sorted(user_events, reverse=True)]
+            newest_first = [e[1] for e in sorted(user_events, reverse=True)]
             seen = merge_seen(newest_first, current["seen_items"] if current else [], SEEN_ITEMS)
             known = self.store.get_items(history[: self.history_window], deadline.left())
             pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
@@ -94,6 +97,10 @@ class Profiles:
                     recent_items=history,
                     seen_items=seen,
                     history_size=(current["history_size"] if current else 0) + len(user_events),
+                    events=append_events(
+                        current.get("events") if current else None,
+                        [(ts, item, kind, weight > 0) for ts, item, weight, kind in user_events],
+                    ),
                 )
             )
             texts.append(user_text(pairs[: self.history_window]))

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from services.deadline import Deadline
 from services.experiments.assignment import Variant
 from services.vectors.store import Row
@@ -91,6 +93,8 @@ class Context:
     history_ids: list[str] = field(default_factory=list)  # newest first, all of them
     history: list[Row] = field(default_factory=list)  # rows of the window, with vectors
     cold: bool = False
+    # the sequence model's inputs (core.sequence_inputs.model_inputs), set by retrieve
+    sequence_inputs: dict[str, np.ndarray] | None = None
     # retrieve, rank
     candidates: list[Candidate] = field(default_factory=list)
     ranked: bool = False

@@ -1,9 +1,10 @@
 """The recommendation pipeline the gateway runs for ``Recommend``, as its list of stages.
 
-profile (Milvus user row and history) -> retrieval (ANN, co-occurrence, segment and global
-popularity, fused; a hundred candidates) -> ranking (the feature ranker on Triton, one
-batched request; optionally the BERT cross-encoder's vote on the top few) -> diversify (MMR)
--> explain. It degrades instead of failing: without Milvus it answers
+profile (Milvus user row and history) -> retrieval (ANN, co-occurrence, segment, global
+popularity and the sequence model's best items on Triton, fused; a hundred candidates) ->
+ranking (the feature ranker on Triton, one batched request, with the sequence model's scores
+among its features; optionally the BERT cross-encoder's vote on the top few) -> diversify
+(MMR) -> explain. It degrades instead of failing: without Milvus it answers
 from the cached popularity, without Triton (or when Triton would miss the deadline) in
 retrieval order; either way the answer says so.
 """
@@ -21,7 +22,13 @@ from services.recommend.diversify import Diversify
 from services.recommend.explain import Explain
 from services.recommend.profile import LoadProfile
 from services.recommend.rank import Rank, Rankers
-from services.recommend.retrieve import PopularItems, PopularOnly, Retrieve, Retriever
+from services.recommend.retrieve import (
+    PopularItems,
+    PopularOnly,
+    Retrieve,
+    Retriever,
+    SequenceSource,
+)
 from services.vectors.store import StoreUnavailable, VectorStore
 
 
@@ -40,7 +47,8 @@ class Pipeline:
         retriever = Retriever(store, popular, settings.popular_refresh_s)
         self.profile = LoadProfile(settings, store)
         self.popular_only = PopularOnly(retriever)
-        self.retrieve = Retrieve(settings, store, retriever)
+        sequence = SequenceSource(triton, lambda: rankers().sequence.ready)
+        self.retrieve = Retrieve(settings, store, retriever, sequence)
         self.rank = Rank(settings, triton, rankers, popular)
         self.diversify = Diversify(settings, popular)
         self.explain = Explain()

@@ -42,13 +42,17 @@ class RankerStatus:
 
 @dataclass
 class Rankers:
-    """The status of both rankers (the gateway's monitor refreshes it)."""
+    """The status of the learned models besides the towers: both rankers and the sequence
+    model (the gateway's monitor refreshes it)."""
 
     features: RankerStatus = field(default_factory=RankerStatus)
     cross_encoder: RankerStatus = field(default_factory=RankerStatus)
+    sequence: RankerStatus = field(default_factory=RankerStatus)
 
 
-def candidate_features(ctx: Context, clock: CatalogueClock) -> np.ndarray:
+def candidate_features(
+    ctx: Context, clock: CatalogueClock, sequence_scores: np.ndarray | None = None
+) -> np.ndarray:
     """The feature rows of ``ctx.candidates`` for ``ctx``'s user, built by the same function
     the training job uses (:func:`core.ranking_features.feature_matrix`)."""
     history = ctx.history
@@ -70,6 +74,7 @@ def candidate_features(ctx: Context, clock: CatalogueClock) -> np.ndarray:
         [float(r.get("popularity", 0.0)) for r in rows],
         [float(r.get("created_at", 0) or 0) for r in rows],
         [r.get("categories") or [] for r in rows],
+        sequence_scores,
     )
 
 
@@ -139,7 +144,8 @@ class Rank(Stage):
             return
         budget = ctx.answer_by.reserve(RESERVE)  # of what is left now, not at the start
         try:
-            features = candidate_features(ctx, self.popular.clock())
+            scores = self._sequence_scores(ctx, budget)
+            features = candidate_features(ctx, self.popular.clock(), scores)
             probabilities = self.triton.rank_features(
                 features, budget.left(), ctx.variant.model_version
             )
@@ -149,6 +155,21 @@ class Rank(Stage):
         for cand, p in zip(ctx.candidates, probabilities, strict=True):
             cand.ctr = cand.relevance = float(p)
         ctx.ranked = True
+
+    def _sequence_scores(self, ctx: Context, budget: Deadline) -> np.ndarray | None:
+        """The sequence model's score of every candidate (``None``, a feature that says
+        nothing, when retrieval could not ask it)."""
+        if ctx.sequence_inputs is None:
+            return None
+        ids = [c.item_id for c in ctx.candidates]
+        try:
+            result = self.triton.sequence(
+                ctx.sequence_inputs, ids, budget.left(), ctx.variant.model_version
+            )
+        except InferenceUnavailable as exc:
+            ctx.degraded.append(f"sequence model unavailable: {exc}")
+            return None
+        return result.candidate_scores
 
     def _cross_encoder(self, ctx: Context, status: RankerStatus, top: int) -> None:
         if not status.ready:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
 from core.config import Settings
 from core.fusion import rrf
 from core.ranking_features import CatalogueClock, co_occurrence_scores
+from core.sequence_inputs import model_inputs
 from services.deadline import Deadline
+from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.recommend.context import Candidate, Context, Filters, Stage
 from services.vectors.store import Row, StoreUnavailable, VectorStore
 
@@ -178,6 +180,34 @@ class Retriever:
         return sorted(chosen, key=lambda c: (-c.fused, c.item_id))
 
 
+class SequenceSource:
+    """The sequence model on Triton as a candidate source: the user's newest events (kept on
+    the user row) in, its best items out. Its inputs stay on the context, so the ranking
+    stage asks the same model for the candidates' scores."""
+
+    def __init__(self, triton: TritonClient, ready: Callable[[], bool]) -> None:
+        self.triton = triton
+        self.ready = ready
+
+    def __call__(self, ctx: Context, n: int, exclude: Collection[str]) -> list[str]:
+        profile = ctx.profile
+        events = (profile or {}).get("events") or {}
+        if profile is None or not events.get("items") or not self.ready():
+            return []
+        # every kept event, unpadded: the served model keeps the newest it reads
+        size = len(events["items"])
+        inputs = {k: v[0] for k, v in model_inputs(events, profile["history_size"], size).items()}
+        try:
+            result = self.triton.sequence(
+                inputs, [], ctx.deadline.left(), ctx.variant.model_version
+            )
+        except InferenceUnavailable as exc:
+            ctx.degraded.append(f"sequence model unavailable: {exc}")
+            return []
+        ctx.sequence_inputs = inputs
+        return [i for i in result.top_items if i not in exclude][:n]
+
+
 def query_vector(profile: Row | None, history: Sequence[Row], from_history: bool) -> np.ndarray:
     """The mean item vector of the recent history (cold-start users, and everyone with
     ``ann_query=history``), else the user-tower vector."""
@@ -196,10 +226,17 @@ class Retrieve(Stage):
 
     name = "retrieval"
 
-    def __init__(self, settings: Settings, store: VectorStore, retriever: Retriever) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: VectorStore,
+        retriever: Retriever,
+        sequence: SequenceSource | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.retriever = retriever
+        self.sequence = sequence
         self.history_query = settings.ann_query == "history"
 
     def run(self, ctx: Context) -> None:
@@ -220,7 +257,8 @@ class Retrieve(Stage):
                 if profile and profile["segment"]
                 else []
             )
-            wanted = [*co_ids, *segment_ids, *(r["item_id"] for r in popular)]
+            seq_ids = self.sequence(ctx, 3 * n, seen_all.exclude) if self.sequence else []
+            wanted = [*co_ids, *segment_ids, *seq_ids, *(r["item_id"] for r in popular)]
             rows = self.retriever.rows(wanted, ctx.deadline)
             popular = [rows.get(r["item_id"], r) for r in popular]
 
@@ -234,6 +272,8 @@ class Retrieve(Stage):
                 lists["co_occurrence"] = [(r, seed_of[r["item_id"]]) for r in admitted(co_ids)]
             if segment_ids:
                 lists["segment"] = admitted(segment_ids)
+            if seq_ids:
+                lists["sequence"] = admitted(seq_ids)
         except StoreUnavailable as exc:
             ctx.degraded.append(f"milvus unavailable: {exc}")
         lists["popular"] = popular

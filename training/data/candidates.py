@@ -4,8 +4,9 @@ At a cut-off ``t`` the catalogue is what indexing would have written then (time-
 popularity, co-occurrence neighbours and first-seen times from the events before ``t``). Each
 user active after ``t`` reveals their first ``fold_in`` events (as ``IngestEvents`` would),
 then gets the candidates the gateway's sources would return (ANN on the mean item vector of
-the recent history, co-occurrence neighbours of the recent items, global popularity; every
-item the user ever touched excluded), each a row of :data:`core.ranking_features.FEATURES`.
+the recent history, co-occurrence neighbours of the recent items, global popularity, the
+sequence model's best items; every item the user ever touched excluded), each a row of
+:data:`core.ranking_features.FEATURES`.
 The label is whether the candidate is among the user's next ``targets`` new positives. So
 the negatives are the retrieval candidates themselves: what the ranker will see when served.
 
@@ -17,7 +18,7 @@ used to fit).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,16 +73,24 @@ class Catalogue:
         )
 
 
+#: ``(histories, users) -> [len(users), catalogue items]`` sequence-model scores of each
+#: user's events in ``histories`` (see :func:`training.models.sequence.catalogue_scores`)
+SequenceScores = Callable[[pd.DataFrame, Sequence[str]], np.ndarray]
+
+
 def candidate_groups(
     catalogue: Catalogue,
     before: pd.DataFrame,
     after: pd.DataFrame,
     cfg: CandidateConfig,
     seed: int = 0,
+    sequence: SequenceScores | None = None,
 ) -> list[dict[str, Any]]:
     """One group per user active in ``after``: ``{"user_id", "features" (c, F), "labels"
     (c,), "targets" (the user's target count, found or not), "items" (c,) catalogue
-    indices}``, catalogue state from ``before`` (see the module docstring)."""
+    indices}``, catalogue state from ``before`` (see the module docstring). ``sequence``:
+    the sequence model as the gateway serves it (a source, and a feature), trained on events
+    before ``after`` only."""
     index = {iid: n for n, iid in enumerate(catalogue.item_ids)}
     popularity = item_popularity(before)
     pop = np.array([popularity.get(i, 0.0) for i in catalogue.item_ids])
@@ -105,12 +114,18 @@ def candidate_groups(
         users = sorted(random.Random(seed).sample(users, cfg.max_users))
     earlier = {str(u): g for u, g in before.groupby("user_id", sort=False)}
     later = {str(u): g for u, g in after.groupby("user_id", sort=False)}
-    groups = []
+    histories, rests = {}, {}
     for user in users:
         past = earlier.get(user, before.iloc[:0])
         future = later[user].sort_values("timestamp", kind="stable")
-        history = pd.concat([past, future.iloc[: cfg.fold_in]])
-        rest = future.iloc[cfg.fold_in :]
+        histories[user] = pd.concat([past, future.iloc[: cfg.fold_in]])
+        rests[user] = future.iloc[cfg.fold_in :]
+    seq_scores = (
+        sequence(pd.concat(histories.values()), users) if sequence is not None and users else None
+    )
+    groups = []
+    for u, user in enumerate(users):
+        history, rest = histories[user], rests[user]
         group = _user_group(
             catalogue,
             index,
@@ -123,6 +138,7 @@ def candidate_groups(
             rest,
             cfg,
             unborn,
+            None if seq_scores is None else seq_scores[u],
         )
         if group is not None:
             groups.append({"user_id": user, **group})
@@ -141,6 +157,7 @@ def _user_group(
     rest: pd.DataFrame,
     cfg: CandidateConfig,
     unborn: set[int],
+    seq_scores: np.ndarray | None,
 ) -> dict[str, Any] | None:
     seen = {index[i] for i in history["item_id"].astype(str) if i in index} | unborn
     positives = history[history["weight"] > 0].sort_values("timestamp", kind="stable")
@@ -172,6 +189,13 @@ def _user_group(
     co_ids.sort(key=lambda i: -co[catalogue.item_ids[i]])
     add("co_occurrence", co_ids)
     add("popular", [i for i in popular_order[: n + len(seen)] if i not in seen])
+    if seq_scores is not None:
+        top = np.argpartition(-seq_scores, min(n + len(seen), len(seq_scores) - 1))
+        top = top[: n + len(seen)]
+        add(
+            "sequence",
+            [i for i in top[np.argsort(-seq_scores[top], kind="stable")] if i not in seen],
+        )
     items = sorted(ranks)
     user = UserSide(
         history_vectors=hist,
@@ -187,6 +211,7 @@ def _user_group(
         pop[items],
         created[items],
         [catalogue.categories[i] for i in items],
+        None if seq_scores is None else seq_scores[items],
     )
     wanted = set(targets)
     labels = np.array([i in wanted for i in items], dtype=np.float32)

@@ -1,8 +1,8 @@
 """``python -m training.export``: publish towers (and the rankers) as a new Triton release.
 
 With ``--checkpoint`` it reads a training run's output (``item_tower/``, ``user_tower/`` and
-optionally ``ranker/`` and ``feature_ranker/``); without it, both towers are the pretrained
-BERT checkpoint.
+optionally ``ranker/``, ``feature_ranker/`` and ``sequence/``); without it, both towers are
+the pretrained BERT checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from training.export.onnx_export import (
     ParityError,
     export_feature_ranker,
     export_ranker,
+    export_sequence_model,
     export_tower,
     resolve_pretrained,
 )
@@ -40,6 +41,7 @@ def export_release(
     ranker: str | None = None,
     keep: int = 3,
     feature_ranker: str | None = None,
+    sequence: str | None = None,
 ) -> dict[str, object]:
     """Export every model of one release into ``repository``; returns the parity report."""
     release = new_release(repository)
@@ -68,6 +70,9 @@ def export_release(
         if feature_ranker:
             target = release.stage("feature_ranker") / "model.onnx"
             report["feature_ranker"] = export_feature_ranker(feature_ranker, target).as_dict()
+        if sequence:
+            staged = release.stage("sequence_recommender")
+            report["sequence_recommender"] = export_sequence_model(sequence, staged).as_dict()
         for model, entry in report.items():
             if isinstance(entry, dict):  # report where the file ends up, not the staging dir
                 entry["onnx"] = str(repository / model / str(release.version) / "model.onnx")
@@ -77,6 +82,7 @@ def export_release(
                 user_tower=user_tower,
                 ranker=ranker,
                 feature_ranker=feature_ranker,
+                sequence=sequence,
             )
         )
     except BaseException:
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
     parser.add_argument(
         "--checkpoint",
-        help="training output dir (item_tower/, user_tower/, ranker/, feature_ranker/)",
+        help="training output dir (item_tower/, user_tower/, ranker/, feature_ranker/, sequence/)",
     )
     parser.add_argument(
         "--pretrained",
@@ -108,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         ranker = str(ckpt / "ranker") if (ckpt / "ranker").is_dir() else None
         features = ckpt / "feature_ranker"
         feature_ranker = str(features) if features.is_dir() else None
+        sequence = str(ckpt / "sequence") if (ckpt / "sequence").is_dir() else None
     else:
         item = user = resolve_pretrained(args.pretrained)
-        ranker = feature_ranker = None
+        ranker = feature_ranker = sequence = None
     try:
-        report = export_release(args.repository, item, user, ranker, args.keep, feature_ranker)
+        report = export_release(
+            args.repository, item, user, ranker, args.keep, feature_ranker, sequence
+        )
     except (ParityError, FileNotFoundError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ largest absolute difference exceeds the stated tolerance.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,12 @@ import torch
 from torch import nn
 
 from core.ranking_features import FEATURES
+from core.sequence_inputs import GAP_BUCKETS, INPUTS, N_TOKENS, RANK_BUCKETS
 from training.models.feature_ranker import FeatureScorer, load_feature_ranker
 from training.models.pretrained import load_bert, resolve_pretrained
 from training.models.ranker import CrossEncoder
 from training.models.ranker import load_ranker as load_trained_ranker
+from training.models.sequence import SASRec, load_sequence_model
 from training.models.two_tower import encode
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ __all__ = [
     "PooledEncoder",
     "export_feature_ranker",
     "export_ranker",
+    "export_sequence_model",
     "export_tower",
     "resolve_pretrained",
 ]
@@ -220,3 +224,119 @@ def export_feature_ranker(
     diff = _check_parity(module, onnx_path, feeds, tolerance)
     log.info("exported %s (max |onnx - torch| = %.2e)", onnx_path, diff)
     return ExportReport(onnx_path, diff, tolerance, len(feeds["features"]))
+
+
+class SequenceRecommender(nn.Module):
+    """The sequence model as served: the user vector after the latest event, its ``top_k``
+    best items outside the inputs (score = dot product + request-time term, as
+    :meth:`SASRec.score_users`), and the scores of given candidates. Index 0 (padding, and
+    what the served model maps unknown candidates to) scores as a new item without content;
+    it is never in the top list. Item table and request-time term are constants of the graph:
+    they are what the model knew at the end of its training period."""
+
+    table: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, model: SASRec, top_k: int) -> None:
+        super().__init__()
+        self.model = model.eval()
+        with torch.no_grad():
+            table = model.item_table()
+            bias = torch.cat([torch.zeros(1), model.request_bias()])
+        self.register_buffer("table", table)
+        self.register_buffer("bias", bias)
+        self.top_k = min(top_k, model.space.n_items)
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        tokens: torch.Tensor,
+        gaps: torch.Tensor,
+        ranks: torch.Tensor,
+        candidates: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = {"items": items, "tokens": tokens, "gaps": gaps, "ranks": ranks}
+        user = self.model.hidden(x, self.table)[:, -1]
+        scores = user @ self.table.T + self.bias
+        masked = scores.scatter(1, items, float("-inf"))  # the inputs and the padding column
+        top_scores, top_items = masked.topk(self.top_k, dim=1)
+        return user, top_items, top_scores, scores.gather(1, candidates)
+
+
+def _sequence_parity(
+    module: SequenceRecommender, onnx_path: Path, feeds: dict[str, torch.Tensor], tol: float
+) -> float:
+    """Like :func:`_check_parity`, but the top list is compared by the scores of the items
+    each side chose (ties may pick different items; masked ``-inf`` scores are equal)."""
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        user, _, top_scores, cand = (t.numpy() for t in module(**feeds))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    with torch.no_grad():
+        full = (module.table @ torch.from_numpy(got[0]).T).T.numpy() + module.bias.numpy()
+    chosen = np.take_along_axis(full, got[1], axis=1)  # torch-side scores of ONNX's picks
+    finite = np.isfinite(top_scores)
+    if not np.array_equal(finite, np.isfinite(got[2])):
+        raise ParityError(f"{onnx_path}: the top lists differ in their masked entries")
+    diff = max(
+        float(np.max(np.abs(user - got[0]))),
+        float(np.max(np.abs(cand - got[3]))),
+        float(np.max(np.abs(top_scores[finite] - got[2][finite]), initial=0.0)),
+        float(np.max(np.abs(chosen[finite] - top_scores[finite]), initial=0.0)),
+    )
+    if not diff <= tol:
+        raise ParityError(f"{onnx_path}: max |onnx - torch| = {diff:.3g} > {tol:.1g}")
+    return diff
+
+
+def export_sequence_model(
+    model_dir: str, version_dir: Path, top_k: int = 200, tolerance: float = PARITY_TOLERANCE
+) -> ExportReport:
+    """Export the sequence model (``model.onnx``, inputs of ``max_seq_len`` positions) with
+    its id vocabulary (``items.json``: model index = position + 1) into ``version_dir``, and
+    check it on real sequences of the catalogue and on the empty one."""
+    model = load_sequence_model(Path(model_dir))
+    module = SequenceRecommender(model, top_k).eval()
+    n_len, n_items = model.cfg.max_seq_len, model.space.n_items
+    version_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = version_dir / "model.onnx"
+    rng = torch.Generator().manual_seed(0)
+    b = 6
+
+    def draw(high: int) -> torch.Tensor:
+        return torch.randint(1, high, (b, n_len), generator=rng)
+
+    feeds = {
+        "items": draw(n_items + 1),
+        "tokens": draw(N_TOKENS),
+        "gaps": draw(GAP_BUCKETS),
+        "ranks": draw(RANK_BUCKETS),
+        "candidates": torch.randint(0, n_items + 1, (b, 100), generator=rng),
+    }
+    for name in INPUTS:  # left padding of different lengths, one empty history
+        for row, pad in enumerate((0, 1, n_len // 2, n_len - 1, n_len, 3)):
+            feeds[name][row, :pad] = 0
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            tuple(feeds.values()),
+            str(onnx_path),
+            dynamo=False,
+            input_names=list(feeds),
+            output_names=["user_vector", "top_items", "top_scores", "candidate_scores"],
+            dynamic_axes={
+                **{n: {0: "batch"} for n in INPUTS},
+                "candidates": {0: "batch", 1: "candidates"},
+                "user_vector": {0: "batch"},
+                "top_items": {0: "batch"},
+                "top_scores": {0: "batch"},
+                "candidate_scores": {0: "batch", 1: "candidates"},
+            },
+            opset_version=OPSET,
+        )
+    (version_dir / "items.json").write_text(json.dumps(model.space.item_ids) + "\n")
+    diff = _sequence_parity(module, onnx_path, feeds, tolerance)
+    log.info("exported %s (max |onnx - torch| = %.2e)", onnx_path, diff)
+    return ExportReport(onnx_path, diff, tolerance, b)

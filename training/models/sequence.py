@@ -64,23 +64,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.events import EVENT_TYPES
+from core.sequence_inputs import (
+    GAP_BUCKETS,
+    INPUTS,
+    N_TOKENS,
+    PAD,
+    RANK_BUCKETS,
+    event_tokens,
+    gap_buckets,
+    rank_buckets,
+)
 from core.text import item_texts
 from training.config import SequenceConfig
 from training.models.ranker import adamw
 
-PAD = 0
-#: event tokens: 0 = padding, then (type, negative/positive) pairs; unknown types -> "other"
-TOKEN_TYPES = (*EVENT_TYPES, "other")
-N_TOKENS = 1 + 2 * len(TOKEN_TYPES)
-#: gap buckets: 0 = padding, 1 = first interaction, 2 = same second, 3 + floor(log2(seconds))
-GAP_BUCKETS = 3 + 31
 #: age buckets: 0 = no interaction before the snapshot, 1 + floor(log2(1 + days since))
 AGE_BUCKETS = 1 + 18
-#: how much history the user had at a position: 0 = padding, 1 + floor(log2(1 + earlier))
-RANK_BUCKETS = 1 + 17
-#: the model's per-position inputs, as :func:`user_inputs` and the collator name them
-INPUTS = ("items", "tokens", "gaps", "ranks")
 HALF_LIVES_DAYS = (1.0, 7.0, 30.0, 365.0)  # plus all-time counts: learned weights choose
 N_POP_FEATURES = len(HALF_LIVES_DAYS) + 1
 TERM_SCALE = 10.0  # see SASRec.__init__
@@ -234,30 +233,6 @@ def content_vectors(
 # sequences (numpy): training rows, user inputs, same-second shuffling
 
 
-def event_tokens(event_type: pd.Series, weight: pd.Series) -> np.ndarray:
-    """Event token per row: ``1 + 2 * type + positive`` (0 is padding)."""
-    lookup = {t: n for n, t in enumerate(TOKEN_TYPES)}
-    other = lookup["other"]
-    types = event_type.astype(str).map(lambda t: lookup.get(t, other)).to_numpy(dtype=np.int64)
-    return (1 + 2 * types + (weight.to_numpy() > 0)).astype(np.int64)
-
-
-def gap_buckets(seconds: np.ndarray) -> np.ndarray:
-    """Bucket of the gap to the previous interaction of one user (time-ordered seconds)."""
-    out = np.ones(len(seconds), dtype=np.int64)  # the first interaction
-    if len(seconds) > 1:
-        gap = np.diff(seconds).astype(np.float64)
-        b = np.where(gap <= 0, 2, 3 + np.floor(np.log2(np.maximum(gap, 1.0))))
-        out[1:] = np.minimum(b, GAP_BUCKETS - 1).astype(np.int64)
-    return out
-
-
-def rank_buckets(n: int) -> np.ndarray:
-    """Bucket of the number of earlier interactions of each of a user's ``n`` events: tells a
-    new user from a long history (a training chunk that starts mid-history included)."""
-    return 1 + np.minimum(np.floor(np.log2(1.0 + np.arange(n))), RANK_BUCKETS - 2).astype(np.int64)
-
-
 def shuffle_ties(seconds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A permutation of time-ordered events that reorders only events sharing a second."""
     return np.lexsort((rng.random(len(seconds)), seconds))
@@ -286,7 +261,7 @@ def user_sequences(events: pd.DataFrame, space: ItemSpace) -> dict[str, UserSequ
     ev = ev.assign(_s=to_seconds(ev["timestamp"]), _o=np.arange(len(ev)))
     ev = ev.sort_values(["user_id", "_s", "_o"], kind="stable")
     items = ev["item_id"].astype(str).map(idx).to_numpy(dtype=np.int64)
-    tokens = event_tokens(ev["event_type"], ev["weight"])
+    tokens = event_tokens(ev["event_type"], ev["weight"].to_numpy() > 0)
     secs = ev["_s"].to_numpy(dtype=np.int64)
     positive = ev["weight"].to_numpy() > 0
     users = ev["user_id"].astype(str).to_numpy()
@@ -514,8 +489,9 @@ class SASRec(nn.Module):
             + self.pos_emb(pos)
         )
         h = self.drop(self.in_norm(h))
-        causal = torch.ones(n, n, dtype=torch.bool, device=items.device).tril()
-        eye = torch.eye(n, dtype=torch.bool, device=items.device)
+        steps = torch.arange(n, device=items.device)  # comparisons, not tril/eye: ONNX-able
+        causal = steps[:, None] >= steps[None, :]
+        eye = steps[:, None] == steps[None, :]
         allowed = (causal & (items != PAD)[:, None, :]) | eye  # [B, L, L]
         allowed = allowed[:, None]  # heads
         for block in self.blocks:
@@ -790,3 +766,22 @@ def evaluate_sequence(
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+@torch.no_grad()
+def catalogue_scores(
+    model: SASRec, histories: pd.DataFrame, users: Sequence[str], item_ids: Sequence[str]
+) -> np.ndarray:
+    """``[len(users), len(item_ids)]`` scores of each user's events in ``histories`` over the
+    given items, as the served model computes them (``SequenceRecommender`` in the export):
+    dot product with the item table plus the request-time term at "now"; an item the model
+    does not know scores as a new item without content (the table's padding row)."""
+    model.eval()
+    seqs = user_sequences(histories, model.space)
+    x = user_inputs([seqs.get(str(u)) for u in users], model.cfg.max_seq_len)
+    table = model.item_table()
+    bias = torch.cat([torch.zeros(1), model.request_bias()])
+    scores = model.hidden(x, table)[:, -1] @ table.T + bias
+    index = model.space.index()
+    cols = torch.tensor([index.get(str(i), PAD) for i in item_ids], dtype=torch.long)
+    return scores[:, cols].numpy()

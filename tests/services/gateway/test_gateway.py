@@ -86,12 +86,16 @@ def test_click_probabilities_are_the_feature_rankers_on_the_gateways_features(
     assert popular.refresh(store)
     triton = TritonClient(settings)
     try:
-        up = Rankers(features=RankerStatus(deployed=True, ready=True))
+        ready = RankerStatus(deployed=True, ready=True)
+        up = Rankers(features=ready, sequence=ready)
         pipe = Pipeline(settings, store, triton, popular, lambda: up)
         ctx = Context.begin("1", 5, Filters(), Deadline.after(20), diversity=0.0)
         pipe.profile(ctx)
         pipe.retrieve(ctx)
-        features = candidate_features(ctx, popular.clock())
+        assert ctx.sequence_inputs is not None and not ctx.degraded
+        assert any("sequence" in c.ranks for c in ctx.candidates)
+        scores = triton.sequence(ctx.sequence_inputs, [c.item_id for c in ctx.candidates], 20)
+        features = candidate_features(ctx, popular.clock(), scores.candidate_scores)
         served = triton.rank_features(features, 20)
     finally:
         triton.close()

@@ -67,3 +67,43 @@ def test_dynamic_batching_merges_concurrent_requests(
     with ThreadPoolExecutor(8) as pool:
         singles = list(pool.map(lambda t: triton.embed_items([t], 20)[0], texts))
     assert np.abs(np.stack(singles) - batched).max() < 1e-5
+
+
+def test_sequence_model_serves_what_the_trained_model_scores(
+    stack: LocalStack, triton: TritonClient, tiny_sequence_model: str
+) -> None:
+    """An indexed user's row events through Triton (vocabulary, dropped unknown ids, newest
+    ``max_seq_len`` kept) score as the trained PyTorch model scores them."""
+    import torch
+
+    from core.sequence_inputs import model_inputs
+    from services.vectors.store import VectorStore
+    from training.models.sequence import load_sequence_model
+
+    store = VectorStore(stack.settings)
+    user = store.get_user("1", 10)
+    assert user is not None and len(user["events"]["items"]) > 20  # longer than max_seq_len
+    events, size = user["events"], int(user["history_size"])
+    served_in = {k: v[0] for k, v in model_inputs(events, size, len(events["items"])).items()}
+    served_in["items"][-1] = "not-in-the-vocabulary"  # dropped by the served model
+    candidates = [*events["items"][:5], "1", "2", "unknown-item"]
+    result = triton.sequence(served_in, candidates, 20)
+
+    model = load_sequence_model(Path(tiny_sequence_model))
+    index = model.space.index()
+    keep = served_in["items"] != "not-in-the-vocabulary"
+    x = {k: v[keep][-model.cfg.max_seq_len :] for k, v in served_in.items()}
+    x["items"] = np.array([index[i] for i in x["items"]])
+    with torch.no_grad():
+        table = model.item_table()
+        bias = torch.cat([torch.zeros(1), model.request_bias()])
+        tensors = {k: torch.from_numpy(v.astype(np.int64))[None] for k, v in x.items()}
+        scores = (model.hidden(tensors, table)[:, -1] @ table.T + bias)[0].numpy()
+    cols = [index.get(c, 0) for c in candidates]
+    assert np.abs(result.candidate_scores - scores[cols]).max() < 1e-4
+    assert result.candidate_scores[-1] == pytest.approx(scores[0], abs=1e-4)  # new-item row
+    scores[0] = -np.inf
+    scores[x["items"]] = -np.inf  # the inputs are never recommended back
+    best = np.argsort(-scores, kind="stable")[: len(result.top_items)]
+    assert np.abs(result.top_scores - scores[best]).max() < 1e-4
+    assert not set(result.top_items) & set(model.space.item_ids[i - 1] for i in x["items"])

@@ -48,7 +48,7 @@ def test_candidate_features_are_built_from_the_profile_and_the_rows() -> None:
     assert _col(f, "ann_rr").tolist() == [1.0, 0.0]
     assert _col(f, "popular_rr").tolist() == pytest.approx([0.2, 0.0])
     assert _col(f, "co_occurrence_rr").tolist() == pytest.approx([0.0, 0.5])
-    assert _col(f, "sources").tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert _col(f, "sources").tolist() == pytest.approx([2 / 4, 1 / 4])
     # m: 1/2 from h0 (its second neighbour) + 0.9 from h1 (first); n: 1 from h0
     assert _col(f, "co_occurrence_score").tolist() == pytest.approx(np.log1p([1.0, 1.4]))
     assert _col(f, "cos_max").tolist() == pytest.approx([1.0, 0.8])
@@ -59,3 +59,11 @@ def test_candidate_features_are_built_from_the_profile_and_the_rows() -> None:
     assert _col(f, "age").tolist() == pytest.approx([0.0, np.log1p(7) / 10])
     assert _col(f, "category_affinity").tolist() == pytest.approx([1.0, 0.0])
     assert _col(f, "history_len").tolist() == pytest.approx([np.log1p(4) / 10] * 2)
+    # no sequence model: rank absent, the uniform log-probability (says nothing)
+    assert _col(f, "sequence_rr").tolist() == [0.0, 0.0]
+    assert _col(f, "sequence_logp").tolist() == pytest.approx([-np.log(2)] * 2)
+    n.ranks["sequence"] = 1
+    f = candidate_features(ctx, CatalogueClock(15.0, 86400 * 8.0), np.array([2.0, 0.0]))
+    assert _col(f, "sequence_rr").tolist() == [0.5, 0.0]
+    p = np.exp(_col(f, "sequence_logp"))
+    assert p.sum() == pytest.approx(1.0, abs=1e-6) and p[0] == pytest.approx(1 / (1 + np.e**-2))
