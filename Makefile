@@ -17,6 +17,9 @@ MILVUS_ENGINE := $(TOOLS)/milvus/.stamp
 MLFLOW_VERSION := $(shell sed -nE 's/^mlflow-skinny==([^ ;]+).*/\1/p' requirements.lock)
 MLFLOW_UI := $(TOOLS)/mlflow/.stamp
 STUBS := services/api/recsys/v1/recommender_pb2.py
+CLIENT_STUBS := clients/python/src/recsys_client/_pb/recommender_pb2.py
+# The released API every change must stay compatible with (buf breaking); make proto-release
+PROTO_BASELINE := proto/releases/recsys-v1.binpb
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -29,12 +32,14 @@ help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 # --- environments -------------------------------------------------------------------------
-$(VENV)/.stamp: requirements.lock pyproject.toml
+$(VENV)/.stamp: requirements.lock pyproject.toml clients/python/pyproject.toml
 	@echo ">> creating $(VENV) (pinned by requirements.lock; torch 2.13.0 CPU build)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) clients/python/generate_stubs.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e clients/python
 	touch $@
 
 # Triton's python backend needs numpy<2 (it returns empty tensors with numpy 2), while
@@ -75,16 +80,28 @@ $(STUBS): proto/recsys/v1/recommender.proto $(VENV)/.stamp
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=services/api --grpc_python_out=services/api \
 	  --pyi_out=services/api proto/recsys/v1/recommender.proto
 
-proto: $(STUBS) ## generate Python stubs from proto/ (never edited by hand)
+# The client package's own stubs (recsys_client._pb), generated before it is installed or
+# built, never by hand; its wheel/sdist is built after this (pip wheel clients/python).
+$(CLIENT_STUBS): proto/recsys/v1/recommender.proto clients/python/generate_stubs.py | $(VENV)/.stamp
+	$(PY) clients/python/generate_stubs.py
+
+client-proto: $(CLIENT_STUBS) ## generate the client package's stubs (clients/python)
+
+proto: $(STUBS) $(CLIENT_STUBS) ## generate Python stubs from proto/ (never edited by hand)
+
+proto-release: $(BUF) ## record the current proto as the released baseline that buf breaking checks
+	mkdir -p $(dir $(PROTO_BASELINE))
+	$(BUF) build -o $(PROTO_BASELINE)
 
 # --- checks -------------------------------------------------------------------------------
-lint-proto: $(BUF) ## buf lint (Google API design rules)
+lint-proto: $(BUF) ## buf lint (Google API design rules) and buf breaking against the release
 	$(BUF) lint
+	$(BUF) breaking --against $(PROTO_BASELINE)
 
 lint: env lint-proto ## ruff, ruff format, mypy, buf lint and the one-way layer contract
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy core services training ops bench
+	$(VENV)/bin/mypy core services training ops bench clients/python/src/recsys_client
 	$(VENV)/bin/lint-imports --no-cache
 
 # --- the pipeline -------------------------------------------------------------------------
@@ -170,3 +187,4 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) $(TRITON_VENV) var services/api/recsys model_repository/*/[0-9]*
+	rm -f clients/python/src/recsys_client/_pb/recommender_pb2*

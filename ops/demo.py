@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recsys_client import RecommenderClient
+
 from core.config import REPO_ROOT, Settings, get_settings
 from ops.stack import LocalStack, Ports, local_stack, milvus_data_dir
-from services.client import RecommenderClient
 from services.vectors.store import VectorStore
 from training.data import load_dataset
 from training.data.schema import Dataset

@@ -1,8 +1,9 @@
 """Security and reliability of the gateway: identity, limits, durable ingestion, privacy.
 
 :func:`interceptors` gives the server interceptors in their order (authentication first,
-so the rate limiter and the servicer know the caller; then the per-client rate limit; then
-the concurrency limit). :func:`server_credentials` gives TLS/mTLS credentials or None.
+so the rate limiter and the servicer know the caller; then the check that a user-bound key
+names its own user; then the per-client rate limit; then the concurrency limit).
+:func:`server_credentials` gives TLS/mTLS credentials (reloaded on change) or None.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from services.reliability.auth import AuthInterceptor, current_principal
 from services.reliability.concurrency import ConcurrencyLimiter, max_concurrent_rpcs
 from services.reliability.ratelimit import RateLimitInterceptor
 from services.reliability.tls import server_credentials
+from services.reliability.user_binding import UserBindingInterceptor
 
 __all__ = [
     "current_principal",
@@ -26,9 +28,10 @@ __all__ = [
 
 
 def interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
-    """Auth, rate limit and concurrency limit, outermost first."""
+    """Auth, per-user binding, rate limit and concurrency limit, outermost first."""
     return [
         AuthInterceptor.from_settings(settings),
+        UserBindingInterceptor(),
         RateLimitInterceptor.from_settings(settings),
         ConcurrencyLimiter.from_settings(settings),
     ]

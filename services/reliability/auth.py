@@ -5,14 +5,21 @@ on every call except health and reflection. Keys come from ``RECSYS_API_KEYS`` a
 file ``RECSYS_API_KEYS_FILE`` (a mounted Kubernetes Secret), both JSON::
 
     {"sha256:<hex digest of the key>": {"client": "web", "scopes": ["read"]},
-     "<plain key, hashed on load>": {"client": "etl", "scopes": ["write"], "rate_limit_rps": 5}}
+     "<plain key, hashed on load>": {"client": "etl", "scopes": ["write"], "rate_limit_rps": 5},
+     "sha256:<...>": {"client": "app-42", "scopes": ["read", "write"], "user": "42"}}
 
 Only SHA-256 digests are kept in memory; a presented key is hashed and compared with every
 entry in constant time (:func:`hmac.compare_digest`). ``hash_key("...")`` gives the
 ``sha256:`` form to store. Scopes: ``read`` (Recommend, SimilarItems, GetUserProfile),
 ``write`` (IngestEvents, StreamIngestEvents), ``admin`` (DeleteUser, UpsertItems, and every
 method not listed; admin implies the other two). No or an unknown key is ``UNAUTHENTICATED``;
-a known key without the method's scope is ``PERMISSION_DENIED``.
+a known key without the method's scope is ``PERMISSION_DENIED``. A key with a ``user`` is
+bound to that user (per-user authorization, e.g. a key handed to one app install): it may
+only name that user in a request (:mod:`services.reliability.user_binding`).
+
+The key file is watched: a changed file (modification time, size or inode; checked at most
+every :data:`RELOAD_CHECK_S`) is re-read without a restart, and a file that does not parse
+keeps the previous keys in service, with an error in the log.
 
 ``RECSYS_AUTH_MODE=none`` (the local default) admits every call, with a WARNING at start;
 the caller is then identified by its TLS client certificate's common name, else its address,
@@ -27,7 +34,10 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +76,7 @@ class Principal:
     scopes: frozenset[str]
     rate_limit_rps: float | None = None
     authenticated: bool = False
+    user: str | None = None  # a key bound to one user may only name that user
 
     def allows(self, scope: str) -> bool:
         return ADMIN in self.scopes or scope in self.scopes
@@ -108,12 +119,11 @@ class KeyStore:
             if len(raw) != 32:
                 raise ValueError(f"api key of {client!r}: a sha256 digest has 64 hex digits")
             rps = entry.get("rate_limit_rps")
-            self._keys.append(
-                (
-                    raw,
-                    Principal(client, frozenset(scopes), None if rps is None else float(rps), True),
-                )
-            )
+            user = entry.get("user")
+            if user is not None and (not isinstance(user, str) or not user):
+                raise ValueError(f"api key of {client!r}: 'user' must be a non-empty string")
+            rate = None if rps is None else float(rps)
+            self._keys.append((raw, Principal(client, frozenset(scopes), rate, True, user)))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -136,6 +146,9 @@ class KeyStore:
             entries.update(data)
         return cls(entries)
 
+    def current(self) -> KeyStore:
+        return self
+
     def lookup(self, key: str) -> Principal | None:
         """The principal of ``key``; every entry is compared, so timing reveals nothing."""
         digest = hashlib.sha256(key.encode("utf-8", "replace")).digest()
@@ -144,6 +157,68 @@ class KeyStore:
             if hmac.compare_digest(stored, digest):
                 found = principal
         return found
+
+
+RELOAD_CHECK_S = 1.0
+
+
+class ReloadingKeyStore:
+    """The settings' keys, re-read when ``api_keys_file`` changes on disk."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        check_s: float = RELOAD_CHECK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.check_s = check_s
+        self.clock = clock
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._stamp = self._file_stamp()
+        self._store = KeyStore.from_settings(settings)
+        self._next_check = clock() + check_s
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        path = self.settings.api_keys_file
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
+
+    def current(self) -> KeyStore:
+        """The keys in force, re-read first when the file changed since the last look."""
+        now = self.clock()
+        if self.settings.api_keys_file is None or now < self._next_check:
+            return self._store
+        with self._lock:
+            if now < self._next_check:
+                return self._store
+            self._next_check = now + self.check_s
+            stamp = self._file_stamp()
+            if stamp is None or stamp == self._stamp:
+                return self._store  # unchanged, or missing mid-swap: keep what works
+            self._stamp = stamp
+            try:
+                store = KeyStore.from_settings(self.settings)
+            except (OSError, ValueError) as exc:
+                log.error("API key file changed but is not usable, keeping the old keys: %s", exc)
+                return self._store
+            if not store:
+                log.error("API key file changed to no keys at all, keeping the old keys")
+                return self._store
+            self._store = store
+            self.reloads += 1
+        log.info("API keys reloaded from %s: %d key(s)", self.settings.api_keys_file, len(store))
+        return store
+
+    def lookup(self, key: str) -> Principal | None:
+        return self.current().lookup(key)
 
 
 def presented_key(context: grpc.ServicerContext) -> str | None:
@@ -173,13 +248,13 @@ def peer_name(context: grpc.ServicerContext) -> str:
 class AuthInterceptor(GuardInterceptor):
     """Admits a call (setting :func:`current_principal`) or aborts with the right code."""
 
-    def __init__(self, mode: str, keys: KeyStore | None = None) -> None:
+    def __init__(self, mode: str, keys: KeyStore | ReloadingKeyStore | None = None) -> None:
         if mode not in ("none", "api_key"):
             raise ValueError(f"auth mode {mode!r}: use 'none' or 'api_key'")
         if mode == "api_key" and not keys:
             raise ValueError("auth mode api_key needs RECSYS_API_KEYS or RECSYS_API_KEYS_FILE")
         self.mode = mode
-        self.keys = keys or KeyStore({})
+        self.keys: KeyStore | ReloadingKeyStore = keys or KeyStore({})
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuthInterceptor:
@@ -189,7 +264,7 @@ class AuthInterceptor(GuardInterceptor):
                 "upsert items and delete users. Set RECSYS_AUTH_MODE=api_key outside a laptop."
             )
             return cls("none")
-        keys = KeyStore.from_settings(settings)
+        keys = ReloadingKeyStore(settings)
         log.info("API-key authentication on: %d key(s)", len(keys))
         return cls("api_key", keys)
 

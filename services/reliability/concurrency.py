@@ -29,7 +29,7 @@ import grpc
 
 from core.config import Settings
 from services.reliability.guard import GuardInterceptor, abort
-from services.reliability.retry_info import retry_trailers
+from services.reliability.retry_info import jittered, retry_trailers
 
 log = logging.getLogger(__name__)
 
@@ -98,5 +98,6 @@ class ConcurrencyLimiter(GuardInterceptor):
                 f"{wait * 1000:.0f} ms; retry with backoff"
             )
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            abort(context, code, message, retry_trailers(code.value[0], message, self.max_wait_s))
+            hint = jittered(self.max_wait_s)
+            abort(context, code, message, retry_trailers(code.value[0], message, hint))
         return self._held()

@@ -23,7 +23,7 @@ import grpc
 from core.config import Settings
 from services.reliability.auth import current_principal, peer_name
 from services.reliability.guard import GuardInterceptor, abort
-from services.reliability.retry_info import retry_trailers
+from services.reliability.retry_info import jittered, retry_trailers
 
 MAX_CLIENTS = 10_000
 
@@ -78,6 +78,7 @@ class RateLimitInterceptor(GuardInterceptor):
         rate = principal.rate_limit_rps if principal else None
         wait = self.buckets.take(client, rate)
         if wait > 0:
+            wait = jittered(wait)
             limit = self.buckets.rate if rate is None else rate
             message = (
                 f"rate limit of {limit:g} calls/s for client {client!r} exceeded; "

@@ -4,12 +4,17 @@ gRPC clients of every language read a rich error status from the ``grpc-status-d
 trailer; a ``RetryInfo`` detail there tells them how long to back off. The two messages are
 declared here in a private descriptor pool (wire-identical to the googleapis definitions, and
 no clash if those are imported too). A plain ``retry-after-ms`` trailer says the same for
-clients that do not decode details.
+clients that do not decode details, and ``grpc-retry-pushback-ms`` says it to gRPC's own
+retry logic (the service-config retries of ``recsys_client`` and of other languages' clients
+wait exactly that long before the next attempt). Hints carry jitter (:func:`jittered`), so
+the clients shed together do not all come back in the same millisecond.
 """
 
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import (
@@ -21,6 +26,8 @@ from google.protobuf import (
 )
 
 RETRY_AFTER_KEY = "retry-after-ms"
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+JITTER = 0.2  # hints are stretched by up to 20 %, never shortened
 DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -70,7 +77,16 @@ def retry_trailers(code: int, message: str, delay_s: float) -> tuple[tuple[str, 
     info.retry_delay.FromMilliseconds(millis)
     status = Status(code=code, message=message)
     status.details.add().Pack(info)
-    return ((RETRY_AFTER_KEY, str(millis)), (DETAILS_KEY, status.SerializeToString()))
+    return (
+        (RETRY_AFTER_KEY, str(millis)),
+        (PUSHBACK_KEY, str(millis)),
+        (DETAILS_KEY, status.SerializeToString()),
+    )
+
+
+def jittered(delay_s: float, rand: Callable[[], float] = random.random) -> float:
+    """``delay_s`` stretched by a random 0-20 %: never earlier than the token is back."""
+    return delay_s * (1.0 + JITTER * rand())
 
 
 def retry_delay_ms(trailing_metadata: Any) -> int | None:

@@ -3,13 +3,23 @@
 ``RECSYS_TLS_CERT_FILE`` + ``RECSYS_TLS_KEY_FILE`` turn TLS on (``add_secure_port``);
 ``RECSYS_TLS_CLIENT_CA_FILE`` in addition requires every client to present a certificate
 signed by that CA (mutual TLS), whose common name then identifies the caller when API keys
-are off. Neither set = plaintext, fine on loopback only. Certificates are read at start:
-a rotated Secret takes effect on the next rollout.
+are off. Neither set = plaintext, fine on loopback only.
+
+Rotation without restart: the credentials are ``grpc.dynamic_ssl_server_credentials``, whose
+fetcher gRPC calls on every new connection. :class:`CertificateFiles` answers from the files'
+stat (modification time, size, inode; a Kubernetes Secret update swaps them all at once) and
+re-reads them once they changed and have been still for :data:`SETTLE_S` (so a half-copied
+pair is not served). Connections already open keep their session; a file that cannot be read
+keeps the previous certificates in service, with an error in the log.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -29,6 +39,69 @@ def _read(path: Path, what: str) -> bytes:
     return data
 
 
+SETTLE_S = 1.0
+Stamp = tuple[tuple[int, int, int] | None, ...]
+
+
+class CertificateFiles:
+    """The server's certificate, key and client CA, re-read when they change on disk."""
+
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        ca: Path | None,
+        settle_s: float = SETTLE_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.paths = (cert, key, *((ca,) if ca is not None else ()))
+        self.mutual = ca is not None
+        self.settle_s = settle_s
+        self.clock = clock
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self.initial = self._load()  # bad files at start fail the start, with the path named
+
+    def _stat(self) -> Stamp:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, *ca = self.paths
+        pair = (_read(key, "TLS key"), _read(cert, "TLS certificate"))
+        roots = _read(ca[0], "client CA") if ca else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=roots)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's fetcher (each new connection): new certificates, or None for no change."""
+        stamp = self._stat()
+        if stamp == self._stamp or None in stamp:
+            return None
+        newest = max(s[0] for s in stamp if s is not None) / 1e9
+        if self.clock() - newest < self.settle_s:
+            return None  # still being written: serve the old pair a little longer
+        with self._lock:
+            if stamp == self._stamp:
+                return None
+            self._stamp = stamp
+            try:
+                config = self._load()
+            except ValueError as exc:
+                log.error("TLS files changed but cannot be used, keeping the old ones: %s", exc)
+                return None
+            self.reloads += 1
+        log.info("TLS certificates reloaded from %s", ", ".join(map(str, self.paths)))
+        return config
+
+
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """Server credentials from the settings' files, or None for plaintext."""
     cert, key, ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
@@ -39,11 +112,13 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     if cert is None or key is None:
         raise ValueError("TLS needs both RECSYS_TLS_CERT_FILE and RECSYS_TLS_KEY_FILE")
-    pair = (_read(key, "TLS key"), _read(cert, "TLS certificate"))
-    roots = _read(ca, "client CA") if ca is not None else None
-    log.info("TLS on%s", " with client certificates required (mTLS)" if roots else "")
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=roots, require_client_auth=roots is not None
+    files = CertificateFiles(cert, key, ca)
+    log.info(
+        "TLS on%s; certificate files are watched and reloaded on change",
+        " with client certificates required (mTLS)" if files.mutual else "",
+    )
+    return grpc.dynamic_ssl_server_credentials(
+        files.initial, files.fetch, require_client_authentication=files.mutual
     )
 
 

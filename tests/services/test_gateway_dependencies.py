@@ -50,8 +50,6 @@ GATEWAY_ENTRY_MODULES = (
     "services.gateway.__main__",
     "services.gateway.server",
     "services.gateway.servicer",
-    "services.cli",
-    "services.client",
 )
 # Our own top-level packages: the layers, and the generated stubs (services/api puts its own
 # directory on sys.path, so they import as ``recsys.v1``).

@@ -11,10 +11,10 @@ import urllib.request
 
 import grpc
 import pytest
+from recsys_client import RecommenderClient
 
 from ops.stack import LocalStack
 from services.api import pb, pb_grpc
-from services.client import RecommenderClient
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 1.5

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from recsys_client import RecommenderClient
 
 from ops.stack import LocalStack
 from services.api import pb, pb_grpc
-from services.client import RecommenderClient
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
 

@@ -1,4 +1,4 @@
-"""``recsys``: talk to a running gateway from the shell.
+"""``recsys``: talk to a running gateway from the shell (plaintext, TLS or mutual TLS).
 
 recsys recommend --user 42 -k 10
 recsys similar --item 1
@@ -6,19 +6,24 @@ recsys profile --user 42
 recsys ingest --user 42 --item 1 --type click
 recsys upsert-item --item new-1 --title "..." --categories Drama,Comedy
 recsys delete-user --user 42
+recsys --tls --ca ca.pem --cert client.pem --key client.key --api-key ... recommend --user 42
+
+Every connection flag has an environment variable: RECSYS_TARGET (else localhost and
+RECSYS_GRPC_PORT), RECSYS_TIMEOUT, RECSYS_API_KEY, RECSYS_TLS=1, RECSYS_CA_FILE,
+RECSYS_CERT_FILE, RECSYS_KEY_FILE, RECSYS_TLS_SERVER_NAME. A flag wins over its variable.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-import grpc
-
-from core.config import get_settings
-from services.api import pb
-from services.client import RecommenderClient
+from recsys_client._pb import pb
+from recsys_client.client import DEFAULT_TIMEOUT_S, RecommenderClient, Tls
+from recsys_client.errors import RecsysError
 
 EVENT_TYPES = {
     "view": pb.EVENT_TYPE_VIEW,
@@ -26,6 +31,7 @@ EVENT_TYPES = {
     "rating": pb.EVENT_TYPE_RATING,
     "purchase": pb.EVENT_TYPE_PURCHASE,
 }
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def _print_items(items: Sequence[pb.ScoredItem]) -> None:
@@ -42,11 +48,46 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    s = get_settings()
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if env is None else env
+    target = env.get("RECSYS_TARGET") or f"localhost:{env.get('RECSYS_GRPC_PORT', '50051')}"
     parser = argparse.ArgumentParser(prog="recsys", description="Recommendation gateway client.")
-    parser.add_argument("--target", default=f"{s.grpc_host}:{s.grpc_port}", help="host:port")
-    parser.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    parser.add_argument("--target", default=target, help="host:port (RECSYS_TARGET)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(env.get("RECSYS_TIMEOUT", DEFAULT_TIMEOUT_S)),
+        help="deadline in seconds (RECSYS_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--api-key", default=env.get("RECSYS_API_KEY"), help="API key (RECSYS_API_KEY)"
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=env.get("RECSYS_TLS", "").lower() in _TRUE,
+        help="use TLS; implied by --ca/--cert/--key (RECSYS_TLS=1)",
+    )
+    parser.add_argument(
+        "--ca", type=Path, default=env.get("RECSYS_CA_FILE"), help="CA to trust (RECSYS_CA_FILE)"
+    )
+    parser.add_argument(
+        "--cert",
+        type=Path,
+        default=env.get("RECSYS_CERT_FILE"),
+        help="client certificate for mutual TLS (RECSYS_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--key",
+        type=Path,
+        default=env.get("RECSYS_KEY_FILE"),
+        help="client private key for mutual TLS (RECSYS_KEY_FILE)",
+    )
+    parser.add_argument(
+        "--server-name",
+        default=env.get("RECSYS_TLS_SERVER_NAME"),
+        help="name expected in the server certificate (RECSYS_TLS_SERVER_NAME)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recommend", help="top-k items for a user")
     rec.add_argument("--user", required=True)
@@ -64,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--item", required=True)
     ing.add_argument("--type", choices=sorted(EVENT_TYPES), default="click")
     ing.add_argument("--value", type=float, default=0.0, help="rating value for --type rating")
+    ing.add_argument("--idempotency-key", default="", help="default: a fresh random key")
     up = sub.add_parser("upsert-item", help="add or replace a catalogue item")
     up.add_argument("--item", required=True)
     up.add_argument("--title", required=True)
@@ -74,8 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def client_from_args(args: argparse.Namespace) -> RecommenderClient:
+    """The client the connection flags describe."""
+    tls: Tls | None = None
+    if args.tls or args.ca or args.cert or args.key:
+        tls = Tls(args.ca, args.cert, args.key, args.server_name)
+    return RecommenderClient(args.target, args.timeout, api_key=args.api_key, tls=tls)
+
+
 def run(args: argparse.Namespace) -> None:
-    with RecommenderClient(args.target, timeout=args.timeout) as client:
+    with client_from_args(args) as client:
         if args.command == "recommend":
             reply = client.recommend(
                 args.user, args.k, args.categories, args.exclude, args.diversity
@@ -100,9 +150,14 @@ def run(args: argparse.Namespace) -> None:
                 item_id=args.item,
                 event_type=EVENT_TYPES[args.type],
                 value=args.value,
+                idempotency_key=args.idempotency_key,
             )
             event.event_time.GetCurrentTime()
-            print(f"accepted {client.ingest([event]).accepted_count} event(s)")
+            reply = client.ingest([event])
+            print(
+                f"accepted {reply.accepted_count} event(s), {reply.duplicate_count} duplicate(s)"
+                f" (idempotency key {event.idempotency_key})"
+            )
         elif args.command == "upsert-item":
             item = pb.Item(
                 item_id=args.item,
@@ -120,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except grpc.RpcError as err:
-        code = err.code() if hasattr(err, "code") else None
-        details = err.details() if hasattr(err, "details") else str(err)
-        print(f"error: {code.name if code else 'UNKNOWN'}: {details}", file=sys.stderr)
+    except RecsysError as err:
+        print(f"error: {err.code().name}: {err.message}", file=sys.stderr)
+        for field, why in err.field_violations:
+            print(f"  {field}: {why}", file=sys.stderr)
+        if err.retry_delay is not None:
+            print(f"  retry after {err.retry_delay:.3f} s", file=sys.stderr)
         return 1
+    except ValueError as err:  # unreadable certificate files and the like
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
