@@ -177,7 +177,7 @@ fuzz: env ## >= 10,000 generated requests against the real gateway, plus the fil
 reliability: env ## fault scenarios (kills, restarts), then the report table
 	rm -f var/reliability/report.jsonl
 	RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/reliability/report.jsonl $(PY) -m pytest -q \
-	  -p no:cacheprovider -m integration tests/services/reliability \
+	  -p no:cacheprovider -m integration tests/services/reliability tests/services/events \
 	  tests/services/gateway/test_fuzz_requests.py tests/services/gateway/test_faults_under_load.py \
 	  --timeout=1800
 	$(PY) -m ops.reliability_report var/reliability/report.jsonl

@@ -226,7 +226,6 @@ def run(
         return results
 
     state = cache / f"stack-{os.getpid()}"
-    os.environ["RECSYS_WAL_DIR"] = str(state / "wal")  # the gateway's, not the repository's
     try:
         with stack.running_stack(repository, data_dir, state) as running:
             results["setup"]["stack_ready_s"] = round(time.monotonic() - t0, 1)

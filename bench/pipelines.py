@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     repository, _ = bench_stack.exported_repository(models, args.cache_dir)
     data_dir = bench_stack.dataset_slice(args.items, 0, args.cache_dir)
     state = args.cache_dir / f"pipelines-{os.getpid()}"
-    os.environ["RECSYS_WAL_DIR"] = str(state / "wal")
     with bench_stack.running_stack(repository, data_dir, state, milvus=args.milvus) as running:
         users = gateway.known_users(running.settings, 200)
         section = compare(running, users, ((1, 200, 30.0), (16, 1000, 30.0)), args.rounds, 180.0)

@@ -44,6 +44,7 @@ USER_FIELDS = [
     "seen_items",
     "history_size",
     "updated_at",
+    "version",
     "events",
 ]
 
@@ -93,6 +94,7 @@ def users_schema(dim: int) -> CollectionSchema:
     _add_string_list(schema, "seen_items", SEEN_ITEMS)
     schema.add_field("history_size", DataType.INT64)
     schema.add_field("updated_at", DataType.INT64)  # epoch milliseconds
+    schema.add_field("version", DataType.INT64)  # event-log sequence applied (profile worker)
     # the newest events in time order, the sequence model's input (core.sequence_inputs)
     schema.add_field("events", DataType.JSON)
     return schema

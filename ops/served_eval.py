@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
+from recsys_client import RecommenderClient
 
 from core.config import Settings, get_settings
 from ops.demo import index_dataset
 from ops.segments import K_SCAN, SegmentReport
 from ops.stack import LocalStack, local_stack
 from services.api import pb
-from services.client import RecommenderClient
 from training.data.schema import Dataset
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,10 @@ class ServedGateway:
 
     def fit(self, train: Dataset) -> None:
         shutil.rmtree(self.var_dir, ignore_errors=True)
-        stack: LocalStack = self._exit.enter_context(local_stack(self.settings, self.var_dir))
+        # Read-your-writes for the whole call deadline: each fold-in batch is applied by the
+        # profile worker before the next Recommend, as the offline systems see it.
+        settings = self.settings.model_copy(update={"ingest_wait_applied_s": self.timeout_s})
+        stack: LocalStack = self._exit.enter_context(local_stack(settings, self.var_dir))
         stack.start_milvus()
         stack.start_triton()
         self.segments = index_dataset(stack, train, k_scan=K_SCAN)

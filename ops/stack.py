@@ -1,4 +1,5 @@
-"""The whole local stack (Milvus, tritonserver, gateway) as one context manager.
+"""The whole local stack (Milvus, tritonserver, nats-server, profile worker, gateway) as one
+context manager.
 
 Milvus is the Milvus Lite server by default, or the real engine with
 ``RECSYS_MILVUS_SERVER=engine`` (or ``start_milvus(engine=True)``).
@@ -26,7 +27,10 @@ from ops.processes import (
     milvus_engine_healthy,
     milvus_engine_process,
     milvus_process,
+    nats_healthy,
+    nats_process,
     port_open,
+    profile_worker_process,
     triton_process,
 )
 from services.inference.triton_client import TritonClient
@@ -44,6 +48,8 @@ class Ports:
     milvus: int = 0
     milvus_metrics: int = 0  # the engine's /healthz and /metrics (Milvus Lite has none)
     gateway_metrics: int = 0
+    nats: int = 0
+    nats_monitor: int = 0  # nats-server's /healthz, /jsz
 
     def fill(self) -> Ports:
         for name in self.__dataclass_fields__:
@@ -80,12 +86,16 @@ class LocalStack:
             "RECSYS_USERS_COLLECTION": self.settings.users_collection,
             "RECSYS_LOG_LEVEL": self.settings.log_level,
             "RECSYS_READINESS_POLL_S": str(self.settings.readiness_poll_s),
-            "RECSYS_WAL_DIR": str(self.var_dir / "wal"),
             "RECSYS_EXPOSURE_LOG": str(self.var_dir / "experiments" / "exposures.jsonl"),
             "RECSYS_EXPERIMENTS": self.settings.experiments,
             "RECSYS_RANK_CANDIDATES": str(self.settings.rank_candidates),
             "RECSYS_CROSS_ENCODER_TOP": str(self.settings.cross_encoder_top),
             "RECSYS_TRITON_FEATURE_RANKER_MODEL": self.settings.triton_feature_ranker_model,
+            "RECSYS_NATS_URLS": self.settings.nats_urls,
+            "RECSYS_PSEUDONYM_KEY": self.settings.pseudonym_key.get_secret_value(),
+            "RECSYS_WORKER_METRICS_PORT": "0",
+            "RECSYS_WORKER_LEASE_S": str(self.settings.worker_lease_s),
+            "RECSYS_INGEST_WAIT_APPLIED_S": str(self.settings.ingest_wait_applied_s),
         }
 
     # --- processes -----------------------------------------------------------------------
@@ -138,7 +148,28 @@ class LocalStack:
         self.processes["triton"] = proc
         return proc
 
+    def start_nats(self, timeout: float = 30) -> ManagedProcess:
+        """nats-server with JetStream on ``ports.nats``, its data under ``<var>/nats``."""
+        proc = nats_process(
+            self.var_dir / "nats", self.ports.nats, self.ports.nats_monitor, self.var_dir
+        ).start()
+        proc.wait_ready(lambda: nats_healthy(self.ports.nats_monitor), timeout)
+        self.processes["nats"] = proc
+        return proc
+
+    def start_worker(self, name: str = "profile-worker") -> ManagedProcess:
+        """A profile worker applying the events stream (``name``: several may run)."""
+        proc = profile_worker_process(self.env(), self.var_dir, f"{name}.log").start()
+        self.processes[name] = proc
+        return proc
+
     def start_gateway(self, timeout: float = 60) -> ManagedProcess:
+        """The gateway; the event log and one profile worker first, unless already up (the
+        gateway is not ready without the log, and ingested events need a worker)."""
+        if "nats" not in self.processes:
+            self.start_nats()
+        if not any(n.startswith("profile-worker") for n in self.processes):
+            self.start_worker()
         proc = gateway_process(self.env(), self.var_dir).start()
         proc.wait_ready(lambda: gateway_serving(self.gateway_target), timeout)
         self.processes["gateway"] = proc
@@ -153,7 +184,8 @@ class LocalStack:
         return self.start_gateway()
 
     def stop(self) -> None:
-        for name in ("gateway", "triton", "milvus"):
+        workers = [n for n in self.processes if n.startswith("profile-worker")]
+        for name in ("gateway", *workers, "nats", "triton", "milvus"):
             proc = self.processes.pop(name, None)
             if proc is not None:
                 proc.stop()
@@ -182,6 +214,7 @@ def local_stack(base: Settings, var_dir: Path, ports: Ports | None = None) -> It
             "milvus_uri": f"http://127.0.0.1:{ports.milvus}",
             "grpc_port": ports.gateway,
             "metrics_port": ports.gateway_metrics,
+            "nats_urls": f"nats://127.0.0.1:{ports.nats}",
         }
     )
     stack = LocalStack(settings, var_dir, ports)

@@ -1,6 +1,6 @@
 """Real components for the integration tests: an exported model repository, tritonserver,
-a Milvus Lite server (the real engine with ``RECSYS_MILVUS_SERVER=engine``) and the gateway
-process, on free ports, stopped at the end.
+a Milvus Lite server (the real engine with ``RECSYS_MILVUS_SERVER=engine``), nats-server (the
+event log), one profile worker and the gateway process, on free ports, stopped at the end.
 
 ``stack`` is shared by every integration test of the session; ``scratch_stack`` is a second,
 independent one for tests that write arbitrary data (the request fuzzer), so whatever they
@@ -150,6 +150,8 @@ def _indexed_stack(
         running.start_milvus()
         running.start_triton()
         index_dataset(running, load_dataset(dataset_dir))
+        running.start_nats()
+        running.start_worker()
         running.start_gateway()
         yield running
 
@@ -186,7 +188,7 @@ def store(stack: LocalStack) -> Iterator[object]:
 
 @pytest.fixture()
 def client(stack: LocalStack) -> Iterator[object]:
-    from services.client import RecommenderClient
+    from recsys_client import RecommenderClient
 
     with RecommenderClient(stack.gateway_target, timeout=20) as c:
         yield c

@@ -8,6 +8,7 @@ possible), a passed deadline ``DEADLINE_EXCEEDED``; nothing else escapes as a cr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -22,15 +23,18 @@ from core.rows import item_row
 from core.text import item_text
 from services.api import pb, pb_grpc
 from services.deadline import Deadline, DeadlineExceeded
+from services.events.log import EventLogUnavailable
 from services.gateway import validation as v
 from services.gateway.metrics import record_recommendation
 from services.gateway.state import GatewayState
 from services.inference.triton_client import InferenceUnavailable
 from services.recommend.context import Filters
-from services.reliability.wal import WalError
+from services.reliability.redaction import public_degraded, public_unavailable
+from services.reliability.retry_info import jittered, retry_trailers
 from services.vectors.store import Row, StoreUnavailable
 
 log = logging.getLogger(__name__)
+EVENT_LOG_RETRY_S = 1.0  # back-off hinted when the event log did not acknowledge
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -52,8 +56,16 @@ def rpc(method: Callable[[Any, Req, grpc.ServicerContext], Resp]) -> Callable[..
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except DeadlineExceeded:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method.__name__}: deadline passed")
-        except (StoreUnavailable, InferenceUnavailable, WalError) as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except EventLogUnavailable as exc:  # nothing was acknowledged: retrying is safe
+            log.warning("%s unavailable: %s", method.__name__, exc)
+            code, message = grpc.StatusCode.UNAVAILABLE, public_unavailable(exc)
+            context.set_trailing_metadata(
+                retry_trailers(code.value[0], message, jittered(EVENT_LOG_RETRY_S))
+            )
+            context.abort(code, message)
+        except (StoreUnavailable, InferenceUnavailable) as exc:
+            log.warning("%s unavailable: %s", method.__name__, exc)  # details stay in the log
+            context.abort(grpc.StatusCode.UNAVAILABLE, public_unavailable(exc))
         except Exception:
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error")
@@ -117,7 +129,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 for c, reason in zip(result.items, result.reasons, strict=True)
             ],
             degraded=bool(result.degraded),
-            degraded_reason="; ".join(result.degraded),
+            degraded_reason=public_degraded(result.degraded),
             cold_start=result.cold_start,
             model_version=variant.model_version or self.state.model_version,
             experiment_arm=";".join(a.label() for a in assignments),
@@ -165,7 +177,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     @rpc
     def IngestEvents(self, request: pb.IngestEventsRequest, context: grpc.ServicerContext):
-        accepted, duplicates = self._ingest(list(request.events), self._deadline(context))
+        deadline = self._deadline(context)
+        accepted, duplicates, last_seq = self._ingest(list(request.events), deadline)
+        self._wait_applied(last_seq, deadline)
         return pb.IngestEventsResponse(accepted_count=accepted, duplicate_count=duplicates)
 
     @rpc
@@ -176,21 +190,37 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     ):
         deadline = self._deadline(context)
         accepted = duplicates = 0
+        last_seq: dict[str, int] = {}
         for message in request_iterator:
-            a, d = self._ingest(list(message.events), deadline)
+            a, d, seqs = self._ingest(list(message.events), deadline)
             accepted, duplicates = accepted + a, duplicates + d
+            last_seq.update(seqs)  # sequences grow: the later message's are the newer
+        self._wait_applied(last_seq, deadline)
         return pb.StreamIngestEventsResponse(accepted_count=accepted, duplicate_count=duplicates)
 
-    def _ingest(self, events: list[pb.Event], deadline: Deadline) -> tuple[int, int]:
-        """OK means durable: the events are in the fsync'd log before the reply. The reply
-        also waits (within the deadline) until they are applied, so the caller's next
-        Recommend sees them; if Triton or Milvus are down they are applied on recovery."""
+    def _ingest(
+        self, events: list[pb.Event], deadline: Deadline
+    ) -> tuple[int, int, dict[str, int]]:
+        """OK means durable: JetStream acknowledged every event (stored on its replicas)
+        before the reply. A client's idempotency_key is the message id, so a retry through
+        any gateway replica within the duplicate window is counted as a duplicate, once."""
         v.check_events(events, self.settings.max_events_per_call)
-        result = self.state.applier.submit(events)
-        self._record_feedback([r.event for r in result.records])
-        if result.records:
-            self.state.applier.wait_applied(result.last_offset, deadline.reserve(0.1).left())
-        return result.accepted, result.duplicates
+        result = self.state.events.call(
+            lambda log: log.publish(events), deadline.reserve(0.1).left()
+        )
+        if result.accepted:
+            self._record_feedback(events)
+        return result.accepted, result.duplicates, result.last_seq
+
+    def _wait_applied(self, last_seq: dict[str, int], deadline: Deadline) -> None:
+        """Read-your-writes: wait, within the deadline, until the profile workers applied
+        these events, so the caller's next Recommend sees them. Not an error when they have
+        not yet (Triton or Milvus down, a backlog): the events are durable and will apply."""
+        if not self.settings.ingest_wait_applied_s or not last_seq:
+            return
+        with contextlib.suppress(EventLogUnavailable, DeadlineExceeded):
+            budget = min(self.settings.ingest_wait_applied_s, deadline.reserve(0.1).left())
+            self.state.events.call(lambda log: log.wait_applied(last_seq, budget), budget + 0.5)
 
     def _record_feedback(self, events: list[pb.Event]) -> None:
         """Clicks and purchases of users in experiments, logged with their arm."""
@@ -202,10 +232,20 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.ServicerContext):
         deadline = self._deadline(context)
         user_id = v.check_id(request.user_id, "user_id")
-        with self.state.applier.exclusive():  # no batch of this user is applied meanwhile
-            removed = self.state.wal.delete_user(user_id)
-            removed += self.state.experiments.delete_user(user_id)
-            existed = self.state.store.delete_user(user_id, deadline.left()) or removed > 0
+        # Under the user's lease (no worker applies them meanwhile): purge their events from
+        # the log and the dead letters, tombstone them (older events are never applied,
+        # wherever they are), then delete the row.
+        budget = deadline.reserve(0.2).left()
+        row: list[bool] = []
+
+        def delete_row() -> None:
+            row.append(self.state.store.delete_user(user_id, deadline.left()))
+
+        removed = self.state.events.call(
+            lambda log: log.forget_user(user_id, budget * 0.5, delete_row), budget
+        )
+        removed += self.state.experiments.delete_user(user_id)
+        existed = bool(row and row[0]) or removed > 0
         return pb.DeleteUserResponse(existed=existed)
 
     # --- catalogue -----------------------------------------------------------------------

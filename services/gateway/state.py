@@ -1,8 +1,9 @@
 """What the gateway holds between calls, and the monitor that keeps its health honest.
 
-The monitor polls Triton and Milvus; the gRPC health service reports SERVING only while both
-are ready, and says plainly in the log which one is not. It also creates missing Milvus
-collections, refreshes the popularity cache and the served model version.
+The monitor polls Triton, Milvus and the event log (NATS JetStream); the gRPC health service
+reports SERVING only while all three are ready, and says plainly in the log which one is not.
+It also creates missing Milvus collections, refreshes the popularity cache and the served
+model version.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from core.config import Settings
-from services.deadline import Deadline
+from services.events.log import BlockingEventLog
 from services.experiments.runtime import ExperimentService
 from services.gateway.metrics import observe_stage
 from services.inference.triton_client import InferenceUnavailable, TritonClient
@@ -22,12 +23,10 @@ from services.profiles.profiles import Profiles
 from services.recommend.pipeline import Pipeline
 from services.recommend.rank import Rankers, RankerStatus
 from services.recommend.retrieve import PopularItems
-from services.reliability.wal import WalApplier, WriteAheadLog
 from services.vectors.store import StoreSchemaError, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "recsys.v1.RecommenderService"
-APPLY_TIMEOUT_S = 30.0  # one WAL batch: read rows, re-encode users on Triton, upsert
 
 
 class GatewayState:
@@ -39,12 +38,10 @@ class GatewayState:
         self.triton = TritonClient(settings)
         self.profiles = Profiles(self.store, self.triton, settings.history_window)
         self.popular = PopularItems(settings.popular_cache_size)
-        # Ingestion is durable first (fsync'd log), applied to profiles second, on one
-        # thread in log order; a restart replays whatever was acknowledged but not applied.
-        self.wal = WriteAheadLog.from_settings(settings)
-        self.applier = WalApplier(
-            self.wal, lambda events: self.profiles.apply(events, Deadline.after(APPLY_TIMEOUT_S))
-        )
+        # Ingested events go to the shared event log (NATS JetStream); profile workers,
+        # separate processes, apply them. The gateway itself keeps no state of its own.
+        self.events = BlockingEventLog(settings)
+        self.events_ready = False
         # Invalid experiment JSON fails the start, loudly, rather than running no experiment.
         self.experiments = ExperimentService.from_settings(settings)
         self.rankers = Rankers()
@@ -78,7 +75,16 @@ class GatewayState:
             self.health.set(name, status)
 
     def check_once(self) -> bool:
-        """Probe both dependencies once and update health; True when both are ready."""
+        """Probe the dependencies once and update health; True when all are ready."""
+        events_ready = self.events.ready()
+        if events_ready != self.events_ready:
+            log.log(
+                logging.INFO if events_ready else logging.WARNING,
+                "event log %s (%s)",
+                "ready" if events_ready else "NOT READY",
+                self.settings.nats_urls,
+            )
+        self.events_ready = events_ready
         triton_ready = self.triton.ready()
         milvus_ready = self.store.ping()
         if not milvus_ready:
@@ -124,12 +130,11 @@ class GatewayState:
                 self.settings.milvus_uri,
             )
         self.triton_ready, self.milvus_ready = triton_ready, milvus_ready
-        self._set_health(triton_ready and milvus_ready)
-        return triton_ready and milvus_ready
+        self._set_health(triton_ready and milvus_ready and events_ready)
+        return triton_ready and milvus_ready and events_ready
 
     def start_background(self) -> None:
-        """Dependency monitor and the WAL applier (which first replays what is pending)."""
-        self.applier.start()
+        """The dependency monitor (profiles are applied by the profile workers)."""
         self.start_monitor()
 
     def start_monitor(self) -> None:
@@ -152,7 +157,6 @@ class GatewayState:
 
     def close(self) -> None:
         self.begin_shutdown()
-        self.applier.stop()
-        self.wal.close()
+        self.events.close()
         self.triton.close()
         self.store.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -65,8 +65,17 @@ class Profiles:
         values = pd.Series([e.value if e.value else float("nan") for e in events], dtype=float)
         return [float(w) for w in self.rule.weights(types, values)]
 
-    def apply(self, events: Sequence[pb.Event], deadline: Deadline) -> ProfileUpdate:
-        """Fold events into their users' rows and re-encode the changed users."""
+    def apply(
+        self,
+        events: Sequence[pb.Event],
+        deadline: Deadline,
+        versions: Mapping[str, int] | None = None,
+    ) -> ProfileUpdate:
+        """Fold events into their users' rows and re-encode the changed users.
+
+        ``versions`` (user id -> the event-log sequence of the user's newest event here) is
+        written on each row, so that the profile worker knows what a row already contains;
+        users not named keep their row's version."""
         weights = self.positive_weights(events)
         by_user: dict[str, list[tuple[float, str, float, str]]] = defaultdict(list)
         for event, weight in zip(events, weights, strict=True):
@@ -100,6 +109,9 @@ class Profiles:
                     events=append_events(
                         current.get("events") if current else None,
                         [(ts, item, kind, weight > 0) for ts, item, weight, kind in user_events],
+                    ),
+                    version=(versions or {}).get(
+                        user_id, int(current.get("version") or 0) if current else 0
                     ),
                 )
             )

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from recsys_client import RecommenderClient
 
 from ops.processes import free_port, gateway_process
 from ops.stack import LocalStack, gateway_serving
 from services.api import pb
-from services.client import RecommenderClient
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,6 @@ def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path:
         **stack.env(),
         "RECSYS_GRPC_PORT": str(port),
         "RECSYS_METRICS_PORT": "0",
-        "RECSYS_WAL_DIR": str(tmp_path / "wal"),
         "RECSYS_EXPOSURE_LOG": str(log_path),
         "RECSYS_EXPERIMENTS": json.dumps(EXPERIMENTS),
     }

@@ -57,7 +57,6 @@ def test_not_serving_until_milvus_is_up_then_graceful_stop(
         "RECSYS_ITEMS_COLLECTION": "lifecycle_items",
         "RECSYS_USERS_COLLECTION": "lifecycle_users",
         "RECSYS_GRACE_PERIOD_S": "2",
-        "RECSYS_WAL_DIR": str(tmp_path / "wal"),  # one gateway per log directory
     }
     gateway = gateway_process(env, tmp_path, "gateway-lifecycle.log").start()
     milvus = milvus_process(tmp_path / "milvus", milvus_port, tmp_path)

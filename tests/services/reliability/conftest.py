@@ -100,4 +100,4 @@ def running_server(
 
 @pytest.fixture()
 def base_settings(tmp_path: Any) -> Settings:
-    return Settings(wal_dir=tmp_path / "wal", grpc_workers=8, max_in_flight=4)
+    return Settings(grpc_workers=8, max_in_flight=4)

@@ -1,13 +1,13 @@
-"""The real gateway process with a write-ahead log: SIGKILL during ingestion, user deletion.
+"""The real gateway process on the shared event log: SIGKILL during ingestion, user deletion.
 
-Each test starts its own gateway (own port, own WAL directory, own log file) in front of the
-session's tritonserver and Milvus, so it can be killed and restarted freely. Both tests skip
-while the servicer does not yet write the WAL (``RECSYS_WAL_DIR`` stays empty after an
-acknowledged ``IngestEvents``).
+Each test starts its own gateway (own port, own log file) in front of the session's
+tritonserver, Milvus, nats-server and profile worker, so it can be killed and restarted
+freely: the gateway keeps no state, everything acknowledged is in JetStream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -22,24 +22,23 @@ from ops.processes import ManagedProcess, free_port, gateway_process
 from ops.reliability_report import Scenario, record
 from ops.stack import LocalStack, gateway_serving
 from services.api import pb, pb_grpc
-from services.reliability.wal import MAGIC
+from services.events.log import EventLog
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0
 
 
 class Gateway:
-    """One gateway process with its own port and WAL, restartable on the same ones."""
+    """One gateway process with its own port, restartable on the same one."""
 
     def __init__(self, stack: LocalStack, directory: Path) -> None:
         self.port = free_port()
-        self.wal_dir = directory / "wal"
+        self.stack = stack
         self.var_dir = directory
         self.env = {
             **stack.env(),
             "RECSYS_GRPC_PORT": str(self.port),
             "RECSYS_METRICS_PORT": "0",
-            "RECSYS_WAL_DIR": str(self.wal_dir),
         }
         self.proc: ManagedProcess | None = None
         self.channel: grpc.Channel | None = None
@@ -68,14 +67,18 @@ class Gateway:
         if self.proc is not None:
             self.proc.stop()
 
-    def wal_bytes(self) -> bytes:
-        files = sorted(p for p in self.wal_dir.glob("*") if p.is_file())
-        return b"".join(p.read_bytes() for p in files)
+    def logged_events(self, user: str) -> int:
+        """The user's events still in the event log's stream."""
 
-    def require_wal(self) -> None:
-        segments = list(self.wal_dir.glob("*.wal"))
-        if not any(p.stat().st_size > len(MAGIC) for p in segments):
-            pytest.skip("the servicer does not write the WAL yet (RECSYS_WAL_DIR is empty)")
+        async def count() -> int:
+            log = EventLog(self.stack.settings)
+            await log.connect()
+            try:
+                return len(await log.user_events(user, 0, 1000))
+            finally:
+                await log.close()
+
+        return asyncio.run(count())
 
 
 @pytest.fixture()
@@ -126,14 +129,13 @@ def test_acknowledged_events_survive_gateway_sigkill(gateway: Gateway, store: An
     thread = threading.Thread(target=writer)
     thread.start()
     assert wait_for(lambda: len(acked) >= 5, 60), "no ingestion progress"
-    gateway.require_wal()
     assert wait_for(lambda: len(acked) >= 12, 60)
     gateway.kill()  # SIGKILL, mid-stream
     stop.set()
     thread.join(timeout=30)
 
     restarted = time.monotonic()
-    stub = gateway.start()  # same port, same WAL: replays what was not applied
+    stub = gateway.start()  # same port; what was acknowledged is in JetStream
     expected: dict[str, set[str]] = {u: set() for u in users}
     for b in acked:
         for e in batches[b]:
@@ -168,8 +170,7 @@ def test_deleted_user_leaves_nothing_behind(gateway: Gateway) -> None:
     user = f"forget-me-{uuid.uuid4().hex[:8]}"
     events = [click(user, i, f"{user}-{i}") for i in range(1, 6)]
     stub.IngestEvents(pb.IngestEventsRequest(events=events), timeout=TIMEOUT_S)
-    gateway.require_wal()
-    assert user.encode() in gateway.wal_bytes()
+    assert gateway.logged_events(user) == len(events)
     assert stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=5).history_size
 
     assert stub.DeleteUser(pb.DeleteUserRequest(user_id=user), timeout=TIMEOUT_S).existed
@@ -177,9 +178,9 @@ def test_deleted_user_leaves_nothing_behind(gateway: Gateway) -> None:
         stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     assert stub.Recommend(pb.RecommendRequest(user_id=user), timeout=5).cold_start
-    assert user.encode() not in gateway.wal_bytes(), "WAL still holds the user's events"
+    assert gateway.logged_events(user) == 0, "the event log still holds the user's events"
     gateway.stop()  # flush the log
-    # Every file this gateway wrote (WAL, logs, and whatever else Gateway.env points into
+    # Every file this gateway wrote (logs, and whatever else Gateway.env points into
     # its directory): no raw trace of the user. Milvus is checked through its API above.
     leaks = [
         str(p.relative_to(gateway.var_dir))

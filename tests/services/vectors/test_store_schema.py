@@ -42,6 +42,8 @@ def test_a_collection_from_an_older_schema_is_refused_with_its_missing_fields(
             "seen_items": ["b", "a"],
             "history_size": 2,
             "updated_at": 0,
+            "version": 0,
+            "events": {"items": ["a", "b"], "tokens": [5, 6], "seconds": [1, 2]},
         }
         store.upsert_users([row])
         got = store.get_user("u1", 5.0)

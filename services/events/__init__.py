@@ -1,0 +1,1 @@
+"""The shared event log (NATS JetStream): ingested events, dead letters, tombstones."""

@@ -1,0 +1,1 @@
+"""The profile worker: applies the event log to user profiles (its own process)."""

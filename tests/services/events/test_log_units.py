@@ -1,0 +1,53 @@
+"""Pure parts of the event log and the worker: subject tokens, message ids, stamping, and
+which failures are permanent (dead-lettered at once) rather than retried."""
+
+from __future__ import annotations
+
+from pymilvus import MilvusException
+from pymilvus.exceptions import ParamError
+
+from services.api import pb
+from services.events.log import message_id, stamped, user_token
+from services.profile_worker.worker import Permanent, is_permanent
+from services.vectors.store import StoreUnavailable
+
+
+def test_user_tokens_are_stable_keyed_and_subject_safe() -> None:
+    a = user_token("u42", b"key")
+    assert a == user_token("u42", b"key") != user_token("u42", b"other")
+    assert a != user_token("u43", b"key")
+    assert user_token("u42") == user_token("u42", b"")  # no key: still the same everywhere
+    assert a.isalnum() and "u42" not in a and len(a) == 33
+
+
+def test_message_ids_scope_idempotency_keys_to_the_user() -> None:
+    t1, t2 = user_token("a"), user_token("b")
+    assert message_id(t1, "k") == message_id(t1, "k") != message_id(t2, "k")
+    assert message_id(t1, "k") != message_id(t1, "k2")
+    assert " " not in message_id(t1, "a key with spaces\nand lines")
+
+
+def test_stamping_keeps_client_time_and_fills_missing() -> None:
+    event = pb.Event(user_id="u", item_id="i", event_type=pb.EVENT_TYPE_VIEW)
+    filled = stamped(event, 1_700_000_000_000)
+    assert filled.event_time.ToMilliseconds() == 1_700_000_000_000
+    assert not event.HasField("event_time")  # the caller's message is not changed
+    assert stamped(filled, 5) is filled
+
+
+def _wrapped(cause: Exception) -> StoreUnavailable:
+    try:
+        raise StoreUnavailable("Milvus upsert: ...") from cause
+    except StoreUnavailable as exc:
+        return exc
+
+
+def test_refused_values_are_permanent_outages_are_not() -> None:
+    assert is_permanent(Permanent("x"))
+    assert is_permanent(_wrapped(ParamError(message="bad value")))
+    assert is_permanent(_wrapped(MilvusException(code=1100, message="invalid parameter")))
+    too_long = "the length (129) of 0th VarChar user_id exceeds max length (128)"
+    assert is_permanent(_wrapped(MilvusException(code=65535, message=too_long)))
+    assert not is_permanent(_wrapped(MilvusException(code=2, message="connection refused")))
+    assert not is_permanent(_wrapped(ConnectionError("reset")))
+    assert not is_permanent(TimeoutError())
