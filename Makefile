@@ -24,8 +24,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env proto lint lint-proto kubectl-installed milvus-engine export train mlflow-ui demo serve test test-unit \
-        test-integration test-k8s images gpu-export gpu-bench-pack bench eval ab-report ab-replay fuzz reliability clean \
+.PHONY: help env proto client-proto proto-release lint lint-proto kubectl-installed milvus-engine export train mlflow-ui demo serve test test-unit \
+        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench eval ab-report ab-replay fuzz reliability clean \
         distclean
 
 help:
@@ -74,7 +74,7 @@ kubectl-installed:
 	@command -v kubectl >/dev/null || { echo ">> installing kubectl (Debian)"; \
 	  (apt-get update -qq && apt-get install -y -qq kubectl) >/dev/null; }
 
-env: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(STUBS) ## create both environments and the gRPC stubs
+env: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(STUBS) $(CLIENT_STUBS) ## both environments and the gRPC stubs
 
 $(STUBS): proto/recsys/v1/recommender.proto $(VENV)/.stamp
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=services/api --grpc_python_out=services/api \
@@ -144,11 +144,18 @@ test-integration: env $(MILVUS_ENGINE)
 test-k8s: env kubectl-installed $(CHECKOV)
 	$(PY) -m pytest -q tests/k8s
 
-images: proto ## container images (needs a Docker engine; none on the build machine here)
-	docker build -f docker/gateway.Dockerfile -t recsys/gateway:0.1.0 .
-	docker build -f docker/training.Dockerfile -t recsys/training:0.1.0 .
-	docker build -f docker/triton.Dockerfile -t recsys/triton:24.10-py3 .
-	docker build -f docker/mlflow.Dockerfile -t recsys/mlflow:$(MLFLOW_VERSION) .
+# dockerd (Debian's docker.io; started by ops/docker_engine.py unless DOCKER_HOST answers,
+# stopped by its PID) and debootstrap (docker/base.sh, where the upstream base can't be pulled).
+docker-installed:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo ">> installing docker.io and debootstrap (Debian)"; \
+	  (apt-get update -qq && apt-get install -y -qq docker.io debootstrap) >/dev/null; }
+
+images: env docker-installed ## gateway (+ profile worker), training and MLflow images -> var/images/report.json
+	$(PY) -m ops.images $(if $(IMAGES),--only $(IMAGES),) $(if $(TRITON),--triton,)  # TRITON=1: NVIDIA's registry needed
+
+container-smoke: env docker-installed kubectl-installed ## the gateway image run as its pod (read-only root, UID, mounts) -> SERVING + Recommend
+	$(PY) -m ops.container_smoke
 
 eval: env ## evaluation: baselines, the offline pipeline and the served gateway -> reports/eval
 	$(PY) -m ops.served_eval --data $(or $(DATA),third_party/movielens/ml-latest-small) \

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.paths import REPO_ROOT
@@ -340,6 +340,17 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, v: str) -> str:
         return v.upper()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _state_under_var_dir(cls, data: object) -> object:
+        """The exposure log follows RECSYS_VAR_DIR unless set itself: a pod points the var
+        dir at a writable volume, and the image's /app/var is on a read-only root (the
+        gateway crashed at start there; make container-smoke catches it)."""
+        if isinstance(data, dict) and data.get("var_dir") and "exposure_log" not in data:
+            log = Path(data["var_dir"]) / "experiments" / "exposures.jsonl"
+            data = {**data, "exposure_log": log}
+        return data
 
     @property
     def milvus_is_lite(self) -> bool:

@@ -6,9 +6,12 @@
 # Build from the repository root:
 #   docker build -f docker/mlflow.Dockerfile -t recsys/mlflow:3.17.2 .
 # The tag is the mlflow version (tests/k8s/test_k8s_images.py keeps the three in step).
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# PYTHON_IMAGE, PIP_INDEX_URL and PIP_CERT as in gateway.Dockerfile (`make images` sets them).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
 
 FROM ${PYTHON_IMAGE} AS build
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1

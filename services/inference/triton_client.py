@@ -46,6 +46,19 @@ class SequenceResult:
     candidate_scores: np.ndarray
 
 
+def channel_args(url: str) -> list[tuple[str, int | str]] | None:
+    """gRPC options for ``url``: a ``dns:///`` target (a headless Service: every Triton pod)
+    gets the round_robin policy, so calls spread over all pods instead of sticking to the
+    first; tritonclient's own message-size options are kept. None: tritonclient's defaults."""
+    if not url.startswith("dns:///"):
+        return None
+    return [
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ]
+
+
 class TritonClient:
     """Embeds texts with the towers and scores (user, item) text pairs with the ranker."""
 
@@ -59,7 +72,9 @@ class TritonClient:
         self._ensembles = {self.item_model, self.user_model, self.ranker_model}
         self.version = settings.triton_model_version
         self.batch = min(settings.triton_batch_size, MAX_BATCH)
-        self._client = grpcclient.InferenceServerClient(self.url)
+        self._client = grpcclient.InferenceServerClient(
+            self.url, channel_args=channel_args(self.url)
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -14,10 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from k8s_helpers import (
     CRD_FILES,
+    OVERLAYS_DIR,
     REPO_ROOT,
     Rendered,
     crd_dir,
     overlay_names,
+    render,
     render_variant,
     variant_names,
 )
@@ -29,8 +31,21 @@ def rendered_all(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Rendered
     out = {}
     for name in variant_names():
         text = render_variant(name, tmp_root)
-        docs = [d for d in yaml.safe_load_all(text) if d]
-        out[name] = Rendered(name=name, text=text, docs=docs)
+        serving = [d for d in yaml.safe_load_all(text) if d]
+        parts = {}
+        for part in ("training", "namespace"):
+            directory = OVERLAYS_DIR / name / part
+            parts[part] = render(directory) if directory.is_dir() else ""
+        training = [d for d in yaml.safe_load_all(parts["training"]) if d]
+        namespaces = [d for d in yaml.safe_load_all(parts["namespace"]) if d]
+        out[name] = Rendered(
+            name=name,
+            text="---\n".join([parts["namespace"], text, parts["training"]]),
+            docs=namespaces + serving + training,
+            serving=serving,
+            training=training,
+            namespaces=namespaces,
+        )
     return out
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
@@ -26,17 +25,16 @@ DOCKER_DIR = REPO_ROOT / "docker"
 
 # Overlays every deployment must have; more may be added and are picked up automatically.
 REQUIRED_OVERLAYS = ("dev", "prod")
-# Optional components rendered on top of an overlay, as a real user would enable them.
-COMPONENT_VARIANTS = {"prod+triton-queue-hpa": ("prod", "triton-queue-hpa")}
+# Components are tested only through the overlays that apply them (the files users apply):
+# no throw-away wrapper kustomization that could render differently.
 # Custom resources and the operator CRD that validates each (files in RECSYS_CRD_DIR).
 CRD_FILES = {
     ("ray.io", "RayJob"): "ray.io_rayjobs.yaml",
     ("milvus.io", "Milvus"): "milvus.io_milvuses.yaml",
 }
 # Secrets the prod overlay expects to exist already (created out of band, see k8s/README.md).
-EXTERNAL_SECRETS = {
-    "prod": {"milvus-credentials", "gateway-api-keys", "gateway-tls", "gateway-pseudonym-key"}
-}
+_PROD_SECRETS = {"milvus-credentials", "gateway-api-keys", "gateway-tls", "gateway-pseudonym-key"}
+EXTERNAL_SECRETS = {"prod": _PROD_SECRETS, "prod-autoscaled": _PROD_SECRETS}
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 
@@ -47,16 +45,22 @@ def overlay_names() -> list[str]:
 
 
 def variant_names() -> list[str]:
-    return overlay_names() + sorted(COMPONENT_VARIANTS)
+    return overlay_names()
 
 
 @dataclass
 class Rendered:
-    """One rendered overlay: its documents plus lookup helpers."""
+    """One rendered overlay: its documents plus lookup helpers. ``docs`` are what a user
+    applies for it: the namespace (``<overlay>/namespace``), the serving overlay and its
+    training run (``<overlay>/training``); the three lists keep them apart, as the three
+    separate ``kubectl apply -k`` they are."""
 
     name: str
     text: str
     docs: list[dict[str, Any]] = field(default_factory=list)
+    serving: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)
+    namespaces: list[dict[str, Any]] = field(default_factory=list)
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [d for d in self.docs if d.get("kind") == kind]
@@ -148,21 +152,6 @@ def render(path: Path) -> str:
 
 
 def render_variant(name: str, tmp_root: Path) -> str:
-    if name in COMPONENT_VARIANTS:
-        overlay, component = COMPONENT_VARIANTS[name]
-        # A throw-away kustomization: the overlay plus the component, as README tells users.
-        wrapper = tmp_root / name.replace("+", "_")
-        wrapper.mkdir(parents=True, exist_ok=True)
-        base = yaml.safe_load((OVERLAYS_DIR / overlay / "kustomization.yaml").read_text())
-        kustomization = {
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "namespace": base["namespace"],
-            "resources": [os.path.relpath(OVERLAYS_DIR / overlay, wrapper)],
-            "components": [os.path.relpath(COMPONENTS_DIR / component, wrapper)],
-        }
-        (wrapper / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        return render(wrapper)
     return render(OVERLAYS_DIR / name)
 
 

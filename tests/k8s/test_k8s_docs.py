@@ -42,9 +42,9 @@ def test_readme_sections() -> None:
         "Autoscaling Triton on queue time",
         "nvcr.io/nvidia/tritonserver:24.10-py3",
         "Not validated here",
-        "### Gateway write-ahead log",
+        "### Event log: NATS JetStream",
         "persistentVolumeClaimRetentionPolicy",
         "### Gateway secrets",
-        "rollout restart statefulset/gateway",
+        "rollout restart deployment/gateway",
     ):
         assert needle in text, f"k8s/README.md lacks {needle!r}"

@@ -1,5 +1,6 @@
-"""Dockerfiles (which cannot be built here: no container engine) agree with the manifests
-and the Python package, and the entrypoints they run exist and start."""
+"""Dockerfiles agree with the manifests and the Python package, and the entrypoints they run
+exist and start. (`make images` builds them and `make container-smoke` starts the gateway's;
+these checks are the static half, run by `make test`.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 from k8s_helpers import DOCKER_DIR, REPO_ROOT, Rendered, containers, pod_templates
 
-PYTHON_BASE = "python:3.11-slim-bookworm"
+# A floating tag (3.11 moves with every patch release) is pinned by its digest.
+PYTHON_BASE = re.compile(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}")
 TRITON_BASE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 # image repository (without registry) -> Dockerfile that builds it
 IMAGES = {
@@ -23,11 +25,10 @@ IMAGES = {
     "recsys/triton": "triton.Dockerfile",
     "recsys/mlflow": "mlflow.Dockerfile",
 }
-# Files the lead is still writing; COPY sources that are absent are skipped, not failed.
-PENDING = {"requirements.lock", "README.md"}
-# Modules the images run; the training ones are being written by another engineer.
+# Modules the images run (a missing one fails: a deleted entry point must not pass).
 ENTRYPOINT_MODULES = {
     "services.gateway": ["services/gateway/__main__.py"],
+    "services.profile_worker": ["services/profile_worker/__main__.py"],
     "training.train": ["training/train.py"],
     "training.export": ["training/export/__main__.py", "training/export.py"],
 }
@@ -65,7 +66,7 @@ def arguments(text: str, keyword: str) -> list[str]:
 
 def base_images(text: str) -> list[str]:
     args = dict(
-        re.match(r"(\w+)=(\S+)", rest).groups()
+        re.match(r"(\w+)=(\S*)", rest).groups()
         for keyword, rest in instructions(text)
         if keyword == "ARG" and "=" in rest
     )
@@ -84,6 +85,40 @@ def image_repository(image: str) -> str:
     return "/".join(parts[-2:])
 
 
+# What "pinned" means: a digest, or a tag that names one immutable release. A full version
+# (1.2.3, v2.6.11, 0.1.0-cu128, 2.15.1-alpine) or NVIDIA's monthly release (24.10-py3, YY.MM).
+# Floating tags (latest, 3.11, 3.11-slim-bookworm, stable, main) move under the same name.
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}")
+_RELEASE_TAG = re.compile(r"v?\d+\.\d+\.\d+(?:[-+.][\w.-]+)?|\d{2}\.\d{2}-py3")
+
+
+def pinned(image: str) -> bool:
+    if _DIGEST.search(image):
+        return True
+    last = image.split("/")[-1]
+    return ":" in last and bool(_RELEASE_TAG.fullmatch(last.rsplit(":", 1)[1]))
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("python:3.11-slim-bookworm", False),
+        ("python:3.11", False),
+        ("nats:latest", False),
+        ("nats", False),
+        ("registry.example.com:5000/recsys/gateway", False),
+        ("milvusdb/milvus:v2.6", False),
+        ("milvusdb/milvus:v2.6.11", True),
+        ("nats:2.15.1-alpine", True),
+        ("registry.example.com:5000/recsys/training:0.1.0-cu128", True),
+        ("nvcr.io/nvidia/tritonserver:24.10-py3", True),
+        ("python:3.11-slim-bookworm@sha256:" + "0" * 64, True),
+    ],
+)
+def test_pinned_means_digest_or_release(image: str, expected: bool) -> None:
+    assert pinned(image) is expected
+
+
 def project_version() -> str:
     return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 
@@ -97,8 +132,7 @@ def test_dockerfile_bases_pinned_and_user_non_root(name: str) -> None:
     for image in base_images(text):
         if image in {"build"}:  # a stage name
             continue
-        repo, _, tag = image.rpartition(":")
-        assert repo and tag and tag != "latest", f"{name}: unpinned base {image}"
+        assert pinned(image), f"{name}: base {image} is neither a digest nor a release"
     users = arguments(text, "USER")
     assert users, f"{name} never leaves root"
     assert users[-1].split(":")[0] not in {"root", "0"}, f"{name} runs as {users[-1]}"
@@ -108,7 +142,13 @@ def test_dockerfile_bases_pinned_and_user_non_root(name: str) -> None:
 def test_python_images(name: str) -> None:
     text = dockerfile(name)
     bases = base_images(text)
-    assert len(bases) >= 2 and set(bases) == {PYTHON_BASE}, f"{name}: multi-stage on {bases}"
+    assert len(bases) >= 2 and len(set(bases)) == 1, f"{name}: multi-stage on {bases}"
+    assert PYTHON_BASE.fullmatch(bases[0]), f"{name}: base {bases[0]} not pinned by digest"
+    args = " ".join(arguments(text, "ARG"))
+    for build_arg in ("PYTHON_IMAGE=", "PIP_INDEX_URL=", "PIP_CERT="):
+        assert build_arg in args, f"{name}: {build_arg} is a build argument"
+    runs = " ".join(arguments(text, "RUN"))
+    assert "grpc_tools.protoc" in runs, f"{name}: the stubs are generated in the build"
     assert "COPY --from=build" in text
     runs = " ".join(arguments(text, "RUN"))
     assert "pip install --no-deps ." in runs
@@ -136,6 +176,7 @@ def test_gateway_image_installs_only_the_gateway_lock() -> None:
     copied = copy_sources(text)
     assert copied == {
         "requirements-gateway.lock",
+        "requirements-build.lock",
         "pyproject.toml",
         "README.md",
         "proto",
@@ -153,11 +194,10 @@ def test_triton_image() -> None:
     pins = dict(re.findall(r'"([\w-]+)==([^"]+)"', runs))
     assert set(pins) >= {"numpy", "onnxruntime", "tokenizers"}, pins
     assert pins["numpy"].startswith("1."), "the python backend needs numpy<2"
-    lock = REPO_ROOT / "requirements-triton.lock"
-    if lock.is_file():
-        locked = dict(re.findall(r"^([\w-]+)==(\S+)", lock.read_text(), re.M))
-        for package in ("numpy", "tokenizers"):
-            assert pins[package] == locked.get(package), f"{package}: image != {lock.name}"
+    lock = REPO_ROOT / "requirements-triton.lock"  # a deleted lock fails here, never skips
+    locked = dict(re.findall(r"^([\w-]+)==(\S+)", lock.read_text(), re.M))
+    for package in ("numpy", "tokenizers"):
+        assert pins[package] == locked.get(package), f"{package}: image != {lock.name}"
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES.values()))
@@ -176,8 +216,6 @@ def test_copy_sources_exist_and_are_in_context(name: str) -> None:
             assert any(source == a or fnmatch(source, a) for a in allowed), (
                 f"{name}: COPY {source} is excluded by .dockerignore"
             )
-            if source in PENDING and not (REPO_ROOT / source).exists():
-                continue
             assert (REPO_ROOT / source).exists(), f"{name}: COPY {source} does not exist"
 
 
@@ -186,12 +224,6 @@ def test_dockerignore_keeps_weights_and_state_out() -> None:
     assert text.splitlines()[1:2] == ["*"] or "\n*\n" in text, "allow-list context expected"
     for pattern in ("model_repository/*/[0-9]*/", "model_repository/*/tokenizer/"):
         assert pattern in text
-
-
-def test_pending_inputs_reported() -> None:
-    missing = sorted(p for p in PENDING if not (REPO_ROOT / p).exists())
-    if missing:
-        pytest.skip(f"image inputs not written yet (Dockerfiles COPY them): {missing}")
 
 
 # --- manifests <-> images ----------------------------------------------------------------
@@ -205,13 +237,13 @@ def test_manifest_images_are_built_here_or_pinned(overlay: Rendered) -> None:
                 image = c["image"]
                 repo = image_repository(image)
                 tag = image.rsplit(":", 1)[1] if ":" in image.split("/")[-1] else ""
-                assert tag and tag != "latest", f"{obj['kind']} {label}: {image} not pinned"
+                assert pinned(image), f"{obj['kind']} {label}: {image} not pinned"
                 if repo in ("recsys/gateway", "recsys/training"):
                     assert tag.split("-")[0] == version, f"{image}: tag != pyproject {version}"
                 if repo.startswith("recsys/"):
                     assert repo in IMAGES, f"{image} has no Dockerfile in docker/"
     milvus = overlay.get("Milvus", "milvus")["spec"]["components"]["image"]
-    assert re.fullmatch(r"milvusdb/milvus:v\d+\.\d+\.\d+", milvus), milvus
+    assert pinned(milvus) and milvus.startswith("milvusdb/milvus:"), milvus
 
 
 def test_gateway_command_matches_image(overlay: Rendered) -> None:
@@ -234,8 +266,7 @@ def test_triton_image_tag_matches_base(overlay: Rendered) -> None:
 @pytest.mark.parametrize("module", sorted(ENTRYPOINT_MODULES))
 def test_entrypoint_module_exists(module: str) -> None:
     files = ENTRYPOINT_MODULES[module]
-    if not any((REPO_ROOT / f).is_file() for f in files):
-        pytest.skip(f"{module}: none of {files} written yet (another engineer owns it)")
+    assert any((REPO_ROOT / f).is_file() for f in files), f"{module}: none of {files}"
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     assert importlib.util.find_spec(module) is not None
@@ -244,8 +275,7 @@ def test_entrypoint_module_exists(module: str) -> None:
 @pytest.mark.parametrize("module", ["training.train", "training.export"])
 def test_training_entrypoint_help(module: str) -> None:
     files = ENTRYPOINT_MODULES[module]
-    if not any((REPO_ROOT / f).is_file() for f in files):
-        pytest.skip(f"{module}: none of {files} written yet (another engineer owns it)")
+    assert any((REPO_ROOT / f).is_file() for f in files), f"{module}: none of {files}"
     proc = subprocess.run(
         [sys.executable, "-m", module, "--help"],
         cwd=REPO_ROOT,

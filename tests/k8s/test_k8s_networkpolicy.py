@@ -79,7 +79,7 @@ def allowed(rendered: Rendered, source: Pod, target: Pod, port: int) -> bool:
 def pods(rendered: Rendered) -> dict[str, Pod]:
     own = {"kubernetes.io/metadata.name": rendered.namespace}
     out = {}
-    for name in ("gateway", "triton"):
+    for name in ("gateway", "triton", "nats", "profile-worker"):
         labels = rendered.workload(name)["spec"]["template"]["metadata"]["labels"]
         out[name] = Pod(name, labels, own)
     rayjob = rendered.get("RayJob", "recsys-train")
@@ -138,6 +138,8 @@ def test_clients_reach_only_the_gateway(overlay: Rendered) -> None:
             "etcd": [2379],
             "minio": [9000],
             "ray-head": [8265, 6379, 10001],
+            "nats": [4222, 6222, 8222],
+            "profile-worker": [9103],
         }.items():
             for port in ports:
                 assert not allowed(overlay, p[client], p[target], port), (
@@ -155,7 +157,7 @@ def test_backends_accept_only_gateway_and_training(
     allowed_sources = {
         name for name, pod in p.items() if name != target and allowed(overlay, pod, p[target], port)
     }
-    expected = {"gateway", "ray-head"} | {
+    expected = {"gateway", "profile-worker", "ray-head"} | {
         n for n in p if n.startswith("ray-") and n != "ray-submitter"
     }
     if target == "milvus":

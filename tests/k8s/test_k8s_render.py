@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import yaml
 from k8s_helpers import (
+    COMPONENTS_DIR,
+    K8S_DIR,
     OVERLAYS_DIR,
     REQUIRED_OVERLAYS,
     Rendered,
     containers,
+    overlay_names,
     pod_templates,
 )
 
@@ -46,7 +53,7 @@ def test_renders_namespaced_and_labelled(variant: Rendered) -> None:
 
 def test_every_component_present(variant: Rendered) -> None:
     for kind, name in [
-        ("StatefulSet", "gateway"),
+        ("Deployment", "gateway"),
         ("Service", "gateway"),
         ("Service", "gateway-headless"),
         ("HorizontalPodAutoscaler", "gateway"),
@@ -59,10 +66,16 @@ def test_every_component_present(variant: Rendered) -> None:
         ("RayJob", "recsys-train"),
         ("PersistentVolumeClaim", "training-checkpoints"),
         ("NetworkPolicy", "default-deny-ingress"),
+        ("StatefulSet", "nats"),
+        ("Service", "nats"),
+        ("Service", "nats-headless"),
+        ("PodDisruptionBudget", "nats"),
+        ("NetworkPolicy", "nats-ingress"),
+        ("Deployment", "profile-worker"),
     ]:
         assert variant.has(kind, name), f"{variant.name}: missing {kind}/{name}"
-    # The gateway was a Deployment: a leftover one would run pods without a WAL volume.
-    assert not variant.has("Deployment", "gateway"), f"{variant.name}: gateway Deployment"
+    # The gateway was a StatefulSet with a per-pod write-ahead log; it is stateless now.
+    assert not variant.has("StatefulSet", "gateway"), f"{variant.name}: gateway StatefulSet"
 
 
 def test_dev_is_cpu_single_replica_standalone(rendered_all: dict[str, Rendered]) -> None:
@@ -108,8 +121,78 @@ def test_hpa_owns_replicas(variant: Rendered) -> None:
         )
 
 
-def test_queue_time_hpa_component(rendered_all: dict[str, Rendered]) -> None:
-    hpa = rendered_all["prod+triton-queue-hpa"].get("HorizontalPodAutoscaler", "triton")
+def test_queue_time_hpa_overlay(rendered_all: dict[str, Rendered]) -> None:
+    """The autoscaled variant is an overlay of its own, rendered as users apply it, and the
+    HPA owns Triton's replica count there (test_hpa_owns_replicas runs on it too)."""
+    autoscaled = rendered_all["prod-autoscaled"]
+    hpa = autoscaled.get("HorizontalPodAutoscaler", "triton")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "triton"
     metrics = hpa["spec"]["metrics"]
     assert [m["pods"]["metric"]["name"] for m in metrics] == ["triton_queue_avg_us"]
+    assert "replicas" not in autoscaled.get("Deployment", "triton")["spec"]
+    assert not rendered_all["prod"].has("HorizontalPodAutoscaler", "triton")
+
+
+def test_components_are_applied_by_overlays() -> None:
+    """A component is only ever tested inside an overlay that applies it: the exact file a
+    user applies. One that no overlay lists would be untested, or tested in a form (a
+    wrapper) that differs from what a user writes."""
+    used: set[Path] = set()
+    for kustomization in OVERLAYS_DIR.glob("*/kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        used |= {(kustomization.parent / c).resolve() for c in spec.get("components", [])}
+    for component in COMPONENTS_DIR.glob("*/kustomization.yaml"):
+        assert component.parent.resolve() in used, f"no overlay applies {component.parent}"
+
+
+def test_readme_applies_the_tested_overlays() -> None:
+    """Every `kubectl apply -k` in the README names an overlay (or an overlay's training
+    kustomization) that the tests render."""
+    text = (K8S_DIR / "README.md").read_text()
+    applied = set(
+        re.findall(
+            r"kubectl (?:apply|delete) -k k8s/overlays/([\w-]+(?:/training|/namespace)?)", text
+        )
+    )
+    assert "prod-autoscaled" in applied, "the README must tell users to apply prod-autoscaled"
+    assert "prod/training" in applied, "the runbook must start a run with its own kustomization"
+    known = {
+        f"{name}{part}" for name in overlay_names() for part in ("", "/training", "/namespace")
+    }
+    assert applied <= known, applied - known
+    assert "delete rayjob" not in text, "a run is deleted with `kubectl delete -k .../training`"
+
+
+def test_training_run_is_apart_from_serving(overlay: Rendered) -> None:
+    """Applying the platform never starts a training run: the serving kustomization has no
+    RayJob or Job, and each overlay's training kustomization holds only the run, so
+    `kubectl delete -k` of it deletes the run and nothing long-lived."""
+    assert (OVERLAYS_DIR / overlay.name / "training" / "kustomization.yaml").is_file()
+    assert not [d["kind"] for d in overlay.serving if d["kind"] in {"RayJob", "Job"}]
+    assert [d["kind"] for d in overlay.training] == ["RayJob"], overlay.name
+    rayjob = overlay.training[0]
+    assert rayjob["metadata"]["namespace"] == overlay.namespace
+    serving_names = {(d["kind"], d["metadata"]["name"]) for d in overlay.serving}
+    for label, template in pod_templates(rayjob):
+        spec = template["spec"]
+        account = spec.get("serviceAccountName")
+        assert account is None or ("ServiceAccount", account) in serving_names, label
+        for volume in spec.get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            assert claim is None or ("PersistentVolumeClaim", claim) in serving_names, label
+
+
+def test_namespace_is_outside_the_overlay(overlay: Rendered) -> None:
+    """`kubectl delete -k k8s/overlays/<name>` (or of its training run) must not delete the
+    Namespace, and with it every claim the StatefulSets and operators made in it: the
+    Namespace is its own kustomization, applied once."""
+    for part, docs in (("serving", overlay.serving), ("training", overlay.training)):
+        assert not [d for d in docs if d["kind"] == "Namespace"], f"{overlay.name} {part}"
+    assert [d["kind"] for d in overlay.namespaces] == ["Namespace"], overlay.name
+    name = overlay.namespaces[0]["metadata"]["name"]
+    for doc in overlay.serving + overlay.training:
+        if doc["kind"] not in CLUSTER_SCOPED:
+            assert doc["metadata"].get("namespace") == name, doc["metadata"]["name"]
+    readme = (K8S_DIR / "README.md").read_text()
+    if overlay.name in REQUIRED_OVERLAYS:
+        assert f"kubectl apply -k k8s/overlays/{overlay.name}/namespace" in readme

@@ -47,15 +47,15 @@ def test_builtin_objects_validate_strict(variant: Rendered, version: str) -> Non
 
 def test_strict_validation_rejects_unknown_fields(rendered_all: dict[str, Rendered]) -> None:
     """Guard against a silently lenient validator."""
-    for kind, name in (("StatefulSet", "gateway"), ("Deployment", "triton")):
+    for kind, name in (("Deployment", "gateway"), ("Deployment", "triton")):
         workload = copy.deepcopy(rendered_all["dev"].get(kind, name))
         workload["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
         with pytest.raises(kubernetes_validate.ValidationError):
             kubernetes_validate.validate(workload, MIN_KUBERNETES, strict=True)
-    gateway = copy.deepcopy(rendered_all["dev"].get("StatefulSet", "gateway"))
-    gateway["spec"]["volumeClaimTemplates"][0]["spec"]["accessMode"] = ["ReadWriteOnce"]
+    nats = copy.deepcopy(rendered_all["dev"].get("StatefulSet", "nats"))
+    nats["spec"]["volumeClaimTemplates"][0]["spec"]["accessMode"] = ["ReadWriteOnce"]
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(gateway, MIN_KUBERNETES, strict=True)
+        kubernetes_validate.validate(nats, MIN_KUBERNETES, strict=True)
 
 
 # --- custom resources against the operators' CRDs --------------------------------------
