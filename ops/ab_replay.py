@@ -38,11 +38,14 @@ RecommendFn = Callable[[str, Variant, int], Sequence[str]]
 #: * ``segment`` - what users near this user in vector space liked, a collaborative signal:
 #:   ``bpr``, the collaborative source the offline tuning weights like ``segment`` (0.5).
 #: * ``popular`` - time-decayed global popularity: ``popularity_trending``.
+#: * ``sequence`` - the sequence model: ``sequence`` (``make eval``'s SASRec system; not loaded
+#:   by the replay, whose arms that weigh it are refused by name).
 OFFLINE_SOURCES = {
     "ann": "content_pretrained",
     "co_occurrence": "itemknn",
     "segment": "bpr",
     "popular": "popularity_trending",
+    "sequence": "sequence",
 }
 
 
