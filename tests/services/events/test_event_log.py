@@ -25,22 +25,10 @@ from ops.stack import LocalStack, gateway_serving
 from services.api import pb, pb_grpc
 from services.events.log import EventLog
 from services.profile_worker.dead_letters import list_dead
+from tests.services.events.helpers import click, wait_for
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0
-
-
-def click(user: str, item: str, key: str) -> pb.Event:
-    return pb.Event(user_id=user, item_id=item, event_type=pb.EVENT_TYPE_CLICK, idempotency_key=key)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def on_log(stack: LocalStack, work: Callable[[EventLog], Any]) -> Any:

@@ -29,12 +29,12 @@ from ops.processes import (
     nats_process,
     port_open,
 )
-from services.api import pb
 from services.events.log import EventLog, EventLogUnavailable
 from services.profile_worker.dead_letters import list_dead, replay
 from services.profile_worker.worker import DEAD_LETTERS, ProfileWorker
 from services.profiles.profiles import Profiles
 from services.vectors.store import VectorStore
+from tests.services.events.helpers import click, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -124,19 +124,6 @@ def worker(env: Env) -> Iterator[Worker]:
     w = Worker(env)
     yield w
     w.stop()
-
-
-def click(user: str, item: str, key: str = "") -> pb.Event:
-    return pb.Event(user_id=user, item_id=item, event_type=pb.EVENT_TYPE_CLICK, idempotency_key=key)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_retry_through_another_publisher_counts_and_applies_once(
