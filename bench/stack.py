@@ -41,6 +41,8 @@ class Models:
 
 def resolve_models(checkpoint: Path | None, var_dir: Path) -> Models:
     """The fine-tuned checkpoint when it is there, else pretrained towers and a MiniLM ranker."""
+    from training.export.__main__ import served_sequence
+
     features = _feature_ranker(checkpoint, var_dir)
     if checkpoint and (checkpoint / "item_tower").is_dir() and (checkpoint / "ranker").is_dir():
         return Models(
@@ -49,7 +51,7 @@ def resolve_models(checkpoint: Path | None, var_dir: Path) -> Models:
             str(checkpoint / "ranker"),
             f"fine-tuned checkpoint {checkpoint}",
             features,
-            str(checkpoint / "sequence") if (checkpoint / "sequence").is_dir() else None,
+            served_sequence(checkpoint),
         )
     from training.export.onnx_export import resolve_pretrained
 

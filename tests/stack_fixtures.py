@@ -45,14 +45,15 @@ def tiny_ranker(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_feature_ranker(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A seeded, untrained DCN-v2 feature ranker in the training output format."""
+    """A seeded, untrained DCN-v2 feature ranker in the training output format, marked as
+    trained with the sequence model's features (so the release serves that model too)."""
     import torch
 
     from training.models.feature_ranker import DCNv2, save_feature_ranker
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_feature_ranker") / "feature_ranker"
-    save_feature_ranker(DCNv2().eval(), out)
+    save_feature_ranker(DCNv2(sequence=True).eval(), out)  # served with the tiny sequence model
     return str(out)
 
 

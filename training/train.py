@@ -119,7 +119,8 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     fr_dir = None
     if cfg.feature_ranker.enabled:
         with _timed(timings, "feature_ranker"):
-            fr_dir = fit_feature_ranker(cfg, data, ret_dir, pretrained, resume, seq_dir)
+            with_seq = seq_dir if cfg.feature_ranker.sequence else None
+            fr_dir = fit_feature_ranker(cfg, data, ret_dir, pretrained, resume, with_seq)
 
     info = dict(data.info)
     if not ranker_done:

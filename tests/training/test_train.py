@@ -62,6 +62,7 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "feature_ranker.users_per_cutoff=20",
         "feature_ranker.eval_users=20",
         "feature_ranker.candidates=20",
+        "feature_ranker.sequence=true",  # the replayed sequence source and features
     ]
 
 
@@ -135,6 +136,7 @@ def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
     import onnxruntime as ort
 
     from core.ranking_features import FEATURES
+    from training.export.__main__ import served_sequence
     from training.export.onnx_export import export_feature_ranker
     from training.models.feature_ranker import load_feature_ranker
 
@@ -152,6 +154,9 @@ def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
     logit, prob = session.run(None, {"features": rows})
     assert logit.shape == prob.shape == (3, 1) and np.all((prob > 0) & (prob < 1))
     assert rows.shape[1] == len(FEATURES)
+    # trained with the sequence model: the replay found its candidates, the release serves it
+    assert float(model.std[FEATURES.index("sequence_logp")]) != 1.0  # not the constant fill
+    assert served_sequence(root / "final") == str(root / "final" / "sequence")
 
 
 def test_resume_continues_from_checkpoint(

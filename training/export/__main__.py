@@ -30,8 +30,18 @@ from training.export.repository import (
     prune,
     release_metadata,
 )
+from training.models.feature_ranker import uses_sequence
 
 log = logging.getLogger("training.export")
+
+
+def served_sequence(checkpoint: Path) -> str | None:
+    """The checkpoint's sequence model when its release serves it: there is one, and the
+    feature ranker (if any) was trained with its features (see ``uses_sequence``)."""
+    seq, ranker = checkpoint / "sequence", checkpoint / "feature_ranker"
+    if not seq.is_dir() or (ranker.is_dir() and not uses_sequence(ranker)):
+        return None
+    return str(seq)
 
 
 def export_release(
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         ranker = str(ckpt / "ranker") if (ckpt / "ranker").is_dir() else None
         features = ckpt / "feature_ranker"
         feature_ranker = str(features) if features.is_dir() else None
-        sequence = str(ckpt / "sequence") if (ckpt / "sequence").is_dir() else None
+        sequence = served_sequence(ckpt)
     else:
         item = user = resolve_pretrained(args.pretrained)
         ranker = feature_ranker = sequence = None

@@ -46,6 +46,7 @@ class DCNv2(nn.Module):
         cross_layers: int = 2,
         hidden: Sequence[int] = (64, 32),
         dropout: float = 0.1,
+        sequence: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
@@ -63,6 +64,8 @@ class DCNv2(nn.Module):
             "cross_layers": cross_layers,
             "hidden": list(hidden),
             "dropout": dropout,
+            # trained with the sequence model as a source and feature: its release serves it
+            "sequence": sequence,
         }
 
     def set_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -97,6 +100,13 @@ def save_feature_ranker(model: DCNv2, out: Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(model.config, indent=2) + "\n")
 
 
+def uses_sequence(path: Path) -> bool:
+    """Whether the feature ranker saved at ``path`` was trained with the sequence model's
+    source and features: then its release must serve that model, else it must not (the
+    features would reach it unlike in training)."""
+    return bool(json.loads((path / CONFIG_FILE).read_text()).get("sequence", False))
+
+
 def load_feature_ranker(path: Path) -> DCNv2:
     """The saved model; refuses one trained on another feature list (a silent mismatch
     would score every candidate with the wrong inputs)."""
@@ -106,6 +116,12 @@ def load_feature_ranker(path: Path) -> DCNv2:
             f"{path} was trained on features {config['features']}, this code builds "
             f"{list(FEATURES)}: retrain or use the matching code"
         )
-    model = DCNv2(len(FEATURES), config["cross_layers"], config["hidden"], config["dropout"])
+    model = DCNv2(
+        len(FEATURES),
+        config["cross_layers"],
+        config["hidden"],
+        config["dropout"],
+        bool(config.get("sequence", False)),
+    )
     model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval()

@@ -79,7 +79,8 @@ class FeatureRankerTask(Task[DCNv2, Groups]):
     name: ClassVar[str] = "feature_ranker"
 
     def build_model(self, pretrained: str) -> DCNv2:
-        model = DCNv2(len(FEATURES), self.cfg.cross_layers, self.cfg.hidden, self.cfg.dropout)
+        cfg = self.cfg
+        model = DCNv2(len(FEATURES), cfg.cross_layers, cfg.hidden, cfg.dropout, cfg.sequence)
         model.set_scaling(torch.tensor(self.mean), torch.tensor(self.std))
         return model
 
