@@ -23,10 +23,12 @@ harmless: the redelivered trigger finds ``version`` already past those events.
 
 Failures: an event that cannot succeed (undecodable, invalid, or a value the Milvus schema
 refuses) goes to the dead-letter stream at once with its reason and is removed from the
-log; others are retried (the triggers are nak'ed with exponential backoff) and after
-``worker_max_deliveries`` deliveries the user's pending events are dead-lettered too, so
-everything else keeps flowing. ``python -m services.profile_worker dead-letters`` lists and
-replays them.
+log; an outage of Triton or Milvus is waited out (the triggers are nak'ed with a backoff of
+at most ``OUTAGE_BACKOFF_S``, never dead-lettered: the events are good, the dependency will
+be back, and an acknowledged event must reach its profile); any other failure is retried with
+exponential backoff and after ``worker_max_deliveries`` deliveries the user's pending events
+are dead-lettered, so everything else keeps flowing. ``python -m services.profile_worker
+dead-letters`` lists and replays them.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ from services.api import pb
 from services.deadline import Deadline
 from services.events.log import EventLog
 from services.gateway import validation as v
-from services.inference.triton_client import TritonClient
+from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
-from services.vectors.store import VectorStore
+from services.vectors.store import StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ DEAD_LETTERS = Counter(
 APPLIED = Counter("recsys_events_applied_total", "Events folded into user profiles")
 APPLY_SECONDS = Histogram("recsys_profile_apply_seconds", "One batch: lease, read, apply, ack")
 BACKOFF_S = (0.5, 30.0)  # first and largest redelivery delay
+OUTAGE_BACKOFF_S = 5.0  # largest delay while Triton or Milvus is down: apply soon after
 USERS_PER_APPLY = 16  # users re-encoded in one Triton request, well inside the lease
 
 
@@ -305,9 +308,14 @@ class ProfileWorker:
         await asyncio.to_thread(self.profiles.apply, events, deadline, versions)
 
     async def _retry_or_dead(self, work: list[UserWork], exc: Exception) -> None:
+        outage = isinstance(exc, InferenceUnavailable | StoreUnavailable)
         for w in work:
             delivered = max(m.metadata.num_delivered for m in w.triggers)
-            if delivered >= self.settings.worker_max_deliveries:
+            if outage:
+                delay = min(OUTAGE_BACKOFF_S, BACKOFF_S[0] * 2 ** (delivered - 1))
+                log.warning("dependency down (%s); retry %d in %.1fs", exc, delivered, delay)
+                await asyncio.gather(*(m.nak(delay=delay) for m in w.triggers))
+            elif delivered >= self.settings.worker_max_deliveries:
                 reason = f"gave up after {delivered} deliveries: {exc}"
                 for seq, event in w.events:
                     await self._dead(w.user_id, seq, event.SerializeToString(), reason)

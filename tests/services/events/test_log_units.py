@@ -51,3 +51,45 @@ def test_refused_values_are_permanent_outages_are_not() -> None:
     assert not is_permanent(_wrapped(MilvusException(code=2, message="connection refused")))
     assert not is_permanent(_wrapped(ConnectionError("reset")))
     assert not is_permanent(TimeoutError())
+
+
+def test_outages_are_waited_out_other_failures_dead_lettered() -> None:
+    """A Triton or Milvus outage never dead-letters good events, however often they were
+    delivered; another failure does after ``worker_max_deliveries``."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from core.config import Settings
+    from services.inference.triton_client import InferenceUnavailable
+    from services.profile_worker.worker import OUTAGE_BACKOFF_S, ProfileWorker, UserWork
+
+    class Trigger:
+        def __init__(self, delivered: int) -> None:
+            self.metadata = SimpleNamespace(num_delivered=delivered)
+            self.naks: list[float] = []
+            self.acked = False
+
+        async def nak(self, delay: float) -> None:
+            self.naks.append(delay)
+
+        async def ack(self) -> None:
+            self.acked = True
+
+    dead: list[str] = []
+    worker = ProfileWorker.__new__(ProfileWorker)
+    worker.settings = Settings(worker_max_deliveries=3)
+
+    async def record(user_id: str, seq: int, payload: bytes, reason: str) -> None:
+        dead.append(reason)
+
+    worker._dead = record  # type: ignore[method-assign]
+    event = (1, pb.Event(user_id="u", item_id="i", event_type=pb.EVENT_TYPE_CLICK))
+    for exc in (InferenceUnavailable("triton down"), StoreUnavailable("milvus down")):
+        trigger = Trigger(delivered=50)
+        work = [UserWork("u", [trigger], None, [event])]  # type: ignore[list-item]
+        asyncio.run(worker._retry_or_dead(work, exc))
+        assert trigger.naks == [OUTAGE_BACKOFF_S] and not trigger.acked and not dead
+    trigger = Trigger(delivered=3)
+    work = [UserWork("u", [trigger], None, [event])]  # type: ignore[list-item]
+    asyncio.run(worker._retry_or_dead(work, RuntimeError("bug")))
+    assert trigger.acked and not trigger.naks and dead and "gave up after 3" in dead[0]

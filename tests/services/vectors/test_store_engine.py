@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from core.config import Settings
+from core.rows import UserRow, user_row
 from ops.stack import LocalStack, local_stack
 from services.vectors.store import VectorStore
 
@@ -76,17 +77,18 @@ def _item(item_id: str, vector: np.ndarray, categories: list[str]) -> dict[str, 
     }
 
 
-def _user(user_id: str, vector: np.ndarray, updated_at: int) -> dict[str, object]:
-    return {
-        "user_id": user_id,
-        "vector": vector.tolist(),
-        "segment": "s0",
-        "interests": {"Drama": 1.0},
-        "recent_items": ["i1", "i0"],
-        "seen_items": ["i1", "i0"],
-        "history_size": 2,
-        "updated_at": updated_at,
-    }
+def _user(user_id: str, vector: np.ndarray, updated_at: int) -> UserRow:
+    """A user row as every writer builds it (every field of the schema)."""
+    return user_row(
+        user_id,
+        segment="s0",
+        interests={"Drama": 1.0},
+        recent_items=["i1", "i0"],
+        seen_items=["i1", "i0"],
+        history_size=2,
+        updated_at=updated_at,
+        vector=vector,
+    )
 
 
 def test_engine_collections_writes_and_reads(engine: LocalStack, store: VectorStore) -> None:
