@@ -51,6 +51,9 @@ ROLES = (
 )
 
 
+BIND_ATTEMPTS = 5  # fresh draws of the internal ports when one was taken meanwhile
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,16 +143,26 @@ def main(argv: list[str] | None = None) -> None:
 
     data = args.data.resolve()
     (data / "configs").mkdir(parents=True, exist_ok=True)
-    ports = _internal_ports(data / "configs" / "ports.json")
-    etcd_port = args.etcd_port or ports.pop("etcd_port")
-    etcd_peer_port = args.etcd_peer_port or ports.pop("etcd_peer_port")
-    ports = {name: ports[name] for name in INTERNAL_PORTS}
-    # Ports given as constructor arguments are bound strictly (an error if taken), instead of
-    # "the first free one from here" as for the template's defaults.
-    config = _config_class(milvus)(
-        data_dir=str(data), proxy_port=args.port, etcd_port=etcd_port, **ports
-    )
-    config.resolve()  # writes data/configs/milvus.yaml
+    port_file = data / "configs" / "ports.json"
+    for attempt in range(BIND_ATTEMPTS):
+        ports = _internal_ports(port_file)
+        etcd_port = args.etcd_port or ports.pop("etcd_port")
+        etcd_peer_port = args.etcd_peer_port or ports.pop("etcd_peer_port")
+        ports = {name: ports[name] for name in INTERNAL_PORTS}
+        # Ports given as constructor arguments are bound strictly (an error if taken), instead
+        # of "the first free one from here" as for the template's defaults.
+        config = _config_class(milvus)(
+            data_dir=str(data), proxy_port=args.port, etcd_port=etcd_port, **ports
+        )
+        try:
+            config.resolve()  # writes data/configs/milvus.yaml
+            break
+        except RuntimeError as exc:
+            # A port free when drawn was taken before the package bound it (other processes
+            # open ports all the time, Ray's workers for one): draw them all afresh.
+            if "bind failed" not in str(exc) or attempt == BIND_ATTEMPTS - 1:
+                raise
+            port_file.unlink(missing_ok=True)
     etcd = _etcd_config(data / "configs" / "etcd.yaml", etcd_port, etcd_peer_port)
     exe = home / "bin" / "milvus"
     env = {
