@@ -63,6 +63,7 @@ class PublishResult:
     accepted: int
     duplicates: int
     last_seq: dict[str, int] = field(default_factory=dict)
+    stored: list[int] = field(default_factory=list)  # indices of the events stored anew
 
 
 def user_token(user_id: str, key: bytes = b"") -> str:
@@ -223,11 +224,10 @@ class EventLog:
 
         acks = await _guard(asyncio.gather(*(one(e) for e in events)))
         last: dict[str, int] = {}
-        duplicates = 0
+        stored = [i for i, ack in enumerate(acks) if not ack.duplicate]
         for event, ack in zip(events, acks, strict=True):
-            duplicates += bool(ack.duplicate)
             last[event.user_id] = max(last.get(event.user_id, 0), int(ack.seq))
-        return PublishResult(len(events) - duplicates, duplicates, last)
+        return PublishResult(len(stored), len(events) - len(stored), last, stored)
 
     async def applied_seq(self, user_id: str) -> int:
         kv = await self.bucket(self.settings.applied_bucket)

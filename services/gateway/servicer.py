@@ -208,8 +208,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         result = self.state.events.call(
             lambda log: log.publish(events), deadline.reserve(0.1).left()
         )
-        if result.accepted:
-            self._record_feedback(events)
+        # a retried click is feedback once, like the event itself
+        self._record_feedback([events[i] for i in result.stored])
         return result.accepted, result.duplicates, result.last_seq
 
     def _wait_applied(self, last_seq: dict[str, int], deadline: Deadline) -> None:

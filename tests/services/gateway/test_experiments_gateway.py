@@ -52,19 +52,19 @@ def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path:
             arms[clicker] = client.recommend(clicker, k=5).experiment_arm
             shown = client.recommend(clicker, k=5).items[0].item.item_id
             click = pb.Event(user_id=clicker, item_id=shown, event_type=pb.EVENT_TYPE_CLICK)
-            client.ingest([click])
+            client.ingest([click])  # the client gives it an idempotency key, kept on retry
+            second = pb.Event(user_id=clicker, item_id="1", event_type=pb.EVENT_TYPE_CLICK)
+            retried = client.ingest([click, second])  # a retry that carries a new click too
+            assert (retried.accepted_count, retried.duplicate_count) == (1, 1)
             records = [json.loads(line) for line in log_path.read_text().splitlines()]
             exposures = [r for r in records if r["type"] == "exposure"]
             assert len(exposures) == 27
             assert {r["arm"] for r in exposures} == {"control", "treatment"}
             clicks = [r for r in records if r["type"] == "feedback"]
-            assert clicks == [
-                {
-                    **clicks[0],
-                    "user_id": clicker,
-                    "item_id": shown,
-                    "arm": arms[clicker].split("=")[1],
-                }
+            arm = arms[clicker].split("=")[1]
+            assert clicks == [  # the retried click is feedback once
+                {**clicks[0], "user_id": clicker, "item_id": shown, "arm": arm},
+                {**clicks[1], "user_id": clicker, "item_id": "1", "arm": arm},
             ]
             report = subprocess.run(
                 [sys.executable, "-m", "services.experiments.report", "--log", str(log_path)],
