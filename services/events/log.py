@@ -230,7 +230,11 @@ class EventLog:
         return PublishResult(len(stored), len(events) - len(stored), last, stored)
 
     async def applied_seq(self, user_id: str) -> int:
-        kv = await self.bucket(self.settings.applied_bucket)
+        return await self._user_seq(self.settings.applied_bucket, user_id)
+
+    async def _user_seq(self, bucket: str, user_id: str) -> int:
+        """The log sequence ``bucket`` holds for the user (applied, tombstoned); 0: none."""
+        kv = await self.bucket(bucket)
         try:
             entry = await kv.get(self.token(user_id))
         except nats.js.errors.KeyNotFoundError:
@@ -295,12 +299,7 @@ class EventLog:
             await kv.delete(self.token(user_id), last=revision)  # only if still ours
 
     async def tombstone_seq(self, user_id: str) -> int:
-        kv = await self.bucket(self.settings.tombstone_bucket)
-        try:
-            entry = await kv.get(self.token(user_id))
-        except nats.js.errors.KeyNotFoundError:
-            return 0
-        return int(entry.value or b"0")
+        return await self._user_seq(self.settings.tombstone_bucket, user_id)
 
     async def mark_applied(self, user_id: str, seq: int) -> None:
         kv = await self.bucket(self.settings.applied_bucket)

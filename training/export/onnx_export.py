@@ -240,9 +240,7 @@ class SequenceRecommender(nn.Module):
     def __init__(self, model: SASRec, top_k: int) -> None:
         super().__init__()
         self.model = model.eval()
-        with torch.no_grad():
-            table = model.item_table()
-            bias = torch.cat([torch.zeros(1), model.request_bias()])
+        table, bias = model.served_terms()
         self.register_buffer("table", table)
         self.register_buffer("bias", bias)
         self.top_k = min(top_k, model.space.n_items)

@@ -568,6 +568,13 @@ class SASRec(nn.Module):
         return self.item_table()[1:]
 
     @torch.no_grad()
+    def served_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N + 1, d]`` item table and ``[N + 1]`` request-time term at "now" as served:
+        row 0 (padding, and any item the model does not know) is the new-item vector
+        without content, with no request-time term."""
+        return self.item_table(), torch.cat([torch.zeros(1), self.request_bias()])
+
+    @torch.no_grad()
     def request_bias(self) -> torch.Tensor:
         """``[N]`` request-time item term at the final snapshot ("now")."""
         now = torch.tensor([self.space.now], device=self.pop.device)
@@ -779,8 +786,7 @@ def catalogue_scores(
     model.eval()
     seqs = user_sequences(histories, model.space)
     x = user_inputs([seqs.get(str(u)) for u in users], model.cfg.max_seq_len)
-    table = model.item_table()
-    bias = torch.cat([torch.zeros(1), model.request_bias()])
+    table, bias = model.served_terms()
     scores = model.hidden(x, table)[:, -1] @ table.T + bias
     index = model.space.index()
     cols = torch.tensor([index.get(str(i), PAD) for i in item_ids], dtype=torch.long)

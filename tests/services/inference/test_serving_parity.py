@@ -95,8 +95,7 @@ def test_sequence_model_serves_what_the_trained_model_scores(
     x = {k: v[keep][-model.cfg.max_seq_len :] for k, v in served_in.items()}
     x["items"] = np.array([index[i] for i in x["items"]])
     with torch.no_grad():
-        table = model.item_table()
-        bias = torch.cat([torch.zeros(1), model.request_bias()])
+        table, bias = model.served_terms()
         tensors = {k: torch.from_numpy(v.astype(np.int64))[None] for k, v in x.items()}
         scores = (model.hidden(tensors, table)[:, -1] @ table.T + bias)[0].numpy()
     cols = [index.get(c, 0) for c in candidates]
