@@ -96,27 +96,37 @@ def model_inputs(
     the rest int64); ``history_size`` counts every event the user ever had, so the rank
     buckets of a row that kept only the newest events match training's."""
     ev = events or {}
-    items = [str(i) for i in ev.get("items", [])][-max_len:]
-    kept = len(ev.get("items", []))
-    m = len(items)
-    seconds = np.asarray(ev.get("seconds", []), dtype=np.int64)
-    out = {
-        "items": np.full((1, max_len), "", dtype=object),
-        "tokens": np.zeros((1, max_len), dtype=np.int64),
-        "gaps": np.zeros((1, max_len), dtype=np.int64),
-        "ranks": np.zeros((1, max_len), dtype=np.int64),
-    }
-    if not m:
-        return out
-    # over every kept event, so the first input's gap is real when the row keeps more
-    # events than the model reads (SEQUENCE_EVENTS > max_len)
-    gaps = gap_buckets(seconds)
-    out["items"][0, max_len - m :] = items
-    out["tokens"][0, max_len - m :] = np.asarray(ev.get("tokens", []), dtype=np.int64)[-m:]
-    out["gaps"][0, max_len - m :] = gaps[-m:]
-    earlier = max(0, history_size - kept)
-    out["ranks"][0, max_len - m :] = rank_buckets(kept, earlier)[-m:]
+    items = np.array([str(i) for i in ev.get("items", [])], dtype=object)
+    out = {name: np.zeros((1, max_len), dtype=np.int64) for name in INPUTS}
+    out["items"] = np.full((1, max_len), "", dtype=object)
+    earlier = max(0, history_size - len(items))
+    fill_inputs(out, 0, items, ev.get("tokens", []), ev.get("seconds", []), earlier)
     return out
+
+
+def fill_inputs(
+    out: Mapping[str, np.ndarray],
+    row: int,
+    items: np.ndarray,
+    tokens: Sequence[int] | np.ndarray,
+    seconds: Sequence[int] | np.ndarray,
+    earlier: int = 0,
+) -> None:
+    """Write one user's newest events (time order, the first preceded by ``earlier`` others)
+    right-aligned into ``row`` of the ``[users, max_len]`` arrays of :data:`INPUTS` (left
+    padding stays as it is): the one place that turns events into the model's inputs."""
+    n = len(items)
+    m = min(n, out["items"].shape[1])
+    if not m:
+        return
+    # gaps over every event given, so the first input's gap is real when there are more
+    # events than the model reads (a row keeps SEQUENCE_EVENTS > max_len)
+    gaps = gap_buckets(np.asarray(seconds, dtype=np.int64))
+    width = out["items"].shape[1]
+    out["items"][row, width - m :] = items[-m:]
+    out["tokens"][row, width - m :] = np.asarray(tokens, dtype=np.int64)[-m:]
+    out["gaps"][row, width - m :] = gaps[-m:]
+    out["ranks"][row, width - m :] = rank_buckets(n, earlier)[-m:]
 
 
 def user_event_sequences(

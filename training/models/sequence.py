@@ -71,6 +71,7 @@ from core.sequence_inputs import (
     PAD,
     RANK_BUCKETS,
     event_tokens,
+    fill_inputs,
     gap_buckets,
     rank_buckets,
 )
@@ -320,14 +321,8 @@ def user_inputs(seqs: Sequence[UserSequence | None], max_len: int) -> dict[str, 
     ``None``), as :meth:`SASRec.encode_user` reads them."""
     out = {k: np.zeros((len(seqs), max_len), dtype=np.int64) for k in INPUTS}
     for r, seq in enumerate(seqs):
-        if seq is None or not len(seq):
-            continue
-        gaps = gap_buckets(seq.seconds)[-max_len:]
-        m = len(gaps)
-        out["items"][r, max_len - m :] = seq.items[-max_len:]
-        out["tokens"][r, max_len - m :] = seq.tokens[-max_len:]
-        out["gaps"][r, max_len - m :] = gaps
-        out["ranks"][r, max_len - m :] = rank_buckets(len(seq))[-max_len:]
+        if seq is not None:
+            fill_inputs(out, r, seq.items, seq.tokens, seq.seconds)
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
