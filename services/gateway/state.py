@@ -94,7 +94,7 @@ class GatewayState:
             except StoreSchemaError as exc:
                 log.error("milvus not usable: %s", exc)
             except StoreUnavailable as exc:
-                log.debug("milvus not ready: %s", exc)
+                log.info("milvus not ready: %s", exc)
         features_ready = cross_ready = sequence_ready = False
         if triton_ready:
             try:

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
+NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
+
+
 class StoreUnavailable(RuntimeError):
     """Milvus could not be reached or answered with an error."""
 
@@ -66,6 +69,7 @@ class VectorStore:
         self.settings = settings
         self.items, self.users, self.segments = collections(settings)
         self.specs = (self.items, self.users, self.segments)
+        self._names = {spec.name for spec in self.specs}
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._schema_checked = False
@@ -92,11 +96,30 @@ class VectorStore:
         try:
             return getattr(client, method)(*args, **kwargs)
         except MilvusException as exc:
+            collection = args[0] if args and isinstance(args[0], str) else None
+            if _not_loaded(exc) and collection in self._names:
+                return self._load_and_retry(client, collection, method, *args, **kwargs)
             self._reset()
             raise StoreUnavailable(f"Milvus {method}: {exc.message}") from exc
         except Exception as exc:  # grpc errors surface as many exception types
             self._reset()
             raise StoreUnavailable(f"Milvus {method}: {exc}") from exc
+
+    def _load_and_retry(
+        self, client: MilvusClient, collection: str, method: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        """A restarted server serves its collections released until someone loads them (Milvus
+        Lite can even lose a load when two first requests race to open one collection), so a
+        read that finds its collection released loads it and is tried once more, in whichever
+        process hit it: the gateway's monitor is not the only reader (the profile workers)."""
+        log.warning("Milvus collection %s is not loaded (restarted?): loading it", collection)
+        try:
+            client.load_collection(collection, timeout=kwargs.get("timeout"))
+            return getattr(client, method)(*args, **kwargs)
+        except Exception as exc:  # pymilvus raises several types
+            self._reset()
+            message = exc.message if isinstance(exc, MilvusException) else str(exc)
+            raise StoreUnavailable(f"Milvus {method} (after a load): {message}") from exc
 
     def _reset(self) -> None:
         with self._lock:
@@ -390,6 +413,10 @@ class VectorStore:
             timeout=timeout,
         )
         return _plain(rows[0]) if rows else None
+
+
+def _not_loaded(exc: MilvusException) -> bool:
+    return exc.code == NOT_LOADED or "not loaded" in str(exc.message).lower()
 
 
 def literal(value: str | list[str]) -> str:
