@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="Prometheus metrics port (0 = off)."
     )
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Plaintext port serving only grpc.health.v1 (the same statuses as the API "
+        "port), for the kubelet's native gRPC probes when the API port has TLS; 0 = off.",
+    )
     grpc_workers: int = Field(16, ge=1, description="Threads serving gRPC calls.")
     grace_period_s: float = Field(5.0, ge=0, description="Graceful-shutdown drain time.")
     default_deadline_s: float = Field(

@@ -11,5 +11,6 @@ RUN pip install --no-cache-dir "numpy==1.26.4" "onnxruntime==1.23.2" "tokenizers
 USER triton-server
 EXPOSE 8000 8001 8002
 # The stock entrypoint (nvidia_entrypoint.sh) runs the command; Kubernetes sets the full
-# tritonserver command line (k8s/base/triton/deployment.yaml).
-CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=poll"]
+# command (k8s/base/triton/load-release.sh: explicit model control, the models of the release
+# pointer). Standalone, this image loads no model until asked to (explicit, no poll).
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit"]

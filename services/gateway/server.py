@@ -30,12 +30,30 @@ class Gateway:
     server: grpc.Server
     state: GatewayState
     port: int
+    health_server: grpc.Server | None = None
+    health_port: int = 0
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish for up to ``grace`` seconds."""
         self.state.begin_shutdown()  # NOT_SERVING first, so balancers stop sending
         self.server.stop(grace).wait()
+        if self.health_server is not None:  # said NOT_SERVING through the drain
+            self.health_server.stop(0).wait()
         self.state.close()
+
+
+def health_server(settings: Settings, state: GatewayState) -> tuple[grpc.Server, int]:
+    """A plaintext listener serving only grpc.health.v1 from the API server's own health
+    servicer: the kubelet's native gRPC probes speak plaintext only, so with TLS (and client
+    certificates) on the API port they need this port. No RecommenderService, no
+    reflection: nothing but statuses can be reached here."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind health port {settings.grpc_host}:{settings.health_port}")
+    server.start()
+    return server, port
 
 
 def build(settings: Settings) -> Gateway:
@@ -68,6 +86,7 @@ def build(settings: Settings) -> Gateway:
         port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind {settings.grpc_host}:{settings.grpc_port}")
+    health = health_server(settings, state) if settings.health_port else None
     server.start()
     start_metrics_server(settings.metrics_port, settings.grpc_host)
     if not state.check_once():
@@ -80,6 +99,9 @@ def build(settings: Settings) -> Gateway:
         )
     state.start_background()
     log.info("gateway listening on %s:%d", settings.grpc_host, port)
+    if health is not None:
+        log.info("health-only (grpc.health.v1, plaintext) on %s:%d", settings.grpc_host, health[1])
+        return Gateway(server, state, port, health_server=health[0], health_port=health[1])
     return Gateway(server, state, port)
 
 

@@ -32,8 +32,15 @@ CRD_FILES = {
     ("ray.io", "RayJob"): "ray.io_rayjobs.yaml",
     ("milvus.io", "Milvus"): "milvus.io_milvuses.yaml",
 }
-# Secrets the prod overlay expects to exist already (created out of band, see k8s/README.md).
-_PROD_SECRETS = {"milvus-credentials", "gateway-api-keys", "gateway-tls", "gateway-pseudonym-key"}
+# Secrets the prod overlay does not render: its ExternalSecrets and Certificate
+# (components/prod-operations) make them in the cluster (k8s/README.md).
+_PROD_SECRETS = {
+    "milvus-credentials",
+    "milvus-root",
+    "gateway-api-keys",
+    "gateway-tls",
+    "gateway-pseudonym-key",
+}
 EXTERNAL_SECRETS = {"prod": _PROD_SECRETS, "prod-autoscaled": _PROD_SECRETS}
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
@@ -133,6 +140,22 @@ def env_values(rendered: Rendered, container: dict[str, Any]) -> dict[str, Any]:
     for entry in container.get("env", []):
         values[entry["name"]] = entry["value"] if "value" in entry else entry["valueFrom"]
     return values
+
+
+def operator_secrets(rendered: Rendered) -> dict[str, set[str]]:
+    """Secret name -> keys, for the Secrets an operator writes from a rendered resource:
+    External Secrets Operator (an ExternalSecret's target) and cert-manager (a Certificate's
+    secretName: tls.crt, tls.key, ca.crt)."""
+    out: dict[str, set[str]] = {}
+    for es in rendered.of_kind("ExternalSecret"):
+        spec = es["spec"]
+        name = spec.get("target", {}).get("name", es["metadata"]["name"])
+        template = spec.get("target", {}).get("template", {}).get("data")
+        keys = set(template) if template else {d["secretKey"] for d in spec.get("data", [])}
+        out[name] = keys
+    for cert in rendered.of_kind("Certificate"):
+        out[cert["spec"]["secretName"]] = {"tls.crt", "tls.key", "ca.crt"}
+    return out
 
 
 def render(path: Path) -> str:

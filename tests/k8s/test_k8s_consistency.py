@@ -16,6 +16,7 @@ from k8s_helpers import (
     Rendered,
     containers,
     env_values,
+    operator_secrets,
     pod_templates,
 )
 from pydantic import SecretStr
@@ -45,23 +46,11 @@ def probe_port(c: dict[str, Any], probe: dict[str, Any]) -> int:
     return named_port(c, value) if isinstance(value, str) else value
 
 
-# The in-container gRPC health check the prod gateway runs as an exec probe (TLS port):
-# ["python", "-c", <script>, <health service>, <TLS server name>]; the script finds the port
-# and the certificate files in the container's RECSYS_* environment.
-EXEC_HEALTH_ARGS = 5
-
-
-def health_check(c: dict[str, Any], probe: dict[str, Any], settings: Any) -> tuple[int, str]:
-    """(port, grpc.health.v1 service name) a gateway probe asks; native gRPC or exec."""
-    if "grpc" in probe:
-        return probe_port(c, probe), probe["grpc"].get("service", "")
-    assert "exec" in probe, f"gateway probe must be a gRPC health check: {probe}"
-    command = probe["exec"]["command"]
-    assert command[:2] == ["python", "-c"] and len(command) == EXEC_HEALTH_ARGS, command
-    script = command[2]
-    assert "grpc_health.v1" in script and "HealthStub" in script, "not a grpc.health.v1 check"
-    assert "os.environ['RECSYS_GRPC_PORT']" in script, "the exec check must use RECSYS_GRPC_PORT"
-    return settings.grpc_port, command[3]
+def health_check(c: dict[str, Any], probe: dict[str, Any]) -> tuple[int, str]:
+    """(port, grpc.health.v1 service name) a gateway probe asks: a native gRPC probe only
+    (an exec probe would start a Python process per probe, every few seconds, in every pod)."""
+    assert "grpc" in probe and "exec" not in probe, f"gateway probe must be native gRPC: {probe}"
+    return probe_port(c, probe), probe["grpc"].get("service", "")
 
 
 def secret_mounts(template: dict[str, Any], c: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -203,6 +192,11 @@ def test_config_and_secret_references_resolve(overlay: Rendered) -> None:
                         if key in source:
                             refs.append((kind, source[key]["name"], None))
             for kind, name, key in refs:
+                if kind == "Secret" and name in operator_secrets(overlay):
+                    assert key is None or key in operator_secrets(overlay)[name], (
+                        f"{overlay.name}: the operator-made Secret {name} has no key {key}"
+                    )
+                    continue
                 if kind == "Secret" and name in external:
                     continue
                 matches = [d for d in overlay.of_kind(kind) if d["metadata"]["name"] == name]
@@ -240,14 +234,14 @@ def test_gateway_ports_probes_and_shutdown(overlay: Rendered, settings_cls, monk
     assert named_port(c, "grpc") == settings.grpc_port
     assert named_port(c, "metrics") == settings.metrics_port != 0
 
-    checks = {kind: health_check(c, c[kind], settings) for kind in PROBES}
+    # The kubelet's native gRPC probe speaks plaintext: it probes the health-only port
+    # (RECSYS_HEALTH_PORT, plaintext, same statuses), never the API port, which has TLS.
+    assert settings.health_port != 0, "RECSYS_HEALTH_PORT must be set for the probes"
+    assert settings.health_port != settings.grpc_port
+    assert named_port(c, "health") == settings.health_port
+    checks = {kind: health_check(c, c[kind]) for kind in PROBES}
     for kind, (port, _) in checks.items():
-        assert port == settings.grpc_port, f"gateway {kind} must probe the gRPC port"
-        if settings.tls_cert_file is not None:
-            assert "grpc" not in c[kind], (
-                f"gateway {kind}: the kubelet's native gRPC probe speaks plaintext and cannot "
-                "reach a TLS port"
-            )
+        assert port == settings.health_port, f"gateway {kind} must probe the health port"
     readiness_service = checks["readinessProbe"][1]
     assert readiness_service in proto_service_names(), readiness_service
     for kind in ("startupProbe", "livenessProbe"):
@@ -272,6 +266,8 @@ def test_gateway_ports_probes_and_shutdown(overlay: Rendered, settings_cls, monk
     assert ports["grpc"]["port"] == settings.grpc_port and ports["grpc"]["targetPort"] == "grpc"
     assert ports["grpc"].get("appProtocol") == "grpc"
     assert ports["metrics"]["targetPort"] == "metrics"
+    exposed = {p["targetPort"] for s in overlay.of_kind("Service") for p in s["spec"]["ports"]}
+    assert "health" not in exposed and settings.health_port not in exposed, "health port exposed"
 
 
 def test_gateway_registers_probed_health_services(
@@ -284,9 +280,9 @@ def test_gateway_registers_probed_health_services(
     """
     sources = "\n".join(p.read_text() for p in (REPO_ROOT / "services" / "gateway").glob("*.py"))
     c = container(overlay, "gateway")
-    settings = settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
+    settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
     for kind in PROBES:
-        _, service = health_check(c, c[kind], settings)
+        _, service = health_check(c, c[kind])
         if service:
             registered = f'"{service}"' in sources or f"'{service}'" in sources
             assert registered, (
@@ -351,119 +347,18 @@ def test_prod_gateway_requires_api_keys_and_mutual_tls(
     assert pseudonym in external
 
 
-def _pki(directory: Path, server_name: str) -> dict[str, Path]:
-    """A CA and one certificate for ``server_name`` usable as server and client (mTLS)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-
-    def builder(subject: str, public_key: Any) -> x509.CertificateBuilder:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name("recsys test CA"))
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(hours=1))
-        )
-
-    ca = (
-        builder("recsys test CA", ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    leaf = (
-        builder("gateway", key.public_key())
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    files = {
-        "tls.crt": leaf.public_bytes(pem),
-        "tls.key": key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-        "ca.crt": ca.public_bytes(pem),
-    }
-    for filename, data in files.items():
-        (directory / filename).write_bytes(data)
-    return {filename: directory / filename for filename in files}
-
-
-def test_gateway_exec_probes_work_over_mutual_tls(
-    overlay: Rendered, settings_cls, monkeypatch, tmp_path: Path
-) -> None:
-    """Run each exec probe, as the kubelet would, against a health server with the
-    gateway's own TLS setup (services.reliability.tls) and the pod's certificate files."""
-    import os
-    import subprocess
-    import sys
-    from concurrent import futures
-
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    from services.reliability.tls import server_credentials
-
-    pod = overlay.workload("gateway")["spec"]["template"]
-    c = pod["spec"]["containers"][0]
-    probes = {kind: c[kind]["exec"]["command"] for kind in PROBES if "exec" in c[kind]}
-    if not probes:
-        return  # native gRPC probes: test_gateway_ports_probes_and_shutdown checks TLS is off
-    env = env_values(overlay, c)
-    settings = settings_from_env(settings_cls, env, monkeypatch)
-    assert settings.tls_cert_file is not None, "exec probes are for the TLS port"
-    (server_name,) = {command[4] for command in probes.values()}
-    files = _pki(tmp_path, server_name)
-    local = {
-        f"{ENV_PREFIX}{field.upper()}": str(files[secret_file(pod, c, getattr(settings, field))[1]])
-        for field in TLS_KEYS
-        if getattr(settings, field) is not None
-    }
-    tls_settings = settings_from_env(settings_cls, local, monkeypatch)
-
-    status = health_pb2.HealthCheckResponse
-    servicer = health.HealthServicer()
-    servicer.set("liveness", status.SERVING)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls_settings))
-    server.start()
-    try:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        manifest = {k: v for k, v in env.items() if isinstance(v, str)}
-        run_env = base | manifest | local | {f"{ENV_PREFIX}GRPC_PORT": str(port)}
-
-        def probe(kind: str) -> int:
-            command = [sys.executable, *probes[kind][1:]]
-            timeout = c[kind].get("timeoutSeconds", 1)
-            proc = subprocess.run(
-                command, env=run_env, capture_output=True, text=True, timeout=timeout
-            )
-            return proc.returncode
-
-        for serving in (False, True):
-            servicer.set(SERVICE_NAME, status.SERVING if serving else status.NOT_SERVING)
-            for kind in probes:
-                asks_readiness = probes[kind][3] == SERVICE_NAME
-                expected = 0 if serving or not asks_readiness else 1
-                assert probe(kind) == expected, f"{kind} (RecommenderService serving={serving})"
-        server.stop(0)
-        assert all(probe(kind) != 0 for kind in probes), "a dead server must fail the probes"
-    finally:
-        server.stop(0)
+def test_no_exec_probes(variant: Rendered) -> None:
+    """No probe of any workload runs a command in the container (a process start per probe
+    per pod); gRPC, HTTP and TCP probes only."""
+    for obj in variant.docs:
+        if obj.get("kind") not in WORKLOAD_KINDS | {"RayJob"}:
+            continue
+        for label, template in pod_templates(obj):
+            for c in containers(template):
+                for kind in PROBES:
+                    assert "exec" not in c.get(kind, {}), (
+                        f"{variant.name} {obj['metadata']['name']}/{label}/{c['name']} {kind}"
+                    )
 
 
 @pytest.mark.parametrize("name", ["gateway", "triton"])
@@ -503,8 +398,22 @@ def test_gateway_reaches_milvus(overlay: Rendered, settings_cls, monkeypatch) ->
     uri = urlsplit(settings.milvus_uri)
     assert uri.scheme == "http" and uri.port == 19530
     (milvus,) = overlay.of_kind("Milvus")
-    # The Milvus Operator names the client Service <name>-milvus, in the CR's namespace.
-    assert uri.hostname == f"{milvus['metadata']['name']}-milvus"
+    name = milvus["metadata"]["name"]
+    if milvus["spec"].get("mode") != "cluster":
+        # Standalone: one pod; the Milvus Operator's client Service is <name>-milvus.
+        assert uri.hostname == f"{name}-milvus"
+        return
+    # Cluster: a headless Service over every proxy pod (operator labels), not the operator's
+    # ClusterIP, which would keep each gateway's one gRPC connection on one proxy.
+    service = overlay.get("Service", uri.hostname)
+    assert service["spec"].get("clusterIP") == "None", f"{uri.hostname} must be headless"
+    assert service["spec"]["selector"] == {
+        "app.kubernetes.io/name": "milvus",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "proxy",
+    }
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == port["targetPort"] == 19530
 
 
 # --- Triton ------------------------------------------------------------------------------
@@ -515,14 +424,18 @@ def test_triton_server(overlay: Rendered) -> None:
     pod = deployment["spec"]["template"]
     c = pod["spec"]["containers"][0]
     assert c["image"].rsplit(":", 1)[1] == TRITON_IMAGE_TAG
-    assert c["command"] == ["tritonserver"]
+    # tritonserver, started by the release launcher (test_triton_loads_the_pinned_release)
+    assert c["command"] == ["bash", LAUNCHER]
     args = c["args"]
     ports = {"http": 8000, "grpc": 8001, "metrics": 8002}
     for name, number in ports.items():
         assert named_port(c, name) == number
         assert flag(args, f"{name}-port") == str(number)
-    assert flag(args, "model-control-mode") == "poll", "new versions must load without restart"
-    assert int(flag(args, "repository-poll-secs")) > 0
+    # explicit: only the release pointer's models load (test_triton_loads_the_pinned_release);
+    # poll would serve whatever lands in the repository (a training run's export, lost+found).
+    assert flag(args, "model-control-mode") is None, "the launcher sets it (explicit)"
+    assert flag(args, "repository-poll-secs") is None
+    assert flag(args, "strict-readiness") == "true"
 
     probes = {
         "livenessProbe": "/v2/health/live",
@@ -550,6 +463,208 @@ def test_triton_server(overlay: Rendered) -> None:
     assert (flag(args, "model-config-name") == "gpu") == (gpu > 0), (
         "GPU Triton must load configs/gpu.pbtxt and CPU Triton the default config.pbtxt"
     )
+
+
+LAUNCHER = "/opt/recsys/load-release.sh"
+
+
+def release_pointer(rendered: Rendered, c: dict[str, Any], variable: str) -> str:
+    """The value of ``variable`` in container c, which must come from the release pointer."""
+    source = env_values(rendered, c)[variable]
+    assert isinstance(source, dict) and "configMapKeyRef" in source, (
+        f"{variable} must come from the release pointer ConfigMap, not a literal"
+    )
+    ref = source["configMapKeyRef"]
+    assert ref["name"].rsplit("-", 1)[0] == "model-release", ref
+    return str(rendered.get("ConfigMap", ref["name"])["data"][ref["key"]])
+
+
+def launcher(rendered: Rendered) -> str:
+    """The script the Triton container runs, from the ConfigMap volume mounted at its path."""
+    pod = rendered.workload("triton")["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    mount = next(m for m in c["volumeMounts"] if LAUNCHER.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    cm = rendered.get("ConfigMap", volume["configMap"]["name"])
+    return cm["data"][LAUNCHER.rsplit("/", 1)[1]]
+
+
+def run_launcher(
+    rendered: Rendered, tmp_path: Path, release: str, previous: str, releases: dict[str, set[str]]
+) -> tuple[int, list[str], str]:
+    """Run Triton's launcher as the container would, with a stand-in tritonserver that
+    records its arguments, over a repository holding ``releases``: release -> models with a
+    version folder of it (ensembles as their pinned <name>_r<N>). (exit code, the model
+    names it loads, the control mode)."""
+    import os
+    import subprocess
+
+    c = container(rendered, "triton")
+    repo = tmp_path / "models"
+    (repo / "lost+found").mkdir(parents=True)
+    for number, models in releases.items():
+        for model in models:
+            (repo / model / number).mkdir(parents=True, exist_ok=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "tritonserver"
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    stub.chmod(0o755)
+    script = tmp_path / "load-release.sh"
+    script.write_text(launcher(rendered))
+    env = {k: v for k, v in env_values(rendered, c).items() if isinstance(v, str)}
+    env |= {"RELEASE": release, "PREVIOUS_RELEASE": previous, "ARGS_OUT": str(tmp_path / "a")}
+    env |= {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    args = [a.replace("=/models", f"={repo}") for a in c["args"]]
+    proc = subprocess.run(
+        ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30
+    )
+    if proc.returncode != 0:
+        return proc.returncode, [], proc.stderr
+    argv = (tmp_path / "a").read_text().splitlines()
+    assert flag(argv, "model-repository") == str(repo)
+    return 0, flags(argv, "load-model"), flag(argv, "model-control-mode") or ""
+
+
+def flags(args: list[str], name: str) -> list[str]:
+    """Every value of a repeatable flag (``--load-model``)."""
+    prefix = f"--{name}="
+    return [a[len(prefix) :] for a in args if a.startswith(prefix)]
+
+
+def gateway_needs(rendered: Rendered, settings_cls, monkeypatch, release: str) -> set[str]:
+    """The Triton models the gateway and the profile workers call when pinned to
+    ``release`` (TritonClient.target of each model setting)."""
+    from services.inference.triton_client import TritonClient
+
+    needed: set[str] = set()
+    for name in ("gateway", "profile-worker"):
+        c = container(rendered, name)
+        settings = settings_from_env(settings_cls, env_values(rendered, c), monkeypatch)
+        settings = settings.model_copy(update={"triton_model_version": release})
+        client = TritonClient(settings)
+        try:
+            models = (
+                settings.triton_item_model,
+                settings.triton_user_model,
+                settings.triton_ranker_model,
+                settings.triton_feature_ranker_model,
+                settings.triton_sequence_model,
+            )
+            needed |= {client.target(m)[0] for m in models}
+        finally:
+            client.close()
+    return needed
+
+
+def test_triton_loads_the_pinned_release(
+    overlay: Rendered, settings_cls, monkeypatch, tmp_path: Path
+) -> None:
+    """Triton (explicit model control) loads exactly the models the gateway calls for its
+    pinned release, where the release has them (the rankers are optional), plus the previous
+    release's; a release not on the volume fails the start; the gateway, the profile workers
+    and Triton read one release pointer; nothing else on the volume is loaded."""
+    triton = container(overlay, "triton")
+    release = release_pointer(overlay, triton, "RELEASE")
+    previous = release_pointer(overlay, triton, "PREVIOUS_RELEASE")
+    assert release.isdigit() and previous.isdigit() and int(previous) <= int(release)
+    for name in ("gateway", "profile-worker"):
+        pinned = release_pointer(overlay, container(overlay, name), "RECSYS_TRITON_MODEL_VERSION")
+        assert pinned == release, f"{name} pins {pinned}, Triton serves {release}"
+
+    n, p = "7", "6"
+    full = {
+        v: gateway_needs(overlay, settings_cls, monkeypatch, v) | {"tokenizer", "item_encoder"}
+        for v in (n, p)
+    }
+    towers_only = {m for m in full[n] if "embedder" in m}
+    cases = [
+        # (release, previous, what the volume holds, what must be loaded)
+        (n, p, full, full[n] | full[p]),
+        (n, n, full, full[n]),
+        (n, p, {n: towers_only}, towers_only),  # no rankers in this release: towers only
+        (n, p, {n: full[n], "8": {"item_embedder_r8"}}, full[n]),  # a newer export: not served
+    ]
+    for i, (rel, prev, volume, expected) in enumerate(cases):
+        case = tmp_path / str(i)
+        case.mkdir()
+        code, loaded, mode = run_launcher(overlay, case, rel, prev, volume)
+        assert code == 0, mode
+        assert mode == "explicit"
+        wanted = {m for m in expected if m not in {"tokenizer", "item_encoder"}}
+        assert set(loaded) == wanted, f"case {i}: loads {sorted(loaded)}, wants {sorted(wanted)}"
+        assert "lost+found" not in loaded
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    code, _, err = run_launcher(overlay, missing, "9", n, full)
+    assert code != 0 and "release 9 is not in" in err, err
+
+
+def test_release_rollout_applies_triton_first(overlay: Rendered) -> None:
+    """The runbook's first step (k8s/README.md) applies `-l 'app.kubernetes.io/name in
+    (model-release,triton)'`: that must take the new pointer ConfigMap and the Triton
+    Deployment, and none of the gateway's or the workers' objects."""
+    readme = (REPO_ROOT / "k8s" / "README.md").read_text()
+    match = re.search(r"-l '(app\.kubernetes\.io/name) in \(([\w,-]+)\)'", readme)
+    assert match, "the README's roll-out applies Triton first with a label selector"
+    key, values = match.group(1), set(match.group(2).split(","))
+    chosen = {
+        (d["kind"], d["metadata"]["name"])
+        for d in overlay.serving
+        if d["metadata"].get("labels", {}).get(key) in values
+    }
+    kinds = {kind for kind, _ in chosen}
+    assert ("Deployment", "triton") in chosen and "ConfigMap" in kinds, chosen
+    pointer = {name for kind, name in chosen if kind == "ConfigMap"}
+    # the pointer and Triton's launcher, both content-hashed: the new ones must go first
+    assert {n.rsplit("-", 1)[0] for n in pointer} == {"model-release", "triton-launcher"}, pointer
+    assert not {n for _, n in chosen} & {"gateway", "profile-worker"}, chosen
+
+
+def test_no_poll_mode_anywhere(rendered_all: dict[str, Rendered]) -> None:
+    """Neither a manifest nor the Triton image lets Triton pick up repository changes itself."""
+    for rendered in rendered_all.values():
+        for marker in ("model-control-mode=poll", "repository-poll-secs"):
+            assert marker not in rendered.text, f"{rendered.name}: {marker}"
+        script = launcher(rendered)
+        assert "--model-control-mode=explicit" in script and "poll" not in script
+    dockerfile = (REPO_ROOT / "docker" / "triton.Dockerfile").read_text()
+    assert "model-control-mode=poll" not in dockerfile
+    assert "model-control-mode=explicit" in dockerfile
+
+
+def test_tensorrt_engine_cache_on_a_volume(overlay: Rendered) -> None:
+    """Every TensorRT engine cache path of the configs GPU Triton loads is on a claim (sized,
+    shared by the pods' nodes), not in /tmp's emptyDir: a restart must not rebuild engines."""
+    pod = overlay.workload("triton")["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    name = flag(c["args"], "model-config-name")
+    if name is None:
+        return  # CPU configs (python backend): no TensorRT
+    paths = set()
+    for config in (REPO_ROOT / "model_repository").glob(f"*/configs/{name}.pbtxt"):
+        found = re.findall(
+            r'key:\s*"trt_engine_cache_path"\s*value:\s*"([^"]+)"', config.read_text()
+        )
+        paths |= set(found)
+    assert paths, f"no trt_engine_cache_path in model_repository/*/configs/{name}.pbtxt"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for path in paths:
+        mounts = [
+            m
+            for m in c["volumeMounts"]
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        ]
+        mount = max(mounts, key=lambda m: len(m["mountPath"]))  # the innermost mount wins
+        volume = volumes[mount["name"]]
+        assert "persistentVolumeClaim" in volume, f"{path} is on {volume}, not a claim"
+        assert not mount.get("readOnly"), f"{path}: Triton writes the engines"
+        claim = overlay.get("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["resources"]["requests"]["storage"]
+        # engines are per GPU: a folder per node, never one file for all nodes' pods
+        assert mount.get("subPathExpr") == "$(NODE_NAME)", mount
+        node = next(e for e in c["env"] if e["name"] == "NODE_NAME")
+        assert node["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
 def test_gpu_model_configs_exist(rendered_all: dict[str, Rendered]) -> None:

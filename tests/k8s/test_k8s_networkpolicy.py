@@ -1,8 +1,11 @@
 """NetworkPolicies, evaluated: who may open a connection to which pod and port.
 
-A small evaluator of NetworkPolicy ingress semantics (podSelector, namespaceSelector,
-matchLabels/matchExpressions, ports) runs over the pods each overlay creates, with the labels
-they will really carry (operators add their own), plus outside clients.
+A small evaluator of NetworkPolicy semantics (podSelector, namespaceSelector,
+matchLabels/matchExpressions, ports; ingress at the target and egress at the source, both must
+allow) runs over the pods each overlay creates, with the labels they will really carry
+(operators add their own), plus outside clients, Prometheus, the operators and cluster DNS.
+``test_exactly_the_needed_connections`` compares every (source, target, port) with the table
+of connections the platform needs: each is open, nothing else is.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from k8s_helpers import Rendered, pod_templates
 
 OTHER_NAMESPACE = {"kubernetes.io/metadata.name": "somewhere-else"}
@@ -55,25 +57,42 @@ def peer_allows(peer: dict[str, Any], source: Pod, own_namespace: dict[str, str]
     return ns_ok and pod_ok
 
 
-def allowed(rendered: Rendered, source: Pod, target: Pod, port: int) -> bool:
-    own = {"kubernetes.io/metadata.name": rendered.namespace}
+def _own(rendered: Rendered) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": rendered.namespace}
+
+
+def _rules_allow(rendered: Rendered, selected: Pod, peer: Pod, port: int, direction: str) -> bool:
+    """Whether the policies of ``direction`` (Ingress/Egress) that select ``selected`` let it
+    talk with ``peer`` on ``port``; no such policy = allowed (pods outside the namespace are
+    never selected: these policies are namespaced)."""
+    own = _own(rendered)
+    if selected.namespace != own:
+        return True
+    key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     policies = [
         p
         for p in rendered.of_kind("NetworkPolicy")
-        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
-        and matches(p["spec"]["podSelector"], target.labels)
+        if direction in p["spec"].get("policyTypes", ["Ingress"])
+        and matches(p["spec"]["podSelector"], selected.labels)
     ]
     if not policies:
         return True
     for policy in policies:
-        for rule in policy["spec"].get("ingress", []):
+        for rule in policy["spec"].get(key, []):
             ports = rule.get("ports")
             if ports and not any(p.get("port") == port for p in ports):
                 continue
-            peers = rule.get("from")
-            if not peers or any(peer_allows(peer, source, own) for peer in peers):
+            peers = rule.get(peers_key)
+            if not peers or any(peer_allows(entry, peer, own) for entry in peers):
                 return True
     return False
+
+
+def allowed(rendered: Rendered, source: Pod, target: Pod, port: int) -> bool:
+    """A connection opens when the source's egress and the target's ingress both allow it."""
+    return _rules_allow(rendered, source, target, port, "Egress") and _rules_allow(
+        rendered, target, source, port, "Ingress"
+    )
 
 
 def pods(rendered: Rendered) -> dict[str, Pod]:
@@ -104,12 +123,35 @@ def pods(rendered: Rendered) -> dict[str, Pod]:
         },
         own,
     )
+    # Another Milvus component (cluster mode: query nodes, data nodes, mixCoord, ...).
+    out["milvus-querynode"] = Pod(
+        "milvus-querynode",
+        {
+            "app.kubernetes.io/name": "milvus",
+            "app.kubernetes.io/instance": milvus,
+            "app.kubernetes.io/component": "querynode",
+        },
+        own,
+    )
     out["etcd"] = Pod(
         "etcd",
         {"app.kubernetes.io/name": "etcd", "app.kubernetes.io/instance": f"{milvus}-etcd"},
         own,
     )
     out["minio"] = Pod("minio", {"app": "minio", "release": f"{milvus}-minio"}, own)
+    labels = rendered.workload("mlflow")["spec"]["template"]["metadata"]["labels"]
+    out["mlflow"] = Pod("mlflow", labels, own)
+    cron = rendered.get("CronJob", "recsys-segments")
+    labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    out["segments"] = Pod("segments", labels, own)
+    out["kube-dns"] = Pod(
+        "kube-dns", {"k8s-app": "kube-dns"}, {"kubernetes.io/metadata.name": "kube-system"}
+    )
+    out["kuberay-operator"] = Pod(
+        "kuberay-operator",
+        {"app.kubernetes.io/name": "kuberay-operator"},
+        {"kubernetes.io/metadata.name": "kuberay-operator"},
+    )
     out["stranger-same-ns"] = Pod("stranger-same-ns", {"app": "debug"}, own)
     out["stranger-other-ns"] = Pod("stranger-other-ns", {"app": "client"}, OTHER_NAMESPACE)
     out["prometheus"] = Pod("prometheus", {"app": "prometheus"}, MONITORING)
@@ -121,78 +163,90 @@ def pods(rendered: Rendered) -> dict[str, Pod]:
     return out
 
 
-def test_default_deny(overlay: Rendered) -> None:
-    deny = overlay.get("NetworkPolicy", "default-deny-ingress")["spec"]
-    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"]
-    assert not deny.get("ingress")
+# Every port a connection could use: the platform's ports, DNS, the health-only port and an
+# arbitrary dynamic one (Ray, Milvus internals).
+PORTS = (
+    53, 2379, 2380, 4222, 5000, 6222, 6379, 8000, 8001, 8002, 8080, 8086, 8222, 8265, 9000,
+    9091, 9103, 9464, 10001, 12345, 19530, 50051,
+)  # fmt: skip
+ANY = PORTS
 
 
-def test_clients_reach_only_the_gateway(overlay: Rendered) -> None:
-    p = pods(overlay)
-    for client in ("stranger-other-ns", "stranger-same-ns"):
-        assert allowed(overlay, p[client], p["gateway"], 50051)
-        for target, ports in {
-            "gateway": [9464],
-            "triton": [8000, 8001, 8002],
-            "milvus": [19530, 9091],
-            "etcd": [2379],
-            "minio": [9000],
-            "ray-head": [8265, 6379, 10001],
-            "nats": [4222, 6222, 8222],
-            "profile-worker": [9103],
-        }.items():
-            for port in ports:
-                assert not allowed(overlay, p[client], p[target], port), (
-                    f"{client} can reach {target}:{port}"
-                )
-
-
-@pytest.mark.parametrize(
-    ("target", "port"), [("triton", 8001), ("triton", 8000), ("milvus", 19530)]
-)
-def test_backends_accept_only_gateway_and_training(
-    overlay: Rendered, target: str, port: int
-) -> None:
-    p = pods(overlay)
-    allowed_sources = {
-        name for name, pod in p.items() if name != target and allowed(overlay, pod, p[target], port)
+def needed_connections(p: dict[str, Pod], namespace: dict[str, str]) -> set[tuple[str, str, int]]:
+    """(source, target, port) of every connection the platform makes, and nothing more."""
+    own = {n for n, pod in p.items() if pod.namespace == namespace}
+    outside = set(p) - own
+    training = {n for n in p if n.startswith("ray-") and n != "ray-submitter"}
+    milvus = {"milvus", "milvus-querynode"}
+    rules: list[tuple[set[str], set[str], tuple[int, ...]]] = [
+        (own, {"kube-dns"}, (53,)),  # every pod resolves names
+        (outside, {"gateway"}, (50051,)),  # the public API (clients live elsewhere)
+        ({"gateway", "profile-worker"}, {"triton"}, (8001,)),
+        ({"gateway", "profile-worker"}, milvus, (19530,)),
+        ({"gateway", "profile-worker"}, {"nats"}, (4222,)),
+        ({"segments"}, milvus, (19530,)),
+        (training, training, ANY),
+        (training, {"mlflow"}, (5000,)),
+        (training, milvus, (19530,)),
+        (training, {"triton"}, (8000, 8001)),
+        ({"ray-submitter", "kuberay-operator"}, training, (8265,)),
+        (milvus, milvus, ANY),
+        (milvus, {"etcd"}, (2379,)),
+        (milvus, {"minio"}, (9000,)),
+        ({"milvus-operator"}, milvus | {"etcd", "minio"}, ANY),
+        ({"etcd"}, {"etcd"}, (2379, 2380)),
+        ({"minio"}, {"minio"}, (9000,)),
+        ({"nats"}, {"nats"}, (4222, 6222, 8222)),
+        ({"prometheus"}, {"gateway"}, (9464,)),
+        ({"prometheus"}, {"triton"}, (8002,)),
+        ({"prometheus"}, milvus, (9091,)),
+        ({"prometheus"}, training, (8080,)),
+        ({"prometheus"}, {"profile-worker"}, (9103,)),
+        ({"prometheus"}, {"nats"}, (8222,)),
+    ]
+    return {
+        (source, target, port)
+        for sources, targets, ports in rules
+        for source in sources
+        for target in targets
+        for port in ports
     }
-    expected = {"gateway", "profile-worker", "ray-head"} | {
-        n for n in p if n.startswith("ray-") and n != "ray-submitter"
-    }
-    if target == "milvus":
-        expected |= {"milvus-operator"}  # operator health checks; Milvus peers excluded above
-    assert allowed_sources == expected, f"{target}:{port} open to {sorted(allowed_sources)}"
 
 
-def test_operator_managed_traffic_still_flows(overlay: Rendered) -> None:
-    """The policies must not break Milvus, its dependencies or the Ray cluster."""
+def test_default_deny_both_ways(overlay: Rendered) -> None:
+    for name, kind in (("default-deny-ingress", "Ingress"), ("default-deny-egress", "Egress")):
+        deny = overlay.get("NetworkPolicy", name)["spec"]
+        assert deny["podSelector"] == {} and deny["policyTypes"] == [kind]
+        assert not deny.get("ingress") and not deny.get("egress")
+
+
+def test_exactly_the_needed_connections(overlay: Rendered) -> None:
+    """Every connection the platform needs is open (egress at the source and ingress at the
+    target), and no other (source, target, port) is, within the namespace or into it."""
     p = pods(overlay)
-    assert allowed(overlay, p["milvus"], p["etcd"], 2379)
-    assert allowed(overlay, p["milvus"], p["minio"], 9000)
-    assert allowed(overlay, p["milvus"], p["milvus"], 19530)
-    assert allowed(overlay, p["milvus-operator"], p["etcd"], 2379)
-    workers = [n for n in p if n.startswith("ray-") and n not in {"ray-head", "ray-submitter"}]
-    assert workers
-    for worker in workers:
-        assert allowed(overlay, p[worker], p["ray-head"], 6379)
-        assert allowed(overlay, p["ray-head"], p[worker], 12345)
-    assert allowed(overlay, p["ray-submitter"], p["ray-head"], 8265)
-    assert not allowed(overlay, p["gateway"], p["etcd"], 2379)
+    namespace = {"kubernetes.io/metadata.name": overlay.namespace}
+    needed = needed_connections(p, namespace)
+    missing, extra = [], []
+    for source, src in p.items():
+        for target, dst in p.items():
+            if src.namespace != namespace and dst.namespace != namespace:
+                continue  # between two other namespaces: not these policies' business
+            for port in PORTS:
+                is_open = allowed(overlay, src, dst, port)
+                if (source, target, port) in needed and not is_open:
+                    missing.append(f"{source} -> {target}:{port}")
+                elif is_open and (source, target, port) not in needed:
+                    extra.append(f"{source} -> {target}:{port}")
+    assert not missing, f"{overlay.name}: needed but blocked:\n" + "\n".join(missing)
+    assert not extra, f"{overlay.name}: open but not needed:\n" + "\n".join(extra)
 
 
-def test_metrics_scrapable_from_monitoring(overlay: Rendered) -> None:
+def test_evaluator_sees_egress(overlay: Rendered) -> None:
+    """The evaluator applies both sides: Milvus' ingress does not name Triton, and a pod
+    of the namespace that no egress rule names reaches nothing, not even the public port."""
     p = pods(overlay)
-    for target, port in [("gateway", 9464), ("triton", 8002), ("milvus", 9091)]:
-        assert allowed(overlay, p["prometheus"], p[target], port), f"{target}:{port}"
-
-
-def test_only_training_reaches_mlflow(overlay: Rendered) -> None:
-    """The Ray driver (head) and workers log to the MLflow server; nobody else connects
-    (people use `kubectl port-forward`, which NetworkPolicies do not filter)."""
-    p = pods(overlay)
-    labels = overlay.workload("mlflow")["spec"]["template"]["metadata"]["labels"]
-    mlflow = Pod("mlflow", labels, {"kubernetes.io/metadata.name": overlay.namespace})
-    sources = {name for name, pod in p.items() if allowed(overlay, pod, mlflow, 5000)}
-    expected = {n for n in p if n.startswith("ray-") and n != "ray-submitter"}
-    assert "ray-head" in expected and sources == expected, f"mlflow:5000 open to {sorted(sources)}"
+    assert not allowed(overlay, p["triton"], p["milvus"], 19530)
+    assert allowed(overlay, p["gateway"], p["milvus"], 19530)
+    assert not allowed(overlay, p["stranger-same-ns"], p["gateway"], 50051)  # egress denied
+    assert allowed(overlay, p["stranger-other-ns"], p["gateway"], 50051)
+    assert not allowed(overlay, p["stranger-other-ns"], p["gateway"], 8086)  # health port

@@ -11,13 +11,20 @@ from k8s_helpers import (
     K8S_DIR,
     OVERLAYS_DIR,
     REQUIRED_OVERLAYS,
+    WORKLOAD_KINDS,
     Rendered,
     containers,
     overlay_names,
     pod_templates,
 )
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+}
 
 
 def gpu_limit(template: dict) -> int:
@@ -188,11 +195,52 @@ def test_namespace_is_outside_the_overlay(overlay: Rendered) -> None:
     Namespace is its own kustomization, applied once."""
     for part, docs in (("serving", overlay.serving), ("training", overlay.training)):
         assert not [d for d in docs if d["kind"] == "Namespace"], f"{overlay.name} {part}"
-    assert [d["kind"] for d in overlay.namespaces] == ["Namespace"], overlay.name
-    name = overlay.namespaces[0]["metadata"]["name"]
+    kinds = [d["kind"] for d in overlay.namespaces]
+    assert kinds.count("Namespace") == 1, overlay.name
+    # Cluster-wide prerequisites only: applied once with the namespace.
+    assert set(kinds) <= {"Namespace", "PriorityClass"}, kinds
+    (name,) = (d["metadata"]["name"] for d in overlay.namespaces if d["kind"] == "Namespace")
     for doc in overlay.serving + overlay.training:
         if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace") == name, doc["metadata"]["name"]
     readme = (K8S_DIR / "README.md").read_text()
     if overlay.name in REQUIRED_OVERLAYS:
         assert f"kubectl apply -k k8s/overlays/{overlay.name}/namespace" in readme
+
+
+SERVING_CLASS, TRAINING_CLASS = "recsys-serving", "recsys-training"
+# Workloads (and the Milvus CR's components) by the class they must run at.
+SERVING_WORKLOADS = {"gateway", "profile-worker", "triton", "nats"}
+TRAINING_WORKLOADS = {"mlflow", "recsys-segments", "recsys-train"}
+
+
+def test_priority_classes(overlay: Rendered) -> None:
+    """Serving preempts training, training never preempts, and every pod the overlay (or its
+    training run) creates names one of the two classes, which the namespace kustomization
+    (applied first, once) defines."""
+    classes = {d["metadata"]["name"]: d for d in overlay.namespaces if d["kind"] == "PriorityClass"}
+    assert set(classes) == {SERVING_CLASS, TRAINING_CLASS}, sorted(classes)
+    serving, training = classes[SERVING_CLASS], classes[TRAINING_CLASS]
+    assert serving["value"] > training["value"]
+    assert serving.get("preemptionPolicy", "PreemptLowerPriority") == "PreemptLowerPriority"
+    assert training.get("preemptionPolicy") == "Never"
+    assert not serving.get("globalDefault") and not training.get("globalDefault")
+
+    seen = set()
+    for obj in overlay.serving + overlay.training:
+        if obj["kind"] not in WORKLOAD_KINDS | {"RayJob"}:
+            continue
+        name = obj["metadata"]["name"]
+        assert name in SERVING_WORKLOADS | TRAINING_WORKLOADS, f"{name}: which class?"
+        expected = SERVING_CLASS if name in SERVING_WORKLOADS else TRAINING_CLASS
+        for label, template in pod_templates(obj):
+            got = template["spec"].get("priorityClassName")
+            assert got == expected, f"{overlay.name} {name}/{label}: priorityClassName {got}"
+        seen.add(name)
+    assert seen == SERVING_WORKLOADS | TRAINING_WORKLOADS, sorted(seen)
+
+    milvus = overlay.get("Milvus", "milvus")["spec"]
+    assert milvus["components"].get("priorityClassName") == SERVING_CLASS
+    for dependency in ("etcd", "storage"):
+        values = milvus["dependencies"][dependency]["inCluster"]["values"]
+        assert values.get("priorityClassName") == SERVING_CLASS, dependency

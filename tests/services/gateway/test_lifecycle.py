@@ -48,7 +48,7 @@ def _wait_log(path: Path, text: str, timeout: float) -> None:
 def test_not_serving_until_milvus_is_up_then_graceful_stop(
     stack: LocalStack, tmp_path: Path
 ) -> None:
-    gw_port, milvus_port = free_port(), free_port()
+    gw_port, milvus_port, health_port = free_port(), free_port(), free_port()
     env = {
         **stack.env(),
         "RECSYS_GRPC_PORT": str(gw_port),
@@ -57,6 +57,7 @@ def test_not_serving_until_milvus_is_up_then_graceful_stop(
         "RECSYS_ITEMS_COLLECTION": "lifecycle_items",
         "RECSYS_USERS_COLLECTION": "lifecycle_users",
         "RECSYS_GRACE_PERIOD_S": "2",
+        "RECSYS_HEALTH_PORT": str(health_port),  # plaintext health-only (kubelet probes)
     }
     gateway = gateway_process(env, tmp_path, "gateway-lifecycle.log").start()
     milvus = milvus_process(tmp_path / "milvus", milvus_port, tmp_path)
@@ -65,9 +66,11 @@ def test_not_serving_until_milvus_is_up_then_graceful_stop(
         _wait_status(target, health_pb2.HealthCheckResponse.NOT_SERVING, 30)
         _wait_log(gateway.log_path, "NOT_SERVING until", 30)  # says plainly what is missing
         assert "milvus NOT READY" in gateway.log_tail(50)
+        assert _status(f"127.0.0.1:{health_port}") == health_pb2.HealthCheckResponse.NOT_SERVING
         milvus.start()
         milvus.wait_ready(lambda: port_open("127.0.0.1", milvus_port), 60)
         _wait_status(target, health_pb2.HealthCheckResponse.SERVING, 60)
+        assert _status(f"127.0.0.1:{health_port}") == health_pb2.HealthCheckResponse.SERVING
         started = time.monotonic()
         assert gateway.proc is not None
         gateway.proc.send_signal(signal.SIGTERM)
