@@ -24,8 +24,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env proto client-proto proto-release lint lint-proto kubectl-installed milvus-engine export train mlflow-ui demo serve test test-unit \
-        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench eval ab-report ab-replay fuzz reliability clean \
+.PHONY: help env proto client-proto proto-release lint lint-proto kubectl-installed milvus-engine export train export-events mlflow-ui demo serve test test-unit \
+        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench bench-events eval ab-report ab-replay fuzz reliability clean \
         distclean
 
 help:
@@ -108,8 +108,11 @@ lint: env lint-proto ## ruff, ruff format, mypy, buf lint and the one-way layer 
 export: env ## export the pretrained (or --checkpoint) towers into model_repository/
 	$(PY) -m training.export $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
-train: env ## fine-tune both models with Ray Train (local: 2 CPU workers)
-	$(PY) -m training.train --config training/configs/local.yaml
+train: env ## fine-tune both models with Ray Train (local: 2 CPU workers; TRAIN_DATA=dir: e.g. an export-events)
+	$(PY) -m training.train --config training/configs/local.yaml $(if $(TRAIN_DATA),--set data_dir=$(TRAIN_DATA),)
+
+export-events: env ## the events stream (RECSYS_NATS_URLS) to Parquet in the generic format: var/exports/events
+	$(PY) -m ops.export_events --out $(or $(EXPORT_OUT),var/exports/events) $(EXPORT_ARGS)
 
 # The MLflow UI is the full mlflow, which pins pyarrow<26: a tool environment of its own.
 $(MLFLOW_UI): requirements-mlflow.lock
@@ -162,8 +165,8 @@ eval: env ## evaluation: baselines, the offline pipeline and the served gateway 
 	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),$(if $(wildcard runs/local/final/user_tower),--checkpoint runs/local/final,)) \
 	  $(if $(MAX_USERS),--max-users $(MAX_USERS),) --out reports/eval
 
-ab-report: env ## per-arm CTR, lift, 95% CI, p-value from the exposure log
-	$(PY) -m services.experiments.report --log $(or $(AB_LOG),var/experiments/exposures.jsonl)
+ab-report: env ## per-arm CTR, lift, 95% CI, p-value from the exposures stream (AB_LOG=file: a JSONL log)
+	$(PY) -m services.experiments.report $(if $(AB_LOG),--log $(AB_LOG),)
 
 ab-replay: env ## simulated A/B traffic from held-out interactions, then the report
 	$(PY) -m ops.ab_replay --data third_party/movielens/ml-latest-small \
@@ -177,6 +180,9 @@ bench: env ## benchmarks against the running stack, side by side -> BENCHMARKS.m
 	test -d var/bench/pydeps/nvidia || $(PY) -m pip install -q --target var/bench/pydeps \
 	  nvidia-cuda-runtime-cu12  # only for perf_analyzer's libcudart; nothing runs on a GPU
 	$(PY) -m bench --out BENCHMARKS.md --json reports/bench.json
+
+bench-events: env ## event log through 3 gateways: acknowledged ingest/s, apply lag at 1,000 ev/s (1, 2 workers)
+	$(PY) -m bench.event_log --out var/bench/event_log.md $(BENCH_EVENTS_ARGS)
 
 fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
 	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider -m fuzz --timeout=1800

@@ -1,61 +1,81 @@
-"""Event-log figures: acknowledged ingest events/s and apply lag, on real processes.
+"""Event-log figures through the real gateway: acknowledged ingest events/s and apply lag.
 
-``python -m bench.event_log [--events N] [--publishers 3]`` starts nats-server (JetStream,
-file storage) and a Milvus Lite server on free ports, then
+``python -m bench.event_log`` starts the whole local stack (Milvus Lite, tritonserver with
+the bench release, nats-server) with a MovieLens slice indexed, three gateway replicas and
+profile workers as their own processes, then, from ``--clients`` client threads calling
+``IngestEvents`` round-robin over the replicas:
 
-* publishes N keyed events (100 per call, like an ``IngestEvents`` of 100) from
-  ``--publishers`` concurrent connections, as that many gateway replicas would, and reports
-  acknowledged events/s;
-* runs one profile worker over that backlog (applied events/s), then publishes a quarter as
-  many paced to ``--rate`` events/s and reports the apply lag (from the acknowledgement of
-  a call to the moment its user's applied sequence covers it: what a gateway waits for),
-  p50 and p99.
+1. *acknowledged*: ``--events`` events in calls of 100, as fast as the replicas acknowledge
+   them (no worker running: the log's and the gateways' capacity alone; ``OK`` = durable,
+   ``RECSYS_INGEST_WAIT_APPLIED_S=0``), beside the previous figure's path (as many events
+   published straight to JetStream from as many connections as replicas, no gateway);
+2. *backlog*: one worker started on both backlogs: applied events/s until every profile
+   holds its events;
+3. *paced*: ``--rate`` events/s offered for ``--seconds`` (calls of ``--call-events``,
+   spaced evenly): the apply lag of each acknowledged call, from its acknowledgement to the
+   moment its user's row in Milvus (Strong read, as the gateway's ``GetUserProfile``/
+   ``Recommend`` read it) holds its events, p50/p99, and the applied rate; with the former
+   worker behaviour (``RECSYS_WORKER_REENCODE_APART=0``: every apply re-encodes its users,
+   the baseline), then ours with 1 and 2 workers.
 
-The worker's user tower is a fixed vector here (no Triton): the figures are the log, the
-lease/version protocol and Milvus, not the BERT re-encoding, which the gateway benchmarks
-measure. Nothing here goes through the gRPC gateway.
+The workers re-encode users with the real user tower on Triton. The lag is
+polled every 50 ms (one Milvus query for every user still waiting), so it is at most that
+much late. Results are printed as JSON and, with ``--out``, written as a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
+import os
 import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
+from pymilvus import MilvusClient
 
-from core.config import Settings
-from ops.processes import free_port, milvus_process, nats_healthy, nats_process, port_open
-from services.api import pb
-from services.events.log import EventLog
-from services.profile_worker.worker import ProfileWorker
-from services.profiles.profiles import Profiles
-from services.vectors.store import VectorStore
+from core.config import REPO_ROOT
+from ops.processes import ManagedProcess, free_port, gateway_process
+from ops.stack import LocalStack, gateway_serving
+from services.api import pb, pb_grpc
 
-BATCH = 100
+POLL_S = 0.05
 
 
-class FixedTower:
-    """The user tower's interface without a model: one unit vector per text."""
+@dataclass
+class Ledger:
+    """Per user: events acknowledged so far and, per call, (events up to it, ack time)."""
 
-    def __init__(self, dim: int) -> None:
-        self.vector = np.ones(dim, dtype=np.float32) / np.sqrt(dim)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    acked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    errors: int = 0
 
-    def embed_users(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
-        return np.stack([self.vector for _ in texts])
+    def ack(self, events: list[pb.Event], at: float, base: dict[str, int]) -> None:
+        with self.lock:
+            for e in events:
+                self.acked[e.user_id] += 1
+            for user in {e.user_id for e in events}:
+                self.calls[user].append((base.get(user, 0) + self.acked[user], at))
 
 
-def events(n: int, users: int, run: str) -> list[pb.Event]:
+def make_events(run: str, n: int, users: list[str], items: list[str]) -> list[pb.Event]:
+    rng = np.random.default_rng(abs(hash(run)) % 2**32)
     return [
         pb.Event(
-            user_id=f"bench-{run}-{i % users}",
-            item_id=str(i % 5000),
+            user_id=users[i % len(users)],
+            item_id=items[int(rng.integers(len(items)))],
             event_type=pb.EVENT_TYPE_CLICK,
             idempotency_key=f"{run}-{i}",
         )
@@ -63,166 +83,356 @@ def events(n: int, users: int, run: str) -> list[pb.Event]:
     ]
 
 
-async def publish_all(
-    settings: Settings,
-    batches: list[list[pb.Event]],
-    publishers: int,
+def ingest(
+    targets: list[str],
+    calls: list[list[pb.Event]],
+    clients: int,
+    ledger: Ledger,
+    base: dict[str, int],
     rate: float = 0.0,
-    acks: dict[str, list[tuple[int, float]]] | None = None,
-) -> tuple[float, dict[str, list[tuple[int, float]]]]:
-    """Publish the batches round-robin over ``publishers`` connections (all at once, or paced
-    to ``rate`` events/s); returns the wall time and, per user, (sequence, acknowledgement
-    time) of each acknowledged call."""
-    logs = [EventLog(settings, f"bench-{i}") for i in range(publishers)]
-    for log in logs:
-        await log.connect()
-    acks = {} if acks is None else acks
-    queue: asyncio.Queue[list[pb.Event]] = asyncio.Queue()
-    for b in batches:
-        queue.put_nowait(b)
-
+) -> float:
+    """Send the calls from ``clients`` threads round-robin over ``targets`` (a failed call is
+    retried with the same events on the next replica); all at once, or paced to ``rate``
+    events/s. Returns the wall time."""
+    channels = [grpc.insecure_channel(t) for t in targets]
+    stubs = [pb_grpc.RecommenderServiceStub(c) for c in channels]
+    per_call = max(1, len(calls[0])) if calls else 1
     started = time.monotonic()
-    sent = 0
+    lock = threading.Lock()
+    cursor = [0]
 
-    async def replica(log: EventLog) -> None:
-        nonlocal sent
-        while not queue.empty():
-            batch = queue.get_nowait()
+    def client(index: int) -> None:
+        while True:
+            with lock:
+                n = cursor[0]
+                cursor[0] += 1
+            if n >= len(calls):
+                return
             if rate:
-                sent += len(batch)
-                await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
-            result = await log.publish(batch)
-            now = time.monotonic()
-            for user, seq in result.last_seq.items():
-                acks.setdefault(user, []).append((seq, now))
+                time.sleep(max(0.0, started + n * per_call / rate - time.monotonic()))
+            for attempt in range(20):
+                stub = stubs[(n + index + attempt) % len(stubs)]
+                try:
+                    stub.IngestEvents(pb.IngestEventsRequest(events=calls[n]), timeout=10)
+                    ledger.ack(calls[n], time.monotonic(), base)
+                    break
+                except grpc.RpcError:
+                    with ledger.lock:
+                        ledger.errors += 1
+                    time.sleep(0.1)
 
-    await asyncio.gather(*(replica(log) for log in logs))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     wall = time.monotonic() - started
-    for log in logs:
-        await log.close()
-    return wall, acks
+    for c in channels:
+        c.close()
+    return wall
 
 
-async def applied_times(
-    settings: Settings,
-    acks: dict[str, list[tuple[int, float]]],
+def history_sizes(milvus: MilvusClient, collection: str, users: list[str]) -> dict[str, int]:
+    if not users:
+        return {}
+    ids = ", ".join(json.dumps(u) for u in users)
+    rows = milvus.query(
+        collection,
+        filter=f"user_id in [{ids}]",
+        output_fields=["user_id", "history_size"],
+        consistency_level="Strong",
+    )
+    return {str(r["user_id"]): int(r["history_size"]) for r in rows}
+
+
+@dataclass
+class Probe:
+    """What the lag poll saw besides the lag: its own cost, and the workers' consumer."""
+
+    monitor_port: int = 0
+    polls: list[float] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # consumer: not delivered + not acked
+    _at: float = 0.0
+
+    def sample(self) -> None:
+        if not self.monitor_port or time.monotonic() - self._at < 1.0:
+            return
+        self._at = time.monotonic()
+        url = f"http://127.0.0.1:{self.monitor_port}/jsz?consumers=true"
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            jsz = json.load(reply)
+        for account in jsz.get("account_details", []):
+            for stream in account.get("stream_detail", []):
+                for consumer in stream.get("consumer_detail") or []:
+                    if consumer.get("name") == "profile-worker":
+                        self.pending.append(
+                            int(consumer.get("num_pending", 0))
+                            + int(consumer.get("num_ack_pending", 0))
+                        )
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "poll_mean_s": round(float(np.mean(self.polls)), 3) if self.polls else 0.0,
+            "consumer_pending_mean": round(float(np.mean(self.pending)), 1)
+            if self.pending
+            else 0.0,
+            "consumer_pending_max": max(self.pending, default=0),
+        }
+
+
+def track_lag(
+    milvus: MilvusClient,
+    collection: str,
+    ledger: Ledger,
+    running: Callable[[], bool],
     timeout: float,
-    publishing: asyncio.Event | None = None,
-) -> list[float]:
-    """Poll each user's applied sequence (while ``publishing`` is set, also for calls still
-    being acknowledged); the lag of each acknowledged call."""
-    log = EventLog(settings, "bench-lag")
-    await log.connect()
+    probe: Probe | None = None,
+) -> tuple[list[float], float]:
+    """Poll until every acknowledged call is visible (or ``timeout``); the lag of each call
+    and the time the last one became visible."""
     lags: list[float] = []
+    last = time.monotonic()
     end = time.monotonic() + timeout
-
-    async def check(user: str) -> None:
-        applied = await log.applied_seq(user)
-        now = time.monotonic()
-        calls = acks[user]
-        calls.sort()
-        while calls and calls[0][0] <= applied:
-            lags.append(now - calls.pop(0)[1])
-
+    probe = probe or Probe()
     while time.monotonic() < end:
-        waiting = [u for u, calls in acks.items() if calls]
-        if not waiting and not (publishing and publishing.is_set()):
+        with ledger.lock:
+            waiting = [u for u, c in ledger.calls.items() if c]
+        if not waiting and not running():
             break
-        await asyncio.gather(*(check(u) for u in waiting))
-        await asyncio.sleep(0.005)
-    await log.close()
-    return lags
+        polled = time.monotonic()
+        sizes = history_sizes(milvus, collection, waiting)
+        now = time.monotonic()
+        probe.polls.append(now - polled)
+        probe.sample()
+        with ledger.lock:
+            for user in waiting:
+                calls = ledger.calls[user]
+                while calls and calls[0][0] <= sizes.get(user, 0):
+                    lags.append(now - calls.pop(0)[1])
+                    last = now
+        time.sleep(POLL_S)
+    return lags, last
+
+
+def publish_direct(
+    stack: LocalStack, events: list[pb.Event], connections: int, ledger: Ledger
+) -> float:
+    """The previous figure's path: 100 events per publish straight to JetStream from
+    ``connections`` connections (no gateway); returns the wall time."""
+    from services.events.log import EventLog
+
+    calls = [events[i : i + 100] for i in range(0, len(events), 100)]
+
+    async def run() -> float:
+        logs = [EventLog(stack.settings, f"bench-{i}") for i in range(connections)]
+        for log in logs:
+            await log.connect()
+        started = time.monotonic()
+
+        async def one(log: EventLog, mine: list[list[pb.Event]]) -> None:
+            for call in mine:
+                await log.publish(call)
+                ledger.ack(call, time.monotonic(), {})
+
+        await asyncio.gather(*(one(log, calls[i::connections]) for i, log in enumerate(logs)))
+        wall = time.monotonic() - started
+        for log in logs:
+            await log.close()
+        return wall
+
+    return asyncio.run(run())
+
+
+def replicas(stack: LocalStack, count: int) -> tuple[list[str], list[ManagedProcess]]:
+    """``count - 1`` more gateway processes beside the stack's (same log, Milvus, Triton)."""
+    targets = [stack.gateway_target]
+    procs: list[ManagedProcess] = []
+    with contextlib.ExitStack() as on_error:
+        for i in range(1, count):
+            port = free_port()
+            env = {**stack.env(), "RECSYS_GRPC_PORT": str(port), "RECSYS_METRICS_PORT": "0"}
+            proc = gateway_process(env, stack.var_dir, f"gateway-{i}.log").start()
+            procs.append(proc)
+            on_error.callback(proc.stop)
+            target = f"127.0.0.1:{port}"
+            proc.wait_ready(functools.partial(gateway_serving, target), 90)
+            targets.append(target)
+        on_error.pop_all()
+    return targets, procs
+
+
+def paced(
+    stack: LocalStack,
+    targets: list[str],
+    milvus: MilvusClient,
+    args: argparse.Namespace,
+    run: str,
+    users: list[str],
+    items: list[str],
+    base: dict[str, int],
+) -> dict[str, Any]:
+    n = int(args.rate * args.seconds)
+    evs = make_events(run, n, users, items)
+    calls = [evs[i : i + args.call_events] for i in range(0, n, args.call_events)]
+    ledger = Ledger()
+    sending = threading.Event()
+    sending.set()
+    result: dict[str, Any] = {}
+
+    def send() -> None:
+        result["wall"] = ingest(targets, calls, args.clients, ledger, base, args.rate)
+        sending.clear()
+
+    sender = threading.Thread(target=send)
+    started = time.monotonic()
+    sender.start()
+    probe = Probe(stack.ports.nats_monitor)
+    lags, last = track_lag(
+        milvus, stack.settings.users_collection, ledger, sending.is_set, 120, probe
+    )
+    sender.join()
+    for user, count in ledger.acked.items():
+        base[user] = base.get(user, 0) + count
+    lag = np.array(lags) if lags else np.array([float("nan")])
+    return {
+        "events": n,
+        "offered_events_per_s": round(n / result["wall"], 1),
+        "applied_events_per_s": round(n / (last - started), 1),
+        "apply_lag_p50_s": round(float(np.percentile(lag, 50)), 3),
+        "apply_lag_p99_s": round(float(np.percentile(lag, 99)), 3),
+        "apply_lag_max_s": round(float(lag.max()), 3),
+        "calls": len(lags),
+        "retried_calls": ledger.errors,
+        **probe.summary(),
+    }
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from bench import stack as bench_stack
+    from training.data import load_dataset
+
+    cache = args.cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    models = bench_stack.resolve_models(bench_stack.DEFAULT_CHECKPOINT, cache)
+    repository, _ = bench_stack.exported_repository(models, cache)
+    data_dir = bench_stack.dataset_slice(args.items, 50, cache)
+    items = [str(i) for i in load_dataset(data_dir).items["item_id"]]
+    os.environ["RECSYS_INGEST_WAIT_APPLIED_S"] = "0"  # OK = durable: the log's throughput
+    report: dict[str, Any] = {"load_before": os.getloadavg(), "cpus": os.cpu_count()}
+    state = cache / f"events-{os.getpid()}"
+    with bench_stack.running_stack(repository, data_dir, state, segments=4) as stack:
+        targets, procs = replicas(stack, args.replicas)
+        milvus = MilvusClient(uri=stack.settings.milvus_uri)
+        try:
+            stack.processes.pop("profile-worker").stop()
+            run = f"{time.time_ns():x}"
+            users = [f"bench-{run}-{u}" for u in range(args.users)]
+            base: dict[str, int] = {}
+            evs = make_events(run, args.events, users, items)
+            calls = [evs[i : i + 100] for i in range(0, len(evs), 100)]
+            ledger = Ledger()
+            direct_users = [f"direct-{run}-{u}" for u in range(args.users)]
+            direct = make_events(f"{run}d", args.events, direct_users, items)
+            direct_wall = publish_direct(stack, direct, len(targets), ledger)
+            report["acknowledged_direct"] = {
+                "events": args.events,
+                "connections": len(targets),
+                "events_per_s": round(args.events / direct_wall, 1),
+            }
+            wall = ingest(targets, calls, args.clients, ledger, base)
+            report["acknowledged"] = {
+                "events": args.events,
+                "replicas": len(targets),
+                "clients": args.clients,
+                "events_per_s": round(args.events / wall, 1),
+                "retried_calls": ledger.errors,
+            }
+            started = time.monotonic()
+            stack.start_worker()
+            _, last = track_lag(milvus, stack.settings.users_collection, ledger, lambda: False, 240)
+            report["backlog"] = {
+                "events": 2 * args.events,
+                "workers": 1,
+                "applied_events_per_s": round(2 * args.events / (last - started), 1),
+            }
+            base = dict(ledger.acked)
+            # The former worker (every apply re-encodes its users on Triton) beside ours.
+            stack.processes.pop("profile-worker").stop()
+            os.environ["RECSYS_WORKER_REENCODE_APART"] = "0"
+            stack.start_worker("profile-worker-inline")
+            del os.environ["RECSYS_WORKER_REENCODE_APART"]
+            time.sleep(2.0)
+            report["paced_1_worker_inline_encode"] = paced(
+                stack, targets, milvus, args, f"{run}p0", users, items, base
+            )
+            stack.processes.pop("profile-worker-inline").stop()
+            stack.start_worker()
+            time.sleep(2.0)
+            report["paced_1_worker"] = paced(
+                stack, targets, milvus, args, f"{run}p1", users, items, base
+            )
+            stack.start_worker("profile-worker-2")
+            time.sleep(2.0)
+            report["paced_2_workers"] = paced(
+                stack, targets, milvus, args, f"{run}p2", users, items, base
+            )
+            everyone = [*users, *direct_users]
+            sizes = history_sizes(milvus, stack.settings.users_collection, everyone)
+            report["exact"] = all(sizes.get(u, 0) == base.get(u, 0) for u in everyone)
+        finally:
+            milvus.close()
+            for proc in procs:
+                proc.stop()
+    shutil.rmtree(state, ignore_errors=True)
+    report["load_after"] = os.getloadavg()
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    d, a, b = report["acknowledged_direct"], report["acknowledged"], report["backlog"]
+    p0 = report["paced_1_worker_inline_encode"]
+    rows = [
+        "| phase | events | events/s | apply lag p50 | apply lag p99 | vs baseline |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| acknowledged, direct to JetStream, {d['connections']} connections (baseline) "
+        f"| {d['events']} | {d['events_per_s']} | - | - | 1.00 |",
+        f"| acknowledged, `IngestEvents` on {a['replicas']} gateways, {a['clients']} clients "
+        f"| {a['events']} | {a['events_per_s']} | - | - "
+        f"| {a['events_per_s'] / d['events_per_s']:.2f} |",
+        f"| backlog applied, 1 worker | {b['events']} | {b['applied_events_per_s']} | - | - | - |",
+    ]
+    for name, key in (
+        ("1 worker, re-encoding in every apply (baseline)", "paced_1_worker_inline_encode"),
+        ("1 worker, vectors re-encoded apart", "paced_1_worker"),
+        ("2 workers, vectors re-encoded apart", "paced_2_workers"),
+    ):
+        p = report[key]
+        rows.append(
+            f"| paced {p['offered_events_per_s']} ev/s, {name}: applied | {p['events']} "
+            f"| {p['applied_events_per_s']} | {p['apply_lag_p50_s']} s | {p['apply_lag_p99_s']} s "
+            f"| p99 {p0['apply_lag_p99_s'] / max(p['apply_lag_p99_s'], 1e-9):.1f}x lower |"
+        )
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=200)
-    parser.add_argument("--publishers", type=int, default=3)
-    parser.add_argument(
-        "--rate", type=float, default=500.0, help="events/s of the steady phase (apply lag)"
-    )
+    parser.add_argument("--items", type=int, default=400, help="MovieLens slice indexed")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--rate", type=float, default=1000.0, help="paced events/s")
+    parser.add_argument("--seconds", type=float, default=20.0, help="paced phase length")
+    parser.add_argument("--call-events", type=int, default=20, help="events per paced call")
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "var" / "bench")
+    parser.add_argument("--out", type=Path, default=None, help="Markdown table file")
     args = parser.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="bench-event-log-"))
-    nats_port, monitor, milvus_port = free_port(), free_port(), free_port()
-    settings = Settings(
-        nats_urls=f"nats://127.0.0.1:{nats_port}",
-        milvus_uri=f"http://127.0.0.1:{milvus_port}",
-        users_collection="bench_users",
-        items_collection="bench_items",
-        segments_collection="bench_segments",
-    )
-    nats = nats_process(root / "nats", nats_port, monitor, root).start()
-    milvus = milvus_process(root / "milvus", milvus_port, root).start()
-    try:
-        nats.wait_ready(lambda: nats_healthy(monitor), 30)
-        milvus.wait_ready(lambda: port_open("127.0.0.1", milvus_port), 60)
-        store = VectorStore(settings.model_copy(update={"milvus_user_consistency": "Strong"}))
-        store.ensure_collections()
-
-        async def prepare() -> None:
-            log = EventLog(settings)
-            await log.connect()
-            await log.ensure()
-            await log.close()
-
-        asyncio.run(prepare())
-        run = f"{time.time_ns():x}"
-        evs = events(args.events, args.users, run)
-        batches = [evs[i : i + BATCH] for i in range(0, len(evs), BATCH)]
-        # 1. acknowledged ingest alone (no worker competing for the CPU)
-        wall, acks = asyncio.run(publish_all(settings, batches, args.publishers))
-        # 2. the worker drains the backlog; then 3. steady state with the worker running
-        profiles = Profiles(store, FixedTower(settings.embedding_dim), 20)  # type: ignore[arg-type]
-        worker = ProfileWorker(settings, profiles)
-        loop = asyncio.new_event_loop()
-
-        def work() -> None:
-            asyncio.set_event_loop(loop)
-            worker.stop = asyncio.Event()
-            loop.run_until_complete(worker.run())
-
-        thread = threading.Thread(target=work, daemon=True)
-        started = time.monotonic()
-        thread.start()
-        drained = asyncio.run(applied_times(settings, {u: list(a) for u, a in acks.items()}, 600))
-        drain_s = time.monotonic() - started
-        run2 = f"{time.time_ns():x}"
-        evs2 = events(args.events // 4, args.users, run2)
-        batches2 = [evs2[i : i + BATCH] for i in range(0, len(evs2), BATCH)]
-
-        async def steady() -> tuple[float, list[float]]:
-            acks2: dict[str, list[tuple[int, float]]] = {}
-            publishing = asyncio.Event()
-            publishing.set()
-            lag = asyncio.create_task(applied_times(settings, acks2, 180, publishing))
-            wall2, _ = await publish_all(settings, batches2, args.publishers, args.rate, acks2)
-            publishing.clear()
-            return wall2, await lag
-
-        wall2, lags = asyncio.run(steady())
-        loop.call_soon_threadsafe(worker.stop.set)
-        thread.join(timeout=30)
-        store.close()
-        lag = np.array(lags) if lags else np.array([float("nan")])
-        report = {
-            "events": args.events,
-            "users": args.users,
-            "publishers": args.publishers,
-            "acknowledged_events_per_s": round(args.events / wall, 1),
-            "backlog_applied_events_per_s": round(args.events / drain_s, 1),
-            "backlog_calls_applied": len(drained),
-            "steady_events": len(evs2),
-            "steady_rate_events_per_s": round(len(evs2) / wall2, 1),
-            "steady_apply_lag_p50_s": round(float(np.percentile(lag, 50)), 3),
-            "steady_apply_lag_p99_s": round(float(np.percentile(lag, 99)), 3),
-        }
-        print(json.dumps(report, indent=2))
-        return 0
-    finally:
-        nats.stop()
-        milvus.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    report = run_bench(args)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(table(report) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -229,7 +229,21 @@ class Settings(BaseSettings):
     )
     exposure_log: Path = Field(
         REPO_ROOT / "var" / "experiments" / "exposures.jsonl",
-        description="Append-only log of exposures and feedback: the A/B report's source.",
+        description="JSONL exposure log: written when exposure_sink=file, and by make ab-replay.",
+    )
+    exposure_sink: Literal["stream", "file"] = Field(
+        "stream",
+        description="Where the gateway records exposures and A/B feedback: the JetStream "
+        "stream below (shared by every replica: the A/B report's source) or exposure_log.",
+    )
+    exposures_stream: str = Field(
+        "RECSYS_EXPOSURES", description="JetStream stream of exposures and A/B feedback."
+    )
+    exposures_subject: str = Field(
+        "recsys.exposures", description="Subject prefix of exposures: <prefix>.<user token>."
+    )
+    exposures_max_age_s: float = Field(
+        30 * 86400.0, gt=0, description="How long exposures and feedback stay (an A/B test's span)."
     )
 
     # --- security and limits -------------------------------------------------------------

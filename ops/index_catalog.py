@@ -19,7 +19,8 @@ import pandas as pd
 
 from core.config import Settings, get_settings
 from core.rows import ItemRow, item_row
-from ops.indexing import embed_and_upsert, item_rows
+from ops.indexing import embed_and_upsert, item_rows, without_deleted
+from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
 from training.data import load_dataset
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level)
     connect()
     VectorStore(settings).ensure_collections()
-    n = index_catalog_ray(
-        item_rows(load_dataset(args.data)), settings, args.batch_size, args.actors
-    )
+    # deleted users' events leave no trace in popularity or co-occurrence
+    dataset = without_deleted(load_dataset(args.data), Tombstones.load(settings))
+    n = index_catalog_ray(item_rows(dataset), settings, args.batch_size, args.actors)
     print(f"indexed {n} items")
     return 0
 

@@ -9,12 +9,20 @@ longest text (rounded up to ``pad_to_multiple_of``), so a batch of similar lengt
 while a batch in file order pads every short text to the longest one that happens to be in
 it. Each row keeps its own vector: a batch's vectors are zipped with that batch's rows, and
 :func:`embed_bucketed` puts vectors back in input order.
+
+Deleted users never come back from here: given the event log's tombstones
+(:class:`services.events.scan.Tombstones`), :func:`without_deleted` drops their events before
+anything is computed (no user row, no share in popularity or co-occurrence);
+``python -m ops.indexing`` reads them from the log and refuses to run blind to them.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,14 +33,16 @@ import pandas as pd
 from tqdm import tqdm
 
 from core.behaviour import co_occurrence, first_seen, interests, item_popularity, seen_items
+from core.config import get_settings
 from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
 from core.rows import ItemRow, UserRow, item_row, user_row
 from core.sequence_inputs import user_event_sequences
 from core.text import history_from_ids, item_lookup, item_texts, user_histories
 from core.text import user_text as build_user_text
+from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
-from training.data import Dataset
+from training.data import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
 INDEX_TIMEOUT_S = 120.0
@@ -131,6 +141,21 @@ def embed_bucketed(
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
+def without_deleted(dataset: Dataset, tombstones: Tombstones | None) -> Dataset:
+    """``dataset`` without the events of users the log has tombstoned (deleted users)."""
+    if not tombstones:
+        return dataset
+    deleted = dataset.events["user_id"].astype(str).map(tombstones.deleted).astype(bool)
+    if not deleted.any():
+        return dataset
+    log.info(
+        "left out %d events of %d deleted users",
+        int(deleted.sum()),
+        dataset.events.loc[deleted, "user_id"].nunique(),
+    )
+    return dataclasses.replace(dataset, events=dataset.events[~deleted.to_numpy()])
+
+
 def item_rows(dataset: Dataset) -> list[tuple[ItemRow, str]]:
     """(Milvus item row without vector, the text the item tower embeds) for every item."""
     items = dataset.items
@@ -213,8 +238,12 @@ def index_rows(
     return done
 
 
-def user_rows(dataset: Dataset, max_items: int = 50) -> list[tuple[UserRow, str]]:
-    """(user row without vector, behaviour text) for every user with positive history."""
+def user_rows(
+    dataset: Dataset, max_items: int = 50, tombstones: Tombstones | None = None
+) -> list[tuple[UserRow, str]]:
+    """(user row without vector, behaviour text) for every user with positive history who
+    was not deleted (``tombstones``)."""
+    dataset = without_deleted(dataset, tombstones)
     lookup = item_lookup(dataset.items)
     histories = user_histories(dataset.events, dataset.items, max_items=RECENT_ITEMS)
     sizes = dataset.events.groupby("user_id").size()
@@ -244,9 +273,11 @@ def index_users(
     store: VectorStore,
     batch: int = 64,
     max_items: int = 50,
+    tombstones: Tombstones | None = None,
 ) -> int:
-    """Encode each user's recent positive history with the user tower and upsert it."""
-    pending = user_rows(dataset, max_items)
+    """Encode each user's recent positive history with the user tower and upsert it; users
+    in ``tombstones`` (deleted) are left out."""
+    pending = user_rows(dataset, max_items, tombstones)
     done = 0
     with tqdm(total=len(pending), desc="index users", unit="user") as bar:
         for chunk in _batches(pending, batch):
@@ -257,3 +288,35 @@ def index_users(
             done += len(chunk)
             bar.update(len(chunk))
     return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Index a dataset's items and users into the configured Milvus through Triton, leaving
+    out the users the event log has deleted."""
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="python -m ops.indexing", description=main.__doc__)
+    parser.add_argument("--data", default=str(settings.data_dir))
+    parser.add_argument("--batch-size", type=int, default=settings.triton_batch_size)
+    parser.add_argument(
+        "--no-tombstones",
+        action="store_true",
+        help="do not read the event log's deletions (only for a store no user was deleted from)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=settings.log_level)
+    tombstones = None if args.no_tombstones else Tombstones.load(settings)
+    dataset = without_deleted(load_dataset(args.data), tombstones)
+    store, triton = VectorStore(settings), TritonClient(settings)
+    try:
+        store.ensure_collections()
+        n_items = index_items(dataset, triton, store, args.batch_size)
+        n_users = index_users(dataset, triton, store, args.batch_size)
+    finally:
+        triton.close()
+        store.close()
+    print(f"indexed {n_items} items and {n_users} users ({len(tombstones or ())} deleted)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

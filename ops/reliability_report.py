@@ -3,8 +3,8 @@
 Tests append one JSON line per scenario to the file named by ``RECSYS_RELIABILITY_REPORT``
 (nothing is written when it is unset); ``python -m ops.reliability_report [FILE]``
 prints them as a Markdown table - requests sent, answers by status code, degraded answers,
-events acknowledged vs found afterwards, recovery time - for ``make reliability`` and the
-README.
+events acknowledged vs found afterwards (and, where a scenario counts them, events stored or
+applied twice), recovery time - for ``make reliability`` and the README.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Scenario:
     acknowledged: int | None = None
     found: int | None = None
     recovery_s: float | None = None
+    duplicates: int | None = None  # events stored or applied more than once
 
     def answer(self, code: str, degraded: bool = False) -> None:
         self.requests += 1
@@ -69,6 +70,7 @@ def render(scenarios: list[Scenario]) -> str:
     for s in scenarios:
         codes = ", ".join(f"{c} {n}" for c, n in s.codes.most_common())
         kept = f"{opt(s.acknowledged)} / {opt(s.found)}"
+        kept += "" if s.duplicates is None else f", {s.duplicates} twice"
         rows.append(
             f"| {s.name} | {s.requests} | {codes or '-'} | {s.degraded} | {kept} "
             f"| {opt(s.recovery_s, '{:.1f} s')} |"

@@ -13,6 +13,10 @@ normalised mean of its members' *full* vectors, so the gateway's nearest-centroi
 no projection; how often that online rule agrees with the fitted labels is measured at every
 fit (``agreement``, and ``online_agreement`` through the real Milvus search) and reported by
 ``make eval`` with the segment sizes and silhouettes.
+
+Deleted users take no part: the job reads the event log's tombstones after scanning the user
+rows and leaves out every scanned row of a deleted user (one deleted while the scan ran, or a
+row written back by mistake) from the fit, the segments' popular items and the writes.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +37,7 @@ from sklearn.metrics import silhouette_score
 from core.config import get_settings
 from core.milvus_schema import SEGMENT_POPULAR
 from core.rows import segment_row
+from services.events.scan import Tombstones
 from services.vectors.store import StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
@@ -284,15 +289,23 @@ def fit_segments(
     min_variance: float = MIN_VARIANCE,
     k_scan: Sequence[int] = (),
     online_check: int = ONLINE_CHECK,
+    tombstones: Callable[[], Tombstones] | None = None,
 ) -> SegmentReport:
     """Refit segments from every user row in Milvus; rewrite each user's segment field.
 
     Only the ``segment`` field is written (a partial update), and only for users that still
     exist: profiles the gateway updates during the refit keep their new history and vector
     (their label comes from the vector scanned; their next event reassigns them online).
+    ``tombstones`` (read after the scan) leaves deleted users out of everything.
     """
     started = time.perf_counter()
     users = store.scan(store.users.name, ["user_id", "recent_items", "vector"])
+    if tombstones is not None:
+        deleted = tombstones()
+        kept = [u for u in users if not deleted.deleted(str(u["user_id"]))]
+        if len(kept) < len(users):
+            log.info("left out %d rows of deleted users", len(users) - len(kept))
+        users = kept
     if not users:
         return SegmentReport(k=k)
     vectors = np.stack([u["vector"] for u in users]).astype(np.float32)
@@ -368,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--online-check", type=int, default=ONLINE_CHECK, help="users checked via Milvus"
     )
+    parser.add_argument(
+        "--no-tombstones",
+        action="store_true",
+        help="do not read the event log's deletions (only where no user was ever deleted)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level)
     store = VectorStore(settings)
@@ -381,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             min_variance=args.min_variance,
             k_scan=args.k_scan,
             online_check=args.online_check,
+            tombstones=None if args.no_tombstones else lambda: Tombstones.load(settings),
         )
     finally:
         store.close()

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -152,6 +153,18 @@ class EventLog:
                 allow_direct=True,
             )
         )
+        await self._ensure_stream(
+            StreamConfig(
+                name=s.exposures_stream,
+                subjects=[f"{s.exposures_subject}.*"],
+                storage=StorageType.FILE,
+                num_replicas=s.stream_replicas,
+                duplicate_window=s.duplicate_window_s,
+                max_age=s.exposures_max_age_s,
+                discard=DiscardPolicy.OLD,
+                allow_direct=True,
+            )
+        )
         for bucket, ttl in (
             (s.tombstone_bucket, None),
             (s.profile_lease_bucket, s.worker_lease_s),
@@ -204,6 +217,9 @@ class EventLog:
 
     def dead_subject(self, user_id: str) -> str:
         return f"{self.settings.dead_letter_subject}.{self.token(user_id)}"
+
+    def exposure_subject(self, user_id: str) -> str:
+        return f"{self.settings.exposures_subject}.{self.token(user_id)}"
 
     # --- ingestion ------------------------------------------------------------------------
     async def publish(self, events: Sequence[pb.Event]) -> PublishResult:
@@ -265,21 +281,31 @@ class EventLog:
     async def user_events(
         self, user_id: str, after_seq: int, limit: int
     ) -> list[tuple[int, bytes]]:
-        """The user's events with a sequence above ``after_seq``, oldest first."""
+        """The user's events with a sequence above ``after_seq``, oldest first: one batched
+        direct get (the server answers with the messages, then an end-of-batch status), not
+        one round trip per event."""
+        assert self.nc is not None
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        request = {"seq": after_seq + 1, "next_by_subj": self.subject(user_id), "batch": limit}
         out: list[tuple[int, bytes]] = []
-        subject = self.subject(user_id)
-        seq = after_seq + 1
-        while len(out) < limit:
-            try:
-                msg = await self.js.get_msg(
-                    self.settings.events_stream, seq=seq, subject=subject, next=True, direct=True
-                )
-            except nats.js.errors.NotFoundError:
-                break
-            assert msg.seq is not None
-            out.append((msg.seq, msg.data or b""))
-            seq = msg.seq + 1
-        return out
+        try:
+            await self.nc.publish(
+                f"$JS.API.DIRECT.GET.{self.settings.events_stream}",
+                json.dumps(request).encode(),
+                reply=inbox,
+            )
+            while True:
+                msg = await sub.next_msg(timeout=self.settings.nats_timeout_s)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status == "404" or status == "204":  # none at all / end of the batch
+                    return out
+                if status:
+                    raise EventLogUnavailable(f"direct get: {status} {headers.get('Description')}")
+                out.append((int(headers["Nats-Sequence"]), msg.data or b""))
+        finally:
+            await sub.unsubscribe()
 
     async def acquire_lease(self, user_id: str, owner: str, wait_s: float) -> int | None:
         """The user's apply lease (its revision), waiting up to ``wait_s``; None if busy."""
@@ -319,7 +345,7 @@ class EventLog:
     async def forget_user(
         self, user_id: str, lease_wait_s: float, while_leased: Callable[[], object] | None = None
     ) -> int:
-        """Purge the user's events (log and dead letters), tombstone them and run
+        """Purge the user's events (log, dead letters, exposures), tombstone them and run
         ``while_leased`` (in a thread: deleting the row), all under the user's lease, so that
         no worker applies an event meanwhile, nor a newer one onto the row about to go;
         returns the events purged."""
@@ -334,6 +360,9 @@ class EventLog:
             await self.js.purge_stream(self.settings.events_stream, subject=self.subject(user_id))
             await self.js.purge_stream(
                 self.settings.dead_letter_stream, subject=self.dead_subject(user_id)
+            )
+            await self.js.purge_stream(
+                self.settings.exposures_stream, subject=self.exposure_subject(user_id)
             )
             last = (await self.js.stream_info(self.settings.events_stream)).state.last_seq
             tombstones = await self.bucket(self.settings.tombstone_bucket)

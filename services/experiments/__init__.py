@@ -2,7 +2,8 @@
 
 * :mod:`.assignment` - experiments from settings (JSON), ``assign(experiment, user_id)``, and
   :class:`Variant`, the knobs an arm changes, which the recommendation pipeline takes as is;
-* :mod:`.exposures` - append-only JSONL log of exposures and clicks, with the arm;
+* :mod:`.exposures` - exposures and clicks with the arm: the JetStream exposures stream (what
+  the gateway writes) or an append-only JSONL file;
 * :mod:`.report` - per-arm CTR, lift, 95% CI, p-value (``python -m services.experiments.report``);
 * :mod:`.runtime` - :class:`ExperimentService`, what the gateway calls.
 

@@ -1,9 +1,10 @@
 """Per-arm CTR, lift over control, 95% CI of the difference and a two-sided p-value.
 
 Outcome: each *exposure* (one recommendation response) is a Bernoulli trial, a success when
-at least one of its items gets a click from the same user in the same experiment at or after
-the exposure and within ``window_s`` (a click is credited to that user's most recent earlier
-exposure containing the item). ``--unit user`` instead counts a user as a success when any of
+at least one of its items gets a click from the same user in the same experiment. A click that
+carries a ``recommendation_id`` is credited to the exposure with that ``request_id`` (when it
+showed the item); any other click to that user's most recent exposure at or before it, within
+``window_s``, containing the item. ``--unit user`` instead counts a user as a success when any of
 their exposures was clicked - closer to the randomisation unit, since one user's exposures are
 not independent trials (the per-exposure test is then somewhat optimistic).
 
@@ -18,7 +19,9 @@ Statistics (treatment ``t`` vs control ``c``, ``p = clicks / trials``):
   the chi-square test without continuity correction). Several treatment arms are each
   compared with control, without multiple-comparison correction.
 
-Usage: ``python -m services.experiments.report --log var/experiments/exposures.jsonl``.
+Usage: ``python -m services.experiments.report`` reads the JetStream exposures stream (the
+gateways' records; ``RECSYS_NATS_URLS``), ``--log FILE`` a JSONL file instead (``make
+ab-replay``'s, or a gateway's with ``RECSYS_EXPOSURE_SINK=file``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-from services.experiments.exposures import read_log
+from services.experiments.exposures import read_log, read_stream
 
 DEFAULT_WINDOW_S = 24 * 3600.0
 
@@ -106,20 +109,28 @@ def summarise(
     if unit not in ("exposure", "user"):
         raise ValueError("unit must be 'exposure' or 'user'")
     exposures: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    by_request: dict[tuple[str, str], dict[str, Any]] = {}
     clicks: list[dict[str, Any]] = []
     for r in records:
         if r["type"] == "exposure":
             exposures[(r["experiment"], r["user_id"])].append(r)
+            if r.get("request_id"):
+                by_request[(r["experiment"], r["request_id"])] = r
         elif r.get("event", "click") == "click":
             clicks.append(r)
     for lst in exposures.values():
         lst.sort(key=lambda e: e["ts"])
     clicked: set[int] = set()
     click_count: dict[int, int] = defaultdict(int)
-    unattributed = mismatched = 0
+    unattributed = mismatched = by_id = 0
     for c in clicks:
-        match = None
-        for e in reversed(exposures.get((c["experiment"], c["user_id"]), [])):
+        match = by_request.get((c["experiment"], c.get("recommendation_id") or ""))
+        if match is not None and (
+            match["user_id"] != c["user_id"] or c["item_id"] not in match["items"]
+        ):
+            match = None  # not what that recommendation showed this user: by time instead
+        by_id += match is not None
+        for e in [] if match else reversed(exposures.get((c["experiment"], c["user_id"]), [])):
             if e["ts"] > c["ts"]:
                 continue
             if window_s is not None and c["ts"] - e["ts"] > window_s:
@@ -179,6 +190,7 @@ def summarise(
         "arms": results,
         "unattributed_clicks": unattributed,
         "arm_mismatches": mismatched,
+        "joined_by_recommendation_id": by_id,
     }
 
 
@@ -213,6 +225,7 @@ def format_table(summary: dict[str, Any]) -> str:
         f"Unit: {unit}; click window: "
         f"{'unlimited' if window is None else f'{window:.0f} s'}; "
         f"unattributed clicks: {summary['unattributed_clicks']}; "
+        f"clicks joined by recommendation id: {summary.get('joined_by_recommendation_id', 0)}; "
         f"clicks whose logged arm differs from the exposure's: {summary['arm_mismatches']}."
     ]
     if any(r.small_sample for r in summary["arms"]):
@@ -230,20 +243,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m services.experiments.report", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--log", required=True, type=Path, help="exposure/feedback JSONL file")
+    ap.add_argument("--log", type=Path, help="a JSONL file (default: the exposures stream)")
     ap.add_argument("--unit", choices=("exposure", "user"), default="exposure")
     ap.add_argument(
         "--window-s", type=float, default=DEFAULT_WINDOW_S, help="click window (<=0: unlimited)"
     )
     ap.add_argument("--json", type=Path, help="also write the summary as JSON here")
     args = ap.parse_args(argv)
-    if not args.log.exists():
+    if args.log is not None and not args.log.exists():
         print(f"no such log: {args.log}", file=sys.stderr)
         return 2
+    if args.log is not None:
+        source, records = str(args.log), list(read_log(args.log))
+    else:
+        from core.config import get_settings
+        from services.events.log import EventLogUnavailable
+
+        settings = get_settings()
+        source = f"stream {settings.exposures_stream} at {settings.nats_urls}"
+        try:
+            records = read_stream(settings)
+        except EventLogUnavailable as exc:
+            print(f"{source}: {exc}", file=sys.stderr)
+            return 2
     window = args.window_s if args.window_s > 0 else None
-    summary = summarise(read_log(args.log), unit=args.unit, window_s=window)
+    summary = summarise(records, unit=args.unit, window_s=window)
     if not summary["arms"]:
-        print(f"{args.log}: no exposures recorded")
+        print(f"{source}: no exposures recorded")
         return 0
     print(format_table(summary))
     if args.json:

@@ -7,15 +7,21 @@ Wiring (the lead's part) in ``Recommend``::
     response.experiments = [a.label() for a in assignments]  # returned to the client
     experiments.exposed(user_id, assignments, [item ids], request_id)
 
-and in ``IngestEvents``, for each click event: ``experiments.clicked(user_id, [item ids])``
-(the arm is recomputed from the hash, so feedback needs no lookup table).
+and in ``IngestEvents``, for each click event: ``experiments.clicked(user_id, [item ids],
+recommendation_id=...)`` (the arm is recomputed from the hash, so feedback needs no lookup
+table; the recommendation id, when the click carries one, is what the report joins on).
+
+Records go to the JetStream exposures stream (``exposure_sink=stream``, the default: every
+replica's in one place) or to the JSONL file ``exposure_log`` (``exposure_sink=file``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol, cast
 
+from services.events.log import BlockingEventLog
 from services.experiments.assignment import (
     Assignment,
     Experiment,
@@ -25,23 +31,61 @@ from services.experiments.assignment import (
     load_experiments,
     merged_variant,
 )
-from services.experiments.exposures import ExposureLog
+from services.experiments.exposures import ExposureLog, ExposureStream
 
 DEFAULT_LOG = Path("var") / "experiments" / "exposures.jsonl"
+
+
+class ExposureSink(Protocol):
+    """Where exposures and feedback go: :class:`ExposureStream` or :class:`ExposureLog`."""
+
+    def record_exposures(
+        self,
+        user_id: str,
+        assignments: Sequence[Assignment],
+        items: Sequence[str],
+        *,
+        ts: float | None = None,
+        request_id: str | None = None,
+    ) -> None: ...
+
+    def record_feedback(
+        self,
+        user_id: str,
+        assignments: Sequence[Assignment],
+        item_ids: Sequence[str],
+        *,
+        event: str = "click",
+        ts: float | None = None,
+        recommendation_id: str | None = None,
+    ) -> None: ...
+
+    def delete_user(self, user_id: str) -> int: ...
 
 
 class ExperimentService:
     """Assignment + logging for all configured experiments (no-op when there are none)."""
 
-    def __init__(self, experiments: Sequence[Experiment], log: ExposureLog | None) -> None:
+    def __init__(self, experiments: Sequence[Experiment], log: ExposureSink | None) -> None:
         self.experiments = list(experiments)
         self.log = log
 
     @classmethod
-    def from_settings(cls, settings: ExperimentSettings) -> ExperimentService:
-        """Experiments from ``settings.experiments`` (validated: a bad one fails here); the log at
-        ``settings.exposure_log`` when that field exists, else ``<var_dir>/experiments/``."""
+    def from_settings(
+        cls, settings: ExperimentSettings, events: BlockingEventLog | None = None
+    ) -> ExperimentService:
+        """Experiments from ``settings.experiments`` (validated: a bad one fails here).
+
+        ``exposure_sink=stream``: records go to the exposures stream through ``events`` (the
+        gateway's event log; one of its own when not given). Otherwise (and for settings
+        without that field) the file ``settings.exposure_log`` when that field exists, else
+        ``<var_dir>/experiments/``."""
         experiments = load_experiments(settings)
+        if getattr(settings, "exposure_sink", "file") == "stream":
+            if not experiments:  # nothing to record; DeleteUser's purge needs no writer
+                return cls(experiments, None)
+            full = cast(Any, settings)  # a core.config.Settings: the log needs all of it
+            return cls(experiments, ExposureStream(events or BlockingEventLog(full)))
         path = getattr(settings, "exposure_log", None)
         if path is None:
             var_dir = getattr(settings, "var_dir", None)
@@ -65,12 +109,31 @@ class ExperimentService:
         if self.log is not None and assignments and item_ids:
             self.log.record_exposures(user_id, assignments, item_ids, request_id=request_id)
 
-    def clicked(self, user_id: str, item_ids: Sequence[str], event: str = "click") -> None:
+    def clicked(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        event: str = "click",
+        recommendation_id: str | None = None,
+    ) -> None:
+        """Feedback on ``item_ids``; ``recommendation_id`` (the ``Event``'s, when the client
+        sent it) is the exposure's ``request_id`` it follows, for an exact join."""
         if self.log is not None and item_ids:
             assignments = assign_all(self.experiments, user_id)
             if assignments:
-                self.log.record_feedback(user_id, assignments, item_ids, event=event)
+                self.log.record_feedback(
+                    user_id,
+                    assignments,
+                    item_ids,
+                    event=event,
+                    recommendation_id=recommendation_id or None,
+                )
 
     def delete_user(self, user_id: str) -> int:
-        """Erase the user's exposure/feedback records (``DeleteUser``)."""
+        """Erase the user's exposure/feedback records (``DeleteUser``; on the stream, the
+        event log's ``forget_user`` has purged them already)."""
         return self.log.delete_user(user_id) if self.log is not None else 0
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait for records still being published (stream sink); True when all were."""
+        return self.log.flush(timeout) if isinstance(self.log, ExposureStream) else True

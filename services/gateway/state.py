@@ -15,6 +15,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from core.config import Settings
+from services.events import aggregates
 from services.events.log import BlockingEventLog
 from services.experiments.runtime import ExperimentService
 from services.gateway.metrics import observe_stage
@@ -43,7 +44,7 @@ class GatewayState:
         self.events = BlockingEventLog(settings)
         self.events_ready = False
         # Invalid experiment JSON fails the start, loudly, rather than running no experiment.
-        self.experiments = ExperimentService.from_settings(settings)
+        self.experiments = ExperimentService.from_settings(settings, self.events)  # one NATS
         self.rankers = Rankers()
         self.pipeline = Pipeline(
             settings,
@@ -60,6 +61,7 @@ class GatewayState:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._popular_at = 0.0
+        self._online_at = 0.0
         self._set_health(False)
         # Liveness is about this process only: a Triton or Milvus outage must not make
         # Kubernetes restart every gateway, so probes ask for this service name.
@@ -120,6 +122,8 @@ class GatewayState:
             and self.popular.refresh(self.store)
         ):
             self._popular_at = time.monotonic()
+        if events_ready and time.monotonic() - self._online_at > self.settings.aggregates_refresh_s:
+            self._refresh_online()
         if (triton_ready, milvus_ready) != (self.triton_ready, self.milvus_ready):
             log.log(
                 logging.INFO if triton_ready and milvus_ready else logging.WARNING,
@@ -132,6 +136,17 @@ class GatewayState:
         self.triton_ready, self.milvus_ready = triton_ready, milvus_ready
         self._set_health(triton_ready and milvus_ready and events_ready)
         return triton_ready and milvus_ready and events_ready
+
+    def _refresh_online(self) -> None:
+        """The online popularity and co-occurrence the profile workers refresh from the
+        event stream (:mod:`services.events.aggregates`), into the popularity cache."""
+        self._online_at = time.monotonic()
+        try:
+            online = self.events.call(lambda log: aggregates.read(log), 2.0)
+        except Exception as exc:  # the previous aggregates stay in use
+            log.warning("online aggregates not refreshed: %s", exc)
+            return
+        self.popular.set_online(online.popularity, online.co_occurrence)
 
     def start_background(self) -> None:
         """The dependency monitor (profiles are applied by the profile workers)."""
@@ -157,6 +172,8 @@ class GatewayState:
 
     def close(self) -> None:
         self.begin_shutdown()
+        if not self.experiments.flush():  # exposures in flight, before their connection goes
+            log.warning("exposure records still unacknowledged at shutdown")
         self.events.close()
         self.triton.close()
         self.store.close()

@@ -10,15 +10,18 @@ messages are *triggers*. For each user in a fetched batch the worker
    read) and the user's tombstone, then reads *the user's own subject* from the stream after
    ``max(version, tombstone)``, in sequence order: whatever arrived, whichever worker got
    the triggers, and whatever was redelivered, is applied once and in order;
-3. folds those events in (one ``Profiles.apply`` for all users of the batch, so Triton
-   encodes them in one request) and upserts each row with its new ``version``;
+3. folds those events in (one ``Profiles.apply`` for all users of the batch) and upserts
+   each row with its new ``version``: history, counts and order at once, the vector kept;
+   a separate lane re-encodes the changed users' vectors on Triton as fast as it can
+   (``_reencode_loop``: BERT is most of the cost, see there);
 4. records the applied sequence (``applied_bucket``, what the gateway waits for), releases
    the lease and acknowledges the triggers.
 
 Why no update is lost although Milvus has no compare-and-set: a row is only written under
-its user's lease, from a Strong read taken under that lease, and every Milvus call of the
-apply has a deadline well inside the lease (``worker_lease_s`` / 3), so a lease cannot expire
-while its write may still land. A crash after the upsert and before the acknowledgement is
+its user's lease, from a Strong read taken under that lease, and the reads, the wait for
+this worker's Triton slot and the write each have a deadline of ``worker_lease_s`` / 4, so a
+lease cannot expire while its write may still land (the re-encode lane writes under the
+lease as well). A crash after the upsert and before the acknowledgement is
 harmless: the redelivered trigger finds ``version`` already past those events.
 
 Failures: an event that cannot succeed (undecodable, invalid, or a value the Milvus schema
@@ -51,7 +54,8 @@ from pymilvus.exceptions import DataNotMatchException, ParamError
 
 from core.config import Settings
 from services.api import pb
-from services.deadline import Deadline
+from services.deadline import Deadline, DeadlineExceeded
+from services.events import aggregates
 from services.events.log import EventLog
 from services.gateway import validation as v
 from services.inference.triton_client import InferenceUnavailable, TritonClient
@@ -65,8 +69,10 @@ DEAD_LETTERS = Counter(
 )
 APPLIED = Counter("recsys_events_applied_total", "Events folded into user profiles")
 APPLY_SECONDS = Histogram("recsys_profile_apply_seconds", "One batch: lease, read, apply, ack")
+REENCODED = Counter("recsys_user_vectors_reencoded_total", "User vectors re-encoded on Triton")
 BACKOFF_S = (0.5, 30.0)  # first and largest redelivery delay
 OUTAGE_BACKOFF_S = 5.0  # largest delay while Triton or Milvus is down: apply soon after
+BUSY_RETRY_S = 0.2  # redelivery of a user another applier holds
 USERS_PER_APPLY = 16  # users re-encoded in one Triton request, well inside the lease
 
 
@@ -93,6 +99,8 @@ class UserWork:
     triggers: list[Msg]
     lease: int | None = None
     events: list[tuple[int, pb.Event]] = field(default_factory=list)
+    row: dict[str, object] | None = None  # as read under the lease (with its vector)
+    read: bool = False  # ``row`` is the row as it stands (not for a split, event by event)
 
 
 class ProfileWorker:
@@ -108,6 +116,9 @@ class ProfileWorker:
         self.profiles = profiles
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = asyncio.Event()
+        self.delta = aggregates.Delta()  # online aggregates not merged yet
+        self.stale: dict[str, float] = {}  # users whose vector lags their history: since
+        self.encoding = asyncio.Semaphore(1)  # one Triton request of this worker at a time
 
     async def connect(self) -> None:
         while not self.stop.is_set():
@@ -136,6 +147,8 @@ class ProfileWorker:
             ),
         )
         log.info("profile worker %s consuming %s", self.owner, s.events_stream)
+        flusher = asyncio.create_task(self._flush_aggregates())
+        encoder = asyncio.create_task(self._reencode_loop())
         while not self.stop.is_set():
             try:
                 msgs = await sub.fetch(s.worker_fetch_batch, timeout=1.0)
@@ -151,7 +164,26 @@ class ProfileWorker:
             except Exception:  # a batch must never stop the worker; triggers redeliver
                 log.exception("batch of %d failed; its events will be redelivered", len(msgs))
             APPLY_SECONDS.observe(time.monotonic() - started)
+        flusher.cancel()
+        encoder.cancel()
+        await self._flush_once()
         await self.events.close()
+
+    async def _flush_aggregates(self) -> None:
+        """Merge the aggregate increments every ``aggregates_flush_s`` (see
+        :mod:`services.events.aggregates`: one compare-and-set per key, not one per batch)."""
+        while True:
+            await asyncio.sleep(self.settings.aggregates_flush_s)
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        delta, self.delta = self.delta, aggregates.Delta()
+        if not delta:
+            return
+        try:
+            await aggregates.merge(self.events, delta)
+        except Exception as exc:  # approximate by design: never stops applying events
+            log.warning("online aggregates not merged (%s); increments dropped", exc)
 
     # --- one fetched batch ----------------------------------------------------------------
     async def handle(self, msgs: list[Msg]) -> None:
@@ -180,15 +212,19 @@ class ProfileWorker:
         await asyncio.gather(*(self._handle_users(chunk) for chunk in chunks))
 
     async def _handle_users(self, work: list[UserWork]) -> None:
-        """Lease, apply and release a few users (one Triton request, one deadline)."""
-        wait = self.settings.worker_lease_s / 3
+        """Lease, apply and release a few users (one deadline).
+
+        A lease another applier holds is not waited for: holding some users' leases while
+        waiting for others let two workers each wait on the other's until the wait ran out
+        (10 s batches with 2 workers). That user's triggers come back shortly instead; most
+        often the holder has applied their events by then (it reads the whole subject)."""
         leases = await asyncio.gather(
-            *(self.events.acquire_lease(w.user_id, self.owner, wait) for w in work)
+            *(self.events.acquire_lease(w.user_id, self.owner, 0.0) for w in work)
         )
         ready: list[UserWork] = []
         for w, lease in zip(work, leases, strict=True):
-            if lease is None:  # another worker is on this user for long: try again later
-                await asyncio.gather(*(m.nak(delay=1.0) for m in w.triggers))
+            if lease is None:  # another worker (or DeleteUser) is on this user: soon again
+                await asyncio.gather(*(m.nak(delay=BUSY_RETRY_S) for m in w.triggers))
             else:
                 w.lease = lease
                 ready.append(w)
@@ -227,12 +263,13 @@ class ProfileWorker:
         await msg.ack()
 
     async def _apply(self, work: list[UserWork]) -> None:
-        deadline = Deadline.after(self.settings.worker_lease_s / 3)
+        deadline = Deadline.after(self.settings.worker_lease_s / 4)
         rows = await asyncio.gather(
-            *(asyncio.to_thread(self.profiles.get, w.user_id, deadline.left(), False) for w in work)
+            *(asyncio.to_thread(self.profiles.get, w.user_id, deadline.left(), True) for w in work)
         )
 
         async def backlog(w: UserWork, row: dict[str, object] | None) -> None:
+            w.row, w.read = row, True
             version = int(row.get("version") or 0) if row else 0  # type: ignore[call-overload]
             after = max(version, await self.events.tombstone_seq(w.user_id))
             for seq, payload in await self.events.user_events(w.user_id, after, 10_000):
@@ -245,16 +282,57 @@ class ProfileWorker:
         for w in work:  # nothing new (already applied, tombstoned or dead): done
             if not w.events:
                 await asyncio.gather(*(m.ack() for m in w.triggers))
+        if not todo:
+            return
+        # A new user needs a vector now: one Triton request at a time (concurrent chunks each
+        # sending theirs made every one miss its deadline on a busy machine, over and over).
+        new_users = not self.settings.worker_reencode_apart or any(
+            not w.row or w.row.get("vector") is None for w in todo
+        )
+        wait = self.settings.worker_lease_s / 4
+        if new_users:
+            try:
+                await asyncio.wait_for(self.encoding.acquire(), wait)
+            except TimeoutError:  # Triton busy with this worker's other users: soon again
+                await asyncio.gather(*(m.nak(delay=0.5) for w in todo for m in w.triggers))
+                return
         try:
-            await self._write(todo, deadline)
+            try:  # a fresh deadline: reads, this wait and the write each within lease / 4
+                await self._write(todo, Deadline.after(wait))
+            finally:
+                if new_users:
+                    self.encoding.release()
         except Exception as exc:
             await self._retry_or_dead(todo, exc)
             return
-        for w in todo:
-            if w.events:
-                await self.events.mark_applied(w.user_id, w.events[-1][0])
-                APPLIED.inc(len(w.events))
-            await asyncio.gather(*(m.ack() for m in w.triggers))
+        done = [(w, row) for w, row in zip(work, rows, strict=True) if w.events]
+        apart = self.settings.worker_reencode_apart
+        await asyncio.gather(
+            *(self.events.mark_applied(w.user_id, w.events[-1][0]) for w, _ in done)
+        )
+        self._count(done)
+        now = time.monotonic()
+        for w, row in done:
+            APPLIED.inc(len(w.events))
+            if apart and row and row.get("vector") is not None:  # kept its vector
+                self.stale.setdefault(w.user_id, now)
+        await asyncio.gather(*(m.ack() for w in todo for m in w.triggers))
+
+    def _count(self, done: list[tuple[UserWork, dict[str, object] | None]]) -> None:
+        """The users' new positives into the online aggregates' increments (one call of
+        the implicit-feedback rule for all: it is pandas, ~1 ms a call)."""
+        if not done:
+            return
+        weights = iter(self.profiles.positive_weights([e for w, _ in done for _, e in w.events]))
+        now = time.time()
+        for w, row in done:
+            positives = [
+                (e.item_id, e.event_time.ToSeconds() if e.HasField("event_time") else now)
+                for _, e in w.events
+                if next(weights) > 0
+            ]
+            previous = [str(i) for i in (row or {}).get("recent_items") or []]  # type: ignore[attr-defined]
+            self.delta.add_user(previous, positives, self.settings.aggregates_half_life_s)
 
     async def _checked(self, user_id: str, seq: int, payload: bytes) -> pb.Event | None:
         """The decoded event, or None after dead-lettering it when it can never apply."""
@@ -303,12 +381,84 @@ class ProfileWorker:
         w.events = kept
 
     async def _apply_events(self, work: list[UserWork], deadline: Deadline) -> None:
+        """The history, counts and version now; the vector later (``_reencode_loop``), except
+        for a new user, who needs one to be found at all."""
         events = [e for w in work for _, e in w.events]
         versions = {w.user_id: w.events[-1][0] for w in work}
-        await asyncio.to_thread(self.profiles.apply, events, deadline, versions)
+        current = {w.user_id: w.row for w in work if w.read}
+        apart = self.settings.worker_reencode_apart
+        await asyncio.to_thread(
+            self.profiles.apply, events, deadline, versions, current, lambda _: not apart
+        )
+
+    # --- the user vectors, re-encoded apart ------------------------------------------------
+    async def _reencode_loop(self) -> None:
+        """Re-encode the users whose history moved past their vector, oldest first,
+        ``USERS_PER_APPLY`` per Triton request, one request at a time.
+
+        Why apart: BERT is most of an apply (measured here, idle-ish 2 cores: 16 users' texts
+        took 386 ms on Triton of a 468 ms ``Profiles.apply``), so encoding every changed
+        user in every apply caps a worker at ~35 users/s, and the apply lag grows with the
+        number of active users. Apart, the history is visible within the apply and the vector
+        follows as fast as Triton encodes (a user is encoded once for however many events
+        arrived meanwhile), ``worker_reencode_share`` of the time, so that the applies keep
+        the CPU. A worker that dies forgets its pending re-encodes: those users' vectors
+        catch up at their next event (history, counts and order are exact regardless)."""
+        while True:
+            due = sorted(self.stale, key=self.stale.__getitem__)[:USERS_PER_APPLY]
+            if not due:
+                await asyncio.sleep(0.05)
+                continue
+            started = time.monotonic()
+            try:
+                async with self.encoding:
+                    await self._reencode(due)
+            except Exception as exc:  # Triton or Milvus down: retried, never fatal
+                log.warning("re-encoding %d users failed (%s); retrying", len(due), exc)
+                await asyncio.sleep(OUTAGE_BACKOFF_S / 5)
+            # A share of the time only: BERT would otherwise take every core there is and
+            # starve the applies (the history), which matter more than a fresh vector.
+            share = self.settings.worker_reencode_share
+            await asyncio.sleep((time.monotonic() - started) * (1 - share) / share)
+
+    async def _reencode(self, users: list[str]) -> None:
+        """Encode outside the users' leases (the slow part), then write each new vector
+        under the lease only if the row is still the one encoded (same ``version``); a user
+        applied meanwhile stays stale for the next round."""
+        deadline = Deadline.after(self.settings.worker_lease_s / 4)
+        rows = await asyncio.gather(
+            *(asyncio.to_thread(self.profiles.get, u, deadline.left(), False) for u in users)
+        )
+        for u, row in zip(users, rows, strict=True):
+            if row is None:  # deleted meanwhile
+                self.stale.pop(u, None)
+        found = [r for r in rows if r is not None]
+        if not found:
+            return
+        encoded = await asyncio.to_thread(self.profiles.reencoded, found, deadline)
+        wait = 0.05  # a user being applied is simply taken up again on the next round
+        leases = await asyncio.gather(
+            *(self.events.acquire_lease(r["user_id"], self.owner, wait) for r in encoded)
+        )
+        held = {r["user_id"]: lease for r, lease in zip(encoded, leases, strict=True) if lease}
+        try:
+            write = Deadline.after(self.settings.worker_lease_s / 4)
+            now = await asyncio.gather(
+                *(asyncio.to_thread(self.profiles.get, u, write.left(), False) for u in held)
+            )
+            version = {r["user_id"]: int(r.get("version") or 0) for r in now if r is not None}
+            same = [r for r in encoded if version.get(r["user_id"], -1) == r["version"]]
+            if same:
+                await asyncio.to_thread(self.profiles.store.upsert_users, same, write.left())
+            for r in same:
+                self.stale.pop(r["user_id"], None)
+            REENCODED.inc(len(same))
+        finally:
+            await asyncio.gather(*(self.events.release_lease(u, r) for u, r in held.items()))
 
     async def _retry_or_dead(self, work: list[UserWork], exc: Exception) -> None:
-        outage = isinstance(exc, InferenceUnavailable | StoreUnavailable)
+        # Down or too slow to answer in time: the events are good, wait it out.
+        outage = isinstance(exc, InferenceUnavailable | StoreUnavailable | DeadlineExceeded)
         for w in work:
             delivered = max(m.metadata.num_delivered for m in w.triggers)
             if outage:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -70,12 +70,17 @@ class Profiles:
         events: Sequence[pb.Event],
         deadline: Deadline,
         versions: Mapping[str, int] | None = None,
+        current: Mapping[str, Row | None] | None = None,
+        encode: Callable[[str], bool] | None = None,
     ) -> ProfileUpdate:
         """Fold events into their users' rows and re-encode the changed users.
 
         ``versions`` (user id -> the event-log sequence of the user's newest event here) is
         written on each row, so that the profile worker knows what a row already contains;
-        users not named keep their row's version."""
+        users not named keep their row's version. ``current``: the users' rows as the caller
+        just read them (not read again). ``encode(user)`` False keeps the row's vector and
+        segment (the caller re-encodes later, :meth:`reencoded`: BERT is most of an apply's
+        cost); a user without a vector is always encoded."""
         weights = self.positive_weights(events)
         by_user: dict[str, list[tuple[float, str, float, str]]] = defaultdict(list)
         for event, weight in zip(events, weights, strict=True):
@@ -87,39 +92,78 @@ class Profiles:
         texts: list[str] = []
         positives = 0
         for user_id, user_events in by_user.items():
-            current = self.get(user_id, deadline.left(), with_vector=False)
-            history = list(current["recent_items"]) if current else []
+            if current is not None and user_id in current:
+                row = current[user_id]
+            else:
+                row = self.get(user_id, deadline.left(), with_vector=encode is not None)
+            history = list(row["recent_items"]) if row else []
             for _, item_id, weight, _ in sorted(user_events):  # oldest first, newest ends in front
                 if weight > 0:
                     positives += 1
                     history = [item_id, *[h for h in history if h != item_id]]
             history = history[:RECENT_ITEMS]
             newest_first = [e[1] for e in sorted(user_events, reverse=True)]
-            seen = merge_seen(newest_first, current["seen_items"] if current else [], SEEN_ITEMS)
+            seen = merge_seen(newest_first, row["seen_items"] if row else [], SEEN_ITEMS)
             known = self.store.get_items(history[: self.history_window], deadline.left())
             pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
             rows.append(
                 user_row(
                     user_id,
-                    segment=current["segment"] if current else "",
+                    segment=row["segment"] if row else "",
                     interests=interests(pairs),
                     recent_items=history,
                     seen_items=seen,
-                    history_size=(current["history_size"] if current else 0) + len(user_events),
+                    history_size=(row["history_size"] if row else 0) + len(user_events),
                     events=append_events(
-                        current.get("events") if current else None,
+                        row.get("events") if row else None,
                         [(ts, item, kind, weight > 0) for ts, item, weight, kind in user_events],
                     ),
                     version=(versions or {}).get(
-                        user_id, int(current.get("version") or 0) if current else 0
+                        user_id, int(row.get("version") or 0) if row else 0
                     ),
                 )
             )
+            kept = row.get("vector") if row and encode is not None else None
+            if kept is not None and len(kept) and not encode(user_id):  # type: ignore[misc]
+                rows[-1]["vector"] = [float(x) for x in kept]  # kept: re-encoded later
+            else:
+                texts.append(user_text(pairs[: self.history_window]))
+        self._encode([r for r in rows if "vector" not in r], texts, deadline)
+        self.store.upsert_users(rows, deadline.left())
+        return ProfileUpdate(users=len(rows), positives=positives)
+
+    def reencoded(self, rows: Sequence[Row], deadline: Deadline) -> list[UserRow]:
+        """The users of ``rows`` re-encoded from their history exactly as :meth:`apply`
+        encodes (everything else kept), not written: the caller writes them if the rows did
+        not change meanwhile (the profile worker encodes outside the user's lease)."""
+        out: list[UserRow] = []
+        texts: list[str] = []
+        for row in rows:
+            history = list(row["recent_items"])
+            known = self.store.get_items(history[: self.history_window], deadline.left())
+            pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
+            out.append(
+                user_row(
+                    row["user_id"],
+                    segment=row["segment"],
+                    interests=interests(pairs),
+                    recent_items=history,
+                    seen_items=list(row["seen_items"]),
+                    history_size=int(row["history_size"]),
+                    events=row.get("events"),
+                    version=int(row.get("version") or 0),
+                )
+            )
             texts.append(user_text(pairs[: self.history_window]))
-        vectors = self.triton.embed_users(texts, deadline.left())
+        self._encode(out, texts, deadline)
+        return out
+
+    def _encode(self, rows: Sequence[UserRow], texts: Sequence[str], deadline: Deadline) -> None:
+        """The user tower's vectors (one Triton request) and the nearest segment of each."""
+        if not rows:
+            return
+        vectors = self.triton.embed_users(list(texts), deadline.left())
         for row, vector in zip(rows, vectors, strict=True):  # online segment assignment
             segment = self.store.nearest_segment(vector, deadline.left())
             row["segment"] = segment["segment_id"] if segment else row["segment"]
             row["vector"] = vector.tolist()
-        self.store.upsert_users(rows, deadline.left())
-        return ProfileUpdate(users=len(rows), positives=positives)

@@ -40,12 +40,18 @@ class PopularItems:
 
     Cold-start users get these, and so does every user while Milvus is unreachable: the
     cache is filled from Milvus at start and refreshed in the background, and it keeps its
-    last good contents when a refresh fails.
+    last good contents when a refresh fails. The online aggregates (:meth:`set_online`,
+    refreshed from the event stream by the profile workers) add their decayed popularity to
+    the catalogue's and their co-occurrence neighbours to the indexed ones, so feedback
+    moves both without re-indexing.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: list[Row] = []
+        self._catalogue: list[Row] = []  # every item, for items the online scores lift
+        self._online: Mapping[str, float] = {}
+        self._neighbours: Mapping[str, Sequence[str]] = {}
         self._clock = CatalogueClock(top_popularity=0.0, now=time.time())
         self._lock = threading.Lock()
 
@@ -65,9 +71,40 @@ class PopularItems:
             now=float(max(created)) if any(created) else time.time(),
         )
         with self._lock:
-            self._items = rows[: self.size]
+            self._catalogue = rows
+            self._items = self._ranked()
             self._clock = clock
         return True
+
+    def set_online(
+        self, popularity: Mapping[str, float], neighbours: Mapping[str, Sequence[str]]
+    ) -> None:
+        """The online aggregates' decayed popularity (same unit as the catalogue's) and
+        co-occurrence neighbours (best first)."""
+        with self._lock:
+            self._online, self._neighbours = dict(popularity), dict(neighbours)
+            self._items = self._ranked()
+
+    def _ranked(self) -> list[Row]:
+        online = self._online
+        if not online:
+            return self._catalogue[: self.size]
+        score = {
+            r["item_id"]: float(r["popularity"]) + online.get(r["item_id"], 0.0)
+            for r in self._catalogue
+        }
+        ranked = sorted(self._catalogue, key=lambda r: (-score[r["item_id"]], r["item_id"]))
+        return ranked[: self.size]
+
+    def neighbours(self, item_id: str) -> Sequence[str]:
+        """The item's online co-occurrence neighbours, best first (none before any)."""
+        return self._neighbours.get(item_id, ())
+
+    def discard(self, item_id: str) -> None:
+        """Forget a deleted item at once (the next refresh would, a while later)."""
+        with self._lock:
+            self._items = [r for r in self._items if r["item_id"] != item_id]
+            self._catalogue = [r for r in self._catalogue if r["item_id"] != item_id]
 
     def clock(self) -> CatalogueClock:
         """The catalogue's top popularity and newest item time, for the ranker's features
@@ -89,6 +126,17 @@ class PopularItems:
             if len(out) == k:
                 break
         return out
+
+
+def interleaved(first: Sequence[str], second: Sequence[str]) -> list[str]:
+    """Two ranked lists taken in turns, without repeats: online neighbours move candidates
+    without drowning the indexed ItemKNN ones."""
+    out: dict[str, None] = {}
+    for i in range(max(len(first), len(second))):
+        for source in (first, second):
+            if i < len(source):
+                out.setdefault(source[i], None)
+    return list(out)
 
 
 class Retriever:
@@ -117,14 +165,19 @@ class Retriever:
             with_vectors=True,
         )
 
-    @staticmethod
     def co_occurrence(
-        history: Sequence[Row], n: int, exclude: Collection[str]
+        self, history: Sequence[Row], n: int, exclude: Collection[str]
     ) -> tuple[list[str], dict[str, str]]:
         """The best ``3 n`` neighbours of recent history items, scored by recency of the seed
         and their rank (:func:`core.ranking_features.co_occurrence_scores`), and the seed's
-        title of each (its explanation)."""
-        scores, seed = co_occurrence_scores([h.get("co_items") or [] for h in history])
+        title of each (its explanation). Each seed's neighbours: the indexed ones and the
+        online ones (:meth:`PopularItems.neighbours`) taken in turns."""
+        scores, seed = co_occurrence_scores(
+            [
+                interleaved(h.get("co_items") or [], self.popular.neighbours(h["item_id"]))
+                for h in history
+            ]
+        )
         ranked = sorted((i for i in scores if i not in exclude), key=lambda i: -scores[i])
         return ranked[: 3 * n], {item: history[index]["title"] for item, index in seed.items()}
 

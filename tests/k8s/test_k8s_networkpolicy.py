@@ -183,7 +183,7 @@ def needed_connections(p: dict[str, Pod], namespace: dict[str, str]) -> set[tupl
         (outside, {"gateway"}, (50051,)),  # the public API (clients live elsewhere)
         ({"gateway", "profile-worker"}, {"triton"}, (8001,)),
         ({"gateway", "profile-worker"}, milvus, (19530,)),
-        ({"gateway", "profile-worker"}, {"nats"}, (4222,)),
+        ({"gateway", "profile-worker", "segments"}, {"nats"}, (4222,)),
         ({"segments"}, milvus, (19530,)),
         (training, training, ANY),
         (training, {"mlflow"}, (5000,)),

@@ -13,22 +13,32 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.config import Settings
 from core.rows import ItemRow, item_row
 from ops.indexing import (
     embed_and_upsert,
     embed_bucketed,
     estimated_lengths,
     index_rows,
+    item_rows,
     length_buckets,
     length_order,
     release_lengths,
+    user_rows,
+    without_deleted,
 )
+from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
+from tests.nats_server import nats_settings, on_log
+from training.data import load_dataset
+
+__all__ = ["nats_settings"]
 
 DIM = 8
 
@@ -202,3 +212,32 @@ def test_a_short_answer_from_triton_fails_the_batch() -> None:
         )
     with pytest.raises(ValueError, match="vectors for a batch"):
         embed_bucketed([t for _, t in rows], lambda ts: np.zeros((len(ts) - 1, DIM)), batch=4)
+
+
+@pytest.mark.integration
+def test_deleted_users_never_come_back_from_indexing(
+    tmp_path: Path, nats_settings: Settings
+) -> None:
+    """A user DeleteUser tombstoned in the event log gets no user row from the dataset, and
+    their events count in no item's popularity or neighbours."""
+    pd.DataFrame(
+        {"item_id": ["i1", "i2", "i3"], "title": ["One", "Two", "Three"], "categories": "A"}
+    ).to_csv(tmp_path / "items.csv", index=False)
+    pd.DataFrame(
+        {
+            "user_id": ["gone", "gone", "kept", "kept"],
+            "item_id": ["i3", "i1", "i1", "i2"],
+            "event_type": "purchase",
+            "timestamp": [1_600_000_000, 1_600_000_010, 1_600_000_020, 1_600_000_030],
+        }
+    ).to_csv(tmp_path / "events.csv", index=False)
+    dataset = load_dataset(tmp_path)
+    assert {r["user_id"] for r, _ in user_rows(dataset)} == {"gone", "kept"}
+
+    on_log(nats_settings, lambda log: log.forget_user("gone", 5.0))
+    tombstones = Tombstones.load(nats_settings)
+    assert {r["user_id"] for r, _ in user_rows(dataset, tombstones=tombstones)} == {"kept"}
+    items = {r["item_id"]: r for r, _ in item_rows(without_deleted(dataset, tombstones))}
+    assert items["i3"]["popularity"] == 0.0 and items["i1"]["popularity"] > 0
+    assert "i3" not in items["i1"]["co_items"]
+    assert without_deleted(dataset, Tombstones()) is dataset  # nothing deleted: as is

@@ -13,7 +13,12 @@ from core.config import Settings
 from core.milvus_schema import SEGMENT_FIELDS
 from core.rows import user_row
 from ops.segments import fit_segments, unit_rows
+from services.events.log import EventLog
+from services.events.scan import Tombstones
 from services.vectors.store import VectorStore
+from tests.nats_server import nats_settings, on_log
+
+__all__ = ["nats_settings"]
 
 DIM = 16
 PER_CLUSTER = 20
@@ -91,3 +96,27 @@ def test_segment_writes_skip_users_deleted_meanwhile(store: VectorStore) -> None
     row = store.get_user("u0-1", 5.0)
     assert row is not None and row["segment"] == "seg-1" and row["history_size"] == 2
     assert store.set_user_segments({}) == 0
+
+
+@pytest.mark.integration
+def test_deleted_users_take_no_part_in_the_refit(
+    store: VectorStore, nats_settings: Settings
+) -> None:
+    """Users the event log tombstoned (here while their rows are still there: deleted during
+    the scan) are neither fitted, nor counted in popular items, nor written."""
+
+    async def forget_cluster_0(log: EventLog) -> None:
+        for n in range(PER_CLUSTER):
+            await log.forget_user(f"u0-{n}", 5.0)
+
+    on_log(nats_settings, forget_cluster_0)
+    report = fit_segments(
+        store, k=2, online_check=0, tombstones=lambda: Tombstones.load(nats_settings)
+    )
+    assert report.users == 2 * PER_CLUSTER
+    segments = store.scan(store.segments.name, list(SEGMENT_FIELDS))
+    popular = {i for s in segments for i in s["popular_items"]}
+    assert popular and not [i for i in popular if i.startswith("i0-")]
+    users = store.scan(store.users.name, ["user_id", "segment"])
+    assert {u["segment"] for u in users if u["user_id"].startswith("u0-")} == {""}
+    assert all(u["segment"] for u in users if not u["user_id"].startswith("u0-"))

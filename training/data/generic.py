@@ -1,6 +1,8 @@
 """Loader for the generic format any user can produce (CSV or Parquet, chosen by suffix).
 
-``events`` file - required columns ``user_id, item_id, event_type, timestamp``; optional
+``events`` file (a Parquet "file" may be a directory of part files with one schema, as
+``ops.export_events`` writes from the events stream) - required columns ``user_id, item_id,
+event_type, timestamp``; optional
 ``value`` (a rating for ``rating`` events, any number otherwise). ``event_type`` is one of
 ``view, click, rating, purchase`` (aliases such as ``buy``/``rate`` are accepted, see
 :data:`~training.data.schema.EVENT_TYPE_ALIASES`). ``timestamp``: epoch seconds/ms/us/ns or

@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 from core.config import Settings
+from core.rows import item_row
+from core.text import user_text
 from ops.processes import (
     ManagedProcess,
     free_port,
@@ -29,10 +32,12 @@ from ops.processes import (
     nats_process,
     port_open,
 )
+from services.events import aggregates
 from services.events.log import EventLog, EventLogUnavailable
 from services.profile_worker.dead_letters import list_dead, replay
 from services.profile_worker.worker import DEAD_LETTERS, ProfileWorker
 from services.profiles.profiles import Profiles
+from services.recommend.retrieve import PopularItems
 from services.vectors.store import VectorStore
 from tests.services.events.helpers import click, wait_for
 
@@ -40,13 +45,17 @@ pytestmark = pytest.mark.integration
 
 
 class FakeTower:
-    """The user tower's interface: one fixed unit vector per text."""
+    """The user tower's interface: a unit vector that is a function of the text."""
 
     def __init__(self, dim: int) -> None:
-        self.vector = np.ones(dim, dtype=np.float32) / np.sqrt(dim)
+        self.dim = dim
 
     def embed_users(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
-        return np.stack([self.vector for _ in texts])
+        out = []
+        for text in texts:
+            v = np.random.default_rng(zlib.crc32(text.encode())).normal(size=self.dim)
+            out.append((v / np.linalg.norm(v)).astype(np.float32))
+        return np.stack(out)
 
 
 class Env:
@@ -68,6 +77,16 @@ class Env:
             self.settings.model_copy(update={"milvus_user_consistency": "Strong"})
         )
         self.store.ensure_collections()
+        # A small catalogue: the user text (and so the vector) is a function of the history;
+        # "pop-i" have a catalogue popularity of i, "cold" none.
+        unit = [1.0] + [0.0] * (self.settings.embedding_dim - 1)
+        self.store.upsert_items(
+            [
+                item_row(f"pop-{i}", f"Movie {i}", ["Drama"], "", popularity=i, vector=unit)
+                for i in range(1, 21)
+            ]
+            + [item_row(i, f"Title {i}", ["War"], "", vector=unit) for i in ("cold", "a", "b")]
+        )
 
     def start_nats(self) -> ManagedProcess:
         proc = nats_process(self.root / "nats", self.nats_port, self.monitor, self.root).start()
@@ -244,3 +263,69 @@ def test_nats_sigkill_under_load_loses_nothing_and_applies_once(env: Env, worker
     for u in users:
         row = env.row(u)
         assert row is not None and set(row["seen_items"]) == expected[u]
+
+
+def test_the_vector_follows_the_history_and_the_history_is_visible_first(
+    env: Env, worker: Worker
+) -> None:
+    """The apply writes history, counts and version at once and keeps the row's vector; the
+    re-encode lane then brings the vector to the user tower's encoding of that history."""
+    user = f"vec-{uuid.uuid4().hex[:8]}"
+    first = env.on_log(lambda log: log.publish([click(user, "a", f"{user}-1")]))
+    assert env.on_log(lambda log: log.wait_applied(first.last_seq, 20))
+    tower = FakeTower(env.settings.embedding_dim)
+
+    def encoded(history: list[str]) -> np.ndarray:
+        known = env.store.get_items(history, 5)
+        return tower.embed_users(
+            [user_text([(known[i]["title"], known[i]["categories"]) for i in history])], 5
+        )[0]
+
+    def vector() -> np.ndarray:
+        row = env.store.get_user(user, 5, with_vector=True)
+        assert row is not None
+        return np.asarray(row["vector"], dtype=np.float32)
+
+    assert np.allclose(vector(), encoded(["a"]), atol=1e-5)  # a new user: encoded at once
+    second = env.on_log(lambda log: log.publish([click(user, "b", f"{user}-2")]))
+    assert env.on_log(lambda log: log.wait_applied(second.last_seq, 20))
+    row = env.row(user)
+    assert row is not None and row["recent_items"][:2] == ["b", "a"] and row["history_size"] == 2
+    assert wait_for(lambda: np.allclose(vector(), encoded(["b", "a"]), atol=1e-5), 20)
+    assert worker.worker.stale == {}
+    row = env.row(user)
+    assert row is not None and row["history_size"] == 2  # the re-encode kept everything else
+
+
+def test_feedback_moves_online_popularity_and_co_occurrence_without_reindexing(
+    env: Env, worker: Worker
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    cache = PopularItems(size=10)
+    assert cache.refresh(env.store)
+    assert "cold" not in [r["item_id"] for r in cache.top(10)]  # popularity 0: not listed
+    users = [f"pop-{run}-{u}" for u in range(25)]
+    events = [click(u, "a", f"{u}-a") for u in users] + [click(u, "cold", f"{u}-c") for u in users]
+    result = env.on_log(lambda log: log.publish(events))
+    assert env.on_log(lambda log: log.wait_applied(result.last_seq, 30))
+    online = aggregates.Aggregates()
+
+    def merged() -> bool:
+        nonlocal online
+        online = env.on_log(aggregates.read)
+        return online.popularity.get("cold", 0.0) >= 25 - 1e-3
+
+    assert wait_for(merged, 10), online
+    assert "cold" in online.co_occurrence.get("a", []) and "a" in online.co_occurrence["cold"]
+    cache.set_online(online.popularity, online.co_occurrence)  # what a gateway does
+    top = [r["item_id"] for r in cache.top(10)]
+    assert top[:2] == ["cold", "a"] or top[:2] == ["a", "cold"], top  # 25 (+) > 20 ("pop-20")
+    assert "pop-20" in top  # the catalogue's own order below them is kept
+    assert list(cache.neighbours("a"))[:1] == ["cold"]
+    # A retried event is no new positive, and neither is a repeat of an item in the history.
+    again = env.on_log(lambda log: log.publish([*events[:5], click(users[0], "cold", "x")]))
+    assert env.on_log(lambda log: log.wait_applied(again.last_seq, 30))
+    time.sleep(env.settings.aggregates_flush_s * 2)
+    assert env.on_log(aggregates.read).popularity["cold"] == pytest.approx(
+        online.popularity["cold"], rel=1e-3
+    )

@@ -121,3 +121,41 @@ def test_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(out_json.read_text())
     assert {a["arm"] for a in data["arms"]} == {"control", "treatment"}
     assert main(["--log", str(tmp_path / "none.jsonl")]) == 2
+
+
+def test_clicks_join_by_recommendation_id_else_by_user_and_window() -> None:
+    def exposure(rid: str, ts: float, arm: str = "control") -> dict[str, object]:
+        return {
+            "type": "exposure",
+            "ts": ts,
+            "experiment": "e",
+            "arm": arm,
+            "user_id": "u",
+            "items": ["a", "b"],
+            "request_id": rid,
+        }
+
+    def click(ts: float, rid: str | None = None, item: str = "a") -> dict[str, object]:
+        rec: dict[str, object] = {
+            "type": "feedback",
+            "ts": ts,
+            "experiment": "e",
+            "arm": "control",
+            "user_id": "u",
+            "item_id": item,
+            "event": "click",
+        }
+        if rid:
+            rec["recommendation_id"] = rid
+        return rec
+
+    records = [exposure("r1", 10), exposure("r2", 20), exposure("r3", 30)]
+    # by id: r1, although r3 is the latest exposure of "a" before the click
+    s = summarise([*records, click(40, "r1")], unit="exposure")
+    assert s["joined_by_recommendation_id"] == 1 and s["arms"][0].successes == 1
+    # an unknown id, or an id whose response did not show the item: by time (r3 / r3)
+    s = summarise([*records, click(40, "nope"), click(41, "r1", item="z")], unit="exposure")
+    assert s["joined_by_recommendation_id"] == 0 and s["unattributed_clicks"] == 1
+    assert s["arms"][0].successes == 1
+    # without an id, a click before every exposure is unattributed
+    assert summarise([*records, click(5)])["unattributed_clicks"] == 1

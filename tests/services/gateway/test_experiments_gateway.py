@@ -1,9 +1,11 @@
 """A/B experiments through the real gateway: sticky arms in responses, exposures and clicks
-logged with the arm, the report computed from that log, and erasure on DeleteUser."""
+on the exposures stream with the arm, the report computed from that stream, and erasure on
+DeleteUser."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ from recsys_client import RecommenderClient
 from ops.processes import free_port, gateway_process
 from ops.stack import LocalStack, gateway_serving
 from services.api import pb
+from services.experiments.exposures import read_stream
+from tests.services.events.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +60,9 @@ def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path:
             second = pb.Event(user_id=clicker, item_id="1", event_type=pb.EVENT_TYPE_CLICK)
             retried = client.ingest([click, second])  # a retry that carries a new click too
             assert (retried.accepted_count, retried.duplicate_count) == (1, 1)
-            records = [json.loads(line) for line in log_path.read_text().splitlines()]
+            assert wait_for(lambda: len(read_stream(stack.settings)) == 29, 10)
+            records = read_stream(stack.settings)  # published beside the RPCs, not in them
+            assert not log_path.exists()  # the stream, not a pod's file
             exposures = [r for r in records if r["type"] == "exposure"]
             assert len(exposures) == 27
             assert {r["arm"] for r in exposures} == {"control", "treatment"}
@@ -67,7 +73,8 @@ def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path:
                 {**clicks[1], "user_id": clicker, "item_id": "1", "arm": arm},
             ]
             report = subprocess.run(
-                [sys.executable, "-m", "services.experiments.report", "--log", str(log_path)],
+                [sys.executable, "-m", "services.experiments.report"],
+                env={**os.environ, **stack.env()},
                 capture_output=True,
                 text=True,
                 check=True,
@@ -75,7 +82,7 @@ def test_arms_exposures_feedback_report_and_erasure(stack: LocalStack, tmp_path:
             ).stdout
             assert "control" in report and "treatment" in report
             client.delete_user(clicker)
-            left = [json.loads(line) for line in log_path.read_text().splitlines()]
+            left = read_stream(stack.settings)
             assert len(left) == 25 and not [r for r in left if r["user_id"] == clicker]
     finally:
         gateway.stop()

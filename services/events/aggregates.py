@@ -1,0 +1,190 @@
+"""Online aggregates: time-decayed popularity and co-occurrence, refreshed from the stream.
+
+The profile workers fold each applied batch into a :class:`Delta` (they already read every
+user's events in order, once, and hold the user's previous history, which a pair needs) and
+merge it every ``aggregates_flush_s`` into two keys of the JetStream key-value bucket
+``aggregates_bucket``: ``popularity`` (item -> decayed count of users who turned positive on
+it) and ``co_occurrence`` (item -> decayed counts of the items the same users liked next to
+it). A merge is a compare-and-set on the key's revision, so two workers never overwrite each
+other. The gateways read both keys every ``aggregates_refresh_s`` and blend them into the
+popular list and the co-occurrence neighbours: feedback moves those candidates without
+re-indexing the catalogue.
+
+Scores are in the offline popularity's unit (positive users, decayed with the same
+half-life), stored at a reference time ``at`` and decayed on every merge and read. They are
+approximate by design: a worker that dies loses at most one flush interval of increments,
+and each list is cut to its strongest ``aggregates_top_items`` items
+(``aggregates_co_neighbours`` neighbours each), which bounds the values at a few hundred KB.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import nats.js.errors
+
+from services.events.log import EventLog
+
+POPULARITY = "popularity"
+CO_OCCURRENCE = "co_occurrence"
+PAIR_SEEDS = 10  # previous history items each new positive is paired with
+
+
+def decay(age_s: float, half_life_s: float) -> float:
+    """The weight left after ``age_s`` seconds (never above 1: future times count as now)."""
+    return float(0.5 ** (max(age_s, 0.0) / half_life_s))
+
+
+@dataclass
+class Delta:
+    """Increments not yet merged, each already decayed to ``at``."""
+
+    at: float = field(default_factory=time.time)
+    popularity: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    pairs: dict[str, dict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+
+    def __bool__(self) -> bool:
+        return bool(self.popularity or self.pairs)
+
+    def add_user(
+        self,
+        previous: Sequence[str],
+        positives: Iterable[tuple[str, float]],
+        half_life_s: float,
+    ) -> None:
+        """One user's newly applied positives (item, event time), oldest first, after the
+        ``previous`` history (newest first): an item counts once per user (a repeat of an
+        item already in the history is no new user for it), and pairs with the user's most
+        recent other items."""
+        history = list(previous)
+        for item, ts in positives:
+            if item in history:
+                continue
+            weight = decay(self.at - ts, half_life_s)
+            self.popularity[item] += weight
+            for other in history[:PAIR_SEEDS]:
+                self.pairs[item][other] += weight
+                self.pairs[other][item] += weight
+            history.insert(0, item)
+
+
+def _decoded(value: bytes | None) -> dict[str, object]:
+    if not value:
+        return {}
+    return dict(json.loads(zlib.decompress(value)))
+
+
+def _encoded(doc: Mapping[str, object]) -> bytes:
+    return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 6)
+
+
+def _top(scores: Mapping[str, float], n: int) -> dict[str, float]:
+    best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return {k: round(v, 6) for k, v in best if v > 1e-6}
+
+
+def merge_popularity(
+    doc: Mapping[str, object], delta: Delta, half_life_s: float, top: int
+) -> dict[str, object]:
+    at = max(float(doc.get("at", delta.at)), delta.at)  # type: ignore[arg-type]
+    old = decay(at - float(doc.get("at", at)), half_life_s)  # type: ignore[arg-type]
+    new = decay(at - delta.at, half_life_s)
+    scores: dict[str, float] = defaultdict(float)
+    for item, value in dict(doc.get("scores", {})).items():  # type: ignore[call-overload]
+        scores[item] += float(value) * old
+    for item, value in delta.popularity.items():
+        scores[item] += value * new
+    return {"at": at, "scores": _top(scores, top)}
+
+
+def merge_co_occurrence(
+    doc: Mapping[str, object], delta: Delta, half_life_s: float, top: int, neighbours: int
+) -> dict[str, object]:
+    at = max(float(doc.get("at", delta.at)), delta.at)  # type: ignore[arg-type]
+    old = decay(at - float(doc.get("at", at)), half_life_s)  # type: ignore[arg-type]
+    new = decay(at - delta.at, half_life_s)
+    pairs: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for item, row in dict(doc.get("pairs", {})).items():  # type: ignore[call-overload]
+        for other, value in row.items():
+            pairs[item][other] += float(value) * old
+    for item, row in delta.pairs.items():
+        for other, value in row.items():
+            pairs[item][other] += value * new
+    strength = {item: sum(row.values()) for item, row in pairs.items()}
+    kept = _top(strength, top)
+    return {"at": at, "pairs": {item: _top(pairs[item], neighbours) for item in kept}}
+
+
+async def merge(log: EventLog, delta: Delta, attempts: int = 20) -> None:
+    """Merge ``delta`` into both keys, each by compare-and-set (retried on a conflict)."""
+    s = log.settings
+    kv = await log.bucket(s.aggregates_bucket, create=True)
+    half_life = s.aggregates_half_life_s
+    for key, fold in (
+        (POPULARITY, lambda doc: merge_popularity(doc, delta, half_life, s.aggregates_top_items)),
+        (
+            CO_OCCURRENCE,
+            lambda doc: merge_co_occurrence(
+                doc, delta, half_life, s.aggregates_top_items, s.aggregates_co_neighbours
+            ),
+        ),
+    ):
+        for _ in range(attempts):
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                try:
+                    await kv.create(key, _encoded(fold({})))
+                    break
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+            try:
+                await kv.update(key, _encoded(fold(_decoded(entry.value))), last=entry.revision)
+                break
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another worker merged meanwhile: fold into its value
+        else:
+            raise RuntimeError(f"aggregates: {key} kept changing; {attempts} merges lost")
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """What a gateway reads: scores decayed to ``at`` (seconds since the epoch)."""
+
+    at: float = 0.0
+    popularity: dict[str, float] = field(default_factory=dict)
+    co_occurrence: dict[str, list[str]] = field(default_factory=dict)  # best first
+
+    def __bool__(self) -> bool:
+        return bool(self.popularity or self.co_occurrence)
+
+
+async def read(log: EventLog, now: float | None = None) -> Aggregates:
+    """Both keys, decayed to ``now``; empty when no worker merged anything yet."""
+    s = log.settings
+    now = time.time() if now is None else now
+    try:
+        kv = await log.bucket(s.aggregates_bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return Aggregates(now)
+    docs: dict[str, dict[str, object]] = {}
+    for key in (POPULARITY, CO_OCCURRENCE):
+        try:
+            docs[key] = _decoded((await kv.get(key)).value)
+        except nats.js.errors.KeyNotFoundError:
+            docs[key] = {}
+    pop, co = docs[POPULARITY], docs[CO_OCCURRENCE]
+    factor = decay(now - float(pop.get("at", now)), s.aggregates_half_life_s)  # type: ignore[arg-type]
+    scores = {k: float(v) * factor for k, v in dict(pop.get("scores", {})).items()}  # type: ignore[call-overload]
+    neighbours = {
+        item: [o for o, _ in sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))]
+        for item, row in dict(co.get("pairs", {})).items()  # type: ignore[call-overload]
+    }
+    return Aggregates(now, scores, neighbours)
