@@ -9,15 +9,23 @@ replaced, on one stack, the same users, in one run.
 The gateway process is restarted with each configuration and driven closed-loop at
 concurrency 1 (latency) and 16 (throughput); the order alternates per round so drift on a
 shared machine hits both. Only answers that were ranked and not degraded count.
+
+``--compare milvus``: the Milvus time inside ``Recommend`` (the gateway's
+``recsys_milvus_seconds``: the summed wall time of a request's vector-store calls) with the
+gateway's item cache (the default: the ANN returns ids, item rows come from the cache) and
+without it (every request reads its item rows and vectors from Milvus), same stack, same
+users, at concurrency 1, alternating per round.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import gateway
+from bench import gateway, metrics
+from bench.util import load_average
 from ops.stack import LocalStack
 
 PIPELINES: dict[str, dict[str, object]] = {
@@ -29,6 +37,15 @@ PIPELINES: dict[str, dict[str, object]] = {
     },
 }
 BASELINE = "cross-encoder"
+
+# The Milvus-time comparison: settings of the gateway process (RECSYS_* in its environment).
+MILVUS_CONFIGS: dict[str, dict[str, str]] = {
+    "item cache": {"RECSYS_MILVUS_ITEM_CACHE_SIZE": "10000"},
+    "no item cache": {"RECSYS_MILVUS_ITEM_CACHE_SIZE": "0"},
+}
+MILVUS_BASELINE = "no item cache"
+# The store methods a Recommend calls (the gateway's recsys_milvus_seconds{call=...}).
+MILVUS_CALLS = ("get_user", "get_items", "search_items", "get_segment")
 
 
 def compare(
@@ -66,6 +83,111 @@ def compare(
     finally:
         stack.restart_gateway(**defaults)
     return {"pipelines": PIPELINES, "runs": runs, "table": table(runs)}
+
+
+def compare_milvus(
+    stack: LocalStack,
+    users: Sequence[str],
+    rounds: int,
+    max_requests: int,
+    max_seconds: float,
+    deadline_s: float,
+) -> dict[str, Any]:
+    """Per configuration of :data:`MILVUS_CONFIGS`, at concurrency 1: the Milvus time per
+    ``Recommend`` (p50, p99 of the gateway's histogram), the profile and retrieval stages and
+    the end-to-end latency of each round, with the load average around it."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MILVUS_CONFIGS}
+    saved = {key: os.environ.get(key) for cfg in MILVUS_CONFIGS.values() for key in cfg}
+    try:
+        for r in range(rounds):
+            names = list(MILVUS_CONFIGS) if r % 2 == 0 else list(reversed(MILVUS_CONFIGS))
+            for name in names:
+                os.environ.update(MILVUS_CONFIGS[name])  # the gateway inherits it
+                stack.restart_gateway()
+                gateway.run_load(stack, users, 1, 20, 60.0, deadline_s)  # warm-up
+                before = metrics.scrape(stack.ports.gateway_metrics)
+                load = load_average()
+                result = gateway.run_load(stack, users, 1, max_requests, max_seconds, deadline_s)
+                delta = metrics.delta(before, metrics.scrape(stack.ports.gateway_metrics))
+                s = result.summary()
+                s["milvus_ms"] = _milvus_quantiles(delta, "all")
+                s["milvus_calls_ms"] = {
+                    call: _milvus_quantiles(delta, call) for call in MILVUS_CALLS
+                }
+                s["load_average"] = [load, load_average()]
+                runs[name].append(s)
+                print(
+                    f"  {name:>14} milvus p50 {s['milvus_ms']['p50']:6.1f} ms "
+                    f"p99 {s['milvus_ms']['p99']:6.1f} ms | Recommend p50 "
+                    f"{s['latency_ms']['p50']:6.1f} ms p99 {s['latency_ms']['p99']:6.1f} ms "
+                    f"codes {s['codes']} degraded {s['degraded']} load {load[0]:.1f} | p50 per "
+                    + ", ".join(f"{c} {q['p50']:.1f}" for c, q in s["milvus_calls_ms"].items()),
+                    flush=True,
+                )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stack.restart_gateway()
+    return {"configs": MILVUS_CONFIGS, "runs": runs, "table": milvus_table(runs)}
+
+
+def _milvus_quantiles(delta: metrics.Samples, call: str) -> dict[str, float]:
+    q = metrics.histogram_quantiles(delta, "recsys_milvus_seconds", {"call": call})
+    return {k: v * 1000 if k != "count" else v for k, v in q.items()}
+
+
+def milvus_table(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per configuration: each round's figures, and the ratio of the medians of the
+    Milvus p50 to the baseline's."""
+    rows = []
+    for name, summaries in runs.items():
+        rows.append(
+            {
+                "config": name,
+                "ranked": sum(s["ranked"] for s in summaries),
+                "requests": sum(s["requests"] for s in summaries),
+                "milvus_p50_ms": [s["milvus_ms"]["p50"] for s in summaries],
+                "milvus_p99_ms": [s["milvus_ms"]["p99"] for s in summaries],
+                "calls_p50_ms": {
+                    c: [s["milvus_calls_ms"][c]["p50"] for s in summaries] for c in MILVUS_CALLS
+                },
+                "profile_p50_ms": [s["stages_ms"]["profile"]["p50"] for s in summaries],
+                "retrieval_p50_ms": [s["stages_ms"]["retrieval"]["p50"] for s in summaries],
+                "p50_ms": [s["latency_ms"]["p50"] for s in summaries],
+                "p99_ms": [s["latency_ms"]["p99"] for s in summaries],
+                "load_average": [s["load_average"][0][0] for s in summaries],
+            }
+        )
+    base = next(r for r in rows if r["config"] == MILVUS_BASELINE)
+    for row in rows:
+        row["milvus_p50_ratio"] = _median(row["milvus_p50_ms"]) / _median(base["milvus_p50_ms"])
+    return rows
+
+
+def render_milvus(section: dict[str, Any]) -> str:
+    """The Markdown table of :func:`milvus_table`'s rows (each round's figure, in order)."""
+
+    def each(values: list[float]) -> str:
+        return ", ".join(f"{v:.1f}" for v in values)
+
+    lines = [
+        "| gateway | ranked / requests | Milvus p50 ms | Milvus p99 ms | p50 vs no cache | "
+        "p50 ms per call: user / items by id / search | "
+        "profile p50 ms | retrieval p50 ms | Recommend p50 ms | Recommend p99 ms | load avg |",
+        "|---|---:|---|---|---:|---|---|---|---|---|---|",
+    ]
+    for r in section["table"]:
+        lines.append(
+            f"| {r['config']} | {r['ranked']} / {r['requests']} | {each(r['milvus_p50_ms'])} | "
+            f"{each(r['milvus_p99_ms'])} | {r['milvus_p50_ratio']:.2f}x | "
+            f"{' / '.join(each(r['calls_p50_ms'][c]) for c in MILVUS_CALLS[:3])} | "
+            f"{each(r['profile_p50_ms'])} | {each(r['retrieval_p50_ms'])} | "
+            f"{each(r['p50_ms'])} | {each(r['p99_ms'])} | {each(r['load_average'])} |"
+        )
+    return "\n".join(lines)
 
 
 def _median(values: list[float]) -> float:
@@ -136,13 +258,20 @@ def main(argv: list[str] | None = None) -> int:
         "default RECSYS_MILVUS_SERVER, else lite",
     )
     parser.add_argument(
+        "--compare",
+        choices=("pipelines", "milvus"),
+        default="pipelines",
+        help="the two pipelines (default), or the Milvus time with and without the item cache",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         help="default reports/bench_pipelines.json, or bench_pipelines_engine.json on the engine",
     )
     args = parser.parse_args(argv)
     suffix = "_engine" if args.milvus == "engine" else ""
-    args.json = args.json or REPO_ROOT / "reports" / f"bench_pipelines{suffix}.json"
+    name = "bench_pipelines" if args.compare == "pipelines" else "bench_milvus_time"
+    args.json = args.json or REPO_ROOT / "reports" / f"{name}{suffix}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     models = bench_stack.resolve_models(args.checkpoint, args.cache_dir)
@@ -151,12 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     state = args.cache_dir / f"pipelines-{os.getpid()}"
     with bench_stack.running_stack(repository, data_dir, state, milvus=args.milvus) as running:
         users = gateway.known_users(running.settings, 200)
-        section = compare(running, users, ((1, 200, 30.0), (16, 1000, 30.0)), args.rounds, 180.0)
+        if args.compare == "milvus":
+            section = compare_milvus(running, users, args.rounds, 200, 30.0, 180.0)
+        else:
+            levels = ((1, 200, 30.0), (16, 1000, 30.0))
+            section = compare(running, users, levels, args.rounds, 180.0)
     section["models"] = models.source
     section["milvus"] = args.milvus
+    section["items"] = args.items
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(section, indent=2, default=str) + "\n")
-    print(render(section))
+    print(render_milvus(section) if args.compare == "milvus" else render(section))
     return 0
 
 

@@ -248,6 +248,14 @@ class EventLog:
     async def applied_seq(self, user_id: str) -> int:
         return await self._user_seq(self.settings.applied_bucket, user_id)
 
+    async def visible_version(self, user_id: str) -> int:
+        """The ``version`` the user's Milvus row has at least, now that the workers applied
+        its events (0: no row expected: none applied, or deleted since)."""
+        applied, tombstone = await asyncio.gather(
+            self.applied_seq(user_id), self.tombstone_seq(user_id)
+        )
+        return applied if applied > tombstone else 0
+
     async def _user_seq(self, bucket: str, user_id: str) -> int:
         """The log sequence ``bucket`` holds for the user (applied, tombstoned); 0: none."""
         kv = await self.bucket(bucket)

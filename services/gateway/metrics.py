@@ -26,6 +26,13 @@ STAGE_LATENCY = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
+MILVUS_SECONDS = Histogram(
+    "recsys_milvus_seconds",
+    "Milvus time per Recommend: the summed wall time of its vector-store calls, in total "
+    "(call=all) and per store method",
+    ["call"],
+    buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1, 5),
+)
 CANDIDATES = Histogram(
     "recsys_candidates", "Candidates after retrieval fusion", buckets=(0, 5, 10, 25, 50, 100, 200)
 )
@@ -39,8 +46,15 @@ def start_metrics_server(port: int, host: str) -> None:
 
 
 def observe_stage(stage: str, seconds: float) -> None:
-    """One ``Recommend`` stage's latency, called by the stage as it ends."""
-    STAGE_LATENCY.labels(stage).observe(seconds)
+    """One ``Recommend`` stage's latency, called by the stage as it ends; ``milvus`` (the
+    request's time in Milvus calls, across stages) and ``milvus.<method>`` (its share per
+    store method) go to their own, finer histogram."""
+    if stage == "milvus":
+        MILVUS_SECONDS.labels("all").observe(seconds)
+    elif stage.startswith("milvus."):
+        MILVUS_SECONDS.labels(stage.removeprefix("milvus.")).observe(seconds)
+    else:
+        STAGE_LATENCY.labels(stage).observe(seconds)
 
 
 def record_recommendation(candidates: int, degraded: list[str]) -> None:

@@ -11,12 +11,21 @@ waits for the next time tick (~200 ms at the default ``proxy.timeTickInterval``)
 gateway cannot pay several times per ``Recommend``. Item and segment reads use
 ``RECSYS_MILVUS_ITEM_CONSISTENCY``, user-profile reads ``RECSYS_MILVUS_USER_CONSISTENCY``,
 both Session by default: pymilvus keeps the last write timestamp of each collection per
-process, so what this gateway ingested or upserted is visible to its next read (which waits
-for a time tick once after each write), and every other read waits for nothing; writes of
-other processes (indexing, segment refits) appear once Milvus has applied them. Bounded
+process, so what this process upserted is visible to its next read (which waits for a time
+tick once after each write), and every other read waits for nothing; writes of other
+processes (indexing, segment refits) appear once Milvus has applied them. User rows are
+written by the profile workers, so a profile read is given the row version they applied
+(from the event log) and reads again at Strong when Session returned an older row. Bounded
 would bound that lag (5 s) but lose the gateway's read-your-writes. The read before an item
 upsert (which keeps the item's popularity and neighbours) is Strong, and the offline scans
 keep the collections' level (Strong). Milvus Lite takes the levels and is always consistent.
+
+Item rows are read through a bounded in-process cache (:mod:`services.vectors.item_cache`,
+``RECSYS_MILVUS_ITEM_CACHE_SIZE``, ``RECSYS_MILVUS_ITEM_CACHE_TTL_S``): returning vectors was
+most of what a ``Recommend`` paid Milvus for, so the ANN search returns ids only and item
+reads by id ask Milvus only for the ids the cache lacks. This process's item upserts
+invalidate their rows; other writers' reach it within the TTL. The read methods a request
+makes are :func:`~services.vectors.timing.timed`: their wall time is the request's Milvus time.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ from core.milvus_schema import (
     index_params,
 )
 from core.rows import ItemRow, SegmentRow, UserRow
+from services.vectors.item_cache import ItemCache
+from services.vectors.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +85,9 @@ class VectorStore:
         self._lock = threading.Lock()
         self._schema_checked = False
         self._version: str | None = None  # the server's, asked once
+        self.item_cache = ItemCache(
+            settings.milvus_item_cache_size, settings.milvus_item_cache_ttl_s
+        )
 
     # --- connection --------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -217,9 +231,13 @@ class VectorStore:
     def upsert_items(self, rows: Sequence[ItemRow], timeout: float = 30.0) -> int:
         if not rows:
             return 0
-        result = self._call("upsert", self.items.name, list(rows), timeout=timeout)
+        try:
+            result = self._call("upsert", self.items.name, list(rows), timeout=timeout)
+        finally:  # even a failed upsert may have landed
+            self.item_cache.invalidate(r["item_id"] for r in rows)
         return int(result["upsert_count"])
 
+    @timed
     def get_items(
         self,
         item_ids: Iterable[str],
@@ -229,10 +247,14 @@ class VectorStore:
         consistency: str | None = None,
     ) -> dict[str, Row]:
         """Items by id at the item read level, or ``consistency`` (Strong before rewriting
-        the rows read: an upsert must not carry stale behaviour signals over)."""
+        the rows read: an upsert must not carry stale behaviour signals over). At the item
+        read level the rows come from the item cache, and only the ids it lacks from Milvus
+        (with every field, so the next caller finds what it needs)."""
         ids = list(dict.fromkeys(item_ids))
         if not ids:
             return {}
+        if consistency is None and self.item_cache.enabled:
+            return self._cached_items(ids, timeout, with_vectors, with_neighbours)
         fields = ITEM_FIELDS + (["vector"] if with_vectors else [])
         fields += ["co_items"] if with_neighbours else []
         rows = self._call(
@@ -245,6 +267,27 @@ class VectorStore:
         )
         return {r["item_id"]: _plain(r) for r in rows}
 
+    def _cached_items(
+        self, ids: list[str], timeout: float, with_vectors: bool, with_neighbours: bool
+    ) -> dict[str, Row]:
+        found, missing = self.item_cache.get(ids)
+        if missing:
+            epoch = self.item_cache.epoch()
+            rows = self._call(
+                "query",
+                self.items.name,
+                filter=f"item_id in {literal(missing)}",
+                output_fields=[*ITEM_FIELDS, "vector", "co_items"],
+                consistency_level=self.settings.milvus_item_consistency,
+                timeout=timeout,
+            )
+            read = {r["item_id"]: _plain(r) for r in rows}
+            self.item_cache.put({i: read.get(i) for i in missing}, epoch)  # absent ids too
+            found.update(read)
+        drop = {*([] if with_vectors else ["vector"]), *([] if with_neighbours else ["co_items"])}
+        return {i: {k: v for k, v in found[i].items() if k not in drop} for i in ids if i in found}
+
+    @timed
     def search_items(
         self,
         vector: np.ndarray,
@@ -254,7 +297,8 @@ class VectorStore:
         exclude_ids: Sequence[str] = (),
         with_vectors: bool = False,
     ) -> list[Row]:
-        """Nearest items by inner product, with category and exclusion filters."""
+        """Nearest items by inner product, with category and exclusion filters. With the item
+        cache on, the search returns ids only and the rows come from :meth:`get_items`."""
         clauses = []
         if categories:
             clauses.append(f"ARRAY_CONTAINS_ANY(categories, {literal(list(categories))})")
@@ -263,18 +307,63 @@ class VectorStore:
         params = dict(self.settings.search_params)
         if "ef" in params:  # HNSW: a Milvus server refuses ef < limit (Milvus Lite does not)
             params["ef"] = max(int(params["ef"]), limit)
+        cached = self.item_cache.enabled
+        fields = ["item_id"] if cached else ITEM_FIELDS + (["vector"] if with_vectors else [])
+        start = time.monotonic()
         hits = self._call(
             "search",
             self.items.name,
             data=[np.asarray(vector, dtype=np.float32).tolist()],
             limit=limit,
             filter=" and ".join(clauses),
-            output_fields=ITEM_FIELDS + (["vector"] if with_vectors else []),
+            output_fields=fields,
             search_params={"metric_type": "IP", "params": params},
             consistency_level=self.settings.milvus_item_consistency,
             timeout=timeout,
         )
-        return [{**_plain(h["entity"]), "score": float(h["distance"])} for h in hits[0]]
+        if not cached:
+            return [{**_plain(h["entity"]), "score": float(h["distance"])} for h in hits[0]]
+        ids = [h["entity"]["item_id"] for h in hits[0]]
+        left = max(timeout - (time.monotonic() - start), 0.001)
+        rows = self.get_items(ids, left, with_vectors=with_vectors)
+        scores = [float(h["distance"]) for h in hits[0]]
+        return [{**rows[i], "score": s} for i, s in zip(ids, scores, strict=True) if i in rows]
+
+    def list_items(self, after: str, limit: int, timeout: float) -> list[Row]:
+        """Up to ``limit`` items whose id sorts after ``after``, in id order (a page): the
+        first page of a query iterator, which reads in primary-key order (a plain query with
+        a limit returns any ``limit`` matches, not the first ones)."""
+        iterator = self._call(
+            "query_iterator",
+            self.items.name,
+            batch_size=limit,
+            limit=limit,
+            filter=f"item_id > {literal(after)}",
+            output_fields=ITEM_FIELDS,
+            timeout=timeout,
+        )
+        try:
+            page = iterator.next()
+        except Exception as exc:  # pymilvus raises several types
+            raise StoreUnavailable(f"Milvus query_iterator: {exc}") from exc
+        finally:
+            iterator.close()
+        return sorted((_plain(r) for r in page), key=lambda r: r["item_id"])
+
+    def delete_item(self, item_id: str, timeout: float) -> bool:
+        """Delete an item's row (and its cached copy); True when it existed. A Strong read
+        after the delete, as in :meth:`delete_user`, makes the next read miss it."""
+        expr = f"item_id == {literal(item_id)}"
+        strong = {"output_fields": ["item_id"], "consistency_level": "Strong", "timeout": timeout}
+        try:
+            existed = bool(self._call("query", self.items.name, filter=expr, **strong))
+            self._call("delete", self.items.name, filter=expr, timeout=timeout)
+            left = self._call("query", self.items.name, filter=expr, **strong)
+        finally:
+            self.item_cache.invalidate([item_id])
+        if left:
+            raise StoreUnavailable("Milvus delete: the item's row is still there")
+        return existed
 
     def all_items(self, fields: Sequence[str] = tuple(ITEM_FIELDS)) -> list[Row]:
         """Every item (for popularity caches and offline jobs)."""
@@ -304,10 +393,21 @@ class VectorStore:
         result = self._call("upsert", self.users.name, list(rows), timeout=timeout)
         return int(result["upsert_count"])
 
-    def get_user(self, user_id: str, timeout: float, with_vector: bool = True) -> Row | None:
+    @timed
+    def get_user(
+        self, user_id: str, timeout: float, with_vector: bool = True, min_version: int = 0
+    ) -> Row | None:
+        """The user's row. ``min_version``: the row the profile workers are known to have
+        written (:meth:`services.events.log.EventLog.visible_version`); a Session or Bounded
+        read does not wait for another process's writes, so a row older than that (or none)
+        is read again at Strong, which costs a time tick only right after an ingest."""
         fields = USER_FIELDS + (["vector"] if with_vector else [])
         level = self.settings.milvus_user_consistency
-        return self._get_one(self.users, user_id, fields, timeout, level)
+        row = self._get_one(self.users, user_id, fields, timeout, level)
+        stale = row is None or int(row.get("version") or 0) < min_version
+        if min_version and stale and level != "Strong":
+            row = self._get_one(self.users, user_id, fields, timeout, "Strong")
+        return row
 
     def delete_user(self, user_id: str, timeout: float) -> bool:
         """Delete the user's row; the next read of this process no longer finds it.
@@ -378,6 +478,7 @@ class VectorStore:
         match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", self._server_version(timeout))
         return not match or tuple(map(int, match.groups())) >= (2, 6, 2)
 
+    @timed
     def nearest_segment(self, vector: np.ndarray, timeout: float) -> Row | None:
         """The segment whose centroid is closest to ``vector`` (online assignment)."""
         hits = self._call(
@@ -391,6 +492,7 @@ class VectorStore:
         )
         return _plain(hits[0][0]["entity"]) if hits and hits[0] else None
 
+    @timed
     def get_segment(self, segment_id: str, timeout: float) -> Row | None:
         level = self.settings.milvus_item_consistency
         return self._get_one(self.segments, segment_id, SEGMENT_FIELDS, timeout, level)

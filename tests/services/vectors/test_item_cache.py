@@ -1,0 +1,189 @@
+"""The item cache (LRU, TTL, invalidation) and how the store reads through it, and the
+per-request Milvus clock (no Milvus: a fake client serves rows and records the calls)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from core.config import Settings
+from services.vectors.item_cache import ItemCache
+from services.vectors.store import VectorStore
+from services.vectors.timing import milvus_clock, timed
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lru_evicts_the_least_recently_used_row() -> None:
+    cache = ItemCache(2, 60.0)
+    cache.put({"a": {"item_id": "a"}, "b": {"item_id": "b"}}, cache.epoch())
+    assert set(cache.get(["a"])[0]) == {"a"}  # a is now the most recent
+    cache.put({"c": {"item_id": "c"}}, cache.epoch())
+    found, missing = cache.get(["a", "b", "c"])
+    assert set(found) == {"a", "c"} and missing == ["b"]
+
+
+def test_rows_expire_after_the_ttl() -> None:
+    clock = Clock()
+    cache = ItemCache(10, 5.0, clock)
+    cache.put({"a": {"item_id": "a"}}, cache.epoch())
+    clock.now = 5.0
+    assert cache.get(["a"])[1] == []
+    clock.now = 5.1
+    assert cache.get(["a"])[1] == ["a"]
+
+
+def test_a_read_in_flight_across_an_invalidation_is_not_kept() -> None:
+    cache = ItemCache(10, 60.0)
+    epoch = cache.epoch()  # a read starts
+    cache.invalidate(["a"])  # this process upserts a meanwhile
+    cache.put({"a": {"item_id": "a", "title": "old"}}, epoch)  # the read ends with the old row
+    assert cache.get(["a"])[1] == ["a"]
+    cache.put({"a": {"item_id": "a", "title": "new"}}, cache.epoch())
+    assert cache.get(["a"])[0]["a"]["title"] == "new"
+
+
+def test_size_zero_keeps_nothing() -> None:
+    cache = ItemCache(0, 60.0)
+    cache.put({"a": {"item_id": "a"}}, cache.epoch())
+    assert not cache.enabled and len(cache) == 0
+
+
+class ItemsClient:
+    """Serves ``n`` items; records every call's method, filter ids and output fields."""
+
+    def __init__(self, n: int = 5) -> None:
+        self.rows = {
+            f"i{i}": {
+                "item_id": f"i{i}",
+                "title": f"t{i}",
+                "categories": ["Drama"],
+                "text": "",
+                "popularity": float(i),
+                "created_at": 0,
+                "co_items": [f"i{(i + 1) % n}"],
+                "vector": [float(i)] * 8,
+            }
+            for i in range(n)
+        }
+        self.calls: list[tuple[str, list[str], list[str], Any]] = []
+
+    def query(self, collection: str, **kw: Any) -> list[dict[str, Any]]:
+        ids = re.findall(r'"(i\d+)"', kw["filter"])
+        self.calls.append(("query", ids, kw["output_fields"], kw.get("consistency_level")))
+        fields = kw["output_fields"]
+        return [{f: self.rows[i][f] for f in fields} for i in ids if i in self.rows]
+
+    def search(self, collection: str, **kw: Any) -> list[list[dict[str, Any]]]:
+        self.calls.append(("search", [], kw["output_fields"], kw.get("consistency_level")))
+        hits = ["i3", "i1", "i4"][: kw["limit"]]
+        fields = kw["output_fields"]
+        return [[{"distance": 1.0 - n / 10, "entity": {f: self.rows[i][f] for f in fields}}
+                 for n, i in enumerate(hits)]]  # fmt: skip
+
+    def upsert(self, collection: str, rows: list[dict[str, Any]], **kw: Any) -> dict[str, int]:
+        self.calls.append(("upsert", [r["item_id"] for r in rows], [], None))
+        for row in rows:
+            self.rows[row["item_id"]] = row
+        return {"upsert_count": len(rows)}
+
+
+def _store(client: ItemsClient, **settings: Any) -> VectorStore:
+    store = VectorStore(Settings(embedding_dim=8, **settings))
+    store._client = client  # type: ignore[assignment]
+    return store
+
+
+def test_item_reads_go_to_milvus_only_for_ids_the_cache_lacks() -> None:
+    client = ItemsClient()
+    store = _store(client)
+    first = store.get_items(["i1", "i2"], 1.0)
+    assert set(first["i1"]) == {"item_id", "title", "categories", "text", "popularity",
+                                "created_at"}  # fmt: skip
+    # the miss is read with every field, so a later caller wanting vectors finds them
+    assert client.calls[-1][1:3] == (["i1", "i2"], [*first["i1"], "vector", "co_items"])
+    client.calls.clear()
+    got = store.get_items(["i2", "i3"], 1.0, with_vectors=True, with_neighbours=True)
+    assert [c[1] for c in client.calls] == [["i3"]]
+    np.testing.assert_array_equal(got["i2"]["vector"], np.full(8, 2.0, dtype=np.float32))
+    assert got["i3"]["co_items"] == ["i4"]
+
+
+def test_an_id_milvus_lacks_is_not_asked_for_again_until_written_or_expired() -> None:
+    client = ItemsClient()
+    store = _store(client)
+    assert set(store.get_items(["i1", "i9"], 1.0)) == {"i1"}
+    assert set(store.get_items(["i1", "i9"], 1.0)) == {"i1"}
+    assert [c[1] for c in client.calls] == [["i1", "i9"]]
+    row = {**client.rows["i1"], "item_id": "i9"}
+    store.upsert_items([row])  # type: ignore[list-item]
+    assert set(store.get_items(["i9"], 1.0)) == {"i9"}
+
+
+def test_a_strong_read_bypasses_the_cache_and_an_upsert_invalidates_it() -> None:
+    client = ItemsClient()
+    store = _store(client)
+    store.get_items(["i1"], 1.0)
+    client.calls.clear()
+    store.get_items(["i1"], 1.0, consistency="Strong")
+    assert client.calls[-1][3] == "Strong"
+    row = {**client.rows["i1"], "title": "renamed"}
+    store.upsert_items([row])  # type: ignore[list-item]
+    assert store.get_items(["i1"], 1.0)["i1"]["title"] == "renamed"
+
+
+def test_the_ann_returns_ids_and_its_rows_come_from_the_cache() -> None:
+    client = ItemsClient()
+    store = _store(client)
+    store.get_items(["i1", "i3", "i4"], 1.0)
+    client.calls.clear()
+    hits = store.search_items(np.ones(8), 3, 1.0, with_vectors=True)
+    assert [c[0] for c in client.calls] == ["search"]
+    assert client.calls[0][2] == ["item_id"]
+    assert [h["item_id"] for h in hits] == ["i3", "i1", "i4"]
+    assert [h["score"] for h in hits] == [1.0, 0.9, 0.8] and "vector" in hits[0]
+
+
+def test_without_the_cache_every_read_goes_to_milvus() -> None:
+    client = ItemsClient()
+    store = _store(client, milvus_item_cache_size=0)
+    store.get_items(["i1"], 1.0)
+    store.get_items(["i1"], 1.0)
+    hits = store.search_items(np.ones(8), 2, 1.0, with_vectors=True)
+    assert [c[0] for c in client.calls] == ["query", "query", "search"]
+    assert "vector" in client.calls[-1][2] and "vector" in hits[0]
+
+
+def test_the_milvus_clock_sums_timed_calls_once_per_request_thread() -> None:
+    @timed
+    def call(seconds: float, inner: bool = False) -> None:
+        time.sleep(seconds)
+        if inner:
+            call(seconds)  # counted with the outer call, not twice
+
+    other: list[float] = []
+
+    def elsewhere() -> None:
+        with milvus_clock() as spent:
+            call(0.05)  # another thread's request: its own clock
+            other.append(spent.seconds)
+
+    with milvus_clock() as spent:
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        call(0.1, inner=True)  # 0.2 s of wall time; counted twice it would be 0.3
+        thread.join()
+        assert 0.2 <= spent.seconds < 0.29
+        assert spent.by_method.keys() == {"call"}
+    call(0.001)  # no clock open: nothing to count, no error
+    assert 0.05 <= other[0] < 0.2
