@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     default_k: int = Field(10, ge=1, description="Page size when the request leaves k at 0.")
     max_events_per_call: int = Field(1000, ge=1, description="Events one IngestEvents may carry.")
     max_items_per_call: int = Field(500, ge=1, description="Items one UpsertItems may carry.")
+    max_events_per_stream: int = Field(
+        100_000,
+        ge=1,
+        description="Events one StreamIngestEvents may carry; the message past it is refused "
+        "(INVALID_ARGUMENT, STREAM_TOO_LONG) and the events before it stay stored.",
+    )
+    stream_idle_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a StreamIngestEvents waits for the client's next message "
+        "(DEADLINE_EXCEEDED, STREAM_IDLE); it holds no concurrency slot while it waits.",
+    )
     popular_cache_size: int = Field(500, ge=1, description="Popular items kept for cold start.")
     popular_refresh_s: float = Field(60.0, gt=0, description="Popularity cache refresh period.")
     segments: int = Field(8, ge=1, description="User segments fitted by k-means.")
@@ -316,6 +328,52 @@ class Settings(BaseSettings):
     )
     applied_bucket: str = Field(
         "recsys_applied", description="Key-value bucket: each user's applied event sequence."
+    )
+    sessions_bucket: str = Field(
+        "recsys_sessions",
+        description="Key-value bucket of anonymous sessions' recent items (no user row).",
+    )
+    session_ttl_s: float = Field(
+        1800.0,
+        gt=0,
+        description="An anonymous session's items expire this long after its last event.",
+    )
+    worker_reencode_apart: bool = Field(
+        True,
+        description=(
+            "Profile worker: write history at once and re-encode the user vector in a lane "
+            "of its own (False: re-encode inside every apply, the slower former behaviour)."
+        ),
+    )
+    worker_reencode_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description=(
+            "Most of its time a profile worker's re-encode lane spends on Triton (BERT takes "
+            "every core it gets; the rest is left to applying events)."
+        ),
+    )
+    aggregates_bucket: str = Field(
+        "recsys_aggregates",
+        description="Key-value bucket of the online popularity and co-occurrence (workers write).",
+    )
+    aggregates_half_life_s: float = Field(
+        365 * 86400.0,
+        gt=0,
+        description="Half-life of the online aggregates (the offline popularity's, 365 days).",
+    )
+    aggregates_flush_s: float = Field(
+        1.0, gt=0, description="How often a profile worker merges its aggregate increments."
+    )
+    aggregates_refresh_s: float = Field(
+        5.0, gt=0, description="How often a gateway re-reads the online aggregates."
+    )
+    aggregates_top_items: int = Field(
+        2000, ge=1, description="Items kept in each online aggregate (the strongest)."
+    )
+    aggregates_co_neighbours: int = Field(
+        20, ge=1, description="Online co-occurrence neighbours kept per item."
     )
     stream_replicas: int = Field(
         1, ge=1, le=5, description="Replicas of every stream and bucket (3 in production)."

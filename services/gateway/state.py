@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2
 
 from core.config import Settings
 from services.events import aggregates
-from services.events.log import BlockingEventLog
+from services.events.log import BlockingEventLog, EventLogUnavailable
 from services.experiments.runtime import ExperimentService
 from services.gateway.metrics import observe_stage
 from services.inference.triton_client import InferenceUnavailable, TritonClient
@@ -28,6 +28,7 @@ from services.vectors.store import StoreSchemaError, StoreUnavailable, VectorSto
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "recsys.v1.RecommenderService"
+APPLIED_WAIT_S = 0.2  # a key-value read on NATS (~1 ms); slower: read as configured
 
 
 class GatewayState:
@@ -53,6 +54,7 @@ class GatewayState:
             self.popular,
             lambda: self.rankers,
             on_stage=observe_stage,
+            applied_version=self.applied_version,
         )
         self.health = health.HealthServicer()
         self.model_version = ""
@@ -66,6 +68,17 @@ class GatewayState:
         # Liveness is about this process only: a Triton or Milvus outage must not make
         # Kubernetes restart every gateway, so probes ask for this service name.
         self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+
+    def applied_version(self, user_id: str, timeout: float) -> int:
+        """The user row's version the profile workers applied (0 when the log cannot say:
+        the profile read then keeps its configured consistency)."""
+        try:
+            return self.events.call(
+                lambda events: events.visible_version(user_id), min(timeout, APPLIED_WAIT_S)
+            )
+        except EventLogUnavailable as exc:
+            log.debug("applied version of a user unknown: %s", exc)
+            return 0
 
     def _set_health(self, serving: bool) -> None:
         status = (

@@ -33,15 +33,60 @@ def no_metrics(stage: str, seconds: float) -> None:
 
 @dataclass(frozen=True)
 class Filters:
-    """The request's category filter and excluded ids."""
+    """The request's category filter, excluded ids and attribute conditions (categories to
+    leave out, a minimum creation time in epoch seconds; 0 = none)."""
 
     categories: tuple[str, ...] = ()
     exclude: frozenset[str] = frozenset()
+    exclude_categories: frozenset[str] = frozenset()
+    min_created_at: int = 0
 
     def admits(self, row: Row) -> bool:
         if row["item_id"] in self.exclude:
             return False
+        if self.exclude_categories & set(row["categories"]):
+            return False
+        if self.min_created_at and int(row.get("created_at") or 0) < self.min_created_at:
+            return False
         return not self.categories or bool(set(self.categories) & set(row["categories"]))
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The request's repeat policy (items seen before that may come back: all, or those in
+    ``allow_seen_categories``) and business rules (boosted, buried and pinned item ids)."""
+
+    allow_seen: bool = False
+    allow_seen_categories: frozenset[str] = frozenset()
+    boost: frozenset[str] = frozenset()
+    bury: frozenset[str] = frozenset()
+    pin: tuple[str, ...] = ()
+
+    @property
+    def repeats(self) -> bool:
+        """True when some seen item may come back (retrieval then keeps seen items and the
+        rules stage decides, per item, with :meth:`may_repeat`)."""
+        return self.allow_seen or bool(self.allow_seen_categories)
+
+    def may_repeat(self, row: Row) -> bool:
+        return self.allow_seen or bool(self.allow_seen_categories & set(row["categories"]))
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Where, on what and for which visitor the items will be shown (``RequestContext``):
+    ``current_item_id`` anchors the candidates on that item; a ``session_id`` (with no user
+    id) is an anonymous visitor whose history is ``session_items``, newest first."""
+
+    surface: str = ""
+    device: str = ""
+    current_item_id: str = ""
+    session_id: str = ""
+    session_items: tuple[str, ...] = ()
+
+    @property
+    def anonymous(self) -> bool:
+        return bool(self.session_id)
 
 
 @dataclass
@@ -86,6 +131,9 @@ class Context:
     diversity: float | None = None  # the request's MMR λ, over the variant's and the default
     variant: Variant = field(default_factory=Variant)
     on_stage: StageObserver = no_metrics
+    request: RequestContext = field(default_factory=RequestContext)
+    rules: Rules = field(default_factory=Rules)
+    anchor: Row | None = None  # the current item's row ("more like this"), set by retrieval
     degraded: list[str] = field(default_factory=list)  # reasons, in the order they happened
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     # profile
@@ -113,6 +161,8 @@ class Context:
         diversity: float | None = None,
         variant: Variant | None = None,
         on_stage: StageObserver = no_metrics,
+        request: RequestContext | None = None,
+        rules: Rules | None = None,
     ) -> Context:
         """A context whose dependency calls keep ``RESERVE`` of ``deadline`` for answering."""
         return cls(
@@ -124,7 +174,17 @@ class Context:
             diversity=diversity,
             variant=variant or Variant(),
             on_stage=on_stage,
+            request=request or RequestContext(),
+            rules=rules or Rules(),
         )
+
+    def seen_ids(self) -> set[str]:
+        """Everything the user interacted with: never recommended, unless the repeat policy
+        lets some of it come back (then empty here, and the rules stage filters per item)."""
+        if self.rules.repeats:
+            return set()
+        seen = self.profile["seen_items"] if self.profile else ()
+        return {*self.history_ids, *seen}
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

@@ -17,18 +17,23 @@ from services.vectors.store import Row
 NEW_ITEM_AGE_S = 90 * 24 * 3600
 
 
-def reason(cand: Candidate, history: Sequence[Row]) -> str:
+def reason(cand: Candidate, history: Sequence[Row], anchor: Row | None = None) -> str:
     """New items first (no popularity yet), then the best source's own wording, a personal
-    source's before global popularity's."""
+    source's before global popularity's; on a "more like this" page the ANN's items are
+    explained by the item on screen (``anchor``)."""
     row = cand.row
     created = int(row.get("created_at") or 0)
     if not row.get("popularity") and created and time.time() - created < NEW_ITEM_AGE_S:
         category = row["categories"][0] if row["categories"] else "the catalogue"
         return f"new in {category}"
     source = cand.best_source
+    if source == "pinned":
+        return "featured"
     if source == "popular":
         personal = [s for s in ("co_occurrence", "ann") if s in cand.ranks]
         source = min(personal, key=lambda s: cand.ranks[s]) if personal else source
+    if source == "ann" and anchor is not None:
+        return f"similar to {anchor['title']}"
     if source == "ann" and history and "vector" in row:
         sims = np.stack([h["vector"] for h in history]) @ np.asarray(row["vector"])
         return f"similar to {history[int(np.argmax(sims))]['title']} you liked"
@@ -45,4 +50,4 @@ class Explain(Stage):
     name = "explain"
 
     def run(self, ctx: Context) -> None:
-        ctx.reasons = [reason(c, ctx.history) for c in ctx.items]
+        ctx.reasons = [reason(c, ctx.history, ctx.anchor) for c in ctx.items]

@@ -11,17 +11,27 @@ retrieval order; either way the answer says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from core.config import Settings
 from services.deadline import Deadline
 from services.experiments.assignment import Variant
 from services.inference.triton_client import TritonClient
-from services.recommend.context import Context, Filters, Recommendation, StageObserver, no_metrics
+from services.recommend.anchor import Anchor
+from services.recommend.context import (
+    Candidate,
+    Context,
+    Filters,
+    Recommendation,
+    RequestContext,
+    Rules,
+    StageObserver,
+    no_metrics,
+)
 from services.recommend.diversify import Diversify
 from services.recommend.explain import Explain
 from services.recommend.profile import LoadProfile
-from services.recommend.rank import Rank, Rankers
+from services.recommend.rank import Rank, Rankers, Supplied
 from services.recommend.retrieve import (
     PopularItems,
     PopularOnly,
@@ -29,7 +39,13 @@ from services.recommend.retrieve import (
     Retriever,
     SequenceSource,
 )
+from services.recommend.rules import ApplyRules
 from services.vectors.store import StoreUnavailable, VectorStore
+from services.vectors.timing import milvus_clock
+
+#: Not a stage: the wall time of a request's Milvus calls, observed once it is answered, in
+#: total and per store method (``milvus.get_user``, ...).
+MILVUS = "milvus"
 
 
 class Pipeline:
@@ -43,15 +59,20 @@ class Pipeline:
         popular: PopularItems,
         rankers: Callable[[], Rankers],
         on_stage: StageObserver = no_metrics,
+        applied_version: Callable[[str, float], int] | None = None,
     ) -> None:
         retriever = Retriever(store, popular, settings.popular_refresh_s)
-        self.profile = LoadProfile(settings, store)
+        self.profile = LoadProfile(settings, store, applied_version)
         self.popular_only = PopularOnly(retriever)
         sequence = SequenceSource(triton, lambda: rankers().sequence.ready)
         self.retrieve = Retrieve(settings, store, retriever, sequence)
+        self.anchor = Anchor(settings, store, retriever)
+        self.rules = ApplyRules(store)
         self.rank = Rank(settings, triton, rankers, popular)
         self.diversify = Diversify(settings, popular)
         self.explain = Explain()
+        self.supplied = Supplied(settings, sequence)
+        self.store = store
         self.on_stage = on_stage
 
     def recommend(
@@ -62,17 +83,60 @@ class Pipeline:
         deadline: Deadline,
         diversity: float | None = None,
         variant: Variant | None = None,
+        request: RequestContext | None = None,
+        rules: Rules | None = None,
     ) -> Recommendation:
-        """The answer within ``deadline``; the request's ``diversity`` beats the variant's λ."""
-        ctx = Context.begin(user_id, k, filters, deadline, diversity, variant, self.on_stage)
+        """The answer within ``deadline``; the request's ``diversity`` beats the variant's λ;
+        ``request`` may anchor the candidates on the current item, or be an anonymous
+        session (then ``user_id`` is empty); ``rules`` are its repeat policy and business
+        rules."""
+        ctx = Context.begin(
+            user_id, k, filters, deadline, diversity, variant, self.on_stage, request, rules
+        )
+        with milvus_clock() as in_milvus:
+            try:
+                self._run(ctx)
+            finally:
+                spent = {MILVUS: in_milvus.seconds}
+                spent.update({f"{MILVUS}.{m}": s for m, s in in_milvus.by_method.items()})
+                for name, seconds in spent.items():
+                    ctx.timings[name] = seconds
+                    self.on_stage(name, seconds)
+        return ctx.answer()
+
+    def _run(self, ctx: Context) -> None:
         try:
             self.profile(ctx)
         except StoreUnavailable as exc:  # no profile, no personal source: cached popularity
             ctx.degraded.append(f"milvus unavailable: {exc}")
             self.popular_only(ctx)
-            return ctx.answer()
-        self.retrieve(ctx)
+            return
+        (self.anchor if ctx.request.current_item_id else self.retrieve)(ctx)
+        self.rules.admit(ctx)
         self.rank(ctx)
+        self.rules.adjust(ctx)
         self.diversify(ctx)
+        self.rules.pin(ctx)
         self.explain(ctx)
-        return ctx.answer()
+
+    def rank_items(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        deadline: Deadline,
+        variant: Variant | None = None,
+    ) -> tuple[Recommendation, list[str]]:
+        """``RankItems``: the client's candidates in the order the ranker of ``recommend``
+        gives them for this user (no diversity re-rank, none left out), and the ids not in
+        the catalogue. Without Milvus there are no candidate rows: StoreUnavailable."""
+        ctx = Context.begin(
+            user_id, len(item_ids), Filters(), deadline, 0.0, variant, self.on_stage
+        )
+        self.profile(ctx)
+        rows = self.store.get_items(item_ids, ctx.deadline.left(), with_vectors=True)
+        ctx.candidates = [Candidate(i, rows[i]) for i in item_ids if i in rows]
+        self.supplied(ctx)
+        self.rank(ctx)
+        ctx.items = sorted(ctx.candidates, key=lambda c: (-c.relevance, c.item_id))
+        self.explain(ctx)
+        return ctx.answer(), [i for i in item_ids if i not in rows]

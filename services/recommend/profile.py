@@ -6,6 +6,8 @@ popularity instead (:class:`~services.recommend.retrieve.PopularOnly`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from core.config import Settings
 from services.recommend.context import Context, Stage
 from services.vectors.store import VectorStore
@@ -17,13 +19,33 @@ class LoadProfile(Stage):
 
     name = "profile"
 
-    def __init__(self, settings: Settings, store: VectorStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: VectorStore,
+        applied_version: Callable[[str, float], int] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
+        # The row version the profile workers have applied (the shared event log): what makes
+        # a Recommend after IngestEvents see those events, through any replica.
+        self.applied_version = applied_version
 
     def run(self, ctx: Context) -> None:
-        profile = self.store.get_user(ctx.user_id, ctx.deadline.left())
-        history_ids = list(profile["recent_items"]) if profile else []
+        # the user-tower vector only when the ANN asks with it (1.5 KB less per read otherwise)
+        with_vector = self.settings.ann_query == "user_tower"
+        if ctx.request.anonymous:  # a session: its own items, never a user row
+            profile, history_ids = None, list(ctx.request.session_items)
+        else:
+            version = (
+                self.applied_version(ctx.user_id, ctx.deadline.left())
+                if self.applied_version
+                else 0
+            )
+            profile = self.store.get_user(
+                ctx.user_id, ctx.deadline.left(), with_vector, min_version=version
+            )
+            history_ids = list(profile["recent_items"]) if profile else []
         window = history_ids[: self.settings.history_window]
         found = self.store.get_items(
             window, ctx.deadline.left(), with_vectors=True, with_neighbours=True

@@ -29,7 +29,8 @@ from core.text import item_text, user_text
 from services.deadline import Deadline
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.recommend.context import RESERVE, Candidate, Context, Stage
-from services.recommend.retrieve import PopularItems
+from services.recommend.retrieve import PopularItems, Retriever, SequenceSource, query_vector
+from services.vectors.store import Row
 
 
 @dataclass
@@ -185,3 +186,39 @@ class Rank(Stage):
             return
         vote(order, probabilities, self.settings.ranker_weight)
         ctx.ranked = True
+
+
+class Supplied(Stage):
+    """``RankItems``' retrieval: the client's candidates (already in ``candidates``), each
+    with the rank every retrieval source gives it among them (content similarity to the
+    history, co-occurrence with it, popularity, the sequence model's top items), fused as
+    ``Recommend`` fuses, so the ranker sees the features it was trained on. Every candidate
+    also ranks in the ``supplied`` list (the client's order, weight 0)."""
+
+    name = "retrieval"
+
+    def __init__(self, settings: Settings, sequence: SequenceSource | None) -> None:
+        self.settings = settings
+        self.sequence = sequence
+        self.history_query = settings.ann_query == "history"
+
+    def run(self, ctx: Context) -> None:
+        rows = [c.row for c in ctx.candidates]
+        by_id = {r["item_id"]: r for r in rows}
+        lists: dict[str, Sequence[Row | tuple[Row, str]]] = {"supplied": rows}
+        history = ctx.history
+        if history and rows:
+            query = query_vector(ctx.profile, history, ctx.cold or self.history_query)
+            sims = np.stack([np.asarray(r["vector"], dtype=np.float32) for r in rows]) @ query
+            lists["ann"] = [rows[i] for i in np.argsort(-sims, kind="stable")]
+            co, seed = co_occurrence_scores([h.get("co_items") or [] for h in history])
+            found = sorted((i for i in by_id if co.get(i)), key=lambda i: -co[i])
+            lists["co_occurrence"] = [(by_id[i], history[seed[i]]["title"]) for i in found]
+        popular = [r for r in rows if float(r.get("popularity") or 0) > 0]
+        popular.sort(key=lambda r: -float(r["popularity"]))
+        lists["popular"] = popular
+        if self.sequence is not None:
+            top = self.sequence(ctx, 3 * self.settings.rank_candidates, ())
+            lists["sequence"] = [by_id[i] for i in top if i in by_id]
+        weights = {**(ctx.variant.retrieval_mix or self.settings.retrieval_weights), "supplied": 0}
+        ctx.candidates = Retriever.fuse(lists, weights, len(rows))

@@ -297,10 +297,9 @@ class Retrieve(Stage):
         profile, history, filters = ctx.profile, ctx.history, ctx.filters
         # Milvus filters the ANN search by the recent history (a short expression); every
         # source is then filtered in memory by everything the user has interacted with.
-        seen = Filters(filters.categories, filters.exclude | set(ctx.history_ids))
-        seen_all = Filters(
-            filters.categories, seen.exclude | set(profile["seen_items"] if profile else ())
-        )
+        recent = set() if ctx.rules.repeats else set(ctx.history_ids)  # repeat policy
+        seen = Filters(filters.categories, filters.exclude | recent)
+        seen_all = Filters(filters.categories, seen.exclude | ctx.seen_ids())
         lists: dict[str, Sequence[Row | tuple[Row, str]]] = {}
         popular = self.retriever.global_popular(n, seen_all)  # cached rows, no vectors
         try:
@@ -361,7 +360,8 @@ class PopularOnly(Stage):
         self.retriever = retriever
 
     def run(self, ctx: Context) -> None:
-        rows = self.retriever.global_popular(ctx.k, ctx.filters)
+        popular = self.retriever.global_popular(4 * ctx.k, ctx.filters)
+        rows = [r for r in popular if ctx.filters.admits(r)][: ctx.k]  # attribute filters
         top = max((float(r["popularity"]) for r in rows), default=1.0) or 1.0
         items = [Candidate(r["item_id"], r, {"popular": i}) for i, r in enumerate(rows)]
         for cand in items:

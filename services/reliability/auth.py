@@ -10,9 +10,10 @@ file ``RECSYS_API_KEYS_FILE`` (a mounted Kubernetes Secret), both JSON::
 
 Only SHA-256 digests are kept in memory; a presented key is hashed and compared with every
 entry in constant time (:func:`hmac.compare_digest`). ``hash_key("...")`` gives the
-``sha256:`` form to store. Scopes: ``read`` (Recommend, SimilarItems, GetUserProfile),
-``write`` (IngestEvents, StreamIngestEvents), ``admin`` (DeleteUser, UpsertItems, and every
-method not listed; admin implies the other two). No or an unknown key is ``UNAUTHENTICATED``;
+``sha256:`` form to store. Scopes: ``read`` (Recommend, SimilarItems, GetUserProfile,
+GetItem, ListItems, RankItems), ``write`` (IngestEvents, StreamIngestEvents), ``admin``
+(DeleteUser, UpsertItems, DeleteItem, and every method not listed; admin implies the other
+two). No or an unknown key is ``UNAUTHENTICATED``;
 a known key without the method's scope is ``PERMISSION_DENIED``. A key with a ``user`` is
 bound to that user (per-user authorization, e.g. a key handed to one app install): it may
 only name that user in a request (:mod:`services.reliability.user_binding`).
@@ -56,6 +57,9 @@ METHOD_SCOPES: dict[str, str] = {
     _SERVICE + "Recommend": READ,
     _SERVICE + "SimilarItems": READ,
     _SERVICE + "GetUserProfile": READ,
+    _SERVICE + "GetItem": READ,
+    _SERVICE + "ListItems": READ,
+    _SERVICE + "RankItems": READ,
     _SERVICE + "IngestEvents": WRITE,
     _SERVICE + "StreamIngestEvents": WRITE,
     _SERVICE + "DeleteUser": ADMIN,
@@ -277,10 +281,12 @@ class AuthInterceptor(GuardInterceptor):
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing credentials: send 'authorization: Bearer <api key>' or 'x-api-key'",
+                reason="API_KEY_MISSING",
             )
         principal = self.keys.lookup(key)
         if principal is None:
-            abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+            code = grpc.StatusCode.UNAUTHENTICATED
+            abort(context, code, "invalid API key", reason="API_KEY_INVALID")
         scope = required_scope(method)
         if not principal.allows(scope):
             abort(
@@ -288,6 +294,7 @@ class AuthInterceptor(GuardInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client {principal.client!r} lacks the {scope!r} scope that "
                 f"{method.rsplit('/', 1)[-1]} needs",
+                reason="SCOPE_MISSING",
             )
         return principal
 

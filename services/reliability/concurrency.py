@@ -13,6 +13,9 @@ Three layers keep an overloaded gateway answering instead of growing without bou
    ``RECSYS_MAX_PENDING_RPCS``) refuses calls beyond that at once, also with
    ``RESOURCE_EXHAUSTED``, so the executor's backlog is bounded too.
 
+A call waiting for its client - a client stream between two messages - gives its slot back
+meanwhile (:func:`slot_released`), so idle streams cannot hold every slot and shed the rest.
+
 ``RESOURCE_EXHAUSTED`` (not ``UNAVAILABLE``) is used for shedding, as gRPC itself does for its
 concurrency limit: the request was fine, the server is busy, retry after the hint (with
 backoff). Health and reflection calls are never queued here.
@@ -21,9 +24,11 @@ backoff). Health and reflection calls are never queued here.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -32,6 +37,49 @@ from services.reliability.guard import GuardInterceptor, abort
 from services.reliability.retry_info import jittered, retry_trailers
 
 log = logging.getLogger(__name__)
+
+
+class SlotUnavailable(RuntimeError):
+    """No work slot came free, within the queue wait, for a call that had given its slot
+    back while waiting for its client: shed it (``RESOURCE_EXHAUSTED``)."""
+
+
+@dataclass
+class _Slot:
+    limiter: ConcurrencyLimiter
+    held: bool = True
+
+
+_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("recsys_slot", default=None)
+
+
+@contextlib.contextmanager
+def slot_released() -> Iterator[None]:
+    """Give the current call's work slot back for the block (a wait for the client), then
+    take one again, waiting at most ``max_queue_wait_s`` (else :class:`SlotUnavailable`).
+    A call that holds no slot (no limiter, health) just runs the block."""
+    slot = _SLOT.get()
+    if slot is None or not slot.held:
+        yield
+        return
+    limiter = slot.limiter
+    slot.held = False
+    with limiter._lock:
+        limiter.in_flight -= 1
+    limiter._slots.release()
+    try:
+        yield
+    finally:
+        if not limiter._slots.acquire(timeout=limiter.max_wait_s):
+            with limiter._lock:
+                limiter.shed += 1
+            raise SlotUnavailable(
+                f"server busy: {limiter.limit} calls in flight and none finished within "
+                f"{limiter.max_wait_s * 1000:.0f} ms; retry with backoff"
+            )
+        slot.held = True
+        with limiter._lock:
+            limiter.in_flight += 1
 
 
 def effective_in_flight(settings: Settings) -> int:
@@ -72,12 +120,16 @@ class ConcurrencyLimiter(GuardInterceptor):
     def _held(self) -> Iterator[None]:
         with self._lock:
             self.in_flight += 1
+        slot = _Slot(self)
+        token = _SLOT.set(slot)
         try:
             yield
         finally:
-            with self._lock:
-                self.in_flight -= 1
-            self._slots.release()
+            _SLOT.reset(token)
+            if slot.held:  # not when a slot_released() could not take one back
+                with self._lock:
+                    self.in_flight -= 1
+                self._slots.release()
 
     def guard(
         self, method: str, context: grpc.ServicerContext
@@ -99,5 +151,6 @@ class ConcurrencyLimiter(GuardInterceptor):
             )
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             hint = jittered(self.max_wait_s)
-            abort(context, code, message, retry_trailers(code.value[0], message, hint))
+            trailers = retry_trailers(code.value[0], message, hint)
+            abort(context, code, message, trailers, reason="OVERLOADED")
         return self._held()

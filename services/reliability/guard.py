@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 import grpc
 
+from services.reliability.error_details import with_error_info
+
 EXEMPT_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -46,10 +48,11 @@ def abort(
     code: grpc.StatusCode,
     message: str,
     trailing: tuple[tuple[str, Any], ...] = (),
+    reason: str | None = None,
 ) -> NoReturn:
-    """End the call with ``code``; ``trailing`` metadata (e.g. ``retry-after-ms``) goes along."""
-    if trailing:
-        context.set_trailing_metadata(trailing)
+    """End the call with ``code``; ``trailing`` metadata (e.g. ``retry-after-ms``) goes along,
+    and an ``ErrorInfo`` with ``reason`` (else the code's default) in the rich status."""
+    context.set_trailing_metadata(with_error_info(trailing, code, message, reason))
     context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
 

@@ -85,5 +85,6 @@ class RateLimitInterceptor(GuardInterceptor):
                 f"retry after {math.ceil(wait * 1000)} ms"
             )
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            abort(context, code, message, retry_trailers(code.value[0], message, wait))
+            trailers = retry_trailers(code.value[0], message, wait)
+            abort(context, code, message, trailers, reason="RATE_LIMITED")
         return contextlib.nullcontext()

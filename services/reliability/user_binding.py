@@ -2,8 +2,8 @@
 
 A key entry with ``"user": "<id>"`` (see :mod:`services.reliability.auth`) is meant for a
 caller that acts for one end user (an app install, a user's own export). Its calls that name
-a user - ``Recommend``, ``GetUserProfile``, ``DeleteUser``, and every event of
-``IngestEvents`` / ``StreamIngestEvents`` - must name the bound user, else
+a user - ``Recommend``, ``RankItems``, ``GetUserProfile``, ``DeleteUser``, and every
+event of ``IngestEvents`` / ``StreamIngestEvents`` - must name the bound user, else
 ``PERMISSION_DENIED``; calls that name no user (``SimilarItems``) are left to the key's
 scopes. Keys without a user are unaffected. The check needs the request, so unlike the other
 guards it wraps the handler's behaviour itself; it runs inside the auth guard, which has set
@@ -22,7 +22,7 @@ from services.reliability.guard import Continuation, abort, exempt
 
 _SERVICE = "/recsys.v1.RecommenderService/"
 USER_METHODS = frozenset(
-    _SERVICE + m for m in ("Recommend", "GetUserProfile", "DeleteUser", "IngestEvents")
+    _SERVICE + m for m in ("Recommend", "RankItems", "GetUserProfile", "DeleteUser", "IngestEvents")
 )
 STREAM_METHOD = _SERVICE + "StreamIngestEvents"
 DENIED = "this API key is bound to one user and may not act for another"
@@ -66,7 +66,7 @@ class UserBindingInterceptor(grpc.ServerInterceptor):
 def _unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
     def run(request: Any, context: grpc.ServicerContext) -> Any:
         if not _allowed(request):
-            abort(context, grpc.StatusCode.PERMISSION_DENIED, DENIED)
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, DENIED, reason="USER_MISMATCH")
         return behavior(request, context)
 
     return run
@@ -89,7 +89,7 @@ def _stream(behavior: Callable[[Iterable[Any], grpc.ServicerContext], Any]) -> C
 
         reply = behavior(checked(), context)
         if denied:
-            abort(context, grpc.StatusCode.PERMISSION_DENIED, DENIED)
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, DENIED, reason="USER_MISMATCH")
         return reply
 
     return run

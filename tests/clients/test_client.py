@@ -110,7 +110,8 @@ def test_service_config_retries_idempotent_calls_only() -> None:
     config = json.loads(service_config(max_attempts=9))
     (method_config,) = config["methodConfig"]
     names = {n["method"] for n in method_config["name"]}
-    assert names == {"Recommend", "SimilarItems", "GetUserProfile", "IngestEvents", "UpsertItems"}
+    reads = {"Recommend", "SimilarItems", "GetUserProfile", "GetItem", "ListItems", "RankItems"}
+    assert names == reads | {"IngestEvents", "UpsertItems"}  # never DeleteUser, DeleteItem
     policy = method_config["retryPolicy"]
     assert policy["maxAttempts"] == 5  # gRPC's ceiling
     assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
@@ -121,7 +122,8 @@ def test_errors_carry_decoded_details() -> None:
     status = status_pb2.Status(code=3, message="bad")
     bad = error_details_pb2.BadRequest()
     bad.field_violations.add(field="user_id", description="too long")
-    info = error_details_pb2.ErrorInfo(reason="ID_TOO_LONG", domain="recsys")
+    info = error_details_pb2.ErrorInfo(reason="ID_TOO_LONG", domain="recsys.v1")
+    info.metadata["limit"] = "128"
     retry = error_details_pb2.RetryInfo()
     retry.retry_delay.FromMilliseconds(1500)
     for detail in (bad, info, retry):
@@ -143,7 +145,8 @@ def test_errors_carry_decoded_details() -> None:
     assert isinstance(err, InvalidArgumentError) and isinstance(err, grpc.RpcError)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details() == "bad"
     assert err.field_violations == [("user_id", "too long")]
-    assert err.reason == "ID_TOO_LONG"
+    assert err.reason == "ID_TOO_LONG" and err.domain == "recsys.v1"
+    assert err.error_metadata == {"limit": "128"}
     assert err.retry_delay == 1.5
     assert unknown in err.error_details and not err.retryable
 

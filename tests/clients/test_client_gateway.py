@@ -94,6 +94,10 @@ def test_every_rpc_over_mutual_tls_with_an_api_key(prod_gateway: ProdGateway) ->
         item = pb.Item(item_id=item_id, title="Client Test (2031)", categories=["Drama"])
         assert client.upsert_items([item]).upserted_count == 1
         assert client.similar(item_id, k=3).items
+        assert client.get_item(item_id).title == "Client Test (2031)"
+        page = client.list_items(page_size=2)
+        assert len(page.items) == 2 and page.next_page_token
+        assert item_id in {i.item_id for i in client.iter_items(page_size=500)}
         events = _events(USER, ["1", "2"])
         first = client.ingest(events)
         assert (first.accepted_count, first.duplicate_count) == (2, 0)
@@ -103,29 +107,50 @@ def test_every_rpc_over_mutual_tls_with_an_api_key(prod_gateway: ProdGateway) ->
         assert streamed.accepted_count == 3
         assert client.profile(USER).history_size == 5
         reply = client.recommend(USER, k=5)
-        assert len(reply.items) == 5 and not reply.degraded
+        assert len(reply.items) == 5 and not reply.degraded and reply.recommendation_id
+        candidates = [s.item.item_id for s in reply.items]
+        ranked = client.rank_items(USER, [*candidates, item_id])
+        assert {s.item.item_id for s in ranked.items} == {*candidates, item_id}
+        assert ranked.recommendation_id != reply.recommendation_id
         assert client.delete_user(USER).existed
         with pytest.raises(NotFoundError):
             client.profile(USER)
         with pytest.raises(InvalidArgumentError) as err:
             client.recommend("bad id\n")
         assert "user_id" in err.value.message
+        assert (err.value.reason, err.value.domain) == ("MALFORMED_ID", "recsys.v1")
+        assert [f for f, _ in err.value.field_violations] == ["user_id"]
+        assert client.delete_item(item_id).existed
+        with pytest.raises(NotFoundError) as gone:
+            client.get_item(item_id)
+        assert gone.value.reason == "ITEM_NOT_FOUND"
 
 
 def test_credentials_are_enforced(prod_gateway: ProdGateway) -> None:
-    with prod_gateway.client(api_key=None) as client, pytest.raises(UnauthenticatedError):
+    with prod_gateway.client(api_key=None) as client, pytest.raises(UnauthenticatedError) as e:
         client.recommend("1")
-    with prod_gateway.client(api_key="nope") as client, pytest.raises(UnauthenticatedError):
+    assert (e.value.reason, e.value.domain) == ("API_KEY_MISSING", "recsys.v1")
+    with prod_gateway.client(api_key="nope") as client, pytest.raises(UnauthenticatedError) as e:
         client.recommend("1")
+    assert e.value.reason == "API_KEY_INVALID"
     no_cert = {"cert_file": None, "key_file": None}
     with prod_gateway.client(**no_cert) as client, pytest.raises(UnavailableError):
         client.recommend("1", timeout=3)
     with prod_gateway.client(api_key="it-app") as app:
         assert app.recommend(USER, k=3).items  # its own user
-        with pytest.raises(PermissionDeniedError):
+        with pytest.raises(PermissionDeniedError) as denied:
             app.recommend("1")
+        assert denied.value.reason == "USER_MISMATCH"
+        with pytest.raises(PermissionDeniedError):
+            app.rank_items("1", ["1", "2"])
+        with pytest.raises(PermissionDeniedError) as scope:
+            app.delete_item("1")  # admin only
+        assert scope.value.reason == "SCOPE_MISSING"
         with pytest.raises(PermissionDeniedError):
             app.ingest(_events("1", ["1"]))
+        with pytest.raises(PermissionDeniedError) as streamed:  # checked on the stream too
+            app.ingest_stream(iter(_events(USER, ["1"]) + _events("1", ["2"])), batch_size=1)
+        assert streamed.value.reason == "USER_MISMATCH"
 
 
 def test_cli_with_flags_and_environment(prod_gateway: ProdGateway) -> None:
@@ -150,7 +175,7 @@ def test_cli_with_flags_and_environment(prod_gateway: ProdGateway) -> None:
         capture_output=True,
         text=True,
     )
-    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+    assert denied.returncode == 1 and "PERMISSION_DENIED [USER_MISMATCH]" in denied.stderr
 
 
 def test_reflection_lists_the_api_without_a_key(prod_gateway: ProdGateway) -> None:

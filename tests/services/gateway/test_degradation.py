@@ -44,6 +44,7 @@ def test_triton_down_gives_degraded_answers_then_recovers(stack: LocalStack) -> 
         for _ in range(5):
             reply, took = _recommend(stack, "1")
             assert reply.degraded and "ranker unavailable" in reply.degraded_reason
+            assert pb.DEGRADED_REASON_FEATURE_RANKER_UNAVAILABLE in reply.degraded_reasons
             assert len(reply.items) == 5  # answered from retrieval order
             assert took < DEADLINE_S
     finally:
@@ -57,6 +58,7 @@ def test_milvus_down_answers_from_cached_popularity_then_recovers(stack: LocalSt
     try:
         reply, took = _recommend(stack, "1")
         assert reply.degraded and "milvus unavailable" in reply.degraded_reason
+        assert list(reply.degraded_reasons) == [pb.DEGRADED_REASON_VECTOR_STORE_UNAVAILABLE]
         assert [s.source for s in reply.items] == ["popular"] * 5
         assert took < DEADLINE_S
     finally:

@@ -165,3 +165,50 @@ def test_idempotency_key_limit_is_in_bytes() -> None:
     event.idempotency_key = "é" * 65
     with pytest.raises(v.InvalidArgument, match="idempotency_key: at most 128 bytes"):
         v.check_events([event], 10)
+
+
+def _refused(call: object, *args: object) -> v.InvalidArgument:
+    with pytest.raises(v.InvalidArgument) as excinfo:
+        call(*args)  # type: ignore[operator]
+    return excinfo.value
+
+
+def test_errors_name_their_field_and_reason() -> None:
+    err = _refused(v.check_k, -1, SETTINGS)
+    assert (err.field, err.reason) == ("k", "OUT_OF_RANGE")
+    err = _refused(v.check_excludes, ["ok", "not ok"])
+    assert (err.field, err.reason) == ("exclude_item_ids[1]", "MALFORMED_ID")
+    err = _refused(v.check_event, pb.Event(user_id="u", item_id="i"), 3)
+    assert (err.field, err.reason) == ("events[3].event_type", "FIELD_REQUIRED")
+    bad_id = pb.Event(
+        user_id="u", item_id="i", event_type=pb.EVENT_TYPE_CLICK, recommendation_id="a b"
+    )
+    assert _refused(v.check_event, bad_id, 0).field == "events[0].recommendation_id"
+
+
+def test_a_visitor_is_a_user_or_an_anonymous_session() -> None:
+    v.check_visitor("u", "", "user_id", "context.session_id")
+    v.check_visitor("", "s-1", "user_id", "context.session_id")
+    err = _refused(v.check_visitor, "u", "s-1", "user_id", "context.session_id")
+    assert (err.field, err.reason) == ("context.session_id", "CONFLICTING_FIELDS")
+    assert _refused(v.check_visitor, "", "", "user_id", "context.session_id").field == "user_id"
+    session_event = pb.Event(session_id="s-1", item_id="i", event_type=pb.EVENT_TYPE_VIEW)
+    v.check_event(session_event, 0)
+    context = pb.RequestContext(surface="home", device="bad device")
+    assert _refused(v.check_context, context).field == "context.device"
+
+
+def test_rules_filters_and_repeat_policy() -> None:
+    rules = pb.BusinessRules(boost_item_ids=["a"], bury_item_ids=["b"], pin_item_ids=["c", "c"])
+    assert v.check_business_rules(rules) == (frozenset({"a"}), frozenset({"b"}), ("c",))
+    clash = pb.BusinessRules(boost_item_ids=["a"], bury_item_ids=["a"])
+    assert _refused(v.check_business_rules, clash).reason == "CONFLICTING_FIELDS"
+    many = pb.BusinessRules(pin_item_ids=[f"i{n}" for n in range(v.MAX_RULE_IDS + 1)])
+    err = _refused(v.check_business_rules, many)
+    assert (err.field, err.reason) == ("business_rules.pin_item_ids", "TOO_MANY_ENTRIES")
+    item_filter = pb.ItemFilter(exclude_categories=["Comedy"])
+    item_filter.min_create_time.FromSeconds(1000)
+    assert v.check_item_filter(item_filter) == (frozenset({"Comedy"}), 1000)
+    assert v.check_item_filter(pb.ItemFilter()) == (frozenset(), 0)
+    policy = pb.RepeatPolicy(allow_seen_categories=["Drama"])
+    assert v.check_repeat_policy(policy) == (False, frozenset({"Drama"}))

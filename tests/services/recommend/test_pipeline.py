@@ -72,7 +72,7 @@ def test_stages_run_in_order_and_each_observes_its_latency() -> None:
     observed: list[tuple[str, float]] = []
     pipe = _pipeline(store, triton, FEATURES_UP, observed)
     rec = pipe.recommend("u1", 4, Filters(), Deadline.after(5), variant=Variant(model_version="3"))
-    assert [s for s, _ in observed] == STAGES
+    assert [s for s, _ in observed] == [*STAGES, "milvus"]  # its Milvus time last
     assert rec.timings == dict(observed)
     assert rec.ranked and not rec.degraded and not rec.cold_start
     assert len(rec.items) == 4 == len(rec.reasons)
@@ -132,7 +132,7 @@ def test_milvus_down_answers_from_cached_popularity() -> None:
     assert [c.item_id for c in rec.items] == ["i1", "i3", "i5"]  # most popular of A
     assert rec.reasons == ["popular overall"] * 3
     assert rec.degraded == ["milvus unavailable: get_user: connection refused"]
-    assert [s for s, _ in observed] == ["retrieval"]  # timed from the start
+    assert [s for s, _ in observed] == ["retrieval", "milvus"]  # timed from the start
     assert rec.items[0].relevance == 1.0 and rec.candidates == 3 and not rec.ranked
 
 

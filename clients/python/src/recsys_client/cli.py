@@ -6,6 +6,10 @@ recsys profile --user 42
 recsys ingest --user 42 --item 1 --type click
 recsys upsert-item --item new-1 --title "..." --categories Drama,Comedy
 recsys delete-user --user 42
+recsys get-item --item 1
+recsys list-items --page-size 50 [--page-token TOKEN | --all]
+recsys delete-item --item new-1
+recsys rank --user 42 --items 1,2,3
 recsys --tls --ca ca.pem --cert client.pem --key client.key --api-key ... recommend --user 42
 
 Every connection flag has an environment variable: RECSYS_TARGET (else localhost and
@@ -89,8 +93,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="name expected in the server certificate (RECSYS_TLS_SERVER_NAME)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("recommend", help="top-k items for a user")
-    rec.add_argument("--user", required=True)
+    rec = sub.add_parser("recommend", help="top-k items for a user (or an anonymous session)")
+    rec.add_argument("--user", default="", help="the user (or --session)")
+    rec.add_argument("--session", default="", help="an anonymous session id, without --user")
+    rec.add_argument("--current-item", default="", help='the item on a "more like this" page')
+    rec.add_argument("--surface", default="", help="the page showing the items (home, ...)")
+    rec.add_argument("--device", default="", help="the device class (web, ios, ...)")
+    rec.add_argument("--allow-seen", action="store_true", help="items seen before may return")
+    rec.add_argument("--boost", type=_csv, default=[], help="item ids to lift to the top")
+    rec.add_argument("--bury", type=_csv, default=[], help="item ids to push to the bottom")
+    rec.add_argument("--pin", type=_csv, default=[], help="item ids to show first, in order")
     rec.add_argument("-k", type=int, default=10)
     rec.add_argument("--categories", type=_csv, default=[])
     rec.add_argument("--exclude", type=_csv, default=[])
@@ -101,8 +113,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     prof = sub.add_parser("profile", help="what the platform knows of a user")
     prof.add_argument("--user", required=True)
     ing = sub.add_parser("ingest", help="record one event")
-    ing.add_argument("--user", required=True)
+    ing.add_argument("--user", default="", help="the user (or --session)")
+    ing.add_argument("--session", default="", help="an anonymous session id, without --user")
     ing.add_argument("--item", required=True)
+    ing.add_argument("--recommendation-id", default="", help="the recommendation shown")
     ing.add_argument("--type", choices=sorted(EVENT_TYPES), default="click")
     ing.add_argument("--value", type=float, default=0.0, help="rating value for --type rating")
     ing.add_argument("--idempotency-key", default="", help="default: a fresh random key")
@@ -113,7 +127,22 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     up.add_argument("--description", default="")
     de = sub.add_parser("delete-user", help="forget a user")
     de.add_argument("--user", required=True)
+    gi = sub.add_parser("get-item", help="one catalogue item")
+    gi.add_argument("--item", required=True)
+    li = sub.add_parser("list-items", help="a page of the catalogue (or all of it)")
+    li.add_argument("--page-size", type=int, default=0, help="0: the server default (100)")
+    li.add_argument("--page-token", default="", help="the next page token printed before")
+    li.add_argument("--all", action="store_true", help="every page")
+    di = sub.add_parser("delete-item", help="remove an item from the catalogue")
+    di.add_argument("--item", required=True)
+    rk = sub.add_parser("rank", help="order your candidate items for a user")
+    rk.add_argument("--user", required=True)
+    rk.add_argument("--items", type=_csv, required=True, help="comma-separated item ids")
     return parser
+
+
+def _print_item(item: pb.Item) -> None:
+    print(f"{item.item_id}  {item.title}  [{', '.join(item.categories)}]")
 
 
 def client_from_args(args: argparse.Namespace) -> RecommenderClient:
@@ -127,13 +156,31 @@ def client_from_args(args: argparse.Namespace) -> RecommenderClient:
 def run(args: argparse.Namespace) -> None:
     with client_from_args(args) as client:
         if args.command == "recommend":
+            context = pb.RequestContext(
+                surface=args.surface,
+                device=args.device,
+                current_item_id=args.current_item,
+                session_id=args.session,
+            )
+            rules = pb.BusinessRules(
+                boost_item_ids=args.boost, bury_item_ids=args.bury, pin_item_ids=args.pin
+            )
             reply = client.recommend(
-                args.user, args.k, args.categories, args.exclude, args.diversity
+                args.user,
+                args.k,
+                args.categories,
+                args.exclude,
+                args.diversity,
+                context=context,
+                repeat_policy=pb.RepeatPolicy(allow_seen=args.allow_seen),
+                business_rules=rules,
             )
             notes = [f"model release {reply.model_version or '-'}"]
             notes += ["cold start"] if reply.cold_start else []
             notes += [f"DEGRADED: {reply.degraded_reason}"] if reply.degraded else []
-            print(f"recommendations for user {args.user} ({'; '.join(notes)})")
+            who = f"user {args.user}" if args.user else f"session {args.session}"
+            print(f"recommendations for {who} ({'; '.join(notes)})")
+            print(f"recommendation id {reply.recommendation_id}")
             _print_items(reply.items)
         elif args.command == "similar":
             _print_items(client.similar(args.item, args.k).items)
@@ -151,6 +198,8 @@ def run(args: argparse.Namespace) -> None:
                 event_type=EVENT_TYPES[args.type],
                 value=args.value,
                 idempotency_key=args.idempotency_key,
+                session_id=args.session,
+                recommendation_id=args.recommendation_id,
             )
             event.event_time.GetCurrentTime()
             reply = client.ingest([event])
@@ -169,6 +218,27 @@ def run(args: argparse.Namespace) -> None:
         elif args.command == "delete-user":
             existed = client.delete_user(args.user).existed
             print(f"user {args.user} {'deleted' if existed else 'had no data'}")
+        elif args.command == "get-item":
+            _print_item(client.get_item(args.item))
+        elif args.command == "list-items":
+            if args.all:
+                for item in client.iter_items(args.page_size):
+                    _print_item(item)
+            else:
+                page = client.list_items(args.page_size, args.page_token)
+                for item in page.items:
+                    _print_item(item)
+                if page.next_page_token:
+                    print(f"next page: --page-token {page.next_page_token}")
+        elif args.command == "delete-item":
+            existed = client.delete_item(args.item).existed
+            print(f"item {args.item} {'deleted' if existed else 'was not in the catalogue'}")
+        elif args.command == "rank":
+            ranked = client.rank_items(args.user, args.items)
+            print(f"ranked for user {args.user} (recommendation id {ranked.recommendation_id})")
+            _print_items(ranked.items)
+            if ranked.unknown_item_ids:
+                print(f"not in the catalogue: {', '.join(ranked.unknown_item_ids)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except RecsysError as err:
-        print(f"error: {err.code().name}: {err.message}", file=sys.stderr)
+        reason = f" [{err.reason}]" if err.reason else ""
+        print(f"error: {err.code().name}{reason}: {err.message}", file=sys.stderr)
         for field, why in err.field_violations:
             print(f"  {field}: {why}", file=sys.stderr)
         if err.retry_delay is not None:

@@ -4,11 +4,12 @@ Retries are gRPC's own (the channel's service config), not a loop here: ``UNAVAI
 ``RESOURCE_EXHAUSTED`` are retried with exponential backoff on the idempotent calls only -
 the reads, ``UpsertItems`` (a replace by id) and ``IngestEvents``, which is idempotent
 because every event carries an idempotency key (filled here when the caller left it empty,
-so a retry resends the same keys and the gateway counts each event once). ``DeleteUser`` and
-the client stream are never retried automatically. When the gateway rejects a call with a
-retry hint (``google.rpc.RetryInfo``, mirrored in the ``grpc-retry-pushback-ms`` trailer
-that gRPC's retry logic reads), the next attempt waits exactly that long. Every call has a
-deadline (``timeout``, 10 s by default) that bounds all its attempts together.
+so a retry resends the same keys and the gateway counts each event once). ``DeleteUser``,
+``DeleteItem`` and the client stream are never retried automatically. When the gateway
+rejects a call with a retry hint (``google.rpc.RetryInfo``, mirrored in the
+``grpc-retry-pushback-ms`` trailer that gRPC's retry logic reads), the next attempt waits
+exactly that long. Every call has a deadline (``timeout``, 10 s by default) that bounds
+all its attempts together.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from recsys_client.errors import from_rpc_error
 DEFAULT_TIMEOUT_S = 10.0
 SERVICE = "recsys.v1.RecommenderService"
 # Safe to repeat: reads, replace-by-id upserts, and ingestion with idempotency keys.
-RETRIED_METHODS = ("Recommend", "SimilarItems", "GetUserProfile", "IngestEvents", "UpsertItems")
+RETRIED_METHODS = (
+    "Recommend",
+    "SimilarItems",
+    "GetUserProfile",
+    "GetItem",
+    "ListItems",
+    "RankItems",
+    "IngestEvents",
+    "UpsertItems",
+)
 RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 STREAM_BATCH = 100
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -162,11 +172,27 @@ class RecommenderClient:
         exclude: Sequence[str] = (),
         diversity: float | None = None,
         *,
+        context: pb.RequestContext | None = None,
+        repeat_policy: pb.RepeatPolicy | None = None,
+        item_filter: pb.ItemFilter | None = None,
+        business_rules: pb.BusinessRules | None = None,
         timeout: float | None = None,
     ) -> pb.RecommendResponse:
-        """Top-k items for ``user_id`` (an unknown user gets a cold-start answer)."""
+        """Top-k items for ``user_id`` (an unknown user gets a cold-start answer). ``context``
+        says where they are shown: ``current_item_id`` for a "more like this" page, or
+        ``session_id`` with ``user_id=""`` for an anonymous visitor. Send the reply's
+        ``recommendation_id`` back on the events that follow it. ``repeat_policy`` lets items
+        seen before come back, ``item_filter`` adds attribute conditions, ``business_rules``
+        boosts, buries and pins items."""
         request = pb.RecommendRequest(
-            user_id=user_id, k=k, categories=categories, exclude_item_ids=exclude
+            user_id=user_id,
+            k=k,
+            categories=categories,
+            exclude_item_ids=exclude,
+            context=context,
+            repeat_policy=repeat_policy,
+            item_filter=item_filter,
+            business_rules=business_rules,
         )
         if diversity is not None:
             request.diversity = diversity
@@ -224,6 +250,42 @@ class RecommenderClient:
         """Forget everything about ``user_id`` (never retried automatically)."""
         request = pb.DeleteUserRequest(user_id=user_id)
         return self._call(self.stub.DeleteUser, request, timeout)
+
+    def get_item(self, item_id: str, *, timeout: float | None = None) -> pb.Item:
+        """One catalogue item (NotFoundError for an unknown item)."""
+        request = pb.GetItemRequest(item_id=item_id)
+        return self._call(self.stub.GetItem, request, timeout).item
+
+    def list_items(
+        self, page_size: int = 0, page_token: str = "", *, timeout: float | None = None
+    ) -> pb.ListItemsResponse:
+        """One page of the catalogue in item id order (``page_size`` 0: the server's 100);
+        pass its ``next_page_token`` for the next page (empty on the last)."""
+        request = pb.ListItemsRequest(page_size=page_size, page_token=page_token)
+        return self._call(self.stub.ListItems, request, timeout)
+
+    def iter_items(self, page_size: int = 0, *, timeout: float | None = None) -> Iterator[pb.Item]:
+        """Every catalogue item, page by page (each page its own call and deadline)."""
+        token = ""
+        while True:
+            page = self.list_items(page_size, token, timeout=timeout)
+            yield from page.items
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_item(self, item_id: str, *, timeout: float | None = None) -> pb.DeleteItemResponse:
+        """Remove an item from the catalogue (never retried automatically)."""
+        request = pb.DeleteItemRequest(item_id=item_id)
+        return self._call(self.stub.DeleteItem, request, timeout)
+
+    def rank_items(
+        self, user_id: str, item_ids: Sequence[str], *, timeout: float | None = None
+    ) -> pb.RankItemsResponse:
+        """``item_ids`` (your candidates) ordered for ``user_id`` by the gateway's ranker,
+        best first; ids not in the catalogue come back in ``unknown_item_ids``."""
+        request = pb.RankItemsRequest(user_id=user_id, item_ids=item_ids)
+        return self._call(self.stub.RankItems, request, timeout)
 
     def serving(self, timeout: float = 1.0) -> bool:
         """True when the gateway's health service answers SERVING (False on any error)."""

@@ -79,6 +79,18 @@ class RecsysError(grpc.RpcError):
         return info.reason if info is not None else None
 
     @property
+    def domain(self) -> str | None:
+        """The ``ErrorInfo.domain`` of :attr:`reason` (``recsys.v1`` for the gateway's)."""
+        info = self._detail(error_details_pb2.ErrorInfo)
+        return info.domain if info is not None else None
+
+    @property
+    def error_metadata(self) -> dict[str, str]:
+        """The ``ErrorInfo.metadata`` (empty when none was sent)."""
+        info = self._detail(error_details_pb2.ErrorInfo)
+        return dict(info.metadata) if info is not None else {}
+
+    @property
     def field_violations(self) -> list[tuple[str, str]]:
         """``BadRequest`` field violations as (field, description) pairs."""
         bad = self._detail(error_details_pb2.BadRequest)
