@@ -11,8 +11,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from recsys_client import RecommenderClient
 
+from core.config import Settings
 from ops.stack import LocalStack
 from services.api import pb, pb_grpc
+from services.events import aggregates
+from services.events.aggregates import Aggregates
+from services.events.log import BlockingEventLog
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
 
@@ -68,6 +72,37 @@ def test_known_user_gets_ranked_personal_items(
     assert not {s.item.item_id for s in reply.items} & set(user["recent_items"])
 
 
+def _settled_aggregates(settings: Settings) -> Aggregates:
+    """The online aggregates once no profile worker has merged for longer than a gateway's
+    refresh interval, so the running gateway holds the same (earlier tests' events move
+    them: popularity candidates and co-occurrence neighbours)."""
+    events = BlockingEventLog(settings, "test-aggregates")
+    try:
+        deadline = time.monotonic() + 60
+        while not events.ready():
+            assert time.monotonic() < deadline, "event log not ready"
+            time.sleep(0.2)
+        last = None
+        while True:
+            now = events.call(lambda log: aggregates.read(log), 5.0)
+            if last is not None and _same(now, last):
+                return now
+            assert time.monotonic() < deadline, "online aggregates kept changing"
+            last = now
+            time.sleep(settings.aggregates_refresh_s + settings.aggregates_flush_s)
+    finally:
+        events.close()
+
+
+def _same(a: Aggregates, b: Aggregates) -> bool:
+    """Equal but for the decay between the two reads (a 365-day half-life: ~1e-7 over s)."""
+    return (
+        a.co_occurrence == b.co_occurrence
+        and a.popularity.keys() == b.popularity.keys()
+        and all(np.isclose(a.popularity[k], b.popularity[k], rtol=1e-6) for k in a.popularity)
+    )
+
+
 def test_click_probabilities_are_the_feature_rankers_on_the_gateways_features(
     client: RecommenderClient, stack: LocalStack, store: VectorStore
 ) -> None:
@@ -84,6 +119,8 @@ def test_click_probabilities_are_the_feature_rankers_on_the_gateways_features(
     settings = stack.settings
     popular = PopularItems(settings.popular_cache_size)
     assert popular.refresh(store)
+    online = _settled_aggregates(settings)  # what the running gateway blends in too
+    popular.set_online(online.popularity, online.co_occurrence)
     triton = TritonClient(settings)
     try:
         ready = RankerStatus(deployed=True, ready=True)
