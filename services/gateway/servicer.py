@@ -29,6 +29,7 @@ from core.text import item_text
 from services.api import pb, pb_grpc
 from services.deadline import Deadline, DeadlineExceeded
 from services.events.log import EventLogUnavailable
+from services.experiments.assignment import Assignment
 from services.gateway import validation as v
 from services.gateway.metrics import record_recommendation
 from services.gateway.sessions import Sessions
@@ -36,7 +37,7 @@ from services.gateway.state import GatewayState
 from services.gateway.streams import StreamIdle, client_messages
 from services.inference.triton_client import InferenceUnavailable
 from services.recommend.anchor import UnknownItem
-from services.recommend.context import Filters, RequestContext, Rules
+from services.recommend.context import Filters, Recommendation, RequestContext, Rules
 from services.reliability.concurrency import SlotUnavailable
 from services.reliability.error_details import abort_with_details
 from services.reliability.redaction import public_degraded, public_unavailable
@@ -241,15 +242,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         )
         result.degraded[:0] = degraded
         record_recommendation(result.candidates, result.degraded)  # stages timed themselves
-        recommendation_id = new_recommendation_id()
-        self.state.experiments.exposed(
-            user_id, assignments, [c.item_id for c in result.items], request_id=recommendation_id
-        )
+        recommendation_id, items = self._exposed(user_id, assignments, result)
         return pb.RecommendResponse(
-            items=[
-                _scored(c.row, c.relevance, reason, c.best_source, c.ctr)
-                for c, reason in zip(result.items, result.reasons, strict=True)
-            ],
+            items=items,
             degraded=bool(result.degraded),
             degraded_reason=public_degraded(result.degraded),
             cold_start=result.cold_start,
@@ -368,6 +363,21 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             budget = min(self.settings.ingest_wait_applied_s, deadline.reserve(0.1).left())
             self.state.events.call(lambda log: log.wait_applied(last_seq, budget), budget + 0.5)
 
+    def _exposed(
+        self, user_id: str, assignments: list[Assignment], result: Recommendation
+    ) -> tuple[str, list[pb.ScoredItem]]:
+        """A new recommendation id, the answer's items recorded under it as the user's
+        exposure (clicks carrying the id join it exactly), and the items as the API sends them."""
+        recommendation_id = new_recommendation_id()
+        self.state.experiments.exposed(
+            user_id, assignments, [c.item_id for c in result.items], request_id=recommendation_id
+        )
+        items = [
+            _scored(c.row, c.relevance, reason, c.best_source, c.ctr)
+            for c, reason in zip(result.items, result.reasons, strict=True)
+        ]
+        return recommendation_id, items
+
     def _record_feedback(self, events: list[pb.Event]) -> None:
         """Clicks and purchases of users in experiments, logged with their arm."""
         for event in events:
@@ -483,15 +493,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         result, unknown = self.state.pipeline.rank_items(
             user_id, list(dict.fromkeys(item_ids)), deadline, variant
         )
-        recommendation_id = new_recommendation_id()
-        self.state.experiments.exposed(
-            user_id, assignments, [c.item_id for c in result.items], request_id=recommendation_id
-        )
+        recommendation_id, items = self._exposed(user_id, assignments, result)
         return pb.RankItemsResponse(
-            items=[
-                _scored(c.row, c.relevance, reason, c.best_source, c.ctr)
-                for c, reason in zip(result.items, result.reasons, strict=True)
-            ],
+            items=items,
             unknown_item_ids=unknown,
             recommendation_id=recommendation_id,
             degraded=bool(result.degraded),

@@ -105,13 +105,31 @@ def items(draw: st.DrawFn) -> pb.Item:
 @st.composite
 def recommend(draw: st.DrawFn) -> pb.RecommendRequest:
     request = pb.RecommendRequest(
-        user_id=draw(rarely(HUGE, ids)),
+        user_id=draw(rarely(HUGE, st.one_of(ids, st.just("")))),
         k=draw(k),
         categories=draw(repeated(text, 32)),
         exclude_item_ids=draw(repeated(ids, 1000)),
     )
     if draw(st.booleans()):
         request.diversity = draw(st.one_of(st.floats(0, 1, width=32), st.floats(width=32)))
+    if draw(st.booleans()):  # surface, device, "more like this", anonymous session
+        request.context.surface = draw(text)
+        request.context.device = draw(text)
+        request.context.current_item_id = draw(st.one_of(st.just(""), ids))
+        request.context.session_id = draw(st.one_of(st.just(""), ids))
+    if draw(st.booleans()):
+        request.repeat_policy.allow_seen = draw(st.booleans())
+        request.repeat_policy.allow_seen_categories.extend(draw(repeated(text, 32)))
+        request.item_filter.exclude_categories.extend(draw(repeated(text, 32)))
+        ts = draw(timestamps())
+        if ts is not None:
+            (
+                request.item_filter.min_create_time.seconds,
+                request.item_filter.min_create_time.nanos,
+            ) = ts
+        request.business_rules.boost_item_ids.extend(draw(repeated(ids, 100)))
+        request.business_rules.bury_item_ids.extend(draw(repeated(ids, 100)))
+        request.business_rules.pin_item_ids.extend(draw(repeated(ids, 100)))
     return request
 
 
@@ -135,3 +153,15 @@ stream = st.lists(
     max_size=4,
 )
 upsert = st.builds(lambda i: pb.UpsertItemsRequest(items=i), repeated(items(), 500))
+get_item = st.builds(lambda i: pb.GetItemRequest(item_id=i), ids)
+list_items = st.builds(
+    lambda n, t: pb.ListItemsRequest(page_size=n, page_token=t),
+    st.one_of(st.integers(-3, 1_100), INT32),
+    st.one_of(st.just(""), text, st.binary(max_size=40).map(lambda b: b.hex())),
+)
+delete_item = st.builds(lambda i: pb.DeleteItemRequest(item_id=i), ids)
+rank = st.builds(
+    lambda u, items: pb.RankItemsRequest(user_id=u, item_ids=items),
+    st.one_of(ids, st.just("")),
+    repeated(ids, 500),
+)

@@ -26,7 +26,7 @@ from tests.services.gateway import fuzz_strategies as s
 pytestmark = [pytest.mark.integration, pytest.mark.fuzz]
 
 TOTAL = int(os.environ.get("RECSYS_FUZZ_EXAMPLES", "210"))
-TARGETS = 7
+TARGETS = 11
 PER_TARGET = max(10, TOTAL // TARGETS)
 CALL_TIMEOUT_S = 10.0
 DOCUMENTED = {
@@ -117,6 +117,30 @@ def test_upsert_items(stub: pb_grpc.RecommenderServiceStub, request: Any) -> Non
 @given(request=s.delete)
 def test_delete_user(stub: pb_grpc.RecommenderServiceStub, request: Any) -> None:
     check("DeleteUser", stub.DeleteUser, request)
+
+
+@FUZZ
+@given(request=s.get_item)
+def test_get_item(stub: pb_grpc.RecommenderServiceStub, request: Any) -> None:
+    check("GetItem", stub.GetItem, request)
+
+
+@FUZZ
+@given(request=s.list_items)
+def test_list_items(stub: pb_grpc.RecommenderServiceStub, request: Any) -> None:
+    check("ListItems", stub.ListItems, request)
+
+
+@FUZZ
+@given(request=s.delete_item)
+def test_delete_item(stub: pb_grpc.RecommenderServiceStub, request: Any) -> None:
+    check("DeleteItem", stub.DeleteItem, request)
+
+
+@FUZZ
+@given(request=s.rank)
+def test_rank_items(stub: pb_grpc.RecommenderServiceStub, request: Any) -> None:
+    check("RankItems", stub.RankItems, request)
 
 
 def test_oversized_messages_are_refused(stub: pb_grpc.RecommenderServiceStub) -> None:
