@@ -184,8 +184,11 @@ bench: env ## benchmarks against the running stack, side by side -> BENCHMARKS.m
 bench-events: env ## event log through 3 gateways: acknowledged ingest/s, apply lag at 1,000 ev/s (1, 2 workers)
 	$(PY) -m bench.event_log --out var/bench/event_log.md $(BENCH_EVENTS_ARGS)
 
-fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders
-	RECSYS_FUZZ_EXAMPLES=10500 $(PY) -m pytest -q -p no:cacheprovider -m fuzz --timeout=1800
+fuzz: env ## >= 10,000 generated requests against the real gateway, plus the file loaders -> answers by code
+	rm -f var/fuzz/report.jsonl
+	RECSYS_FUZZ_EXAMPLES=10500 RECSYS_RELIABILITY_REPORT=$(CURDIR)/var/fuzz/report.jsonl \
+	  $(PY) -m pytest -q -p no:cacheprovider -m fuzz --timeout=1800
+	$(PY) -m ops.reliability_report var/fuzz/report.jsonl
 
 reliability: env ## fault scenarios (kills, restarts), then the report table
 	rm -f var/reliability/report.jsonl
