@@ -37,11 +37,9 @@ class LoadProfile(Stage):
         if ctx.request.anonymous:  # a session: its own items, never a user row
             profile, history_ids = None, list(ctx.request.session_items)
         else:
-            version = (
-                self.applied_version(ctx.user_id, ctx.deadline.left())
-                if self.applied_version
-                else 0
-            )
+            version = 0  # asked of the event log only where a read can miss a worker's write
+            if self.applied_version and self.store.user_reads_may_lag(ctx.deadline.left()):
+                version = self.applied_version(ctx.user_id, ctx.deadline.left())
             profile = self.store.get_user(
                 ctx.user_id, ctx.deadline.left(), with_vector, min_version=version
             )

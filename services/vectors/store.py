@@ -200,7 +200,7 @@ class VectorStore:
         0.31 before the sealed segment was served, 0.78 after). Milvus Lite only flushes.
         """
         deadline = time.monotonic() + timeout
-        lite = self._server_version(timeout).startswith("milvus_lite")
+        lite = self._is_lite(timeout)
         for spec in self.specs:
             self._call("flush", spec.name, timeout=timeout)
             while True:
@@ -216,6 +216,18 @@ class VectorStore:
                 if time.monotonic() > deadline:
                     raise StoreUnavailable(f"Milvus {spec.name}: not indexed after {timeout:.0f}s")
                 time.sleep(0.5)
+
+    def _is_lite(self, timeout: float) -> bool:
+        """Milvus Lite: one process, every read sees every write, whatever its level."""
+        return self._server_version(timeout).startswith("milvus_lite")
+
+    def user_reads_may_lag(self, timeout: float) -> bool:
+        """Whether a profile read can miss a row another process (a profile worker) just
+        wrote: a Milvus server read below Strong. Only then is the applied version worth
+        asking the event log for (:meth:`get_user`'s ``min_version``)."""
+        if self.settings.milvus_user_consistency == "Strong":
+            return False
+        return not self._is_lite(timeout)
 
     def _server_version(self, timeout: float) -> str:
         if self._version is None:
