@@ -12,9 +12,12 @@ shared machine hits both. Only answers that were ranked and not degraded count.
 
 ``--compare milvus``: the Milvus time inside ``Recommend`` (the gateway's
 ``recsys_milvus_seconds``: the summed wall time of a request's vector-store calls) with the
-gateway's item cache (the default: the ANN returns ids, item rows come from the cache) and
-without it (every request reads its item rows and vectors from Milvus), same stack, same
-users, at concurrency 1, alternating per round.
+gateway's item and profile caches (the default: the ANN returns ids, item rows come from the
+cache, a profile the event log vouches for too), with the item cache alone, and with neither
+(every request reads its profile, item rows and vectors from Milvus), same stack, same
+users, at concurrency 1, alternating per round. Each configuration is driven twice over the
+same users: their first ``Recommend`` since the gateway started, then their next one (a
+returning user with no event in between: the next page, a refresh).
 """
 
 from __future__ import annotations
@@ -39,11 +42,15 @@ PIPELINES: dict[str, dict[str, object]] = {
 BASELINE = "cross-encoder"
 
 # The Milvus-time comparison: settings of the gateway process (RECSYS_* in its environment).
+ITEM_CACHE, USER_CACHE = "RECSYS_MILVUS_ITEM_CACHE_SIZE", "RECSYS_MILVUS_USER_CACHE_SIZE"
 MILVUS_CONFIGS: dict[str, dict[str, str]] = {
-    "item cache": {"RECSYS_MILVUS_ITEM_CACHE_SIZE": "10000"},
-    "no item cache": {"RECSYS_MILVUS_ITEM_CACHE_SIZE": "0"},
+    "item + profile cache": {ITEM_CACHE: "10000", USER_CACHE: "10000"},
+    "item cache": {ITEM_CACHE: "10000", USER_CACHE: "0"},
+    "no cache": {ITEM_CACHE: "0", USER_CACHE: "0"},
 }
-MILVUS_BASELINE = "no item cache"
+MILVUS_BASELINE = "no cache"
+# Each user's first Recommend since the gateway started, then their next one.
+VISITS = ("first", "again")
 # The store methods a Recommend calls (the gateway's recsys_milvus_seconds{call=...}).
 MILVUS_CALLS = ("get_user", "get_items", "search_items", "get_segment")
 
@@ -93,10 +100,15 @@ def compare_milvus(
     max_seconds: float,
     deadline_s: float,
 ) -> dict[str, Any]:
-    """Per configuration of :data:`MILVUS_CONFIGS`, at concurrency 1: the Milvus time per
-    ``Recommend`` (p50, p99 of the gateway's histogram), the profile and retrieval stages and
-    the end-to-end latency of each round, with the load average around it."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MILVUS_CONFIGS}
+    """Per configuration of :data:`MILVUS_CONFIGS` and visit (:data:`VISITS`), at
+    concurrency 1: the Milvus time per ``Recommend`` (p50, p99 of the gateway's histogram),
+    the profile and retrieval stages and the end-to-end latency of each round, with the load
+    average around it. The warm-up's users are not among the measured ones."""
+    runs: dict[str, list[dict[str, Any]]] = {
+        f"{name}, {visit}": [] for name in MILVUS_CONFIGS for visit in VISITS
+    }
+    warm, users = users[:20], users[20:]
+    max_requests = min(max_requests, len(users))  # a first visit is a first visit
     saved = {key: os.environ.get(key) for cfg in MILVUS_CONFIGS.values() for key in cfg}
     try:
         for r in range(rounds):
@@ -104,26 +116,19 @@ def compare_milvus(
             for name in names:
                 os.environ.update(MILVUS_CONFIGS[name])  # the gateway inherits it
                 stack.restart_gateway()
-                gateway.run_load(stack, users, 1, 20, 60.0, deadline_s)  # warm-up
-                before = metrics.scrape(stack.ports.gateway_metrics)
-                load = load_average()
-                result = gateway.run_load(stack, users, 1, max_requests, max_seconds, deadline_s)
-                delta = metrics.delta(before, metrics.scrape(stack.ports.gateway_metrics))
-                s = result.summary()
-                s["milvus_ms"] = _milvus_quantiles(delta, "all")
-                s["milvus_calls_ms"] = {
-                    call: _milvus_quantiles(delta, call) for call in MILVUS_CALLS
-                }
-                s["load_average"] = [load, load_average()]
-                runs[name].append(s)
-                print(
-                    f"  {name:>14} milvus p50 {s['milvus_ms']['p50']:6.1f} ms "
-                    f"p99 {s['milvus_ms']['p99']:6.1f} ms | Recommend p50 "
-                    f"{s['latency_ms']['p50']:6.1f} ms p99 {s['latency_ms']['p99']:6.1f} ms "
-                    f"codes {s['codes']} degraded {s['degraded']} load {load[0]:.1f} | p50 per "
-                    + ", ".join(f"{c} {q['p50']:.1f}" for c, q in s["milvus_calls_ms"].items()),
-                    flush=True,
-                )
+                gateway.run_load(stack, warm, 1, len(warm), 60.0, deadline_s)
+                for visit in VISITS:
+                    s = _milvus_window(stack, users, max_requests, max_seconds, deadline_s)
+                    runs[f"{name}, {visit}"].append(s)
+                    print(
+                        f"  {name:>20}, {visit:<5} milvus p50 {s['milvus_ms']['p50']:6.1f} ms "
+                        f"p99 {s['milvus_ms']['p99']:6.1f} ms | Recommend p50 "
+                        f"{s['latency_ms']['p50']:6.1f} ms p99 {s['latency_ms']['p99']:6.1f} ms "
+                        f"codes {s['codes']} degraded {s['degraded']} "
+                        f"load {s['load_average'][0][0]:.1f} | p50 per "
+                        + ", ".join(f"{c} {q['p50']:.1f}" for c, q in s["milvus_calls_ms"].items()),
+                        flush=True,
+                    )
     finally:
         for key, value in saved.items():
             if value is None:
@@ -134,14 +139,33 @@ def compare_milvus(
     return {"configs": MILVUS_CONFIGS, "runs": runs, "table": milvus_table(runs)}
 
 
+def _milvus_window(
+    stack: LocalStack,
+    users: Sequence[str],
+    max_requests: int,
+    max_seconds: float,
+    deadline_s: float,
+) -> dict[str, Any]:
+    """One measured window at concurrency 1 with the Milvus time of its requests."""
+    before = metrics.scrape(stack.ports.gateway_metrics)
+    load = load_average()
+    result = gateway.run_load(stack, users, 1, max_requests, max_seconds, deadline_s)
+    delta = metrics.delta(before, metrics.scrape(stack.ports.gateway_metrics))
+    s = result.summary()
+    s["milvus_ms"] = _milvus_quantiles(delta, "all")
+    s["milvus_calls_ms"] = {call: _milvus_quantiles(delta, call) for call in MILVUS_CALLS}
+    s["load_average"] = [load, load_average()]
+    return s
+
+
 def _milvus_quantiles(delta: metrics.Samples, call: str) -> dict[str, float]:
     q = metrics.histogram_quantiles(delta, "recsys_milvus_seconds", {"call": call})
     return {k: v * 1000 if k != "count" else v for k, v in q.items()}
 
 
 def milvus_table(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per configuration: each round's figures, and the ratio of the medians of the
-    Milvus p50 to the baseline's."""
+    """One row per configuration and visit: each round's figures, and the ratio of the
+    medians of the Milvus p50 to the baseline's for the same visit."""
     rows = []
     for name, summaries in runs.items():
         rows.append(
@@ -161,8 +185,9 @@ def milvus_table(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 "load_average": [s["load_average"][0][0] for s in summaries],
             }
         )
-    base = next(r for r in rows if r["config"] == MILVUS_BASELINE)
-    for row in rows:
+    for row in rows:  # against the baseline's same visit
+        visit = row["config"].rsplit(", ", 1)[-1]
+        base = next(r for r in rows if r["config"] == f"{MILVUS_BASELINE}, {visit}")
         row["milvus_p50_ratio"] = _median(row["milvus_p50_ms"]) / _median(base["milvus_p50_ms"])
     return rows
 
@@ -174,7 +199,7 @@ def render_milvus(section: dict[str, Any]) -> str:
         return ", ".join(f"{v:.1f}" for v in values)
 
     lines = [
-        "| gateway | ranked / requests | Milvus p50 ms | Milvus p99 ms | p50 vs no cache | "
+        "| gateway, visit | ranked / requests | Milvus p50 ms | Milvus p99 ms | p50 vs no cache | "
         "p50 ms per call: user / items by id / search | "
         "profile p50 ms | retrieval p50 ms | Recommend p50 ms | Recommend p99 ms | load avg |",
         "|---|---:|---|---|---:|---|---|---|---|---|---|",

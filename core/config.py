@@ -225,6 +225,20 @@ class Settings(BaseSettings):
         "(indexing, another replica's UpsertItems) reach this one within it; this process's "
         "own writes invalidate their rows at once.",
     )
+    milvus_user_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="User profiles (without vectors, 2-10 KB each) each gateway keeps after "
+        "reading them, least recently used out first; one is served only while the event log "
+        "says no newer event was applied (a Milvus server read below Strong, where that "
+        "version is asked for anyway); 0 = read Milvus every time.",
+    )
+    milvus_user_cache_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a cached profile is served: what changes a profile without an "
+        "event (a segment refit) reaches the gateway within it.",
+    )
     milvus_server: Literal["lite", "engine"] = Field(
         "lite",
         description="Local stack only: the Milvus server it starts, the Milvus Lite server "

@@ -248,13 +248,16 @@ class EventLog:
     async def applied_seq(self, user_id: str) -> int:
         return await self._user_seq(self.settings.applied_bucket, user_id)
 
-    async def visible_version(self, user_id: str) -> int:
+    async def visible_version(self, user_id: str) -> int | None:
         """The ``version`` the user's Milvus row has at least, now that the workers applied
-        its events (0: no row expected: none applied, or deleted since)."""
+        its events: 0 when none ever went through the log (a row, if any, is an indexing
+        job's); None when the user was deleted and no event was applied since."""
         applied, tombstone = await asyncio.gather(
             self.applied_seq(user_id), self.tombstone_seq(user_id)
         )
-        return applied if applied > tombstone else 0
+        if applied > tombstone:
+            return applied
+        return None if tombstone else 0
 
     async def _user_seq(self, bucket: str, user_id: str) -> int:
         """The log sequence ``bucket`` holds for the user (applied, tombstoned); 0: none."""

@@ -69,16 +69,17 @@ class GatewayState:
         # Kubernetes restart every gateway, so probes ask for this service name.
         self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
-    def applied_version(self, user_id: str, timeout: float) -> int:
-        """The user row's version the profile workers applied (0 when the log cannot say:
-        the profile read then keeps its configured consistency)."""
+    def applied_version(self, user_id: str, timeout: float) -> int | None:
+        """The user row's version the profile workers applied (None when the log cannot
+        vouch for one: the user was deleted, or the log did not answer; the profile read
+        then keeps its configured consistency and bypasses the profile cache)."""
         try:
             return self.events.call(
                 lambda events: events.visible_version(user_id), min(timeout, APPLIED_WAIT_S)
             )
         except EventLogUnavailable as exc:
             log.debug("applied version of a user unknown: %s", exc)
-            return 0
+            return None
 
     def _set_health(self, serving: bool) -> None:
         status = (

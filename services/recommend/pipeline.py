@@ -59,7 +59,7 @@ class Pipeline:
         popular: PopularItems,
         rankers: Callable[[], Rankers],
         on_stage: StageObserver = no_metrics,
-        applied_version: Callable[[str, float], int] | None = None,
+        applied_version: Callable[[str, float], int | None] | None = None,
     ) -> None:
         retriever = Retriever(store, popular, settings.popular_refresh_s)
         self.profile = LoadProfile(settings, store, applied_version)

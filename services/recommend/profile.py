@@ -23,7 +23,7 @@ class LoadProfile(Stage):
         self,
         settings: Settings,
         store: VectorStore,
-        applied_version: Callable[[str, float], int] | None = None,
+        applied_version: Callable[[str, float], int | None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -37,7 +37,8 @@ class LoadProfile(Stage):
         if ctx.request.anonymous:  # a session: its own items, never a user row
             profile, history_ids = None, list(ctx.request.session_items)
         else:
-            version = 0  # asked of the event log only where a read can miss a worker's write
+            # asked of the event log only where a read can miss a worker's write
+            version: int | None = None
             if self.applied_version and self.store.user_reads_may_lag(ctx.deadline.left()):
                 version = self.applied_version(ctx.user_id, ctx.deadline.left())
             profile = self.store.get_user(

@@ -20,12 +20,14 @@ would bound that lag (5 s) but lose the gateway's read-your-writes. The read bef
 upsert (which keeps the item's popularity and neighbours) is Strong, and the offline scans
 keep the collections' level (Strong). Milvus Lite takes the levels and is always consistent.
 
-Item rows are read through a bounded in-process cache (:mod:`services.vectors.item_cache`,
+Item rows are read through a bounded in-process cache (:mod:`services.vectors.row_cache`,
 ``RECSYS_MILVUS_ITEM_CACHE_SIZE``, ``RECSYS_MILVUS_ITEM_CACHE_TTL_S``): returning vectors was
 most of what a ``Recommend`` paid Milvus for, so the ANN search returns ids only and item
 reads by id ask Milvus only for the ids the cache lacks. This process's item upserts
 invalidate their rows; other writers' reach it within the TTL. The read methods a request
 makes are :func:`~services.vectors.timing.timed`: their wall time is the request's Milvus time.
+Profiles go through a cache of their own (``RECSYS_MILVUS_USER_CACHE_SIZE``), served only
+when the event log vouches for the cached row's version (:meth:`VectorStore.get_user`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from core.milvus_schema import (
     index_params,
 )
 from core.rows import ItemRow, SegmentRow, UserRow
-from services.vectors.item_cache import ItemCache
+from services.vectors.row_cache import RowCache
 from services.vectors.timing import timed
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,11 @@ class VectorStore:
         self._lock = threading.Lock()
         self._schema_checked = False
         self._version: str | None = None  # the server's, asked once
-        self.item_cache = ItemCache(
+        self.item_cache = RowCache(
             settings.milvus_item_cache_size, settings.milvus_item_cache_ttl_s
+        )
+        self.user_cache = RowCache(
+            settings.milvus_user_cache_size, settings.milvus_user_cache_ttl_s
         )
 
     # --- connection --------------------------------------------------------------------
@@ -402,23 +407,46 @@ class VectorStore:
     def upsert_users(self, rows: Sequence[UserRow], timeout: float = 30.0) -> int:
         if not rows:
             return 0
-        result = self._call("upsert", self.users.name, list(rows), timeout=timeout)
+        try:
+            result = self._call("upsert", self.users.name, list(rows), timeout=timeout)
+        finally:  # even a failed upsert may have landed
+            self.user_cache.invalidate(r["user_id"] for r in rows)
         return int(result["upsert_count"])
 
     @timed
     def get_user(
-        self, user_id: str, timeout: float, with_vector: bool = True, min_version: int = 0
+        self,
+        user_id: str,
+        timeout: float,
+        with_vector: bool = True,
+        min_version: int | None = None,
     ) -> Row | None:
-        """The user's row. ``min_version``: the row the profile workers are known to have
-        written (:meth:`services.events.log.EventLog.visible_version`); a Session or Bounded
-        read does not wait for another process's writes, so a row older than that (or none)
-        is read again at Strong, which costs a time tick only right after an ingest."""
+        """The user's row. ``min_version``: what the event log vouches for
+        (:meth:`services.events.log.EventLog.visible_version`), None where it cannot (no log,
+        the user deleted, the log down). A Session or Bounded read does not wait for another
+        process's writes, so a row older than the version the profile workers applied (or
+        none) is read again at Strong, which costs a time tick only right after an ingest.
+
+        With a ``min_version`` the profile cache answers when it holds that version or a
+        newer one: no event was applied since it was read (the version is the log sequence
+        of the row's newest event; a user's events after a delete are newer than any row
+        read before it). Only what the version covers is cached: not the vector, which the
+        re-encode lane rewrites at the same version; an indexing job's or a segment refit's
+        rewrite reaches the cache within its TTL."""
         fields = USER_FIELDS + (["vector"] if with_vector else [])
+        cache = self.user_cache if min_version is not None and not with_vector else None
+        least = min_version or 0
+        if cache is not None:
+            cached = cache.get([user_id])[0].get(user_id)
+            if cached is not None and _version(cached) >= least:
+                return cached
+            epoch = cache.epoch()
         level = self.settings.milvus_user_consistency
         row = self._get_one(self.users, user_id, fields, timeout, level)
-        stale = row is None or int(row.get("version") or 0) < min_version
-        if min_version and stale and level != "Strong":
+        if least and level != "Strong" and (row is None or _version(row) < least):
             row = self._get_one(self.users, user_id, fields, timeout, "Strong")
+        if cache is not None and row is not None and _version(row) >= least:
+            cache.put({user_id: row}, epoch)
         return row
 
     def delete_user(self, user_id: str, timeout: float) -> bool:
@@ -429,12 +457,15 @@ class VectorStore:
         query node apply it before DeleteUser answers.
         """
         existed = self.get_user(user_id, timeout, with_vector=False) is not None
-        self._call(
-            "delete",
-            self.users.name,
-            filter=f"user_id == {literal(user_id)}",
-            timeout=timeout,
-        )
+        try:
+            self._call(
+                "delete",
+                self.users.name,
+                filter=f"user_id == {literal(user_id)}",
+                timeout=timeout,
+            )
+        finally:
+            self.user_cache.invalidate([user_id])
         if self._get_one(self.users, user_id, ["user_id"], timeout, "Strong") is not None:
             raise StoreUnavailable("Milvus delete: the user's row is still there")
         return existed
@@ -482,7 +513,10 @@ class VectorStore:
         if not rows:
             return 0
         extra = {"partial_update": True} if partial else {}
-        result = self._call("upsert", self.users.name, rows, timeout=timeout, **extra)
+        try:
+            result = self._call("upsert", self.users.name, rows, timeout=timeout, **extra)
+        finally:
+            self.user_cache.invalidate(r["user_id"] for r in rows)
         return int(result["upsert_count"])
 
     def _supports_partial_update(self, timeout: float) -> bool:
@@ -527,6 +561,11 @@ class VectorStore:
             timeout=timeout,
         )
         return _plain(rows[0]) if rows else None
+
+
+def _version(row: Row) -> int:
+    """A user row's ``version``: the log sequence of its newest event (0: none)."""
+    return int(row.get("version") or 0)
 
 
 def _not_loaded(exc: MilvusException) -> bool:

@@ -191,10 +191,14 @@ def test_delete_with_pending_events_leaves_no_trace(env: Env) -> None:
     w = Worker(env)
     first = env.on_log(lambda log: log.publish([click(user, "5")]))
     assert env.on_log(lambda log: log.wait_applied(first.last_seq, 20))
+    # what the gateway's profile read (and its profile cache) relies on
+    assert env.on_log(lambda log: log.visible_version(user)) == first.last_seq[user]
+    assert env.on_log(lambda log: log.visible_version(f"never-{user}")) == 0
     w.stop()  # pending from here on: nobody applies
     env.on_log(lambda log: log.publish([click(user, str(i), f"p{i}") for i in range(6, 12)]))
     purged = env.on_log(lambda log: log.forget_user(user, 5.0))
     assert purged == 7
+    assert env.on_log(lambda log: log.visible_version(user)) is None  # no cached row serves
     assert env.store.delete_user(user, 5)
     w = Worker(env)
     try:
@@ -210,6 +214,7 @@ def test_delete_with_pending_events_leaves_no_trace(env: Env) -> None:
         again = env.on_log(lambda log: log.publish([click(user, "7", "new")]))
         assert again.accepted == 1
         assert env.on_log(lambda log: log.wait_applied(again.last_seq, 20))
+        assert env.on_log(lambda log: log.visible_version(user)) == again.last_seq[user]
         row = env.row(user)
         assert row is not None and row["history_size"] == 1
     finally:

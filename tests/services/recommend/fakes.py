@@ -43,7 +43,7 @@ class FakeStore:
         return False  # one process, always consistent
 
     def get_user(
-        self, user_id: str, timeout: float, with_vector: bool = True, min_version: int = 0
+        self, user_id: str, timeout: float, with_vector: bool = True, min_version: int | None = None
     ) -> Row | None:
         self._check("get_user")
         user = self.users.get(user_id)

@@ -1,4 +1,5 @@
-"""A bounded in-process cache of item rows by id (with vectors and neighbours), with a TTL.
+"""A bounded in-process cache of Milvus rows by primary key, with a TTL: item rows (with
+vectors and neighbours) and user profiles.
 
 Returning vectors, not searching, is what a ``Recommend`` paid Milvus for (measured on the
 2.3 engine, 2,000 items: 200 items by id with vectors 29 ms, a search for 200 returning
@@ -9,11 +10,15 @@ indexing jobs, the popularity refresh), so the gateway keeps the rows it has rea
 - a row is served for ``ttl_s`` after it was read, then read again: writes of other
   processes (another gateway replica's ``UpsertItems``, an indexing job) reach this one
   within ``ttl_s``;
-- this process's own item writes invalidate their ids at once; a read that was in flight
+- this process's own writes invalidate their keys at once; a read that was in flight
   across such a write does not store what it read (:meth:`epoch`), so it cannot put the
   old row back;
-- an id Milvus does not have is kept as absent for as long (retrieval asks for ids of other
+- a key Milvus does not have is kept as absent for as long (retrieval asks for ids of other
   sources, such as the sequence model's, that the catalogue may lack, request after request).
+
+User profiles are written by other processes (the profile workers) at every event, so a
+TTL alone would serve stale histories: the store serves a cached profile only when the event
+log vouches that it is the newest (:meth:`services.vectors.store.VectorStore.get_user`).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from typing import Any
 Row = dict[str, Any]
 
 
-class ItemCache:
-    """Item rows by id, least recently used out first, each kept at most ``ttl_s``."""
+class RowCache:
+    """Rows by key, least recently used out first, each kept at most ``ttl_s``."""
 
     def __init__(
         self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic
@@ -59,20 +64,20 @@ class ItemCache:
         found: dict[str, Row] = {}
         missing: list[str] = []
         with self._lock:
-            for item_id in ids:
-                entry = self._rows.get(item_id)
+            for key in ids:
+                entry = self._rows.get(key)
                 if entry is None or now - entry[0] > self.ttl_s:
-                    missing.append(item_id)
+                    missing.append(key)
                     continue
-                self._rows.move_to_end(item_id)
+                self._rows.move_to_end(key)
                 if entry[1] is not None:
-                    found[item_id] = entry[1]
+                    found[key] = entry[1]
             self.hits += len(found)
             self.misses += len(missing)
         return found, missing
 
     def put(self, rows: Mapping[str, Row | None], epoch: int) -> None:
-        """Keep rows read since ``epoch`` (None: Milvus has no such id), unless an
+        """Keep rows read since ``epoch`` (None: Milvus has no such key), unless an
         invalidation came meanwhile."""
         if not self.enabled:
             return
@@ -80,9 +85,9 @@ class ItemCache:
         with self._lock:
             if epoch != self._epoch:
                 return
-            for item_id, row in rows.items():
-                self._rows[item_id] = (now, row)
-                self._rows.move_to_end(item_id)
+            for key, row in rows.items():
+                self._rows[key] = (now, row)
+                self._rows.move_to_end(key)
             while len(self._rows) > self.size:
                 self._rows.popitem(last=False)
 
@@ -90,8 +95,8 @@ class ItemCache:
         """Forget ``ids`` (this process wrote them) and refuse reads that were in flight."""
         with self._lock:
             self._epoch += 1
-            for item_id in ids:
-                self._rows.pop(item_id, None)
+            for key in ids:
+                self._rows.pop(key, None)
 
     def clear(self) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
-"""The item cache (LRU, TTL, invalidation) and how the store reads through it, and the
-per-request Milvus clock (no Milvus: a fake client serves rows and records the calls)."""
+"""The row cache (LRU, TTL, invalidation), how the store reads items and profiles through
+it, and the per-request Milvus clock (no Milvus: a fake client serves rows and records the
+calls)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from core.config import Settings
-from services.vectors.item_cache import ItemCache
+from services.vectors.row_cache import RowCache
 from services.vectors.store import VectorStore
 from services.vectors.timing import milvus_clock, timed
 
@@ -25,7 +26,7 @@ class Clock:
 
 
 def test_lru_evicts_the_least_recently_used_row() -> None:
-    cache = ItemCache(2, 60.0)
+    cache = RowCache(2, 60.0)
     cache.put({"a": {"item_id": "a"}, "b": {"item_id": "b"}}, cache.epoch())
     assert set(cache.get(["a"])[0]) == {"a"}  # a is now the most recent
     cache.put({"c": {"item_id": "c"}}, cache.epoch())
@@ -35,7 +36,7 @@ def test_lru_evicts_the_least_recently_used_row() -> None:
 
 def test_rows_expire_after_the_ttl() -> None:
     clock = Clock()
-    cache = ItemCache(10, 5.0, clock)
+    cache = RowCache(10, 5.0, clock)
     cache.put({"a": {"item_id": "a"}}, cache.epoch())
     clock.now = 5.0
     assert cache.get(["a"])[1] == []
@@ -44,7 +45,7 @@ def test_rows_expire_after_the_ttl() -> None:
 
 
 def test_a_read_in_flight_across_an_invalidation_is_not_kept() -> None:
-    cache = ItemCache(10, 60.0)
+    cache = RowCache(10, 60.0)
     epoch = cache.epoch()  # a read starts
     cache.invalidate(["a"])  # this process upserts a meanwhile
     cache.put({"a": {"item_id": "a", "title": "old"}}, epoch)  # the read ends with the old row
@@ -54,7 +55,7 @@ def test_a_read_in_flight_across_an_invalidation_is_not_kept() -> None:
 
 
 def test_size_zero_keeps_nothing() -> None:
-    cache = ItemCache(0, 60.0)
+    cache = RowCache(0, 60.0)
     cache.put({"a": {"item_id": "a"}}, cache.epoch())
     assert not cache.enabled and len(cache) == 0
 
@@ -162,6 +163,86 @@ def test_without_the_cache_every_read_goes_to_milvus() -> None:
     hits = store.search_items(np.ones(8), 2, 1.0, with_vectors=True)
     assert [c[0] for c in client.calls] == ["query", "query", "search"]
     assert "vector" in client.calls[-1][2] and "vector" in hits[0]
+
+
+class UsersClient:
+    """Serves user rows by id; records each query's user id and consistency level."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def write(self, user_id: str, version: int) -> None:
+        """What a profile worker (another process) writes."""
+        self.rows[user_id] = {"user_id": user_id, "version": version, "recent_items": ["i1"],
+                              "vector": [0.0] * 8}  # fmt: skip
+
+    def query(self, collection: str, **kw: Any) -> list[dict[str, Any]]:
+        user_id = re.findall(r'"(u\d+)"', kw["filter"])[0]
+        self.calls.append((user_id, kw["consistency_level"]))
+        row = self.rows.get(user_id)
+        return [{f: row[f] for f in kw["output_fields"] if f in row}] if row else []
+
+    def upsert(self, collection: str, rows: list[dict[str, Any]], **kw: Any) -> dict[str, int]:
+        for row in rows:
+            self.rows[row["user_id"]] = row
+        return {"upsert_count": len(rows)}
+
+    def delete(self, collection: str, **kw: Any) -> None:
+        self.rows.pop(re.findall(r'"(u\d+)"', kw["filter"])[0], None)
+
+
+def test_a_cached_profile_is_served_only_while_the_event_log_vouches_for_its_version() -> None:
+    client = UsersClient()
+    store = _store(client)  # type: ignore[arg-type]
+    client.write("u1", 5)
+    assert store.get_user("u1", 1.0, with_vector=False, min_version=5)["version"] == 5
+    assert store.get_user("u1", 1.0, with_vector=False, min_version=5)["version"] == 5
+    assert store.get_user("u1", 1.0, with_vector=False, min_version=3)["version"] == 5
+    assert len(client.calls) == 1  # the later reads came from the cache
+    client.write("u1", 9)  # a worker applied newer events: the log says 9
+    assert store.get_user("u1", 1.0, with_vector=False, min_version=9)["version"] == 9
+    assert len(client.calls) == 2
+    # the log cannot vouch (the user deleted since, or the log down): Milvus every time
+    client.rows.pop("u1")
+    assert store.get_user("u1", 1.0, with_vector=False, min_version=None) is None
+    assert len(client.calls) == 3
+    # never an event through the log (an indexed user): cached, an indexing rewrite
+    # reaches it within the TTL
+    client.write("u4", 0)
+    store.get_user("u4", 1.0, with_vector=False, min_version=0)
+    store.get_user("u4", 1.0, with_vector=False, min_version=0)
+    assert [c[0] for c in client.calls[3:]] == ["u4"]
+    # the vector is rewritten at the same version by the re-encode lane: never cached
+    client.write("u2", 4)
+    store.get_user("u2", 1.0, with_vector=True, min_version=4)
+    store.get_user("u2", 1.0, with_vector=True, min_version=4)
+    assert [c[0] for c in client.calls[-2:]] == ["u2", "u2"]
+
+
+def test_a_stale_session_read_is_not_cached_and_this_process_s_writes_invalidate() -> None:
+    client = UsersClient()
+    store = _store(client)  # type: ignore[arg-type]
+    client.write("u1", 5)
+    store.get_user("u1", 1.0, with_vector=False, min_version=5)
+    row = {**client.rows["u1"], "recent_items": ["i2"]}
+    store.upsert_users([row])  # type: ignore[list-item]
+    got = store.get_user("u1", 1.0, with_vector=False, min_version=5)
+    assert got is not None and got["recent_items"] == ["i2"]
+    store.delete_user("u1", 1.0)
+    client.write("u1", 5)  # the cache must not answer for a row this process deleted
+    client.calls.clear()
+    store.get_user("u1", 1.0, with_vector=False, min_version=5)
+    assert client.calls == [("u1", "Session")]
+    # a row older than the log says: read again at Strong, and the old one is not kept
+    client.calls.clear()
+    client.write("u3", 2)
+    assert store.get_user("u3", 1.0, with_vector=False, min_version=7)["version"] == 2
+    assert client.calls == [("u3", "Session"), ("u3", "Strong")]
+    store.get_user("u3", 1.0, with_vector=False, min_version=7)
+    assert len(client.calls) == 4
+    off = _store(UsersClient(), milvus_user_cache_size=0)  # type: ignore[arg-type]
+    assert not off.user_cache.enabled
 
 
 def test_the_milvus_clock_sums_timed_calls_once_per_request_thread() -> None:
