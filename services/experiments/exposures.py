@@ -15,12 +15,15 @@ loses only that line - readers skip it.
 Records (``ts`` is Unix seconds)::
 
     {"type": "exposure", "ts": 1.7e9, "experiment": "mmr", "arm": "treatment",
-     "user_id": "42", "items": ["1", "2"], "request_id": "..."}
+     "user_id": "42", "items": ["1", "2"], "request_id": "...",
+     "surface": "home", "device": "ios"}
     {"type": "feedback", "ts": 1.7e9, "experiment": "mmr", "arm": "treatment",
      "user_id": "42", "item_id": "2", "event": "click", "recommendation_id": "..."}
 
 (``recommendation_id``: the ``request_id`` of the exposure the click answers, when the
-client sent it; the report then joins on it, else by user and time window.)
+client sent it; the report then joins on it, else by user and time window. ``surface`` and
+``device``: the request's ``RequestContext`` ids, present when it sent them; the report
+breaks results down by surface.)
 
 Thread-safe within a process (one lock per file path, shared by every ``ExposureLog`` on
 that path); a single gateway process is expected to write a given file. ``delete_user``
@@ -119,9 +122,11 @@ class ExposureLog:
         *,
         ts: float | None = None,
         request_id: str | None = None,
+        surface: str = "",
+        device: str = "",
     ) -> None:
         """One exposure per experiment the user is in (what the gateway calls per response)."""
-        self._append(exposure_records(user_id, assignments, items, ts, request_id))
+        self._append(exposure_records(user_id, assignments, items, ts, request_id, surface, device))
 
     def record_feedback(
         self,
@@ -198,8 +203,11 @@ def exposure_records(
     items: Sequence[str],
     ts: float | None = None,
     request_id: str | None = None,
+    surface: str = "",
+    device: str = "",
 ) -> list[dict[str, Any]]:
-    """One exposure record per experiment the user is in."""
+    """One exposure record per experiment the user is in (``surface`` and ``device`` only
+    when set, so older readers and records stay as they were)."""
     now = time.time() if ts is None else float(ts)
     recs: list[dict[str, Any]] = []
     for a in assignments:
@@ -213,6 +221,10 @@ def exposure_records(
         }
         if request_id:
             rec["request_id"] = request_id
+        if surface:
+            rec["surface"] = surface
+        if device:
+            rec["device"] = device
         recs.append(rec)
     return recs
 
@@ -325,8 +337,10 @@ class ExposureStream:
         *,
         ts: float | None = None,
         request_id: str | None = None,
+        surface: str = "",
+        device: str = "",
     ) -> None:
-        recs = exposure_records(user_id, assignments, items, ts, request_id)
+        recs = exposure_records(user_id, assignments, items, ts, request_id, surface, device)
         self._publish(user_id, recs, f"x.{request_id}" if request_id else "")
 
     def record_feedback(

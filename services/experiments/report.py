@@ -19,6 +19,12 @@ Statistics (treatment ``t`` vs control ``c``, ``p = clicks / trials``):
   the chi-square test without continuity correction). Several treatment arms are each
   compared with control, without multiple-comparison correction.
 
+By surface: exposures record the request's ``surface`` (``RequestContext.surface``); when any
+does, the report adds a table per experiment, surface and arm (``summarise(by_surface=True)``;
+exposures without one under ``-``), each arm compared with the control on the same surface.
+A surface's arms are a slice of the randomised population, so read its p-values as
+exploratory (one test per surface, no correction).
+
 Usage: ``python -m services.experiments.report`` reads the JetStream exposures stream (the
 gateways' records; ``RECSYS_NATS_URLS``), ``--log FILE`` a JSONL file instead (``make
 ab-replay``'s, or a gateway's with ``RECSYS_EXPOSURE_SINK=file``).
@@ -40,6 +46,8 @@ from typing import Any
 from services.experiments.exposures import read_log, read_stream
 
 DEFAULT_WINDOW_S = 24 * 3600.0
+NO_SURFACE = "-"  # the surface of an exposure recorded without one
+Key = tuple[str, str, str]  # experiment, surface ("" unless by surface), arm
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class ArmResult:
     is_control: bool
     comparison: Comparison | None = None
     small_sample: bool = False
+    surface: str | None = None  # None: all surfaces together
 
 
 def summarise(
@@ -100,11 +109,13 @@ def summarise(
     unit: str = "exposure",
     window_s: float | None = DEFAULT_WINDOW_S,
     controls: dict[str, str] | None = None,
+    by_surface: bool = False,
 ) -> dict[str, Any]:
     """``{"arms": [ArmResult...], "unattributed_clicks": n, "arm_mismatches": n}``.
 
     ``controls`` maps experiment -> control arm (default: the arm named ``control``, else
-    the alphabetically first arm).
+    the alphabetically first arm). ``by_surface``: one result per experiment, surface and
+    arm (clicks are attributed as without it, then counted on their exposure's surface).
     """
     if unit not in ("exposure", "user"):
         raise ValueError("unit must be 'exposure' or 'user'")
@@ -146,44 +157,48 @@ def summarise(
         clicked.add(id(match))
         click_count[id(match)] += 1
 
-    trials: dict[tuple[str, str], int] = defaultdict(int)
-    wins: dict[tuple[str, str], int] = defaultdict(int)
-    nclicks: dict[tuple[str, str], int] = defaultdict(int)
+    trials: dict[Key, int] = defaultdict(int)
+    wins: dict[Key, int] = defaultdict(int)
+    nclicks: dict[Key, int] = defaultdict(int)
     for (exp, _user), lst in exposures.items():
-        by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        by_arm: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for e in lst:
-            by_arm[e["arm"]].append(e)
-        for arm, es in by_arm.items():
+            surface = (e.get("surface") or NO_SURFACE) if by_surface else ""
+            by_arm[(surface, e["arm"])].append(e)
+        for (surface, arm), es in by_arm.items():
+            key = (exp, surface, arm)
             hit = [id(e) in clicked for e in es]
-            nclicks[(exp, arm)] += sum(click_count[id(e)] for e in es)
+            nclicks[key] += sum(click_count[id(e)] for e in es)
             if unit == "exposure":
-                trials[(exp, arm)] += len(es)
-                wins[(exp, arm)] += sum(hit)
+                trials[key] += len(es)
+                wins[key] += sum(hit)
             else:
-                trials[(exp, arm)] += 1
-                wins[(exp, arm)] += int(any(hit))
+                trials[key] += 1
+                wins[key] += int(any(hit))
 
     results: list[ArmResult] = []
-    experiments = sorted({exp for exp, _ in trials})
-    for exp in experiments:
-        arms = sorted(a for e, a in trials if e == exp)
-        control = (controls or {}).get(exp) or ("control" if "control" in arms else arms[0])
-        xc, nc = wins.get((exp, control), 0), trials.get((exp, control), 0)
-        for arm in [control, *[a for a in arms if a != control]]:
-            n, x = trials.get((exp, arm), 0), wins.get((exp, arm), 0)
-            res = ArmResult(
-                experiment=exp,
-                arm=arm,
-                trials=n,
-                successes=x,
-                clicks=nclicks.get((exp, arm), 0),
-                ctr=x / n if n else 0.0,
-                is_control=arm == control,
-                small_sample=min(x, n - x) < 10,
-            )
-            if arm != control and nc > 0 and n > 0:
-                res.comparison = two_proportion_test(xc, nc, x, n)
-            results.append(res)
+    for exp in sorted({exp for exp, _, _ in trials}):
+        all_arms = sorted({a for e, _, a in trials if e == exp})
+        control = (controls or {}).get(exp) or ("control" if "control" in all_arms else all_arms[0])
+        for surface in sorted({s for e, s, _ in trials if e == exp}):
+            arms = sorted(a for e, s, a in trials if (e, s) == (exp, surface))
+            xc, nc = wins.get((exp, surface, control), 0), trials.get((exp, surface, control), 0)
+            for arm in [control, *[a for a in arms if a != control]]:
+                n, x = trials.get((exp, surface, arm), 0), wins.get((exp, surface, arm), 0)
+                res = ArmResult(
+                    experiment=exp,
+                    arm=arm,
+                    trials=n,
+                    successes=x,
+                    clicks=nclicks.get((exp, surface, arm), 0),
+                    ctr=x / n if n else 0.0,
+                    is_control=arm == control,
+                    small_sample=min(x, n - x) < 10,
+                    surface=surface if by_surface else None,
+                )
+                if arm != control and nc > 0 and n > 0:
+                    res.comparison = two_proportion_test(xc, nc, x, n)
+                results.append(res)
     return {
         "unit": unit,
         "window_s": window_s,
@@ -205,17 +220,19 @@ def _pp(v: float) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """A markdown table of :func:`summarise` output."""
     unit = summary["unit"]
+    surfaces = any(r.surface is not None for r in summary["arms"])
     lines = [
-        f"| experiment | arm | {unit}s | clicked | clicks | CTR | lift vs control "
-        "| 95% CI of CTR difference (Wald) | p-value |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        f"| experiment |{' surface |' if surfaces else ''} arm | {unit}s | clicked | clicks "
+        "| CTR | lift vs control | 95% CI of CTR difference (Wald) | p-value |",
+        f"|---|{'---|' if surfaces else ''}---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in summary["arms"]:
         c = r.comparison
         arm = f"{r.arm} (control)" if r.is_control and r.arm != "control" else r.arm
         arm += " *" if r.small_sample else ""
+        where = f" {r.surface} |" if surfaces else ""
         lines.append(
-            f"| {r.experiment} | {arm} | {r.trials} | {r.successes} | {r.clicks} "
+            f"| {r.experiment} |{where} {arm} | {r.trials} | {r.successes} | {r.clicks} "
             f"| {100 * r.ctr:.2f}% | {_pct(c.lift) if c else '-'} "
             f"| {f'[{_pp(c.ci_low)}, {_pp(c.ci_high)}]' if c else '-'} "
             f"| {f'{c.p_value:.4f}' if c else '-'} |"
@@ -272,9 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{source}: no exposures recorded")
         return 0
     print(format_table(summary))
+    out = to_json(summary)
+    if any(r["type"] == "exposure" and r.get("surface") for r in records):
+        per_surface = summarise(records, unit=args.unit, window_s=window, by_surface=True)
+        print("\nBy surface (exploratory: one test per surface, no correction):\n")
+        print(format_table(per_surface))
+        out["by_surface"] = to_json(per_surface)["arms"]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(to_json(summary), indent=2) + "\n")
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

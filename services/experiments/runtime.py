@@ -5,7 +5,7 @@ Wiring (the lead's part) in ``Recommend``::
     assignments, variant = experiments.for_user(user_id)     # the merged Variant
     pipeline.recommend(..., variant=variant)                  # applies its knobs
     response.experiments = [a.label() for a in assignments]  # returned to the client
-    experiments.exposed(user_id, assignments, [item ids], request_id)
+    experiments.exposed(user_id, assignments, [item ids], request_id, surface, device)
 
 and in ``IngestEvents``, for each click event: ``experiments.clicked(user_id, [item ids],
 recommendation_id=...)`` (the arm is recomputed from the hash, so feedback needs no lookup
@@ -47,6 +47,8 @@ class ExposureSink(Protocol):
         *,
         ts: float | None = None,
         request_id: str | None = None,
+        surface: str = "",
+        device: str = "",
     ) -> None: ...
 
     def record_feedback(
@@ -105,9 +107,20 @@ class ExperimentService:
         assignments: Sequence[Assignment],
         item_ids: Sequence[str],
         request_id: str | None = None,
+        surface: str = "",
+        device: str = "",
     ) -> None:
+        """Record that the user (in ``assignments``) was shown ``item_ids`` on ``surface``
+        and ``device`` (the request's context; empty when it sent none)."""
         if self.log is not None and assignments and item_ids:
-            self.log.record_exposures(user_id, assignments, item_ids, request_id=request_id)
+            self.log.record_exposures(
+                user_id,
+                assignments,
+                item_ids,
+                request_id=request_id,
+                surface=surface,
+                device=device,
+            )
 
     def clicked(
         self,

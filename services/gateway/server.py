@@ -17,7 +17,9 @@ from services.api import pb, pb_grpc
 from services.gateway.metrics import MetricsInterceptor, start_metrics_server
 from services.gateway.servicer import RecommenderServicer
 from services.gateway.state import GatewayState
+from services.gateway.validation import max_receive_bytes
 from services.reliability import interceptors, max_concurrent_rpcs, pseudonym, server_credentials
+from services.reliability.error_details import UnknownMethod
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -67,7 +69,9 @@ def build(settings: Settings) -> Gateway:
         interceptors=[MetricsInterceptor(), *guards],  # metrics outermost: counts rejections
         maximum_concurrent_rpcs=max_concurrent_rpcs(settings),
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # above the largest valid request, so a too-long list is refused by validation
+            # (INVALID_ARGUMENT with details), not by gRPC core (RESOURCE_EXHAUSTED, none)
+            ("grpc.max_receive_message_length", max_receive_bytes(settings)),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
@@ -79,6 +83,7 @@ def build(settings: Settings) -> Gateway:
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
+    server.add_generic_rpc_handlers((UnknownMethod(),))  # last: only what nothing serves
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     if credentials is not None:
         port = server.add_secure_port(address, credentials)

@@ -38,6 +38,7 @@ from services.gateway.streams import StreamIdle, client_messages
 from services.inference.triton_client import InferenceUnavailable
 from services.recommend.anchor import UnknownItem
 from services.recommend.context import Filters, Recommendation, RequestContext, Rules
+from services.recommend.rules import merge
 from services.reliability.concurrency import SlotUnavailable
 from services.reliability.error_details import abort_with_details
 from services.reliability.redaction import public_degraded, public_unavailable
@@ -133,6 +134,21 @@ def rpc(method: Callable[[Any, Req, grpc.ServicerContext], Resp]) -> Callable[..
     return wrapper
 
 
+def _request_rules(
+    request: pb.RecommendRequest | pb.RankItemsRequest,
+) -> tuple[frozenset[str], int, Rules]:
+    """A request's ``(exclude_categories, min_created_at, rules)``: its item filter, repeat
+    policy and business rules, validated (Recommend and RankItems take the same fields)."""
+    exclude_categories, min_created_at = v.check_item_filter(request.item_filter)
+    allow_seen, allow_seen_categories = v.check_repeat_policy(request.repeat_policy)
+    boost, bury, pin = v.check_business_rules(request.business_rules)
+    return (
+        exclude_categories,
+        min_created_at,
+        Rules(allow_seen, allow_seen_categories, boost, bury, pin),
+    )
+
+
 def _event_time(event: pb.Event) -> tuple[int, int]:
     return (event.event_time.seconds, event.event_time.nanos)
 
@@ -215,16 +231,15 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         user_id = request.user_id  # empty for an anonymous session
         k = v.check_k(request.k, self.settings)
         exclude = {*v.check_excludes(request.exclude_item_ids), current_item_id} - {""}
-        exclude_categories, min_created_at = v.check_item_filter(request.item_filter)
+        exclude_categories, min_created_at, rules = _request_rules(request)
         filters = Filters(
             tuple(v.check_categories(request.categories)),
             frozenset(exclude),
             exclude_categories,
             min_created_at,
         )
-        allow_seen, allow_seen_categories = v.check_repeat_policy(request.repeat_policy)
-        boost, bury, pin = v.check_business_rules(request.business_rules)
-        rules = Rules(allow_seen, allow_seen_categories, boost, bury, pin)
+        # the surface's configured rules join the request's (which win a conflict)
+        filters, rules = merge(self.state.rules.for_surface(surface), filters, rules)
         diversity = v.check_diversity(request)
         degraded: list[str] = []
         session_items: tuple[str, ...] = ()
@@ -242,7 +257,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         )
         result.degraded[:0] = degraded
         record_recommendation(result.candidates, result.degraded)  # stages timed themselves
-        recommendation_id, items = self._exposed(user_id, assignments, result)
+        recommendation_id, items = self._exposed(user_id, assignments, result, situation)
         return pb.RecommendResponse(
             items=items,
             degraded=bool(result.degraded),
@@ -364,13 +379,23 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             self.state.events.call(lambda log: log.wait_applied(last_seq, budget), budget + 0.5)
 
     def _exposed(
-        self, user_id: str, assignments: list[Assignment], result: Recommendation
+        self,
+        user_id: str,
+        assignments: list[Assignment],
+        result: Recommendation,
+        situation: RequestContext,
     ) -> tuple[str, list[pb.ScoredItem]]:
         """A new recommendation id, the answer's items recorded under it as the user's
-        exposure (clicks carrying the id join it exactly), and the items as the API sends them."""
+        exposure with the surface and device (clicks carrying the id join it exactly), and
+        the items as the API sends them."""
         recommendation_id = new_recommendation_id()
         self.state.experiments.exposed(
-            user_id, assignments, [c.item_id for c in result.items], request_id=recommendation_id
+            user_id,
+            assignments,
+            [c.item_id for c in result.items],
+            request_id=recommendation_id,
+            surface=situation.surface,
+            device=situation.device,
         )
         items = [
             _scored(c.row, c.relevance, reason, c.best_source, c.ctr)
@@ -489,11 +514,21 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         deadline = self._deadline(context)
         user_id = v.check_id(request.user_id, "user_id")
         item_ids = v.check_ids(request.item_ids, "item_ids", MAX_RANK_ITEMS, required=True)
+        surface, device, current_item_id, session_id = v.check_context(request.context)
+        v.check_unused(
+            (current_item_id, "context.current_item_id"),
+            (session_id, "context.session_id"),
+            method="RankItems",
+        )
+        exclude_categories, min_created_at, rules = _request_rules(request)
+        filters = Filters((), frozenset(), exclude_categories, min_created_at)
+        filters, rules = merge(self.state.rules.for_surface(surface), filters, rules)
+        situation = RequestContext(surface, device)
         assignments, variant = self.state.experiments.for_user(user_id)
         result, unknown = self.state.pipeline.rank_items(
-            user_id, list(dict.fromkeys(item_ids)), deadline, variant
+            user_id, list(dict.fromkeys(item_ids)), deadline, variant, filters, rules, situation
         )
-        recommendation_id, items = self._exposed(user_id, assignments, result)
+        recommendation_id, items = self._exposed(user_id, assignments, result, situation)
         return pb.RankItemsResponse(
             items=items,
             unknown_item_ids=unknown,
@@ -501,4 +536,5 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             degraded=bool(result.degraded),
             degraded_reasons=degraded_codes(result.degraded),
             model_version=variant.model_version or self.state.model_version,
+            filtered_item_ids=result.left_out,
         )

@@ -24,6 +24,7 @@ from services.profiles.profiles import Profiles
 from services.recommend.pipeline import Pipeline
 from services.recommend.rank import Rankers, RankerStatus
 from services.recommend.retrieve import PopularItems
+from services.recommend.rules import RulesFile
 from services.vectors.store import StoreSchemaError, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class GatewayState:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Business rules per surface, read before any connection is made: a bad file fails
+        # the start (RulesConfigError); a bad change later keeps the last good rules.
+        self.rules = RulesFile(settings.rules_file)
         self.store = VectorStore(settings)
         self.triton = TritonClient(settings)
         self.profiles = Profiles(self.store, self.triton, settings.history_window)

@@ -34,6 +34,14 @@ MAX_RULE_IDS = 100  # boosted, buried or pinned ids per request, each
 MAX_DESCRIPTION_BYTES = 10_000
 MAX_IDEMPOTENCY_KEY_BYTES = 128
 FUTURE_SLACK_S = 24 * 3600  # client clocks drift; a day ahead is a bug, not drift
+# The largest valid item and event on the wire (ids, text and categories at their limits,
+# plus a generous allowance for tags, lengths and timestamps), for the receive limit.
+MAX_ITEM_BYTES = (
+    ID_MAX_LENGTH + TITLE_MAX_LENGTH + MAX_DESCRIPTION_BYTES + MAX_CATEGORIES * CATEGORY_MAX_LENGTH
+) + 256
+MAX_EVENT_BYTES = 4 * ID_MAX_LENGTH + MAX_IDEMPOTENCY_KEY_BYTES + 128
+MIN_RECEIVE_BYTES = 4 * 1024 * 1024  # gRPC's default
+RECEIVE_HEADROOM = 2  # lists up to this many times their limit reach validation
 
 
 class InvalidArgument(ValueError):
@@ -44,6 +52,19 @@ class InvalidArgument(ValueError):
         super().__init__(message)
         self.field = field
         self.reason = reason
+
+
+def max_receive_bytes(settings: Settings) -> int:
+    """The server's receive limit: ``RECEIVE_HEADROOM`` times the largest valid request
+    (``UpsertItems`` or ``IngestEvents`` at their per-call limits), at least gRPC's 4 MiB.
+    A message over the limit is refused by gRPC core (``RESOURCE_EXHAUSTED``, no details)
+    before any of our code runs; everything up to it is decoded and validated here, so a
+    list too long by up to that factor gets ``INVALID_ARGUMENT`` with a ``BadRequest``."""
+    largest = max(
+        settings.max_items_per_call * MAX_ITEM_BYTES,
+        settings.max_events_per_call * MAX_EVENT_BYTES,
+    )
+    return max(MIN_RECEIVE_BYTES, RECEIVE_HEADROOM * largest)
 
 
 def utf8_len(value: str) -> int:
@@ -160,6 +181,16 @@ def check_context(context: pb.RequestContext) -> tuple[str, str, str, str]:
         if value:
             check_id(value, f"context.{name}")
     return values
+
+
+def check_unused(*fields: tuple[str, str], method: str) -> None:
+    """Each ``(value, field)`` is empty: a field ``method`` does not use is refused, not
+    silently ignored (so a later use of it changes no existing caller's answers)."""
+    for value, field in fields:
+        if value:
+            raise InvalidArgument(
+                f"{field} is not used by {method}: leave it empty", field, "FIELD_NOT_SUPPORTED"
+            )
 
 
 def check_repeat_policy(policy: pb.RepeatPolicy) -> tuple[bool, frozenset[str]]:

@@ -75,8 +75,9 @@ class Rules:
 @dataclass(frozen=True)
 class RequestContext:
     """Where, on what and for which visitor the items will be shown (``RequestContext``):
-    ``current_item_id`` anchors the candidates on that item; a ``session_id`` (with no user
-    id) is an anonymous visitor whose history is ``session_items``, newest first."""
+    ``surface`` picked the configured rules and, with ``device``, is recorded with the
+    exposure; ``current_item_id`` anchors the candidates on that item; a ``session_id`` (with
+    no user id) is an anonymous visitor whose history is ``session_items``, newest first."""
 
     surface: str = ""
     device: str = ""
@@ -117,6 +118,7 @@ class Recommendation:
     timings: dict[str, float] = field(default_factory=dict)
     candidates: int = 0
     ranked: bool = False
+    left_out: list[str] = field(default_factory=list)  # RankItems: candidates kept out
 
 
 @dataclass

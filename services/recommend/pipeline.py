@@ -12,6 +12,7 @@ retrieval order; either way the answer says so.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from core.config import Settings
 from services.deadline import Deadline
@@ -125,18 +126,36 @@ class Pipeline:
         item_ids: Sequence[str],
         deadline: Deadline,
         variant: Variant | None = None,
+        filters: Filters | None = None,
+        rules: Rules | None = None,
+        request: RequestContext | None = None,
     ) -> tuple[Recommendation, list[str]]:
         """``RankItems``: the client's candidates in the order the ranker of ``recommend``
-        gives them for this user (no diversity re-rank, none left out), and the ids not in
-        the catalogue. Without Milvus there are no candidate rows: StoreUnavailable."""
+        gives them for this user (no diversity re-rank), and the ids not in the catalogue.
+        ``filters`` and ``rules`` apply as in ``recommend`` (admitted, boosted or buried,
+        pinned first); the candidates they keep out are the answer's ``left_out``. Seen
+        candidates stay unless the repeat policy names categories (the caller chose them).
+        Without Milvus there are no candidate rows: StoreUnavailable."""
+        rules = rules or Rules()
+        if not rules.repeats:
+            rules = replace(rules, allow_seen=True)
+        k = len(item_ids) + len(rules.pin)  # pins come on top: no candidate is cut
         ctx = Context.begin(
-            user_id, len(item_ids), Filters(), deadline, 0.0, variant, self.on_stage
+            user_id, k, filters or Filters(), deadline, 0.0, variant, self.on_stage, request, rules
         )
         self.profile(ctx)
         rows = self.store.get_items(item_ids, ctx.deadline.left(), with_vectors=True)
-        ctx.candidates = [Candidate(i, rows[i]) for i in item_ids if i in rows]
-        self.supplied(ctx)
-        self.rank(ctx)
+        known = [i for i in item_ids if i in rows]
+        ctx.candidates = [Candidate(i, rows[i]) for i in known]
+        self.rules.admit(ctx)
+        kept = {c.item_id for c in ctx.candidates}
+        if ctx.candidates:
+            self.supplied(ctx)
+            self.rank(ctx)
+            self.rules.adjust(ctx)
         ctx.items = sorted(ctx.candidates, key=lambda c: (-c.relevance, c.item_id))
+        self.rules.pin(ctx)
         self.explain(ctx)
-        return ctx.answer(), [i for i in item_ids if i not in rows]
+        answer = ctx.answer()
+        answer.left_out = [i for i in known if i not in kept]
+        return answer, [i for i in item_ids if i not in rows]

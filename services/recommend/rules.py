@@ -9,14 +9,45 @@ buried ones put below all others, each group keeping the ranker's order
 (:meth:`Rules.adjust`); after the final pick, pinned items take the first slots
 (:meth:`Rules.pin`), read from the catalogue whether or not retrieval found them, but
 never an item the filters or the repeat policy keep out.
+
+Rules come from the request and from the configuration: :class:`RulesFile` holds the rules
+file (``RECSYS_RULES_FILE``, JSON) per surface, re-read when it changes, and :func:`merge`
+combines a surface's configured rules with the request's (:class:`SurfaceRules`).
 """
 
 from __future__ import annotations
 
-from services.recommend.context import Candidate, Context
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from core.milvus_schema import CATEGORY_MAX_LENGTH, ID_MAX_LENGTH
+from services.recommend.context import Candidate, Context, Filters, Rules
 from services.vectors.store import Row, StoreUnavailable, VectorStore
 
+log = logging.getLogger(__name__)
 PINNED = "pinned"  # the source of a pinned item
+RELOAD_CHECK_S = 1.0  # how often, at most, the rules file's stamp is looked at
+MAX_CONFIGURED_IDS = 1000  # ids per list of one surface's rules (each is a Milvus filter term)
+_ID = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{ID_MAX_LENGTH}}}")
+_KEYS = frozenset(
+    {
+        "boost_item_ids",
+        "bury_item_ids",
+        "pin_item_ids",
+        "exclude_item_ids",
+        "exclude_categories",
+        "min_create_time",
+        "repeat_policy",
+    }
+)
 
 
 def allowed(ctx: Context, row: Row, seen: set[str]) -> bool:
@@ -82,3 +113,223 @@ class ApplyRules:
             ids = {c.item_id for c in pinned}
             rest = [c for c in ctx.items if c.item_id not in ids]
             ctx.items = pinned + rest[: ctx.k - len(pinned)]
+
+
+class RulesConfigError(ValueError):
+    """The rules file cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class SurfaceRules:
+    """A surface's configured rules: exclusions and attribute filters (``filters``; its
+    ``categories`` stay empty), a repeat policy and boost/bury/pin ids (``rules``)."""
+
+    filters: Filters = field(default_factory=Filters)
+    rules: Rules = field(default_factory=Rules)
+
+
+NO_RULES = SurfaceRules()
+
+
+def merge(configured: SurfaceRules, filters: Filters, rules: Rules) -> tuple[Filters, Rules]:
+    """The request's ``filters`` and ``rules`` with a surface's configured ones.
+
+    Filters and exclusions of both apply (the later ``min_create_time`` of the two), so a
+    configured exclusion also beats a request's boost or pin. Where the two conflict the
+    request wins: its repeat policy, when it sets one, replaces the configured one; an id it
+    boosts is not buried by the configuration and one it buries is not boosted; its pins
+    come first, the configured ones after them.
+    """
+    own = configured.filters
+    merged = Filters(
+        filters.categories,
+        filters.exclude | own.exclude,
+        filters.exclude_categories | own.exclude_categories,
+        max(filters.min_created_at, own.min_created_at),
+    )
+    policy = rules if rules.repeats else configured.rules
+    return merged, Rules(
+        policy.allow_seen,
+        policy.allow_seen_categories,
+        rules.boost | (configured.rules.boost - rules.bury),
+        rules.bury | (configured.rules.bury - rules.boost),
+        tuple(dict.fromkeys((*rules.pin, *configured.rules.pin))),
+    )
+
+
+def _ids(value: object, where: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_CONFIGURED_IDS:
+        raise RulesConfigError(f"{where}: a list of at most {MAX_CONFIGURED_IDS} item ids")
+    for item in value:
+        if not isinstance(item, str) or not _ID.fullmatch(item):
+            raise RulesConfigError(f"{where}: {item!r} is not an id of [A-Za-z0-9_.:-]")
+    return value
+
+
+def _categories(value: object, where: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(c, str) and c.strip() and len(c.encode()) <= CATEGORY_MAX_LENGTH for c in value
+    ):
+        raise RulesConfigError(f"{where}: a list of category names (1-64 bytes each)")
+    return frozenset(c.strip() for c in value)
+
+
+def _epoch(value: object, where: str) -> int:
+    """Epoch seconds from a number or an RFC 3339 time ("2024-01-01T00:00:00Z")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    if isinstance(value, str):
+        try:
+            stamp = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if stamp.tzinfo is not None:
+                return max(0, int(stamp.timestamp()))
+    raise RulesConfigError(f"{where}: epoch seconds or an RFC 3339 time with a zone offset")
+
+
+def parse_surface(entry: object, where: str) -> SurfaceRules:
+    """One surface's rules from its JSON object (see :class:`RulesFile`)."""
+    if not isinstance(entry, dict):
+        raise RulesConfigError(f"{where}: expected an object")
+    unknown = sorted(set(entry) - _KEYS)
+    if unknown:
+        raise RulesConfigError(f"{where}: unknown key {unknown[0]!r} (known: {sorted(_KEYS)})")
+    boost = frozenset(_ids(entry.get("boost_item_ids", []), f"{where}.boost_item_ids"))
+    bury = frozenset(_ids(entry.get("bury_item_ids", []), f"{where}.bury_item_ids"))
+    if boost & bury:
+        raise RulesConfigError(f"{where}: {sorted(boost & bury)[0]!r} is boosted and buried")
+    pin = tuple(dict.fromkeys(_ids(entry.get("pin_item_ids", []), f"{where}.pin_item_ids")))
+    policy = entry.get("repeat_policy", {})
+    if not isinstance(policy, dict) or set(policy) - {"allow_seen", "allow_seen_categories"}:
+        raise RulesConfigError(
+            f"{where}.repeat_policy: an object with allow_seen and allow_seen_categories"
+        )
+    allow_seen = policy.get("allow_seen", False)
+    if not isinstance(allow_seen, bool):
+        raise RulesConfigError(f"{where}.repeat_policy.allow_seen: true or false")
+    where_cats = f"{where}.repeat_policy.allow_seen_categories"
+    seen_categories = _categories(policy.get("allow_seen_categories", []), where_cats)
+    created = entry.get("min_create_time")
+    filters = Filters(
+        exclude=frozenset(_ids(entry.get("exclude_item_ids", []), f"{where}.exclude_item_ids")),
+        exclude_categories=_categories(
+            entry.get("exclude_categories", []), f"{where}.exclude_categories"
+        ),
+        min_created_at=0 if created is None else _epoch(created, f"{where}.min_create_time"),
+    )
+    return SurfaceRules(filters, Rules(allow_seen, seen_categories, boost, bury, pin))
+
+
+@dataclass(frozen=True)
+class RuleBook:
+    """The configured rules: ``surfaces`` by surface id, ``default`` for every other one."""
+
+    default: SurfaceRules = NO_RULES
+    surfaces: Mapping[str, SurfaceRules] = field(default_factory=dict)
+
+    def for_surface(self, surface: str) -> SurfaceRules:
+        return self.surfaces.get(surface, self.default)
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> RuleBook:
+        """The rules of a rules file's text (empty text: none); RulesConfigError if bad."""
+        if not text.strip():
+            return cls()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RulesConfigError(f"{source}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or set(data) - {"default", "surfaces"}:
+            raise RulesConfigError(f"{source}: expected an object with default and surfaces")
+        surfaces = data.get("surfaces", {})
+        if not isinstance(surfaces, dict):
+            raise RulesConfigError(f"{source}: surfaces must map surface ids to rules")
+        for name in surfaces:
+            if not _ID.fullmatch(name):
+                raise RulesConfigError(f"{source}: surface {name!r} is not an id")
+        return cls(
+            default=parse_surface(data.get("default", {}), f"{source}: default"),
+            surfaces={n: parse_surface(e, f"{source}: surfaces.{n}") for n, e in surfaces.items()},
+        )
+
+
+class RulesFile:
+    """The rules file's rules, re-read when the file changes (like the API-key file).
+
+    The file (``RECSYS_RULES_FILE``; none = no configured rules) is JSON::
+
+        {"default": {"exclude_categories": ["Documentary"]},
+         "surfaces": {"home": {"boost_item_ids": ["318"], "pin_item_ids": ["50"],
+                               "bury_item_ids": ["2"], "exclude_item_ids": ["13"],
+                               "min_create_time": "2000-01-01T00:00:00Z",
+                               "repeat_policy": {"allow_seen_categories": ["Drama"]}}}}
+
+    A surface with an entry gets that entry, every other surface (and a request without a
+    surface) gets ``default``: a surface entry replaces the default, it does not add to it.
+    The file's stamp (modification time, size, inode: a ConfigMap's symlink swap changes it)
+    is looked at no more than every ``check_s`` seconds, on the request path. A file that
+    cannot be read or parsed at start raises :class:`RulesConfigError` (the gateway does not
+    start); on a reload the last good rules stay in force and the error is logged.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        check_s: float = RELOAD_CHECK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.check_s = check_s
+        self.clock = clock
+        self.reloads = 0
+        self.failed_reloads = 0
+        self._lock = threading.Lock()
+        self._stamp = self._file_stamp()
+        self._book = self._read()
+        self._next_check = clock() + check_s
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path) if self.path is not None else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
+
+    def _read(self) -> RuleBook:
+        if self.path is None:
+            return RuleBook()
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RulesConfigError(f"rules file {self.path}: cannot be read ({exc})") from None
+        return RuleBook.parse(text, f"rules file {self.path}")
+
+    def current(self) -> RuleBook:
+        """The rules in force, re-read first when the file changed since the last look."""
+        now = self.clock()
+        if self.path is None or now < self._next_check:
+            return self._book
+        with self._lock:
+            if now < self._next_check:
+                return self._book
+            self._next_check = now + self.check_s
+            stamp = self._file_stamp()
+            if stamp is None or stamp == self._stamp:
+                return self._book  # unchanged, or missing mid-swap: keep what works
+            self._stamp = stamp
+            try:
+                book = self._read()
+            except RulesConfigError as exc:
+                self.failed_reloads += 1
+                log.error("rules file changed but is not usable, keeping the last rules: %s", exc)
+                return self._book
+            self._book = book
+            self.reloads += 1
+        log.info("rules reloaded from %s: %d surface(s)", self.path, len(book.surfaces))
+        return book
+
+    def for_surface(self, surface: str) -> SurfaceRules:
+        """The configured rules of ``surface`` (the default for an unlisted or empty one)."""
+        return self.current().for_surface(surface)

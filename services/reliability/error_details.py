@@ -3,28 +3,22 @@
 Every error the gateway sends carries, in the ``grpc-status-details-bin`` trailer that gRPC
 clients of every language decode, an ``ErrorInfo`` whose ``reason`` is a stable UPPER_SNAKE
 code in the ``recsys.v1`` domain (what code should branch on; the message is for people),
-and for ``INVALID_ARGUMENT`` a ``BadRequest`` naming the offending field. Like
-:mod:`services.reliability.retry_info`, the two messages are declared in a private
-descriptor pool, wire-identical to the googleapis definitions, so the gateway image needs no
-googleapis package.
+and for ``INVALID_ARGUMENT`` a ``BadRequest`` naming the offending field. The messages come
+from the one private ``google.rpc`` pool of :mod:`services.reliability.rpc_status` (shared
+with :mod:`services.reliability.retry_info`), so the gateway image needs no googleapis
+package.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from services.reliability.retry_info import (
-    DETAILS_KEY,
-    PUSHBACK_KEY,
-    RETRY_AFTER_KEY,
-    RetryInfo,
-    Status,
-)
+from services.reliability.retry_info import PUSHBACK_KEY, RETRY_AFTER_KEY
+from services.reliability.rpc_status import DETAILS_KEY, BadRequest, ErrorInfo, RetryInfo, Status
 
 DOMAIN = "recsys.v1"
 
@@ -39,48 +33,6 @@ DEFAULT_REASONS = {
     grpc.StatusCode.PERMISSION_DENIED: "PERMISSION_DENIED",
     grpc.StatusCode.INTERNAL: "INTERNAL_ERROR",
 }
-
-
-def _classes() -> tuple[Any, Any]:
-    field = descriptor_pb2.FieldDescriptorProto
-    string, optional, repeated = field.TYPE_STRING, field.LABEL_OPTIONAL, field.LABEL_REPEATED
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="recsys/google_rpc_error_details.proto", package="google.rpc", syntax="proto3"
-    )
-    info = proto.message_type.add(name="ErrorInfo")
-    info.field.add(name="reason", number=1, type=string, label=optional)
-    info.field.add(name="domain", number=2, type=string, label=optional)
-    entry = info.nested_type.add(name="MetadataEntry")
-    entry.options.map_entry = True
-    entry.field.add(name="key", number=1, type=string, label=optional)
-    entry.field.add(name="value", number=2, type=string, label=optional)
-    info.field.add(
-        name="metadata",
-        number=3,
-        type=field.TYPE_MESSAGE,
-        label=repeated,
-        type_name=".google.rpc.ErrorInfo.MetadataEntry",
-    )
-    bad = proto.message_type.add(name="BadRequest")
-    violation = bad.nested_type.add(name="FieldViolation")
-    violation.field.add(name="field", number=1, type=string, label=optional)
-    violation.field.add(name="description", number=2, type=string, label=optional)
-    bad.field.add(
-        name="field_violations",
-        number=1,
-        type=field.TYPE_MESSAGE,
-        label=repeated,
-        type_name=".google.rpc.BadRequest.FieldViolation",
-    )
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(proto.SerializeToString())
-    return (
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.ErrorInfo")),
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.BadRequest")),
-    )
-
-
-ErrorInfo, BadRequest = _classes()
 
 
 def status_trailers(
@@ -145,3 +97,29 @@ def abort_with_details(
     context.set_trailing_metadata(status_trailers(code, message, reason, violations, retry_delay_s))
     context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
+
+
+class UnknownMethod(grpc.GenericRpcHandler):
+    """Answers a method no service of the server has: ``UNIMPLEMENTED`` with an ``ErrorInfo``
+    (reason ``METHOD_UNKNOWN``, the method in its metadata), which gRPC core's own answer to
+    an unknown method lacks. Register it after every service: generic handlers are asked in
+    the order they were added, so it only sees the calls nothing else claimed. One
+    stream-stream handler serves every call shape (it never reads the request)."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = str(handler_call_details.method)[:200]
+
+        def reject(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            message = (
+                f"unknown method {method!r}: this server has recsys.v1.RecommenderService, "
+                "grpc.health.v1.Health and server reflection"
+            )
+            code = grpc.StatusCode.UNIMPLEMENTED
+            metadata = {"method": method}
+            context.set_trailing_metadata(
+                status_trailers(code, message, "METHOD_UNKNOWN", metadata=metadata)
+            )
+            context.abort(code, message)
+            yield b""  # unreachable: a generator, so gRPC runs it as a response stream
+
+        return grpc.stream_stream_rpc_method_handler(reject)

@@ -1,13 +1,13 @@
 """``google.rpc.Status`` with a ``google.rpc.RetryInfo`` detail, without googleapis protos.
 
 gRPC clients of every language read a rich error status from the ``grpc-status-details-bin``
-trailer; a ``RetryInfo`` detail there tells them how long to back off. The two messages are
-declared here in a private descriptor pool (wire-identical to the googleapis definitions, and
-no clash if those are imported too). A plain ``retry-after-ms`` trailer says the same for
-clients that do not decode details, and ``grpc-retry-pushback-ms`` says it to gRPC's own
-retry logic (the service-config retries of ``recsys_client`` and of other languages' clients
-wait exactly that long before the next attempt). Hints carry jitter (:func:`jittered`), so
-the clients shed together do not all come back in the same millisecond.
+trailer; a ``RetryInfo`` detail there tells them how long to back off. Both messages come from
+the one private ``google.rpc`` pool of :mod:`services.reliability.rpc_status`. A plain
+``retry-after-ms`` trailer says the same for clients that do not decode details, and
+``grpc-retry-pushback-ms`` says it to gRPC's own retry logic (the service-config retries of
+``recsys_client`` and of other languages' clients wait exactly that long before the next
+attempt). Hints carry jitter (:func:`jittered`), so the clients shed together do not all
+come back in the same millisecond.
 """
 
 from __future__ import annotations
@@ -17,57 +17,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import (
-    any_pb2,
-    descriptor_pb2,
-    descriptor_pool,
-    duration_pb2,
-    message_factory,
-)
+from services.reliability.rpc_status import DETAILS_KEY, RetryInfo, Status
+
+__all__ = ["DETAILS_KEY", "PUSHBACK_KEY", "RETRY_AFTER_KEY", "RetryInfo", "Status"]
 
 RETRY_AFTER_KEY = "retry-after-ms"
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 JITTER = 0.2  # hints are stretched by up to 20 %, never shortened
-DETAILS_KEY = "grpc-status-details-bin"
-
-
-def _classes() -> tuple[Any, Any]:
-    field = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="recsys/google_rpc_status.proto",
-        package="google.rpc",
-        syntax="proto3",
-        dependency=["google/protobuf/any.proto", "google/protobuf/duration.proto"],
-    )
-    status = proto.message_type.add(name="Status")
-    status.field.add(name="code", number=1, type=field.TYPE_INT32, label=field.LABEL_OPTIONAL)
-    status.field.add(name="message", number=2, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
-    status.field.add(
-        name="details",
-        number=3,
-        type=field.TYPE_MESSAGE,
-        label=field.LABEL_REPEATED,
-        type_name=".google.protobuf.Any",
-    )
-    retry = proto.message_type.add(name="RetryInfo")
-    retry.field.add(
-        name="retry_delay",
-        number=1,
-        type=field.TYPE_MESSAGE,
-        label=field.LABEL_OPTIONAL,
-        type_name=".google.protobuf.Duration",
-    )
-    pool = descriptor_pool.DescriptorPool()
-    for module in (any_pb2, duration_pb2):
-        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    pool.AddSerializedFile(proto.SerializeToString())
-    return (
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.Status")),
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.RetryInfo")),
-    )
-
-
-Status, RetryInfo = _classes()
 
 
 def retry_trailers(code: int, message: str, delay_s: float) -> tuple[tuple[str, Any], ...]:

@@ -160,8 +160,18 @@ list_items = st.builds(
     st.one_of(st.just(""), text, st.binary(max_size=40).map(lambda b: b.hex())),
 )
 delete_item = st.builds(lambda i: pb.DeleteItemRequest(item_id=i), ids)
-rank = st.builds(
-    lambda u, items: pb.RankItemsRequest(user_id=u, item_ids=items),
-    st.one_of(ids, st.just("")),
-    repeated(ids, 500),
-)
+
+
+@st.composite
+def rank(draw: st.DrawFn) -> pb.RankItemsRequest:
+    """RankItems with Recommend's context, repeat policy, filters and rules (its own
+    ``current_item_id``/``session_id`` are refused, so they are drawn too)."""
+    like = draw(recommend())
+    return pb.RankItemsRequest(
+        user_id=draw(st.one_of(ids, st.just(""))),
+        item_ids=draw(repeated(ids, 500)),
+        context=like.context,
+        repeat_policy=like.repeat_policy,
+        item_filter=like.item_filter,
+        business_rules=like.business_rules,
+    )

@@ -291,3 +291,43 @@ def test_business_rules_boost_bury_and_pin(client: RecommenderClient, store: Vec
     with pytest.raises(InvalidArgumentError) as excinfo:
         client.recommend("1", business_rules=conflict)
     assert excinfo.value.reason == "CONFLICTING_FIELDS"
+
+
+def test_rank_items_takes_context_filters_repeat_policy_and_rules(
+    client: RecommenderClient, store: VectorStore
+) -> None:
+    shown = _ids(client.recommend("1", k=10, diversity=0.0))
+    user = store.get_user("1", 10, with_vector=False)
+    assert user is not None
+    seen = sorted({*user["recent_items"], *user["seen_items"]})[:3]
+    candidates = [*shown, *seen]
+    rows = store.get_items(candidates, 10)
+    home = pb.RequestContext(surface="home", device="ios")
+    plain = client.rank_items("1", candidates, context=home)
+    assert sorted(_ids(plain)) == sorted(candidates) and not plain.filtered_item_ids
+    # attribute filters and a repeat policy naming categories leave candidates out, named
+    category = rows[shown[0]]["categories"][0]
+    no_cat = pb.ItemFilter(exclude_categories=[category])
+    filtered = client.rank_items("1", candidates, context=home, item_filter=no_cat)
+    out = [i for i in candidates if category in rows[i]["categories"]]
+    assert list(filtered.filtered_item_ids) == out and set(_ids(filtered)).isdisjoint(out)
+    kept = rows[seen[0]]["categories"][0]
+    policy = pb.RepeatPolicy(allow_seen_categories=[kept])
+    repeat = client.rank_items("1", candidates, context=home, repeat_policy=policy)
+    assert list(repeat.filtered_item_ids) == [i for i in seen if kept not in rows[i]["categories"]]
+    # boost, bury and pin as in Recommend: a pinned catalogue item first, every candidate kept
+    order = _ids(plain)
+    fresh = next(i.item_id for i in client.iter_items(500) if i.item_id not in candidates)
+    rules = pb.BusinessRules(
+        boost_item_ids=[order[-1]], bury_item_ids=[order[0]], pin_item_ids=[fresh]
+    )
+    ranked = _ids(client.rank_items("1", candidates, context=home, business_rules=rules))
+    assert ranked[:2] == [fresh, order[-1]] and ranked[-1] == order[0]
+    assert sorted(ranked) == sorted([*candidates, fresh])
+    with pytest.raises(InvalidArgumentError) as excinfo:
+        client.rank_items("1", candidates, context=pb.RequestContext(current_item_id="1"))
+    assert _violation(excinfo.value) == (
+        "context.current_item_id",
+        "FIELD_NOT_SUPPORTED",
+        "recsys.v1",
+    )

@@ -31,6 +31,7 @@ from recsys_client.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "Tls",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
     "fill_idempotency_keys",
     "new_idempotency_key",
     "pb",

@@ -138,6 +138,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     rk = sub.add_parser("rank", help="order your candidate items for a user")
     rk.add_argument("--user", required=True)
     rk.add_argument("--items", type=_csv, required=True, help="comma-separated item ids")
+    rk.add_argument("--surface", default="", help="the page showing the items (home, ...)")
+    rk.add_argument("--device", default="", help="the device class (web, ios, ...)")
     return parser
 
 
@@ -234,11 +236,14 @@ def run(args: argparse.Namespace) -> None:
             existed = client.delete_item(args.item).existed
             print(f"item {args.item} {'deleted' if existed else 'was not in the catalogue'}")
         elif args.command == "rank":
-            ranked = client.rank_items(args.user, args.items)
+            where = pb.RequestContext(surface=args.surface, device=args.device)
+            ranked = client.rank_items(args.user, args.items, context=where)
             print(f"ranked for user {args.user} (recommendation id {ranked.recommendation_id})")
             _print_items(ranked.items)
             if ranked.unknown_item_ids:
                 print(f"not in the catalogue: {', '.join(ranked.unknown_item_ids)}")
+            if ranked.filtered_item_ids:
+                print(f"left out by the rules: {', '.join(ranked.filtered_item_ids)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -280,11 +280,29 @@ class RecommenderClient:
         return self._call(self.stub.DeleteItem, request, timeout)
 
     def rank_items(
-        self, user_id: str, item_ids: Sequence[str], *, timeout: float | None = None
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        *,
+        context: pb.RequestContext | None = None,
+        repeat_policy: pb.RepeatPolicy | None = None,
+        item_filter: pb.ItemFilter | None = None,
+        business_rules: pb.BusinessRules | None = None,
+        timeout: float | None = None,
     ) -> pb.RankItemsResponse:
         """``item_ids`` (your candidates) ordered for ``user_id`` by the gateway's ranker,
-        best first; ids not in the catalogue come back in ``unknown_item_ids``."""
-        request = pb.RankItemsRequest(user_id=user_id, item_ids=item_ids)
+        best first; ids not in the catalogue come back in ``unknown_item_ids``. ``context``
+        (``surface``, ``device``), ``repeat_policy``, ``item_filter`` and ``business_rules``
+        apply as in :meth:`recommend` (with the surface's configured rules); candidates
+        they leave out come back in ``filtered_item_ids``."""
+        request = pb.RankItemsRequest(
+            user_id=user_id,
+            item_ids=item_ids,
+            context=context,
+            repeat_policy=repeat_policy,
+            item_filter=item_filter,
+            business_rules=business_rules,
+        )
         return self._call(self.stub.RankItems, request, timeout)
 
     def serving(self, timeout: float = 1.0) -> bool:

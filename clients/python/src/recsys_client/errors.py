@@ -133,6 +133,11 @@ class InternalError(RecsysError):
     """A server fault (INTERNAL, UNKNOWN, DATA_LOSS)."""
 
 
+class UnimplementedError(RecsysError):
+    """The gateway has no such method (UNIMPLEMENTED, reason ``METHOD_UNKNOWN``): an older
+    gateway than this client, or a wrong target."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[RecsysError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
@@ -145,6 +150,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RecsysError]] = {
     grpc.StatusCode.INTERNAL: InternalError,
     grpc.StatusCode.UNKNOWN: InternalError,
     grpc.StatusCode.DATA_LOSS: InternalError,
+    grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
 }
 
 
