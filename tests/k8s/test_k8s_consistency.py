@@ -320,6 +320,37 @@ def test_gateway_files_come_from_secret_mounts(
         assert len(secrets) == 1, f"certificate, key and CA from one tls Secret: {secrets}"
 
 
+def test_gateway_rules_file_is_a_configmap_updated_in_place(
+    overlay: Rendered, settings_cls, monkeypatch, tmp_path: Path
+) -> None:
+    """RECSYS_RULES_FILE is a file of a ConfigMap volume mounted without subPath, from a
+    ConfigMap without a name hash (so an edit reaches the running gateways, which re-read
+    it), and its content is rules the gateway accepts at start."""
+    from services.recommend.rules import RulesFile
+
+    pod = overlay.workload("gateway")["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    settings = settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
+    path = settings.rules_file
+    assert path is not None, "RECSYS_RULES_FILE is not set for the gateway"
+    mounts = [
+        m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == str(path.parent)
+    ]
+    assert len(mounts) == 1, f"{path.parent} is not a mounted volume"
+    assert "subPath" not in mounts[0], "a subPath mount never sees the ConfigMap's updates"
+    assert mounts[0].get("readOnly"), "mount the rules readOnly"
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mounts[0]["name"])
+    name = volume["configMap"]["name"]
+    config_map = overlay.get("ConfigMap", name)
+    assert config_map["metadata"]["name"] == name, (
+        f"{name}: a hashed ConfigMap is replaced on edit, never updated in place"
+    )
+    content = config_map["data"][path.name]
+    local = tmp_path / path.name
+    local.write_text(content)
+    RulesFile(local).current()  # raises RulesConfigError for rules the gateway refuses
+
+
 def test_prod_gateway_requires_api_keys_and_mutual_tls(
     rendered_all: dict[str, Rendered], settings_cls, monkeypatch
 ) -> None:
