@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,10 +29,10 @@ from pathlib import Path
 from core.milvus_schema import CATEGORY_MAX_LENGTH, ID_MAX_LENGTH
 from services.recommend.context import Candidate, Context, Filters, Rules
 from services.vectors.store import Row, StoreUnavailable, VectorStore
+from services.watched_file import RELOAD_CHECK_S, WatchedFile
 
 log = logging.getLogger(__name__)
 PINNED = "pinned"  # the source of a pinned item
-RELOAD_CHECK_S = 1.0  # how often, at most, the rules file's stamp is looked at
 MAX_CONFIGURED_IDS = 1000  # ids per list of one surface's rules (each is a Milvus filter term)
 _ID = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{ID_MAX_LENGTH}}}")
 _KEYS = frozenset(
@@ -255,7 +253,7 @@ class RuleBook:
         )
 
 
-class RulesFile:
+class RulesFile(WatchedFile[RuleBook]):
     """The rules file's rules, re-read when the file changes (like the API-key file).
 
     The file (``RECSYS_RULES_FILE``; none = no configured rules) is JSON::
@@ -280,22 +278,9 @@ class RulesFile:
         check_s: float = RELOAD_CHECK_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.path = path
-        self.check_s = check_s
-        self.clock = clock
-        self.reloads = 0
-        self.failed_reloads = 0
-        self._lock = threading.Lock()
-        self._stamp = self._file_stamp()
-        self._book = self._read()
-        self._next_check = clock() + check_s
-
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path) if self.path is not None else None
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
+        super().__init__(
+            path, self._read, "rules file", (RulesConfigError,), check_s=check_s, clock=clock
+        )
 
     def _read(self) -> RuleBook:
         if self.path is None:
@@ -305,30 +290,6 @@ class RulesFile:
         except (OSError, UnicodeDecodeError) as exc:
             raise RulesConfigError(f"rules file {self.path}: cannot be read ({exc})") from None
         return RuleBook.parse(text, f"rules file {self.path}")
-
-    def current(self) -> RuleBook:
-        """The rules in force, re-read first when the file changed since the last look."""
-        now = self.clock()
-        if self.path is None or now < self._next_check:
-            return self._book
-        with self._lock:
-            if now < self._next_check:
-                return self._book
-            self._next_check = now + self.check_s
-            stamp = self._file_stamp()
-            if stamp is None or stamp == self._stamp:
-                return self._book  # unchanged, or missing mid-swap: keep what works
-            self._stamp = stamp
-            try:
-                book = self._read()
-            except RulesConfigError as exc:
-                self.failed_reloads += 1
-                log.error("rules file changed but is not usable, keeping the last rules: %s", exc)
-                return self._book
-            self._book = book
-            self.reloads += 1
-        log.info("rules reloaded from %s: %d surface(s)", self.path, len(book.surfaces))
-        return book
 
     def for_surface(self, surface: str) -> SurfaceRules:
         """The configured rules of ``surface`` (the default for an unlisted or empty one)."""

@@ -18,9 +18,10 @@ a known key without the method's scope is ``PERMISSION_DENIED``. A key with a ``
 bound to that user (per-user authorization, e.g. a key handed to one app install): it may
 only name that user in a request (:mod:`services.reliability.user_binding`).
 
-The key file is watched: a changed file (modification time, size or inode; checked at most
-every :data:`RELOAD_CHECK_S`) is re-read without a restart, and a file that does not parse
-keeps the previous keys in service, with an error in the log.
+The key file is watched (:class:`services.watched_file.WatchedFile`): a changed file
+(modification time, size or inode; checked at most every ``RELOAD_CHECK_S``) is re-read
+without a restart, and a file that does not parse keeps the previous keys in service, with an
+error in the log.
 
 ``RECSYS_AUTH_MODE=none`` (the local default) admits every call, with a WARNING at start;
 the caller is then identified by its TLS client certificate's common name, else its address,
@@ -35,8 +36,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -47,6 +46,7 @@ import grpc
 
 from core.config import Settings
 from services.reliability.guard import GuardInterceptor, abort, metadata_value
+from services.watched_file import RELOAD_CHECK_S, WatchedFile
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,9 @@ class KeyStore:
         return found
 
 
-RELOAD_CHECK_S = 1.0
-
-
-class ReloadingKeyStore:
-    """The settings' keys, re-read when ``api_keys_file`` changes on disk."""
+class ReloadingKeyStore(WatchedFile[KeyStore]):
+    """The settings' keys, re-read when ``api_keys_file`` changes on disk (a file that does
+    not parse, or that holds no key at all, keeps the keys in force)."""
 
     def __init__(
         self,
@@ -176,50 +174,17 @@ class ReloadingKeyStore:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.check_s = check_s
-        self.clock = clock
-        self.reloads = 0
-        self._lock = threading.Lock()
-        self._stamp = self._file_stamp()
-        self._store = KeyStore.from_settings(settings)
-        self._next_check = clock() + check_s
+        super().__init__(
+            settings.api_keys_file,
+            lambda: KeyStore.from_settings(settings),
+            "API key file",
+            refuse=lambda store: None if store else "no keys at all",
+            check_s=check_s,
+            clock=clock,
+        )
 
     def __len__(self) -> int:
-        return len(self._store)
-
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        path = self.settings.api_keys_file
-        try:
-            st = os.stat(path) if path is not None else None
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
-
-    def current(self) -> KeyStore:
-        """The keys in force, re-read first when the file changed since the last look."""
-        now = self.clock()
-        if self.settings.api_keys_file is None or now < self._next_check:
-            return self._store
-        with self._lock:
-            if now < self._next_check:
-                return self._store
-            self._next_check = now + self.check_s
-            stamp = self._file_stamp()
-            if stamp is None or stamp == self._stamp:
-                return self._store  # unchanged, or missing mid-swap: keep what works
-            self._stamp = stamp
-            try:
-                store = KeyStore.from_settings(self.settings)
-            except (OSError, ValueError) as exc:
-                log.error("API key file changed but is not usable, keeping the old keys: %s", exc)
-                return self._store
-            if not store:
-                log.error("API key file changed to no keys at all, keeping the old keys")
-                return self._store
-            self._store = store
-            self.reloads += 1
-        log.info("API keys reloaded from %s: %d key(s)", self.settings.api_keys_file, len(store))
-        return store
+        return len(self.current())
 
     def lookup(self, key: str) -> Principal | None:
         return self.current().lookup(key)

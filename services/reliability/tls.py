@@ -16,7 +16,6 @@ keeps the previous certificates in service, with an error in the log.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from core.config import Settings
+from services.watched_file import file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,7 @@ class CertificateFiles:
         self.initial = self._load()  # bad files at start fail the start, with the path named
 
     def _stat(self) -> Stamp:
-        stamps: list[tuple[int, int, int] | None] = []
-        for path in self.paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                stamps.append(None)
-            else:
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(stamps)
+        return tuple(file_stamp(path) for path in self.paths)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert, key, *ca = self.paths

@@ -97,7 +97,7 @@ def test_configured_rules_per_surface_merge_and_reload(stack: LocalStack, tmp_pa
             _write(rules_path, "{broken")
             time.sleep(2.5)
             assert on("home")[:1] == [boosted]
-        assert "keeping the last rules" in gateway.log_tail(200)
+        assert "keeping the last one" in gateway.log_tail(200)
     finally:
         gateway.stop()
 
