@@ -132,8 +132,12 @@ def decode_events(batch: pd.DataFrame, tombstones: Mapping[str, int]) -> pd.Data
 
 
 def _typed(batch: pd.DataFrame) -> pa.Table:
-    """One schema for every part file (a block of NaN values would otherwise be ``null``)."""
-    return pa.Table.from_pandas(batch[EVENT_COLUMNS], schema=EVENT_SCHEMA, preserve_index=False)
+    """One schema for every part file (a block of NaN values would otherwise be ``null``),
+    without pandas metadata: Ray may hand a batch with pyarrow-backed columns, and the
+    metadata would bring those dtypes back on reading (a ``timestamp[..][pyarrow]`` column
+    that the training loader cannot parse), so a reader gets the plain Arrow types instead."""
+    table = pa.Table.from_pandas(batch[EVENT_COLUMNS], schema=EVENT_SCHEMA, preserve_index=False)
+    return table.replace_schema_metadata(None)
 
 
 def _kept(batch: pd.DataFrame) -> pd.DataFrame:

@@ -54,7 +54,10 @@ def clean_ids(col: pd.Series) -> pd.Series:
 
 def parse_timestamps(col: pd.Series) -> pd.Series:
     """Anything timestamp-like to ``datetime64[ns, UTC]``; NaT where unparseable."""
-    if isinstance(col.dtype, pd.DatetimeTZDtype):
+    # zone-aware, numpy- or pyarrow-backed (a Parquet file written from Arrow-backed frames)
+    if isinstance(col.dtype, pd.DatetimeTZDtype) or (
+        pd.api.types.is_datetime64_any_dtype(col.dtype) and col.dt.tz is not None
+    ):
         return col.dt.tz_convert("UTC").astype("datetime64[ns, UTC]")
     if pd.api.types.is_datetime64_any_dtype(col.dtype):
         return col.dt.tz_localize("UTC").astype("datetime64[ns, UTC]")

@@ -291,3 +291,19 @@ def test_empty_events_file(tmp_path: Path) -> None:
     ds = load_generic(e, i)
     assert ds.events.empty and list(ds.events.columns)[-1] == "weight"
     assert ds.items["title"].tolist() == [""]
+
+
+@pytest.mark.parametrize("tz", [None, "UTC", "Europe/Paris"])
+def test_arrow_backed_timestamps_of_any_zone_parse_to_utc(tz: str | None) -> None:
+    """A Parquet file written from pyarrow-backed frames reads back with Arrow timestamp
+    dtypes; a zone-aware one used to fail ("Timestamps already have a timezone")."""
+    import pyarrow as pa
+
+    from training.data.cleaning import parse_timestamps
+
+    moment = pd.Timestamp("2020-01-01 00:00:01", tz="UTC")
+    value = moment if tz else moment.tz_localize(None)
+    col = pd.Series(pd.array([value, None], dtype=pd.ArrowDtype(pa.timestamp("us", tz=tz))))
+    parsed = parse_timestamps(col)
+    assert str(parsed.dtype) == "datetime64[ns, UTC]"
+    assert parsed.iloc[0] == moment and parsed.isna().iloc[1]
