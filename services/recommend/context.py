@@ -41,6 +41,11 @@ class Filters:
     exclude_categories: frozenset[str] = frozenset()
     min_created_at: int = 0
 
+    @property
+    def by_attributes(self) -> bool:
+        """True when :meth:`admits` may refuse a row for more than its id."""
+        return bool(self.categories or self.exclude_categories or self.min_created_at)
+
     def admits(self, row: Row) -> bool:
         if row["item_id"] in self.exclude:
             return False

@@ -57,3 +57,53 @@ def test_popularity_cache_keeps_the_catalogues_clock_for_the_ranker() -> None:
 def test_milvus_literals_escape_client_strings() -> None:
     assert literal('Sci "Fi') == '"Sci \\"Fi"'
     assert literal(["a\\b", "c"]) == '["a\\\\b", "c"]'
+
+
+class _ReadsStore:
+    """FakeStore that records the ids of every ``get_items`` read."""
+
+    def __init__(self, items: list[dict[str, object]]) -> None:
+        from tests.services.recommend.fakes import FakeStore
+
+        self.inner = FakeStore(items)
+        self.reads: list[list[str]] = []
+
+    def get_items(self, ids: object, timeout: float, **kw: bool) -> dict[str, dict[str, object]]:
+        self.reads.append(list(ids))  # type: ignore[call-overload]
+        return self.inner.get_items(self.reads[-1], timeout, **kw)
+
+
+def _admitted(
+    store: _ReadsStore, lists: dict[str, list[str]], filters: Filters, n: int
+) -> dict[str, list[str]]:
+    from typing import cast
+
+    from services.deadline import Deadline
+    from services.vectors.store import VectorStore
+
+    retriever = Retriever(cast(VectorStore, store), PopularItems(size=1))
+    found, rows = retriever.admitted(lists, ["p"], filters, n, Deadline.after(5))
+    assert "p" in rows  # the popular ids' rows come with the first read
+    return {name: [r["item_id"] for r in found_rows] for name, found_rows in found.items()}
+
+
+def test_admitted_reads_only_as_far_down_each_list_as_it_must() -> None:
+    items = [row(f"c{i}") for i in range(9)] + [row(f"s{i}", ("B",)) for i in range(9)]
+    store = _ReadsStore([*items, row("p")])
+    lists = {"co": [f"c{i}" for i in range(9)], "seg": [f"s{i}" for i in range(9)]}
+    # no attribute filter: the first 3 ids of each list are the answer, ~a third of the rows
+    assert _admitted(store, lists, Filters(), 3) == {
+        "co": ["c0", "c1", "c2"],
+        "seg": ["s0", "s1", "s2"],
+    }
+    assert store.reads == [["c0", "c1", "c2", "s0", "s1", "s2", "p"]]
+    # an id with no row (a deleted item) leaves its list short: the rest of it is read
+    store.reads.clear()
+    lists["co"][1] = "gone"
+    assert _admitted(store, lists, Filters(), 3)["co"] == ["c0", "c2", "c3"]
+    assert store.reads[1] == [f"c{i}" for i in range(3, 9)]
+    # an attribute filter can refuse any row: every id in one read, as before
+    store.reads.clear()
+    only_b = Filters(("B",))
+    assert _admitted(store, lists, only_b, 3) == {"co": [], "seg": ["s0", "s1", "s2"]}
+    assert len(store.reads) == 1 and len(store.reads[0]) == 19
