@@ -132,9 +132,10 @@ def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def _indexed_stack(
-    model_repository: Path, dataset_dir: Path, var_dir: Path
+    model_repository: Path, dataset_dir: Path, var_dir: Path, **settings: object
 ) -> Iterator[LocalStack]:
-    """Milvus Lite + tritonserver + gateway, with the small dataset indexed."""
+    """Milvus Lite (or what ``settings`` choose) + tritonserver + gateway, with the small
+    dataset indexed."""
     from ops.demo import index_dataset
     from training.data import load_dataset
 
@@ -146,6 +147,7 @@ def _indexed_stack(
         rank_candidates=50,
         segments=4,
         log_level="INFO",
+        **settings,
     )
     with local_stack(base, var_dir) as running:
         running.start_milvus()
