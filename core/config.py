@@ -422,7 +422,28 @@ class Settings(BaseSettings):
         500, ge=1, description="Events one profile worker fetches at once."
     )
     worker_max_deliveries: int = Field(
-        5, ge=1, description="Deliveries of an event before it goes to the dead-letter stream."
+        5,
+        ge=1,
+        description=(
+            "Failed applies of a user's pending events before they go to the dead-letter "
+            "stream (redeliveries for a busy lease or an outage are not failures)."
+        ),
+    )
+    apply_failures_bucket: str = Field(
+        "recsys_apply_failures",
+        description="Key-value bucket: each user's count of failed applies of one backlog.",
+    )
+    worker_failure_ttl_s: float = Field(
+        600.0,
+        gt=0,
+        description="A user's failed-apply count is forgotten this long after its last failure.",
+    )
+    reencode_bucket: str = Field(
+        "recsys_reencode",
+        description=(
+            "Key-value bucket of users whose vector lags their history (any worker's "
+            "re-encode lane takes over an entry older than worker_lease_s)."
+        ),
     )
     worker_lease_s: float = Field(
         30.0, gt=1, description="Per-user apply lease; an apply must finish well within it."

@@ -9,34 +9,48 @@ messages are *triggers*. For each user in a fetched batch the worker
 2. reads the row's ``version`` (the log sequence of the newest event it contains, Strong
    read) and the user's tombstone, then reads *the user's own subject* from the stream after
    ``max(version, tombstone)``, in sequence order: whatever arrived, whichever worker got
-   the triggers, and whatever was redelivered, is applied once and in order;
-3. folds those events in (one ``Profiles.apply`` for all users of the batch) and upserts
+   the triggers, and whatever was redelivered, is applied once and in order. Each of these
+   reads is one request for the whole batch, not one per user (one Milvus query for the
+   rows, ``multi_last`` direct gets for the sequences, the stream's tail for the events:
+   per-user round trips were most of an apply);
+3. folds those events in (one ``Profiles.apply`` for all users of the batch that keep their
+   vector, ``USERS_PER_APPLY`` a request for those Triton must encode now) and upserts
    each row with its new ``version``: history, counts and order at once, the vector kept;
    a separate lane re-encodes the changed users' vectors on Triton as fast as it can
    (``_reencode_loop``: BERT is most of the cost, see there);
-4. records the applied sequence (``applied_bucket``, what the gateway waits for), releases
-   the lease and acknowledges the triggers.
+4. records the users whose vector now lags (``reencode_bucket``, durable: any worker's lane
+   takes over what a dead worker left), then the applied sequence (``applied_bucket``, what
+   the gateway waits for), releases the lease and acknowledges the triggers. A worker that
+   died after the upsert and before recording the applied sequence is caught up by the
+   redelivered trigger: it finds the row's ``version`` past the applied sequence and records
+   both then.
 
 Why no update is lost although Milvus has no compare-and-set: a row is only written under
-its user's lease, from a Strong read taken under that lease, and the reads, the wait for
-this worker's Triton slot and the write each have a deadline of ``worker_lease_s`` / 4, so a
-lease cannot expire while its write may still land (the re-encode lane writes under the
-lease as well). A crash after the upsert and before the acknowledgement is
-harmless: the redelivered trigger finds ``version`` already past those events.
+its user's lease, from a Strong read taken under that lease; the reads end within
+``worker_lease_s`` / 2 of taking the leases (the Milvus read has a deadline of lease / 4,
+and a batch whose log reads took longer is not written but retried), and the wait for this
+worker's Triton slot and the write each have a deadline of lease / 4, so a lease cannot
+expire while its write may still land (the re-encode lane writes under the lease as well).
+A crash after the upsert and before the acknowledgement is harmless: the redelivered
+trigger finds ``version`` already past those events.
 
 Failures: an event that cannot succeed (undecodable, invalid, or a value the Milvus schema
 refuses) goes to the dead-letter stream at once with its reason and is removed from the
 log; an outage of Triton or Milvus is waited out (the triggers are nak'ed with a backoff of
 at most ``OUTAGE_BACKOFF_S``, never dead-lettered: the events are good, the dependency will
 be back, and an acknowledged event must reach its profile); any other failure is retried with
-exponential backoff and after ``worker_max_deliveries`` deliveries the user's pending events
-are dead-lettered, so everything else keeps flowing. ``python -m services.profile_worker
-dead-letters`` lists and replays them.
+exponential backoff and after ``worker_max_deliveries`` *failed applies* of the user's backlog
+its pending events are dead-lettered, so everything else keeps flowing. Failures are counted
+per user in ``apply_failures_bucket`` (not JetStream's ``num_delivered``: a trigger nak'ed
+because another worker held the lease is redelivered too, and two workers on one hot user
+made a good event reach the limit after a single real failure). ``python -m
+services.profile_worker dead-letters`` lists and replays them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -56,7 +70,7 @@ from core.config import Settings
 from services.api import pb
 from services.deadline import Deadline, DeadlineExceeded
 from services.events import aggregates
-from services.events.log import EventLog
+from services.events.log import EventLog, PendingVector
 from services.gateway import validation as v
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
@@ -101,6 +115,7 @@ class UserWork:
     events: list[tuple[int, pb.Event]] = field(default_factory=list)
     row: dict[str, object] | None = None  # as read under the lease (with its vector)
     read: bool = False  # ``row`` is the row as it stands (not for a split, event by event)
+    applied: int = 0  # the user's applied sequence as read before the lease
 
 
 class ProfileWorker:
@@ -117,7 +132,8 @@ class ProfileWorker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = asyncio.Event()
         self.delta = aggregates.Delta()  # online aggregates not merged yet
-        self.stale: dict[str, float] = {}  # users whose vector lags their history: since
+        self.stale: dict[str, PendingVector] = {}  # users whose vector lags their history
+        self.next_adoption = 0.0  # monotonic time of the next look for others' leftovers
         self.encoding = asyncio.Semaphore(1)  # one Triton request of this worker at a time
 
     async def connect(self) -> None:
@@ -198,26 +214,26 @@ class ProfileWorker:
         # Triggers whose events an earlier apply already covered (it read the user's whole
         # subject): acknowledge them without a lease or a Milvus read. The applied sequence
         # is recorded after the row is written, so it never runs ahead of the row.
-        applied = await asyncio.gather(*(self.events.applied_seq(w.user_id) for w in work))
+        # One batched read for the batch's users (a direct get may answer a write behind:
+        # an older applied sequence only means more work here, never a lost event).
+        applied = await self.events.applied_seqs([w.user_id for w in work])
+        for w in work:
+            w.applied = applied[w.user_id]
         covered = [
-            w
-            for w, seq in zip(work, applied, strict=True)
-            if max(m.metadata.sequence.stream for m in w.triggers) <= seq
+            w for w in work if max(m.metadata.sequence.stream for m in w.triggers) <= w.applied
         ]
         await asyncio.gather(*(m.ack() for w in covered for m in w.triggers))
-        work = [w for w in work if w not in covered]
-        # Chunks are disjoint sets of users under their own leases: applied side by side
-        # (each apply is mostly waiting on Milvus and Triton round trips).
-        chunks = [work[i : i + USERS_PER_APPLY] for i in range(0, len(work), USERS_PER_APPLY)]
-        await asyncio.gather(*(self._handle_users(chunk) for chunk in chunks))
+        done = {id(w) for w in covered}  # by identity: UserWork equality compares messages
+        await self._handle_users([w for w in work if id(w) not in done])
 
     async def _handle_users(self, work: list[UserWork]) -> None:
-        """Lease, apply and release a few users (one deadline).
+        """Lease, apply and release the batch's users (one deadline for the reads).
 
         A lease another applier holds is not waited for: holding some users' leases while
         waiting for others let two workers each wait on the other's until the wait ran out
         (10 s batches with 2 workers). That user's triggers come back shortly instead; most
         often the holder has applied their events by then (it reads the whole subject)."""
+        leased = time.monotonic()  # no lease of these is older
         leases = await asyncio.gather(
             *(self.events.acquire_lease(w.user_id, self.owner, 0.0) for w in work)
         )
@@ -230,7 +246,7 @@ class ProfileWorker:
                 ready.append(w)
         try:
             if ready:
-                await self._apply(ready)
+                await self._apply(ready, leased)
         finally:
             await asyncio.gather(
                 *(self.events.release_lease(w.user_id, w.lease) for w in ready if w.lease)
@@ -262,33 +278,58 @@ class ProfileWorker:
         DEAD_LETTERS.labels(reason="permanent").inc()
         await msg.ack()
 
-    async def _apply(self, work: list[UserWork]) -> None:
+    async def _apply(self, work: list[UserWork], leased: float) -> None:
         deadline = Deadline.after(self.settings.worker_lease_s / 4)
-        rows = await asyncio.gather(
-            *(asyncio.to_thread(self.profiles.get, w.user_id, deadline.left(), True) for w in work)
-        )
+        users = [w.user_id for w in work]  # one Strong query for all, not one per user
+        found = await asyncio.to_thread(self.profiles.get_many, users, deadline.left(), True)
+        rows = [found.get(u) for u in users]
 
-        async def backlog(w: UserWork, row: dict[str, object] | None) -> None:
+        # Tombstones: one batched read for the users with a row (their row is newer than
+        # any tombstone: DeleteUser deletes it under the lease), and the exact read from the
+        # stream leader for those without one (new users, or deleted: that one counts).
+        tombstones = await self.events.tombstone_seqs(list(found))
+        rowless = [u for u in users if u not in found]
+        exact = await asyncio.gather(*(self.events.tombstone_seq(u) for u in rowless))
+        tombstones.update(zip(rowless, exact, strict=True))
+        after: dict[str, int] = {}
+        for w, row in zip(work, rows, strict=True):
             w.row, w.read = row, True
             version = int(row.get("version") or 0) if row else 0  # type: ignore[call-overload]
-            after = max(version, await self.events.tombstone_seq(w.user_id))
-            for seq, payload in await self.events.user_events(w.user_id, after, 10_000):
+            after[w.user_id] = max(version, tombstones[w.user_id])
+        # Each user's own events after that, in sequence order (most in one read of the
+        # stream's tail: ``EventLog.users_events``).
+        backlog = await self.events.users_events(after)
+        for w in work:
+            for seq, payload in backlog[w.user_id]:
                 event = await self._checked(w.user_id, seq, payload)
                 if event is not None:
                     w.events.append((seq, event))
-
-        await asyncio.gather(*(backlog(w, row) for w, row in zip(work, rows, strict=True)))
-        todo = [w for w in work if w.events]
-        for w in work:  # nothing new (already applied, tombstoned or dead): done
-            if not w.events:
-                await asyncio.gather(*(m.ack() for m in w.triggers))
-        if not todo:
+        # The Milvus reads had lease / 4; with the log's reads this must leave the Triton
+        # wait and the write (lease / 4 each) inside the lease, or no write at all.
+        if time.monotonic() - leased > self.settings.worker_lease_s / 2:
+            await self._retry_or_dead(work, DeadlineExceeded("reads took over lease / 2"))
             return
+        todo = [w for w in work if w.events]
+        await self._caught_up([w for w in work if not w.events])
+        # The users who keep their vector (re-encoded apart) are written together: one
+        # upsert and one implicit-feedback call for the batch (one per 16 users cost most
+        # of an apply in round trips and thread hand-offs). A new user, or every user when
+        # encoding inline, needs Triton now: ``USERS_PER_APPLY`` per request.
+        apart = self.settings.worker_reencode_apart
+        kept = [w for w in todo if apart and w.row and w.row.get("vector") is not None]
+        keeping = {id(w) for w in kept}
+        encode = [w for w in todo if id(w) not in keeping]
+        groups = [(kept, False)] if kept else []
+        groups += [
+            (encode[i : i + USERS_PER_APPLY], True) for i in range(0, len(encode), USERS_PER_APPLY)
+        ]
+        await asyncio.gather(*(self._apply_group(g, new_users) for g, new_users in groups))
+
+    async def _apply_group(self, todo: list[UserWork], new_users: bool) -> None:
+        """Write one group of leased users (read and with their events), then record and
+        acknowledge them; a failure is retried or dead-lettered here."""
         # A new user needs a vector now: one Triton request at a time (concurrent chunks each
         # sending theirs made every one miss its deadline on a busy machine, over and over).
-        new_users = not self.settings.worker_reencode_apart or any(
-            not w.row or w.row.get("vector") is None for w in todo
-        )
         wait = self.settings.worker_lease_s / 4
         if new_users:
             try:
@@ -305,18 +346,51 @@ class ProfileWorker:
         except Exception as exc:
             await self._retry_or_dead(todo, exc)
             return
-        done = [(w, row) for w, row in zip(work, rows, strict=True) if w.events]
+        done = [(w, w.row) for w in todo if w.events]
         apart = self.settings.worker_reencode_apart
+        # Stale first: once the applied sequence is recorded a redelivered trigger is
+        # acknowledged unseen, so a crash in between would forget the vector.
+        await self._mark_stale(
+            [
+                (w.user_id, w.events[-1][0])
+                for w, row in done
+                if apart and row and row.get("vector") is not None  # kept its vector
+            ]
+        )
         await asyncio.gather(
             *(self.events.mark_applied(w.user_id, w.events[-1][0]) for w, _ in done)
         )
         self._count(done)
-        now = time.monotonic()
-        for w, row in done:
+        for w, _ in done:
             APPLIED.inc(len(w.events))
-            if apart and row and row.get("vector") is not None:  # kept its vector
-                self.stale.setdefault(w.user_id, now)
         await asyncio.gather(*(m.ack() for w in todo for m in w.triggers))
+
+    async def _caught_up(self, work: list[UserWork]) -> None:
+        """Users with nothing new to apply (already applied, tombstoned or dead-lettered):
+        acknowledged; a row whose ``version`` is past the applied sequence was written by an
+        apply that died before recording it, so its pending vector and applied sequence are
+        recorded now (the row was read Strong under the lease)."""
+        behind = [
+            (w.user_id, int(w.row.get("version") or 0), w.row.get("vector") is not None)  # type: ignore[call-overload]
+            for w in work
+            if w.row and int(w.row.get("version") or 0) > w.applied  # type: ignore[call-overload]
+        ]
+        if self.settings.worker_reencode_apart:
+            await self._mark_stale([(u, version) for u, version, vector in behind if vector])
+        await asyncio.gather(*(self.events.mark_applied(u, version) for u, version, _ in behind))
+        await asyncio.gather(*(m.ack() for w in work for m in w.triggers))
+
+    async def _mark_stale(self, users: list[tuple[str, int]]) -> None:
+        """Record (durably, then here) that these users' rows need a new vector."""
+        marked = await asyncio.gather(
+            *(self.events.mark_stale(u, version, self.owner) for u, version in users)
+        )
+        for pending in marked:
+            before = self.stale.get(pending.user_id)  # keeps its place in the queue
+            at = before.at if before is not None else pending.at
+            self.stale[pending.user_id] = PendingVector(
+                pending.user_id, pending.version, pending.owner, at, pending.revision
+            )
 
     def _count(self, done: list[tuple[UserWork, dict[str, object] | None]]) -> None:
         """The users' new positives into the online aggregates' increments (one call of
@@ -352,8 +426,8 @@ class ProfileWorker:
         DEAD_LETTERS.labels(reason="permanent" if "gave up" not in reason else "retries").inc()
 
     async def _write(self, work: list[UserWork], deadline: Deadline) -> None:
-        """All users in one apply; on a permanent error, per user and then per event, so
-        that only what cannot succeed is dead-lettered."""
+        """All users in one apply; on a permanent error, by halves down to one user and then
+        per event, so that only what cannot succeed is dead-lettered."""
         if not work:
             return
         try:
@@ -363,9 +437,10 @@ class ProfileWorker:
             if not is_permanent(exc):
                 raise
             failure: Exception = exc
-        if len(work) > 1:
-            for w in work:
-                await self._write([w], deadline)
+        if len(work) > 1:  # halves: a batch's one refused user costs ~2 log2(n) writes
+            half = len(work) // 2
+            await self._write(work[:half], deadline)
+            await self._write(work[half:], deadline)
             return
         w = work[0]
         if len(w.events) == 1:
@@ -402,10 +477,13 @@ class ProfileWorker:
         number of active users. Apart, the history is visible within the apply and the vector
         follows as fast as Triton encodes (a user is encoded once for however many events
         arrived meanwhile), ``worker_reencode_share`` of the time, so that the applies keep
-        the CPU. A worker that dies forgets its pending re-encodes: those users' vectors
-        catch up at their next event (history, counts and order are exact regardless)."""
+        the CPU. The pending users are recorded in ``reencode_bucket`` as well as here: every
+        ``worker_lease_s`` / 2 the lane also takes the entries nobody re-marked for
+        ``worker_lease_s`` (a dead worker's, or a slow one's), so a worker's death loses no
+        re-encode (:meth:`_adopt`)."""
         while True:
-            due = sorted(self.stale, key=self.stale.__getitem__)[:USERS_PER_APPLY]
+            await self._adopt()
+            due = sorted(self.stale.values(), key=lambda p: p.at)[:USERS_PER_APPLY]
             if not due:
                 await asyncio.sleep(0.05)
                 continue
@@ -421,18 +499,35 @@ class ProfileWorker:
             share = self.settings.worker_reencode_share
             await asyncio.sleep((time.monotonic() - started) * (1 - share) / share)
 
-    async def _reencode(self, users: list[str]) -> None:
+    async def _adopt(self) -> None:
+        """Take over the pending vectors not re-marked for ``worker_lease_s``: their worker
+        died (or is far behind; two encodes of one row are harmless, the write compares
+        versions). Cheap: one ordered consumer over the bucket every half lease."""
+        if time.monotonic() < self.next_adoption:
+            return
+        self.next_adoption = time.monotonic() + self.settings.worker_lease_s / 2
+        try:
+            pending = await self.events.pending_vectors()
+        except Exception as exc:  # NATS restarting: next time
+            log.warning("pending vectors not read (%s)", exc)
+            return
+        cutoff = time.time() - self.settings.worker_lease_s
+        for p in pending:
+            mine = self.stale.get(p.user_id)
+            if p.at <= cutoff and (mine is None or mine.revision < p.revision):
+                self.stale[p.user_id] = p
+
+    async def _reencode(self, due: list[PendingVector]) -> None:
         """Encode outside the users' leases (the slow part), then write each new vector
         under the lease only if the row is still the one encoded (same ``version``); a user
-        applied meanwhile stays stale for the next round."""
+        applied meanwhile stays stale for the next round. A written (or deleted) user's
+        entry goes, unless an apply re-marked it meanwhile."""
         deadline = Deadline.after(self.settings.worker_lease_s / 4)
-        rows = await asyncio.gather(
-            *(asyncio.to_thread(self.profiles.get, u, deadline.left(), False) for u in users)
-        )
-        for u, row in zip(users, rows, strict=True):
-            if row is None:  # deleted meanwhile
-                self.stale.pop(u, None)
-        found = [r for r in rows if r is not None]
+        users = [p.user_id for p in due]
+        rows = await asyncio.to_thread(self.profiles.get_many, users, deadline.left(), False)
+        gone = [p for p in due if p.user_id not in rows]  # deleted meanwhile
+        await self._vectors_done(gone)
+        found = [rows[u] for u in users if u in rows]
         if not found:
             return
         encoded = await asyncio.to_thread(self.profiles.reencoded, found, deadline)
@@ -443,34 +538,56 @@ class ProfileWorker:
         held = {r["user_id"]: lease for r, lease in zip(encoded, leases, strict=True) if lease}
         try:
             write = Deadline.after(self.settings.worker_lease_s / 4)
-            now = await asyncio.gather(
-                *(asyncio.to_thread(self.profiles.get, u, write.left(), False) for u in held)
-            )
-            version = {r["user_id"]: int(r.get("version") or 0) for r in now if r is not None}
+            now = await asyncio.to_thread(self.profiles.get_many, list(held), write.left(), False)
+            version = {u: int(r.get("version") or 0) for u, r in now.items()}
             same = [r for r in encoded if version.get(r["user_id"], -1) == r["version"]]
             if same:
                 await asyncio.to_thread(self.profiles.store.upsert_users, same, write.left())
-            for r in same:
-                self.stale.pop(r["user_id"], None)
+            written = {r["user_id"]: r["version"] for r in same}
+            await self._vectors_done([p for p in due if p.version <= written.get(p.user_id, -1)])
             REENCODED.inc(len(same))
         finally:
             await asyncio.gather(*(self.events.release_lease(u, r) for u, r in held.items()))
 
+    async def _vectors_done(self, done: list[PendingVector]) -> None:
+        """Drop these entries, here and in the bucket, unless an apply re-marked them."""
+        await asyncio.gather(*(self.events.vector_written(p) for p in done))
+        for p in done:
+            mine = self.stale.get(p.user_id)
+            if mine is not None and mine.revision == p.revision:
+                del self.stale[p.user_id]
+
     async def _retry_or_dead(self, work: list[UserWork], exc: Exception) -> None:
+        """Retry later, or dead-letter after ``worker_max_deliveries`` failed applies.
+
+        Only real failures count (``EventLog.count_failure``): an outage is waited out, and
+        the triggers' ``num_delivered`` also counts redeliveries for a lease another worker
+        held, which are no failure of these events."""
         # Down or too slow to answer in time: the events are good, wait it out.
         outage = isinstance(exc, InferenceUnavailable | StoreUnavailable | DeadlineExceeded)
         for w in work:
-            delivered = max(m.metadata.num_delivered for m in w.triggers)
             if outage:
+                delivered = max(m.metadata.num_delivered for m in w.triggers)
                 delay = min(OUTAGE_BACKOFF_S, BACKOFF_S[0] * 2 ** (delivered - 1))
                 log.warning("dependency down (%s); retry %d in %.1fs", exc, delivered, delay)
                 await asyncio.gather(*(m.nak(delay=delay) for m in w.triggers))
-            elif delivered >= self.settings.worker_max_deliveries:
-                reason = f"gave up after {delivered} deliveries: {exc}"
+                continue
+            try:
+                failures = await self.events.count_failure(
+                    w.user_id, w.events[0][0] if w.events else 0
+                )
+            except Exception as count_exc:  # the log itself is down: not these events' fault
+                log.warning("failure not counted (%s); retry in %.1fs", count_exc, OUTAGE_BACKOFF_S)
+                await asyncio.gather(*(m.nak(delay=OUTAGE_BACKOFF_S) for m in w.triggers))
+                continue
+            if failures >= self.settings.worker_max_deliveries:
+                reason = f"gave up after {failures} failed applies: {exc}"
                 for seq, event in w.events:
                     await self._dead(w.user_id, seq, event.SerializeToString(), reason)
+                with contextlib.suppress(Exception):  # expires anyway; a new backlog restarts
+                    await self.events.clear_failures(w.user_id)
                 await asyncio.gather(*(m.ack() for m in w.triggers))
             else:
-                delay = min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (delivered - 1))
-                log.warning("apply failed (%s); retry %d in %.1fs", exc, delivered, delay)
+                delay = min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (failures - 1))
+                log.warning("apply failed (%s); retry %d in %.1fs", exc, failures, delay)
                 await asyncio.gather(*(m.nak(delay=delay) for m in w.triggers))

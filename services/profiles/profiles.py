@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from core.behaviour import interests, merge_seen
@@ -60,6 +61,12 @@ class Profiles:
     def get(self, user_id: str, timeout: float, with_vector: bool = True) -> Row | None:
         return self.store.get_user(user_id, timeout, with_vector)
 
+    def get_many(
+        self, user_ids: Sequence[str], timeout: float, with_vector: bool = True
+    ) -> dict[str, Row]:
+        """Many users' rows in one query (the worker's batch read)."""
+        return self.store.get_users(user_ids, timeout, with_vector)
+
     def positive_weights(self, events: Sequence[pb.Event]) -> list[float]:
         types = pd.Series([EVENT_NAMES[e.event_type] for e in events], dtype=object)
         values = pd.Series([e.value if e.value else float("nan") for e in events], dtype=float)
@@ -91,6 +98,7 @@ class Profiles:
         rows: list[UserRow] = []
         texts: list[str] = []
         positives = 0
+        folded: list[tuple[str, list[tuple[float, str, float, str]], Row | None, list[str]]] = []
         for user_id, user_events in by_user.items():
             if current is not None and user_id in current:
                 row = current[user_id]
@@ -101,11 +109,11 @@ class Profiles:
                 if weight > 0:
                     positives += 1
                     history = [item_id, *[h for h in history if h != item_id]]
-            history = history[:RECENT_ITEMS]
+            folded.append((user_id, user_events, row, history[:RECENT_ITEMS]))
+        every_pairs = self._pairs([history for _, _, _, history in folded], deadline)
+        for (user_id, user_events, row, history), pairs in zip(folded, every_pairs, strict=True):
             newest_first = [e[1] for e in sorted(user_events, reverse=True)]
             seen = merge_seen(newest_first, row["seen_items"] if row else [], SEEN_ITEMS)
-            known = self.store.get_items(history[: self.history_window], deadline.left())
-            pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
             rows.append(
                 user_row(
                     user_id,
@@ -125,9 +133,9 @@ class Profiles:
             )
             kept = row.get("vector") if row and encode is not None else None
             if kept is not None and len(kept) and not encode(user_id):  # type: ignore[misc]
-                rows[-1]["vector"] = [float(x) for x in kept]  # kept: re-encoded later
+                rows[-1]["vector"] = np.asarray(kept, dtype=np.float32).tolist()  # re-encoded later
             else:
-                texts.append(user_text(pairs[: self.history_window]))
+                texts.append(user_text(pairs))
         self._encode([r for r in rows if "vector" not in r], texts, deadline)
         self.store.upsert_users(rows, deadline.left())
         return ProfileUpdate(users=len(rows), positives=positives)
@@ -138,10 +146,10 @@ class Profiles:
         not change meanwhile (the profile worker encodes outside the user's lease)."""
         out: list[UserRow] = []
         texts: list[str] = []
-        for row in rows:
-            history = list(row["recent_items"])
-            known = self.store.get_items(history[: self.history_window], deadline.left())
-            pairs = [(known[i]["title"], known[i]["categories"]) for i in history if i in known]
+        histories = [list(row["recent_items"]) for row in rows]
+        for row, history, pairs in zip(
+            rows, histories, self._pairs(histories, deadline), strict=True
+        ):
             out.append(
                 user_row(
                     row["user_id"],
@@ -154,16 +162,35 @@ class Profiles:
                     version=int(row.get("version") or 0),
                 )
             )
-            texts.append(user_text(pairs[: self.history_window]))
+            texts.append(user_text(pairs))
         self._encode(out, texts, deadline)
         return out
+
+    def _pairs(
+        self, histories: Sequence[Sequence[str]], deadline: Deadline
+    ) -> list[list[tuple[str, list[str]]]]:
+        """(title, categories) of each history's newest ``history_window`` items that are in
+        the catalogue: what a user's interests and behaviour text are made of, the same for
+        an apply and a re-encode. One item read for all the histories."""
+        windows = [list(history[: self.history_window]) for history in histories]
+        known = self.store.get_items([i for w in windows for i in w], deadline.left())
+        return [
+            [(known[i]["title"], known[i]["categories"]) for i in window if i in known]
+            for window in windows
+        ]
 
     def _encode(self, rows: Sequence[UserRow], texts: Sequence[str], deadline: Deadline) -> None:
         """The user tower's vectors (one Triton request) and the nearest segment of each."""
         if not rows:
             return
         vectors = self.triton.embed_users(list(texts), deadline.left())
-        for row, vector in zip(rows, vectors, strict=True):  # online segment assignment
-            segment = self.store.nearest_segment(vector, deadline.left())
-            row["segment"] = segment["segment_id"] if segment else row["segment"]
+        segments = self._nearest_segments(vectors, deadline)
+        for row, vector, segment in zip(rows, vectors, segments, strict=True):
+            row["segment"] = row["segment"] if segment is None else segment  # online assignment
             row["vector"] = vector.tolist()
+
+    def _nearest_segments(self, vectors: np.ndarray, deadline: Deadline) -> list[str | None]:
+        """The nearest segment of each vector (None: no segments yet), one search for all
+        (a search per user was a round trip per re-encoded user)."""
+        found = self.store.nearest_segments(vectors, deadline.left())
+        return [str(s["segment_id"]) if s else None for s in found]

@@ -449,6 +449,26 @@ class VectorStore:
             cache.put({user_id: row}, epoch)
         return row
 
+    @timed
+    def get_users(
+        self, user_ids: Sequence[str], timeout: float, with_vector: bool = True
+    ) -> dict[str, Row]:
+        """Many users' rows by id in one query at the user read level (absent: no row); the
+        profile worker reads a whole batch this way (a query per user was ~40% of its time).
+        Never from the profile cache: this is the read before a rewrite."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        rows = self._call(
+            "query",
+            self.users.name,
+            filter=f"user_id in {literal(ids)}",
+            output_fields=USER_FIELDS + (["vector"] if with_vector else []),
+            consistency_level=self.settings.milvus_user_consistency,
+            timeout=timeout,
+        )
+        return {str(r["user_id"]): _plain(r) for r in rows}
+
     def delete_user(self, user_id: str, timeout: float) -> bool:
         """Delete the user's row; the next read of this process no longer finds it.
 
@@ -525,18 +545,23 @@ class VectorStore:
         return not match or tuple(map(int, match.groups())) >= (2, 6, 2)
 
     @timed
-    def nearest_segment(self, vector: np.ndarray, timeout: float) -> Row | None:
-        """The segment whose centroid is closest to ``vector`` (online assignment)."""
+    def nearest_segments(self, vectors: np.ndarray, timeout: float) -> list[Row | None]:
+        """The segment whose centroid is closest to each vector (online assignment), in one
+        search for all (None: no segments yet)."""
         hits = self._call(
             "search",
             self.segments.name,
-            data=[np.asarray(vector, dtype=np.float32).tolist()],
+            data=np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1).tolist(),
             limit=1,
             output_fields=SEGMENT_FIELDS,
             consistency_level=self.settings.milvus_item_consistency,
             timeout=timeout,
         )
-        return _plain(hits[0][0]["entity"]) if hits and hits[0] else None
+        return [_plain(h[0]["entity"]) if h else None for h in hits]
+
+    def nearest_segment(self, vector: np.ndarray, timeout: float) -> Row | None:
+        """The segment whose centroid is closest to ``vector``."""
+        return self.nearest_segments(np.asarray([vector]), timeout)[0]
 
     @timed
     def get_segment(self, segment_id: str, timeout: float) -> Row | None:

@@ -1,14 +1,27 @@
-"""Pure parts of the event log and the worker: subject tokens, message ids, stamping, and
-which failures are permanent (dead-lettered at once) rather than retried."""
+"""Pure parts of the event log and the worker: subject tokens, message ids, stamping, which
+failures are permanent (dead-lettered at once) rather than retried, and what counts toward
+dead-lettering the rest."""
 
 from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
 
 from pymilvus import MilvusException
 from pymilvus.exceptions import ParamError
 
+from core.config import Settings
 from services.api import pb
 from services.events.log import message_id, stamped, user_token
-from services.profile_worker.worker import Permanent, is_permanent
+from services.inference.triton_client import InferenceUnavailable
+from services.profile_worker.worker import (
+    BACKOFF_S,
+    OUTAGE_BACKOFF_S,
+    Permanent,
+    ProfileWorker,
+    UserWork,
+    is_permanent,
+)
 from services.vectors.store import StoreUnavailable
 
 
@@ -53,43 +66,87 @@ def test_refused_values_are_permanent_outages_are_not() -> None:
     assert not is_permanent(TimeoutError())
 
 
-def test_outages_are_waited_out_other_failures_dead_lettered() -> None:
-    """A Triton or Milvus outage never dead-letters good events, however often they were
-    delivered; another failure does after ``worker_max_deliveries``."""
-    import asyncio
-    from types import SimpleNamespace
+class Trigger:
+    """A JetStream message's interface the worker uses on a failure: metadata, nak, ack."""
 
-    from core.config import Settings
-    from services.inference.triton_client import InferenceUnavailable
-    from services.profile_worker.worker import OUTAGE_BACKOFF_S, ProfileWorker, UserWork
+    def __init__(self, delivered: int) -> None:
+        self.metadata = SimpleNamespace(num_delivered=delivered)
+        self.naks: list[float] = []
+        self.acked = False
 
-    class Trigger:
-        def __init__(self, delivered: int) -> None:
-            self.metadata = SimpleNamespace(num_delivered=delivered)
-            self.naks: list[float] = []
-            self.acked = False
+    async def nak(self, delay: float) -> None:
+        self.naks.append(delay)
 
-        async def nak(self, delay: float) -> None:
-            self.naks.append(delay)
+    async def ack(self) -> None:
+        self.acked = True
 
-        async def ack(self) -> None:
-            self.acked = True
 
-    dead: list[str] = []
+class FailureCounts:
+    """``EventLog.count_failure`` / ``clear_failures`` in memory, same semantics."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    async def count_failure(self, user_id: str, first_seq: int) -> int:
+        seq, n = self.counts.get(user_id, (first_seq, 0))
+        n = n + 1 if seq == first_seq else 1
+        self.counts[user_id] = (first_seq, n)
+        return n
+
+    async def clear_failures(self, user_id: str) -> None:
+        self.counts.pop(user_id, None)
+
+
+def _worker(max_deliveries: int, dead: list[str]) -> ProfileWorker:
     worker = ProfileWorker.__new__(ProfileWorker)
-    worker.settings = Settings(worker_max_deliveries=3)
+    worker.settings = Settings(worker_max_deliveries=max_deliveries)
+    worker.events = FailureCounts()  # type: ignore[assignment]
 
     async def record(user_id: str, seq: int, payload: bytes, reason: str) -> None:
         dead.append(reason)
 
     worker._dead = record  # type: ignore[method-assign]
-    event = (1, pb.Event(user_id="u", item_id="i", event_type=pb.EVENT_TYPE_CLICK))
+    return worker
+
+
+EVENT = (1, pb.Event(user_id="u", item_id="i", event_type=pb.EVENT_TYPE_CLICK))
+
+
+def test_outages_are_waited_out_other_failures_dead_lettered() -> None:
+    """A Triton or Milvus outage never dead-letters good events, however often they were
+    delivered; another failure does at the ``worker_max_deliveries``-th failed apply."""
+    dead: list[str] = []
+    worker = _worker(3, dead)
     for exc in (InferenceUnavailable("triton down"), StoreUnavailable("milvus down")):
         trigger = Trigger(delivered=50)
-        work = [UserWork("u", [trigger], None, [event])]  # type: ignore[list-item]
+        work = [UserWork("u", [trigger], None, [EVENT])]  # type: ignore[list-item]
         asyncio.run(worker._retry_or_dead(work, exc))
         assert trigger.naks == [OUTAGE_BACKOFF_S] and not trigger.acked and not dead
-    trigger = Trigger(delivered=3)
-    work = [UserWork("u", [trigger], None, [event])]  # type: ignore[list-item]
-    asyncio.run(worker._retry_or_dead(work, RuntimeError("bug")))
-    assert trigger.acked and not trigger.naks and dead and "gave up after 3" in dead[0]
+    for failure in range(1, 4):
+        trigger = Trigger(delivered=failure)
+        work = [UserWork("u", [trigger], None, [EVENT])]  # type: ignore[list-item]
+        asyncio.run(worker._retry_or_dead(work, RuntimeError("bug")))
+        assert trigger.acked == (failure == 3) and bool(trigger.naks) == (failure < 3)
+    assert len(dead) == 1 and "gave up after 3 failed applies" in dead[0]
+    assert "u" not in worker.events.counts  # type: ignore[attr-defined]
+
+
+def test_lease_busy_redeliveries_are_no_failures() -> None:
+    """Two workers on one hot user: the trigger came back 50 times because the other held
+    the lease, then one apply failed. One failure is a retry, not a dead letter (JetStream's
+    ``num_delivered`` counted the busy redeliveries too and gave up at once)."""
+    dead: list[str] = []
+    worker = _worker(3, dead)
+    trigger = Trigger(delivered=50)
+    work = [UserWork("u", [trigger], None, [EVENT])]  # type: ignore[list-item]
+    asyncio.run(worker._retry_or_dead(work, RuntimeError("one real failure")))
+    assert not dead and not trigger.acked
+    assert trigger.naks == [BACKOFF_S[0]]  # the first failure's backoff, not the 50th's
+    # Its events applied (or dead-lettered) since: the next backlog starts at a later
+    # sequence, and its failures count from 1 again.
+    later = (7, pb.Event(user_id="u", item_id="j", event_type=pb.EVENT_TYPE_CLICK))
+    for _ in range(2):
+        trigger = Trigger(delivered=60)
+        work = [UserWork("u", [trigger], None, [later])]  # type: ignore[list-item]
+        asyncio.run(worker._retry_or_dead(work, RuntimeError("again")))
+    assert not dead and not trigger.acked

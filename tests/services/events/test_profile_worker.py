@@ -4,7 +4,9 @@ tower is faked (a fixed unit vector), so these tests need no Triton.
 Covers: a retry through another publisher counts once and applies once; a poison event is
 dead-lettered (with its reason, replayable) while the user's other events apply; deleting a
 user while their events are pending leaves no row and no event; a nats-server SIGKILL in
-the middle of a load loses no acknowledged event and applies none twice.
+the middle of a load loses no acknowledged event and applies none twice; failed applies are
+counted per backlog; a worker that stops before re-encoding leaves its pending vectors to
+another.
 """
 
 from __future__ import annotations
@@ -110,11 +112,18 @@ class Env:
 
 
 class Worker:
-    """A ProfileWorker on its own thread and event loop."""
+    """A ProfileWorker on its own thread and event loop; ``reencode=False``: its re-encode
+    lane never runs (a worker that dies before re-encoding what it applied)."""
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: Env, reencode: bool = True, settings: Settings | None = None) -> None:
         profiles = Profiles(env.store, FakeTower(env.settings.embedding_dim), 20)  # type: ignore[arg-type]
-        self.worker = ProfileWorker(env.settings, profiles)
+        self.worker = ProfileWorker(settings or env.settings, profiles)
+        if not reencode:
+
+            async def never() -> None:
+                await asyncio.Event().wait()
+
+            self.worker._reencode_loop = never  # type: ignore[method-assign]
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -196,8 +205,13 @@ def test_delete_with_pending_events_leaves_no_trace(env: Env) -> None:
     assert env.on_log(lambda log: log.visible_version(f"never-{user}")) == 0
     w.stop()  # pending from here on: nobody applies
     env.on_log(lambda log: log.publish([click(user, str(i), f"p{i}") for i in range(6, 12)]))
+    # What a worker keeps of the user: a pending vector (naming the user), a failure count.
+    env.on_log(lambda log: log.mark_stale(user, first.last_seq[user], "a-worker"))
+    env.on_log(lambda log: log.count_failure(user, first.last_seq[user] + 1))
     purged = env.on_log(lambda log: log.forget_user(user, 5.0))
     assert purged == 7
+    assert pending(env, user) == []
+    assert env.on_log(lambda log: log.count_failure(user, first.last_seq[user] + 1)) == 1
     assert env.on_log(lambda log: log.visible_version(user)) is None  # no cached row serves
     assert env.store.delete_user(user, 5)
     w = Worker(env)
@@ -270,6 +284,25 @@ def test_nats_sigkill_under_load_loses_nothing_and_applies_once(env: Env, worker
         assert row is not None and set(row["seen_items"]) == expected[u]
 
 
+def encoded(env: Env, history: list[str]) -> np.ndarray:
+    """The fake user tower's vector of a history, as the worker encodes it."""
+    known = env.store.get_items(history, 5)
+    return FakeTower(env.settings.embedding_dim).embed_users(
+        [user_text([(known[i]["title"], known[i]["categories"]) for i in history])], 5
+    )[0]
+
+
+def vector(env: Env, user: str) -> np.ndarray:
+    row = env.store.get_user(user, 5, with_vector=True)
+    assert row is not None
+    return np.asarray(row["vector"], dtype=np.float32)
+
+
+def pending(env: Env, user: str) -> list[int]:
+    """The row versions the re-encode bucket holds for the user (at most one)."""
+    return [p.version for p in env.on_log(lambda log: log.pending_vectors()) if p.user_id == user]
+
+
 def test_the_vector_follows_the_history_and_the_history_is_visible_first(
     env: Env, worker: Worker
 ) -> None:
@@ -278,26 +311,14 @@ def test_the_vector_follows_the_history_and_the_history_is_visible_first(
     user = f"vec-{uuid.uuid4().hex[:8]}"
     first = env.on_log(lambda log: log.publish([click(user, "a", f"{user}-1")]))
     assert env.on_log(lambda log: log.wait_applied(first.last_seq, 20))
-    tower = FakeTower(env.settings.embedding_dim)
-
-    def encoded(history: list[str]) -> np.ndarray:
-        known = env.store.get_items(history, 5)
-        return tower.embed_users(
-            [user_text([(known[i]["title"], known[i]["categories"]) for i in history])], 5
-        )[0]
-
-    def vector() -> np.ndarray:
-        row = env.store.get_user(user, 5, with_vector=True)
-        assert row is not None
-        return np.asarray(row["vector"], dtype=np.float32)
-
-    assert np.allclose(vector(), encoded(["a"]), atol=1e-5)  # a new user: encoded at once
+    assert np.allclose(vector(env, user), encoded(env, ["a"]), atol=1e-5)  # new: encoded now
     second = env.on_log(lambda log: log.publish([click(user, "b", f"{user}-2")]))
     assert env.on_log(lambda log: log.wait_applied(second.last_seq, 20))
     row = env.row(user)
     assert row is not None and row["recent_items"][:2] == ["b", "a"] and row["history_size"] == 2
-    assert wait_for(lambda: np.allclose(vector(), encoded(["b", "a"]), atol=1e-5), 20)
-    assert worker.worker.stale == {}
+    assert wait_for(lambda: np.allclose(vector(env, user), encoded(env, ["b", "a"]), atol=1e-5), 20)
+    assert wait_for(lambda: user not in worker.worker.stale, 5)
+    assert pending(env, user) == []  # the durable entry went with the vector write
     row = env.row(user)
     assert row is not None and row["history_size"] == 2  # the re-encode kept everything else
 
@@ -318,7 +339,10 @@ def test_feedback_moves_online_popularity_and_co_occurrence_without_reindexing(
     def merged() -> bool:
         nonlocal online
         online = env.on_log(aggregates.read)
-        return online.popularity.get("cold", 0.0) >= 25 - 1e-3
+        # Both keys: a worker merges popularity, then co-occurrence (two compare-and-sets),
+        # and a read in between saw the one without the other.
+        popular = online.popularity.get("cold", 0.0) >= 25 - 1e-3
+        return popular and "cold" in online.co_occurrence.get("a", [])
 
     assert wait_for(merged, 10), online
     assert "cold" in online.co_occurrence.get("a", []) and "a" in online.co_occurrence["cold"]
@@ -334,3 +358,200 @@ def test_feedback_moves_online_popularity_and_co_occurrence_without_reindexing(
     assert env.on_log(aggregates.read).popularity["cold"] == pytest.approx(
         online.popularity["cold"], rel=1e-3
     )
+
+
+def test_a_stopped_workers_pending_vectors_are_re_encoded_by_another(env: Env) -> None:
+    """Worker A applies a user's event (history now, vector later) and stops before its
+    re-encode lane gets to it; its in-memory queue is gone, the bucket entry is not, and
+    worker B takes it over once it is older than the lease and re-encodes the user."""
+    user = f"orphan-{uuid.uuid4().hex[:8]}"
+    a = Worker(env, reencode=False)
+    try:
+        first = env.on_log(lambda log: log.publish([click(user, "a", f"{user}-1")]))
+        assert env.on_log(lambda log: log.wait_applied(first.last_seq, 20))
+        second = env.on_log(lambda log: log.publish([click(user, "b", f"{user}-2")]))
+        assert env.on_log(lambda log: log.wait_applied(second.last_seq, 20))
+        assert user in a.worker.stale
+    finally:
+        a.stop()
+    assert pending(env, user) == [second.last_seq[user]]
+    assert np.allclose(vector(env, user), encoded(env, ["a"]), atol=1e-5)  # still the old one
+    b = Worker(env)
+    try:
+        fresh = encoded(env, ["b", "a"])
+        # Taken over after worker_lease_s (6 s here), looked for every half lease.
+        assert wait_for(lambda: np.allclose(vector(env, user), fresh, atol=1e-5), 30)
+        assert wait_for(lambda: pending(env, user) == [], 10)
+        row = env.row(user)
+        assert row is not None and row["history_size"] == 2  # everything else kept
+    finally:
+        b.stop()
+
+
+def test_failed_applies_are_counted_per_backlog(env: Env) -> None:
+    """The dead-letter count on a real bucket: failures of one backlog (same first sequence)
+    add up; a backlog starting later (the earlier events applied since) counts from 1."""
+    user = f"fail-{uuid.uuid4().hex[:8]}"
+
+    async def counts(log: EventLog) -> list[int]:
+        out = [await log.count_failure(user, 10) for _ in range(3)]
+        out.append(await log.count_failure(user, 12))
+        await log.clear_failures(user)
+        out.append(await log.count_failure(user, 12))
+        return out
+
+    assert env.on_log(counts) == [1, 2, 3, 1, 1]
+
+
+def test_an_apply_that_dies_after_its_write_is_caught_up_by_the_redelivery(env: Env) -> None:
+    """The worker writes the row, then fails before recording the pending vector and the
+    applied sequence (as a process killed right there would). The redelivered trigger finds
+    nothing new to apply but a row ``version`` past the applied sequence: it records both,
+    and the vector is re-encoded (before, the trigger was acknowledged and both were lost
+    until the user's next event)."""
+    user = f"crash-{uuid.uuid4().hex[:8]}"
+    w = Worker(env)
+    try:
+        first = env.on_log(lambda log: log.publish([click(user, "a", f"{user}-1")]))
+        assert env.on_log(lambda log: log.wait_applied(first.last_seq, 20))
+        events = w.worker.events
+        real = events.mark_stale
+        crashed: list[str] = []
+
+        async def crash_once(user_id: str, version: int, owner: str) -> Any:
+            if user_id == user and not crashed:
+                crashed.append(user_id)
+                raise RuntimeError("killed after the upsert")
+            return await real(user_id, version, owner)
+
+        events.mark_stale = crash_once  # type: ignore[method-assign]
+        second = env.on_log(lambda log: log.publish([click(user, "b", f"{user}-2")]))
+        assert wait_for(lambda: bool(crashed), 20)
+        assert (env.row(user) or {}).get("version") == second.last_seq[user]  # written
+        # Redelivered after the consumer's ack wait (2 x worker_lease_s = 12 s here).
+        assert env.on_log(lambda log: log.wait_applied(second.last_seq, 40))
+        fresh = encoded(env, ["b", "a"])
+        assert wait_for(lambda: np.allclose(vector(env, user), fresh, atol=1e-5), 20)
+        row = env.row(user)
+        assert row is not None and row["history_size"] == 2  # applied once
+    finally:
+        w.stop()
+
+
+def test_batched_reads_match_the_per_user_reads(env: Env) -> None:
+    """The worker's batched reads of many users (events from the stream's tail, applied and
+    tombstone sequences by ``multi_last``) give what one read per user gives, whether the
+    tail fits one read, needs several or more than allowed (continued per user)."""
+    run = uuid.uuid4().hex[:8]
+    users = [f"batch-{run}-{u}" for u in range(4)]
+    published = env.on_log(
+        lambda log: log.publish([click(users[i % 3], f"i{i}", f"{run}-{i}") for i in range(30)])
+    )
+    seqs = published.last_seq
+
+    async def compare(log: EventLog) -> None:
+        one = {u: await log.user_events(u, 0, 1000) for u in users}
+        assert [len(one[u]) for u in users] == [10, 10, 10, 0]
+        first = {u: one[u][0][0] if one[u] else 0 for u in users}
+        cases = [
+            {users[0]: 0, users[1]: one[users[1]][4][0], users[2]: seqs[users[2]], users[3]: 0},
+            first,  # all recent: with tail 2 the tail is longer than TAIL_READS reads
+        ]
+        for after in cases:
+            expected = {u: [e for e in one[u] if e[0] > after[u]] for u in users}
+            for tail in (2000, 7, 2):  # one read; several; more than allowed
+                assert await log.users_events(after, tail) == expected, (after, tail)
+        await log.mark_applied(users[0], 5)
+        await log.mark_applied(users[1], 9)
+        await (await log.bucket(log.settings.applied_bucket)).delete(log.token(users[1]))
+        applied = await log.applied_seqs(users)
+        assert applied == {users[0]: 5, users[1]: 0, users[2]: 0, users[3]: 0}
+        assert applied == {u: await log.applied_seq(u) for u in users}
+
+    env.on_log(compare)
+
+
+def test_segments_are_assigned_in_one_search_as_one_by_one(env: Env) -> None:
+    """A re-encode's online segment assignment searches once for all the users' vectors and
+    finds each the segment ``VectorStore.nearest_segment`` finds for it alone."""
+    from core.rows import segment_row
+    from services.deadline import Deadline
+
+    dim = env.settings.embedding_dim
+    rng = np.random.default_rng(7)
+    centroids = rng.normal(size=(3, dim)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    env.store.replace_segments([segment_row(f"s{i}", c, [], 1) for i, c in enumerate(centroids)])
+    try:
+        vectors = rng.normal(size=(8, dim)).astype(np.float32)
+        profiles = Profiles(env.store, FakeTower(dim), 20)  # type: ignore[arg-type]
+        batched = profiles._nearest_segments(vectors, Deadline.after(5))
+        alone = [(env.store.nearest_segment(v, 5) or {}).get("segment_id") for v in vectors]
+        assert batched == alone and set(batched) <= {"s0", "s1", "s2"}
+    finally:
+        env.store.replace_segments([])
+    assert profiles._nearest_segments(vectors[:2], Deadline.after(5)) == [None, None]
+
+
+def test_busy_lease_redeliveries_and_one_failure_dead_letter_nothing(env: Env) -> None:
+    """Another applier holds a user's lease while their events arrive: the worker's triggers
+    come back every ``BUSY_RETRY_S``, each a delivery. Then one apply fails. With
+    ``worker_max_deliveries`` 2 that failure is the first, not the last: retried, applied,
+    nothing dead-lettered (counting deliveries dead-lettered the good events here)."""
+    user = f"hot-{uuid.uuid4().hex[:8]}"
+    w = Worker(env, settings=env.settings.model_copy(update={"worker_max_deliveries": 2}))
+    failed: list[int] = []
+    real = w.worker._write
+
+    async def fail_once(work: list[Any], deadline: Any) -> None:
+        mine = [x for x in work if x.user_id == user]
+        if not failed and mine:
+            failed.append(max(m.metadata.num_delivered for x in mine for m in x.triggers))
+            raise RuntimeError("one real failure")
+        await real(work, deadline)
+
+    w.worker._write = fail_once  # type: ignore[method-assign]
+    try:
+        lease = env.on_log(lambda log: log.acquire_lease(user, "another-worker", 0))
+        assert lease is not None
+        result = env.on_log(
+            lambda log: log.publish([click(user, str(i), f"{user}-{i}") for i in range(3)])
+        )
+        time.sleep(1.5)  # busy: nak'ed and redelivered meanwhile
+        env.on_log(lambda log: log.release_lease(user, lease))
+        assert env.on_log(lambda log: log.wait_applied(result.last_seq, 30))
+        assert failed and failed[0] >= 2, failed  # it failed on a redelivery
+        row = env.row(user)
+        assert row is not None and row["history_size"] == 3
+        letters = asyncio.run(list_dead(env.settings, 10_000))
+        assert [d for d in letters if d.event.get("userId") == user] == []
+    finally:
+        w.stop()
+
+
+def test_a_lease_is_one_holder_at_a_time_through_release_markers(env: Env) -> None:
+    """Leases taken over this process's own release marker (one round trip) and over
+    another's (create) exclude each other the same way; a stale release never frees
+    someone else's lease."""
+    user = f"lease-{uuid.uuid4().hex[:8]}"
+
+    async def run(mine: EventLog) -> None:
+        other = EventLog(env.settings)
+        await other.connect()
+        try:
+            first = await mine.acquire_lease(user, "me", 0)
+            assert first and await other.acquire_lease(user, "other", 0) is None
+            await mine.release_lease(user, first)
+            again = await mine.acquire_lease(user, "me", 0)  # over our own marker
+            assert again and again > first and await other.acquire_lease(user, "other", 0) is None
+            await mine.release_lease(user, again)
+            theirs = await other.acquire_lease(user, "other", 0)  # over our marker, by create
+            assert theirs and await mine.acquire_lease(user, "me", 0) is None  # stale marker
+            await mine.release_lease(user, again)  # not ours any more: nothing happens
+            assert await mine.acquire_lease(user, "me", 0) is None
+            await other.release_lease(user, theirs)
+            assert await mine.acquire_lease(user, "me", 0)
+        finally:
+            await other.close()
+
+    env.on_log(run)
