@@ -49,17 +49,12 @@ def stack(
 
 @pytest.fixture(scope="module")
 def store(stack: LocalStack) -> Iterator[VectorStore]:
-    """Another process's view: Strong, to see what the gateway and the workers wrote."""
+    """Another process's view: Strong, to see what the gateway and the workers wrote (the
+    shared ``store`` is session-scoped, on the Lite stack; ``client`` follows ``stack``)."""
     strong = {"milvus_item_consistency": "Strong", "milvus_user_consistency": "Strong"}
     s = VectorStore(stack.settings.model_copy(update=strong))
     yield s
     s.close()
-
-
-@pytest.fixture()
-def client(stack: LocalStack) -> Iterator[RecommenderClient]:
-    with RecommenderClient(stack.gateway_target, timeout=20) as c:
-        yield c
 
 
 def test_the_stack_runs_the_engine(stack: LocalStack) -> None:
