@@ -47,6 +47,7 @@ USER_FIELDS = [
     "version",
     "events",
 ]
+USER_JSON_FIELDS = ("interests", "events")  # the users collection's JSON fields
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ def test_a_read_of_a_released_collection_loads_it_and_answers(tmp_path: Path) ->
         row = user_row(
             "u1",
             segment="",
-            interests={},
+            interests={"Drama": 0.75, "War": 0.25},
             recent_items=["a"],
             seen_items=["a"],
             history_size=1,
+            events={"items": ["a"], "tokens": [3], "seconds": [1_700_000_000]},
             vector=[1.0] + [0.0] * 7,
         )
         store.upsert_users([row])
@@ -42,6 +43,8 @@ def test_a_read_of_a_released_collection_loads_it_and_answers(tmp_path: Path) ->
         assert "NotLoad" in str(other.get_load_state(settings.users_collection)["state"])
         got = store.get_user("u1", 5.0)
         assert got is not None and got["history_size"] == 1
+        # JSON fields go out as JSON text (VectorStore._json_encoded) and come back as values
+        assert got["interests"] == row["interests"] and got["events"] == row["events"]
         assert "Loaded" in str(other.get_load_state(settings.users_collection)["state"])
         other.close()
         store.close()
