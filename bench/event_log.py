@@ -16,7 +16,11 @@ profile workers as their own processes, then, from ``--clients`` client threads 
    moment its user's row in Milvus (Strong read, as the gateway's ``GetUserProfile``/
    ``Recommend`` read it) holds its events, p50/p99, and the applied rate; with the former
    worker behaviour (``RECSYS_WORKER_REENCODE_APART=0``: every apply re-encodes its users,
-   the baseline), then ours with 1 and 2 workers.
+   the baseline), then ours with 1 and 2 workers;
+4. *new users*: the same pace for ``--new-seconds``, every event from one of
+   ``--new-users`` users seen for the first time (a launch, a crawl, a campaign), with the
+   former worker (each new user encoded in its apply, 16 per Triton request) and ours (a new
+   user's first vector is its history's mean item vector, re-encoded later like the rest).
 
 The workers re-encode users with the real user tower on Triton. The lag is
 polled every 50 ms (one Milvus query for every user still waiting), so it is at most that
@@ -307,6 +311,21 @@ def paced(
     }
 
 
+def new_users(
+    stack: LocalStack,
+    targets: list[str],
+    milvus: MilvusClient,
+    args: argparse.Namespace,
+    run: str,
+    items: list[str],
+    base: dict[str, int],
+) -> dict[str, Any]:
+    """The paced phase with ``--new-users`` users nobody has seen, for ``--new-seconds``."""
+    fresh = [f"new-{run}-{u}" for u in range(args.new_users)]
+    phase = argparse.Namespace(**{**vars(args), "seconds": args.new_seconds})
+    return {"users": len(fresh), **paced(stack, targets, milvus, phase, run, fresh, items, base)}
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from bench import stack as bench_stack
     from training.data import load_dataset
@@ -365,18 +384,23 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             report["paced_1_worker_inline_encode"] = paced(
                 stack, targets, milvus, args, f"{run}p0", users, items, base
             )
+            report["new_users_inline_encode"] = new_users(
+                stack, targets, milvus, args, f"{run}n0", items, base
+            )
             stack.processes.pop("profile-worker-inline").stop()
             stack.start_worker()
             time.sleep(2.0)
             report["paced_1_worker"] = paced(
                 stack, targets, milvus, args, f"{run}p1", users, items, base
             )
+            report["new_users"] = new_users(stack, targets, milvus, args, f"{run}n1", items, base)
             stack.start_worker("profile-worker-2")
             time.sleep(2.0)
             report["paced_2_workers"] = paced(
                 stack, targets, milvus, args, f"{run}p2", users, items, base
             )
             everyone = [*users, *direct_users]
+            everyone += [u for u in base if u.startswith("new-")]
             sizes = history_sizes(milvus, stack.settings.users_collection, everyone)
             report["exact"] = all(sizes.get(u, 0) == base.get(u, 0) for u in everyone)
         finally:
@@ -412,6 +436,14 @@ def table(report: dict[str, Any]) -> str:
             f"| {p['applied_events_per_s']} | {p['apply_lag_p50_s']} s | {p['apply_lag_p99_s']} s "
             f"| p99 {p0['apply_lag_p99_s'] / max(p['apply_lag_p99_s'], 1e-9):.1f}x lower |"
         )
+    n0, n1 = report["new_users_inline_encode"], report["new_users"]
+    for name, p in (("former worker (baseline)", n0), ("ours", n1)):
+        rows.append(
+            f"| paced {p['offered_events_per_s']} ev/s from {p['users']} new users, {name}: "
+            f"applied | {p['events']} | {p['applied_events_per_s']} | {p['apply_lag_p50_s']} s "
+            f"| {p['apply_lag_p99_s']} s "
+            f"| {p['applied_events_per_s'] / max(n0['applied_events_per_s'], 1e-9):.1f}x applied |"
+        )
     return "\n".join(rows)
 
 
@@ -425,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="paced events/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="paced phase length")
     parser.add_argument("--call-events", type=int, default=20, help="events per paced call")
+    parser.add_argument("--new-users", type=int, default=2000, help="users of the new-user phase")
+    parser.add_argument("--new-seconds", type=float, default=3.0, help="new-user phase length")
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "var" / "bench")
     parser.add_argument("--out", type=Path, default=None, help="Markdown table file")
     args = parser.parse_args(argv)

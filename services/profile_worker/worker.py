@@ -13,11 +13,11 @@ messages are *triggers*. For each user in a fetched batch the worker
    reads is one request for the whole batch, not one per user (one Milvus query for the
    rows, ``multi_last`` direct gets for the sequences, the stream's tail for the events:
    per-user round trips were most of an apply);
-3. folds those events in (one ``Profiles.apply`` for all users of the batch that keep their
-   vector, ``USERS_PER_APPLY`` a request for those Triton must encode now) and upserts
-   each row with its new ``version``: history, counts and order at once, the vector kept;
-   a separate lane re-encodes the changed users' vectors on Triton as fast as it can
-   (``_reencode_loop``: BERT is most of the cost, see there);
+3. folds those events in (one ``Profiles.apply`` for all users of the batch) and upserts
+   each row with its new ``version``: history, counts and order at once, the vector kept
+   (a new user's: the mean of its history's item vectors); a separate lane re-encodes the
+   changed users' vectors on Triton as fast as it can (``_reencode_loop``: BERT is most of
+   the cost, see there);
 4. records the users whose vector now lags (``reencode_bucket``, durable: any worker's lane
    takes over what a dead worker left), then the applied sequence (``applied_bucket``, what
    the gateway waits for), releases the lease and acknowledges the triggers. A worker that
@@ -116,6 +116,7 @@ class UserWork:
     row: dict[str, object] | None = None  # as read under the lease (with its vector)
     read: bool = False  # ``row`` is the row as it stands (not for a split, event by event)
     applied: int = 0  # the user's applied sequence as read before the lease
+    interim: bool = False  # written with its history's mean item vector: re-encode it
 
 
 class ProfileWorker:
@@ -311,27 +312,26 @@ class ProfileWorker:
             return
         todo = [w for w in work if w.events]
         await self._caught_up([w for w in work if not w.events])
-        # The users who keep their vector (re-encoded apart) are written together: one
-        # upsert and one implicit-feedback call for the batch (one per 16 users cost most
-        # of an apply in round trips and thread hand-offs). A new user, or every user when
-        # encoding inline, needs Triton now: ``USERS_PER_APPLY`` per request.
-        apart = self.settings.worker_reencode_apart
-        kept = [w for w in todo if apart and w.row and w.row.get("vector") is not None]
-        keeping = {id(w) for w in kept}
-        encode = [w for w in todo if id(w) not in keeping]
-        groups = [(kept, False)] if kept else []
-        groups += [
-            (encode[i : i + USERS_PER_APPLY], True) for i in range(0, len(encode), USERS_PER_APPLY)
-        ]
-        await asyncio.gather(*(self._apply_group(g, new_users) for g, new_users in groups))
+        # Vectors re-encoded apart: the batch's users are written together, one upsert and
+        # one implicit-feedback call (one per 16 users cost most of an apply in round trips
+        # and thread hand-offs); a new user gets its history's mean item vector, so Triton
+        # encodes at most one text here (an empty history's). Encoding inline, every user
+        # needs Triton now: ``USERS_PER_APPLY`` per request.
+        if self.settings.worker_reencode_apart:
+            groups = [(todo, False)] if todo else []
+        else:
+            groups = [
+                (todo[i : i + USERS_PER_APPLY], True) for i in range(0, len(todo), USERS_PER_APPLY)
+            ]
+        await asyncio.gather(*(self._apply_group(g, encodes) for g, encodes in groups))
 
-    async def _apply_group(self, todo: list[UserWork], new_users: bool) -> None:
+    async def _apply_group(self, todo: list[UserWork], encodes: bool) -> None:
         """Write one group of leased users (read and with their events), then record and
         acknowledge them; a failure is retried or dead-lettered here."""
-        # A new user needs a vector now: one Triton request at a time (concurrent chunks each
-        # sending theirs made every one miss its deadline on a busy machine, over and over).
+        # Encoding inline: one Triton request at a time (concurrent chunks each sending
+        # theirs made every one miss its deadline on a busy machine, over and over).
         wait = self.settings.worker_lease_s / 4
-        if new_users:
+        if encodes:
             try:
                 await asyncio.wait_for(self.encoding.acquire(), wait)
             except TimeoutError:  # Triton busy with this worker's other users: soon again
@@ -341,7 +341,7 @@ class ProfileWorker:
             try:  # a fresh deadline: reads, this wait and the write each within lease / 4
                 await self._write(todo, Deadline.after(wait))
             finally:
-                if new_users:
+                if encodes:
                     self.encoding.release()
         except Exception as exc:
             await self._retry_or_dead(todo, exc)
@@ -354,7 +354,7 @@ class ProfileWorker:
             [
                 (w.user_id, w.events[-1][0])
                 for w, row in done
-                if apart and row and row.get("vector") is not None  # kept its vector
+                if apart and (w.interim or (row and row.get("vector") is not None))  # kept
             ]
         )
         await asyncio.gather(
@@ -453,6 +453,7 @@ class ProfileWorker:
             single = UserWork(w.user_id, [], w.lease, [(seq, event)])
             await self._write([single], deadline)
             kept += single.events
+            w.interim = w.interim or single.interim
         w.events = kept
 
     async def _apply_events(self, work: list[UserWork], deadline: Deadline) -> None:
@@ -462,9 +463,12 @@ class ProfileWorker:
         versions = {w.user_id: w.events[-1][0] for w in work}
         current = {w.user_id: w.row for w in work if w.read}
         apart = self.settings.worker_reencode_apart
-        await asyncio.to_thread(
+        update = await asyncio.to_thread(
             self.profiles.apply, events, deadline, versions, current, lambda _: not apart
         )
+        interim = set(update.interim)
+        for w in work:
+            w.interim = w.user_id in interim
 
     # --- the user vectors, re-encoded apart ------------------------------------------------
     async def _reencode_loop(self) -> None:
