@@ -612,9 +612,16 @@ def _json_encoded(rows: Sequence[UserRow]) -> list[dict[str, Any]]:
         text: dict[str, Any] = dict(row)
         for key in USER_JSON_FIELDS:
             if key in text:
-                text[key] = json.dumps(text[key], separators=(",", ":"))
+                text[key] = json.dumps(text[key], separators=(",", ":"), default=_numpy_value)
         out.append(text)
     return out
+
+
+def _numpy_value(value: Any) -> Any:
+    """A numpy scalar or array in a JSON field, as pymilvus itself would convert it."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _plain(row: Any) -> Row:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from core.milvus_schema import USER_JSON_FIELDS
 from core.rows import user_row
 from core.sequence_inputs import append_events
@@ -30,3 +32,18 @@ def test_json_fields_become_json_text_and_the_callers_rows_stay_as_they_were() -
     assert {k: v for k, v in sent.items() if k not in USER_JSON_FIELDS} == {
         k: v for k, v in row.items() if k not in USER_JSON_FIELDS
     }
+
+
+def test_numpy_values_in_json_fields_are_converted_as_pymilvus_would() -> None:
+    row = user_row(
+        "u1",
+        segment="s",
+        interests={"Drama": np.float32(0.5)},  # type: ignore[dict-item]
+        recent_items=[],
+        seen_items=[],
+        history_size=0,
+    )
+    row["events"] = {"items": ["i1"], "tokens": np.array([3]), "seconds": [np.int64(7)]}  # type: ignore[dict-item]
+    [sent] = _json_encoded([row])
+    assert json.loads(sent["interests"]) == {"Drama": 0.5}
+    assert json.loads(sent["events"]) == {"items": ["i1"], "tokens": [3], "seconds": [7]}
