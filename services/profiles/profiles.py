@@ -89,7 +89,7 @@ class Profiles:
         just read them (not read again). ``encode(user)`` False keeps the row's vector and
         segment (the caller re-encodes later, :meth:`reencoded`: BERT is most of an apply's
         cost); a user without a vector then gets the history's mean item vector
-        (:meth:`_history_vectors`, named in ``ProfileUpdate.interim`` for the caller to
+        (:func:`_mean_vector`, named in ``ProfileUpdate.interim`` for the caller to
         re-encode), and only a user without any catalogue item in the history is encoded
         now (the one text of an empty history). Encoding every new user now capped a
         profile worker at ~45 new users/s (16 per Triton request, one request at a time)."""
@@ -102,9 +102,10 @@ class Profiles:
             )
         rows: list[UserRow] = []
         encode_now: list[tuple[UserRow, str]] = []  # and its behaviour text
-        vectorless: list[tuple[UserRow, str]] = []  # re-encoded later: interim if it can
+        interim: list[tuple[UserRow, np.ndarray]] = []  # and its history's mean item vector
         positives = 0
         folded: list[tuple[str, list[tuple[float, str, float, str]], Row | None, list[str]]] = []
+        later: dict[str, bool] = {}  # encoded later: keeps its vector, or gets an interim one
         for user_id, user_events in by_user.items():
             if current is not None and user_id in current:
                 row = current[user_id]
@@ -116,8 +117,12 @@ class Profiles:
                     positives += 1
                     history = [item_id, *[h for h in history if h != item_id]]
             folded.append((user_id, user_events, row, history[:RECENT_ITEMS]))
-        every_pairs = self._pairs([history for _, _, _, history in folded], deadline)
-        for (user_id, user_events, row, history), pairs in zip(folded, every_pairs, strict=True):
+            later[user_id] = encode is not None and not encode(user_id)
+        # a user encoded later without a vector: the item vectors come with the same read
+        vectorless = any(later[u] and not _has_vector(row) for u, _, row, _ in folded)
+        windows = self._windows([h for _, _, _, h in folded], deadline, with_vectors=vectorless)
+        for (user_id, user_events, row, history), items in zip(folded, windows, strict=True):
+            pairs = _pairs(items)
             newest_first = [e[1] for e in sorted(user_events, reverse=True)]
             seen = merge_seen(newest_first, row["seen_items"] if row else [], SEEN_ITEMS)
             rows.append(
@@ -137,19 +142,19 @@ class Profiles:
                     ),
                 )
             )
-            kept = row.get("vector") if row and encode is not None else None
-            later = encode is not None and not encode(user_id)
-            if later and kept is not None and len(kept):  # type: ignore[arg-type]
-                rows[-1]["vector"] = np.asarray(kept, dtype=np.float32).tolist()  # re-encoded later
-            elif later and pairs:
-                vectorless.append((rows[-1], user_text(pairs)))
+            if later[user_id] and row is not None and _has_vector(row):
+                kept = np.asarray(row["vector"], dtype=np.float32)
+                rows[-1]["vector"] = kept.tolist()  # re-encoded later
+            elif later[user_id] and (mean := _mean_vector(items)) is not None:
+                interim.append((rows[-1], mean))
             else:
                 encode_now.append((rows[-1], user_text(pairs)))
-        interim = self._interim([r for r, _ in vectorless], deadline)
-        encode_now += [(r, text) for r, text in vectorless if "vector" not in r]
+        if interim:
+            self._place([r for r, _ in interim], np.stack([v for _, v in interim]), deadline)
         self._encode([r for r, _ in encode_now], [text for _, text in encode_now], deadline)
         self.store.upsert_users(rows, deadline.left())
-        return ProfileUpdate(users=len(rows), positives=positives, interim=interim)
+        ids = tuple(r["user_id"] for r, _ in interim)
+        return ProfileUpdate(users=len(rows), positives=positives, interim=ids)
 
     def reencoded(self, rows: Sequence[Row], deadline: Deadline) -> list[UserRow]:
         """The users of ``rows`` re-encoded from their history exactly as :meth:`apply`
@@ -158,9 +163,9 @@ class Profiles:
         out: list[UserRow] = []
         texts: list[str] = []
         histories = [list(row["recent_items"]) for row in rows]
-        for row, history, pairs in zip(
-            rows, histories, self._pairs(histories, deadline), strict=True
-        ):
+        windows = self._windows(histories, deadline)
+        for row, history, items in zip(rows, histories, windows, strict=True):
+            pairs = _pairs(items)
             out.append(
                 user_row(
                     row["user_id"],
@@ -177,45 +182,17 @@ class Profiles:
         self._encode(out, texts, deadline)
         return out
 
-    def _pairs(
-        self, histories: Sequence[Sequence[str]], deadline: Deadline
-    ) -> list[list[tuple[str, list[str]]]]:
-        """(title, categories) of each history's newest ``history_window`` items that are in
-        the catalogue: what a user's interests and behaviour text are made of, the same for
-        an apply and a re-encode. One item read for all the histories."""
-        windows = [list(history[: self.history_window]) for history in histories]
-        known = self.store.get_items([i for w in windows for i in w], deadline.left())
-        return [
-            [(known[i]["title"], known[i]["categories"]) for i in window if i in known]
-            for window in windows
-        ]
-
-    def _interim(self, rows: Sequence[UserRow], deadline: Deadline) -> tuple[str, ...]:
-        """Give each of ``rows`` its history's mean item vector and nearest segment, where the
-        history has an item with a vector (the rest stay for :meth:`_encode`); their ids."""
-        vectors = self._history_vectors([r["recent_items"] for r in rows], deadline)
-        placed = [(r, v) for r, v in zip(rows, vectors, strict=True) if v is not None]
-        if placed:
-            self._place([r for r, _ in placed], np.stack([v for _, v in placed]), deadline)
-        return tuple(r["user_id"] for r, _ in placed)
-
-    def _history_vectors(
-        self, histories: Sequence[Sequence[str]], deadline: Deadline
-    ) -> list[np.ndarray | None]:
-        """The unit mean of each history window's item vectors (None: no item found). Items
-        and users share the space the ANN searches, so this serves a new user until the user
-        tower's vector replaces it; the item cache answers these reads."""
+    def _windows(
+        self, histories: Sequence[Sequence[str]], deadline: Deadline, with_vectors: bool = False
+    ) -> list[list[Row]]:
+        """The catalogue rows of each history's newest ``history_window`` items (those not in
+        the catalogue left out): what a user's interests, behaviour text and interim vector
+        are made of, the same for an apply and a re-encode. One item read for all."""
         windows = [list(history[: self.history_window]) for history in histories]
         known = self.store.get_items(
-            [i for w in windows for i in w], deadline.left(), with_vectors=True
+            [i for w in windows for i in w], deadline.left(), with_vectors=with_vectors
         )
-        out: list[np.ndarray | None] = []
-        for window in windows:
-            found = [known[i]["vector"] for i in window if i in known]
-            mean = np.mean(np.asarray(found, dtype=np.float32), axis=0) if found else None
-            norm = float(np.linalg.norm(mean)) if mean is not None else 0.0
-            out.append(mean / norm if mean is not None and norm > 0 else None)
-        return out
+        return [[known[i] for i in window if i in known] for window in windows]
 
     def _encode(self, rows: Sequence[UserRow], texts: Sequence[str], deadline: Deadline) -> None:
         """The user tower's vectors (one Triton request, each distinct text once) and the
@@ -239,3 +216,22 @@ class Profiles:
         (a search per user was a round trip per re-encoded user)."""
         found = self.store.nearest_segments(vectors, deadline.left())
         return [str(s["segment_id"]) if s else None for s in found]
+
+
+def _pairs(items: Sequence[Row]) -> list[tuple[str, list[str]]]:
+    """(title, categories) of each item: what interests and the behaviour text read."""
+    return [(item["title"], item["categories"]) for item in items]
+
+
+def _has_vector(row: Row | None) -> bool:
+    return row is not None and row.get("vector") is not None and len(row["vector"]) > 0
+
+
+def _mean_vector(items: Sequence[Row]) -> np.ndarray | None:
+    """The unit mean of the items' vectors (None: no item). Items and users share the space
+    the ANN searches, so this serves a new user until the user tower's vector replaces it."""
+    if not items:
+        return None
+    mean = np.mean(np.asarray([item["vector"] for item in items], dtype=np.float32), axis=0)
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > 0 else None
