@@ -83,6 +83,22 @@ def tiny_sequence_model(tmp_path_factory: pytest.TempPathFactory, small_dataset_
     return str(out)
 
 
+def repository_sources(target: Path) -> Path:
+    """A copy of the tracked model repository with no release in it: no version folders, no
+    pinned ensembles, nothing hidden (staging)."""
+    from training.export.repository import pinned_release
+
+    shutil.copytree(
+        REPO_ROOT / "model_repository",
+        target,
+        symlinks=True,
+        ignore=lambda d, names: [
+            n for n in names if n.isdigit() or n.startswith(".") or pinned_release(n)
+        ],
+    )
+    return target
+
+
 @pytest.fixture(scope="session")
 def model_repository(
     tmp_path_factory: pytest.TempPathFactory,

@@ -16,7 +16,6 @@ deleted before the export.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ops.stack import LocalStack, local_stack
 from services.api import pb
 from services.events.log import EventLog
 from tests.nats_server import on_log
-from training.export.repository import pinned_release
+from tests.stack_fixtures import repository_sources
 
 CONFIG = REPO_ROOT / "training" / "configs" / "local.yaml"
 T0 = 1_700_000_000  # s
@@ -150,14 +149,7 @@ def chain_stack(tmp_path: Path) -> Iterator[LocalStack]:
     """nats-server and Milvus Lite on free ports, a model repository with no release yet;
     tritonserver is started by the test once the new release is in."""
     repo = tmp_path / "repo"
-    shutil.copytree(
-        REPO_ROOT / "model_repository",
-        repo,
-        symlinks=True,
-        ignore=lambda d, names: [
-            n for n in names if n.isdigit() or n.startswith(".") or pinned_release(n)
-        ],
-    )
+    repository_sources(repo)
     base = Settings(model_repository=repo, embedding_dim=32, log_level="INFO")
     with local_stack(base, tmp_path / "var") as stack:
         stack.start_nats()

@@ -6,7 +6,6 @@ Before per-release ensembles, a pin to N-1 reached the shared ensemble whose ste
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,11 @@ import onnxruntime as ort
 import pytest
 from transformers import AutoTokenizer
 
-from core.config import REPO_ROOT, Settings
+from core.config import Settings
 from ops.stack import local_stack
 from services.inference.triton_client import TritonClient
-from training.export.repository import pinned_release, servable_models
+from tests.stack_fixtures import repository_sources
+from training.export.repository import servable_models
 
 pytestmark = pytest.mark.integration
 
@@ -60,14 +60,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     root = tmp_path_factory.mktemp("rollback")
     repo = root / "repo"
-    shutil.copytree(
-        REPO_ROOT / "model_repository",
-        repo,
-        symlinks=True,
-        ignore=lambda d, names: [
-            n for n in names if n.isdigit() or n.startswith(".") or pinned_release(n)
-        ],
-    )
+    repository_sources(repo)
     for seed, bias in ((1, -1.5), (2, 1.5)):
         bert, ranker = _tiny_release_sources(root, seed, bias)
         report = export_release(repo, bert, bert, ranker=ranker)
