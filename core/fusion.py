@@ -45,16 +45,15 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray | None, k: int, diversity: fl
     rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
     v = np.asarray(vectors, dtype=np.float32)
     sims = v @ v.T
+    base = (1 - diversity) * rel
     picked: list[int] = []
-    closest = np.full(n, -np.inf)  # max cosine to anything picked so far
-    free = np.ones(n, dtype=bool)
-    for _ in range(min(k, n)):
-        redundancy = np.where(np.isfinite(closest), closest, 0.0)
-        gains = np.where(free, (1 - diversity) * rel - diversity * redundancy, -np.inf)
+    closest = np.zeros(n)  # max cosine to anything picked so far (none yet: no penalty)
+    for step in range(min(k, n)):
+        gains = base - diversity * closest
+        gains[picked] = -np.inf
         best = int(np.argmax(gains))
         picked.append(best)
-        free[best] = False
-        closest = np.maximum(closest, sims[best])
+        closest = sims[best] if step == 0 else np.maximum(closest, sims[best])
     return np.asarray(picked, dtype=np.int64)
 
 

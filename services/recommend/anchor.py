@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from core.config import Settings
 from services.recommend.context import Context, Filters, Stage
-from services.recommend.retrieve import Retriever
+from services.recommend.retrieve import Retriever, ann_limit
 from services.vectors.store import Row, StoreUnavailable, VectorStore
 
 
@@ -47,11 +47,13 @@ class Anchor(Stage):
             if anchor_id not in found:
                 raise UnknownItem(f"context.current_item_id {anchor_id!r} is not in the catalogue")
             ctx.anchor = anchor = found[anchor_id]
-            hits = self.retriever.ann(anchor["vector"], 2 * n, seen, ctx.deadline)
-            lists["ann"] = [h for h in hits if seen_all.admits(h)][:n]
+            limit = ann_limit(n, seen, seen_all)
+            lists["ann"] = seen_all.admitted(
+                self.retriever.ann(anchor["vector"], limit, seen, ctx.deadline)
+            )[:n]
             co_ids = [i for i in anchor.get("co_items") or [] if i not in seen_all.exclude]
             rows = self.retriever.rows(co_ids, ctx.deadline)
-            co = [rows[i] for i in co_ids if i in rows and seen_all.admits(rows[i])][:n]
+            co = seen_all.admitted(rows[i] for i in co_ids if i in rows)[:n]
             lists["co_occurrence"] = [(r, anchor["title"]) for r in co]
         except StoreUnavailable as exc:
             ctx.degraded.append(f"milvus unavailable: {exc}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -54,6 +54,14 @@ class Filters:
         if self.min_created_at and int(row.get("created_at") or 0) < self.min_created_at:
             return False
         return not self.categories or bool(set(self.categories) & set(row["categories"]))
+
+    def admitted(self, rows: Iterable[Row]) -> list[Row]:
+        """The rows :meth:`admits`, in order; by id alone when there are no attribute
+        conditions (a Recommend filters some 500 rows)."""
+        if self.by_attributes:
+            return [row for row in rows if self.admits(row)]
+        exclude = self.exclude
+        return [row for row in rows if row["item_id"] not in exclude]
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,7 @@ def mmr(candidates: Sequence[Candidate], k: int, diversity: float) -> list[Candi
     pool = list(candidates)
     relevance = np.array([c.relevance for c in pool], dtype=np.float64)
     vectors = (
-        np.stack([np.asarray(c.row["vector"], dtype=np.float32) for c in pool])
-        if diversity > 0
-        else None
+        np.asarray([c.row["vector"] for c in pool], dtype=np.float32) if diversity > 0 else None
     )
     return [pool[i] for i in fusion.mmr(relevance, vectors, k, diversity)]
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from core.config import Settings
 from core.fusion import rrf
-from core.ranking_features import CatalogueClock, co_occurrence_scores
+from core.ranking_features import CO_SEEDS, CatalogueClock, co_occurrence_scores
 from core.sequence_inputs import model_inputs
 from services.deadline import Deadline
 from services.inference.triton_client import InferenceUnavailable, TritonClient
@@ -115,7 +115,8 @@ class PopularItems:
     def top(
         self, k: int, categories: Sequence[str] = (), exclude: Collection[str] = ()
     ) -> list[Row]:
-        wanted, skip = set(categories), set(exclude)
+        wanted = set(categories)
+        skip = exclude if isinstance(exclude, set | frozenset) else set(exclude)
         with self._lock:
             items = self._items
         out = []
@@ -177,7 +178,7 @@ class Retriever:
         scores, seed = co_occurrence_scores(
             [
                 interleaved(h.get("co_items") or [], self.popular.neighbours(h["item_id"]))
-                for h in history
+                for h in history[:CO_SEEDS]  # the seeds it reads
             ]
         )
         ranked = sorted((i for i in scores if i not in exclude), key=lambda i: -scores[i])
@@ -218,7 +219,7 @@ class Retriever:
         rows = self.rows([*(i for ids in lists.values() for i in ids[:depth]), *also], deadline)
 
         def take(ids: Sequence[str]) -> list[Row]:
-            return [rows[i] for i in ids if i in rows and filters.admits(rows[i])][:n]
+            return filters.admitted(rows[i] for i in ids if i in rows)[:n]
 
         out = {name: take(ids[:depth]) for name, ids in lists.items()}
         short = [name for name, ids in lists.items() if len(out[name]) < n and len(ids) > n]
@@ -239,31 +240,39 @@ class Retriever:
     ) -> list[Candidate]:
         """Weighted reciprocal-rank fusion of per-source lists into the top ``n``, each weighted
         source's first ``SOURCE_QUOTA * n`` items kept (see ``SOURCE_QUOTA``)."""
-        merged: dict[str, Candidate] = {}
+        # Scores are summed per item id first and a Candidate is built only for the n kept
+        # (some 300 entries come in for 100 out: this runs once per Recommend).
+        fused: dict[str, float] = {}
+        ranks: dict[str, dict[str, int]] = {}
+        rows: dict[str, Row] = {}
+        because_of: dict[str, dict[str, str]] = {}
+        quota = int(SOURCE_QUOTA * n)
+        kept: set[str] = set()
         for source, entries in lists.items():
             weight = float(weights.get(source, 0.0))
+            terms = (weight * rrf(np.arange(1, len(entries) + 1))).tolist()
             for rank, entry in enumerate(entries):
                 row, because = entry if isinstance(entry, tuple) else (entry, "")
-                cand = merged.get(row["item_id"])
-                if cand is None:
-                    cand = merged[row["item_id"]] = Candidate(row["item_id"], row)
-                elif "vector" not in cand.row and "vector" in row:
-                    cand.row = row
-                cand.ranks[source] = rank
+                item = row["item_id"]
+                seen = ranks.get(item)
+                if seen is None:
+                    ranks[item] = {source: rank}
+                    rows[item] = row
+                    fused[item] = terms[rank]
+                else:
+                    if "vector" not in rows[item] and "vector" in row:
+                        rows[item] = row
+                    seen[source] = rank
+                    fused[item] += terms[rank]
                 if because:
-                    cand.because_of[source] = because
-                cand.fused += weight * rrf(rank + 1)
-        ranked = sorted(merged.values(), key=lambda c: (-c.fused, c.item_id))
-        quota = int(SOURCE_QUOTA * n)
-        kept = {
-            cand.item_id
-            for cand in ranked
-            for source, rank in cand.ranks.items()
-            if rank < quota and weights.get(source, 0.0) > 0
-        }
-        chosen = [c for c in ranked if c.item_id in kept][:n]
-        chosen += [c for c in ranked if c.item_id not in kept][: n - len(chosen)]
-        return sorted(chosen, key=lambda c: (-c.fused, c.item_id))
+                    because_of.setdefault(item, {})[source] = because
+                if rank < quota and weight > 0:
+                    kept.add(item)
+        ranked = sorted(fused, key=lambda i: (-fused[i], i))
+        chosen = [i for i in ranked if i in kept][:n]
+        chosen += [i for i in ranked if i not in kept][: n - len(chosen)]
+        chosen.sort(key=lambda i: (-fused[i], i))
+        return [Candidate(i, rows[i], ranks[i], because_of.get(i, {}), fused[i]) for i in chosen]
 
 
 class SequenceSource:
@@ -292,6 +301,16 @@ class SequenceSource:
             return []
         ctx.sequence_inputs = inputs
         return [i for i in result.top_items if i not in exclude][:n]
+
+
+def ann_limit(n: int, searched: Filters, kept: Filters) -> int:
+    """How many ANN hits to ask for so that ``n`` survive ``kept``, given that Milvus applied
+    ``searched`` (the category filter and the recent history): ``n`` plus the ids only
+    ``kept`` excludes, at most ``2 n``; ``2 n`` under attribute conditions that Milvus did not
+    apply. Every hit costs its share of the search and a row read."""
+    if kept.exclude_categories or kept.min_created_at:
+        return 2 * n
+    return n + min(n, len(kept.exclude - searched.exclude))
 
 
 def query_vector(profile: Row | None, history: Sequence[Row], from_history: bool) -> np.ndarray:
@@ -350,8 +369,8 @@ class Retrieve(Stage):
             popular = [rows.get(r["item_id"], r) for r in popular]
             if history:
                 query = query_vector(profile, history, ctx.cold or self.history_query)
-                hits = self.retriever.ann(query, 2 * n, seen, ctx.deadline)
-                lists["ann"] = [h for h in hits if seen_all.admits(h)][:n]
+                hits = self.retriever.ann(query, ann_limit(n, seen, seen_all), seen, ctx.deadline)
+                lists["ann"] = seen_all.admitted(hits)[:n]
                 co = found["co_occurrence"]
                 lists["co_occurrence"] = [(r, seed_of[r["item_id"]]) for r in co]
             if segment_ids:

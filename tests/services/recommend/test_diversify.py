@@ -44,3 +44,33 @@ def test_exploration_gives_the_last_slots_to_new_items_the_ann_found() -> None:
     out = explore(with_new, items + extra, 10, 0.2, now)
     assert [c.item_id for c in out][-2:] == ["new_far", "new_near"]
     assert len(out) == 10
+
+
+def _mmr_by_formula(rel: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> list[int]:
+    """Each pick is ``argmax (1 - λ)·rel - λ·max cos`` to the picks so far (0 before the
+    first), with ``rel`` min-max scaled: the definition, written out."""
+    n = len(rel)
+    scaled = (rel - rel.min()) / (rel.max() - rel.min()) if n > 1 else np.ones(n)
+    picked: list[int] = []
+
+    def gain(i: int) -> float:
+        penalty = max((float(vectors[i] @ vectors[j]) for j in picked), default=0.0)
+        return float((1 - lam) * scaled[i] - lam * penalty)
+
+    for _ in range(min(k, n)):
+        picked.append(max((i for i in range(n) if i not in picked), key=gain))
+    return picked
+
+
+def test_mmr_picks_what_its_formula_says() -> None:
+    from core.fusion import mmr as kernel
+
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        n, lam = int(rng.integers(1, 40)), float(rng.uniform(0.05, 0.95))
+        vectors = rng.normal(size=(n, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        rel = rng.uniform(size=n)
+        assert kernel(rel, vectors, 10, lam).tolist() == _mmr_by_formula(rel, vectors, 10, lam), (
+            trial
+        )

@@ -107,3 +107,25 @@ def test_admitted_reads_only_as_far_down_each_list_as_it_must() -> None:
     only_b = Filters(("B",))
     assert _admitted(store, lists, only_b, 3) == {"co": [], "seg": ["s0", "s1", "s2"]}
     assert len(store.reads) == 1 and len(store.reads[0]) == 19
+
+
+def test_the_ann_asks_for_as_many_hits_as_the_in_memory_filters_can_drop() -> None:
+    from services.recommend.retrieve import ann_limit
+
+    searched = Filters(("Drama",), frozenset({"recent1", "recent2"}))  # what Milvus applies
+    kept = Filters(("Drama",), searched.exclude | {"old1", "old2", "old3"})
+    assert ann_limit(100, searched, searched) == 100
+    assert ann_limit(100, searched, kept) == 103  # three ids only the memory filter drops
+    many = Filters(("Drama",), searched.exclude | {f"old{i}" for i in range(500)})
+    assert ann_limit(100, searched, many) == 200  # at most twice
+    by_age = Filters(("Drama",), kept.exclude, min_created_at=5)  # Milvus does not apply it
+    assert ann_limit(100, searched, by_age) == 200
+
+
+def test_admitted_is_admits_applied_in_order() -> None:
+    rows = [row("a", ("Drama",)), row("b", ("War",)), row("x", ("Drama",)), row("c", ("Drama",))]
+    by_id = Filters((), frozenset({"x"}))
+    by_attributes = Filters(("Drama",), frozenset({"x"}))
+    for f in (by_id, by_attributes):
+        assert f.admitted(rows) == [r for r in rows if f.admits(r)]
+    assert [r["item_id"] for r in by_attributes.admitted(iter(rows))] == ["a", "c"]

@@ -15,6 +15,7 @@ from core.config import Settings
 from services.vectors.row_cache import RowCache
 from services.vectors.store import VectorStore
 from services.vectors.timing import milvus_clock, timed
+from tests.services.vectors.search_hits import Hits
 
 
 class Clock:
@@ -85,12 +86,13 @@ class ItemsClient:
         fields = kw["output_fields"]
         return [{f: self.rows[i][f] for f in fields} for i in ids if i in self.rows]
 
-    def search(self, collection: str, **kw: Any) -> list[list[dict[str, Any]]]:
+    def search(self, collection: str, **kw: Any) -> list[Hits]:
         self.calls.append(("search", [], kw["output_fields"], kw.get("consistency_level")))
-        hits = ["i3", "i1", "i4"][: kw["limit"]]
+        ids = ["i3", "i1", "i4"][: kw["limit"]]
         fields = kw["output_fields"]
-        return [[{"distance": 1.0 - n / 10, "entity": {f: self.rows[i][f] for f in fields}}
-                 for n, i in enumerate(hits)]]  # fmt: skip
+        rows = [{"distance": 1.0 - n / 10, "entity": {f: self.rows[i][f] for f in fields}}
+                for n, i in enumerate(ids)]  # fmt: skip
+        return [Hits(ids, rows)]
 
     def upsert(self, collection: str, rows: list[dict[str, Any]], **kw: Any) -> dict[str, int]:
         self.calls.append(("upsert", [r["item_id"] for r in rows], [], None))
@@ -150,7 +152,7 @@ def test_the_ann_returns_ids_and_its_rows_come_from_the_cache() -> None:
     client.calls.clear()
     hits = store.search_items(np.ones(8), 3, 1.0, with_vectors=True)
     assert [c[0] for c in client.calls] == ["search"]
-    assert client.calls[0][2] == ["item_id"]
+    assert client.calls[0][2] == []  # the primary keys come without asking
     assert [h["item_id"] for h in hits] == ["i3", "i1", "i4"]
     assert [h["score"] for h in hits] == [1.0, 0.9, 0.8] and "vector" in hits[0]
 

@@ -10,6 +10,7 @@ import pytest
 
 from core.config import Settings
 from services.vectors.store import VectorStore
+from tests.services.vectors.search_hits import Hits
 
 
 class FakeClient:
@@ -25,7 +26,7 @@ class FakeClient:
             if method == "get_server_version":
                 return self.version
             if method == "search":
-                return [[]]
+                return [Hits([], [])]
             if method == "upsert":
                 return {"upsert_count": len(args[1])}
             if method == "delete":
