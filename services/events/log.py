@@ -639,6 +639,7 @@ class BlockingEventLog:
         self._thread = threading.Thread(target=self.loop.run_forever, name="event-log", daemon=True)
         self._thread.start()
         self._connecting = asyncio.run_coroutine_threadsafe(self._connect(), self.loop)
+        self._closed = False
 
     async def _connect(self) -> None:
         while True:
@@ -655,6 +656,8 @@ class BlockingEventLog:
 
     def call(self, make: Callable[[EventLog], Coroutine[Any, Any, T]], timeout: float) -> T:
         """Run ``make(log)`` on the loop and wait at most ``timeout`` seconds for it."""
+        if self._closed:
+            raise EventLogUnavailable("event log: closed")
         if not self._ready.is_set():
             raise EventLogUnavailable("event log: not connected to NATS yet")
         future = asyncio.run_coroutine_threadsafe(_guard(make(self.log)), self.loop)
@@ -673,8 +676,17 @@ class BlockingEventLog:
             return False
 
     def close(self) -> None:
+        """Close the connection, stop the loop's thread and close the loop. Once: a second
+        call (a gateway stopped twice) used to schedule the close on the stopped loop, wait
+        five seconds for it, and leave the coroutine to be dropped, never awaited, whenever
+        the loop was collected."""
+        if self._closed:
+            return
+        self._closed = True
         self._connecting.cancel()
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self.log.close(), self.loop).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()

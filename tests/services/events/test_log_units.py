@@ -5,8 +5,13 @@ dead-lettering the rest."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from pymilvus import MilvusException
 from pymilvus.exceptions import ParamError
 
@@ -150,3 +155,25 @@ def test_lease_busy_redeliveries_are_no_failures() -> None:
         work = [UserWork("u", [trigger], None, [later])]  # type: ignore[list-item]
         asyncio.run(worker._retry_or_dead(work, RuntimeError("again")))
     assert not dead and not trigger.acked
+
+
+def test_a_blocking_log_closes_once_and_fast(tmp_path: Path) -> None:
+    """Closing twice (a gateway stopped by a test and again by its fixture) neither waits on
+    the stopped loop nor leaves a close coroutine behind, never awaited; calls after the
+    close fail as the log being unavailable."""
+    from ops.processes import free_port
+    from services.events.log import BlockingEventLog, EventLogUnavailable
+
+    settings = Settings(nats_urls=f"nats://127.0.0.1:{free_port()}", var_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        events = BlockingEventLog(settings, "test-close")  # nothing listens: still connecting
+        events.close()
+        started = time.monotonic()
+        events.close()
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(EventLogUnavailable, match="closed"):
+            events.call(lambda log: log.healthy(), 1.0)
+        del events
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
