@@ -87,7 +87,13 @@ class Settings(BaseSettings):
         "(DEADLINE_EXCEEDED, STREAM_IDLE); it holds no concurrency slot while it waits.",
     )
     popular_cache_size: int = Field(500, ge=1, description="Popular items kept for cold start.")
-    popular_refresh_s: float = Field(60.0, gt=0, description="Popularity cache refresh period.")
+    popular_refresh_s: float = Field(
+        60.0,
+        gt=0,
+        description="Popularity cache refresh period (a catalogue scan, which also fills the "
+        "item cache when the catalogue fits in it; it then runs a little before the item "
+        "cache's TTL ends, if that comes first).",
+    )
     segments: int = Field(8, ge=1, description="User segments fitted by k-means.")
     cold_start_events: int = Field(
         3, ge=0, description="Users with at most this many positive events are cold-start."

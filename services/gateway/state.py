@@ -135,7 +135,7 @@ class GatewayState:
             milvus_ready
             and (
                 not len(self.popular)
-                or time.monotonic() - self._popular_at > self.settings.popular_refresh_s
+                or time.monotonic() - self._popular_at > self._popular_period()
             )
             and self.popular.refresh(self.store)
         ):
@@ -154,6 +154,14 @@ class GatewayState:
         self.triton_ready, self.milvus_ready = triton_ready, milvus_ready
         self._set_health(triton_ready and milvus_ready and events_ready)
         return triton_ready and milvus_ready and events_ready
+
+    def _popular_period(self) -> float:
+        """The popularity refresh's period: its scan also fills the item cache
+        (:meth:`VectorStore.all_items`), so it comes before the rows' TTL ends, a poll and a
+        scan early, and no item is then read on demand."""
+        s = self.settings
+        early = s.milvus_item_cache_ttl_s - 2 * s.readiness_poll_s
+        return max(min(s.popular_refresh_s, early), s.readiness_poll_s)
 
     def _refresh_online(self) -> None:
         """The online popularity and co-occurrence the profile workers refresh from the

@@ -60,7 +60,7 @@ class PopularItems:
 
     def refresh(self, store: VectorStore) -> bool:
         try:
-            rows = store.all_items()
+            rows = store.all_items(fill_cache=True)
         except StoreUnavailable as exc:
             log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
             return False

@@ -85,7 +85,7 @@ class FakeStore:
         self._check("get_segment")
         return self.segments.get(segment_id)
 
-    def all_items(self) -> list[Row]:
+    def all_items(self, fill_cache: bool = False) -> list[Row]:
         self._check("all_items")
         return [self._out(r, False) for r in self.items.values()]
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import re
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from core.config import Settings
+from core.milvus_schema import ITEM_FIELDS
 from services.vectors.row_cache import RowCache
 from services.vectors.store import VectorStore
 from services.vectors.timing import milvus_clock, timed
@@ -81,6 +83,8 @@ class ItemsClient:
         self.calls: list[tuple[str, list[str], list[str], Any]] = []
 
     def query(self, collection: str, **kw: Any) -> list[dict[str, Any]]:
+        if kw["output_fields"] == ["count(*)"]:
+            return [{"count(*)": len(self.rows)}]
         ids = re.findall(r'"(i\d+)"', kw["filter"])
         self.calls.append(("query", ids, kw["output_fields"], kw.get("consistency_level")))
         fields = kw["output_fields"]
@@ -93,6 +97,12 @@ class ItemsClient:
         rows = [{"distance": 1.0 - n / 10, "entity": {f: self.rows[i][f] for f in fields}}
                 for n, i in enumerate(ids)]  # fmt: skip
         return [Hits(ids, rows)]
+
+    def query_iterator(self, collection: str, **kw: Any) -> Any:
+        fields = kw["output_fields"]
+        self.calls.append(("scan", [], fields, None))
+        pages = [[{f: r[f] for f in fields} for r in self.rows.values()], []]
+        return SimpleNamespace(next=lambda: pages.pop(0), close=lambda: None)
 
     def upsert(self, collection: str, rows: list[dict[str, Any]], **kw: Any) -> dict[str, int]:
         self.calls.append(("upsert", [r["item_id"] for r in rows], [], None))
@@ -155,6 +165,28 @@ def test_the_ann_returns_ids_and_its_rows_come_from_the_cache() -> None:
     assert client.calls[0][2] == []  # the primary keys come without asking
     assert [h["item_id"] for h in hits] == ["i3", "i1", "i4"]
     assert [h["score"] for h in hits] == [1.0, 0.9, 0.8] and "vector" in hits[0]
+
+
+def test_the_catalogue_scan_fills_the_item_cache_when_the_catalogue_fits() -> None:
+    client = ItemsClient()
+    store = _store(client)
+    rows = store.all_items(fill_cache=True)
+    assert client.calls[-1][2] == [*ITEM_FIELDS, "vector", "co_items"]  # read whole once
+    assert [set(r) for r in rows] == [set(ITEM_FIELDS)] * 5  # the caller gets what it asked
+    client.calls.clear()
+    got = store.get_items(["i0", "i4"], 1.0, with_vectors=True, with_neighbours=True)
+    assert client.calls == [] and got["i4"]["co_items"] == ["i0"]
+    assert set(store.search_items(np.ones(8), 3, 1.0)[0]) == {*ITEM_FIELDS, "score"}
+    assert [c[0] for c in client.calls] == ["search"]
+
+
+def test_a_catalogue_larger_than_the_item_cache_is_scanned_without_filling_it() -> None:
+    client = ItemsClient()
+    store = _store(client, milvus_item_cache_size=4)
+    assert len(store.all_items(fill_cache=True)) == 5
+    assert client.calls[-1][2] == ITEM_FIELDS and len(store.item_cache) == 0
+    store = _store(ItemsClient())
+    assert len(store.all_items()) == 5 and len(store.item_cache) == 0  # not asked to fill
 
 
 def test_without_the_cache_every_read_goes_to_milvus() -> None:

@@ -191,6 +191,20 @@ def test_the_item_cache_answers_as_milvus_does(store: VectorStore) -> None:
         assert store.item_cache.hits >= 10
         store.upsert_items([_item("c1", vectors[5], ["Comedy"])])
         assert store.get_items(["c1"], 5.0)["c1"]["categories"] == ["Comedy"]
+        # the catalogue scan fills the cache at the item read level: the upsert just made is
+        # in it, and every row is what Milvus returns when asked by id
+        store.item_cache.clear()
+        scanned = {r["item_id"]: r for r in store.all_items(fill_cache=True)}
+        ids = [f"c{i}" for i in range(30)]
+        assert scanned["c1"]["categories"] == ["Comedy"] and len(store.item_cache) >= 30
+        misses = store.item_cache.misses
+        cached = store.get_items(ids, 5.0, with_vectors=True, with_neighbours=True)
+        read = plain.get_items(ids, 5.0, with_vectors=True, with_neighbours=True)
+        assert store.item_cache.misses == misses and cached.keys() == read.keys()
+        for item in ids:
+            assert cached[item].keys() == read[item].keys()
+            np.testing.assert_array_equal(cached[item]["vector"], read[item]["vector"])
+            assert cached[item]["categories"] == read[item]["categories"]
     finally:
         plain.close()
 
