@@ -158,6 +158,9 @@ class Context:
     cold: bool = False
     # the sequence model's inputs (core.sequence_inputs.model_inputs), set by retrieve
     sequence_inputs: dict[str, np.ndarray] | None = None
+    # the history's co-occurrence scores from the indexed neighbours alone (the ranker's
+    # feature, as in training), set by retrieve when its own scores are exactly those
+    co_scores: dict[str, float] | None = None
     # retrieve, rank
     candidates: list[Candidate] = field(default_factory=list)
     ranked: bool = False

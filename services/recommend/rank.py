@@ -59,7 +59,9 @@ def candidate_features(
     history = ctx.history
     dim = len(history[0]["vector"]) if history else 0
     hist = np.asarray([h["vector"] for h in history], dtype=np.float32).reshape(-1, dim)
-    co, _ = co_occurrence_scores([h.get("co_items") or [] for h in history])
+    co = ctx.co_scores  # retrieval's, when they are the indexed neighbours' alone
+    if co is None:
+        co, _ = co_occurrence_scores([h.get("co_items") or [] for h in history])
     profile = ctx.profile or {}
     user = UserSide(hist, dict(profile.get("interests") or {}), len(ctx.history_ids))
     rows = [c.row for c in ctx.candidates]

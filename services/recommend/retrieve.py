@@ -170,19 +170,23 @@ class Retriever:
 
     def co_occurrence(
         self, history: Sequence[Row], n: int, exclude: Collection[str]
-    ) -> tuple[list[str], dict[str, str]]:
+    ) -> tuple[list[str], dict[str, str], dict[str, float] | None]:
         """The best ``3 n`` neighbours of recent history items, scored by recency of the seed
         and their rank (:func:`core.ranking_features.co_occurrence_scores`), and the seed's
         title of each (its explanation). Each seed's neighbours: the indexed ones and the
-        online ones (:meth:`PopularItems.neighbours`) taken in turns."""
-        scores, seed = co_occurrence_scores(
-            [
-                interleaved(h.get("co_items") or [], self.popular.neighbours(h["item_id"]))
-                for h in history[:CO_SEEDS]  # the seeds it reads
-            ]
-        )
+        online ones (:meth:`PopularItems.neighbours`) taken in turns. Third: the scores
+        themselves when they are the indexed neighbours' alone (no seed has online ones and
+        no indexed list repeats an id), which the ranker's feature then reuses."""
+        indexed = [h.get("co_items") or [] for h in history[:CO_SEEDS]]  # the seeds it reads
+        merged = [
+            interleaved(first, self.popular.neighbours(h["item_id"]))
+            for h, first in zip(history, indexed, strict=False)
+        ]
+        scores, seed = co_occurrence_scores(merged)
         ranked = sorted((i for i in scores if i not in exclude), key=lambda i: -scores[i])
-        return ranked[: 3 * n], {item: history[index]["title"] for item, index in seed.items()}
+        same = all(list(a) == b for a, b in zip(indexed, merged, strict=True))
+        titles = {item: history[index]["title"] for item, index in seed.items()}
+        return ranked[: 3 * n], titles, scores if same else None
 
     def segment(
         self, segment_id: str, n: int, exclude: Collection[str], deadline: Deadline
@@ -355,7 +359,9 @@ class Retrieve(Stage):
         lists: dict[str, Sequence[Row | tuple[Row, str]]] = {}
         popular = self.retriever.global_popular(n, seen_all)  # cached rows, no vectors
         try:
-            co_ids, seed_of = self.retriever.co_occurrence(history, n, seen_all.exclude)
+            co_ids, seed_of, ctx.co_scores = self.retriever.co_occurrence(
+                history, n, seen_all.exclude
+            )
             segment_ids = (
                 self.retriever.segment(profile["segment"], n, seen_all.exclude, ctx.deadline)
                 if profile and profile["segment"]

@@ -129,3 +129,30 @@ def test_admitted_is_admits_applied_in_order() -> None:
     for f in (by_id, by_attributes):
         assert f.admitted(rows) == [r for r in rows if f.admits(r)]
     assert [r["item_id"] for r in by_attributes.admitted(iter(rows))] == ["a", "c"]
+
+
+def test_retrieval_shares_its_co_occurrence_scores_only_when_they_are_the_rankers() -> None:
+    """The ranker's co-occurrence feature uses the indexed neighbours alone (as in training);
+    retrieval interleaves the online ones. Its scores are handed on only when that changed
+    nothing, so the feature is the same either way."""
+    from typing import cast
+
+    from core.ranking_features import co_occurrence_scores
+    from services.vectors.store import VectorStore
+
+    history = [
+        row("h1") | {"title": "H1", "co_items": ["a", "b", "c"]},
+        row("h2") | {"title": "H2", "co_items": ["c", "d"]},
+    ]
+    own, _ = co_occurrence_scores([h["co_items"] for h in history])
+    cache = PopularItems(size=1)
+    retriever = Retriever(cast(VectorStore, None), cache)
+    ids, because, shared = retriever.co_occurrence(history, 5, exclude=set())
+    assert shared == own and ids[0] == "c" and because["c"] == "H2"  # 0.9 / 1 > 1 / 3
+    for online in ({"h2": ["x"]}, {"h1": ["c"]}):  # a new neighbour; a known one moved up
+        cache.set_online({}, online)
+        ids, _, shared = retriever.co_occurrence(history, 5, exclude=set())
+        assert shared is None and ids != [] and own.keys() <= set(ids) | {"x"}
+    cache.set_online({}, {})
+    duplicated = [history[0] | {"co_items": ["a", "a", "b"]}]  # deduplicated by retrieval
+    assert retriever.co_occurrence(duplicated, 5, exclude=set())[2] is None
