@@ -66,6 +66,8 @@ Row = dict[str, Any]
 
 
 NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
+# What a cached item row holds: every field, so that any later read finds what it needs.
+CACHED_ITEM_FIELDS = (*ITEM_FIELDS, "vector", "co_items")
 
 
 class StoreUnavailable(RuntimeError):
@@ -295,7 +297,7 @@ class VectorStore:
                 "query",
                 self.items.name,
                 filter=f"item_id in {literal(missing)}",
-                output_fields=[*ITEM_FIELDS, "vector", "co_items"],
+                output_fields=list(CACHED_ITEM_FIELDS),
                 consistency_level=self.settings.milvus_item_consistency,
                 timeout=timeout,
             )
@@ -408,10 +410,10 @@ class VectorStore:
         if not fill_cache or not cache.enabled or self.count(self.items.name) > cache.size:
             return self.scan(self.items.name, fields)
         epoch = cache.epoch()  # at the item read level: this process's upserts are seen
-        every = [*ITEM_FIELDS, "vector", "co_items"]
-        rows = self.scan(self.items.name, every, consistency=self.settings.milvus_item_consistency)
+        level = self.settings.milvus_item_consistency
+        rows = self.scan(self.items.name, CACHED_ITEM_FIELDS, consistency=level)
         cache.put({r["item_id"]: r for r in rows}, epoch)
-        drop = [f for f in every if f not in fields]
+        drop = [f for f in CACHED_ITEM_FIELDS if f not in fields]
         return [_trimmed(r, drop) for r in rows]
 
     def scan(
