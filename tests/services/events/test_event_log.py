@@ -192,9 +192,10 @@ def test_sigkill_gateway_worker_and_nats_under_load_applies_each_acknowledged_ev
     ]
     acked: set[int] = set()
     stop = threading.Event()
+    engine = ", Milvus engine" if stack.settings.milvus_server == "engine" else ""
     report = Scenario(
         "event log: SIGKILL a gateway, a profile worker and nats-server under ingest load "
-        "(3 gateways, 2 workers)"
+        f"(3 gateways, 2 workers{engine})"
     )
     gateway_c = replicas[1]
 

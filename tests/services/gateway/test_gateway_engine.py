@@ -18,8 +18,9 @@ import pytest
 from recsys_client import NotFoundError, RecommenderClient
 
 from ops.stack import LocalStack
-from services.api import pb
+from services.api import pb, pb_grpc
 from services.vectors.store import VectorStore
+from tests.services.events import test_event_log as event_log
 from tests.services.gateway.test_gateway import (
     test_category_filter_and_exclusions_hold,
     test_delete_user_leaves_nothing_in_milvus,
@@ -36,6 +37,8 @@ __all__ = [  # collected here, with this module's engine fixtures
     "test_ingest_moves_recommendations_and_profile",
     "test_new_item_is_retrievable_once_upsert_returns",
 ]
+# The event-log module's replicas and second worker, here on the engine stack.
+replicas, second_worker, stubs = event_log.replicas, event_log.second_worker, event_log.stubs
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,19 @@ def test_items_read_listed_deleted_and_written_back_through_the_gateway(
     assert victim.item_id not in again
     assert client.upsert_items([victim]).upserted_count == 1
     assert client.get_item(victim.item_id).title == victim.title
+
+
+def test_sigkill_under_load_applies_each_acknowledged_event_once_on_the_engine(
+    stack: LocalStack,
+    stubs: list[pb_grpc.RecommenderServiceStub],
+    replicas: list[event_log.Replica],
+    second_worker: str,
+    store: VectorStore,
+) -> None:
+    """The event log's SIGKILL scenario (3 gateways, 2 workers; a gateway, a worker and
+    nats-server killed under load) on the engine, last in this module: exactly once rests
+    there on the workers' Strong reads of the rows they rewrite, which Lite cannot show (it
+    sees every write at once, at any level)."""
+    event_log.test_sigkill_gateway_worker_and_nats_under_load_applies_each_acknowledged_event_once(
+        stack, stubs, replicas, second_worker, store
+    )
