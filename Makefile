@@ -136,7 +136,7 @@ serve: env ## the demo stack, serving on RECSYS_GRPC_PORT (50051) until Ctrl-C
 
 # --- tests --------------------------------------------------------------------------------
 test: lint kubectl-installed $(CHECKOV) $(MILVUS_ENGINE) ## everything: lint, unit, integration, manifests
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=25  # the slowest, to keep the suite in budget
 
 test-unit: env
 	$(PY) -m pytest -q -m "not integration" --timeout=300
