@@ -425,7 +425,11 @@ class Settings(BaseSettings):
         "profile-worker", description="Durable JetStream consumer of the profile workers."
     )
     worker_fetch_batch: int = Field(
-        500, ge=1, description="Events one profile worker fetches at once."
+        500,
+        ge=1,
+        description="Events one profile worker fetches at once. On a Milvus server every "
+        "batch waits a time tick for its Strong read of the rows, which larger batches "
+        "amortise (the manifests set 2000); on Milvus Lite, CPU-bound here, 500 did better.",
     )
     worker_max_deliveries: int = Field(
         5,
