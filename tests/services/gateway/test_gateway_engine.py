@@ -5,8 +5,9 @@ a Session read waits only for this process's own writes, and the user rows are w
 the profile workers, another process. So the flows that depend on reading what was just
 written run here again, on a stack of their own with the engine: ingest then recommend
 (read-your-writes through the applied version and the profile cache), upsert then
-retrieve, delete then nothing, the item calls (a query iterator on the engine), and the
-profile cache's version check.
+retrieve, delete then nothing, the item calls (a query iterator on the engine), the
+profile cache's version check, and last the event log's SIGKILL scenario (two workers, whose
+exactly-once rests on their Strong reads of the rows they rewrite).
 """
 
 from __future__ import annotations
