@@ -209,21 +209,32 @@ class VectorStore:
         """
         deadline = time.monotonic() + timeout
         lite = self._is_lite(timeout)
+        # Every collection sealed first, then waited for together: the query node takes up
+        # the indexed segments of all of them at once (on the 2.3 engine ~19 s each, 60 s for
+        # the three one after another).
         for spec in self.specs:
             self._call("flush", spec.name, timeout=timeout)
-            while True:
-                left = max(deadline - time.monotonic(), 0.1)
-                info = self._call("describe_index", spec.name, "vector", timeout=left)
-                indexed = int(info.get("indexed_rows", 0))
-                done = not info.get("pending_index_rows") and indexed >= info.get("total_rows", 0)
-                if done and not lite:
-                    loaded = self._call("list_loaded_segments", spec.name, timeout=left)
-                    done = sum(s.num_rows for s in loaded if "Sealed" in str(s.state)) >= indexed
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    raise StoreUnavailable(f"Milvus {spec.name}: not indexed after {timeout:.0f}s")
-                time.sleep(0.5)
+        pending = [spec.name for spec in self.specs]
+        while True:
+            pending = [name for name in pending if not self._served_indexed(name, lite, deadline)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"Milvus {pending[0]}: not indexed after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def _served_indexed(self, name: str, lite: bool, deadline: float) -> bool:
+        """Whether the vector index covers every row of ``name`` and (on a server) the query
+        node serves those rows from sealed, indexed segments."""
+        left = max(deadline - time.monotonic(), 0.1)
+        info = self._call("describe_index", name, "vector", timeout=left)
+        indexed = int(info.get("indexed_rows", 0))
+        if info.get("pending_index_rows") or indexed < info.get("total_rows", 0):
+            return False
+        if lite:
+            return True
+        loaded = self._call("list_loaded_segments", name, timeout=left)
+        return sum(s.num_rows for s in loaded if "Sealed" in str(s.state)) >= indexed
 
     def _is_lite(self, timeout: float) -> bool:
         """Milvus Lite: one process, every read sees every write, whatever its level."""
