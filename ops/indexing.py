@@ -276,11 +276,13 @@ def index_users(
     tombstones: Tombstones | None = None,
 ) -> int:
     """Encode each user's recent positive history with the user tower and upsert it; users
-    in ``tombstones`` (deleted) are left out."""
+    in ``tombstones`` (deleted) are left out. Sent in length buckets, as items are: a
+    history's text runs from one title to the tower's whole window."""
     pending = user_rows(dataset, max_items, tombstones)
     done = 0
     with tqdm(total=len(pending), desc="index users", unit="user") as bar:
-        for chunk in _batches(pending, batch):
+        for bucket in length_buckets([text for _, text in pending], batch):
+            chunk = [pending[i] for i in bucket]
             vectors = triton.embed_users([text for _, text in chunk], INDEX_TIMEOUT_S)
             for (row, _), vector in zip(chunk, vectors, strict=True):
                 row["vector"] = np.asarray(vector, dtype=np.float32).tolist()
