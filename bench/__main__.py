@@ -107,7 +107,7 @@ QUICK = Plan(
     variant_rounds=0,
     pipeline_levels=((1, 3, 10.0), (4, 6, 10.0)),
     pipeline_rounds=1,
-    indexing_items=300,
+    indexing_items=128,  # two batches of 64 per variant
 )
 SECTIONS = (
     "machine",

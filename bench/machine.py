@@ -88,14 +88,27 @@ def torch_fp32(n: int, seconds: float, threads: int) -> float:
         return _rate(lambda: torch.mm(a, b), 2.0 * n**3, seconds)
 
 
-def torch_int8(n: int, seconds: float, threads: int) -> float:
+# Below this rate torch's int8 GEMM is a fallback loop, not a kernel: 1.5 GOP/s here, 11 s
+# per 2048 GEMM, so timing it at full size cost a bench 23 s for a rate the probe gives.
+SLOW_INT8_OPS = 10e9
+
+
+def torch_int8(n: int, seconds: float, threads: int, probe_n: int = 256) -> tuple[float, int]:
+    """Rate and the size it was measured at: ``probe_n`` when the probe is slow, else ``n``."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    with torch.inference_mode():
-        return _rate(lambda: torch._int_mm(a, b), 2.0 * n**3, seconds)
+
+    def rate(size: int, secs: float) -> float:
+        a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        with torch.inference_mode():
+            return _rate(lambda: torch._int_mm(a, b), 2.0 * size**3, secs)
+
+    probe = rate(probe_n, min(seconds, 0.3))
+    if probe < SLOW_INT8_OPS:
+        return probe, probe_n
+    return rate(n, seconds), n
 
 
 def numpy_fp32(n: int, seconds: float) -> float:
@@ -158,8 +171,9 @@ def gemm_peaks(n: int = 2048, seconds: float = 3.0, threads: int = 2) -> dict[st
     rates["torch_fp32"] = torch_fp32(n, seconds, threads)
     rates["numpy_fp32"] = numpy_fp32(n, seconds)
     rates["ort_fp32"] = _ort_matmul(n, seconds, threads, integer=False)
+    sizes: dict[str, int] = {}
     try:
-        rates["torch_int8"] = torch_int8(n, seconds, threads)
+        rates["torch_int8"], sizes["torch_int8"] = torch_int8(n, seconds, threads)
     except RuntimeError:  # no int8 GEMM kernel for this CPU/build
         rates["torch_int8"] = None
     rates["ort_int8"] = _ort_matmul(n, seconds, threads, integer=True)
@@ -170,6 +184,7 @@ def gemm_peaks(n: int = 2048, seconds: float = 3.0, threads: int = 2) -> dict[st
         "seconds_each": seconds,
         "threads": threads,
         "rates": rates,
+        "sizes": {k: sizes.get(k, n) for k in rates},  # a slow kernel is timed smaller
         "fp32": fp32,
         "int8": int8,
         "load_average": [load_before, load_average()],

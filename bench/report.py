@@ -155,7 +155,14 @@ def _gemm(results: dict[str, Any]) -> list[str]:
     g = results.get("gemm_peak", {})
     if "rates" not in g:
         return []
-    rows = [[k, _gflops(v) if v else "not available"] for k, v in g["rates"].items()]
+    sizes = g.get("sizes", {})
+    rows = [
+        [
+            k if sizes.get(k, g["n"]) == g["n"] else f"{k} (at {sizes[k]}: a fallback loop)",
+            _gflops(v) if v else "not available",
+        ]
+        for k, v in g["rates"].items()
+    ]
     return [
         "",
         f"## Matrix-multiply peak ({g['n']}x{g['n']}, {g['threads']} threads, "

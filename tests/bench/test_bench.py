@@ -38,6 +38,19 @@ def test_targets_compare_with_the_baseline() -> None:
     assert not t["tail_c16"]["met"]
 
 
+def test_a_gemm_timed_at_another_size_says_so() -> None:
+    from bench.report import _gemm
+
+    rates = {"torch_fp32": 60e9, "torch_int8": 1.5e9, "ort_int8": 70e9}
+    g = {"n": 2048, "threads": 2, "seconds_each": 3.0, "rates": rates, "fp32": 60e9}
+    g |= {"int8": 70e9, "load_average": [], "sizes": {"torch_int8": 256}}
+    text = "\n".join(_gemm({"gemm_peak": g}))
+    assert "| torch_int8 (at 256: a fallback loop) | 1.5 |" in text
+    assert "| torch_fp32 | 60.0 |" in text
+    g.pop("sizes")  # a report written before sizes were recorded
+    assert "| torch_int8 | 1.5 |" in "\n".join(_gemm({"gemm_peak": g}))
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
