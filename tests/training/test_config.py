@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,16 @@ def test_latest_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "checkpoint_9").mkdir()  # incomplete: ignored
     found = latest_checkpoint(tmp_path)
     assert found is not None and found[0].name == "checkpoint_2" and found[1] == 2
+
+
+def test_tasks_between_stages_take_every_cpu_of_the_workers_that_one_node_has() -> None:
+    from training.train import between_stages_cpus
+
+    local = load_config(REPO_ROOT / "training" / "configs" / "local.yaml")
+    assert between_stages_cpus(local, [2]) == 2  # both workers' CPUs, not one worker's
+    big = dataclasses.replace(local, num_workers=8, cpus_per_worker=4)
+    assert between_stages_cpus(big, [16, 8]) == 16  # a task runs on one node
+    assert between_stages_cpus(big, []) == 32
+    assert between_stages_cpus(big, [2]) == 4  # never below one worker's share
+    gpu = load_config(REPO_ROOT / "training" / "configs" / "gpu.yaml")
+    assert between_stages_cpus(gpu, [64]) == gpu.cpus_per_worker  # the GPU does the work
