@@ -25,6 +25,7 @@ from ops.indexing import (
     embed_bucketed,
     estimated_lengths,
     index_rows,
+    index_users,
     item_rows,
     length_buckets,
     length_order,
@@ -212,6 +213,40 @@ def test_a_short_answer_from_triton_fails_the_batch() -> None:
         )
     with pytest.raises(ValueError, match="vectors for a batch"):
         embed_bucketed([t for _, t in rows], lambda ts: np.zeros((len(ts) - 1, DIM)), batch=4)
+
+
+def test_users_are_indexed_in_length_buckets_each_with_its_own_vector(tmp_path: Path) -> None:
+    """Histories of 1 to 12 items: sent shortest first, every row keeps its text's vector."""
+
+    class Users(FakeTriton):
+        embed_users = FakeTriton.embed_items
+
+    class UserStore(FakeStore):
+        def upsert_users(self, rows: Sequence[dict[str, Any]], timeout: float = 30.0) -> int:
+            return self.upsert_items(cast(Sequence[ItemRow], rows), timeout)
+
+    items = [f"i{n}" for n in range(12)]
+    pd.DataFrame({"item_id": items, "title": [f"Film {n}" for n in range(12)]}).to_csv(
+        tmp_path / "items.csv", index=False
+    )
+    events = [(f"u{u}", items[k]) for u in range(12) for k in range((u * 5) % 12 + 1)]
+    pd.DataFrame(
+        {
+            "user_id": [u for u, _ in events],
+            "item_id": [i for _, i in events],
+            "event_type": "purchase",
+            "timestamp": [1_600_000_000 + n for n in range(len(events))],
+        }
+    ).to_csv(tmp_path / "events.csv", index=False)
+    dataset = load_dataset(tmp_path)
+    triton, store = Users(), UserStore()
+    assert index_users(dataset, cast(TritonClient, triton), cast(VectorStore, store), 4) == 12
+    text_of = {row["user_id"]: text for row, text in user_rows(dataset)}
+    assert sorted(r["user_id"] for r in store.rows) == sorted(text_of)
+    for r in store.rows:
+        assert np.array_equal(np.asarray(r["vector"], np.float32), vector_of(text_of[r["user_id"]]))
+    sent = [len(t) for request in triton.requests for t in request]
+    assert sent == sorted(sent) and len(set(sent)) > 1  # buckets, not file order
 
 
 @pytest.mark.integration
