@@ -73,8 +73,8 @@ class FlakyServicer(FakeServicer):
         return pb.StreamIngestEventsResponse(accepted_count=sum(len(m.events) for m in messages))
 
 
-def _settings(tmp_path: Path, **extra: Any) -> Settings:
-    base = {"wal_dir": str(tmp_path / "wal"), "grpc_workers": 8, "max_in_flight": 4}
+def _settings(**extra: Any) -> Settings:
+    base = {"grpc_workers": 8, "max_in_flight": 4}
     return Settings.model_validate({**base, **extra})
 
 
@@ -88,10 +88,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture()
-def prod_like(tmp_path: Path, pki: Pki) -> Iterator[tuple[str, FlakyServicer]]:
+def prod_like(pki: Pki) -> Iterator[tuple[str, FlakyServicer]]:
     """Mutual TLS and API keys, like the deployed gateway."""
     settings = _settings(
-        tmp_path,
         auth_mode="api_key",
         api_keys=json.dumps(KEYS),
         tls_cert_file=str(pki.server_cert),
@@ -192,8 +191,8 @@ def test_user_bound_key_reads_only_its_user(prod_like: tuple[str, FlakyServicer]
         assert [e.user_id for m in delivered for e in m.events] == ["u42"]
 
 
-def test_ingest_is_retried_with_the_same_keys(tmp_path: Path) -> None:
-    with running_server(_settings(tmp_path), FlakyServicer(fail=2)) as (target, servicer):
+def test_ingest_is_retried_with_the_same_keys() -> None:
+    with running_server(_settings(), FlakyServicer(fail=2)) as (target, servicer):
         servicer = servicer  # type: ignore[assignment]
         with RecommenderClient(target, 5) as client:
             events = [_event(), _event(key="mine")]
@@ -208,8 +207,8 @@ def test_ingest_is_retried_with_the_same_keys(tmp_path: Path) -> None:
             assert len(servicer.seen["DeleteUser"]) == 1  # type: ignore[attr-defined]
 
 
-def test_rate_limited_call_waits_for_the_retry_hint(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, rate_limit_rps=2.0, rate_limit_burst=1)
+def test_rate_limited_call_waits_for_the_retry_hint() -> None:
+    settings = _settings(rate_limit_rps=2.0, rate_limit_burst=1)
     with running_server(settings) as (target, servicer):
         with RecommenderClient(target, 5, max_attempts=1) as once:
             once.recommend("u")
@@ -228,8 +227,8 @@ def test_rate_limited_call_waits_for_the_retry_hint(tmp_path: Path) -> None:
         assert servicer.calls == 3
 
 
-def test_stream_helper_batches_and_fills_keys(tmp_path: Path) -> None:
-    with running_server(_settings(tmp_path), FlakyServicer()) as (target, servicer):
+def test_stream_helper_batches_and_fills_keys() -> None:
+    with running_server(_settings(), FlakyServicer()) as (target, servicer):
         with RecommenderClient(target, 5) as client:
             events = (_event(f"u{i}") for i in range(5))  # a generator: consumed lazily
             assert client.ingest_stream(events, batch_size=2).accepted_count == 5

@@ -66,7 +66,6 @@ def prod_gateway(
         **scratch_stack.env(),
         "RECSYS_GRPC_PORT": str(port),
         "RECSYS_METRICS_PORT": str(free_port()),
-        "RECSYS_WAL_DIR": str(work / "wal"),
         "RECSYS_EXPOSURE_LOG": str(work / "exposures.jsonl"),
         "RECSYS_AUTH_MODE": "api_key",
         "RECSYS_API_KEYS_FILE": str(work / "keys.json"),

@@ -43,7 +43,6 @@ def test_rotated_certificates_serve_new_connections(tmp_path: Path) -> None:
     for src, name in ((old.server_cert, "tls.crt"), (old.server_key, "tls.key"), (old.ca, "ca")):
         shutil.copy(src, live / name)
     settings = Settings(
-        wal_dir=tmp_path / "wal",
         tls_cert_file=live / "tls.crt",
         tls_key_file=live / "tls.key",
         tls_client_ca_file=live / "ca",
@@ -105,7 +104,6 @@ def test_rotated_key_through_the_server(tmp_path: Path) -> None:
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({hash_key("k1"): {"client": "a", "scopes": ["read"]}}))
     settings = Settings(
-        wal_dir=tmp_path / "wal",
         auth_mode="api_key",
         api_keys_file=keys,
         tls_cert_file=pki.server_cert,
