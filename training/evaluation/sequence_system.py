@@ -80,7 +80,7 @@ class SequenceRecommender(CatalogueRecommender):
                 content_vectors(
                     train.items,
                     self.item_ids,
-                    model_dir=self.model_dir,
+                    model_dir=self.cfg.content_model or self.model_dir,
                     max_seq_len=self.cfg.content_max_seq_len,
                     encoder=self.encoder,
                     cache=self.cfg.content_cache,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from training.config import SequenceConfig
 from training.data import load_dataset
@@ -75,3 +76,24 @@ def test_validation_split_never_reaches_the_test_period(generic_dir: Path) -> No
     inner = validation_split(ds)
     assert inner.train.events["timestamp"].max() < outer.train.events["timestamp"].max()
     assert inner.observed["timestamp"].max() <= outer.train.events["timestamp"].max()
+
+
+def test_content_model_in_the_config_chooses_the_encoder(
+    generic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--config name:content_model=DIR`` compares content encoders on validation windows."""
+    from training.evaluation import sequence_system
+
+    seen: list[str] = []
+
+    def fake_vectors(items: pd.DataFrame, item_ids: Sequence[str], **kw: object) -> np.ndarray:
+        seen.append(str(kw["model_dir"]))
+        return FakeEncoder().encode([str(i) for i in item_ids])
+
+    monkeypatch.setattr(sequence_system, "content_vectors", fake_vectors)
+    split = make_split(load_dataset(generic_dir), quantile=0.8)
+    _system(content_model="runs/x/item_tower").fit(split.train)
+    SequenceRecommender(SequenceConfig(epochs=1, dim=16, blocks=1), model_dir="mini").fit(
+        split.train
+    )
+    assert seen == ["runs/x/item_tower", "mini"]
