@@ -18,6 +18,9 @@ import yaml
 from core.config import REPO_ROOT, get_settings
 from training.models.pretrained import resolve_pretrained
 
+#: where the sequence model's item content vectors come from (``SequenceConfig``)
+CONTENT_SOURCES = ("item_tower", "pretrained")
+
 
 @dataclass
 class StageConfig:
@@ -104,9 +107,20 @@ class SequenceConfig(StageConfig):
     time_periods: int = 128  # snapshots of that term over the training period
     #: project the items' frozen BERT content vectors into the item representation
     use_content: bool = True
+    #: ``item_tower``: the run's trained item tower, the vectors Milvus and the feature ranker
+    #: get (one content encoder, the catalogue encoded once per run); ``pretrained``: the
+    #: frozen ``content_model`` below (the evaluation's in-process model always reads that one)
+    content_source: str = "item_tower"
     content_model: str = ""  # "" = the run's pretrained model
     content_max_seq_len: int = 128  # the same as the evaluation's content baseline: one cache
     content_cache: bool = True  # cache item vectors under var/cache/eval/
+
+    def __post_init__(self) -> None:
+        if self.content_source not in CONTENT_SOURCES:
+            raise ValueError(
+                f"sequence.content_source must be one of {CONTENT_SOURCES}, "
+                f"got {self.content_source!r}"
+            )
 
 
 @dataclass

@@ -36,6 +36,11 @@ def test_overrides_and_validation(tmp_path: Path) -> None:
         load_config(None, ["num_workers=1.5"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(None, ["oops"])
+    with pytest.raises(ValueError, match="content_source must be one of"):
+        load_config(None, ["sequence.content_source=minilm"])
+    assert load_config(None, ["sequence.content_source=pretrained"]).sequence.content_source == (
+        "pretrained"
+    )
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
 
 

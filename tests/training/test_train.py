@@ -130,6 +130,32 @@ def test_sequence_stage_trains_and_exports(
     assert model.cfg.dim == 16 and len(model.space.item_ids) == metrics["data"]["items"]
 
 
+def test_sequence_content_is_the_trained_item_towers_catalogue(
+    first_run: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    """One content encoder: the sequence model's item vectors are the trained item tower's,
+    the vectors indexing writes into Milvus (``sequence.content_source: item_tower``)."""
+    from core.text import item_texts
+    from training.config import load_config, resolve_path
+    from training.data import load_dataset
+    from training.models.sequence import load_sequence_model
+    from training.tasks.retrieval import tower_vectors
+
+    metrics, root, ov = first_run
+    cfg = load_config(CONFIG, ov)
+    assert cfg.sequence.content_source == "item_tower"
+    assert metrics["timing_seconds"]["item_vectors"] > 0  # encoded once, for both stages
+    model = load_sequence_model(root / "final" / "sequence")
+    rows = list(range(0, model.space.n_items, max(1, model.space.n_items // 40)))
+    ids = [model.space.item_ids[n] for n in rows]
+    texts = item_texts(load_dataset(resolve_path(cfg.data_dir)).items)
+    want = tower_vectors(
+        str(root / "final" / "item_tower"), [texts[i] for i in ids], cfg.retrieval.max_seq_len
+    )
+    got = model.space.content[rows]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
     first_run: tuple[dict[str, Any], Path, list[str]], tmp_path: Path
 ) -> None:
