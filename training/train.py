@@ -325,7 +325,6 @@ class CatalogueVectors:
             gpus = 1 if self.cfg.use_gpu else 0
             encode = ray.remote(tower_vectors).options(num_cpus=cpus, num_gpus=gpus)
             with _timed(self.timings, "item_vectors"):
-                t0 = time.time()
                 vectors = ray.get(
                     encode.remote(  # type: ignore[call-arg]
                         str(self.tower_dir),
@@ -334,7 +333,8 @@ class CatalogueVectors:
                         cpus,
                     )
                 )
-            print(f"[item_tower] catalogue vectors {vectors.shape} in {time.time() - t0:.1f}s")
+            seconds = self.timings["item_vectors"]
+            print(f"[item_tower] catalogue vectors {vectors.shape} in {seconds:.1f}s")
             self._vectors = item_ids, vectors
         return self._vectors
 
