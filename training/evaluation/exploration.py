@@ -54,8 +54,11 @@ def exploration_ceiling(
     popular.observe(split.observed)
     is_new = np.array([i in split.new_items for i in content.item_ids])
     scores = np.where(is_new[None, :], content.full_scores(users), -np.inf)
-    order = np.arange(len(content.item_ids))
-    new_best = {u: content._top(scores[r], 10, order) for r, u in enumerate(users)}
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    new_best = {
+        u: [content.item_ids[i] for i in top[r] if np.isfinite(scores[r, i])]
+        for r, u in enumerate(users)
+    }
     base = popular.recommend(users, 10)
     rows: dict[int, tuple[float, float]] = {}
     for n in slots:
