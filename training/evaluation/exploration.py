@@ -28,7 +28,9 @@ from training.evaluation.systems import PretrainedContent, TrendingPopularity
 
 def with_new_slots(base: list[str], new_best: list[str], n: int, k: int = 10) -> list[str]:
     """``base``'s first ``k - n`` items (none of the chosen new ones), then ``new_best[:n]``
-    in the last slots, as the gateway places exploration slots."""
+    in the last slots: the gateway's placement (:func:`core.fusion.explore`) for a ``base``
+    without new items, as trending popularity's lists are (that function would also count
+    new items already in ``base`` against the ``n`` slots)."""
     extra = new_best[:n]
     taken = set(extra)
     return [i for i in base if i not in taken][: k - len(extra)] + extra
