@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
+CONNECT_ATTEMPTS, CONNECT_RETRY_S = 2, 0.2  # see VectorStore._connect
 NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
 # What a cached item row holds: every field, so that any later read finds what it needs.
 CACHED_ITEM_FIELDS = (*ITEM_FIELDS, "vector", "co_items")
@@ -99,18 +100,31 @@ class VectorStore:
 
     # --- connection --------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
+        """The client, connected on first use; a failed connect is tried once more.
+
+        pymilvus shares one connection per address between clients and, when it has been idle,
+        recovers it in place on the next connect. Milvus Lite closes idle connections
+        (GOAWAY ``too_many_pings``: it refuses pymilvus's 10 s keepalive pings), and a
+        recovery racing that close failed a connect with "Too many pings" in a CI run
+        (2026-12-04); the next attempt finds a healthy connection."""
         with self._lock:
             if self._client is None:
                 s = self.settings
-                try:
-                    self._client = MilvusClient(
-                        uri=s.milvus_uri,
-                        token=s.milvus_token.get_secret_value(),
-                        db_name=s.milvus_db_name,
-                        timeout=5.0,
-                    )
-                except Exception as exc:  # pymilvus raises several types on connect
-                    raise StoreUnavailable(f"Milvus at {s.milvus_uri}: {exc}") from exc
+                for attempt in range(1, CONNECT_ATTEMPTS + 1):
+                    try:
+                        self._client = MilvusClient(
+                            uri=s.milvus_uri,
+                            token=s.milvus_token.get_secret_value(),
+                            db_name=s.milvus_db_name,
+                            timeout=5.0,
+                        )
+                        break
+                    except Exception as exc:  # pymilvus raises several types on connect
+                        if attempt == CONNECT_ATTEMPTS:
+                            raise StoreUnavailable(f"Milvus at {s.milvus_uri}: {exc}") from exc
+                        log.info("Milvus connect failed (%s); trying once more", exc)
+                        time.sleep(CONNECT_RETRY_S)
+            assert self._client is not None
             return self._client
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
