@@ -106,7 +106,8 @@ class VectorStore:
         recovers it in place on the next connect. Milvus Lite closes idle connections
         (GOAWAY ``too_many_pings``: it refuses pymilvus's 10 s keepalive pings), and a
         recovery racing that close failed a connect with "Too many pings" in a CI run
-        (2026-12-04); the next attempt finds a healthy connection."""
+        (2026-12-04). A second attempt after a pause recovers the connection anew (the real
+        race was not reproduced; the unit test fakes the failure)."""
         with self._lock:
             if self._client is None:
                 s = self.settings
