@@ -1,6 +1,8 @@
 """Connecting to Ray: the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), else a
 local one, retried because Ray gives a local raylet a fixed 30 s to register and a loaded
-2-core machine can miss that once."""
+2-core machine can miss that once, and because a local dashboard can die as it starts (a
+fresh-clone CI run, 2026-12-04: return code -6 before it wrote a log, right after another
+local Ray in the same process had shut down; Ray then raises a bare Exception)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import time
 from typing import Any
 
 log = logging.getLogger(__name__)
+# What Ray's bare Exceptions from a failed local start say, for the starts worth another try.
+RETRIED_STARTS = ("timed out during startup", "dashboard")
 
 
 def connect(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> None:
@@ -29,8 +33,8 @@ def connect(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> No
             ray.init(num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
             return
         except Exception as exc:  # Ray raises a bare Exception for the startup timeout
-            if "timed out during startup" not in str(exc) or attempt == attempts:
+            if not any(s in str(exc) for s in RETRIED_STARTS) or attempt == attempts:
                 raise
-            log.warning("local Ray did not start in time (attempt %d); retrying", attempt)
+            log.warning("local Ray did not start (attempt %d: %s); retrying", attempt, exc)
             ray.shutdown()
             time.sleep(2 * attempt)
