@@ -32,7 +32,7 @@ def connect(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> No
         try:
             ray.init(num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
             return
-        except Exception as exc:  # Ray raises a bare Exception for the startup timeout
+        except Exception as exc:  # Ray raises bare Exceptions: see RETRIED_STARTS
             if not any(s in str(exc) for s in RETRIED_STARTS) or attempt == attempts:
                 raise
             log.warning("local Ray did not start (attempt %d: %s); retrying", attempt, exc)

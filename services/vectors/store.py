@@ -100,7 +100,14 @@ class VectorStore:
 
     # --- connection --------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
-        """The client, connected on first use; a failed connect is tried once more.
+        """The client, connected on first use."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._new_client()
+            return self._client
+
+    def _new_client(self) -> MilvusClient:
+        """A connected client; a failed connect is tried once more.
 
         pymilvus shares one connection per address between clients and, when it has been idle,
         recovers it in place on the next connect. Milvus Lite closes idle connections
@@ -108,25 +115,22 @@ class VectorStore:
         recovery racing that close failed a connect with "Too many pings" in a CI run
         (2026-12-04). A second attempt after a pause recovers the connection anew (the real
         race was not reproduced; the unit test fakes the failure)."""
-        with self._lock:
-            if self._client is None:
-                s = self.settings
-                for attempt in range(1, CONNECT_ATTEMPTS + 1):
-                    try:
-                        self._client = MilvusClient(
-                            uri=s.milvus_uri,
-                            token=s.milvus_token.get_secret_value(),
-                            db_name=s.milvus_db_name,
-                            timeout=5.0,
-                        )
-                        break
-                    except Exception as exc:  # pymilvus raises several types on connect
-                        if attempt == CONNECT_ATTEMPTS:
-                            raise StoreUnavailable(f"Milvus at {s.milvus_uri}: {exc}") from exc
-                        log.info("Milvus connect failed (%s); trying once more", exc)
-                        time.sleep(CONNECT_RETRY_S)
-            assert self._client is not None
-            return self._client
+        s = self.settings
+        failure: Exception | None = None
+        for attempt in range(CONNECT_ATTEMPTS):
+            if failure is not None:
+                log.info("Milvus connect %d failed (%s); trying again", attempt, failure)
+                time.sleep(CONNECT_RETRY_S)
+            try:
+                return MilvusClient(
+                    uri=s.milvus_uri,
+                    token=s.milvus_token.get_secret_value(),
+                    db_name=s.milvus_db_name,
+                    timeout=5.0,
+                )
+            except Exception as exc:  # pymilvus raises several types on connect
+                failure = exc
+        raise StoreUnavailable(f"Milvus at {s.milvus_uri}: {failure}") from failure
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         client = self._connect()
