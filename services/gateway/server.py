@@ -18,6 +18,7 @@ from services.gateway.metrics import MetricsInterceptor, start_metrics_server
 from services.gateway.servicer import RecommenderServicer
 from services.gateway.state import GatewayState
 from services.gateway.validation import max_receive_bytes
+from services.gc_pauses import freeze_long_lived
 from services.reliability import interceptors, max_concurrent_rpcs, pseudonym, server_credentials
 from services.reliability.error_details import UnknownMethod
 
@@ -113,6 +114,7 @@ def build(settings: Settings) -> Gateway:
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     gateway = build(settings)
+    freeze_long_lived()  # modules, clients, the first catalogue scan: before any request
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

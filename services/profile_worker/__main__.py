@@ -14,6 +14,7 @@ import sys
 from prometheus_client import start_http_server
 
 from core.config import get_settings
+from services.gc_pauses import freeze_long_lived
 from services.profile_worker import dead_letters
 from services.profile_worker.worker import ProfileWorker
 from services.reliability import pseudonym
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         worker = ProfileWorker(settings)
+        freeze_long_lived()  # modules and clients: full collections stay short
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop.set)
