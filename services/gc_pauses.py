@@ -20,11 +20,13 @@ def freeze_long_lived() -> None:
     collecting what is garbage already (so that it is not kept for good).
 
     Called once, when a service process has started (modules imported, clients made; the
-    gateway's first catalogue scan, when Milvus was up), before it serves: its one full
-    pause is taken then. Frozen objects are still freed as soon as nothing refers to them
-    (reference counting); only a reference cycle alive at the freeze outlives its last
-    reference, which is why this is not repeated (per catalogue refresh it would keep the
-    requests in flight then). Later full collections walk only what came after: the
-    catalogue rows of later scans (2,000 items: a few ms) and what requests leave."""
+    gateway's first catalogue scan, when Milvus was up): its one full pause is taken then.
+    The gateway is already listening by that point (the scan needs the started server's
+    health check), so a request arriving in those ~100 ms waits for it. Frozen objects are
+    still freed as soon as nothing refers to them (reference counting); only a reference
+    cycle alive at the freeze outlives its last reference, which is why this is not
+    repeated (per catalogue refresh it would keep the requests in flight then). Later full
+    collections walk only what came after: the catalogue rows of later scans (2,000 items:
+    a few ms) and what requests leave."""
     gc.collect()
     gc.freeze()

@@ -114,7 +114,7 @@ def build(settings: Settings) -> Gateway:
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     gateway = build(settings)
-    freeze_long_lived()  # modules, clients, the first catalogue scan: before any request
+    freeze_long_lived()  # modules, clients, the first catalogue scan (serving may have begun)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
