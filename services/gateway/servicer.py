@@ -113,6 +113,7 @@ def rpc(method: Callable[[Any, Req, grpc.ServicerContext], Resp]) -> Callable[..
             code, delay = grpc.StatusCode.RESOURCE_EXHAUSTED, jittered(EVENT_LOG_RETRY_S)
             abort_with_details(context, code, str(exc), "OVERLOADED", retry_delay_s=delay)
         except DeadlineExceeded:
+            log.warning("%s: the deadline passed in the gateway", name)
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{name}: deadline passed"
             abort_with_details(context, code, message)
         except EventLogUnavailable as exc:  # nothing was acknowledged: retrying is safe
@@ -375,8 +376,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         if not self.settings.ingest_wait_applied_s or not last_seq:
             return
         with contextlib.suppress(EventLogUnavailable, DeadlineExceeded):
-            budget = min(self.settings.ingest_wait_applied_s, deadline.reserve(0.1).left())
-            self.state.events.call(lambda log: log.wait_applied(last_seq, budget), budget + 0.5)
+            answer_by = deadline.reserve(0.1)  # a tenth of what is left stays for the reply
+            budget = min(self.settings.ingest_wait_applied_s, answer_by.left())
+            # the wait's own clock can overrun (a busy event loop): the reply's share cannot
+            self.state.events.call(lambda log: log.wait_applied(last_seq, budget), answer_by.left())
 
     def _exposed(
         self,

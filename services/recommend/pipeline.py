@@ -4,9 +4,9 @@ profile (Milvus user row and history) -> retrieval (ANN, co-occurrence, segment,
 popularity and the sequence model's best items on Triton, fused; a hundred candidates) ->
 ranking (the feature ranker on Triton, one batched request, with the sequence model's scores
 among its features; optionally the BERT cross-encoder's vote on the top few) -> diversify
-(MMR) -> explain. It degrades instead of failing: without Milvus it answers
-from the cached popularity, without Triton (or when Triton would miss the deadline) in
-retrieval order; either way the answer says so.
+(MMR) -> explain. It degrades instead of failing: without Milvus (or when its reads used up
+their share of the deadline) it answers from the cached popularity, without Triton (or when
+Triton would miss the deadline) in retrieval order; either way the answer says so.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from core.config import Settings
-from services.deadline import Deadline
+from services.deadline import Deadline, DeadlineExceeded
 from services.experiments.assignment import Variant
 from services.inference.triton_client import TritonClient
 from services.recommend.anchor import Anchor
@@ -108,17 +108,33 @@ class Pipeline:
     def _run(self, ctx: Context) -> None:
         try:
             self.profile(ctx)
-        except StoreUnavailable as exc:  # no profile, no personal source: cached popularity
-            ctx.degraded.append(f"milvus unavailable: {exc}")
-            self.popular_only(ctx)
+        except (StoreUnavailable, DeadlineExceeded) as exc:  # no profile: cached popularity
+            self._popular_instead(ctx, exc)
             return
-        (self.anchor if ctx.request.current_item_id else self.retrieve)(ctx)
-        self.rules.admit(ctx)
-        self.rank(ctx)
-        self.rules.adjust(ctx)
-        self.diversify(ctx)
-        self.rules.pin(ctx)
+        try:
+            (self.anchor if ctx.request.current_item_id else self.retrieve)(ctx)
+            self.rules.admit(ctx)
+            self.rank(ctx)
+            self.rules.adjust(ctx)
+            self.diversify(ctx)
+            self.rules.pin(ctx)
+        except DeadlineExceeded as exc:
+            self._popular_instead(ctx, exc)
+            return
         self.explain(ctx)
+
+    def _popular_instead(self, ctx: Context, exc: StoreUnavailable | DeadlineExceeded) -> None:
+        """The cached popularity, answered in the share of the deadline the context keeps
+        for answering (``RESERVE``). Reads that succeed but slowly (a restarted Milvus loading
+        its collections) can use up the dependencies' share: the next read's ``left()``
+        raises, and the caller still gets an answer in time, not ``DEADLINE_EXCEEDED``."""
+        if isinstance(exc, DeadlineExceeded):
+            why = "too slow, its reads used the request's time for dependencies"
+        else:
+            why = str(exc)
+        ctx.degraded.append(f"milvus unavailable: {why}")
+        ctx.ranked = False
+        self.popular_only(ctx)
 
     def rank_items(
         self,

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -407,9 +408,10 @@ class Retrieve(Stage):
 
 
 class PopularOnly(Stage):
-    """The answer when the profile could not be read: the cached global popularity under
-    the request's filters, relevance its popularity share. Sets ``items``, ``candidates``
-    and ``reasons``; the caller records why it degraded."""
+    """The answer when Milvus failed the request: the cached global popularity under the
+    request's filters, less what the user has seen when the profile was read before the
+    failure, relevance its popularity share. Sets ``items``, ``candidates`` and
+    ``reasons``; the caller records why it degraded."""
 
     name = "retrieval"
 
@@ -417,8 +419,9 @@ class PopularOnly(Stage):
         self.retriever = retriever
 
     def run(self, ctx: Context) -> None:
-        popular = self.retriever.global_popular(4 * ctx.k, ctx.filters)
-        rows = [r for r in popular if ctx.filters.admits(r)][: ctx.k]  # attribute filters
+        filters = replace(ctx.filters, exclude=ctx.filters.exclude | ctx.seen_ids())
+        popular = self.retriever.global_popular(4 * ctx.k, filters)
+        rows = [r for r in popular if filters.admits(r)][: ctx.k]  # attribute filters
         top = max((float(r["popularity"]) for r in rows), default=1.0) or 1.0
         items = [Candidate(r["item_id"], r, {"popular": i}) for i, r in enumerate(rows)]
         for cand in items:

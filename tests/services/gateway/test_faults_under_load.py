@@ -37,21 +37,26 @@ class Load:
     degraded: int = 0
     slowest: float = 0.0
     normal_at: list[float] = field(default_factory=list)  # times of non-degraded answers
+    unexpected: list[str] = field(default_factory=list)  # what a failure message shows
     acked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _call(self, fn: Callable[[], object]) -> object | None:
+    def _call(self, rpc: str, fn: Callable[[], object]) -> object | None:
         start = time.monotonic()
+        details = ""
         try:
             reply = fn()
             code = "OK"
         except grpc.RpcError as exc:
             reply, code = None, exc.code().name  # type: ignore[attr-defined]
+            details = exc.details()  # type: ignore[attr-defined]
         took = time.monotonic() - start
         with self.lock:
             self.codes[code] += 1
             self.slowest = max(self.slowest, took)
+            if code not in ALLOWED or took > DEADLINE_S + SLACK_S:
+                self.unexpected.append(f"{rpc} {code} after {took:.2f}s: {details!r}")
         return reply
 
     def recommender(self, worker: int) -> None:
@@ -62,9 +67,10 @@ class Load:
                 n += 1
                 user = str(1 + (worker * 7 + n) % 40)
                 reply = self._call(
+                    "Recommend",
                     lambda u=user: stub.Recommend(  # type: ignore[misc]
                         pb.RecommendRequest(user_id=u, k=5), timeout=DEADLINE_S
-                    )
+                    ),
                 )
                 if isinstance(reply, pb.RecommendResponse):
                     with self.lock:
@@ -86,9 +92,10 @@ class Load:
                     idempotency_key=uuid.uuid4().hex,
                 )
                 reply = self._call(
+                    "IngestEvents",
                     lambda e=event: stub.IngestEvents(  # type: ignore[misc]
                         pb.IngestEventsRequest(events=[e]), timeout=DEADLINE_S
-                    )
+                    ),
                 )
                 if isinstance(reply, pb.IngestEventsResponse):
                     with self.lock:
@@ -140,9 +147,9 @@ def _run_fault(
     report.found = sum(min(found.get(u, 0), load.acked[u]) for u in users)
     record(report)
 
-    assert set(load.codes) <= ALLOWED, load.codes
+    assert set(load.codes) <= ALLOWED, (load.codes, load.unexpected)
     assert load.codes["OK"] >= 0.9 * report.requests
-    assert load.slowest <= DEADLINE_S + SLACK_S
+    assert load.slowest <= DEADLINE_S + SLACK_S, load.unexpected
     assert load.degraded > 0  # the outage was seen, and answered
     assert report.recovery_s is not None and report.recovery_s <= 10
     assert report.acknowledged > 0 and report.found == report.acknowledged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,12 +28,14 @@ class FakeStore:
         self.users = {r["user_id"]: r for r in users}
         self.segments = {r["segment_id"]: r for r in segments}
         self.down: set[str] = set()
+        self.slow: dict[str, float] = {}  # call -> seconds it takes before it succeeds
         self.calls: list[str] = []  # every call, in order
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
         if call in self.down or "all" in self.down:
             raise StoreUnavailable(f"{call}: connection refused")
+        time.sleep(self.slow.get(call, 0.0))
 
     def _out(self, r: Row, with_vectors: bool, with_neighbours: bool = False) -> Row:
         drop = {"vector"} if not with_vectors else set()

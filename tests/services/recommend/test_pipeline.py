@@ -136,6 +136,27 @@ def test_milvus_down_answers_from_cached_popularity() -> None:
     assert rec.items[0].relevance == 1.0 and rec.candidates == 3 and not rec.ranked
 
 
+def test_reads_that_use_up_the_dependency_budget_answer_popular_in_time() -> None:
+    """A read that succeeds slowly (a restarted Milvus loading its collections) leaves the
+    next read no time: the answer is the cached popularity within the deadline, degraded,
+    never a DeadlineExceeded; in either stage that reads (once the profile is read, without
+    what the user has seen)."""
+    for slow_call, popular in [
+        ("get_user", ["i1", "i3", "i5"]),
+        ("get_segment", ["i5", "i7", "i9"]),
+    ]:
+        store, triton = _world()
+        pipe = _pipeline(store, triton, FEATURES_UP)
+        store.slow[slow_call] = 0.2  # the reads may use 0.75 of the 0.25 s deadline
+        deadline = Deadline.after(0.25)
+        rec = pipe.recommend("u1", 3, Filters(("A",)), deadline)
+        assert not deadline.expired(), slow_call
+        assert [c.item_id for c in rec.items] == popular, slow_call
+        assert rec.reasons == ["popular overall"] * 3
+        assert len(rec.degraded) == 1 and rec.degraded[0].startswith("milvus unavailable: too slow")
+        assert not rec.ranked
+
+
 def test_ranker_not_ready_or_failing_keeps_retrieval_order() -> None:
     store, triton = _world()
     not_ready = RankerStatus(deployed=True, ready=False)

@@ -1,0 +1,40 @@
+"""Read-your-writes after IngestEvents never costs the reply its deadline (unit, no server)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from core.config import Settings
+from services.deadline import Deadline
+from services.gateway.servicer import RecommenderServicer
+
+
+class Log:
+    """Records the timeout each call is given, as the gateway's event-log client takes it."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def call(self, make: Callable[[Any], Any], timeout: float) -> None:
+        self.timeouts.append(timeout)
+
+
+@pytest.mark.parametrize("left_s", [0.6, 1.2, 30.0])
+def test_the_wait_for_the_workers_keeps_a_share_of_the_deadline_for_the_reply(
+    left_s: float,
+) -> None:
+    """The wait's own budget and the time the gateway gives the call both stop short of the
+    deadline (a tenth of it kept for the reply), whatever the configured wait."""
+    log = Log()
+    servicer = SimpleNamespace(
+        settings=Settings(ingest_wait_applied_s=1.0), state=SimpleNamespace(events=log)
+    )
+    deadline = Deadline.after(left_s)
+    RecommenderServicer._wait_applied(cast(RecommenderServicer, servicer), {"u": 7}, deadline)
+    (timeout,) = log.timeouts
+    assert timeout <= 0.9 * left_s
+    assert timeout >= min(1.0, 0.85 * left_s)  # and the wait still gets its time
