@@ -26,7 +26,7 @@ from core.ranking_features import (
     feature_matrix,
 )
 from core.text import item_text, user_text
-from services.deadline import Deadline
+from services.deadline import Deadline, DeadlineExceeded
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.recommend.context import RESERVE, Candidate, Context, Stage
 from services.recommend.retrieve import PopularItems, Retriever, SequenceSource, query_vector
@@ -152,7 +152,7 @@ class Rank(Stage):
             probabilities = self.triton.rank_features(
                 features, budget.left(), ctx.variant.model_version
             )
-        except InferenceUnavailable as exc:
+        except (InferenceUnavailable, DeadlineExceeded) as exc:  # a slow sequence model
             ctx.degraded.append(f"feature ranker unavailable: {exc}")
             return
         for cand, p in zip(ctx.candidates, probabilities, strict=True):
@@ -169,7 +169,7 @@ class Rank(Stage):
             result = self.triton.sequence(
                 ctx.sequence_inputs, ids, budget.left(), ctx.variant.model_version
             )
-        except InferenceUnavailable as exc:
+        except (InferenceUnavailable, DeadlineExceeded) as exc:
             ctx.degraded.append(f"sequence model unavailable: {exc}")
             return None
         return result.candidate_scores
@@ -183,7 +183,7 @@ class Rank(Stage):
         try:
             text = user_text([(h["title"], h["categories"]) for h in ctx.history])
             probabilities = score_ctr(self.triton, text, order, budget, ctx.variant.model_version)
-        except InferenceUnavailable as exc:
+        except (InferenceUnavailable, DeadlineExceeded) as exc:
             ctx.degraded.append(f"cross-encoder unavailable: {exc}")
             return
         vote(order, probabilities, self.settings.ranker_weight)

@@ -21,7 +21,7 @@ from core.config import Settings
 from core.fusion import rrf
 from core.ranking_features import CO_SEEDS, CatalogueClock, co_occurrence_scores
 from core.sequence_inputs import model_inputs
-from services.deadline import Deadline
+from services.deadline import Deadline, DeadlineExceeded
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.recommend.context import Candidate, Context, Filters, Stage
 from services.vectors.store import Row, StoreUnavailable, VectorStore
@@ -301,7 +301,7 @@ class SequenceSource:
             result = self.triton.sequence(
                 inputs, [], ctx.deadline.left(), ctx.variant.model_version
             )
-        except InferenceUnavailable as exc:
+        except (InferenceUnavailable, DeadlineExceeded) as exc:
             ctx.degraded.append(f"sequence model unavailable: {exc}")
             return []
         ctx.sequence_inputs = inputs

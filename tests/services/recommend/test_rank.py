@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from typing import NoReturn, cast
+
 import numpy as np
 import pytest
 
+from core.config import Settings
 from core.ranking_features import FEATURES, CatalogueClock
 from services.deadline import Deadline
+from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.recommend.context import Candidate, Context, Filters
-from services.recommend.rank import candidate_features, vote
-from tests.services.recommend.fakes import row
+from services.recommend.rank import Rank, Rankers, RankerStatus, candidate_features, vote
+from services.recommend.retrieve import PopularItems
+from tests.services.recommend.fakes import FakeTriton, row
 
 
 def _col(matrix: np.ndarray, name: str) -> np.ndarray:
@@ -67,3 +73,36 @@ def test_candidate_features_are_built_from_the_profile_and_the_rows() -> None:
     assert _col(f, "sequence_rr").tolist() == [0.5, 0.0]
     p = np.exp(_col(f, "sequence_logp"))
     assert p.sum() == pytest.approx(1.0, abs=1e-6) and p[0] == pytest.approx(1 / (1 + np.e**-2))
+
+
+class SlowSequence(FakeTriton):
+    """A sequence model that runs out its whole timeout, as a Triton timeout does."""
+
+    def sequence(
+        self, inputs: object, candidates: object, timeout_s: float, version: object
+    ) -> NoReturn:
+        time.sleep(timeout_s)
+        raise InferenceUnavailable("sequence: deadline exceeded")
+
+
+def test_a_sequence_model_that_uses_the_ranking_budget_leaves_the_retrieval_order() -> None:
+    """Its timeout spends the feature ranker's budget too: the ranker is skipped and says
+    so, and the stage returns in time instead of raising DeadlineExceeded."""
+    ctx = Context.begin("u", 2, Filters(), Deadline.after(0.2))
+    ctx.profile = {"interests": {"A": 1.0}}
+    ctx.history_ids = ["h0"]
+    ctx.history = [{**row("h0"), "vector": [1.0, 0.0], "co_items": []}]
+    ctx.sequence_inputs = {"items": np.asarray(["h0"])}
+    first = Candidate("a", {**row("a"), "vector": [1.0, 0.0], "created_at": 0})
+    second = Candidate("b", {**row("b"), "vector": [0.0, 1.0], "created_at": 0})
+    first.fused, second.fused = 0.9, 0.1
+    ctx.candidates = [first, second]
+    up = Rankers(features=RankerStatus(deployed=True, ready=True))
+    stage = Rank(Settings(), cast(TritonClient, SlowSequence()), lambda: up, PopularItems(10))
+    stage(ctx)
+    assert not ctx.answer_by.expired()
+    assert ctx.degraded == [
+        "sequence model unavailable: sequence: deadline exceeded",
+        "feature ranker unavailable: deadline exceeded",
+    ]
+    assert not ctx.ranked and [c.relevance for c in ctx.candidates] == [0.9, 0.1]
