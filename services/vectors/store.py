@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
-CONNECT_ATTEMPTS, CONNECT_RETRY_S = 2, 0.2  # see VectorStore._connect
+CONNECT_ATTEMPTS, CONNECT_RETRY_S = 2, 0.2  # see VectorStore._new_client
+CONNECT_TIMEOUT_S = 5.0  # the longest connect, also for calls with a longer timeout
 NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
 # What a cached item row holds: every field, so that any later read finds what it needs.
 CACHED_ITEM_FIELDS = (*ITEM_FIELDS, "vector", "co_items")
@@ -99,15 +100,25 @@ class VectorStore:
         )
 
     # --- connection --------------------------------------------------------------------
-    def _connect(self) -> MilvusClient:
-        """The client, connected on first use."""
-        with self._lock:
+    def _connect(self, timeout: float | None = None) -> MilvusClient:
+        """The client, connected on first use, within ``timeout`` (the caller's, at most
+        ``CONNECT_TIMEOUT_S``), waiting included: a Milvus that accepts connections but never
+        answers held each read for two 5 s connects, and the reads queued on this lock
+        behind it (three concurrent reads of 0.3 s took 10, 20 and 30 s, 2026-12-04)."""
+        until = time.monotonic() + min(CONNECT_TIMEOUT_S, timeout or CONNECT_TIMEOUT_S)
+        if not self._lock.acquire(timeout=max(until - time.monotonic(), 0.0)):
+            uri = self.settings.milvus_uri
+            raise StoreUnavailable(f"Milvus at {uri}: another call is still connecting")
+        try:
             if self._client is None:
-                self._client = self._new_client()
+                self._client = self._new_client(until)
             return self._client
+        finally:
+            self._lock.release()
 
-    def _new_client(self) -> MilvusClient:
-        """A connected client; a failed connect is tried once more.
+    def _new_client(self, until: float) -> MilvusClient:
+        """A connected client by ``until`` (monotonic); a failed connect is tried once more
+        if there is time.
 
         pymilvus shares one connection per address between clients and, when it has been idle,
         recovers it in place on the next connect. Milvus Lite closes idle connections
@@ -119,21 +130,27 @@ class VectorStore:
         failure: Exception | None = None
         for attempt in range(CONNECT_ATTEMPTS):
             if failure is not None:
+                if until - time.monotonic() <= CONNECT_RETRY_S:
+                    break
                 log.info("Milvus connect %d failed (%s); trying again", attempt, failure)
                 time.sleep(CONNECT_RETRY_S)
+            left = until - time.monotonic()
+            if left <= 0:
+                break
             try:
                 return MilvusClient(
                     uri=s.milvus_uri,
                     token=s.milvus_token.get_secret_value(),
                     db_name=s.milvus_db_name,
-                    timeout=5.0,
+                    timeout=min(CONNECT_TIMEOUT_S, left),
                 )
             except Exception as exc:  # pymilvus raises several types on connect
                 failure = exc
-        raise StoreUnavailable(f"Milvus at {s.milvus_uri}: {failure}") from failure
+        reason = failure or "no time left to connect"
+        raise StoreUnavailable(f"Milvus at {s.milvus_uri}: {reason}") from failure
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        client = self._connect()
+        client = self._connect(kwargs.get("timeout"))
         try:
             return getattr(client, method)(*args, **kwargs)
         except MilvusException as exc:

@@ -1,8 +1,14 @@
 """Connecting to Milvus: a failed connect is tried once more, then reported as
-StoreUnavailable (the client library is faked: this is about the retry, not the server)."""
+StoreUnavailable (the client library is faked: this is about the retry, not the server);
+and a server that accepts connections but never answers (a real socket, the real client)
+costs each call its own timeout, not the connect's."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -47,3 +53,36 @@ def test_a_connect_that_keeps_failing_is_store_unavailable(flaky: type[FlakyClie
     with pytest.raises(StoreUnavailable, match="Too many pings"):
         store._connect()
     assert flaky.made == store_module.CONNECT_ATTEMPTS
+
+
+@pytest.fixture()
+def mute_server() -> Iterator[str]:
+    """A port that completes TCP handshakes (the kernel's backlog) and never says a word."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_a_mute_server_costs_concurrent_calls_their_own_timeout(mute_server: str) -> None:
+    """Before: two 5 s connects per call, the calls queued on the connect lock behind each
+    other (10, 20, 30 s for three reads of 0.3 s). Now each gives up within its timeout."""
+    store = VectorStore(Settings(milvus_uri=mute_server))
+    took: list[float] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        start = time.monotonic()
+        try:
+            store.get_items(["1"], 0.3)
+        except StoreUnavailable as exc:
+            errors.append(exc)
+        took.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(errors) == 3, errors  # every read failed as unavailable, none hung
+    assert max(took) < 1.5, took  # 0.3 s each, with room for a loaded machine
