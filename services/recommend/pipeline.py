@@ -125,9 +125,10 @@ class Pipeline:
 
     def _popular_instead(self, ctx: Context, exc: StoreUnavailable | DeadlineExceeded) -> None:
         """The cached popularity, answered in the share of the deadline the context keeps
-        for answering (``RESERVE``). Reads that succeed but slowly (a restarted Milvus loading
-        its collections) can use up the dependencies' share: the next read's ``left()``
-        raises, and the caller still gets an answer in time, not ``DEADLINE_EXCEEDED``."""
+        for answering (``RESERVE``). Reads that succeed but slowly (a loaded Milvus, or one
+        loading its collections after a restart) can use up the dependencies' share: the
+        next read's ``left()`` raises, and the caller still gets an answer in time, not
+        ``DEADLINE_EXCEEDED``."""
         if isinstance(exc, DeadlineExceeded):
             why = "too slow, its reads used the request's time for dependencies"
         else:

@@ -14,13 +14,18 @@ from services.gateway.servicer import RecommenderServicer
 
 
 class Log:
-    """Records the timeout each call is given, as the gateway's event-log client takes it."""
+    """Records the time the gateway gives each call and the budget it gives the wait."""
 
     def __init__(self) -> None:
         self.timeouts: list[float] = []
+        self.budgets: list[float] = []
 
     def call(self, make: Callable[[Any], Any], timeout: float) -> None:
         self.timeouts.append(timeout)
+        make(self)
+
+    def wait_applied(self, last_seq: dict[str, int], timeout: float) -> None:
+        self.budgets.append(timeout)
 
 
 @pytest.mark.parametrize("left_s", [0.6, 1.2, 30.0])
@@ -35,6 +40,6 @@ def test_the_wait_for_the_workers_keeps_a_share_of_the_deadline_for_the_reply(
     )
     deadline = Deadline.after(left_s)
     RecommenderServicer._wait_applied(cast(RecommenderServicer, servicer), {"u": 7}, deadline)
-    (timeout,) = log.timeouts
-    assert timeout <= 0.9 * left_s
-    assert timeout >= min(1.0, 0.85 * left_s)  # and the wait still gets its time
+    (timeout,), (budget,) = log.timeouts, log.budgets
+    assert timeout <= 0.9 * left_s and budget <= min(1.0, 0.9 * left_s)
+    assert budget >= min(1.0, 0.85 * left_s)  # and the wait still gets its time
