@@ -1,8 +1,11 @@
 """Connecting to Ray: the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), else a
 local one, retried because Ray gives a local raylet a fixed 30 s to register and a loaded
-2-core machine can miss that once, and because a local dashboard can die as it starts (a
+2-core machine can miss that once, because a local dashboard can die as it starts (a
 fresh-clone CI run, 2026-12-04: return code -6 before it wrote a log, right after another
-local Ray in the same process had shut down; Ray then raises a bare Exception)."""
+local Ray in the same process had shut down; Ray then raises a bare Exception), and because
+the GCS server can miss its 30 s to write its port file (another fresh-clone CI run the
+same day, 30 s after another local Ray of the same process had shut down: a RuntimeError
+"Timed out waiting for file .../gcs_server_port_...", the session's log folder empty)."""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import time
 from typing import Any
 
 log = logging.getLogger(__name__)
-# What Ray's bare Exceptions from a failed local start say, for the starts worth another try.
-RETRIED_STARTS = ("timed out during startup", "dashboard")
+# What Ray's errors from a failed local start say, for the starts worth another try.
+RETRIED_STARTS = ("timed out during startup", "dashboard", "Timed out waiting for file")
 
 
 def connect(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> None:
@@ -32,7 +35,7 @@ def connect(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> No
         try:
             ray.init(num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
             return
-        except Exception as exc:  # Ray raises bare Exceptions: see RETRIED_STARTS
+        except Exception as exc:  # Ray raises bare Exceptions and RuntimeErrors
             if not any(s in str(exc) for s in RETRIED_STARTS) or attempt == attempts:
                 raise
             log.warning("local Ray did not start (attempt %d: %s); retrying", attempt, exc)

@@ -51,6 +51,18 @@ def test_a_dashboard_that_dies_at_start_is_started_again(
     assert (ray.inits, ray.shutdowns, ray.started) == (2, 1, True)
 
 
+def test_a_gcs_server_that_misses_its_port_file_is_started_again(
+    monkeypatch: pytest.MonkeyPatch, no_wait: None
+) -> None:
+    late = RuntimeError(
+        "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0123456789abcdef"
+    )
+    ray = FakeRay([late])
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    ray_cluster.connect(num_cpus=2)
+    assert (ray.inits, ray.shutdowns, ray.started) == (2, 1, True)
+
+
 def test_other_start_failures_are_raised_at_once(
     monkeypatch: pytest.MonkeyPatch, no_wait: None
 ) -> None:
