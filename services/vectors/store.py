@@ -142,7 +142,7 @@ class VectorStore:
                     uri=s.milvus_uri,
                     token=s.milvus_token.get_secret_value(),
                     db_name=s.milvus_db_name,
-                    timeout=min(CONNECT_TIMEOUT_S, left),
+                    timeout=left,  # _connect capped ``until`` at CONNECT_TIMEOUT_S
                 )
             except Exception as exc:  # pymilvus raises several types on connect
                 failure = exc
