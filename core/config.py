@@ -235,9 +235,10 @@ class Settings(BaseSettings):
         10_000,
         ge=0,
         description="User profiles (without vectors, 2-10 KB each) each gateway keeps after "
-        "reading them, least recently used out first; one is served only while the event log "
-        "says no newer event was applied (a Milvus server read below Strong, where that "
-        "version is asked for anyway); 0 = read Milvus every time.",
+        "reading them, least recently used out first; one is served with the event log's "
+        "events past its version folded in (and not at all once the user's tombstone is "
+        "newer), so the workers' later writes cannot make it stale; 0 = read Milvus every "
+        "time.",
     )
     milvus_user_cache_ttl_s: float = Field(
         60.0,

@@ -55,6 +55,7 @@ MSG_ID = "Nats-Msg-Id"
 MULTI_LAST = 256  # keys per batched direct get, well inside the server's limit
 TAIL = 2000  # events in one batched read of the stream's tail (``users_events``)
 TAIL_READS = 4  # such reads at most, then per user
+UNAPPLIED = 256  # pending events a profile read folds in at most (``unapplied``)
 RELEASED_KEPT = 100_000  # lease release markers remembered (``acquire_lease``)
 REASON = "Recsys-Reason"
 ORIGINAL_SEQ = "Recsys-Original-Seq"
@@ -290,17 +291,6 @@ class EventLog:
     async def applied_seq(self, user_id: str) -> int:
         return await self._user_seq(self.settings.applied_bucket, user_id)
 
-    async def visible_version(self, user_id: str) -> int | None:
-        """The ``version`` the user's Milvus row has at least, now that the workers applied
-        its events: 0 when none ever went through the log (a row, if any, is an indexing
-        job's); None when the user was deleted and no event was applied since."""
-        applied, tombstone = await asyncio.gather(
-            self.applied_seq(user_id), self.tombstone_seq(user_id)
-        )
-        if applied > tombstone:
-            return applied
-        return None if tombstone else 0
-
     async def applied_seqs(self, user_ids: Sequence[str]) -> dict[str, int]:
         return await self._user_seqs(self.settings.applied_bucket, user_ids)
 
@@ -373,6 +363,23 @@ class EventLog:
         request = {"seq": after_seq + 1, "next_by_subj": self.subject(user_id), "batch": limit}
         found = await self._direct_batch(self.settings.events_stream, request)
         return [(int(headers["Nats-Sequence"]), data) for headers, data in found]
+
+    async def unapplied(
+        self, user_id: str, version: int, limit: int = UNAPPLIED
+    ) -> tuple[int, int, list[tuple[int, bytes]]]:
+        """For a reader of the user's Milvus row at ``version``: the user's tombstone (a row
+        older than it is deleted), the sequence the profile workers have applied (past
+        ``version``: Milvus has a newer row than this one) and the events after the row and
+        the tombstone, oldest first, at most ``limit`` (folded in, a prefix of what is
+        pending, never a gap). Three requests at once: the two keys from their buckets'
+        leaders, the events in one batched direct get (answered by any replica of the
+        stream: on a replicated stream, possibly a write behind)."""
+        tombstone, applied, events = await asyncio.gather(
+            self.tombstone_seq(user_id),
+            self.applied_seq(user_id),
+            self.user_events(user_id, version, limit),
+        )
+        return tombstone, applied, [(seq, data) for seq, data in events if seq > tombstone]
 
     async def users_events(
         self, after: Mapping[str, int], tail: int = TAIL

@@ -294,7 +294,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def GetUserProfile(self, request: pb.GetUserProfileRequest, context: grpc.ServicerContext):
         deadline = self._deadline(context)
         user_id = v.check_id(request.user_id, "user_id")
-        row = self.state.profiles.get(user_id, deadline.left(), with_vector=False)
+        row = self.state.profile(user_id, deadline, with_vector=False)
         if row is None:
             raise NotFound(f"user {user_id!r} has no profile", "USER_NOT_FOUND")
         interests = sorted(row["interests"].items(), key=lambda kv: -kv[1])

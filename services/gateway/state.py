@@ -12,12 +12,16 @@ import logging
 import threading
 import time
 
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from core.config import Settings
+from services.api import pb
+from services.deadline import Deadline
 from services.events import aggregates
-from services.events.log import BlockingEventLog, EventLogUnavailable
+from services.events.log import UNAPPLIED, BlockingEventLog, EventLogUnavailable
 from services.experiments.runtime import ExperimentService
+from services.gateway import validation as v
 from services.gateway.metrics import observe_stage
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
@@ -25,11 +29,11 @@ from services.recommend.pipeline import Pipeline
 from services.recommend.rank import Rankers, RankerStatus
 from services.recommend.retrieve import PopularItems
 from services.recommend.rules import RulesFile
-from services.vectors.store import StoreSchemaError, StoreUnavailable, VectorStore
+from services.vectors.store import Row, StoreSchemaError, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "recsys.v1.RecommenderService"
-APPLIED_WAIT_S = 0.2  # a key-value read on NATS (~1 ms); slower: read as configured
+LOG_READ_S = 0.2  # a profile's reads of the event log (~1 ms each); slower: Milvus alone
 
 
 class GatewayState:
@@ -58,7 +62,7 @@ class GatewayState:
             self.popular,
             lambda: self.rankers,
             on_stage=observe_stage,
-            applied_version=self.applied_version,
+            read_profile=self.profile,
         )
         self.health = health.HealthServicer()
         self.model_version = ""
@@ -73,17 +77,44 @@ class GatewayState:
         # Kubernetes restart every gateway, so probes ask for this service name.
         self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
-    def applied_version(self, user_id: str, timeout: float) -> int | None:
-        """The user row's version the profile workers applied (None when the log cannot
-        vouch for one: the user was deleted, or the log did not answer; the profile read
-        then keeps its configured consistency and bypasses the profile cache)."""
+    def profile(self, user_id: str, deadline: Deadline, with_vector: bool) -> Row | None:
+        """The user's profile as of every acknowledged event (None: no profile, or deleted).
+
+        The Milvus row (from the profile cache when it holds one) with the events the
+        profile workers have not applied to it yet folded in (:meth:`Profiles.merged`): a
+        ``Recommend`` or ``GetUserProfile`` right after ``IngestEvents`` sees those events,
+        through any replica, however far behind the workers are, and a cached or lagging
+        read (a Milvus server below Strong) is made current by the log rather than by a
+        Strong re-read. A row older than the user's tombstone was deleted since. When the
+        log does not answer in time, the row as Milvus has it now (the workers' version)."""
+        row = self.store.get_user(user_id, deadline.left(), with_vector, min_version=0)
         try:
-            return self.events.call(
-                lambda events: events.visible_version(user_id), min(timeout, APPLIED_WAIT_S)
-            )
+            tombstone, applied, pending = self._unapplied(user_id, row, deadline)
+            gone = row is None or tombstone > _version(row)
+            if applied > _version(row) and (gone or len(pending) >= UNAPPLIED):
+                # Milvus has a newer row than this (cached) one, and the workers made what
+                # folding in cannot: a new (or returning) user's row with its segment, or a
+                # history past what one read folds in. Read that row.
+                self.store.user_cache.invalidate([user_id])
+                row = self.store.get_user(user_id, deadline.left(), with_vector, min_version=0)
+                tombstone, _, pending = self._unapplied(user_id, row, deadline)
         except EventLogUnavailable as exc:
-            log.debug("applied version of a user unknown: %s", exc)
-            return None
+            log.debug("pending events of a user not read: %s", exc)
+            return self.store.get_user(user_id, deadline.left(), with_vector, min_version=None)
+        if row is not None and tombstone > _version(row):
+            row = None  # deleted after it was written
+        events = [(seq, e) for seq, data in pending if (e := _valid(user_id, data)) is not None]
+        if not events:
+            return row
+        return self.profiles.merged(row, events, deadline, with_vector)
+
+    def _unapplied(
+        self, user_id: str, row: Row | None, deadline: Deadline
+    ) -> tuple[int, int, list[tuple[int, bytes]]]:
+        return self.events.call(
+            lambda events: events.unapplied(user_id, _version(row)),
+            min(deadline.left(), LOG_READ_S),
+        )
 
     def _set_health(self, serving: bool) -> None:
         status = (
@@ -203,3 +234,19 @@ class GatewayState:
         self.events.close()
         self.triton.close()
         self.store.close()
+
+
+def _valid(user_id: str, data: bytes) -> pb.Event | None:
+    """The event as stored, or None when a profile worker would dead-letter it (it is not
+    part of the profile the workers will write)."""
+    try:
+        event = pb.Event.FromString(data)
+        v.check_event(event, 0)
+    except (DecodeError, v.InvalidArgument):
+        return None
+    return event if event.user_id == user_id else None
+
+
+def _version(row: Row | None) -> int:
+    """The log sequence of the newest event the row holds (0: none, or no row)."""
+    return int(row.get("version") or 0) if row else 0

@@ -93,6 +93,65 @@ class Profiles:
         re-encode), and only a user without any catalogue item in the history is encoded
         now (the one text of an empty history). Encoding every new user now capped a
         profile worker at ~45 new users/s (16 per Triton request, one request at a time)."""
+        rows_of: dict[str, Row | None] = {}
+        for user_id in dict.fromkeys(e.user_id for e in events):
+            if current is not None and user_id in current:
+                rows_of[user_id] = current[user_id]
+            else:
+                rows_of[user_id] = self.get(
+                    user_id, deadline.left(), with_vector=encode is not None
+                )
+        later = {u: encode is not None and not encode(u) for u in rows_of}
+        rows, interim, encode_now, positives = self._fold(
+            events, rows_of, versions or {}, later, deadline
+        )
+        if interim:
+            self._place([r for r, _ in interim], np.stack([v for _, v in interim]), deadline)
+        self._encode([r for r, _ in encode_now], [text for _, text in encode_now], deadline)
+        self.store.upsert_users(rows, deadline.left())
+        ids = tuple(r["user_id"] for r, _ in interim)
+        return ProfileUpdate(users=len(rows), positives=positives, interim=ids)
+
+    def merged(
+        self,
+        row: Row | None,
+        events: Sequence[tuple[int, pb.Event]],
+        deadline: Deadline,
+        with_vector: bool = True,
+    ) -> Row:
+        """``row`` (None: a user without one) with one user's events folded in as the next
+        apply will write them: history, seen items, counts, sequence events, interests and
+        ``version`` (the newest event's log sequence); nothing is written. The vector is the
+        row's (the next apply keeps it too), or, without one, the history's mean item vector
+        and its nearest segment (an apply's interim vector; none when no history item is in
+        the catalogue).
+
+        What a reader merges from the event log's events that the profile workers have not
+        applied yet, so that a profile is current as soon as its events are acknowledged,
+        however far behind the workers are."""
+        user_id = events[0][1].user_id
+        later = {user_id: True}
+        rows, interim, _, _ = self._fold(
+            [e for _, e in events], {user_id: row}, {user_id: events[-1][0]}, later, deadline
+        )
+        if interim:  # the interim vector and its nearest segment, as the apply places them
+            self._place([interim[0][0]], interim[0][1][None, :], deadline)
+        out: Row = dict(rows[0])
+        if not with_vector:
+            out.pop("vector", None)
+        return out
+
+    def _fold(
+        self,
+        events: Sequence[pb.Event],
+        rows_of: Mapping[str, Row | None],
+        versions: Mapping[str, int],
+        later: Mapping[str, bool],
+        deadline: Deadline,
+    ) -> tuple[list[UserRow], list[tuple[UserRow, np.ndarray]], list[tuple[UserRow, str]], int]:
+        """The users' new rows (events folded into ``rows_of``), those to give an interim
+        vector (with it), those to encode now (with their behaviour text), and the number of
+        positives. ``later[user]``: the vector is encoded later (kept, or interim)."""
         weights = self.positive_weights(events)
         by_user: dict[str, list[tuple[float, str, float, str]]] = defaultdict(list)
         for event, weight in zip(events, weights, strict=True):
@@ -105,19 +164,14 @@ class Profiles:
         interim: list[tuple[UserRow, np.ndarray]] = []  # and its history's mean item vector
         positives = 0
         folded: list[tuple[str, list[tuple[float, str, float, str]], Row | None, list[str]]] = []
-        later: dict[str, bool] = {}  # encoded later: keeps its vector, or gets an interim one
         for user_id, user_events in by_user.items():
-            if current is not None and user_id in current:
-                row = current[user_id]
-            else:
-                row = self.get(user_id, deadline.left(), with_vector=encode is not None)
+            row = rows_of[user_id]
             history = list(row["recent_items"]) if row else []
             for _, item_id, weight, _ in sorted(user_events):  # oldest first, newest ends in front
                 if weight > 0:
                     positives += 1
                     history = [item_id, *[h for h in history if h != item_id]]
             folded.append((user_id, user_events, row, history[:RECENT_ITEMS]))
-            later[user_id] = encode is not None and not encode(user_id)
         # a user encoded later without a vector: the item vectors come with the same read
         vectorless = any(later[u] and not _has_vector(row) for u, _, row, _ in folded)
         windows = self._windows([h for _, _, _, h in folded], deadline, with_vectors=vectorless)
@@ -137,9 +191,7 @@ class Profiles:
                         row.get("events") if row else None,
                         [(ts, item, kind, weight > 0) for ts, item, weight, kind in user_events],
                     ),
-                    version=(versions or {}).get(
-                        user_id, int(row.get("version") or 0) if row else 0
-                    ),
+                    version=versions.get(user_id, int(row.get("version") or 0) if row else 0),
                 )
             )
             if later[user_id] and row is not None and _has_vector(row):
@@ -149,12 +201,7 @@ class Profiles:
                 interim.append((rows[-1], mean))
             else:
                 encode_now.append((rows[-1], user_text(pairs)))
-        if interim:
-            self._place([r for r, _ in interim], np.stack([v for _, v in interim]), deadline)
-        self._encode([r for r, _ in encode_now], [text for _, text in encode_now], deadline)
-        self.store.upsert_users(rows, deadline.left())
-        ids = tuple(r["user_id"] for r, _ in interim)
-        return ProfileUpdate(users=len(rows), positives=positives, interim=ids)
+        return rows, interim, encode_now, positives
 
     def reencoded(self, rows: Sequence[Row], deadline: Deadline) -> list[UserRow]:
         """The users of ``rows`` re-encoded from their history exactly as :meth:`apply`

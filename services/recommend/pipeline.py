@@ -31,7 +31,7 @@ from services.recommend.context import (
 )
 from services.recommend.diversify import Diversify
 from services.recommend.explain import Explain
-from services.recommend.profile import LoadProfile
+from services.recommend.profile import LoadProfile, ProfileRead
 from services.recommend.rank import Rank, Rankers, Supplied
 from services.recommend.retrieve import (
     PopularItems,
@@ -60,10 +60,10 @@ class Pipeline:
         popular: PopularItems,
         rankers: Callable[[], Rankers],
         on_stage: StageObserver = no_metrics,
-        applied_version: Callable[[str, float], int | None] | None = None,
+        read_profile: ProfileRead | None = None,
     ) -> None:
         retriever = Retriever(store, popular, settings.popular_refresh_s)
-        self.profile = LoadProfile(settings, store, applied_version)
+        self.profile = LoadProfile(settings, store, read_profile)
         self.popular_only = PopularOnly(retriever)
         sequence = SequenceSource(triton, lambda: rankers().sequence.ready)
         self.retrieve = Retrieve(settings, store, retriever, sequence)

@@ -9,8 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from core.config import Settings
+from services.deadline import Deadline
 from services.recommend.context import Context, Stage
-from services.vectors.store import VectorStore
+from services.vectors.store import Row, VectorStore
+
+#: (user id, deadline, with the vector) -> the user's profile as of every acknowledged event
+#: (the gateway's :meth:`~services.gateway.state.GatewayState.profile`).
+ProfileRead = Callable[[str, Deadline, bool], Row | None]
 
 
 class LoadProfile(Stage):
@@ -23,13 +28,14 @@ class LoadProfile(Stage):
         self,
         settings: Settings,
         store: VectorStore,
-        applied_version: Callable[[str, float], int | None] | None = None,
+        read_profile: ProfileRead | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        # The row version the profile workers have applied (the shared event log): what makes
-        # a Recommend after IngestEvents see those events, through any replica.
-        self.applied_version = applied_version
+        # The Milvus row with the shared event log's unapplied events folded in: what makes
+        # a Recommend after IngestEvents see those events, through any replica (without a
+        # log: the row alone).
+        self.read_profile = read_profile
 
     def run(self, ctx: Context) -> None:
         # the user-tower vector only when the ANN asks with it (1.5 KB less per read otherwise)
@@ -37,13 +43,10 @@ class LoadProfile(Stage):
         if ctx.request.anonymous:  # a session: its own items, never a user row
             profile, history_ids = None, list(ctx.request.session_items)
         else:
-            # asked of the event log only where a read can miss a worker's write
-            version: int | None = None
-            if self.applied_version and self.store.user_reads_may_lag(ctx.deadline.left()):
-                version = self.applied_version(ctx.user_id, ctx.deadline.left())
-            profile = self.store.get_user(
-                ctx.user_id, ctx.deadline.left(), with_vector, min_version=version
-            )
+            if self.read_profile is not None:
+                profile = self.read_profile(ctx.user_id, ctx.deadline, with_vector)
+            else:
+                profile = self.store.get_user(ctx.user_id, ctx.deadline.left(), with_vector)
             history_ids = list(profile["recent_items"]) if profile else []
         window = history_ids[: self.settings.history_window]
         found = self.store.get_items(

@@ -276,14 +276,6 @@ class VectorStore:
         """Milvus Lite: one process, every read sees every write, whatever its level."""
         return self._server_version(timeout).startswith("milvus_lite")
 
-    def user_reads_may_lag(self, timeout: float) -> bool:
-        """Whether a profile read can miss a row another process (a profile worker) just
-        wrote: a Milvus server read below Strong. Only then is the applied version worth
-        asking the event log for (:meth:`get_user`'s ``min_version``)."""
-        if self.settings.milvus_user_consistency == "Strong":
-            return False
-        return not self._is_lite(timeout)
-
     def _server_version(self, timeout: float) -> str:
         if self._version is None:
             self._version = str(self._call("get_server_version", timeout=timeout))
@@ -506,31 +498,34 @@ class VectorStore:
         with_vector: bool = True,
         min_version: int | None = None,
     ) -> Row | None:
-        """The user's row. ``min_version``: what the event log vouches for
-        (:meth:`services.events.log.EventLog.visible_version`), None where it cannot (no log,
-        the user deleted, the log down). A Session or Bounded read does not wait for another
-        process's writes, so a row older than the version the profile workers applied (or
-        none) is read again at Strong, which costs a time tick only right after an ingest.
+        """The user's row. ``min_version``: the least ``version`` (the log sequence of the
+        row's newest event) the caller needs; None: read as configured, never from the
+        profile cache. A Session or Bounded read does not wait for another process's writes,
+        so a row older than ``min_version`` (or none) is read again at Strong.
 
         With a ``min_version`` the profile cache answers when it holds that version or a
-        newer one: no event was applied since it was read (the version is the log sequence
-        of the row's newest event; a user's events after a delete are newer than any row
-        read before it). Only what the version covers is cached: not the vector, which the
-        re-encode lane rewrites at the same version; an indexing job's or a segment refit's
-        rewrite reaches the cache within its TTL."""
+        newer one (with 0, also that the user has no row). The gateway asks with 0 and folds
+        in the event log's events past the row's version
+        (:meth:`services.gateway.state.GatewayState.profile`), so a cached or lagging row is
+        made current by the log. Only what the version covers is cached: not the vector,
+        which the re-encode lane rewrites at the same version; an indexing job's or a
+        segment refit's rewrite reaches the cache within its TTL."""
         fields = USER_FIELDS + (["vector"] if with_vector else [])
         cache = self.user_cache if min_version is not None and not with_vector else None
         least = min_version or 0
         if cache is not None:
-            cached = cache.get([user_id])[0].get(user_id)
+            found, missing = cache.get([user_id])
+            cached = found.get(user_id)
             if cached is not None and _version(cached) >= least:
                 return cached
+            if not least and cached is None and user_id not in missing:
+                return None  # known to have no row (the log's events make its profile)
             epoch = cache.epoch()
         level = self.settings.milvus_user_consistency
         row = self._get_one(self.users, user_id, fields, timeout, level)
         if least and level != "Strong" and (row is None or _version(row) < least):
             row = self._get_one(self.users, user_id, fields, timeout, "Strong")
-        if cache is not None and row is not None and _version(row) >= least:
+        if cache is not None and (_version(row) >= least if row is not None else not least):
             cache.put({user_id: row}, epoch)
         return row
 

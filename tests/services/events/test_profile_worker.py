@@ -34,6 +34,8 @@ from ops.processes import (
     nats_process,
     port_open,
 )
+from services.api import pb
+from services.deadline import Deadline
 from services.events import aggregates
 from services.events.log import EventLog, EventLogUnavailable
 from services.profile_worker.dead_letters import list_dead, replay
@@ -200,9 +202,10 @@ def test_delete_with_pending_events_leaves_no_trace(env: Env) -> None:
     w = Worker(env)
     first = env.on_log(lambda log: log.publish([click(user, "5")]))
     assert env.on_log(lambda log: log.wait_applied(first.last_seq, 20))
-    # what the gateway's profile read (and its profile cache) relies on
-    assert env.on_log(lambda log: log.visible_version(user)) == first.last_seq[user]
-    assert env.on_log(lambda log: log.visible_version(f"never-{user}")) == 0
+    # what the gateway's profile read (and its profile cache) relies on: nothing past the row
+    done = first.last_seq[user]
+    assert env.on_log(lambda log: log.unapplied(user, done)) == (0, done, [])
+    assert env.on_log(lambda log: log.unapplied(f"never-{user}", 0)) == (0, 0, [])
     w.stop()  # pending from here on: nobody applies
     env.on_log(lambda log: log.publish([click(user, str(i), f"p{i}") for i in range(6, 12)]))
     # What a worker keeps of the user: a pending vector (naming the user), a failure count.
@@ -212,7 +215,9 @@ def test_delete_with_pending_events_leaves_no_trace(env: Env) -> None:
     assert purged == 7
     assert pending(env, user) == []
     assert env.on_log(lambda log: log.count_failure(user, first.last_seq[user] + 1)) == 1
-    assert env.on_log(lambda log: log.visible_version(user)) is None  # no cached row serves
+    # a profile read of the row as it was: deleted since (the tombstone), nothing to fold in
+    tombstone, _, unapplied = env.on_log(lambda log: log.unapplied(user, first.last_seq[user]))
+    assert tombstone > first.last_seq[user] and unapplied == []
     assert env.store.delete_user(user, 5)
     w = Worker(env)
     try:
@@ -228,7 +233,7 @@ def test_delete_with_pending_events_leaves_no_trace(env: Env) -> None:
         again = env.on_log(lambda log: log.publish([click(user, "7", "new")]))
         assert again.accepted == 1
         assert env.on_log(lambda log: log.wait_applied(again.last_seq, 20))
-        assert env.on_log(lambda log: log.visible_version(user)) == again.last_seq[user]
+        assert env.on_log(lambda log: log.unapplied(user, again.last_seq[user]))[2] == []
         row = env.row(user)
         assert row is not None and row["history_size"] == 1
     finally:
@@ -431,6 +436,65 @@ def test_a_new_user_is_written_without_waiting_for_the_user_tower(env: Env) -> N
         assert wait_for(lambda: pending(env, user) == [], 10)
     finally:
         b.stop()
+
+
+def test_a_read_folds_in_what_no_worker_applied_yet_as_the_worker_will(env: Env) -> None:
+    """What the gateway's profile reads do (``EventLog.unapplied``, ``Profiles.merged``) so
+    that a profile is current once its events are acknowledged, whatever the workers' lag:
+    the merged row is the row a worker writes afterwards (history, seen items, counts,
+    sequence events, interests, version, vector), for a known user and for a new one."""
+    run = uuid.uuid4().hex[:8]
+    known, new = f"merge-{run}", f"merge-new-{run}"
+    profiles = Profiles(env.store, FakeTower(env.settings.embedding_dim), 20)  # type: ignore[arg-type]
+    w = Worker(env, reencode=False)  # the vectors stay the applies' (no lane rewrites them)
+    try:
+        first = env.on_log(
+            lambda log: log.publish(
+                [click(known, "a", f"{run}-1"), click(known, "pop-2", f"{run}-2")]
+            )
+        )
+        assert env.on_log(lambda log: log.wait_applied(first.last_seq, 20))
+    finally:
+        w.stop()  # pending from here on
+    later = [
+        click(known, "b", f"{run}-3"),
+        click(known, "a", f"{run}-4"),  # again: to the front, counted twice
+        pb.Event(user_id=known, item_id="pop-9", event_type=pb.EVENT_TYPE_VIEW),
+        click(new, "pop-3", f"{run}-5"),
+        click(new, "cold", f"{run}-6"),
+    ]
+    more = env.on_log(lambda log: log.publish(later))
+
+    def merged(user: str) -> dict[str, Any] | None:
+        row = env.store.get_user(user, 5, with_vector=True)
+        version = int(row["version"]) if row else 0
+        tombstone, _, found = env.on_log(lambda log: log.unapplied(user, version))
+        assert tombstone == 0
+        events = [(seq, pb.Event.FromString(data)) for seq, data in found]
+        return profiles.merged(row, events, Deadline.after(5)) if events else row
+
+    now = {u: merged(u) for u in (known, new)}
+    assert env.row(new) is None and env.row(known)["history_size"] == 2  # type: ignore[index]
+    assert now[known] is not None and now[new] is not None
+    assert now[known]["history_size"] == 5  # one publish: ties in time, in item order
+    assert set(now[known]["recent_items"]) == {"a", "b", "pop-2", "pop-9"}
+    assert now[known]["version"] == more.last_seq[known]
+    assert set(now[new]["recent_items"]) == {"cold", "pop-3"}
+    assert np.allclose(now[new]["vector"], item_mean(env, ["cold", "pop-3"]), atol=1e-5)
+    w = Worker(env, reencode=False)
+    try:
+        assert env.on_log(lambda log: log.wait_applied(more.last_seq, 20))
+    finally:
+        w.stop()
+    for user in (known, new):
+        row = env.store.get_user(user, 5, with_vector=True)
+        assert row is not None
+        for name in ("recent_items", "seen_items", "history_size", "events", "interests"):
+            assert now[user][name] == row[name], (user, name)
+        assert now[user]["version"] == row["version"]
+        assert np.allclose(now[user]["vector"], row["vector"], atol=1e-5)
+        version = int(row["version"])
+        assert env.on_log(lambda log, u=user, at=version: log.unapplied(u, at))[2] == []
 
 
 def test_failed_applies_are_counted_per_backlog(env: Env) -> None:

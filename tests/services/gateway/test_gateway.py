@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import grpc
@@ -259,6 +261,41 @@ def test_ingest_moves_recommendations_and_profile(client: RecommenderClient) -> 
     client.ingest(more)
     warm = client.recommend(user, k=5)
     assert not warm.cold_start and not warm.degraded
+
+
+def test_a_profile_is_current_once_ingest_acknowledges_however_far_behind_the_workers(
+    client: RecommenderClient, stack: LocalStack, store: VectorStore
+) -> None:
+    """With the profile worker paused (SIGSTOP: a backlog, or every worker down), the
+    gateway's profile reads fold in the acknowledged events nobody applied yet: the profile,
+    the seen-item filter and the history behind the candidates are current at once. Once the
+    worker runs again it applies them, once."""
+    user = f"paused-{time.time_ns():x}"
+    worker = stack.processes["profile-worker"]
+    events = [
+        pb.Event(user_id=user, item_id=i, event_type=pb.EVENT_TYPE_RATING, value=5.0)
+        for i in ("1", "2", "3")
+    ]
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        assert client.ingest(events).accepted_count == 3  # OK: durable, not applied
+        assert store.get_user(user, 5, with_vector=False) is None
+        profile = client.profile(user)
+        assert profile.history_size == 3
+        assert set(profile.recent_item_ids) == {"1", "2", "3"}
+        assert profile.top_interests and profile.top_interests[0].weight > 0
+        reply = client.recommend(user, k=10)
+        assert not {"1", "2", "3"} & {s.item.item_id for s in reply.items}  # seen: left out
+        assert not reply.degraded
+        assert {"ann", "co_occurrence"} & {s.source for s in reply.items}  # from the history
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and store.get_user(user, 5, with_vector=False) is None:
+        time.sleep(0.1)
+    row = store.get_user(user, 5, with_vector=False)
+    assert row is not None and row["history_size"] == 3
+    assert client.profile(user).history_size == 3  # applied once, not merged again
 
 
 def test_ingest_rejects_bad_events(client: RecommenderClient) -> None:

@@ -247,6 +247,14 @@ def test_a_cached_profile_is_served_only_while_the_event_log_vouches_for_its_ver
     store.get_user("u4", 1.0, with_vector=False, min_version=0)
     store.get_user("u4", 1.0, with_vector=False, min_version=0)
     assert [c[0] for c in client.calls[3:]] == ["u4"]
+    # no row at all, asked with 0 (the gateway folds the log's events into none): cached
+    # too; asked for a version, read again
+    store.get_user("u5", 1.0, with_vector=False, min_version=0)
+    assert store.get_user("u5", 1.0, with_vector=False, min_version=0) is None
+    assert [c[0] for c in client.calls[4:]] == ["u5"]
+    client.write("u5", 3)
+    assert store.get_user("u5", 1.0, with_vector=False, min_version=3)["version"] == 3
+    assert [c[0] for c in client.calls[5:]] == ["u5"]
     # the vector is rewritten at the same version by the re-encode lane: never cached
     client.write("u2", 4)
     store.get_user("u2", 1.0, with_vector=True, min_version=4)
