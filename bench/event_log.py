@@ -22,6 +22,12 @@ slice indexed, three gateway replicas and profile workers as their own processes
    former worker (each new user encoded in its apply, 16 per Triton request) and ours (a new
    user's first vector is its history's mean item vector, re-encoded later like the rest).
 
+In the paced phases, *profile lag*: every fifth call, one of its users' ``GetUserProfile``
+through the gateways until the profile holds that user's acknowledged events (the gateway
+folds the events no worker applied yet into the row it reads), stamped at the reply; the
+apply lag is the same calls' lag to the Milvus row, which is what a profile read saw before
+the gateway folded in pending events (the baseline of this column).
+
 The workers re-encode users with the real user tower on Triton. The lag is polled every 50
 ms (one Strong Milvus query for every user still waiting) and a call counts from the start of
 the poll that found it, so it is at most one pause and one poll late. Results are printed as
@@ -34,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -42,6 +49,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +64,7 @@ from ops.stack import LocalStack, gateway_serving
 from services.api import pb, pb_grpc
 
 POLL_S = 0.05
+PROFILE_PROBE_EVERY = 5  # paced calls per GetUserProfile probe (10 probes/s at the defaults)
 
 
 @dataclass
@@ -95,10 +104,11 @@ def ingest(
     ledger: Ledger,
     base: dict[str, int],
     rate: float = 0.0,
+    on_ack: Callable[[int, list[pb.Event], float], None] | None = None,
 ) -> float:
     """Send the calls from ``clients`` threads round-robin over ``targets`` (a failed call is
     retried with the same events on the next replica); all at once, or paced to ``rate``
-    events/s. Returns the wall time."""
+    events/s; ``on_ack(n, call, at)`` after each acknowledged call. Returns the wall time."""
     channels = [grpc.insecure_channel(t) for t in targets]
     stubs = [pb_grpc.RecommenderServiceStub(c) for c in channels]
     per_call = max(1, len(calls[0])) if calls else 1
@@ -119,7 +129,10 @@ def ingest(
                 stub = stubs[(n + index + attempt) % len(stubs)]
                 try:
                     stub.IngestEvents(pb.IngestEventsRequest(events=calls[n]), timeout=10)
-                    ledger.ack(calls[n], time.monotonic(), base)
+                    at = time.monotonic()
+                    ledger.ack(calls[n], at, base)
+                    if on_ack is not None:
+                        on_ack(n, calls[n], at)
                     break
                 except grpc.RpcError:
                     with ledger.lock:
@@ -182,6 +195,70 @@ class Probe:
             if self.pending
             else 0.0,
             "consumer_pending_max": max(self.pending, default=0),
+        }
+
+
+class ProfileProbe:
+    """The lag as a client sees it: after every ``every``-th acknowledged call, one of its
+    users' ``GetUserProfile`` through the gateways (round-robin, as a client's next call
+    would land; each probe on its own thread) until the profile holds that user's
+    acknowledged events. Stamped at the reply that showed them, so each lag includes that
+    read (an upper bound). The gateway reads the Milvus row and folds in the events the
+    workers have not applied yet."""
+
+    def __init__(
+        self, targets: list[str], ledger: Ledger, base: dict[str, int], every: int
+    ) -> None:
+        self.channels = [grpc.insecure_channel(t) for t in targets]
+        self.stubs = [pb_grpc.RecommenderServiceStub(c) for c in self.channels]
+        self.ledger, self.base, self.every = ledger, base, every
+        self.pool = ThreadPoolExecutor(max_workers=16)
+        self.probes: list[Future[float | None]] = []
+        self.reads: list[float] = []  # every GetUserProfile's own time
+
+    def on_ack(self, n: int, call: list[pb.Event], at: float) -> None:
+        if n % self.every == 0 and call:
+            user = call[(n // self.every) % len(call)].user_id  # across the call's users
+            with self.ledger.lock:
+                expected = self.base.get(user, 0) + self.ledger.acked[user]
+            self.probes.append(self.pool.submit(self._probe, n, user, expected, at))
+
+    def _probe(self, n: int, user: str, expected: int, at: float) -> float | None:
+        """The lag, or None when the profile did not show the events within 30 s."""
+        for turn in itertools.count(n):
+            started = time.monotonic()
+            try:
+                request = pb.GetUserProfileRequest(user_id=user)
+                size = (
+                    self.stubs[turn % len(self.stubs)]
+                    .GetUserProfile(request, timeout=5)
+                    .history_size
+                )
+            except grpc.RpcError:
+                size = 0
+            now = time.monotonic()
+            self.reads.append(now - started)
+            if size >= expected:
+                return now - at
+            if now > at + 30.0:
+                return None
+            time.sleep(0.005)
+        return None
+
+    def summary(self) -> dict[str, float | int]:
+        found = [f.result() for f in self.probes]
+        self.pool.shutdown()
+        for channel in self.channels:
+            channel.close()
+        lags = [lag for lag in found if lag is not None]
+        lag = np.array(lags) if lags else np.array([float("nan")])
+        reads = np.array(self.reads) if self.reads else np.array([float("nan")])
+        return {
+            "profile_lag_p50_s": round(float(np.percentile(lag, 50)), 3),
+            "profile_lag_p99_s": round(float(np.percentile(lag, 99)), 3),
+            "profile_read_p50_s": round(float(np.percentile(reads, 50)), 3),
+            "profile_probes": len(lags),
+            "profile_probes_missed": len(found) - len(lags),
         }
 
 
@@ -289,8 +366,12 @@ def paced(
     sending.set()
     result: dict[str, Any] = {}
 
+    profiles = ProfileProbe(targets, ledger, base, PROFILE_PROBE_EVERY)
+
     def send() -> None:
-        result["wall"] = ingest(targets, calls, args.clients, ledger, base, args.rate)
+        result["wall"] = ingest(
+            targets, calls, args.clients, ledger, base, args.rate, profiles.on_ack
+        )
         sending.clear()
 
     sender = threading.Thread(target=send)
@@ -314,6 +395,7 @@ def paced(
         "calls": len(lags),
         "retried_calls": ledger.errors,
         **probe.summary(),
+        **profiles.summary(),
     }
 
 
@@ -427,14 +509,16 @@ def table(report: dict[str, Any]) -> str:
     rows = [
         f"Milvus: {report['milvus']}",
         "",
-        "| phase | events | events/s | apply lag p50 | apply lag p99 | vs baseline |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| phase | events | events/s | apply lag p50 | apply lag p99 | vs baseline "
+        "| profile lag p50 | profile lag p99 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| acknowledged, direct to JetStream, {d['connections']} connections (baseline) "
-        f"| {d['events']} | {d['events_per_s']} | - | - | 1.00 |",
+        f"| {d['events']} | {d['events_per_s']} | - | - | 1.00 | - | - |",
         f"| acknowledged, `IngestEvents` on {a['replicas']} gateways, {a['clients']} clients "
         f"| {a['events']} | {a['events_per_s']} | - | - "
-        f"| {a['events_per_s'] / d['events_per_s']:.2f} |",
-        f"| backlog applied, 1 worker | {b['events']} | {b['applied_events_per_s']} | - | - | - |",
+        f"| {a['events_per_s'] / d['events_per_s']:.2f} | - | - |",
+        f"| backlog applied, 1 worker | {b['events']} | {b['applied_events_per_s']} "
+        "| - | - | - | - | - |",
     ]
     for name, key in (
         ("1 worker, re-encoding in every apply (baseline)", "paced_1_worker_inline_encode"),
@@ -445,7 +529,8 @@ def table(report: dict[str, Any]) -> str:
         rows.append(
             f"| paced {p['offered_events_per_s']} ev/s, {name}: applied | {p['events']} "
             f"| {p['applied_events_per_s']} | {p['apply_lag_p50_s']} s | {p['apply_lag_p99_s']} s "
-            f"| p99 {p0['apply_lag_p99_s'] / max(p['apply_lag_p99_s'], 1e-9):.1f}x lower |"
+            f"| p99 {p0['apply_lag_p99_s'] / max(p['apply_lag_p99_s'], 1e-9):.1f}x lower "
+            f"| {p['profile_lag_p50_s']} s | {p['profile_lag_p99_s']} s |"
         )
     n0, n1 = report["new_users_inline_encode"], report["new_users"]
     for name, p in (("former worker (baseline)", n0), ("ours", n1)):
@@ -453,7 +538,8 @@ def table(report: dict[str, Any]) -> str:
             f"| paced {p['offered_events_per_s']} ev/s from {p['users']} new users, {name}: "
             f"applied | {p['events']} | {p['applied_events_per_s']} | {p['apply_lag_p50_s']} s "
             f"| {p['apply_lag_p99_s']} s "
-            f"| {p['applied_events_per_s'] / max(n0['applied_events_per_s'], 1e-9):.1f}x applied |"
+            f"| {p['applied_events_per_s'] / max(n0['applied_events_per_s'], 1e-9):.1f}x applied "
+            f"| {p['profile_lag_p50_s']} s | {p['profile_lag_p99_s']} s |"
         )
     return "\n".join(rows)
 
