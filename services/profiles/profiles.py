@@ -121,10 +121,11 @@ class Profiles:
     ) -> Row:
         """``row`` (None: a user without one) with one user's events folded in as the next
         apply will write them: history, seen items, counts, sequence events, interests and
-        ``version`` (the newest event's log sequence); nothing is written. The vector is the
-        row's (the next apply keeps it too), or, without one, the history's mean item vector
-        and its nearest segment (an apply's interim vector; none when no history item is in
-        the catalogue).
+        ``version`` (the newest event's log sequence); nothing is written. The vector and the
+        segment are the row's (the next apply keeps them too; no vector when it was read
+        without); a new user's are its history's mean item vector and that vector's nearest
+        segment, as its first apply writes them (none when no history item is in the
+        catalogue).
 
         What a reader merges from the event log's events that the profile workers have not
         applied yet, so that a profile is current as soon as its events are acknowledged,
@@ -134,7 +135,7 @@ class Profiles:
         rows, interim, _, _ = self._fold(
             [e for _, e in events], {user_id: row}, {user_id: events[-1][0]}, later, deadline
         )
-        if interim:  # the interim vector and its nearest segment, as the apply places them
+        if interim and row is None:  # a new user: the vector and segment its apply places
             self._place([interim[0][0]], interim[0][1][None, :], deadline)
         out: Row = dict(rows[0])
         if not with_vector:
