@@ -103,7 +103,7 @@ class GatewayState:
             return self.store.get_user(user_id, deadline.left(), with_vector, min_version=None)
         if row is not None and tombstone > _version(row):
             row = None  # deleted after it was written
-        events = [(seq, e) for seq, data in pending if (e := _valid(user_id, data)) is not None]
+        events = [(seq, e) for seq, data in pending if (e := _valid(data, user_id)) is not None]
         if not events:
             return row
         return self.profiles.merged(row, events, deadline, with_vector)
@@ -236,15 +236,13 @@ class GatewayState:
         self.store.close()
 
 
-def _valid(user_id: str, data: bytes) -> pb.Event | None:
-    """The event as stored, or None when a profile worker would dead-letter it (it is not
-    part of the profile the workers will write)."""
+def _valid(data: bytes, user_id: str) -> pb.Event | None:
+    """The stored event, or None where a profile worker dead-letters it (it is no part of
+    the profile the workers will write)."""
     try:
-        event = pb.Event.FromString(data)
-        v.check_event(event, 0)
+        return v.stored_event(data, user_id)
     except (DecodeError, v.InvalidArgument):
         return None
-    return event if event.user_id == user_id else None
 
 
 def _version(row: Row | None) -> int:

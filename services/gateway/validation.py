@@ -234,6 +234,17 @@ def check_business_rules(
     return frozenset(boost), frozenset(bury), tuple(dict.fromkeys(pin))
 
 
+def stored_event(payload: bytes, user_id: str) -> pb.Event:
+    """An event as the log stores it on ``user_id``'s subject, checked as ``IngestEvents``
+    checks one. Raises ``DecodeError`` or :class:`InvalidArgument`: it can never apply (the
+    profile worker dead-letters it; a profile read leaves it out)."""
+    event = pb.Event.FromString(payload)
+    check_event(event, 0)
+    if event.user_id != user_id:
+        raise InvalidArgument("user_id does not match its subject")
+    return event
+
+
 def check_event(event: pb.Event, index: int, now_s: float | None = None) -> None:
     where = f"events[{index}]"
     check_visitor(event.user_id, event.session_id, f"{where}.user_id", f"{where}.session_id")

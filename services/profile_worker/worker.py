@@ -411,11 +411,7 @@ class ProfileWorker:
     async def _checked(self, user_id: str, seq: int, payload: bytes) -> pb.Event | None:
         """The decoded event, or None after dead-lettering it when it can never apply."""
         try:
-            event = pb.Event.FromString(payload)
-            v.check_event(event, 0)
-            if event.user_id != user_id:
-                raise v.InvalidArgument("user_id does not match its subject")
-            return event
+            return v.stored_event(payload, user_id)
         except (DecodeError, v.InvalidArgument) as exc:
             await self._dead(user_id, seq, payload, f"invalid event: {exc}")
             return None
