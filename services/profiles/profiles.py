@@ -88,7 +88,7 @@ class Profiles:
         users not named keep their row's version. ``current``: the users' rows as the caller
         just read them (not read again). ``encode(user)`` False keeps the row's vector and
         segment (the caller re-encodes later, :meth:`reencoded`: BERT is most of an apply's
-        cost); a user without a vector then gets the history's mean item vector
+        cost); a new user (no row yet) then gets the history's mean item vector
         (:func:`_mean_vector`, named in ``ProfileUpdate.interim`` for the caller to
         re-encode), and only a user without any catalogue item in the history is encoded
         now (the one text of an empty history). Encoding every new user now capped a
@@ -135,7 +135,7 @@ class Profiles:
         rows, interim, _, _ = self._fold(
             [e for _, e in events], {user_id: row}, {user_id: events[-1][0]}, later, deadline
         )
-        if interim and row is None:  # a new user: the vector and segment its apply places
+        if interim:  # a new user: the vector and segment its first apply places
             self._place([interim[0][0]], interim[0][1][None, :], deadline)
         out: Row = dict(rows[0])
         if not with_vector:
@@ -152,7 +152,8 @@ class Profiles:
     ) -> tuple[list[UserRow], list[tuple[UserRow, np.ndarray]], list[tuple[UserRow, str]], int]:
         """The users' new rows (events folded into ``rows_of``), those to give an interim
         vector (with it), those to encode now (with their behaviour text), and the number of
-        positives. ``later[user]``: the vector is encoded later (kept, or interim)."""
+        positives. ``later[user]``: the vector is encoded later (a row's kept, a new user's
+        interim)."""
         weights = self.positive_weights(events)
         by_user: dict[str, list[tuple[float, str, float, str]]] = defaultdict(list)
         for event, weight in zip(events, weights, strict=True):
@@ -173,8 +174,8 @@ class Profiles:
                     positives += 1
                     history = [item_id, *[h for h in history if h != item_id]]
             folded.append((user_id, user_events, row, history[:RECENT_ITEMS]))
-        # a user encoded later without a vector: the item vectors come with the same read
-        vectorless = any(later[u] and not _has_vector(row) for u, _, row, _ in folded)
+        # a new user encoded later: its interim vector's item vectors come with the same read
+        vectorless = any(later[u] and row is None for u, _, row, _ in folded)
         windows = self._windows([h for _, _, _, h in folded], deadline, with_vectors=vectorless)
         for (user_id, user_events, row, history), items in zip(folded, windows, strict=True):
             pairs = _pairs(items)
@@ -195,9 +196,10 @@ class Profiles:
                     version=versions.get(user_id, int(row.get("version") or 0) if row else 0),
                 )
             )
-            if later[user_id] and row is not None and _has_vector(row):
-                kept = np.asarray(row["vector"], dtype=np.float32)
-                rows[-1]["vector"] = kept.tolist()  # re-encoded later
+            if later[user_id] and row is not None:
+                if _has_vector(row):  # re-encoded later; a row read without it stays so
+                    kept = np.asarray(row["vector"], dtype=np.float32)
+                    rows[-1]["vector"] = kept.tolist()
             elif later[user_id] and (mean := _mean_vector(items)) is not None:
                 interim.append((rows[-1], mean))
             else:
