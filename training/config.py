@@ -143,7 +143,7 @@ class FeatureRankerConfig(StageConfig):
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.1
     #: cut-offs as event-count quantiles of the training period
-    cutoffs: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])
+    cutoffs: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     users_per_cutoff: int | None = 400
     #: keep equal to the gateway's RECSYS_RANK_CANDIDATES and RECSYS_HISTORY_WINDOW
     candidates: int = 100

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from training.config import StageConfig
 from training.models.pretrained import load_tokenizer, set_offline
 from training.models.ranker import adamw
-from training.tasks.base import Row, Task
+from training.tasks.base import ModelT, Row, Task
 from training.tracking import worker_logger
 
 STATE_FILE = "train_state.pt"
@@ -191,7 +191,18 @@ def _optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, list[dict[str, Any]], int]:
     """AdamW with linear warm-up/decay over every step of the run; restored from ``state``
     when resuming. Returns (optimizer, schedule, metrics history, first epoch to run)."""
-    total = steps * stage.epochs
+    opt, sched = _schedule(model, stage, steps * stage.epochs)
+    if state is None:
+        return opt, sched, [], 0
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return opt, sched, list(state["history"]), int(state["epoch"]) + 1
+
+
+def _schedule(
+    model: torch.nn.Module, stage: StageConfig, total: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its linear warm-up/decay over ``total`` steps."""
     opt = adamw(model, stage.lr, stage.weight_decay)
     warmup = int(stage.warmup_ratio * total)
 
@@ -200,12 +211,31 @@ def _optimizer(
             return (step + 1) / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear)
-    if state is None:
-        return opt, sched, [], 0
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return opt, sched, list(state["history"]), int(state["epoch"]) + 1
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
+
+
+def fit_in_process(task: Task[ModelT, Any], rows: Sequence[Row], seed: int) -> ModelT:
+    """``task``'s model trained in this process, one worker, with the loop's optimizer,
+    schedule, clipping and epochs (no Ray, no checkpoints): for analyses that train many
+    small models, such as :mod:`training.evaluation.ranker_validation`."""
+    _setup(seed, torch.get_num_threads(), 0)
+    model = task.build_model("")
+    stage = task.cfg
+    loader = DataLoader(
+        _ListDataset(rows),
+        batch_size=stage.batch_size,
+        shuffle=True,
+        collate_fn=task.collator(None),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    opt, sched = _schedule(model, stage, len(loader) * stage.epochs)
+    task.start(rows, torch.device("cpu"))
+    model.train()
+    for _ in range(stage.epochs):
+        for batch in loader:
+            _optimizer_step(model, opt, sched, task.loss(model, batch))
+    model.eval()
+    return model
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""The feature ranker on validation windows inside the evaluation's training period.
+
+``make train`` validates the feature ranker on the users active after its training/test
+split, who are the users ``make eval`` tests: every look at that printout is a look at the
+test split. This replays the stage on an earlier point instead: the evaluation's training
+period is cut again at ``val_quantile``; the stage's cut-offs are taken inside the events
+before that point (the same quantiles of that shorter period) and give the training groups,
+and the users active after it are the validation groups, exactly as
+:func:`training.train.fit_feature_ranker` builds them from the whole training period. The
+model is trained in this process with the stage's settings from ``make train``'s config
+(:func:`training.loop.fit_in_process`; one process takes the workers' global batch), for a
+few seeds, and compared on the same candidates
+with their popularity order (the ``popular`` source's rank) and with a reciprocal-rank
+fusion of both orders::
+
+    python -m training.evaluation.ranker_validation --data third_party/movielens/ml-latest-small
+
+Item vectors are the pretrained MiniLM's unless ``--content-model`` names another encoder (a
+``make train`` item tower was fine-tuned on the whole evaluation training period, so it has
+seen these windows' pairs). The sequence features are off (the stage's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core import fusion
+from core.ranking_features import FEATURES
+from core.text import item_texts
+from training.config import FeatureRankerConfig, load_config
+from training.data import Dataset
+from training.data.candidates import (
+    CandidateConfig,
+    Catalogue,
+    candidate_groups,
+    split_at,
+    training_cutoffs,
+)
+from training.loop import fit_in_process
+from training.tasks.feature_ranker import FeatureRankerTask, feature_scaling, group_ndcg
+
+Groups = list[dict[str, Any]]
+
+
+def window_groups(
+    catalogue: Catalogue,
+    events: pd.DataFrame,
+    cfg: FeatureRankerConfig,
+    val_quantile: float,
+    seed: int = 0,
+) -> tuple[Groups, Groups]:
+    """(training groups, validation groups) for the window at ``val_quantile`` of
+    ``events`` (the evaluation's training period); see the module docstring."""
+    (point,) = training_cutoffs(events, [val_quantile])
+    inner, later = split_at(events, point)
+    replay = CandidateConfig(
+        cfg.candidates, cfg.history_window, cfg.fold_in, cfg.targets, cfg.users_per_cutoff
+    )
+    groups: Groups = []
+    for n, cut in enumerate(training_cutoffs(inner, cfg.cutoffs)):
+        before, after = split_at(inner, cut)
+        groups += candidate_groups(catalogue, before, after, replay, seed=seed + n)
+    replay = dataclasses.replace(replay, max_users=cfg.eval_users)
+    return groups, candidate_groups(catalogue, inner, later, replay, seed=seed + 5)
+
+
+def popularity_order(groups: Groups) -> list[np.ndarray]:
+    """Each group's candidates scored by their rank in the ``popular`` source (ties, the
+    candidates that source did not return, by their popularity)."""
+    rr, pop = FEATURES.index("popular_rr"), FEATURES.index("popularity")
+    return [g["features"][:, rr] + 1e-6 * g["features"][:, pop] for g in groups]
+
+
+def fused(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Reciprocal-rank fusion of two score vectors over the same candidates."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        out = np.empty(len(x), dtype=np.int64)
+        out[np.argsort(-x, kind="stable")] = np.arange(len(x))
+        return out
+
+    return fusion.rrf(ranks(a)) + fusion.rrf(ranks(b))
+
+
+def validate_window(
+    catalogue: Catalogue,
+    events: pd.DataFrame,
+    cfg: FeatureRankerConfig,
+    val_quantile: float,
+    seeds: Sequence[int] = (0, 1, 2),
+) -> dict[str, Any]:
+    """Training/validation sizes, candidate recall, and per seed the ranker's AUC and
+    NDCG@10, the fused order's NDCG@10, beside the popularity order's NDCG@10."""
+    groups, held_out = window_groups(catalogue, events, cfg, val_quantile)
+    if not groups or not held_out:
+        raise ValueError(f"window {val_quantile}: no training or validation users")
+    mean, std = feature_scaling(groups)
+    popular = popularity_order(held_out)
+    runs = []
+    for seed in seeds:
+        task = FeatureRankerTask(cfg, mean, std)
+        model = fit_in_process(task, groups, seed)
+        metrics = task.evaluate(model, None, held_out, torch.device("cpu"))
+        with torch.no_grad():
+            scores = [model(torch.from_numpy(g["features"])).numpy() for g in held_out]
+        both = [fused(s, p) for s, p in zip(scores, popular, strict=True)]
+        runs.append(
+            {
+                "seed": seed,
+                "auc": metrics["auc"],
+                "ranker": metrics["ndcg_at_10"],
+                "fused": group_ndcg(held_out, both),
+            }
+        )
+    return {
+        "val_quantile": val_quantile,
+        "training_users": len(groups),
+        "validation_users": len(held_out),
+        "candidate_recall": float(np.mean([g["labels"].sum() / g["targets"] for g in held_out])),
+        "popularity": group_ndcg(held_out, popular),
+        "runs": runs,
+    }
+
+
+def catalogue_for(ds: Dataset, encoder: Any) -> Catalogue:
+    """Every catalogue item with its vector under ``encoder`` (``.encode(texts)``)."""
+    texts = item_texts(ds.items)
+    ids = [str(i) for i in ds.items["item_id"]]
+    return Catalogue.build(ds.items, ids, encoder.encode([texts[i] for i in ids]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.evaluation.ranker_validation")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--val-quantile", type=float, action="append", default=None)
+    ap.add_argument("--test-quantile", type=float, default=0.8, help="as make eval's split")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--content-model", default="", help="encoder directory (default MiniLM)")
+    ap.add_argument("--config", default="training/configs/local.yaml", help="make train's")
+    ap.add_argument("--set", action="append", default=[], help="feature_ranker key=value")
+    args = ap.parse_args(argv)
+    from training.data import load_dataset
+    from training.evaluation.encoders import TowerEncoder
+    from training.evaluation.protocol import make_split
+    from training.export.onnx_export import resolve_pretrained
+
+    train_cfg = load_config(args.config, [f"feature_ranker.{kv}" for kv in args.set])
+    # one process takes the global batch of make train's workers (same steps per epoch)
+    cfg = train_cfg.feature_ranker
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * train_cfg.num_workers)
+    ds = load_dataset(args.data)
+    events = make_split(ds, quantile=args.test_quantile).train.events
+    encoder = TowerEncoder(resolve_pretrained(args.content_model), max_seq_len=64)
+    catalogue = catalogue_for(ds, encoder)
+    print(
+        "| window | training users | validation users | candidate recall | popularity order "
+        "| ranker (AUC) | ranker / popularity | fused | fused / popularity |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for q in args.val_quantile or [0.9, 0.8]:
+        t0 = time.time()
+        out = validate_window(catalogue, events, cfg, q, seeds=range(args.seeds))
+        pop = out["popularity"]
+        ranker = float(np.mean([r["ranker"] for r in out["runs"]]))
+        auc = float(np.mean([r["auc"] for r in out["runs"]]))
+        both = float(np.mean([r["fused"] for r in out["runs"]]))
+        print(
+            f"| {q} | {out['training_users']} | {out['validation_users']} "
+            f"| {out['candidate_recall']:.3f} | {pop:.4f} | {ranker:.4f} ({auc:.3f}) "
+            f"| {ranker / pop:.2f}x | {both:.4f} | {both / pop:.2f}x |",
+            flush=True,
+        )
+        seeds = ", ".join(f"{r['ranker']:.4f}" for r in out["runs"])
+        print(f"<!-- window {q}: ranker per seed {seeds}; {time.time() - t0:.0f} s -->")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
