@@ -87,7 +87,7 @@ class GatewayState:
         read (a Milvus server below Strong) is made current by the log rather than by a
         Strong re-read. A row older than the user's tombstone was deleted since. When the
         log does not answer in time, the row as Milvus has it now (the workers' version)."""
-        row = self.store.get_user(user_id, deadline.left(), with_vector, min_version=0)
+        row = self.store.get_user(user_id, deadline.left(), with_vector, cached=True)
         try:
             tombstone, applied, pending = self._unapplied(user_id, row, deadline)
             gone = row is None or tombstone > _version(row)
@@ -96,11 +96,11 @@ class GatewayState:
                 # folding in cannot: a new (or returning) user's row with its segment, or a
                 # history past what one read folds in. Read that row.
                 self.store.user_cache.invalidate([user_id])
-                row = self.store.get_user(user_id, deadline.left(), with_vector, min_version=0)
+                row = self.store.get_user(user_id, deadline.left(), with_vector, cached=True)
                 tombstone, _, pending = self._unapplied(user_id, row, deadline)
         except EventLogUnavailable as exc:
             log.debug("pending events of a user not read: %s", exc)
-            return self.store.get_user(user_id, deadline.left(), with_vector, min_version=None)
+            return self.store.get_user(user_id, deadline.left(), with_vector)
         if row is not None and tombstone > _version(row):
             row = None  # deleted after it was written
         events = [(seq, e) for seq, data in pending if (e := _valid(data, user_id)) is not None]

@@ -496,36 +496,27 @@ class VectorStore:
         user_id: str,
         timeout: float,
         with_vector: bool = True,
-        min_version: int | None = None,
+        cached: bool = False,
     ) -> Row | None:
-        """The user's row. ``min_version``: the least ``version`` (the log sequence of the
-        row's newest event) the caller needs; None: read as configured, never from the
-        profile cache. A Session or Bounded read does not wait for another process's writes,
-        so a row older than ``min_version`` (or none) is read again at Strong.
-
-        With a ``min_version`` the profile cache answers when it holds that version or a
-        newer one (with 0, also that the user has no row). The gateway asks with 0 and folds
-        in the event log's events past the row's version
+        """The user's row at the user read level. ``cached``: from the profile cache when it
+        holds the user, which also remembers users without a row; the gateway reads so and
+        folds in the event log's events past the row's ``version``
         (:meth:`services.gateway.state.GatewayState.profile`), so a cached or lagging row is
-        made current by the log. Only what the version covers is cached: not the vector,
-        which the re-encode lane rewrites at the same version; an indexing job's or a
-        segment refit's rewrite reaches the cache within its TTL."""
+        made current by the log. The vector is never cached (the re-encode lane rewrites it
+        at the same version); an indexing job's or a segment refit's rewrite reaches the
+        cache within its TTL, this process's writes and deletes at once."""
         fields = USER_FIELDS + (["vector"] if with_vector else [])
-        cache = self.user_cache if min_version is not None and not with_vector else None
-        least = min_version or 0
+        cache = self.user_cache if cached and not with_vector else None
         if cache is not None:
             found, missing = cache.get([user_id])
-            cached = found.get(user_id)
-            if cached is not None and _version(cached) >= least:
-                return cached
-            if not least and cached is None and user_id not in missing:
+            if user_id in found:
+                return found[user_id]
+            if user_id not in missing:
                 return None  # known to have no row (the log's events make its profile)
             epoch = cache.epoch()
         level = self.settings.milvus_user_consistency
         row = self._get_one(self.users, user_id, fields, timeout, level)
-        if least and level != "Strong" and (row is None or _version(row) < least):
-            row = self._get_one(self.users, user_id, fields, timeout, "Strong")
-        if cache is not None and (_version(row) >= least if row is not None else not least):
+        if cache is not None:
             cache.put({user_id: row}, epoch)
         return row
 
@@ -666,11 +657,6 @@ class VectorStore:
             timeout=timeout,
         )
         return _plain(rows[0]) if rows else None
-
-
-def _version(row: Row) -> int:
-    """A user row's ``version``: the log sequence of its newest event (0: none)."""
-    return int(row.get("version") or 0)
 
 
 def _not_loaded(exc: MilvusException) -> bool:

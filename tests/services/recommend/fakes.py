@@ -42,11 +42,8 @@ class FakeStore:
         drop |= {"co_items"} if not with_neighbours else set()
         return {k: v for k, v in r.items() if k not in drop}
 
-    def user_reads_may_lag(self, timeout: float) -> bool:
-        return False  # one process, always consistent
-
     def get_user(
-        self, user_id: str, timeout: float, with_vector: bool = True, min_version: int | None = None
+        self, user_id: str, timeout: float, with_vector: bool = True, cached: bool = False
     ) -> Row | None:
         self._check("get_user")
         user = self.users.get(user_id)

@@ -226,63 +226,44 @@ class UsersClient:
         self.rows.pop(re.findall(r'"(u\d+)"', kw["filter"])[0], None)
 
 
-def test_a_cached_profile_is_served_only_while_the_event_log_vouches_for_its_version() -> None:
+def test_a_cached_profile_read_is_served_from_the_cache_and_an_uncached_one_never() -> None:
     client = UsersClient()
     store = _store(client)  # type: ignore[arg-type]
     client.write("u1", 5)
-    assert store.get_user("u1", 1.0, with_vector=False, min_version=5)["version"] == 5
-    assert store.get_user("u1", 1.0, with_vector=False, min_version=5)["version"] == 5
-    assert store.get_user("u1", 1.0, with_vector=False, min_version=3)["version"] == 5
-    assert len(client.calls) == 1  # the later reads came from the cache
-    client.write("u1", 9)  # a worker applied newer events: the log says 9
-    assert store.get_user("u1", 1.0, with_vector=False, min_version=9)["version"] == 9
-    assert len(client.calls) == 2
-    # the log cannot vouch (the user deleted since, or the log down): Milvus every time
-    client.rows.pop("u1")
-    assert store.get_user("u1", 1.0, with_vector=False, min_version=None) is None
+    assert store.get_user("u1", 1.0, with_vector=False, cached=True)["version"] == 5
+    client.write("u1", 9)  # a worker's write: the gateway folds the log into the cached row
+    assert store.get_user("u1", 1.0, with_vector=False, cached=True)["version"] == 5
+    assert len(client.calls) == 1  # the second read came from the cache
+    # uncached (the gateway while the log is down): Milvus every time
+    assert store.get_user("u1", 1.0, with_vector=False)["version"] == 9
+    assert store.get_user("u1", 1.0, with_vector=False)["version"] == 9
     assert len(client.calls) == 3
-    # never an event through the log (an indexed user): cached, an indexing rewrite
-    # reaches it within the TTL
-    client.write("u4", 0)
-    store.get_user("u4", 1.0, with_vector=False, min_version=0)
-    store.get_user("u4", 1.0, with_vector=False, min_version=0)
-    assert [c[0] for c in client.calls[3:]] == ["u4"]
-    # no row at all, asked with 0 (the gateway folds the log's events into none): cached
-    # too; asked for a version, read again
-    store.get_user("u5", 1.0, with_vector=False, min_version=0)
-    assert store.get_user("u5", 1.0, with_vector=False, min_version=0) is None
-    assert [c[0] for c in client.calls[4:]] == ["u5"]
-    client.write("u5", 3)
-    assert store.get_user("u5", 1.0, with_vector=False, min_version=3)["version"] == 3
-    assert [c[0] for c in client.calls[5:]] == ["u5"]
+    # no row at all: remembered too (the gateway folds the log's events into none)
+    assert store.get_user("u5", 1.0, with_vector=False, cached=True) is None
+    assert store.get_user("u5", 1.0, with_vector=False, cached=True) is None
+    assert [c[0] for c in client.calls[3:]] == ["u5"]
     # the vector is rewritten at the same version by the re-encode lane: never cached
     client.write("u2", 4)
-    store.get_user("u2", 1.0, with_vector=True, min_version=4)
-    store.get_user("u2", 1.0, with_vector=True, min_version=4)
+    store.get_user("u2", 1.0, with_vector=True, cached=True)
+    store.get_user("u2", 1.0, with_vector=True, cached=True)
     assert [c[0] for c in client.calls[-2:]] == ["u2", "u2"]
+    assert all(level == "Session" for _, level in client.calls)
 
 
-def test_a_stale_session_read_is_not_cached_and_this_process_s_writes_invalidate() -> None:
+def test_this_process_s_writes_and_deletes_reach_the_cache_at_once() -> None:
     client = UsersClient()
     store = _store(client)  # type: ignore[arg-type]
     client.write("u1", 5)
-    store.get_user("u1", 1.0, with_vector=False, min_version=5)
+    store.get_user("u1", 1.0, with_vector=False, cached=True)
     row = {**client.rows["u1"], "recent_items": ["i2"]}
     store.upsert_users([row])  # type: ignore[list-item]
-    got = store.get_user("u1", 1.0, with_vector=False, min_version=5)
+    got = store.get_user("u1", 1.0, with_vector=False, cached=True)
     assert got is not None and got["recent_items"] == ["i2"]
     store.delete_user("u1", 1.0)
     client.write("u1", 5)  # the cache must not answer for a row this process deleted
     client.calls.clear()
-    store.get_user("u1", 1.0, with_vector=False, min_version=5)
+    store.get_user("u1", 1.0, with_vector=False, cached=True)
     assert client.calls == [("u1", "Session")]
-    # a row older than the log says: read again at Strong, and the old one is not kept
-    client.calls.clear()
-    client.write("u3", 2)
-    assert store.get_user("u3", 1.0, with_vector=False, min_version=7)["version"] == 2
-    assert client.calls == [("u3", "Session"), ("u3", "Strong")]
-    store.get_user("u3", 1.0, with_vector=False, min_version=7)
-    assert len(client.calls) == 4
     off = _store(UsersClient(), milvus_user_cache_size=0)  # type: ignore[arg-type]
     assert not off.user_cache.enabled
 

@@ -9,9 +9,6 @@ items than the index's ef, and HNSW recall on sealed, indexed segments.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,34 +120,6 @@ def test_engine_collections_writes_and_reads(engine: LocalStack, store: VectorSt
     assert got["recent_items"] == ["i1", "i0"] and got["interests"] == {"Drama": 1.0}
     assert store.delete_user("u1", 5.0)
     assert store.get_user("u1", 5.0) is None
-
-
-def test_a_row_another_process_wrote_is_read_at_its_applied_version(
-    engine: LocalStack, store: VectorStore
-) -> None:
-    """The profile workers, not the gateway, write user rows: a Session read waits for none
-    of their writes (measured: the old row 20 times in 20). Given the version the workers
-    applied, the read sees that row."""
-    vectors = _unit(np.random.default_rng(3), 2, DIM)
-    first = {**_user("u9", vectors[0], updated_at=1), "version": 1}
-    store.upsert_users([first])  # type: ignore[list-item]
-    assert store.get_user("u9", 5.0) is not None
-    writer = (
-        "import json,sys\n"
-        "from core.config import Settings\n"
-        "from services.vectors.store import VectorStore\n"
-        "s = VectorStore(Settings.model_validate_json(sys.argv[1]))\n"
-        "s.upsert_users([json.loads(sys.argv[2])])\n"
-    )
-    second = {**_user("u9", vectors[1], updated_at=2), "version": 2}
-    subprocess.run(
-        [sys.executable, "-c", writer, store.settings.model_dump_json(), json.dumps(second)],
-        check=True,
-        timeout=60,
-    )
-    got = store.get_user("u9", 5.0, min_version=2)
-    assert got is not None and got["version"] == 2 and got["updated_at"] == 2
-    store.delete_user("u9", 5.0)
 
 
 def test_segments_are_written_without_partial_upserts(store: VectorStore) -> None:
