@@ -258,7 +258,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         )
         result.degraded[:0] = degraded
         record_recommendation(result.candidates, result.degraded)  # stages timed themselves
-        recommendation_id, items = self._exposed(user_id, assignments, result, situation)
+        recommendation_id, items = self._exposed(user_id, assignments, result, situation, deadline)
         return pb.RecommendResponse(
             items=items,
             degraded=bool(result.degraded),
@@ -387,10 +387,14 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         assignments: list[Assignment],
         result: Recommendation,
         situation: RequestContext,
+        deadline: Deadline,
     ) -> tuple[str, list[pb.ScoredItem]]:
         """A new recommendation id, the answer's items recorded under it as the user's
         exposure with the surface and device (clicks carrying the id join it exactly), and
-        the items as the API sends them."""
+        the items as the API sends them. Past the deadline (even the popular answer the
+        pipeline keeps time for came too late) the client has given up: ``DEADLINE_EXCEEDED``,
+        and no exposure is recorded for items nobody received."""
+        deadline.left()
         recommendation_id = new_recommendation_id()
         self.state.experiments.exposed(
             user_id,
@@ -531,7 +535,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         result, unknown = self.state.pipeline.rank_items(
             user_id, list(dict.fromkeys(item_ids)), deadline, variant, filters, rules, situation
         )
-        recommendation_id, items = self._exposed(user_id, assignments, result, situation)
+        recommendation_id, items = self._exposed(user_id, assignments, result, situation, deadline)
         return pb.RankItemsResponse(
             items=items,
             unknown_item_ids=unknown,
