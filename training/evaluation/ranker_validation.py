@@ -8,10 +8,9 @@ before that point (the same quantiles of that shorter period) and give the train
 and the users active after it are the validation groups, exactly as
 :func:`training.train.fit_feature_ranker` builds them from the whole training period. The
 model is trained in this process with the stage's settings from ``make train``'s config
-(:func:`training.loop.fit_in_process`; one process takes the workers' global batch), for a
-few seeds, and compared on the same candidates
-with their popularity order (the ``popular`` source's rank) and with a reciprocal-rank
-fusion of both orders::
+(:func:`training.loop.fit_in_process`; one process takes the workers' global batch) for a
+few seeds, and compared on the same candidates with their popularity order (the
+``popular`` source's rank) and with a reciprocal-rank fusion of both orders::
 
     python -m training.evaluation.ranker_validation --data third_party/movielens/ml-latest-small
 
