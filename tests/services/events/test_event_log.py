@@ -152,6 +152,12 @@ def test_delete_user_with_pending_events_leaves_no_trace(
     user = f"gone-{uuid.uuid4().hex[:8]}"
     a.IngestEvents(pb.IngestEventsRequest(events=[click(user, "5", f"{user}-0")]), timeout=10)
     assert profile(store, user) is not None
+    # the row is visible before the worker releases the user's lease: wait for the release,
+    # or a worker stopped in between holds it for worker_lease_s and DeleteUser answers
+    # UNAVAILABLE (retry), as it should
+    revision = on_log(stack, lambda log: log.acquire_lease(user, "test", TIMEOUT_S))
+    assert revision is not None
+    on_log(stack, lambda log: log.release_lease(user, revision))
     worker = stack.processes["profile-worker"]
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGSTOP)  # the worker holds (and is handed) pending events
