@@ -29,7 +29,13 @@ from services.recommend.pipeline import Pipeline
 from services.recommend.rank import Rankers, RankerStatus
 from services.recommend.retrieve import PopularItems
 from services.recommend.rules import RulesFile
-from services.vectors.store import Row, StoreSchemaError, StoreUnavailable, VectorStore
+from services.vectors.store import (
+    Row,
+    StoreSchemaError,
+    StoreUnavailable,
+    VectorStore,
+    row_version,
+)
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "recsys.v1.RecommenderService"
@@ -90,8 +96,8 @@ class GatewayState:
         row = self.store.get_user(user_id, deadline.left(), with_vector, cached=True)
         try:
             tombstone, applied, pending = self._unapplied(user_id, row, deadline)
-            gone = row is None or tombstone > _version(row)
-            if applied > _version(row) and (gone or len(pending) >= UNAPPLIED):
+            gone = row is None or tombstone > row_version(row)
+            if applied > row_version(row) and (gone or len(pending) >= UNAPPLIED):
                 # Milvus has a newer row than this (cached) one, and the workers made what
                 # folding in cannot: a new (or returning) user's row with its segment, or a
                 # history past what one read folds in. Read that row.
@@ -101,7 +107,7 @@ class GatewayState:
         except EventLogUnavailable as exc:
             log.debug("pending events of a user not read: %s", exc)
             return self.store.get_user(user_id, deadline.left(), with_vector)
-        if row is not None and tombstone > _version(row):
+        if row is not None and tombstone > row_version(row):
             row = None  # deleted after it was written
         events = [(seq, e) for seq, data in pending if (e := _valid(data, user_id)) is not None]
         if not events:
@@ -112,7 +118,7 @@ class GatewayState:
         self, user_id: str, row: Row | None, deadline: Deadline
     ) -> tuple[int, int, list[tuple[int, bytes]]]:
         return self.events.call(
-            lambda events: events.unapplied(user_id, _version(row)),
+            lambda events: events.unapplied(user_id, row_version(row)),
             min(deadline.left(), LOG_READ_S),
         )
 
@@ -243,8 +249,3 @@ def _valid(data: bytes, user_id: str) -> pb.Event | None:
         return v.stored_event(data, user_id)
     except (DecodeError, v.InvalidArgument):
         return None
-
-
-def _version(row: Row | None) -> int:
-    """The log sequence of the newest event the row holds (0: none, or no row)."""
-    return int(row.get("version") or 0) if row else 0

@@ -74,7 +74,7 @@ from services.events.log import EventLog, PendingVector
 from services.gateway import validation as v
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
-from services.vectors.store import StoreUnavailable, VectorStore
+from services.vectors.store import StoreUnavailable, VectorStore, row_version
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +295,7 @@ class ProfileWorker:
         after: dict[str, int] = {}
         for w, row in zip(work, rows, strict=True):
             w.row, w.read = row, True
-            version = int(row.get("version") or 0) if row else 0  # type: ignore[call-overload]
-            after[w.user_id] = max(version, tombstones[w.user_id])
+            after[w.user_id] = max(row_version(row), tombstones[w.user_id])
         # Each user's own events after that, in sequence order (most in one read of the
         # stream's tail: ``EventLog.users_events``).
         backlog = await self.events.users_events(after)
@@ -371,9 +370,9 @@ class ProfileWorker:
         apply that died before recording it, so its pending vector and applied sequence are
         recorded now (the row was read Strong under the lease)."""
         behind = [
-            (w.user_id, int(w.row.get("version") or 0), w.row.get("vector") is not None)  # type: ignore[call-overload]
+            (w.user_id, row_version(w.row), w.row.get("vector") is not None)
             for w in work
-            if w.row and int(w.row.get("version") or 0) > w.applied  # type: ignore[call-overload]
+            if w.row and row_version(w.row) > w.applied
         ]
         if self.settings.worker_reencode_apart:
             await self._mark_stale([(u, version) for u, version, vector in behind if vector])
@@ -539,7 +538,7 @@ class ProfileWorker:
         try:
             write = Deadline.after(self.settings.worker_lease_s / 4)
             now = await asyncio.to_thread(self.profiles.get_many, list(held), write.left(), False)
-            version = {u: int(r.get("version") or 0) for u, r in now.items()}
+            version = {u: row_version(r) for u, r in now.items()}
             same = [r for r in encoded if version.get(r["user_id"], -1) == r["version"]]
             if same:
                 await asyncio.to_thread(self.profiles.store.upsert_users, same, write.left())

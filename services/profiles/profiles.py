@@ -25,7 +25,7 @@ from core.text import user_text
 from services.api import pb
 from services.deadline import Deadline
 from services.inference.triton_client import TritonClient
-from services.vectors.store import Row, VectorStore
+from services.vectors.store import Row, VectorStore, row_version
 
 EVENT_NAMES = {
     pb.EVENT_TYPE_VIEW: "view",
@@ -193,7 +193,7 @@ class Profiles:
                         row.get("events") if row else None,
                         [(ts, item, kind, weight > 0) for ts, item, weight, kind in user_events],
                     ),
-                    version=versions.get(user_id, int(row.get("version") or 0) if row else 0),
+                    version=versions.get(user_id, row_version(row)),
                 )
             )
             if later[user_id] and row is not None:
@@ -225,7 +225,7 @@ class Profiles:
                     seen_items=list(row["seen_items"]),
                     history_size=int(row["history_size"]),
                     events=row.get("events"),
-                    version=int(row.get("version") or 0),
+                    version=row_version(row),
                 )
             )
             texts.append(user_text(pairs))

@@ -65,6 +65,12 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
+def row_version(row: Mapping[str, Any] | None) -> int:
+    """A user row's ``version``: the log sequence of the newest event it holds (0: none, or
+    no row)."""
+    return int(row.get("version") or 0) if row else 0
+
+
 CONNECT_ATTEMPTS, CONNECT_RETRY_S = 2, 0.2  # see VectorStore._new_client
 CONNECT_TIMEOUT_S = 5.0  # the longest connect, also for calls with a longer timeout
 NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
