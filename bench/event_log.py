@@ -58,6 +58,7 @@ import grpc
 import numpy as np
 from pymilvus import MilvusClient
 
+from bench.util import quantiles
 from core.config import REPO_ROOT
 from ops.processes import ManagedProcess, free_port, gateway_process
 from ops.stack import LocalStack, gateway_serving
@@ -251,12 +252,11 @@ class ProfileProbe:
         for channel in self.channels:
             channel.close()
         lags = [lag for lag in found if lag is not None]
-        lag = np.array(lags) if lags else np.array([float("nan")])
-        reads = np.array(self.reads) if self.reads else np.array([float("nan")])
+        lag, read = quantiles(lags, (50, 99)), quantiles(self.reads, (50,))
         return {
-            "profile_lag_p50_s": round(float(np.percentile(lag, 50)), 3),
-            "profile_lag_p99_s": round(float(np.percentile(lag, 99)), 3),
-            "profile_read_p50_s": round(float(np.percentile(reads, 50)), 3),
+            "profile_lag_p50_s": round(lag["p50"], 3),
+            "profile_lag_p99_s": round(lag["p99"], 3),
+            "profile_read_p50_s": round(read["p50"], 3),
             "profile_probes": len(lags),
             "profile_probes_missed": len(found) - len(lags),
         }
