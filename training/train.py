@@ -41,7 +41,6 @@ from the latest checkpoint up to ``max_failures`` times.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -65,11 +64,8 @@ from core.text import item_texts
 from training import tracking
 from training.config import SequenceConfig, TrainConfig, load_config
 from training.data.candidates import (
-    CandidateConfig,
     Catalogue,
     SequenceScores,
-    candidate_groups,
-    split_at,
     training_cutoffs,
 )
 from training.loop import LoopConfig, latest_checkpoint, train_func
@@ -86,7 +82,7 @@ from training.models.sequence import (
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
 from training.tasks import FeatureRankerTask, RankerTask, RetrievalTask, SequenceTask, Task
-from training.tasks.feature_ranker import feature_scaling
+from training.tasks.feature_ranker import feature_scaling, replayed_groups
 from training.tasks.retrieval import mine_with_towers, tower_vectors
 
 
@@ -251,9 +247,6 @@ def fit_feature_ranker(
     item_ids, vectors = catalogue.vectors()
     t0 = time.time()
     candidates = Catalogue.build(items, item_ids, vectors)
-    replay = CandidateConfig(
-        fr.candidates, fr.history_window, fr.fold_in, fr.targets, fr.users_per_cutoff
-    )
     cuts = training_cutoffs(train, fr.cutoffs)
     served = early = None
     if seq_dir is not None:
@@ -265,15 +258,8 @@ def fit_feature_ranker(
             return None
         return lambda events, users: catalogue_scores(model, events, users, item_ids)
 
-    groups: list[dict[str, Any]] = []
-    for n, cut in enumerate(cuts):
-        before, after = split_at(train, cut)
-        groups += candidate_groups(
-            candidates, before, after, replay, seed=cfg.seed + n, sequence=scores(early)
-        )
-    replay = dataclasses.replace(replay, max_users=fr.eval_users)
-    held_out = candidate_groups(
-        candidates, train, test, replay, seed=cfg.seed + 5, sequence=scores(served)
+    groups, held_out = replayed_groups(
+        candidates, train, test, fr, cuts, cfg.seed, scores(early), scores(served)
     )
     if not groups:
         raise ValueError("no feature-ranker training groups: too few users after the cut-offs")

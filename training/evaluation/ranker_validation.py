@@ -5,8 +5,9 @@ split, who are the users ``make eval`` tests: every look at that printout is a l
 test split. This replays the stage on an earlier point instead: the evaluation's training
 period is cut again at ``val_quantile``; the stage's cut-offs are taken inside the events
 before that point (the same quantiles of that shorter period) and give the training groups,
-and the users active after it are the validation groups, exactly as
-:func:`training.train.fit_feature_ranker` builds them from the whole training period. The
+and the users active after it are the validation groups, by the stage's own replay
+(:func:`training.tasks.feature_ranker.replayed_groups`, which ``make train`` runs on the
+whole training period). The
 model is trained in this process with the stage's settings from ``make train``'s config
 (:func:`training.loop.fit_in_process`; one process takes the workers' global batch) for a
 few seeds, and compared on the same candidates with their popularity order (the
@@ -39,14 +40,17 @@ from core.text import item_texts
 from training.config import FeatureRankerConfig, load_config
 from training.data import Dataset
 from training.data.candidates import (
-    CandidateConfig,
     Catalogue,
-    candidate_groups,
     split_at,
     training_cutoffs,
 )
 from training.loop import fit_in_process
-from training.tasks.feature_ranker import FeatureRankerTask, feature_scaling, group_ndcg
+from training.tasks.feature_ranker import (
+    FeatureRankerTask,
+    feature_scaling,
+    group_ndcg,
+    replayed_groups,
+)
 
 Groups = list[dict[str, Any]]
 
@@ -62,15 +66,8 @@ def window_groups(
     ``events`` (the evaluation's training period); see the module docstring."""
     (point,) = training_cutoffs(events, [val_quantile])
     inner, later = split_at(events, point)
-    replay = CandidateConfig(
-        cfg.candidates, cfg.history_window, cfg.fold_in, cfg.targets, cfg.users_per_cutoff
-    )
-    groups: Groups = []
-    for n, cut in enumerate(training_cutoffs(inner, cfg.cutoffs)):
-        before, after = split_at(inner, cut)
-        groups += candidate_groups(catalogue, before, after, replay, seed=seed + n)
-    replay = dataclasses.replace(replay, max_users=cfg.eval_users)
-    return groups, candidate_groups(catalogue, inner, later, replay, seed=seed + 5)
+    cuts = training_cutoffs(inner, cfg.cutoffs)
+    return replayed_groups(catalogue, inner, later, cfg, cuts, seed)
 
 
 def popularity_order(groups: Groups) -> list[np.ndarray]:

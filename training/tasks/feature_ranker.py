@@ -11,12 +11,14 @@ Checkpoint format: ``feature_ranker/`` (see :mod:`training.models.feature_ranker
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -24,12 +26,45 @@ from torch.nn import functional as F
 from core import fusion
 from core.ranking_features import FEATURES, NEW_ITEM_DAYS
 from training.config import FeatureRankerConfig
+from training.data.candidates import (
+    CandidateConfig,
+    Catalogue,
+    SequenceScores,
+    candidate_groups,
+    split_at,
+)
 from training.models.feature_ranker import DCNv2, load_feature_ranker, save_feature_ranker
 from training.models.metrics import log_loss, roc_auc
 from training.tasks.base import Batch, Row, Task
 
 SUBDIR = "feature_ranker"
 Groups = Sequence[Row]
+
+
+def replayed_groups(
+    catalogue: Catalogue,
+    events: pd.DataFrame,
+    later: pd.DataFrame,
+    cfg: FeatureRankerConfig,
+    cuts: Sequence[pd.Timestamp],
+    seed: int = 0,
+    sequence: SequenceScores | None = None,
+    served: SequenceScores | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The stage's data: training groups at ``cuts`` inside ``events`` (the users active
+    after each, with the sequence model twin ``sequence``), and validation groups for the
+    users of ``later`` with the catalogue as ``events`` leave it (with the ``served`` model).
+    ``make train`` passes its training/test split, :mod:`training.evaluation.ranker_validation`
+    a point inside the training period: the same replay either way."""
+    replay = CandidateConfig(
+        cfg.candidates, cfg.history_window, cfg.fold_in, cfg.targets, cfg.users_per_cutoff
+    )
+    groups: list[dict[str, Any]] = []
+    for n, cut in enumerate(cuts):
+        before, after = split_at(events, cut)
+        groups += candidate_groups(catalogue, before, after, replay, seed + n, sequence)
+    replay = dataclasses.replace(replay, max_users=cfg.eval_users)
+    return groups, candidate_groups(catalogue, events, later, replay, seed + 5, served)
 
 
 def collate_groups(rows: Sequence[Row]) -> Batch:
