@@ -92,7 +92,9 @@ class GatewayState:
         through any replica, however far behind the workers are, and a cached or lagging
         read (a Milvus server below Strong) is made current by the log rather than by a
         Strong re-read. A row older than the user's tombstone was deleted since. When the
-        log does not answer in time, the row as Milvus has it now (the workers' version)."""
+        log does not answer in time, the row as Milvus has it now (the workers' version): read
+        again only when the first read came from the cache."""
+        from_cache = self.store.user_in_cache(user_id, with_vector)
         row = self.store.get_user(user_id, deadline.left(), with_vector, cached=True)
         try:
             tombstone, applied, pending = self._unapplied(user_id, row, deadline)
@@ -103,9 +105,12 @@ class GatewayState:
                 # history past what one read folds in. Read that row.
                 self.store.user_cache.invalidate([user_id])
                 row = self.store.get_user(user_id, deadline.left(), with_vector, cached=True)
+                from_cache = False
                 tombstone, _, pending = self._unapplied(user_id, row, deadline)
         except EventLogUnavailable as exc:
             log.debug("pending events of a user not read: %s", exc)
+            if not from_cache:
+                return row
             return self.store.get_user(user_id, deadline.left(), with_vector)
         if row is not None and tombstone > row_version(row):
             row = None  # deleted after it was written

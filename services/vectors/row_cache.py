@@ -76,6 +76,13 @@ class RowCache:
             self.misses += len(missing)
         return found, missing
 
+    def holds(self, key: str) -> bool:
+        """Whether :meth:`get` would answer for ``key`` now (a row, or known absent) without
+        a Milvus read; counts neither a hit nor a miss."""
+        with self._lock:
+            entry = self._rows.get(key)
+            return entry is not None and self._clock() - entry[0] <= self.ttl_s
+
     def put(self, rows: Mapping[str, Row | None], epoch: int) -> None:
         """Keep rows read since ``epoch`` (None: Milvus has no such key), unless an
         invalidation came meanwhile."""

@@ -526,6 +526,11 @@ class VectorStore:
             cache.put({user_id: row}, epoch)
         return row
 
+    def user_in_cache(self, user_id: str, with_vector: bool) -> bool:
+        """Whether a ``cached`` :meth:`get_user` would answer from the profile cache now,
+        without reading Milvus (the vector is never cached)."""
+        return not with_vector and self.user_cache.holds(user_id)
+
     @timed
     def get_users(
         self, user_ids: Sequence[str], timeout: float, with_vector: bool = True

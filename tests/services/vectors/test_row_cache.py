@@ -40,10 +40,12 @@ def test_lru_evicts_the_least_recently_used_row() -> None:
 def test_rows_expire_after_the_ttl() -> None:
     clock = Clock()
     cache = RowCache(10, 5.0, clock)
-    cache.put({"a": {"item_id": "a"}}, cache.epoch())
+    cache.put({"a": {"item_id": "a"}, "gone": None}, cache.epoch())
     clock.now = 5.0
+    assert cache.holds("a") and cache.holds("gone") and not cache.holds("b")
     assert cache.get(["a"])[1] == []
     clock.now = 5.1
+    assert not cache.holds("a")
     assert cache.get(["a"])[1] == ["a"]
 
 
