@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -70,6 +71,19 @@ def to_events(events: pd.DataFrame) -> list[pb.Event]:
     return out
 
 
+def released(train: Dataset) -> Dataset:
+    """``train`` with the catalogue as it stood when its events end: items whose creation
+    time comes later are left out, as the feature ranker's training replay leaves them out
+    (``training.data.candidates``). Indexed early, they would be recommended before they
+    existed, and the gateway's clock (its newest item) would run ahead of the split."""
+    if "created_at" not in train.items or train.events.empty:
+        return train
+    created = pd.to_datetime(train.items["created_at"], utc=True)
+    touched = train.items["item_id"].isin(train.events["item_id"])  # a creation time too late
+    keep = created.isna() | (created <= train.events["timestamp"].max()) | touched
+    return dataclasses.replace(train, items=train.items[keep])
+
+
 class ServedGateway:
     """The running gateway as an evaluation system (see the module docstring)."""
 
@@ -91,7 +105,7 @@ class ServedGateway:
         stack: LocalStack = self._exit.enter_context(local_stack(settings, self.var_dir))
         stack.start_milvus()
         stack.start_triton()
-        self.segments = index_dataset(stack, train, k_scan=K_SCAN)
+        self.segments = index_dataset(stack, released(train), k_scan=K_SCAN)
         stack.start_gateway()
         self._client = self._exit.enter_context(
             RecommenderClient(stack.gateway_target, timeout=self.timeout_s)

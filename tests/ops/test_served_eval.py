@@ -48,3 +48,28 @@ def test_served_gateway_is_evaluated_like_the_offline_systems(
     assert 0.0 <= row["ndcg@10"] <= 1.0 and row["coverage@10"] > 0
     wanted = set(positives.loc[positives["user_id"] == user, "item_id"].astype(str))
     assert wanted <= set(profile.recent_item_ids)
+
+
+def test_the_served_catalogue_is_the_one_that_existed_when_training_ends() -> None:
+    import pandas as pd
+
+    from ops.served_eval import released
+    from training.data.schema import Dataset
+
+    at = pd.Timestamp("2025-04-10", tz="UTC")
+    events = pd.DataFrame(
+        {"user_id": ["u1", "u1"], "item_id": ["old", "early"], "timestamp": [at, at]}
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": ["old", "unknown_age", "later", "early"],
+            "created_at": [at - pd.Timedelta(days=d) for d in (9, 0, -1, -3)],
+        }
+    )
+    items.loc[1, "created_at"] = pd.NaT
+    kept = released(Dataset(events, items)).items["item_id"].tolist()
+    # "later" is left out: the ranker's training replay never saw it at this point, and it
+    # would set the gateway's clock a day ahead; "early" has events (messy data): kept
+    assert kept == ["old", "unknown_age", "early"]
+    no_times = Dataset(events, items.drop(columns="created_at"))
+    assert released(no_times) is no_times
