@@ -3,6 +3,8 @@
 * :func:`rrf` - reciprocal-rank fusion (Cormack et al., SIGIR 2009): a source's item at
   1-based rank ``r`` contributes ``w / (k + r)``. Ranks rather than raw scores, because the
   sources' scores live on unrelated scales (counts, cosines, dot products).
+  :func:`fuse_ids` keeps the top ``n`` of the weighted fusion: the gateway's candidates, and
+  the feature ranker's training candidates replayed from events.
 * :func:`mmr` - greedy maximal marginal relevance (Carbonell & Goldstein, 1998):
   ``argmax (1 - λ)·rel(i) - λ·max_j cos(i, j)`` over the items already picked, with ``rel``
   min-max scaled so that λ means the same whichever scorer produced it.
@@ -12,12 +14,17 @@ One implementation of each, so the served order and the evaluated order cannot d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import overload
 
 import numpy as np
 
 RRF_K = 60.0
+# Each weighted source's best items keep this share of the candidate slots whatever their
+# fused score: with popularity weighted 4, a personal source's first item (2 / 61) would
+# otherwise never outscore the 30th popular one (4 / 90), and new items, which only the ANN
+# finds, could never be ranked at all.
+SOURCE_QUOTA = 0.1
 
 
 @overload
@@ -27,6 +34,30 @@ def rrf(rank: np.ndarray, k: float = RRF_K) -> np.ndarray: ...
 def rrf(rank: int | np.ndarray, k: float = RRF_K) -> float | np.ndarray:
     """The fusion term of a 1-based ``rank`` (scalar or array): ``1 / (k + rank)``."""
     return 1.0 / (k + rank)
+
+
+def fuse_ids(
+    lists: Mapping[str, Sequence[str]], weights: Mapping[str, float], n: int
+) -> list[tuple[str, float]]:
+    """The top ``n`` ids of the weighted reciprocal-rank fusion of ranked id lists (one per
+    source, best first, no repeats within a list), with their fused scores, best first (ties
+    by id): each weighted source's first ``SOURCE_QUOTA * n`` ids are kept before the rest by
+    score; a source without a weight adds nothing."""
+    fused: dict[str, float] = {}
+    kept: set[str] = set()
+    quota = int(SOURCE_QUOTA * n)
+    for source, ids in lists.items():
+        weight = float(weights.get(source, 0.0))
+        terms = (weight * rrf(np.arange(1, len(ids) + 1))).tolist()
+        for rank, item in enumerate(ids):
+            fused[item] = fused.get(item, 0.0) + terms[rank]
+            if rank < quota and weight > 0:
+                kept.add(item)
+    ranked = sorted(fused, key=lambda i: (-fused[i], i))
+    chosen = [i for i in ranked if i in kept][:n]
+    chosen += [i for i in ranked if i not in kept][: n - len(chosen)]
+    chosen.sort(key=lambda i: (-fused[i], i))
+    return [(i, fused[i]) for i in chosen]
 
 
 def mmr(relevance: np.ndarray, vectors: np.ndarray | None, k: int, diversity: float) -> np.ndarray:

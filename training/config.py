@@ -152,9 +152,15 @@ class FeatureRankerConfig(StageConfig):
     targets: int = 10
     #: the sequence model as a candidate source and two features (its release then serves
     #: it, at two more Triton requests per Recommend). On by default: on ml-latest-small it
-    #: changed nothing measurable, on a click-only shop catalogue it doubled the served
-    #: NDCG@10 (training/evaluation/FINDINGS.md); off, the release serves no sequence model.
+    #: raised every served slice a little (none significantly), on a click-only shop
+    #: catalogue it doubled the served NDCG@10 (training/evaluation/FINDINGS.md); off, the
+    #: release serves no sequence model.
     sequence: bool = True
+    #: replay the gateway's fusion of the sources into its ``candidates`` (with the serving
+    #: settings' ``retrieval_weights``, RECSYS_RETRIEVAL_WEIGHTS), so that the ranker learns
+    #: on the candidates it will be served; false: the union of every source's best
+    #: ``candidates`` (some 250 a user), the replay before 2026-12-04
+    fused: bool = True
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from core.config import Settings
-from core.fusion import rrf
+from core.fusion import fuse_ids
 from core.ranking_features import CO_SEEDS, CatalogueClock, co_occurrence_scores
 from core.sequence_inputs import model_inputs
 from services.deadline import Deadline, DeadlineExceeded
@@ -27,12 +27,6 @@ from services.recommend.context import Candidate, Context, Filters, Stage
 from services.vectors.store import Row, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
-
-# Each weighted source's best items keep this share of the candidate slots whatever their
-# fused score: with popularity weighted 4, a personal source's first item (2 / 61) would
-# otherwise never outscore the 30th popular one (4 / 90), and new items, which only the ANN
-# finds, could never be ranked at all.
-SOURCE_QUOTA = 0.1
 
 
 class PopularItems:
@@ -244,40 +238,32 @@ class Retriever:
         n: int,
     ) -> list[Candidate]:
         """Weighted reciprocal-rank fusion of per-source lists into the top ``n``, each weighted
-        source's first ``SOURCE_QUOTA * n`` items kept (see ``SOURCE_QUOTA``)."""
-        # Scores are summed per item id first and a Candidate is built only for the n kept
-        # (some 300 entries come in for 100 out: this runs once per Recommend).
-        fused: dict[str, float] = {}
+        source's first ``SOURCE_QUOTA * n`` items kept (:func:`core.fusion.fuse_ids`, which
+        the feature ranker's training replay runs too)."""
+        ids: dict[str, list[str]] = {}
         ranks: dict[str, dict[str, int]] = {}
         rows: dict[str, Row] = {}
         because_of: dict[str, dict[str, str]] = {}
-        quota = int(SOURCE_QUOTA * n)
-        kept: set[str] = set()
         for source, entries in lists.items():
-            weight = float(weights.get(source, 0.0))
-            terms = (weight * rrf(np.arange(1, len(entries) + 1))).tolist()
+            ids[source] = []
             for rank, entry in enumerate(entries):
                 row, because = entry if isinstance(entry, tuple) else (entry, "")
                 item = row["item_id"]
+                ids[source].append(item)
                 seen = ranks.get(item)
                 if seen is None:
                     ranks[item] = {source: rank}
                     rows[item] = row
-                    fused[item] = terms[rank]
                 else:
                     if "vector" not in rows[item] and "vector" in row:
                         rows[item] = row
                     seen[source] = rank
-                    fused[item] += terms[rank]
                 if because:
                     because_of.setdefault(item, {})[source] = because
-                if rank < quota and weight > 0:
-                    kept.add(item)
-        ranked = sorted(fused, key=lambda i: (-fused[i], i))
-        chosen = [i for i in ranked if i in kept][:n]
-        chosen += [i for i in ranked if i not in kept][: n - len(chosen)]
-        chosen.sort(key=lambda i: (-fused[i], i))
-        return [Candidate(i, rows[i], ranks[i], because_of.get(i, {}), fused[i]) for i in chosen]
+        return [
+            Candidate(i, rows[i], ranks[i], because_of.get(i, {}), score)
+            for i, score in fuse_ids(ids, weights, n)
+        ]
 
 
 class SequenceSource:

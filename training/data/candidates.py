@@ -5,8 +5,10 @@ popularity, co-occurrence neighbours and first-seen times from the events before
 user active after ``t`` reveals their first ``fold_in`` events (as ``IngestEvents`` would),
 then gets the candidates the gateway's sources would return (ANN on the mean item vector of
 the recent history, co-occurrence neighbours of the recent items, global popularity, the
-sequence model's best items; every item the user ever touched excluded), each a row of
-:data:`core.ranking_features.FEATURES`.
+sequence model's best items; every item the user ever touched excluded), fused into the top
+``candidates`` as the gateway fuses them (:func:`core.fusion.fuse_ids` with its retrieval
+weights), each a row of :data:`core.ranking_features.FEATURES`. (Without ``weights``, the
+union of every source's list: what the replay gave before the fusion was replayed.)
 The label is whether the candidate is among the user's next ``targets`` new positives. So
 the negatives are the retrieval candidates themselves: what the ranker will see when served.
 
@@ -18,7 +20,7 @@ used to fit).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from core.behaviour import co_occurrence, first_seen, interests, item_popularity
+from core.fusion import fuse_ids
 from core.milvus_schema import CO_ITEMS
 from core.ranking_features import (
     CatalogueClock,
@@ -39,11 +42,13 @@ from core.ranking_features import (
 class CandidateConfig:
     """How the gateway retrieves (keep equal to its settings) and how groups are drawn."""
 
-    candidates: int = 100  # per source (the gateway's ``rank_candidates``)
+    candidates: int = 100  # per source, and fused (the gateway's ``rank_candidates``)
     history_window: int = 50  # the gateway's ``history_window``
     fold_in: int = 3
     targets: int = 10
     max_users: int | None = 300  # per cut-off
+    #: the gateway's ``retrieval_weights``; None: the union of the sources' lists, not fused
+    weights: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,10 +178,12 @@ def _user_group(
     window = recent[: cfg.history_window]
     n = cfg.candidates
     ranks: dict[int, dict[str, int]] = {}
+    lists: dict[str, list[str]] = {}
 
     def add(source: str, found: Sequence[int]) -> None:
         for rank, item in enumerate(found[:n]):
             ranks.setdefault(int(item), {})[source] = rank
+        lists[source] = [catalogue.item_ids[i] for i in found[:n]]
 
     hist = catalogue.vectors[window]
     query = hist.mean(axis=0)
@@ -196,7 +203,10 @@ def _user_group(
             "sequence",
             [i for i in top[np.argsort(-seq_scores[top], kind="stable")] if i not in seen],
         )
-    items = sorted(ranks)
+    if cfg.weights is None:
+        items = sorted(ranks)
+    else:
+        items = sorted(index[i] for i, _ in fuse_ids(lists, cfg.weights, n))
     user = UserSide(
         history_vectors=hist,
         interests=interests([(catalogue.titles[i], catalogue.categories[i]) for i in recent[:50]]),

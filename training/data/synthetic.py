@@ -61,7 +61,8 @@ def shop_catalogue(
     before_log = -rng.random(n_items) * 60 * DAY
     released = np.where(launched, before_log, rng.random(n_items) * shape.days * DAY)
     appeal = rng.lognormal(0.0, 1.0, n_items)
-    # each item's companion: another item of its category (a case for the shoe, ...)
+    # each item's companion: an item of its category (a case for the shoe, ...; a random
+    # permutation, so now and then the item itself: bought again)
     companion = np.empty(n_items, dtype=np.int64)
     by_category = [np.flatnonzero(category == c) for c in range(len(CATEGORIES))]
     for members in by_category:

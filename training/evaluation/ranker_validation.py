@@ -15,6 +15,9 @@ few seeds, and compared on the same candidates with their popularity order (the
 
     python -m training.evaluation.ranker_validation --data third_party/movielens/ml-latest-small
 
+The validation groups are the gateway's fused candidates, as served; ``--set fused=false``
+trains on the union of the sources' lists instead, the replay before 2026-12-04.
+
 Item vectors are the pretrained MiniLM's unless ``--content-model`` names another encoder (a
 ``make train`` item tower was fine-tuned on the whole evaluation training period, so it has
 seen these windows' pairs). The sequence features are off (the stage's default).

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core import fusion
+from core.config import get_settings
 from core.ranking_features import FEATURES, NEW_ITEM_DAYS
 from training.config import FeatureRankerConfig
 from training.data.candidates import (
@@ -55,15 +56,23 @@ def replayed_groups(
     after each, with the sequence model twin ``sequence``), and validation groups for the
     users of ``later`` with the catalogue as ``events`` leave it (with the ``served`` model).
     ``make train`` passes its training/test split, :mod:`training.evaluation.ranker_validation`
-    a point inside the training period: the same replay either way."""
+    a point inside the training period: the same replay either way. Validation groups are
+    always the gateway's fused candidates (what is served); training groups are fused too
+    unless ``cfg.fused`` is off."""
+    weights = get_settings().retrieval_weights
     replay = CandidateConfig(
-        cfg.candidates, cfg.history_window, cfg.fold_in, cfg.targets, cfg.users_per_cutoff
+        cfg.candidates,
+        cfg.history_window,
+        cfg.fold_in,
+        cfg.targets,
+        cfg.users_per_cutoff,
+        weights if cfg.fused else None,
     )
     groups: list[dict[str, Any]] = []
     for n, cut in enumerate(cuts):
         before, after = split_at(events, cut)
         groups += candidate_groups(catalogue, before, after, replay, seed + n, sequence)
-    replay = dataclasses.replace(replay, max_users=cfg.eval_users)
+    replay = dataclasses.replace(replay, max_users=cfg.eval_users, weights=weights)
     return groups, candidate_groups(catalogue, events, later, replay, seed + 5, served)
 
 

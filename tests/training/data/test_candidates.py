@@ -13,6 +13,7 @@ from core.ranking_features import FEATURES, CatalogueClock
 from services.deadline import Deadline
 from services.recommend.context import Candidate, Context, Filters
 from services.recommend.rank import candidate_features
+from services.recommend.retrieve import Retriever
 from training.data.candidates import (
     CandidateConfig,
     Catalogue,
@@ -54,11 +55,18 @@ def world() -> tuple[pd.DataFrame, Catalogue]:
     return events, Catalogue.build(items, list(items["item_id"]), vectors)
 
 
-def _groups(world: tuple[pd.DataFrame, Catalogue]) -> tuple[list[dict], pd.DataFrame, pd.DataFrame]:
+WEIGHTS = {"ann": 2.0, "co_occurrence": 0.5, "popular": 4.0}
+
+
+def _groups(
+    world: tuple[pd.DataFrame, Catalogue], weights: dict[str, float] | None = None
+) -> tuple[list[dict], pd.DataFrame, pd.DataFrame]:
     events, catalogue = world
     (cut,) = training_cutoffs(events, [0.6])
     before, after = split_at(events, cut)
-    cfg = CandidateConfig(candidates=10, history_window=5, fold_in=2, targets=3, max_users=None)
+    cfg = CandidateConfig(
+        candidates=10, history_window=5, fold_in=2, targets=3, max_users=None, weights=weights
+    )
     return candidate_groups(catalogue, before, after, cfg), before, after
 
 
@@ -83,12 +91,13 @@ def test_candidates_exclude_the_history_and_label_the_next_new_positives(
         assert g["features"].shape == (len(ids), len(FEATURES))
 
 
+@pytest.mark.parametrize("weights", [None, WEIGHTS], ids=["union", "fused"])
 def test_rows_equal_what_the_gateway_builds_for_the_same_user(
-    world: tuple[pd.DataFrame, Catalogue],
+    world: tuple[pd.DataFrame, Catalogue], weights: dict[str, float] | None
 ) -> None:
     """Training/serving skew: rebuild each user's candidates as the gateway sees them
     (Milvus rows as indexing writes them, the profile as ingestion keeps it)."""
-    groups, before, after = _groups(world)
+    groups, before, after = _groups(world, weights)
     _, catalogue = world
     popularity = item_popularity(before)
     neighbours = co_occurrence(before, top=CO_ITEMS)
@@ -134,3 +143,35 @@ def test_rows_equal_what_the_gateway_builds_for_the_same_user(
         np.testing.assert_allclose(served, g["features"], rtol=1e-5, atol=1e-4)
         checked += 1
     assert checked == len(groups) > 0
+
+
+def test_the_replay_keeps_the_candidates_the_gateway_s_fusion_keeps(
+    world: tuple[pd.DataFrame, Catalogue],
+) -> None:
+    """Each source's list as the union replay ranks it, fused by the gateway's own
+    ``Retriever.fuse``, gives exactly the fused replay's candidates: the ranker trains on
+    what it is served (the union, some 2-3x as many, is what it saw before)."""
+    union, _, _ = _groups(world)
+    fused, _, _ = _groups(world, WEIGHTS)
+    _, catalogue = world
+    assert [g["user_id"] for g in union] == [g["user_id"] for g in fused]
+    cols = {s: FEATURES.index(f"{s}_rr") for s in WEIGHTS}
+    grew = 0
+    for u, f in zip(union, fused, strict=True):
+        lists: dict[str, list[tuple[int, dict]]] = {s: [] for s in WEIGHTS}
+        for item, row in zip(u["items"], u["features"], strict=True):
+            for source, col in cols.items():
+                if row[col] > 0:
+                    rank = round(1 / row[col]) - 1
+                    lists[source].append((rank, {"item_id": catalogue.item_ids[item]}))
+        ordered = {
+            s: [r for _, r in sorted(entries, key=lambda e: e[0])] for s, entries in lists.items()
+        }
+        served = Retriever.fuse(ordered, WEIGHTS, 10)
+        assert sorted(c.item_id for c in served) == sorted(
+            catalogue.item_ids[i] for i in f["items"]
+        )
+        assert len(f["items"]) <= 10 and set(f["items"]) <= set(u["items"])
+        grew += len(u["items"]) > len(f["items"])
+        assert f["targets"] == u["targets"]
+    assert grew > 0

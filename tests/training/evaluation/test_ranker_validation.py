@@ -65,6 +65,22 @@ def test_the_ranker_learns_what_popularity_cannot_see(data: tuple[Dataset, Catal
     assert np.mean([r["ranker"] for r in out["runs"]]) > out["popularity"]
 
 
+def test_validation_groups_are_the_served_candidates_whatever_the_training_replay(
+    data: tuple[Dataset, Catalogue],
+) -> None:
+    """Validation groups are the gateway's fused top ``candidates`` (what is served); the
+    training groups are too, or with ``fused`` off the union of the sources' lists."""
+    ds, catalogue = data
+    small = dataclasses.replace(CFG, candidates=10)
+    union = dataclasses.replace(small, fused=False)
+    groups, held_out = window_groups(catalogue, ds.events, small, 0.8)
+    wide, held_out_too = window_groups(catalogue, ds.events, union, 0.8)
+    assert all(len(g["items"]) <= 10 for g in groups + held_out)
+    assert max(len(g["items"]) for g in wide) > 10
+    for a, b in zip(held_out, held_out_too, strict=True):
+        np.testing.assert_array_equal(a["items"], b["items"])
+
+
 def test_training_in_process_is_reproducible_per_seed(data: tuple[Dataset, Catalogue]) -> None:
     ds, catalogue = data
     groups, _ = window_groups(catalogue, ds.events, dataclasses.replace(CFG, epochs=1), 0.8)
