@@ -1,7 +1,8 @@
 """Stage ``explain``: one reason per recommended item, from the source that ranked it best,
 except that "popular overall" gives way to the user's own history when a personal source
-found the item too (the ranker orders by all the evidence at once, so a popular item that
-co-occurs with something the user liked is explained by that).
+(co-occurrence, the ANN, the sequence model) found the item too (the ranker orders by all
+the evidence at once, so a popular item that co-occurs with something the user liked is
+explained by that).
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ def reason(cand: Candidate, history: Sequence[Row], anchor: Row | None = None) -
     if source == "pinned":
         return "featured"
     if source == "popular":
-        personal = [s for s in ("co_occurrence", "ann") if s in cand.ranks]
+        personal = [s for s in ("co_occurrence", "ann", "sequence") if s in cand.ranks]
         source = min(personal, key=lambda s: cand.ranks[s]) if personal else source
     if source == "ann" and anchor is not None:
         return f"similar to {anchor['title']}"
-    if source == "ann" and history and "vector" in row:
+    if source in ("ann", "sequence") and history and "vector" in row:
+        # the sequence model names no item: the nearest one of the recent history speaks
         sims = np.stack([h["vector"] for h in history]) @ np.asarray(row["vector"])
-        return f"similar to {history[int(np.argmax(sims))]['title']} you liked"
+        title = history[int(np.argmax(sims))]["title"]
+        if source == "sequence":
+            return f"for your recent interest in {title}"
+        return f"similar to {title} you liked"
     if source == "co_occurrence" and cand.because_of.get(source):
         return f"people who liked {cand.because_of[source]} also liked this"
     if source == "segment":

@@ -51,6 +51,7 @@ REASONS = (
     "popular in your segment",
     "popular overall",
     "new in ",
+    "for your recent interest in ",
 )
 
 

@@ -14,6 +14,11 @@ def test_personal_evidence_explains_a_popular_pick_and_popularity_stays_last() -
     assert reason(both, history) == "people who liked Heat also liked this"
     ann = Candidate("x", item, {"popular": 0, "ann": 7})
     assert reason(ann, history) == "similar to Up you liked"
+    sequence = Candidate("x", item, {"popular": 0, "sequence": 2})
+    assert reason(sequence, history) == "for your recent interest in Up"
+    assert reason(Candidate("x", item, {"sequence": 0}), history) == (
+        "for your recent interest in Up"
+    )
     only = Candidate("x", item, {"popular": 0})
     assert reason(only, history) == "popular overall"
     segment = Candidate("x", item, {"segment": 0, "co_occurrence": 3}, {"co_occurrence": "Up"})
