@@ -266,10 +266,16 @@ class Retriever:
         ]
 
 
+#: The share of retrieval's time left that the sequence model may take: the Milvus reads
+#: of the other sources come after it, and a hung Triton must cost the sequence source only.
+SEQUENCE_SHARE = 0.5
+
+
 class SequenceSource:
     """The sequence model on Triton as a candidate source: the user's newest events (kept on
     the user row) in, its best items out. Its inputs stay on the context, so the ranking
-    stage asks the same model for the candidates' scores."""
+    stage asks the same model for the candidates' scores. It waits at most
+    :data:`SEQUENCE_SHARE` of the time left."""
 
     def __init__(self, triton: TritonClient, ready: Callable[[], bool]) -> None:
         self.triton = triton
@@ -283,10 +289,9 @@ class SequenceSource:
         # every kept event, unpadded: the served model keeps the newest it reads
         size = len(events["items"])
         inputs = {k: v[0] for k, v in model_inputs(events, profile["history_size"], size).items()}
+        budget = ctx.deadline.reserve(1.0 - SEQUENCE_SHARE)
         try:
-            result = self.triton.sequence(
-                inputs, [], ctx.deadline.left(), ctx.variant.model_version
-            )
+            result = self.triton.sequence(inputs, [], budget.left(), ctx.variant.model_version)
         except (InferenceUnavailable, DeadlineExceeded) as exc:
             ctx.degraded.append(f"sequence model unavailable: {exc}")
             return []
