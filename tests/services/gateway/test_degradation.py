@@ -6,6 +6,8 @@ for the tests after it.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import urllib.request
 
@@ -51,6 +53,29 @@ def test_triton_down_gives_degraded_answers_then_recovers(stack: LocalStack) -> 
         stack.start_triton()
     recovered = _until(lambda: not _recommend(stack, "1")[0].degraded, 10)
     assert recovered < 10
+
+
+def test_a_hung_triton_costs_the_deadline_not_a_hang(
+    client: RecommenderClient, stack: LocalStack
+) -> None:
+    """With Triton frozen (SIGSTOP: it holds every connection and never answers), a
+    Recommend with a 2 s deadline still answers inside it: the model calls give up at the
+    time they were given (the sequence model a share of retrieval's), and the retrieval
+    order comes back, degraded, saying which models were missing. (A deadline already
+    passed is ``DEADLINE_EXCEEDED``: ``test_limits`` on a real server, ``test_profile_read``
+    for the answer that came too late.)"""
+    triton = stack.processes["triton"]
+    os.kill(triton.pid, signal.SIGSTOP)
+    try:  # a hang, or an answer past the deadline, raises DEADLINE_EXCEEDED here
+        reply = client.recommend("1", k=10, timeout=2.0)
+    finally:
+        os.kill(triton.pid, signal.SIGCONT)
+    assert reply.degraded and len(reply.items) == 10
+    assert pb.DEGRADED_REASON_FEATURE_RANKER_UNAVAILABLE in reply.degraded_reasons
+    # the hung sequence model cost its own source, not the Milvus reads of the others
+    assert pb.DEGRADED_REASON_VECTOR_STORE_UNAVAILABLE not in reply.degraded_reasons
+    assert {"ann", "co_occurrence"} & {s.source for s in reply.items}
+    _until(lambda: not client.recommend("1", k=10).degraded, 30)  # Triton answers again
 
 
 def test_milvus_down_answers_from_cached_popularity_then_recovers(stack: LocalStack) -> None:
