@@ -4,7 +4,6 @@ would no longer load a step version they name (no Triton needed)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from core.config import REPO_ROOT, Settings
 from core.releases import pinned_model_name
 from services.inference.triton_client import TritonClient
+from tests.stack_fixtures import repository_sources
 from training.export.repository import (
     ENSEMBLES,
     ensemble_steps,
@@ -28,14 +28,7 @@ COMPOSING = ("tokenizer", "item_encoder", "user_encoder")
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
-    target = tmp_path / "repo"
-    shutil.copytree(
-        REPO_ROOT / "model_repository",
-        target,
-        symlinks=True,
-        ignore=lambda d, names: [n for n in names if n.isdigit() or pinned_release(n)],
-    )
-    return target
+    return repository_sources(tmp_path / "repo")  # no release of this checkout in it
 
 
 def _release(repo: Path, ranker: bool = True) -> int:

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from core.config import REPO_ROOT
+from tests.stack_fixtures import repository_sources
 from training.export.repository import latest_release, new_release, prune, servable_models, versions
 
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
-    target = tmp_path / "repo"
-    shutil.copytree(
-        REPO_ROOT / "model_repository",
-        target,
-        symlinks=True,
-        ignore=lambda d, names: [n for n in names if n.isdigit()],
-    )
-    return target
+    return repository_sources(tmp_path / "repo")  # no release of this checkout in it
 
 
 def test_release_numbers_and_atomic_commit(repo: Path) -> None:
