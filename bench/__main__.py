@@ -414,13 +414,16 @@ def _indexing(
 ) -> None:
     """Item indexing of the whole catalogue (not the slice), into scratch collections."""
     from bench import indexing, machine, models, stack
+    from core.behaviour import popularity_half_life
     from ops.indexing import item_rows
     from training.data import load_dataset
     from training.export.onnx_export import PooledEncoder
     from training.models.pretrained import load_bert
 
     t0 = time.monotonic()
-    rows = item_rows(load_dataset(stack.MOVIELENS))
+    ds = load_dataset(stack.MOVIELENS)
+    days = popularity_half_life(ds.events, running.settings.popularity_half_life_days)
+    rows = item_rows(ds, days)
     rows = rows[: plan.indexing_items] if plan.indexing_items else rows
     r["row_build_seconds"] = round(time.monotonic() - t0, 1)
     arch = models.arch_of(PooledEncoder(load_bert(chosen.item_tower)))

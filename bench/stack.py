@@ -179,7 +179,7 @@ def running_stack(
     default ``RECSYS_MILVUS_SERVER``) + tritonserver, the slice indexed through Triton, then
     the gateway. On the engine the index is flushed, so searches run on sealed HNSW segments
     as they would after a bulk indexing job."""
-    from ops.indexing import index_items, index_users
+    from ops.indexing import index_half_life, index_items, index_users
     from ops.segments import fit_segments
     from services.inference.triton_client import TritonClient
     from services.vectors.store import VectorStore
@@ -199,10 +199,12 @@ def running_stack(
         stack.start_milvus(engine=engine)
         stack.start_triton()
         dataset = load_dataset(data_dir)
+        stack.start_nats()
+        days = index_half_life(dataset, stack.settings)
         store, triton = VectorStore(stack.settings), TritonClient(stack.settings)
         try:
             store.ensure_collections()
-            index_items(dataset, triton, store)
+            index_items(dataset, triton, store, half_life_days=days)
             index_users(dataset, triton, store)
             fit_segments(store, k=segments)
             if engine:

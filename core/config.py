@@ -385,10 +385,15 @@ class Settings(BaseSettings):
         "recsys_aggregates",
         description="Key-value bucket of the online popularity and co-occurrence (workers write).",
     )
-    aggregates_half_life_s: float = Field(
-        365 * 86400.0,
+    popularity_half_life_days: float | None = Field(
+        None,
         gt=0,
-        description="Half-life of the online aggregates (the offline popularity's, 365 days).",
+        description=(
+            "Half-life of time-decayed popularity (the index, the ranker's training replay, "
+            "the online aggregates). Unset: chosen on the catalogue's own events by the job "
+            "that holds them (core.behaviour.choose_half_life), and recorded by the indexing "
+            "job for the gateways and profile workers."
+        ),
     )
     aggregates_flush_s: float = Field(
         1.0, gt=0, description="How often a profile worker merges its aggregate increments."

@@ -19,7 +19,7 @@ import pandas as pd
 
 from core.config import Settings, get_settings
 from core.rows import ItemRow, item_row
-from ops.indexing import embed_and_upsert, item_rows, without_deleted
+from ops.indexing import embed_and_upsert, index_half_life, item_rows, without_deleted
 from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     VectorStore(settings).ensure_collections()
     # deleted users' events leave no trace in popularity or co-occurrence
     dataset = without_deleted(load_dataset(args.data), Tombstones.load(settings))
-    n = index_catalog_ray(item_rows(dataset), settings, args.batch_size, args.actors)
+    rows = item_rows(dataset, index_half_life(dataset, settings))
+    n = index_catalog_ray(rows, settings, args.batch_size, args.actors)
     print(f"indexed {n} items")
     return 0
 

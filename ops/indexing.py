@@ -14,11 +14,16 @@ Deleted users never come back from here: given the event log's tombstones
 (:class:`services.events.scan.Tombstones`), :func:`without_deleted` drops their events before
 anything is computed (no user row, no share in popularity or co-occurrence);
 ``python -m ops.indexing`` reads them from the log and refuses to run blind to them.
+
+Popularity decays with the catalogue's own half-life (:func:`index_half_life`: the setting,
+else chosen on the events indexed), which the job records in the event log's aggregates
+bucket, so the online popularity the profile workers add decays alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import re
@@ -32,14 +37,22 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core.behaviour import co_occurrence, first_seen, interests, item_popularity, seen_items
-from core.config import get_settings
+from core.behaviour import (
+    co_occurrence,
+    first_seen,
+    interests,
+    item_popularity,
+    popularity_half_life,
+    seen_items,
+)
+from core.config import Settings, get_settings
 from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
 from core.rows import ItemRow, UserRow, item_row, user_row
 from core.sequence_inputs import user_event_sequences
 from core.text import history_from_ids, item_lookup, item_texts, user_histories
 from core.text import user_text as build_user_text
-from services.events.scan import Tombstones
+from services.events import aggregates
+from services.events.scan import Tombstones, with_log
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
 from training.data import Dataset, load_dataset
@@ -156,11 +169,22 @@ def without_deleted(dataset: Dataset, tombstones: Tombstones | None) -> Dataset:
     return dataclasses.replace(dataset, events=dataset.events[~deleted.to_numpy()])
 
 
-def item_rows(dataset: Dataset) -> list[tuple[ItemRow, str]]:
-    """(Milvus item row without vector, the text the item tower embeds) for every item."""
+def index_half_life(dataset: Dataset, settings: Settings) -> float:
+    """The popularity half-life (days) of this index: ``popularity_half_life_days`` when
+    set, else chosen on ``dataset``'s events; recorded in the aggregates bucket for the
+    gateways and profile workers (:func:`services.events.aggregates.record_half_life`)."""
+    days = popularity_half_life(dataset.events, settings.popularity_half_life_days)
+    asyncio.run(with_log(settings, lambda events: aggregates.record_half_life(events, days)))
+    log.info("popularity half-life: %g days", days)
+    return days
+
+
+def item_rows(dataset: Dataset, half_life_days: float) -> list[tuple[ItemRow, str]]:
+    """(Milvus item row without vector, the text the item tower embeds) for every item,
+    popularity decayed with ``half_life_days`` (:func:`index_half_life`)."""
     items = dataset.items
     texts = item_texts(items)
-    popularity = item_popularity(dataset.events)
+    popularity = item_popularity(dataset.events, half_life_days)
     neighbours = co_occurrence(dataset.events, top=CO_ITEMS)
     seen_at = first_seen(dataset.events)  # the age of items without a creation time
     created = items["created_at"] if "created_at" in items else pd.Series(pd.NaT, index=items.index)
@@ -208,15 +232,17 @@ def index_items(
     store: VectorStore,
     batch: int = 64,
     *,
+    half_life_days: float,
     bucketed: bool = True,
     lengths: Lengths | None = None,
 ) -> int:
-    """Embed every item through Triton's item tower; store it with popularity and neighbours.
+    """Embed every item through Triton's item tower; store it with popularity (decayed with
+    ``half_life_days``) and neighbours.
 
     Batches are length buckets (:func:`length_buckets`, ``lengths`` default
     :func:`estimated_lengths`; :func:`release_lengths` gives exact counts); ``bucketed=False``
     sends them in file order, as before."""
-    rows = item_rows(dataset)
+    rows = item_rows(dataset, half_life_days)
     return index_rows(rows, triton, store, batch, bucketed=bucketed, lengths=lengths)
 
 
@@ -308,10 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level)
     tombstones = None if args.no_tombstones else Tombstones.load(settings)
     dataset = without_deleted(load_dataset(args.data), tombstones)
+    if args.no_tombstones:  # nor can it record the half-life there
+        days = popularity_half_life(dataset.events, settings.popularity_half_life_days)
+        log.warning("popularity half-life %g days not recorded: set it on the gateways", days)
+    else:
+        days = index_half_life(dataset, settings)
     store, triton = VectorStore(settings), TritonClient(settings)
     try:
         store.ensure_collections()
-        n_items = index_items(dataset, triton, store, args.batch_size)
+        n_items = index_items(dataset, triton, store, args.batch_size, half_life_days=days)
         n_users = index_users(dataset, triton, store, args.batch_size)
     finally:
         triton.close()

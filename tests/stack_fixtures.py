@@ -171,8 +171,7 @@ def _indexed_stack(
     with local_stack(base, var_dir) as running:
         running.start_milvus()
         running.start_triton()
-        index_dataset(running, load_dataset(dataset_dir))
-        running.start_nats()
+        index_dataset(running, load_dataset(dataset_dir))  # starts the event log
         running.start_worker()
         running.start_gateway()
         yield running

@@ -59,7 +59,8 @@ import yaml
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from core.config import REPO_ROOT
+from core.behaviour import popularity_half_life
+from core.config import REPO_ROOT, get_settings
 from core.text import item_texts
 from training import tracking
 from training.config import SequenceConfig, TrainConfig, load_config
@@ -258,8 +259,11 @@ def fit_feature_ranker(
             return None
         return lambda events, users: catalogue_scores(model, events, users, item_ids)
 
+    half_life = popularity_half_life(train, get_settings().popularity_half_life_days)
+    data.info["popularity_half_life_days"] = half_life  # as indexing these events chooses
+    print(f"[feature_ranker] popularity half-life {half_life:g} days", flush=True)
     groups, held_out = replayed_groups(
-        candidates, train, test, fr, cuts, cfg.seed, scores(early), scores(served)
+        candidates, train, test, fr, cuts, cfg.seed, scores(early), scores(served), half_life
     )
     if not groups:
         raise ValueError("no feature-ranker training groups: too few users after the cut-offs")

@@ -11,7 +11,11 @@ popular list and the co-occurrence neighbours: feedback moves those candidates w
 re-indexing the catalogue.
 
 Scores are in the offline popularity's unit (positive users, decayed with the same
-half-life), stored at a reference time ``at`` and decayed on every merge and read. They are
+half-life), stored at a reference time ``at`` and decayed on every merge and read. The
+half-life is the catalogue's: the indexing job chooses it on the events it indexes
+(:func:`core.behaviour.choose_half_life`) and records it in the ``popularity`` key
+(:func:`record_half_life`), where every merge and read finds it; the setting
+``popularity_half_life_days`` overrides it. They are
 approximate by design: a worker that dies loses at most one flush interval of increments,
 and each list is cut to its strongest ``aggregates_top_items`` items
 (``aggregates_co_neighbours`` neighbours each), which bounds the values at a few hundred KB.
@@ -23,16 +27,29 @@ import json
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import nats.js.errors
+from nats.js.kv import KeyValue
 
+from core.behaviour import DEFAULT_HALF_LIFE_DAYS
+from core.config import Settings
 from services.events.log import EventLog
 
 POPULARITY = "popularity"
 CO_OCCURRENCE = "co_occurrence"
 PAIR_SEEDS = 10  # previous history items each new positive is paired with
+DAY_S = 86400.0
+
+
+def half_life_s(settings: Settings, popularity_doc: Mapping[str, object]) -> float:
+    """The aggregates' half-life in seconds: the setting when set, else the one the indexing
+    job recorded, else :data:`core.behaviour.DEFAULT_HALF_LIFE_DAYS`."""
+    if settings.popularity_half_life_days is not None:
+        return settings.popularity_half_life_days * DAY_S
+    recorded = popularity_doc.get("half_life_s")
+    return float(recorded) if recorded else DEFAULT_HALF_LIFE_DAYS * DAY_S  # type: ignore[arg-type]
 
 
 def decay(age_s: float, half_life_s: float) -> float:
@@ -101,7 +118,8 @@ def merge_popularity(
         scores[item] += float(value) * old
     for item, value in delta.popularity.items():
         scores[item] += value * new
-    return {"at": at, "scores": _top(scores, top)}
+    recorded = {"half_life_s": doc["half_life_s"]} if "half_life_s" in doc else {}
+    return {"at": at, "scores": _top(scores, top), **recorded}
 
 
 def merge_co_occurrence(
@@ -122,36 +140,59 @@ def merge_co_occurrence(
     return {"at": at, "pairs": {item: _top(pairs[item], neighbours) for item in kept}}
 
 
-async def merge(log: EventLog, delta: Delta, attempts: int = 20) -> None:
-    """Merge ``delta`` into both keys, each by compare-and-set (retried on a conflict)."""
+async def _update(
+    kv: KeyValue, key: str, fold: Callable[[dict[str, object]], dict[str, object]], attempts: int
+) -> dict[str, object]:
+    """``key`` := ``fold(its value)`` by compare-and-set, retried on a conflict; the value
+    written."""
+    for _ in range(attempts):
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            doc = fold({})
+            try:
+                await kv.create(key, _encoded(doc))
+                return doc
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        doc = fold(_decoded(entry.value))
+        try:
+            await kv.update(key, _encoded(doc), last=entry.revision)
+            return doc
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue  # another writer changed it meanwhile: fold into its value
+    raise RuntimeError(f"aggregates: {key} kept changing; {attempts} updates lost")
+
+
+async def merge(log: EventLog, delta: Delta, attempts: int = 20) -> float:
+    """Merge ``delta`` into both keys, each by compare-and-set (retried on a conflict);
+    returns the half-life (seconds) the merge decayed with, for the next increments."""
     s = log.settings
     kv = await log.bucket(s.aggregates_bucket, create=True)
-    half_life = s.aggregates_half_life_s
-    for key, fold in (
-        (POPULARITY, lambda doc: merge_popularity(doc, delta, half_life, s.aggregates_top_items)),
-        (
-            CO_OCCURRENCE,
-            lambda doc: merge_co_occurrence(
-                doc, delta, half_life, s.aggregates_top_items, s.aggregates_co_neighbours
-            ),
+    used = half_life_s(s, {})
+
+    def popularity(doc: dict[str, object]) -> dict[str, object]:
+        nonlocal used
+        used = half_life_s(s, doc)
+        return merge_popularity(doc, delta, used, s.aggregates_top_items)
+
+    await _update(kv, POPULARITY, popularity, attempts)
+    await _update(
+        kv,
+        CO_OCCURRENCE,
+        lambda doc: merge_co_occurrence(
+            doc, delta, used, s.aggregates_top_items, s.aggregates_co_neighbours
         ),
-    ):
-        for _ in range(attempts):
-            try:
-                entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                try:
-                    await kv.create(key, _encoded(fold({})))
-                    break
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue
-            try:
-                await kv.update(key, _encoded(fold(_decoded(entry.value))), last=entry.revision)
-                break
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another worker merged meanwhile: fold into its value
-        else:
-            raise RuntimeError(f"aggregates: {key} kept changing; {attempts} merges lost")
+        attempts,
+    )
+    return used
+
+
+async def record_half_life(log: EventLog, days: float, attempts: int = 20) -> None:
+    """Record the catalogue's popularity half-life (chosen by the indexing job) where the
+    profile workers' merges and the gateways' reads find it."""
+    kv = await log.bucket(log.settings.aggregates_bucket, create=True)
+    await _update(kv, POPULARITY, lambda doc: {**doc, "half_life_s": days * DAY_S}, attempts)
 
 
 @dataclass(frozen=True)
@@ -181,7 +222,7 @@ async def read(log: EventLog, now: float | None = None) -> Aggregates:
         except nats.js.errors.KeyNotFoundError:
             docs[key] = {}
     pop, co = docs[POPULARITY], docs[CO_OCCURRENCE]
-    factor = decay(now - float(pop.get("at", now)), s.aggregates_half_life_s)  # type: ignore[arg-type]
+    factor = decay(now - float(pop.get("at", now)), half_life_s(s, pop))  # type: ignore[arg-type]
     scores = {k: float(v) * factor for k, v in dict(pop.get("scores", {})).items()}  # type: ignore[call-overload]
     neighbours = {
         item: [o for o, _ in sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))]

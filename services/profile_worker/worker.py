@@ -133,6 +133,7 @@ class ProfileWorker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.stop = asyncio.Event()
         self.delta = aggregates.Delta()  # online aggregates not merged yet
+        self.half_life_s = aggregates.half_life_s(self.settings, {})  # as the last merge's
         self.stale: dict[str, PendingVector] = {}  # users whose vector lags their history
         self.next_adoption = 0.0  # monotonic time of the next look for others' leftovers
         self.encoding = asyncio.Semaphore(1)  # one Triton request of this worker at a time
@@ -198,7 +199,7 @@ class ProfileWorker:
         if not delta:
             return
         try:
-            await aggregates.merge(self.events, delta)
+            self.half_life_s = await aggregates.merge(self.events, delta)
         except Exception as exc:  # approximate by design: never stops applying events
             log.warning("online aggregates not merged (%s); increments dropped", exc)
 
@@ -405,7 +406,7 @@ class ProfileWorker:
                 if next(weights) > 0
             ]
             previous = [str(i) for i in (row or {}).get("recent_items") or []]  # type: ignore[attr-defined]
-            self.delta.add_user(previous, positives, self.settings.aggregates_half_life_s)
+            self.delta.add_user(previous, positives, self.half_life_s)
 
     async def _checked(self, user_id: str, seq: int, payload: bytes) -> pb.Event | None:
         """The decoded event, or None after dead-lettering it when it can never apply."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.behaviour import DEFAULT_HALF_LIFE_DAYS
 from ops.index_catalog import index_catalog_ray
 from ops.indexing import item_rows
 from ops.stack import LocalStack
@@ -28,7 +29,7 @@ def test_ray_data_job_indexes_through_triton_into_milvus(stack: LocalStack) -> N
     )
     store = VectorStore(settings)
     store.ensure_collections()
-    rows = item_rows(load_dataset(stack.settings.data_dir))[:150]
+    rows = item_rows(load_dataset(stack.settings.data_dir), DEFAULT_HALF_LIFE_DAYS)[:150]
     connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         written = index_catalog_ray(rows, settings, batch_size=32, actors=2)

@@ -18,12 +18,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.behaviour import DEFAULT_HALF_LIFE_DAYS
 from core.config import Settings
 from core.rows import ItemRow, item_row
 from ops.indexing import (
     embed_and_upsert,
     embed_bucketed,
     estimated_lengths,
+    index_half_life,
     index_rows,
     index_users,
     item_rows,
@@ -33,6 +35,7 @@ from ops.indexing import (
     user_rows,
     without_deleted,
 )
+from services.events import aggregates
 from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
@@ -272,7 +275,33 @@ def test_deleted_users_never_come_back_from_indexing(
     on_log(nats_settings, lambda log: log.forget_user("gone", 5.0))
     tombstones = Tombstones.load(nats_settings)
     assert {r["user_id"] for r, _ in user_rows(dataset, tombstones=tombstones)} == {"kept"}
-    items = {r["item_id"]: r for r, _ in item_rows(without_deleted(dataset, tombstones))}
+    kept = without_deleted(dataset, tombstones)
+    items = {r["item_id"]: r for r, _ in item_rows(kept, DEFAULT_HALF_LIFE_DAYS)}
     assert items["i3"]["popularity"] == 0.0 and items["i1"]["popularity"] > 0
     assert "i3" not in items["i1"]["co_items"]
     assert without_deleted(dataset, Tombstones()) is dataset  # nothing deleted: as is
+
+
+@pytest.mark.integration
+def test_the_index_records_its_popularity_half_life_for_the_online_aggregates(
+    tmp_path: Path, nats_settings: Settings
+) -> None:
+    """The half-life the indexing job chose (here the setting's) is the one the profile
+    workers' merges and the gateways' reads decay the online popularity with."""
+    pd.DataFrame({"item_id": ["i1"], "title": ["One"], "categories": "A"}).to_csv(
+        tmp_path / "items.csv", index=False
+    )
+    pd.DataFrame(
+        {"user_id": ["u"], "item_id": ["i1"], "event_type": "purchase", "timestamp": [1e9]}
+    ).to_csv(tmp_path / "events.csv", index=False)
+    dataset = load_dataset(tmp_path)
+    assert index_half_life(dataset, nats_settings) == DEFAULT_HALF_LIFE_DAYS  # too few to choose
+    chosen = nats_settings.model_copy(update={"popularity_half_life_days": 2.0})
+    assert index_half_life(dataset, chosen) == 2.0
+    day = aggregates.DAY_S
+    delta = aggregates.Delta(at=10 * day)
+    delta.add_user([], [("i1", 10 * day)], 2 * day)
+    assert on_log(nats_settings, lambda log: aggregates.merge(log, delta)) == 2 * day
+    # two half-lives later the item counts a quarter, as the recorded half-life says
+    online = on_log(nats_settings, lambda log: aggregates.read(log, now=14 * day))
+    assert online.popularity["i1"] == pytest.approx(0.25)

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.behaviour import co_occurrence, first_seen, interests, item_popularity
+from core.behaviour import (
+    DEFAULT_HALF_LIFE_DAYS,
+    co_occurrence,
+    first_seen,
+    interests,
+    item_popularity,
+)
 from core.fusion import fuse_ids
 from core.milvus_schema import CO_ITEMS
 from core.ranking_features import (
@@ -49,6 +55,8 @@ class CandidateConfig:
     max_users: int | None = 300  # per cut-off
     #: the gateway's ``retrieval_weights``; None: the union of the sources' lists, not fused
     weights: Mapping[str, float] | None = None
+    #: popularity's half-life, the index's (:func:`core.behaviour.popularity_half_life`)
+    half_life_days: float = DEFAULT_HALF_LIFE_DAYS
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ def candidate_groups(
     the sequence model as the gateway serves it (a source, and a feature), trained on events
     before ``after`` only."""
     index = {iid: n for n, iid in enumerate(catalogue.item_ids)}
-    popularity = item_popularity(before)
+    popularity = item_popularity(before, cfg.half_life_days)
     pop = np.array([popularity.get(i, 0.0) for i in catalogue.item_ids])
     neighbours = co_occurrence(before, top=CO_ITEMS)
     seen_at = first_seen(before)

@@ -51,7 +51,7 @@ def exploration_ceiling(
     content = PretrainedContent(encoder=encoder)
     content.fit(split.train)
     content.observe(split.observed)
-    popular = TrendingPopularity(half_life_days=365.0)
+    popular = TrendingPopularity()
     popular.fit(split.train)
     popular.observe(split.observed)
     is_new = np.array([i in split.new_items for i in content.item_ids])

@@ -145,6 +145,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"time; {sp['new_items']} catalogue items have no training event.",
         f"- **Seed**: {result['seed']}; threads {result['threads']}; "
         f"checkpoint: {result['checkpoint'] or 'none'}; {result['ranker']}.",
+        f"- **Popularity half-life** (time-decayed popularity, chosen on the training "
+        f"events): {result.get('popularity_half_life_days') or '-'} days.",
         *[f"- **Checkpoint note**: {n}." for n in result.get("checkpoint_notes", [])],
         f"- **Diversity (ILD)** measured in: {result['ild_space']}. Novelty: mean "
         "-log2 p(item) from training popularity (add-one smoothed).",

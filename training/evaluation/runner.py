@@ -93,7 +93,7 @@ def build_sources(
     bpr_iters, als_iters = (20, 5) if opts.smoke else (100, 20)
     systems: dict[str, CatalogueRecommender] = {
         "popularity": Popularity(),
-        "popularity_trending": TrendingPopularity(half_life_days=365.0),
+        "popularity_trending": TrendingPopularity(),
         "itemknn": ItemKNN(neighbours=100),
         "als": ALS(iterations=als_iters, seed=opts.seed, threads=opts.threads),
         # BPR is hogwild SGD: with more than one thread its lists change from run to run
@@ -319,6 +319,9 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
         },
         "seed": opts.seed,
         "threads": opts.threads,
+        "popularity_half_life_days": getattr(
+            sources.get("popularity_trending"), "chosen_days", None
+        ),
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
         "ranker": ranker_note,
         "checkpoint_notes": checkpoint_notes(opts),

@@ -157,7 +157,7 @@ def validate(
     systems: dict[str, CatalogueRecommender] = {}
     if baselines:
         systems = {
-            "popularity_trending": TrendingPopularity(half_life_days=365.0),
+            "popularity_trending": TrendingPopularity(),
             "itemknn": ItemKNN(neighbours=100),
             "als": ALS(seed=seed, threads=threads),
             "bpr": BPR(seed=seed, threads=1),

@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
-from core.behaviour import POPULARITY_HALF_LIFE_DAYS, item_popularity
+from core.behaviour import choose_half_life, item_popularity
 from core.text import history_from_ids, item_lookup, item_texts, user_text
 from training.data.schema import Dataset
 
@@ -196,17 +196,22 @@ class TrendingPopularity(CatalogueRecommender):
     ``0.5 ** (age_days / half_life_days)``, age measured from the last training event.
     All-time popularity over-ranks old favourites; with a global time split the test period
     favours what was rising at the cut-off (on ml-latest-small this is the strongest
-    single baseline, so it is reported as one)."""
+    single baseline, so it is reported as one). ``half_life_days=None``: chosen on the
+    training events as the index chooses it (:func:`core.behaviour.choose_half_life`), so
+    the baseline is as strong on a catalogue that fades in days as on one that lasts years."""
 
     name = "popularity_trending"
 
-    def __init__(self, half_life_days: float = POPULARITY_HALF_LIFE_DAYS) -> None:
+    def __init__(self, half_life_days: float | None = None) -> None:
         super().__init__()
         self.half_life_days = half_life_days
+        self.chosen_days = half_life_days
         self.trending = np.zeros(0)
 
     def _fit(self, train: Dataset) -> None:
-        sums = item_popularity(train.positives, self.half_life_days)  # what the gateway serves
+        days = self.half_life_days
+        self.chosen_days = choose_half_life(train.events) if days is None else days
+        sums = item_popularity(train.positives, self.chosen_days)  # what the gateway serves
         self.trending = np.array([sums.get(i, 0.0) for i in self.item_ids], dtype=np.float64)
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core import fusion
+from core.behaviour import popularity_half_life
 from core.config import get_settings
 from core.ranking_features import FEATURES, NEW_ITEM_DAYS
 from training.config import FeatureRankerConfig
@@ -51,6 +52,7 @@ def replayed_groups(
     seed: int = 0,
     sequence: SequenceScores | None = None,
     served: SequenceScores | None = None,
+    half_life_days: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The stage's data: training groups at ``cuts`` inside ``events`` (the users active
     after each, with the sequence model twin ``sequence``), and validation groups for the
@@ -58,8 +60,12 @@ def replayed_groups(
     ``make train`` passes its training/test split, :mod:`training.evaluation.ranker_validation`
     a point inside the training period: the same replay either way. Validation groups are
     always the gateway's fused candidates (what is served); training groups are fused too
-    unless ``cfg.fused`` is off."""
-    weights = get_settings().retrieval_weights
+    unless ``cfg.fused`` is off. Popularity decays with ``half_life_days``, by default the
+    one indexing ``events`` would (the setting, else chosen on them)."""
+    settings = get_settings()
+    weights = settings.retrieval_weights
+    if half_life_days is None:
+        half_life_days = popularity_half_life(events, settings.popularity_half_life_days)
     replay = CandidateConfig(
         cfg.candidates,
         cfg.history_window,
@@ -67,6 +73,7 @@ def replayed_groups(
         cfg.targets,
         cfg.users_per_cutoff,
         weights if cfg.fused else None,
+        half_life_days,
     )
     groups: list[dict[str, Any]] = []
     for n, cut in enumerate(cuts):

@@ -7,7 +7,15 @@ from typing import cast
 
 import pytest
 
-from services.events.aggregates import Delta, decay, merge_co_occurrence, merge_popularity
+from core.behaviour import DEFAULT_HALF_LIFE_DAYS
+from core.config import Settings
+from services.events.aggregates import (
+    Delta,
+    decay,
+    half_life_s,
+    merge_co_occurrence,
+    merge_popularity,
+)
 from services.recommend.retrieve import PopularItems, interleaved
 from services.vectors.store import VectorStore
 from tests.services.recommend.fakes import FakeStore
@@ -35,6 +43,14 @@ def test_merges_decay_the_stored_scores_to_the_newest_time() -> None:
     assert doc["scores"] == {"b": 1.0, "a": 0.5}
     assert merge_popularity(doc, Delta(at=DAY), DAY, top=1)["scores"] == {"b": 1.0}
     assert decay(-5.0, DAY) == 1.0  # a clock ahead of ours counts as now
+
+
+def test_the_recorded_half_life_survives_merges_and_a_setting_overrides_it() -> None:
+    doc = merge_popularity({"half_life_s": 3 * DAY}, Delta(at=0.0), 3 * DAY, top=10)
+    assert doc["half_life_s"] == 3 * DAY  # the indexing job's choice stays for every reader
+    assert half_life_s(Settings(), doc) == 3 * DAY
+    assert half_life_s(Settings(), {}) == DEFAULT_HALF_LIFE_DAYS * DAY  # nothing recorded
+    assert half_life_s(Settings(popularity_half_life_days=1.5), doc) == 1.5 * DAY
 
 
 def test_co_occurrence_keeps_the_strongest_items_and_neighbours() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.behaviour import DEFAULT_HALF_LIFE_DAYS
 from core.fusion import mmr
 from tests.training.evaluation.conftest import rating_events
 from training.data import load_dataset
@@ -128,6 +129,9 @@ def test_trending_popularity_prefers_recent(toy: Dataset) -> None:
     pop = S.Popularity()
     pop.fit(ds)
     assert pop.recommend(["x"], 2)["x"] == ["old", "fresh"]
+    chosen = S.TrendingPopularity()  # three events: too few to choose on, the default
+    chosen.fit(ds)
+    assert chosen.chosen_days == DEFAULT_HALF_LIFE_DAYS
 
 
 def test_callable_recommender_wraps_a_callable(toy: Dataset) -> None:
