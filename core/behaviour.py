@@ -140,6 +140,7 @@ def half_life_scores(
     totals = dict.fromkeys(choices, 0.0)
     users = 0
     discount = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = {n: float(discount[:n].sum()) for n in range(1, k + 1)}
     for q in windows:
         cut = pos["timestamp"].quantile(q)
         before, after = pos[pos["timestamp"] < cut], pos[pos["timestamp"] >= cut]
@@ -152,7 +153,6 @@ def half_life_scores(
             if new:
                 targets[user] = set(new)
         users += len(targets)
-        ideal = {n: float(discount[:n].sum()) for n in range(1, k + 1)}
         for days in choices:
             scores = item_popularity(before, days)
             order = sorted(scores, key=lambda i: (-scores[i], str(i)))

@@ -115,7 +115,7 @@ def index_dataset(stack: LocalStack, dataset: Dataset, k_scan: Sequence[int] = (
         store.ensure_collections()
         batch = stack.settings.triton_batch_size
         n_items = index_items(dataset, triton, store, batch, half_life_days=days)
-        n_users = index_users(dataset, triton, store, stack.settings.triton_batch_size)
+        n_users = index_users(dataset, triton, store, batch)
         segments = fit_segments(store, stack.settings.segments, k_scan=k_scan)
         if stack.settings.milvus_server == "engine":
             store.flush()  # seal and index: searches then run on HNSW, not growing segments
