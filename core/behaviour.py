@@ -74,6 +74,13 @@ def item_popularity(
     return {str(k): float(v) for k, v in sums.items()}
 
 
+def popularity_reference(events: pd.DataFrame) -> float | None:
+    """The time (epoch seconds) :func:`item_popularity` decays to: its newest positive
+    event; None without one. Scores decayed to another time are this far from it."""
+    ts = events.loc[events["weight"] > 0, "timestamp"]
+    return None if ts.empty else float(ts.max().timestamp())
+
+
 def first_seen(events: pd.DataFrame) -> dict[str, float]:
     """Per item, the epoch seconds of its first event: its age where the catalogue gives no
     creation time (indexing and the ranker's training data use it alike)."""

@@ -399,7 +399,10 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often a profile worker merges its aggregate increments."
     )
     aggregates_refresh_s: float = Field(
-        5.0, gt=0, description="How often a gateway re-reads the online aggregates."
+        5.0,
+        ge=0,
+        description="How often a gateway re-reads the online aggregates; 0: never (the served "
+        "evaluation keeps popularity and co-occurrence as indexed, as its offline systems do).",
     )
     aggregates_top_items: int = Field(
         2000, ge=1, description="Items kept in each online aggregate (the strongest)."

@@ -17,7 +17,8 @@ anything is computed (no user row, no share in popularity or co-occurrence);
 
 Popularity decays with the catalogue's own half-life (:func:`index_half_life`: the setting,
 else chosen on the events indexed), which the job records in the event log's aggregates
-bucket, so the online popularity the profile workers add decays alike.
+bucket with the time that popularity is decayed to, so the online popularity the profile
+workers add decays alike and the gateways add both at the same time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from core.behaviour import (
     interests,
     item_popularity,
     popularity_half_life,
+    popularity_reference,
     seen_items,
 )
 from core.config import Settings, get_settings
@@ -171,11 +173,13 @@ def without_deleted(dataset: Dataset, tombstones: Tombstones | None) -> Dataset:
 
 def index_half_life(dataset: Dataset, settings: Settings) -> float:
     """The popularity half-life (days) of this index: ``popularity_half_life_days`` when
-    set, else chosen on ``dataset``'s events; recorded in the aggregates bucket for the
-    gateways and profile workers (:func:`services.events.aggregates.record_half_life`)."""
+    set, else chosen on ``dataset``'s events; recorded in the aggregates bucket, with the
+    time the indexed popularity is decayed to, for the gateways and profile workers
+    (:func:`services.events.aggregates.record_index`)."""
     days = popularity_half_life(dataset.events, settings.popularity_half_life_days)
-    asyncio.run(with_log(settings, lambda events: aggregates.record_half_life(events, days)))
-    log.info("popularity half-life: %g days", days)
+    at = popularity_reference(dataset.events)
+    asyncio.run(with_log(settings, lambda events: aggregates.record_index(events, days, at)))
+    log.info("popularity half-life: %g days, decayed to %s", days, at)
     return days
 
 
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level)
     tombstones = None if args.no_tombstones else Tombstones.load(settings)
     dataset = without_deleted(load_dataset(args.data), tombstones)
-    if args.no_tombstones:  # nor can it record the half-life there
+    if args.no_tombstones:  # nor can it record the half-life and reference time there
         days = popularity_half_life(dataset.events, settings.popularity_half_life_days)
         log.warning("popularity half-life %g days not recorded: set it on the gateways", days)
     else:

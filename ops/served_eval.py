@@ -100,8 +100,12 @@ class ServedGateway:
     def fit(self, train: Dataset) -> None:
         shutil.rmtree(self.var_dir, ignore_errors=True)
         # Read-your-writes for the whole call deadline: each fold-in batch is applied by the
-        # profile worker before the next Recommend, as the offline systems see it.
-        settings = self.settings.model_copy(update={"ingest_wait_applied_s": self.timeout_s})
+        # profile worker before the next Recommend, as the offline systems see it; and, as
+        # theirs, the gateway's popularity and co-occurrence stay as fitted (indexed): other
+        # test users' fold-in events, some after a user's fold-in point, do not move them.
+        settings = self.settings.model_copy(
+            update={"ingest_wait_applied_s": self.timeout_s, "aggregates_refresh_s": 0.0}
+        )
         stack: LocalStack = self._exit.enter_context(local_stack(settings, self.var_dir))
         stack.start_milvus()
         stack.start_triton()

@@ -86,6 +86,7 @@ class LocalStack:
             "RECSYS_USERS_COLLECTION": self.settings.users_collection,
             "RECSYS_LOG_LEVEL": self.settings.log_level,
             "RECSYS_READINESS_POLL_S": str(self.settings.readiness_poll_s),
+            "RECSYS_AGGREGATES_REFRESH_S": str(self.settings.aggregates_refresh_s),
             "RECSYS_EXPOSURE_LOG": str(self.var_dir / "experiments" / "exposures.jsonl"),
             "RECSYS_EXPERIMENTS": self.settings.experiments,
             "RECSYS_RANK_CANDIDATES": str(self.settings.rank_candidates),

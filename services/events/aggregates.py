@@ -14,8 +14,12 @@ Scores are in the offline popularity's unit (positive users, decayed with the sa
 half-life), stored at a reference time ``at`` and decayed on every merge and read. The
 half-life is the catalogue's: the indexing job chooses it on the events it indexes
 (:func:`core.behaviour.choose_half_life`) and records it in the ``popularity`` key
-(:func:`record_half_life`), where every merge and read finds it; the setting
-``popularity_half_life_days`` overrides it. They are
+(:func:`record_index`), where every merge and read finds it; the setting
+``popularity_half_life_days`` overrides it. The job records there too the time its indexed
+popularity is decayed to (``indexed_at``), so that a gateway decays the indexed part to the
+same "now" as the online part before adding them (:attr:`Aggregates.indexed_weight`): weeks
+after an index, a short half-life would otherwise let the stale indexed counts outweigh the
+fresh online ones. They are
 approximate by design: a worker that dies loses at most one flush interval of increments,
 and each list is cut to its strongest ``aggregates_top_items`` items
 (``aggregates_co_neighbours`` neighbours each), which bounds the values at a few hundred KB.
@@ -41,6 +45,8 @@ POPULARITY = "popularity"
 CO_OCCURRENCE = "co_occurrence"
 PAIR_SEEDS = 10  # previous history items each new positive is paired with
 DAY_S = 86400.0
+#: what the indexing job records in the ``popularity`` key (:func:`record_index`)
+INDEX_KEYS = ("half_life_s", "indexed_at")
 
 
 def half_life_s(settings: Settings, popularity_doc: Mapping[str, object]) -> float:
@@ -118,7 +124,7 @@ def merge_popularity(
         scores[item] += float(value) * old
     for item, value in delta.popularity.items():
         scores[item] += value * new
-    recorded = {"half_life_s": doc["half_life_s"]} if "half_life_s" in doc else {}
+    recorded = {k: doc[k] for k in INDEX_KEYS if k in doc}
     return {"at": at, "scores": _top(scores, top), **recorded}
 
 
@@ -188,20 +194,32 @@ async def merge(log: EventLog, delta: Delta, attempts: int = 20) -> float:
     return used
 
 
-async def record_half_life(log: EventLog, days: float, attempts: int = 20) -> None:
-    """Record the catalogue's popularity half-life (chosen by the indexing job) where the
-    profile workers' merges and the gateways' reads find it."""
+async def record_index(
+    log: EventLog, days: float, indexed_at: float | None, attempts: int = 20
+) -> None:
+    """Record the catalogue's popularity half-life (chosen by the indexing job) and the time
+    its indexed popularity is decayed to (None: no positive event indexed) where the profile
+    workers' merges and the gateways' reads find them."""
     kv = await log.bucket(log.settings.aggregates_bucket, create=True)
-    await _update(kv, POPULARITY, lambda doc: {**doc, "half_life_s": days * DAY_S}, attempts)
+
+    def recorded(doc: dict[str, object]) -> dict[str, object]:
+        kept = {k: v for k, v in doc.items() if k != "indexed_at"}
+        at = {} if indexed_at is None else {"indexed_at": indexed_at}
+        return {**kept, "half_life_s": days * DAY_S, **at}
+
+    await _update(kv, POPULARITY, recorded, attempts)
 
 
 @dataclass(frozen=True)
 class Aggregates:
-    """What a gateway reads: scores decayed to ``at`` (seconds since the epoch)."""
+    """What a gateway reads: scores decayed to ``at`` (seconds since the epoch), and the
+    weight the indexed popularity keeps at ``at`` (its decay since the index's reference
+    time; 1 when no index recorded one), so that both are added at the same time."""
 
     at: float = 0.0
     popularity: dict[str, float] = field(default_factory=dict)
     co_occurrence: dict[str, list[str]] = field(default_factory=dict)  # best first
+    indexed_weight: float = 1.0
 
     def __bool__(self) -> bool:
         return bool(self.popularity or self.co_occurrence)
@@ -221,11 +239,20 @@ async def read(log: EventLog, now: float | None = None) -> Aggregates:
             docs[key] = _decoded((await kv.get(key)).value)
         except nats.js.errors.KeyNotFoundError:
             docs[key] = {}
-    pop, co = docs[POPULARITY], docs[CO_OCCURRENCE]
-    factor = decay(now - float(pop.get("at", now)), half_life_s(s, pop))  # type: ignore[arg-type]
+    return decayed(docs[POPULARITY], docs[CO_OCCURRENCE], s, now)
+
+
+def decayed(
+    pop: Mapping[str, object], co: Mapping[str, object], settings: Settings, now: float
+) -> Aggregates:
+    """The two keys' values as a gateway uses them at ``now``."""
+    half_life = half_life_s(settings, pop)
+    factor = decay(now - float(pop.get("at", now)), half_life)  # type: ignore[arg-type]
     scores = {k: float(v) * factor for k, v in dict(pop.get("scores", {})).items()}  # type: ignore[call-overload]
     neighbours = {
         item: [o for o, _ in sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))]
         for item, row in dict(co.get("pairs", {})).items()  # type: ignore[call-overload]
     }
-    return Aggregates(now, scores, neighbours)
+    indexed_at = pop.get("indexed_at")
+    indexed = 1.0 if indexed_at is None else decay(now - float(indexed_at), half_life)  # type: ignore[arg-type]
+    return Aggregates(now, scores, neighbours, indexed)

@@ -182,7 +182,7 @@ class GatewayState:
             and self.popular.refresh(self.store)
         ):
             self._popular_at = time.monotonic()
-        if events_ready and time.monotonic() - self._online_at > self.settings.aggregates_refresh_s:
+        if events_ready and self._online_due():
             self._refresh_online()
         if (triton_ready, milvus_ready) != (self.triton_ready, self.milvus_ready):
             log.log(
@@ -205,6 +205,11 @@ class GatewayState:
         early = s.milvus_item_cache_ttl_s - 2 * s.readiness_poll_s
         return max(min(s.popular_refresh_s, early), s.readiness_poll_s)
 
+    def _online_due(self) -> bool:
+        """Whether the online aggregates are read again now (never with a refresh of 0)."""
+        refresh = self.settings.aggregates_refresh_s
+        return bool(refresh) and time.monotonic() - self._online_at > refresh
+
     def _refresh_online(self) -> None:
         """The online popularity and co-occurrence the profile workers refresh from the
         event stream (:mod:`services.events.aggregates`), into the popularity cache."""
@@ -214,7 +219,7 @@ class GatewayState:
         except Exception as exc:  # the previous aggregates stay in use
             log.warning("online aggregates not refreshed: %s", exc)
             return
-        self.popular.set_online(online.popularity, online.co_occurrence)
+        self.popular.set_online(online.popularity, online.co_occurrence, online.indexed_weight)
 
     def start_background(self) -> None:
         """The dependency monitor (profiles are applied by the profile workers)."""

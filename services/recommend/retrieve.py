@@ -37,8 +37,8 @@ class PopularItems:
     cache is filled from Milvus at start and refreshed in the background, and it keeps its
     last good contents when a refresh fails. The online aggregates (:meth:`set_online`,
     refreshed from the event stream by the profile workers) add their decayed popularity to
-    the catalogue's and their co-occurrence neighbours to the indexed ones, so feedback
-    moves both without re-indexing.
+    the catalogue's, both decayed to the same time, and their co-occurrence neighbours to the
+    indexed ones, so feedback moves both without re-indexing.
     """
 
     def __init__(self, size: int) -> None:
@@ -46,6 +46,7 @@ class PopularItems:
         self._items: list[Row] = []
         self._catalogue: list[Row] = []  # every item, for items the online scores lift
         self._online: Mapping[str, float] = {}
+        self._indexed_weight = 1.0
         self._neighbours: Mapping[str, Sequence[str]] = {}
         self._clock = CatalogueClock(top_popularity=0.0, now=time.time())
         self._lock = threading.Lock()
@@ -72,20 +73,27 @@ class PopularItems:
         return True
 
     def set_online(
-        self, popularity: Mapping[str, float], neighbours: Mapping[str, Sequence[str]]
+        self,
+        popularity: Mapping[str, float],
+        neighbours: Mapping[str, Sequence[str]],
+        indexed_weight: float = 1.0,
     ) -> None:
         """The online aggregates' decayed popularity (same unit as the catalogue's) and
-        co-occurrence neighbours (best first)."""
+        co-occurrence neighbours (best first); ``indexed_weight``: what the catalogue's
+        popularity keeps at the time the online one is decayed to
+        (:attr:`services.events.aggregates.Aggregates.indexed_weight`)."""
         with self._lock:
             self._online, self._neighbours = dict(popularity), dict(neighbours)
+            self._indexed_weight = indexed_weight
             self._items = self._ranked()
 
     def _ranked(self) -> list[Row]:
         online = self._online
         if not online:
             return self._catalogue[: self.size]
+        weight = self._indexed_weight
         score = {
-            r["item_id"]: float(r["popularity"]) + online.get(r["item_id"], 0.0)
+            r["item_id"]: float(r["popularity"]) * weight + online.get(r["item_id"], 0.0)
             for r in self._catalogue
         }
         ranked = sorted(self._catalogue, key=lambda r: (-score[r["item_id"]], r["item_id"]))

@@ -283,11 +283,12 @@ def test_deleted_users_never_come_back_from_indexing(
 
 
 @pytest.mark.integration
-def test_the_index_records_its_popularity_half_life_for_the_online_aggregates(
+def test_the_index_records_its_popularity_half_life_and_time_for_the_online_aggregates(
     tmp_path: Path, nats_settings: Settings
 ) -> None:
     """The half-life the indexing job chose (here the setting's) is the one the profile
-    workers' merges and the gateways' reads decay the online popularity with."""
+    workers' merges and the gateways' reads decay the online popularity with, and the
+    indexed popularity is decayed from the index's own time by it."""
     pd.DataFrame({"item_id": ["i1"], "title": ["One"], "categories": "A"}).to_csv(
         tmp_path / "items.csv", index=False
     )
@@ -305,3 +306,7 @@ def test_the_index_records_its_popularity_half_life_for_the_online_aggregates(
     # two half-lives later the item counts a quarter, as the recorded half-life says
     online = on_log(nats_settings, lambda log: aggregates.read(log, now=14 * day))
     assert online.popularity["i1"] == pytest.approx(0.25)
+    # the indexed popularity was decayed to the newest event (1e9 s): a gateway reading four
+    # days later weighs it a quarter, as it does the online part of the same age
+    later = on_log(nats_settings, lambda log: aggregates.read(log, now=1e9 + 4 * day))
+    assert later.indexed_weight == pytest.approx(0.25)

@@ -12,6 +12,7 @@ from core.config import Settings
 from services.events.aggregates import (
     Delta,
     decay,
+    decayed,
     half_life_s,
     merge_co_occurrence,
     merge_popularity,
@@ -46,11 +47,23 @@ def test_merges_decay_the_stored_scores_to_the_newest_time() -> None:
 
 
 def test_the_recorded_half_life_survives_merges_and_a_setting_overrides_it() -> None:
-    doc = merge_popularity({"half_life_s": 3 * DAY}, Delta(at=0.0), 3 * DAY, top=10)
+    recorded = {"half_life_s": 3 * DAY, "indexed_at": 5 * DAY}
+    doc = merge_popularity(recorded, Delta(at=0.0), 3 * DAY, top=10)
     assert doc["half_life_s"] == 3 * DAY  # the indexing job's choice stays for every reader
+    assert doc["indexed_at"] == 5 * DAY
     assert half_life_s(Settings(), doc) == 3 * DAY
     assert half_life_s(Settings(), {}) == DEFAULT_HALF_LIFE_DAYS * DAY  # nothing recorded
     assert half_life_s(Settings(popularity_half_life_days=1.5), doc) == 1.5 * DAY
+
+
+def test_the_indexed_popularity_is_decayed_to_the_time_the_online_one_is_read() -> None:
+    """Both parts are added at the same "now": the index's counts, decayed to its newest
+    event, keep ``0.5 ** (age / half-life)`` of their weight weeks later."""
+    doc = {"at": 20 * DAY, "scores": {"a": 1.0}, "half_life_s": 3 * DAY, "indexed_at": 14 * DAY}
+    online = decayed(doc, {}, Settings(), now=23 * DAY)
+    assert online.popularity == {"a": pytest.approx(0.5)}
+    assert online.indexed_weight == pytest.approx(0.5**3)  # three half-lives since the index
+    assert decayed({}, {}, Settings(), now=23 * DAY).indexed_weight == 1.0  # none recorded
 
 
 def test_co_occurrence_keeps_the_strongest_items_and_neighbours() -> None:
@@ -76,6 +89,8 @@ def test_online_popularity_lifts_an_item_into_the_cached_list() -> None:
     assert [r["item_id"] for r in cache.top(5)] == ["a", "c"]
     assert list(cache.neighbours("a")) == ["c"] and list(cache.neighbours("b")) == []
     assert cache.clock().top_popularity == 9.0  # the ranker's reference stays the catalogue's
+    cache.set_online({"c": 3.0}, {}, indexed_weight=0.25)  # the index is two half-lives old
+    assert [r["item_id"] for r in cache.top(5)] == ["c", "a"]  # 3 > 9 / 4 > 5 / 4
 
 
 @pytest.mark.parametrize(

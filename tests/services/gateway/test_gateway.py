@@ -123,7 +123,7 @@ def test_click_probabilities_are_the_feature_rankers_on_the_gateways_features(
     popular = PopularItems(settings.popular_cache_size)
     assert popular.refresh(store)
     online = _settled_aggregates(settings)  # what the running gateway blends in too
-    popular.set_online(online.popularity, online.co_occurrence)
+    popular.set_online(online.popularity, online.co_occurrence, online.indexed_weight)
     triton = TritonClient(settings)
     try:
         ready = RankerStatus(deployed=True, ready=True)
