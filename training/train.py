@@ -73,12 +73,10 @@ from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.pretrained import OFFLINE_ENV, set_offline
 from training.models.sequence import (
     SASRec,
-    build_item_space,
     catalogue_scores,
     content_vectors,
     load_sequence_model,
-    train_sequence_model,
-    training_rows,
+    train_on_events,
 )
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
@@ -279,18 +277,9 @@ def replay_sequence_model(cfg: SequenceConfig, served: SASRec, events: pd.DataFr
     """The served sequence model's twin (same catalogue, content vectors and settings)
     trained in this process on ``events`` only (see :func:`fit_feature_ranker`)."""
     t0 = time.time()
-    space = build_item_space(
-        events,
-        served.space.item_ids,
-        periods=cfg.time_periods,
-        content=served.space.content if served.space.content.size else None,
-    )
-    rows = training_rows(events, space, max_len=cfg.max_seq_len, max_rows=cfg.max_examples)
-    model, _ = train_sequence_model(cfg, space, rows)
-    print(
-        f"[feature_ranker] replay sequence model on {len(rows)} sequences in "
-        f"{time.time() - t0:.1f}s"
-    )
+    content = served.space.content if served.space.content.size else None
+    model = train_on_events(cfg, events, served.space.item_ids, content)
+    print(f"[feature_ranker] replay sequence model in {time.time() - t0:.1f}s")
     return model
 
 

@@ -20,7 +20,12 @@ trains on the union of the sources' lists instead, the replay before 2026-12-04.
 
 Item vectors are the pretrained MiniLM's unless ``--content-model`` names another encoder (a
 ``make train`` item tower was fine-tuned on the whole evaluation training period, so it has
-seen these windows' pairs). The sequence features are off (the stage's default).
+seen these windows' pairs). With ``feature_ranker.sequence`` (the default, as served) the
+sequence model is a source and two features, as in ``make train``: the training groups get a
+model trained on the events before the window's first cut-off, the validation groups one
+trained on all the events before the window's point (both in this process, with ``make
+train``'s sequence settings and these item vectors as content); ``--set sequence=false``
+replays without it.
 """
 
 from __future__ import annotations
@@ -40,14 +45,16 @@ import torch
 from core import fusion
 from core.ranking_features import FEATURES
 from core.text import item_texts
-from training.config import FeatureRankerConfig, load_config
+from training.config import FeatureRankerConfig, SequenceConfig, load_config
 from training.data import Dataset
 from training.data.candidates import (
     Catalogue,
+    SequenceScores,
     split_at,
     training_cutoffs,
 )
 from training.loop import fit_in_process
+from training.models.sequence import catalogue_scores, train_on_events
 from training.tasks.feature_ranker import (
     FeatureRankerTask,
     feature_scaling,
@@ -58,19 +65,36 @@ from training.tasks.feature_ranker import (
 Groups = list[dict[str, Any]]
 
 
+def sequence_scores(
+    cfg: SequenceConfig, catalogue: Catalogue, events: pd.DataFrame
+) -> SequenceScores:
+    """A sequence model trained on ``events`` only, scoring the catalogue as served."""
+    t0 = time.time()
+    content = catalogue.vectors if cfg.use_content else None
+    model = train_on_events(cfg, events, catalogue.item_ids, content)
+    print(f"<!-- sequence model on {len(events)} events: {time.time() - t0:.0f} s -->", flush=True)
+    return lambda histories, users: catalogue_scores(model, histories, users, catalogue.item_ids)
+
+
 def window_groups(
     catalogue: Catalogue,
     events: pd.DataFrame,
     cfg: FeatureRankerConfig,
     val_quantile: float,
     seed: int = 0,
+    sequence: SequenceConfig | None = None,
 ) -> tuple[Groups, Groups]:
     """(training groups, validation groups) for the window at ``val_quantile`` of
-    ``events`` (the evaluation's training period); see the module docstring."""
+    ``events`` (the evaluation's training period), with the sequence model when
+    ``sequence`` is given and ``cfg.sequence`` on; see the module docstring."""
     (point,) = training_cutoffs(events, [val_quantile])
     inner, later = split_at(events, point)
     cuts = training_cutoffs(inner, cfg.cutoffs)
-    return replayed_groups(catalogue, inner, later, cfg, cuts, seed)
+    early = served = None
+    if sequence is not None and cfg.sequence:
+        early = sequence_scores(sequence, catalogue, inner[inner["timestamp"] < min(cuts)])
+        served = sequence_scores(sequence, catalogue, inner)
+    return replayed_groups(catalogue, inner, later, cfg, cuts, seed, early, served)
 
 
 def popularity_order(groups: Groups) -> list[np.ndarray]:
@@ -97,10 +121,11 @@ def validate_window(
     cfg: FeatureRankerConfig,
     val_quantile: float,
     seeds: Sequence[int] = (0, 1, 2),
+    sequence: SequenceConfig | None = None,
 ) -> dict[str, Any]:
     """Training/validation sizes, candidate recall, and per seed the ranker's AUC and
     NDCG@10, the fused order's NDCG@10, beside the popularity order's NDCG@10."""
-    groups, held_out = window_groups(catalogue, events, cfg, val_quantile)
+    groups, held_out = window_groups(catalogue, events, cfg, val_quantile, sequence=sequence)
     if not groups or not held_out:
         raise ValueError(f"window {val_quantile}: no training or validation users")
     mean, std = feature_scaling(groups)
@@ -168,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for q in args.val_quantile or [0.9, 0.8]:
         t0 = time.time()
-        out = validate_window(catalogue, events, cfg, q, seeds=range(args.seeds))
+        out = validate_window(
+            catalogue, events, cfg, q, seeds=range(args.seeds), sequence=train_cfg.sequence
+        )
         pop = out["popularity"]
         ranker = float(np.mean([r["ranker"] for r in out["runs"]]))
         auc = float(np.mean([r["auc"] for r in out["runs"]]))

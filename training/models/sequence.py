@@ -652,6 +652,18 @@ def train_sequence_model(
     return model, history
 
 
+def train_on_events(
+    cfg: SequenceConfig, events: pd.DataFrame, item_ids: Sequence[str], content: np.ndarray | None
+) -> SASRec:
+    """A model of ``item_ids`` (with their ``content`` vectors, row-aligned) trained in this
+    process on ``events`` only: the feature ranker's replay twins, which must not have seen
+    what their cut-offs' users did next."""
+    space = build_item_space(events, item_ids, periods=cfg.time_periods, content=content)
+    rows = training_rows(events, space, max_len=cfg.max_seq_len, max_rows=cfg.max_examples)
+    model, _ = train_sequence_model(cfg, space, rows)
+    return model
+
+
 def save_sequence_model(model: SASRec, out: Path) -> None:
     """``model.pt`` (weights), ``sequence_config.json``, ``items.json`` (the id vocabulary,
     model index = position + 1), ``content.npy`` (the content vectors it used) and

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.ranking_features import FEATURES
 from tests.training.evaluation.conftest import synthetic_generic
 from tests.training.evaluation.test_sequence_system import FakeEncoder
-from training.config import FeatureRankerConfig
+from training.config import FeatureRankerConfig, SequenceConfig
 from training.data import Dataset, load_dataset
 from training.data.candidates import Catalogue, training_cutoffs
 from training.evaluation.ranker_validation import (
@@ -63,6 +64,29 @@ def test_the_ranker_learns_what_popularity_cannot_see(data: tuple[Dataset, Catal
     # here each user likes one genre: category affinity separates clicks from the rest
     assert all(r["auc"] > 0.65 for r in out["runs"])
     assert np.mean([r["ranker"] for r in out["runs"]]) > out["popularity"]
+
+
+def test_the_sequence_model_is_replayed_as_served_without_seeing_the_validation_period(
+    data: tuple[Dataset, Catalogue],
+) -> None:
+    """With ``sequence`` on, both group sets carry the sequence model's features (it is a
+    source and a feature, as served), from models trained on events before the cut-offs
+    (training groups) and before the validation point (validation groups) only."""
+    ds, catalogue = data
+    seq = SequenceConfig(epochs=1, dim=16, blocks=1, max_seq_len=20, time_periods=8)
+    groups, held_out = window_groups(catalogue, ds.events, CFG, 0.8, sequence=seq)
+    column = FEATURES.index("sequence_rr")  # 0 for a candidate the model did not return
+    assert all(g["features"][:, column].any() for g in groups + held_out)
+    off = dataclasses.replace(CFG, sequence=False)
+    without, _ = window_groups(catalogue, ds.events, off, 0.8, sequence=seq)
+    assert not any(g["features"][:, column].any() for g in without)
+    (point,) = training_cutoffs(ds.events, [0.8])
+    changed = ds.events.copy()
+    later = changed["timestamp"] >= point
+    changed.loc[later, "item_id"] = np.roll(changed.loc[later, "item_id"].to_numpy(), 7)
+    again, _ = window_groups(catalogue, changed, CFG, 0.8, sequence=seq)
+    for a, b in zip(again, groups, strict=True):
+        np.testing.assert_array_equal(a["features"], b["features"])
 
 
 def test_validation_groups_are_the_served_candidates_whatever_the_training_replay(
