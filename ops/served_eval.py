@@ -10,7 +10,13 @@ fold-in and users as every offline system:
   spherical k-means, ``ops.segments``), starts the gateway;
 * ``observe(events)``: sends each test user's fold-in events through ``IngestEvents``, which
   answers once they are applied (read-your-writes), as a backend client would;
-* ``recommend(users, k)``: ``Recommend`` over gRPC, nothing excluded by the client.
+* ``recommend(users, k)``: ``Recommend`` over gRPC for 10 items (what NDCG@10 scores, its
+  exploration slot included) and for ``k`` (the ranks after 10), nothing excluded by the
+  client, users in the order of their fold-in points; before each, the items created since
+  the split up to that user's fold-in point go in through ``UpsertItems``, as a catalogue
+  service would add them when they are created (no behaviour yet: only content can find
+  them). Without that, an item released after the split could never be recommended,
+  though users of a catalogue with releases buy mostly new ones.
 
 The offline ``pipeline`` row is the reference composition tuned on validation windows; this
 row is what the gateway actually serves with its configured settings. The segments fitted on
@@ -49,6 +55,7 @@ EVENT_TYPES = {
     "purchase": pb.EVENT_TYPE_PURCHASE,
 }
 INGEST_BATCH = 500  # events per IngestEvents call
+SHOWN = 10  # the list a client shows, its exploration slot included: NDCG@10 is scored on it
 
 
 def to_events(events: pd.DataFrame) -> list[pb.Event]:
@@ -66,6 +73,33 @@ def to_events(events: pd.DataFrame) -> list[pb.Event]:
                 event_time=stamp,
                 value=value,
                 idempotency_key=f"eval:{row.user_id}:{row.item_id}:{stamp.ToNanoseconds()}",
+            )
+        )
+    return out
+
+
+def later_items(train: Dataset) -> pd.DataFrame:
+    """The items :func:`released` leaves out (created after the training events end), oldest
+    first: ``recommend`` upserts them as their creation times pass."""
+    kept = set(released(train).items["item_id"])
+    later = train.items[~train.items["item_id"].isin(kept)]
+    created = pd.to_datetime(later["created_at"], utc=True)
+    return later.assign(created_at=created).sort_values("created_at", kind="stable")
+
+
+def to_items(items: pd.DataFrame) -> list[pb.Item]:
+    """Dataset item rows as API items (title, categories, text, creation time)."""
+    out = []
+    for row in items.itertuples(index=False):
+        stamp = Timestamp()
+        stamp.FromDatetime(pd.Timestamp(row.created_at).to_pydatetime())
+        out.append(
+            pb.Item(
+                item_id=str(row.item_id),
+                title=str(row.title),
+                categories=list(row.categories),
+                description=str(row.text),
+                create_time=stamp,
             )
         )
     return out
@@ -96,6 +130,8 @@ class ServedGateway:
         self._exit = contextlib.ExitStack()
         self._client: RecommenderClient | None = None
         self.segments: SegmentReport | None = None
+        self._later = pd.DataFrame()  # items not created yet at the split, oldest first
+        self._fold_in: dict[str, pd.Timestamp] = {}  # each user's newest observed event
 
     def fit(self, train: Dataset) -> None:
         shutil.rmtree(self.var_dir, ignore_errors=True)
@@ -110,6 +146,7 @@ class ServedGateway:
         stack.start_milvus()
         stack.start_triton()
         self.segments = index_dataset(stack, released(train), k_scan=K_SCAN)
+        self._later = later_items(train)
         stack.start_gateway()
         self._client = self._exit.enter_context(
             RecommenderClient(stack.gateway_target, timeout=self.timeout_s)
@@ -122,6 +159,8 @@ class ServedGateway:
         return self._client
 
     def observe(self, events: pd.DataFrame) -> None:
+        for user, at in events.groupby("user_id")["timestamp"].max().items():
+            self._fold_in[str(user)] = max(at, self._fold_in.get(str(user), at))
         api_events = to_events(events.sort_values("timestamp"))
         for start in range(0, len(api_events), INGEST_BATCH):
             reply = self.client.ingest(api_events[start : start + INGEST_BATCH])
@@ -130,13 +169,37 @@ class ServedGateway:
     def recommend(
         self, user_ids: Sequence[str], k: int, exclude_seen: bool = True
     ) -> dict[str, list[str]]:
+        """Every user's list (one call with all users, as the runner makes it: the items
+        created so far stay, so a later call's earlier users would see items from after
+        their fold-in points). Its first :data:`SHOWN` items are the answer to a client
+        asking for that many, the rest the answer for ``k`` beyond them: the exploration
+        slots are a list's last ones, so the top 10 of an answer for 20 has none."""
         out = {}
-        for user in user_ids:
-            reply = self.client.recommend(user, k=k)
-            if reply.degraded:
-                log.warning("user %s: degraded answer: %s", user, reply.degraded_reason)
-            out[user] = [scored.item.item_id for scored in reply.items]
+        start = pd.Timestamp.min.tz_localize("UTC")
+        for user in sorted(user_ids, key=lambda u: (self._fold_in.get(str(u), start), str(u))):
+            self._create_items(self._fold_in.get(str(user), start))
+            shown = self._answer(user, min(SHOWN, k))
+            out[user] = (
+                shown + [i for i in self._answer(user, k) if i not in shown][: k - len(shown)]
+            )
         return out
+
+    def _answer(self, user: str, k: int) -> list[str]:
+        reply = self.client.recommend(user, k=k)
+        if reply.degraded:
+            log.warning("user %s: degraded answer: %s", user, reply.degraded_reason)
+        return [scored.item.item_id for scored in reply.items]
+
+    def _create_items(self, until: pd.Timestamp) -> None:
+        """Upsert the items created up to ``until`` that are not in the catalogue yet."""
+        due = self._later[self._later["created_at"] <= until]
+        if due.empty:
+            return
+        self._later = self._later.iloc[len(due) :]
+        batch = self.settings.max_items_per_call
+        for start in range(0, len(due), batch):
+            self.client.upsert_items(to_items(due.iloc[start : start + batch]))
+        log.info("created %d items up to %s", len(due), until)
 
     def close(self) -> None:
         self._exit.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -73,3 +75,75 @@ def test_the_served_catalogue_is_the_one_that_existed_when_training_ends() -> No
     assert kept == ["old", "unknown_age", "early"]
     no_times = Dataset(events, items.drop(columns="created_at"))
     assert released(no_times) is no_times
+
+
+class _Gateway:
+    """The calls the served system makes, recorded (no stack)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def upsert_items(self, items: list[Any]) -> None:
+        self.calls.append(("upsert", [i.item_id for i in items]))
+
+    def ingest(self, events: list[Any]) -> Any:
+        return SimpleNamespace(accepted_count=len(events), duplicate_count=0)
+
+    def recommend(self, user: str, k: int) -> Any:
+        self.calls.append(("recommend", [user]))
+        # as the gateway: the last slot of a list goes to a new item ("n")
+        ranked = [f"i{n}" for n in range(k - 1)] + ["n"]
+        return SimpleNamespace(
+            degraded=False, items=[SimpleNamespace(item=SimpleNamespace(item_id=i)) for i in ranked]
+        )
+
+
+def test_items_created_after_the_split_arrive_before_the_first_fold_in_point_past_them(
+    tmp_path: Path,
+) -> None:
+    """Users are served in the order of their fold-in points, and each finds the items
+    created up to that point (and none created later), as UpsertItems would have added them."""
+    import pandas as pd
+
+    from ops.served_eval import ServedGateway, later_items
+    from training.data.schema import Dataset
+
+    day = pd.Timedelta(days=1)
+    split = pd.Timestamp("2025-04-10", tz="UTC")
+    train = Dataset(
+        pd.DataFrame({"user_id": ["u0"], "item_id": ["old"], "timestamp": [split]}),
+        pd.DataFrame(
+            {
+                "item_id": ["old", "c", "a", "b"],
+                "title": ["Old", "C", "A", "B"],
+                "categories": [["x"]] * 4,
+                "text": [""] * 4,
+                "created_at": [split - day, split + 10 * day, split + day, split + 3 * day],
+            }
+        ),
+    )
+    served = ServedGateway(Settings(), tmp_path)
+    gateway = _Gateway()
+    served._client = gateway  # type: ignore[assignment]
+    served._later = later_items(train)
+    fold_in = pd.DataFrame(
+        {
+            "user_id": ["u2", "u1", "u2"],
+            "item_id": ["old"] * 3,
+            "event_type": ["click"] * 3,
+            "value": [float("nan")] * 3,
+            "timestamp": [split + 5 * day, split + 2 * day, split + 4 * day],
+        }
+    )
+    served.observe(fold_in)
+    lists = served.recommend(["u2", "u1"], k=20)
+    assert gateway.calls == [
+        ("upsert", ["a"]),  # created a day after the split, before u1's fold-in point
+        ("recommend", ["u1"]),  # for 10, then for 20
+        ("recommend", ["u1"]),
+        ("upsert", ["b"]),
+        ("recommend", ["u2"]),  # "c" is created after every fold-in point: never upserted
+        ("recommend", ["u2"]),
+    ]
+    # the top 10 is the answer for 10, its exploration slot included; then the rest of 20's
+    assert lists["u1"] == [*(f"i{n}" for n in range(9)), "n", *(f"i{n}" for n in range(9, 19))]
