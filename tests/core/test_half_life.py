@@ -11,6 +11,7 @@ from core.behaviour import (
     DEFAULT_HALF_LIFE_DAYS,
     choose_half_life,
     half_life_scores,
+    longest_within_one_se,
     popularity_half_life,
 )
 from training.data import load_dataset
@@ -49,3 +50,15 @@ def test_too_few_users_to_choose_on_keep_the_default_and_a_setting_wins() -> Non
     few = _lasting(users=10)
     assert choose_half_life(few, min_users=50) == DEFAULT_HALF_LIFE_DAYS
     assert popularity_half_life(few, configured=2.5) == 2.5
+
+
+def test_a_shorter_memory_has_to_win_by_more_than_noise() -> None:
+    """The one-standard-error rule: a half-life ahead by less than the standard error of
+    the paired per-user difference gives way to the longer one; a clear lead does not."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 0.2, size=100)
+    noise = rng.normal(0, 0.05, size=100)
+    slightly = np.column_stack([base + noise + 0.001, base])  # 30 days ahead by noise
+    assert longest_within_one_se(slightly, [30.0, 365.0]) == 365.0
+    clearly = np.column_stack([base + 0.05, base])  # every user better with 30 days
+    assert longest_within_one_se(clearly, [30.0, 365.0]) == 30.0
