@@ -83,6 +83,8 @@ def later_items(train: Dataset) -> pd.DataFrame:
     first: ``recommend`` upserts them as their creation times pass."""
     kept = set(released(train).items["item_id"])
     later = train.items[~train.items["item_id"].isin(kept)]
+    if later.empty:  # no creation times, or none after the split
+        return later
     created = pd.to_datetime(later["created_at"], utc=True)
     return later.assign(created_at=created).sort_values("created_at", kind="stable")
 
@@ -192,6 +194,8 @@ class ServedGateway:
 
     def _create_items(self, until: pd.Timestamp) -> None:
         """Upsert the items created up to ``until`` that are not in the catalogue yet."""
+        if self._later.empty:
+            return
         due = self._later[self._later["created_at"] <= until]
         if due.empty:
             return

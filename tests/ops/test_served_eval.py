@@ -55,7 +55,7 @@ def test_served_gateway_is_evaluated_like_the_offline_systems(
 def test_the_served_catalogue_is_the_one_that_existed_when_training_ends() -> None:
     import pandas as pd
 
-    from ops.served_eval import released
+    from ops.served_eval import later_items, released
     from training.data.schema import Dataset
 
     at = pd.Timestamp("2025-04-10", tz="UTC")
@@ -75,6 +75,7 @@ def test_the_served_catalogue_is_the_one_that_existed_when_training_ends() -> No
     assert kept == ["old", "unknown_age", "early"]
     no_times = Dataset(events, items.drop(columns="created_at"))
     assert released(no_times) is no_times
+    assert later_items(no_times).empty  # nothing to create as fold-in points pass
 
 
 class _Gateway:
