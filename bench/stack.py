@@ -179,10 +179,7 @@ def running_stack(
     default ``RECSYS_MILVUS_SERVER``) + tritonserver, the slice indexed through Triton, then
     the gateway. On the engine the index is flushed, so searches run on sealed HNSW segments
     as they would after a bulk indexing job."""
-    from ops.indexing import index_half_life, index_items, index_users
-    from ops.segments import fit_segments
-    from services.inference.triton_client import TritonClient
-    from services.vectors.store import VectorStore
+    from ops.demo import index_dataset
     from training.data import load_dataset
 
     state = var_dir / "stack"
@@ -193,24 +190,12 @@ def running_stack(
         var_dir=state,
         readiness_poll_s=1.0,
         log_level="WARNING",
+        segments=segments,
     )
     engine = (milvus or base.milvus_server) == "engine"
     with local_stack(base, state) as stack:
         stack.start_milvus(engine=engine)
         stack.start_triton()
-        dataset = load_dataset(data_dir)
-        stack.start_nats()
-        days = index_half_life(dataset, stack.settings)
-        store, triton = VectorStore(stack.settings), TritonClient(stack.settings)
-        try:
-            store.ensure_collections()
-            index_items(dataset, triton, store, half_life_days=days)
-            index_users(dataset, triton, store)
-            fit_segments(store, k=segments)
-            if engine:
-                store.flush()
-        finally:
-            triton.close()
-            store.close()
+        index_dataset(stack, load_dataset(data_dir))  # with the event log; flushed on the engine
         stack.start_gateway()
         yield stack
