@@ -17,6 +17,7 @@ INTEREST_DECAY = 0.9  # weight of the n-th most recent item: 0.9**n
 HALF_LIFE_CHOICES_DAYS = (3.0, 7.0, 14.0, 30.0, 90.0, 365.0)
 #: Where nothing chose one (too few events to choose on, no job recorded one yet).
 DEFAULT_HALF_LIFE_DAYS = 365.0
+SECONDS_PER_DAY = 86400.0
 
 
 def interests(history: Sequence[tuple[str, Sequence[str]]], top: int = 10) -> dict[str, float]:
@@ -68,7 +69,7 @@ def item_popularity(
     if half_life_days is None:
         weights = np.ones(len(pos))
     else:
-        age_days = (pos["timestamp"].max() - pos["timestamp"]).dt.total_seconds() / 86400.0
+        age_days = (pos["timestamp"].max() - pos["timestamp"]).dt.total_seconds() / SECONDS_PER_DAY
         weights = np.power(0.5, age_days.to_numpy() / half_life_days)
     sums = pd.Series(weights, index=pos.index).groupby(pos["item_id"]).sum()
     return {str(k): float(v) for k, v in sums.items()}

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.behaviour import SECONDS_PER_DAY
+
 #: the sources whose rank is a feature (see the module docstring for why not ``segment``)
 RANKED_SOURCES = ("ann", "co_occurrence", "popular", "sequence")
 FEATURES = (
@@ -39,7 +41,6 @@ FEATURES = (
 _COLUMN = {name: n for n, name in enumerate(FEATURES)}
 _RR_COLUMNS = [_COLUMN[f"{source}_rr"] for source in RANKED_SOURCES]
 CO_SEEDS = 10  # most recent history items whose neighbours are expanded
-SECONDS_PER_DAY = 86400.0
 NEW_ITEM_DAYS = 90.0  # an item without positives counts as new this long after it appeared
 
 

@@ -37,14 +37,13 @@ from dataclasses import dataclass, field
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from core.behaviour import DEFAULT_HALF_LIFE_DAYS
+from core.behaviour import DEFAULT_HALF_LIFE_DAYS, SECONDS_PER_DAY
 from core.config import Settings
 from services.events.log import EventLog
 
 POPULARITY = "popularity"
 CO_OCCURRENCE = "co_occurrence"
 PAIR_SEEDS = 10  # previous history items each new positive is paired with
-DAY_S = 86400.0
 #: what the indexing job records in the ``popularity`` key (:func:`record_index`)
 INDEX_KEYS = ("half_life_s", "indexed_at")
 
@@ -53,9 +52,9 @@ def half_life_s(settings: Settings, popularity_doc: Mapping[str, object]) -> flo
     """The aggregates' half-life in seconds: the setting when set, else the one the indexing
     job recorded, else :data:`core.behaviour.DEFAULT_HALF_LIFE_DAYS`."""
     if settings.popularity_half_life_days is not None:
-        return settings.popularity_half_life_days * DAY_S
+        return settings.popularity_half_life_days * SECONDS_PER_DAY
     recorded = popularity_doc.get("half_life_s")
-    return float(recorded) if recorded else DEFAULT_HALF_LIFE_DAYS * DAY_S  # type: ignore[arg-type]
+    return float(recorded) if recorded else DEFAULT_HALF_LIFE_DAYS * SECONDS_PER_DAY  # type: ignore[arg-type]
 
 
 def decay(age_s: float, half_life_s: float) -> float:
@@ -205,7 +204,7 @@ async def record_index(
     def recorded(doc: dict[str, object]) -> dict[str, object]:
         kept = {k: v for k, v in doc.items() if k != "indexed_at"}
         at = {} if indexed_at is None else {"indexed_at": indexed_at}
-        return {**kept, "half_life_s": days * DAY_S, **at}
+        return {**kept, "half_life_s": days * SECONDS_PER_DAY, **at}
 
     await _update(kv, POPULARITY, recorded, attempts)
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.behaviour import DEFAULT_HALF_LIFE_DAYS
+from core.behaviour import DEFAULT_HALF_LIFE_DAYS, SECONDS_PER_DAY
 from core.config import Settings
 from core.rows import ItemRow, item_row
 from ops.indexing import (
@@ -299,7 +299,7 @@ def test_the_index_records_its_popularity_half_life_and_time_for_the_online_aggr
     assert index_half_life(dataset, nats_settings) == DEFAULT_HALF_LIFE_DAYS  # too few to choose
     chosen = nats_settings.model_copy(update={"popularity_half_life_days": 2.0})
     assert index_half_life(dataset, chosen) == 2.0
-    day = aggregates.DAY_S
+    day = SECONDS_PER_DAY
     delta = aggregates.Delta(at=10 * day)
     delta.add_user([], [("i1", 10 * day)], 2 * day)
     assert on_log(nats_settings, lambda log: aggregates.merge(log, delta)) == 2 * day

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.behaviour import SECONDS_PER_DAY
 from core.sequence_inputs import (
     GAP_BUCKETS,
     INPUTS,
@@ -84,7 +85,6 @@ AGE_BUCKETS = 1 + 18
 HALF_LIVES_DAYS = (1.0, 7.0, 30.0, 365.0)  # plus all-time counts: learned weights choose
 N_POP_FEATURES = len(HALF_LIVES_DAYS) + 1
 TERM_SCALE = 10.0  # see SASRec.__init__
-DAY = 86400.0
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "sequence_config.json"
@@ -183,7 +183,7 @@ def build_item_space(
     pop = np.zeros((n_snap, n, N_POP_FEATURES), dtype=np.float32)
     inside = p_snap < n_snap
     for f, half_life in enumerate((*HALF_LIVES_DAYS, math.inf)):
-        decay = 0.0 if math.isinf(half_life) else math.log(2.0) / (half_life * DAY)
+        decay = 0.0 if math.isinf(half_life) else math.log(2.0) / (half_life * SECONDS_PER_DAY)
         add = np.zeros((n_snap, n), dtype=np.float64)
         age = (bounds[p_snap[inside]] - p_ts[inside]).astype(np.float64)
         np.add.at(add, (p_snap[inside], p_items[inside]), np.exp(-decay * age))
@@ -197,7 +197,7 @@ def build_item_space(
     ages = np.zeros((n_snap, n), dtype=np.int8)
     for k in range(n_snap):
         seen = first < bounds[k]  # only what happened before the snapshot: no leakage
-        days = np.maximum(bounds[k] - first, 0).astype(np.float64) / DAY
+        days = np.maximum(bounds[k] - first, 0).astype(np.float64) / SECONDS_PER_DAY
         bucket = 1 + np.minimum(np.floor(np.log2(1.0 + days)), AGE_BUCKETS - 2)
         ages[k] = np.where(seen, bucket, 0).astype(np.int8)
     space = ItemSpace(
