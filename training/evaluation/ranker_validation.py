@@ -34,7 +34,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ import pandas as pd
 import torch
 
 from core import fusion
-from core.ranking_features import FEATURES
+from core.config import get_settings
+from core.ranking_features import FEATURES, RANKED_SOURCES
 from core.text import item_texts
 from training.config import FeatureRankerConfig, SequenceConfig, load_config
 from training.data import Dataset
@@ -104,6 +105,28 @@ def popularity_order(groups: Groups) -> list[np.ndarray]:
     return [g["features"][:, rr] + 1e-6 * g["features"][:, pop] for g in groups]
 
 
+def retrieval_order(groups: Groups, weights: Mapping[str, float]) -> list[np.ndarray]:
+    """Each group's candidates scored as retrieval fused them with ``weights`` (what the
+    gateway serves without a ranker; :func:`core.fusion.fuse_ids`): the 1-based rank in each
+    ranked source read back from its reciprocal-rank feature (0: not returned)."""
+    columns = [(FEATURES.index(f"{s}_rr"), float(weights.get(s, 0.0))) for s in RANKED_SOURCES]
+    out = []
+    for g in groups:
+        score = np.zeros(len(g["features"]))
+        for column, weight in columns:
+            rr = g["features"][:, column].astype(np.float64)
+            found = rr > 0
+            score[found] += weight * fusion.rrf(np.rint(1.0 / rr[found]))
+        out.append(score)
+    return out
+
+
+def is_cold(group: dict[str, Any], fold_in: int) -> bool:
+    """At most ``fold_in`` positives known: the evaluation's cold-start users."""
+    scaled = float(group["features"][0, FEATURES.index("history_len")])  # log1p(n) / 10
+    return round(float(np.expm1(10 * scaled))) <= fold_in
+
+
 def fused(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Reciprocal-rank fusion of two score vectors over the same candidates."""
 
@@ -123,12 +146,25 @@ def validate_window(
     seeds: Sequence[int] = (0, 1, 2),
     sequence: SequenceConfig | None = None,
 ) -> dict[str, Any]:
-    """Training/validation sizes, candidate recall, and per seed the ranker's AUC and
-    NDCG@10, the fused order's NDCG@10, beside the popularity order's NDCG@10."""
+    """Training/validation sizes, candidate recall, the popularity order's and the retrieval
+    order's NDCG@10, and per seed the ranker's AUC and NDCG@10 and the fused order's; each
+    NDCG also per cohort (``cold``: at most ``fold_in`` positives known, ``warm``: more)."""
     groups, held_out = window_groups(catalogue, events, cfg, val_quantile, sequence=sequence)
     if not groups or not held_out:
         raise ValueError(f"window {val_quantile}: no training or validation users")
     mean, std = feature_scaling(groups)
+    cohorts = {
+        "all": list(range(len(held_out))),
+        "cold": [n for n, g in enumerate(held_out) if is_cold(g, cfg.fold_in)],
+        "warm": [n for n, g in enumerate(held_out) if not is_cold(g, cfg.fold_in)],
+    }
+
+    def ndcg(scores: list[np.ndarray]) -> dict[str, float]:
+        return {
+            name: group_ndcg([held_out[n] for n in members], [scores[n] for n in members])
+            for name, members in cohorts.items()
+        }
+
     popular = popularity_order(held_out)
     runs = []
     for seed in seeds:
@@ -139,19 +175,15 @@ def validate_window(
             scores = [model(torch.from_numpy(g["features"])).numpy() for g in held_out]
         both = [fused(s, p) for s, p in zip(scores, popular, strict=True)]
         runs.append(
-            {
-                "seed": seed,
-                "auc": metrics["auc"],
-                "ranker": metrics["ndcg_at_10"],
-                "fused": group_ndcg(held_out, both),
-            }
+            {"seed": seed, "auc": metrics["auc"], "ranker": ndcg(scores), "fused": ndcg(both)}
         )
     return {
         "val_quantile": val_quantile,
         "training_users": len(groups),
-        "validation_users": len(held_out),
+        "validation_users": {name: len(members) for name, members in cohorts.items()},
         "candidate_recall": float(np.mean([g["labels"].sum() / g["targets"] for g in held_out])),
-        "popularity": group_ndcg(held_out, popular),
+        "popularity": ndcg(popular),
+        "retrieval": ndcg(retrieval_order(held_out, get_settings().retrieval_weights)),
         "runs": runs,
     }
 
@@ -187,26 +219,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = TowerEncoder(resolve_pretrained(args.content_model), max_seq_len=64)
     catalogue = catalogue_for(ds, encoder)
     print(
-        "| window | training users | validation users | candidate recall | popularity order "
-        "| ranker (AUC) | ranker / popularity | fused | fused / popularity |"
+        "| window | cohort | training users | validation users | candidate recall "
+        "| popularity order | retrieval order | ranker (AUC) | ranker / popularity "
+        "| ranker / retrieval | fused with popularity |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for q in args.val_quantile or [0.9, 0.8]:
         t0 = time.time()
         out = validate_window(
             catalogue, events, cfg, q, seeds=range(args.seeds), sequence=train_cfg.sequence
         )
-        pop = out["popularity"]
-        ranker = float(np.mean([r["ranker"] for r in out["runs"]]))
         auc = float(np.mean([r["auc"] for r in out["runs"]]))
-        both = float(np.mean([r["fused"] for r in out["runs"]]))
-        print(
-            f"| {q} | {out['training_users']} | {out['validation_users']} "
-            f"| {out['candidate_recall']:.3f} | {pop:.4f} | {ranker:.4f} ({auc:.3f}) "
-            f"| {ranker / pop:.2f}x | {both:.4f} | {both / pop:.2f}x |",
-            flush=True,
-        )
-        seeds = ", ".join(f"{r['ranker']:.4f}" for r in out["runs"])
+        for cohort, users in out["validation_users"].items():
+            pop, ret = out["popularity"][cohort], out["retrieval"][cohort]
+            ranker = float(np.mean([r["ranker"][cohort] for r in out["runs"]]))
+            both = float(np.mean([r["fused"][cohort] for r in out["runs"]]))
+            print(
+                f"| {q} | {cohort} | {out['training_users']} | {users} "
+                f"| {out['candidate_recall']:.3f} | {pop:.4f} | {ret:.4f} | {ranker:.4f} "
+                f"({auc:.3f}) | {ranker / pop:.2f}x | {ranker / ret:.2f}x | {both:.4f} |",
+                flush=True,
+            )
+        seeds = ", ".join(f"{r['ranker']['all']:.4f}" for r in out["runs"])
         print(f"<!-- window {q}: ranker per seed {seeds}; {time.time() - t0:.0f} s -->")
     return 0
 

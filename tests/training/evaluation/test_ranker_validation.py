@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.ranking_features import FEATURES
+from core.fusion import fuse_ids
+from core.ranking_features import (
+    FEATURES,
+    RANKED_SOURCES,
+    CatalogueClock,
+    UserSide,
+    feature_matrix,
+)
 from tests.training.evaluation.conftest import synthetic_generic
 from tests.training.evaluation.test_sequence_system import FakeEncoder
 from training.config import FeatureRankerConfig, SequenceConfig
@@ -18,6 +25,8 @@ from training.data.candidates import Catalogue, training_cutoffs
 from training.evaluation.ranker_validation import (
     catalogue_for,
     fused,
+    is_cold,
+    retrieval_order,
     validate_window,
     window_groups,
 )
@@ -59,11 +68,55 @@ def test_nothing_after_the_validation_point_reaches_the_training_groups(
 def test_the_ranker_learns_what_popularity_cannot_see(data: tuple[Dataset, Catalogue]) -> None:
     ds, catalogue = data
     out = validate_window(catalogue, ds.events, CFG, 0.8, seeds=(0, 1))
-    assert out["training_users"] > 0 and out["validation_users"] > 0
+    assert out["training_users"] > 0 and out["validation_users"]["all"] > 0
     assert 0 < out["candidate_recall"] <= 1
     # here each user likes one genre: category affinity separates clicks from the rest
     assert all(r["auc"] > 0.65 for r in out["runs"])
-    assert np.mean([r["ranker"] for r in out["runs"]]) > out["popularity"]
+    assert np.mean([r["ranker"]["all"] for r in out["runs"]]) > out["popularity"]["all"]
+    users = out["validation_users"]
+    assert (
+        users["cold"] + users["warm"]
+        == users["all"]
+        == len(window_groups(catalogue, ds.events, CFG, 0.8)[1])
+    )
+    for scores in [out["popularity"], out["retrieval"], *[r["ranker"] for r in out["runs"]]]:
+        assert set(scores) == {"all", "cold", "warm"}
+        # the whole is the cohorts' user-weighted mean
+        parts = [scores[c] * users[c] for c in ("cold", "warm") if users[c]]
+        assert scores["all"] == pytest.approx(sum(parts) / users["all"])
+
+
+def test_the_retrieval_order_is_the_gateways_fusion_read_back_from_the_features() -> None:
+    """Scoring candidates from their reciprocal-rank features gives the scores of
+    :func:`core.fusion.fuse_ids` (the gateway's and the replay's fusion) over the sources'
+    original lists, ranks far down a list included."""
+    rng = np.random.default_rng(0)
+    items = [f"i{n}" for n in range(300)]
+    lists = {s: list(rng.permutation(items)[:150]) for s in RANKED_SOURCES}
+    weights = {"ann": 2.0, "co_occurrence": 0.5, "popular": 4.0, "sequence": 1.5}
+    fused_ids = fuse_ids(lists, weights, 100)
+    ranks = [{s: lst.index(i) for s, lst in lists.items() if i in lst} for i, _ in fused_ids]
+    n = len(ranks)
+    features = feature_matrix(
+        UserSide(np.zeros((0, 4), dtype=np.float32), {}, 5),
+        CatalogueClock(1.0, 0.0),
+        np.zeros((n, 4), dtype=np.float32),
+        ranks,
+        np.zeros(n),
+        np.zeros(n),
+        np.zeros(n),
+        [[] for _ in range(n)],
+    )
+    (scores,) = retrieval_order([{"features": features}], {**weights, "segment": 3.0})
+    np.testing.assert_allclose(scores, [score for _, score in fused_ids], rtol=1e-6)
+
+
+def test_cold_users_are_those_with_at_most_the_fold_in_known() -> None:
+    column = FEATURES.index("history_len")
+    row = np.zeros((1, len(FEATURES)), dtype=np.float32)
+    for positives, cold in [(1, True), (3, True), (4, False), (40, False)]:
+        row[0, column] = np.log1p(positives) / 10
+        assert is_cold({"features": row}, fold_in=3) is cold
 
 
 def test_the_sequence_model_is_replayed_as_served_without_seeing_the_validation_period(
