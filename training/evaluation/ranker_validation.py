@@ -11,7 +11,10 @@ whole training period). The
 model is trained in this process with the stage's settings from ``make train``'s config
 (:func:`training.loop.fit_in_process`; one process takes the workers' global batch) for a
 few seeds, and compared on the same candidates with their popularity order (the
-``popular`` source's rank) and with a reciprocal-rank fusion of both orders::
+``popular`` source's rank), with their retrieval order (the sources fused as the gateway
+fuses them: what it serves with the ranker off, the order the ranker has to beat) and with a
+reciprocal-rank fusion of the ranker's and the popularity order, for all validation users
+and per cohort (cold: at most the fold-in known)::
 
     python -m training.evaluation.ranker_validation --data third_party/movielens/ml-latest-small
 
