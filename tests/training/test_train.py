@@ -171,6 +171,8 @@ def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
     assert [e["epoch"] for e in fr] == [0, 1]
     assert fr[-1]["train_loss"] < fr[0]["train_loss"]
     assert 0.0 <= fr[-1]["auc"] <= 1.0 and 0.0 <= fr[-1]["ndcg_at_10"] <= 1.0
+    # beside the orders it has to beat: popularity, and the retrieval order it re-ranks
+    assert all(0.0 <= fr[-1][f"ndcg_at_10_{o}"] <= 1.0 for o in ("popularity", "retrieval"))
     model = load_feature_ranker(root / "final" / "feature_ranker")
     assert float(model.std.min()) > 0 and float(model.mean.abs().sum()) > 0  # scaling fitted
     report = export_feature_ranker(str(root / "final" / "feature_ranker"), tmp_path / "m.onnx")

@@ -37,7 +37,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ import torch
 
 from core import fusion
 from core.config import get_settings
-from core.ranking_features import FEATURES, RANKED_SOURCES
+from core.ranking_features import FEATURES
 from core.text import item_texts
 from training.config import FeatureRankerConfig, SequenceConfig, load_config
 from training.data import Dataset
@@ -64,6 +64,7 @@ from training.tasks.feature_ranker import (
     feature_scaling,
     group_ndcg,
     replayed_groups,
+    retrieval_order,
 )
 
 Groups = list[dict[str, Any]]
@@ -106,22 +107,6 @@ def popularity_order(groups: Groups) -> list[np.ndarray]:
     candidates that source did not return, by their popularity)."""
     rr, pop = FEATURES.index("popular_rr"), FEATURES.index("popularity")
     return [g["features"][:, rr] + 1e-6 * g["features"][:, pop] for g in groups]
-
-
-def retrieval_order(groups: Groups, weights: Mapping[str, float]) -> list[np.ndarray]:
-    """Each group's candidates scored as retrieval fused them with ``weights`` (what the
-    gateway serves without a ranker; :func:`core.fusion.fuse_ids`): the 1-based rank in each
-    ranked source read back from its reciprocal-rank feature (0: not returned)."""
-    columns = [(FEATURES.index(f"{s}_rr"), float(weights.get(s, 0.0))) for s in RANKED_SOURCES]
-    out = []
-    for g in groups:
-        score = np.zeros(len(g["features"]))
-        for column, weight in columns:
-            rr = g["features"][:, column].astype(np.float64)
-            found = rr > 0
-            score[found] += weight * fusion.rrf(np.rint(1.0 / rr[found]))
-        out.append(score)
-    return out
 
 
 def is_cold(group: dict[str, Any], fold_in: int) -> bool:

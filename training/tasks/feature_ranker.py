@@ -1,6 +1,7 @@
 """The DCN-v2 feature ranker as a :class:`~training.tasks.base.Task`: binary cross-entropy on
 the gateway's candidates (label: among the user's next new positives), AUC, log-loss and
-NDCG@10 of its order on validation users' candidates.
+NDCG@10 of its order on validation users' candidates, beside the NDCG@10 of their popularity
+order and of their retrieval order (the order it re-ranks: what serves with it off).
 
 A row is one user's candidate group (``features`` ``(c, F)``, ``labels`` ``(c,)``,
 ``targets``), so a batch is a few users' groups concatenated. The feature statistics for
@@ -12,7 +13,7 @@ Checkpoint format: ``feature_ranker/`` (see :mod:`training.models.feature_ranker
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ from torch.nn import functional as F
 from core import fusion
 from core.behaviour import popularity_half_life
 from core.config import get_settings
-from core.ranking_features import FEATURES, NEW_ITEM_DAYS
+from core.ranking_features import FEATURES, NEW_ITEM_DAYS, RANKED_SOURCES
 from training.config import FeatureRankerConfig
 from training.data.candidates import (
     CandidateConfig,
@@ -120,6 +121,22 @@ def group_ndcg(
     return float(np.mean(values)) if values else float("nan")
 
 
+def retrieval_order(groups: Groups, weights: Mapping[str, float]) -> list[np.ndarray]:
+    """Each group's candidates scored as retrieval fused them with ``weights`` (what the
+    gateway serves without a ranker; :func:`core.fusion.fuse_ids`): the 1-based rank in each
+    ranked source read back from its reciprocal-rank feature (0: not returned)."""
+    columns = [(FEATURES.index(f"{s}_rr"), float(weights.get(s, 0.0))) for s in RANKED_SOURCES]
+    out = []
+    for g in groups:
+        score = np.zeros(len(g["features"]))
+        for column, weight in columns:
+            rr = g["features"][:, column].astype(np.float64)
+            found = rr > 0
+            score[found] += weight * fusion.rrf(np.rint(1.0 / rr[found]))
+        out.append(score)
+    return out
+
+
 @dataclass
 class FeatureRankerTask(Task[DCNv2, Groups]):
     """Click / no-click on replayed gateway candidates (see the module docstring)."""
@@ -171,4 +188,8 @@ class FeatureRankerTask(Task[DCNv2, Groups]):
             # what one exploration slot in ten (the gateway's default) costs
             "ndcg_at_10_explore": group_ndcg(data, scores, exploration=0.1),
             "ndcg_at_10_popularity": group_ndcg(data, popular),
+            # the order it re-ranks: what the gateway serves with the ranker off
+            "ndcg_at_10_retrieval": group_ndcg(
+                data, retrieval_order(data, get_settings().retrieval_weights)
+            ),
         }

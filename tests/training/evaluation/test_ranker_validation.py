@@ -26,12 +26,11 @@ from training.evaluation.ranker_validation import (
     catalogue_for,
     fused,
     is_cold,
-    retrieval_order,
     validate_window,
     window_groups,
 )
 from training.loop import fit_in_process
-from training.tasks.feature_ranker import FeatureRankerTask, feature_scaling
+from training.tasks.feature_ranker import FeatureRankerTask, feature_scaling, retrieval_order
 
 CFG = FeatureRankerConfig(epochs=8, batch_size=4, cutoffs=[0.5, 0.7, 0.9], users_per_cutoff=None)
 
