@@ -173,11 +173,12 @@ class FeatureRankerTask(Task[DCNv2, Groups]):
     def evaluate(
         self, model: DCNv2, tokenizer: Any, data: Groups, device: torch.device
     ) -> dict[str, float]:
+        was_training = model.training
         model.eval()
         scores = [
             model(torch.from_numpy(g["features"]).to(device)).float().cpu().numpy() for g in data
         ]
-        model.train()
+        model.train(was_training)  # as found: a caller scoring afterwards gets no dropout
         labels = np.concatenate([g["labels"] for g in data])
         logits = np.concatenate(scores)
         popular = [g["features"][:, FEATURES.index("popular_rr")] for g in data]

@@ -179,3 +179,23 @@ def test_fusion_counts_both_orders() -> None:
     assert fused(a, a).argmax() == 0 and list(np.argsort(-fused(a, a))) == [0, 1, 2, 3]
     # second in one order and first in the other beats first and last
     assert fused(a, np.array([0.0, 9.0, 1.0, 2.0])).argmax() == 1
+
+
+def test_evaluation_leaves_the_model_in_the_mode_it_found(data: tuple[Dataset, Catalogue]) -> None:
+    """``validate_window`` scores the model after the task evaluated it: the evaluation must
+    not switch dropout back on for a model that was trained and put in eval mode."""
+    ds, catalogue = data
+    small = dataclasses.replace(CFG, epochs=1, dropout=0.5)
+    groups, held_out = window_groups(catalogue, ds.events, small, 0.8)
+    task = FeatureRankerTask(small, *feature_scaling(groups))
+    model = fit_in_process(task, groups, 0)
+    assert not model.training
+    features = torch.from_numpy(held_out[0]["features"])
+    with torch.no_grad():
+        before = model(features)
+        task.evaluate(model, None, held_out, torch.device("cpu"))
+        assert not model.training
+        assert torch.equal(model(features), before)
+    model.train()
+    task.evaluate(model, None, held_out, torch.device("cpu"))
+    assert model.training
