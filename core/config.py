@@ -125,6 +125,13 @@ class Settings(BaseSettings):
         description="Share of the k slots (the last ones) kept for new items (no interaction "
         "yet) that the content ANN found; 0 = none.",
     )
+    exploration_pool: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="The exploration slots take the newest of this many new items, best "
+        "content match first (1 = the best match alone).",
+    )
     retrieval_weights: dict[str, float] = Field(
         default_factory=lambda: {
             "ann": 2.0,

@@ -9,7 +9,8 @@
   ``argmax (1 - λ)·rel(i) - λ·max_j cos(i, j)`` over the items already picked, with ``rel``
   min-max scaled so that λ means the same whichever scorer produced it.
 
-One implementation of each, so the served order and the evaluated order cannot drift apart.
+One implementation of each, so the served order and the evaluated order cannot drift apart;
+likewise :func:`explore` and :func:`newest_first`, the exploration slots for new items.
 """
 
 from __future__ import annotations
@@ -111,3 +112,14 @@ def explore(
             del keep[n]
             surplus -= 1
     return keep + extra
+
+
+def newest_first(by_content: Sequence[int], ages: Sequence[float], pool: int) -> list[int]:
+    """The first ``pool`` of ``by_content`` (new items, best content match first), newest
+    first (``ages``: seconds since each appeared, ``inf`` when unknown; ties keep content
+    order): the order :func:`explore` fills its slots in. Among new items that all match the
+    user's taste about as well, the freshest is the likeliest next pick; a wider pool lets
+    freshness outvote relevance (chosen on validation windows of two catalogues,
+    ``python -m training.evaluation.exploration``)."""
+    head = list(by_content[:pool])
+    return sorted(head, key=lambda i: ages[i]) + list(by_content[pool:])

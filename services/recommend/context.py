@@ -163,6 +163,7 @@ class Context:
     co_scores: dict[str, float] | None = None
     # retrieve, rank
     candidates: list[Candidate] = field(default_factory=list)
+    ann_rows: list[Row] = field(default_factory=list)  # the ANN's hits, before fusion
     ranked: bool = False
     # diversify (or the popularity fallback), explain
     items: list[Candidate] = field(default_factory=list)

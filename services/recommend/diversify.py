@@ -5,12 +5,14 @@ then exploration slots for new items.
 for every candidate it falls back to plain relevance order (λ = 0). Exploration: an item
 nobody has interacted with yet has no popularity and no co-occurrence, so no ranker trained
 on behaviour puts it in a top 10; ``exploration_share`` of the slots (the last ones) go to
-the new items the content ANN found, best content match first, so new items get seen and
-their behaviour can start (what it costs in NDCG: training/evaluation/FINDINGS.md).
+the newest of the ``exploration_pool`` new items the content ANN matched best (its whole
+list, also the items fusion left out of the candidates), so new items get seen and their
+behaviour can start (what it buys and costs: training/evaluation/FINDINGS.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ from core.config import Settings
 from core.ranking_features import is_new
 from services.recommend.context import Candidate, Context, Stage
 from services.recommend.retrieve import PopularItems
+from services.recommend.rules import ApplyRules, allowed
 
 
 def mmr(candidates: Sequence[Candidate], k: int, diversity: float) -> list[Candidate]:
@@ -50,23 +53,45 @@ class Diversify(Stage):
         with_vectors = all("vector" in c.row for c in ctx.candidates)
         items = mmr(ctx.candidates, ctx.k, lam if with_vectors else 0.0)
         share, now = self.settings.exploration_share, self.popular.clock().now
-        ctx.items = explore(items, ctx.candidates, ctx.k, share, now)
+        pool = ctx.candidates + ann_extras(ctx)
+        ctx.items = explore(items, pool, ctx.k, share, now, self.settings.exploration_pool)
+
+
+def ann_extras(ctx: Context) -> list[Candidate]:
+    """The ANN's hits that fusion left out of the candidates, as candidates of that source
+    alone, less what the request's rules keep out or bury: exploration may take them."""
+    have = {c.item_id for c in ctx.candidates}
+    seen = ApplyRules.seen(ctx)
+    return [
+        Candidate(row["item_id"], row, {"ann": rank})
+        for rank, row in enumerate(ctx.ann_rows)
+        if row["item_id"] not in have
+        and row["item_id"] not in ctx.rules.bury
+        and allowed(ctx, row, seen)
+    ]
 
 
 def explore(
-    items: list[Candidate], candidates: Sequence[Candidate], k: int, share: float, now: float
+    items: list[Candidate],
+    candidates: Sequence[Candidate],
+    k: int,
+    share: float,
+    now: float,
+    pool: int = 1,
 ) -> list[Candidate]:
     """``items`` with exploration slots (:func:`core.fusion.explore`) for the new items
-    (:func:`core.ranking_features.is_new` at the catalogue's clock ``now``) the ANN found,
-    in ANN order."""
+    (:func:`core.ranking_features.is_new` at the catalogue's clock ``now``) the ANN found:
+    the newest of the ``pool`` best by ANN rank first (:func:`core.fusion.newest_first`)."""
     picked = {c.item_id for c in items}
-    pool = list(items) + [c for c in candidates if c.item_id not in picked]
-    new = [
-        is_new(float(c.row.get("popularity") or 0), float(c.row.get("created_at") or 0), now)
-        for c in pool
-    ]
-    found = sorted(
-        (i for i, c in enumerate(pool) if new[i] and "ann" in c.ranks),
-        key=lambda i: pool[i].ranks["ann"],
+    every = list(items) + [c for c in candidates if c.item_id not in picked]
+    new, ages = [], []
+    for c in every:
+        created = float(c.row.get("created_at") or 0)
+        new.append(is_new(float(c.row.get("popularity") or 0), created, now))
+        ages.append(now - created if created > 0 else math.inf)
+    by_content = sorted(
+        (i for i, c in enumerate(every) if new[i] and "ann" in c.ranks),
+        key=lambda i: every[i].ranks["ann"],
     )
-    return [pool[i] for i in fusion.explore(range(len(items)), found, new, k, share)]
+    found = fusion.newest_first(by_content, ages, pool)
+    return [every[i] for i in fusion.explore(range(len(items)), found, new, k, share)]

@@ -376,7 +376,7 @@ class Retrieve(Stage):
             if history:
                 query = query_vector(profile, history, ctx.cold or self.history_query)
                 hits = self.retriever.ann(query, ann_limit(n, seen, seen_all), seen, ctx.deadline)
-                lists["ann"] = seen_all.admitted(hits)[:n]
+                lists["ann"] = ctx.ann_rows = seen_all.admitted(hits)[:n]
                 co = found["co_occurrence"]
                 lists["co_occurrence"] = [(r, seed_of[r["item_id"]]) for r in co]
             if segment_ids:

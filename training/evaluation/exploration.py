@@ -1,10 +1,14 @@
-"""How far content-based exploration slots can carry new items, on validation windows.
+"""What exploration slots carry for new items, and in which order to fill them, on validation
+windows.
 
 #15 asks for new-item NDCG@10 > 0.02 with a *bounded* share of slots for new items scored
-by content. This measures the ceiling of that design before building more of it: trending
-popularity's list with its last ``n`` slots given to the ``n`` best new items (no training
-event) by content similarity to the user's history, for several ``n``; the new-item NDCG@10
-it buys and the all-target NDCG@10 it costs, for the users who have a new-item target.
+by content. This measures that design before the gateway runs it: trending popularity's
+list with its last ``n`` slots given to new items (no training event) that exist at the
+user's fold-in point (created by then, or with no creation time: what the gateway's
+catalogue holds then), for several ``n``; the new-item NDCG@10 it buys and the all-target
+NDCG@10 it costs, for the users who have a new-item target. The slots are filled as the
+gateway fills them (:func:`core.fusion.newest_first`): the newest of the ``pool`` best
+content matches first, for several ``pool`` sizes (1: best content match first).
 Validation windows inside the evaluation's training period only (never the test users)::
 
     python -m training.evaluation.exploration --data third_party/movielens/ml-latest-small
@@ -19,14 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from core import fusion
 from training.data import Dataset
 from training.evaluation import metrics as M
 from training.evaluation.sequence_system import validation_split
 from training.evaluation.systems import PretrainedContent, TrendingPopularity
 
+SLOTS = (0, 1, 2, 3, 5, 10)
+POOLS = (1, 10, 20, 50)
+SHOWN = 10
 
-def with_new_slots(base: list[str], new_best: list[str], n: int, k: int = 10) -> list[str]:
+
+def with_new_slots(base: list[str], new_best: list[str], n: int, k: int = SHOWN) -> list[str]:
     """``base``'s first ``k - n`` items (none of the chosen new ones), then ``new_best[:n]``
     in the last slots: the gateway's placement (:func:`core.fusion.explore`) for a ``base``
     without new items, as trending popularity's lists are (that function would also count
@@ -36,15 +46,25 @@ def with_new_slots(base: list[str], new_best: list[str], n: int, k: int = 10) ->
     return [i for i in base if i not in taken][: k - len(extra)] + extra
 
 
+def creation_times(items: pd.DataFrame, item_ids: Sequence[str]) -> np.ndarray:
+    """Each item's creation time in epoch seconds, NaN when unknown."""
+    if "created_at" not in items:
+        return np.full(len(item_ids), np.nan)
+    created = pd.to_datetime(items["created_at"], utc=True, errors="coerce")
+    by_id = dict(zip(items["item_id"].astype(str), created, strict=True))
+    return np.array([by_id[i].timestamp() if pd.notna(by_id.get(i)) else np.nan for i in item_ids])
+
+
 def exploration_ceiling(
     ds: Dataset,
     *,
     val_quantile: float = 0.9,
-    slots: Sequence[int] = (0, 1, 2, 3, 5, 10),
+    slots: Sequence[int] = SLOTS,
+    pools: Sequence[int] = POOLS,
     encoder: Any = None,
 ) -> dict[str, Any]:
-    """``{"users", "new_items", "items", "rows": {n: (new-item NDCG@10, all NDCG@10)}}`` for
-    the users of the validation window who have a new-item target."""
+    """``{"users", "new_items", "items", "rows": {pool: {n: (new-item NDCG@10, all
+    NDCG@10)}}}`` for the users of the validation window who have a new-item target."""
     split = validation_split(ds, val_quantile=val_quantile)
     slices = split.slices()
     users = [u for u in split.users if u in slices["new_items"]]
@@ -55,22 +75,32 @@ def exploration_ceiling(
     popular.fit(split.train)
     popular.observe(split.observed)
     is_new = np.array([i in split.new_items for i in content.item_ids])
-    scores = np.where(is_new[None, :], content.full_scores(users), -np.inf)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-    new_best = {
-        u: [content.item_ids[i] for i in top[r] if np.isfinite(scores[r, i])]
-        for r, u in enumerate(users)
-    }
-    base = popular.recommend(users, 10)
-    rows: dict[int, tuple[float, float]] = {}
-    for n in slots:
-        recs = {u: with_new_slots(base[u], new_best[u], n) for u in users}
-        new = M.per_user_ndcg(recs, slices["new_items"], 10)
-        every = M.per_user_ndcg(recs, slices["all"], 10)
-        rows[n] = (
-            float(np.mean(list(new.values()))) if new else 0.0,
-            float(np.mean([every.get(u, 0.0) for u in users])) if users else 0.0,
-        )
+    created = creation_times(ds.items, content.item_ids)
+    observed = split.observed.groupby(split.observed["user_id"].astype(str))["timestamp"].max()
+    cutoff = split.cutoff if split.cutoff is not None else split.train.events["timestamp"].max()
+    scores = content.full_scores(users)
+    base = popular.recommend(users, SHOWN)
+    best: dict[int, dict[str, list[str]]] = {pool: {} for pool in pools}
+    for r, user in enumerate(users):
+        now = pd.Timestamp(observed.get(user, cutoff)).timestamp()
+        exists = is_new & ~(created > now)  # NaN (no creation time) compares False: exists
+        found = np.flatnonzero(exists)
+        by_content = found[np.argsort(-scores[r, found], kind="stable")].tolist()
+        ages = np.where(np.isnan(created), np.inf, now - created).tolist()
+        for pool in pools:
+            order = fusion.newest_first(by_content, ages, pool)
+            best[pool][user] = [content.item_ids[i] for i in order[:SHOWN]]
+    rows: dict[int, dict[int, tuple[float, float]]] = {}
+    for pool in pools:
+        rows[pool] = {}
+        for n in slots:
+            recs = {u: with_new_slots(base[u], best[pool][u], n) for u in users}
+            new = M.per_user_ndcg(recs, slices["new_items"], SHOWN)
+            every = M.per_user_ndcg(recs, slices["all"], SHOWN)
+            rows[pool][n] = (
+                float(np.mean(list(new.values()))) if new else 0.0,
+                float(np.mean([every.get(u, 0.0) for u in users])) if users else 0.0,
+            )
     return {"users": len(users), "new_items": int(is_new.sum()), "items": len(is_new), "rows": rows}
 
 
@@ -84,14 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = load_dataset(args.data)
     for q in args.val_quantile or [0.9, 0.8]:
         out = exploration_ceiling(ds, val_quantile=q)
+        pools = list(out["rows"])
         print(
-            f"validation window {q}: {out['users']} users with a new-item target, "
-            f"{out['new_items']} new items of {out['items']}"
+            f"\nvalidation window {q}: {out['users']} users with a new-item target, "
+            f"{out['new_items']} new items of {out['items']}; new-item NDCG@10 / all-target "
+            "NDCG@10, slots filled newest first among the `pool` best content matches"
         )
-        print("| new-item slots of 10 | new-item NDCG@10 | all-target NDCG@10 |")
-        print("|---:|---:|---:|")
-        for n, (new, every) in out["rows"].items():
-            print(f"| {n} | {new:.4f} | {every:.4f} |")
+        print("| new-item slots of 10 | " + " | ".join(f"pool {p}" for p in pools) + " |")
+        print("|---:|" + "---:|" * len(pools))
+        for n in out["rows"][pools[0]]:
+            cells = [out["rows"][p][n] for p in pools]
+            row = " | ".join(f"{new:.4f} / {every:.3f}" for new, every in cells)
+            print(f"| {n} | {row} |", flush=True)
     return 0
 
 

@@ -102,11 +102,13 @@ def group_ndcg(
 ) -> float:
     """Mean NDCG@k of ranking each group by ``scores``; the ideal counts every target of the
     user (also those retrieval missed), as the offline evaluation does. ``exploration``: the
-    gateway's exploration slots for new items (:func:`core.fusion.explore`) applied first."""
+    gateway's exploration slots for new items (:func:`core.fusion.explore`, filled in
+    :func:`core.fusion.newest_first` order) applied first."""
     discount = 1.0 / np.log2(np.arange(k) + 2)
     pop, ann = FEATURES.index("popularity"), FEATURES.index("ann_rr")
     age, known = FEATURES.index("age"), FEATURES.index("age_known")
     recent = np.log1p(NEW_ITEM_DAYS) / 10  # the age feature of a NEW_ITEM_DAYS old item
+    pool = get_settings().exploration_pool
     values = []
     for g, s in zip(groups, scores, strict=True):
         order = np.argsort(-s, kind="stable")[:k]
@@ -115,6 +117,8 @@ def group_ndcg(
             new = (f[:, pop] == 0) & ((f[:, known] == 0) | (f[:, age] < recent))  # is_new
             by_content = [int(i) for i in np.argsort(-f[:, ann], kind="stable")]
             found = [i for i in by_content if new[i] and f[i, ann] > 0]
+            days = np.where(f[:, known] > 0, np.expm1(10 * f[:, age]), np.inf)  # the feature
+            found = fusion.newest_first(found, days.tolist(), pool)
             order = np.asarray(fusion.explore(order.tolist(), found, new, k, exploration))
         dcg = float((g["labels"][order] * discount[: len(order)]).sum())
         values.append(dcg / float(discount[: min(k, int(g["targets"]))].sum()))

@@ -46,6 +46,57 @@ def test_exploration_gives_the_last_slots_to_new_items_the_ann_found() -> None:
     assert len(out) == 10
 
 
+def test_newest_first_reorders_only_the_best_content_matches() -> None:
+    from core.fusion import newest_first
+
+    inf = float("inf")
+    ages = [50.0, 5.0, inf, 1.0, 20.0]  # seconds since each appeared (inf: unknown)
+    by_content = [0, 1, 2, 3, 4]
+    assert newest_first(by_content, ages, 1) == by_content  # the best match alone: as found
+    assert newest_first(by_content, ages, 3) == [1, 0, 2, 3, 4]  # unknown age: oldest
+    assert newest_first(by_content, ages, 10) == [3, 1, 4, 0, 2]
+    assert newest_first([4, 2, 0], ages, 2) == [4, 2, 0]
+    tie = [7.0, 7.0, 7.0]
+    assert newest_first([2, 0, 1], tie, 3) == [2, 0, 1]  # equal ages keep content order
+
+
+def test_exploration_takes_the_newest_of_the_pool_and_what_fusion_left_out() -> None:
+    from services.deadline import Deadline
+    from services.recommend.context import Context, Filters, Rules
+    from services.recommend.diversify import ann_extras, explore
+
+    now = 1000 * 86400.0
+
+    def row(item_id: str, pop: float = 0.0, age_days: float = 0, cats: tuple = ()) -> dict:
+        created = now - age_days * 86400 if age_days else 0
+        return {"item_id": item_id, "popularity": pop, "created_at": created, "categories": cats}
+
+    items = [Candidate(f"p{i}", row(f"p{i}", 5.0)) for i in range(10)]
+    best, newer = row("best_match", age_days=60), row("newer", age_days=2)
+    extra = [Candidate("best_match", best, {"ann": 1}), Candidate("newer", newer, {"ann": 5})]
+    pick = [c.item_id for c in explore(items, items + extra, 10, 0.1, now, pool=1)]
+    assert pick[-1] == "best_match"  # pool 1: best content match first
+    pick = [c.item_id for c in explore(items, items + extra, 10, 0.1, now, pool=20)]
+    assert pick[-1] == "newer"  # the newest of the pool
+
+    ctx = Context.begin(
+        "u",
+        10,
+        Filters(exclude_categories=frozenset({"Banned"})),
+        Deadline.after(5),
+        rules=Rules(bury=frozenset({"buried"})),
+    )
+    ctx.candidates = items
+    ctx.ann_rows = [
+        row("p3", 5.0),  # a candidate already
+        row("left_out", age_days=3),
+        row("buried", age_days=1),
+        row("banned", age_days=1, cats=("Banned",)),
+    ]
+    extras = ann_extras(ctx)
+    assert [(c.item_id, c.ranks) for c in extras] == [("left_out", {"ann": 1})]
+
+
 def _mmr_by_formula(rel: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> list[int]:
     """Each pick is ``argmax (1 - λ)·rel - λ·max cos`` to the picks so far (0 before the
     first), with ``rel`` min-max scaled: the definition, written out."""

@@ -20,9 +20,12 @@ def test_new_slots_take_the_last_places_and_never_repeat_an_item() -> None:
 
 def test_new_item_slots_reach_new_targets_that_popularity_never_does(tmp_path: Path) -> None:
     ds = load_dataset(synthetic_generic(tmp_path / "generic", users=200))  # 60: none in window
-    out = exploration_ceiling(ds, val_quantile=0.8, slots=(0, 10), encoder=FakeEncoder())
+    out = exploration_ceiling(
+        ds, val_quantile=0.8, slots=(0, 10), pools=(1, 1000), encoder=FakeEncoder()
+    )
     assert out["users"] > 0 and 0 < out["new_items"] < out["items"]
-    (new0, all0), (new10, all10) = out["rows"][0], out["rows"][10]
+    (new0, all0), (new10, all10) = out["rows"][1][0], out["rows"][1][10]
     assert new0 == 0.0  # trending popularity never ranks an item without training events
     assert new10 > 0.0  # ten slots of new items by content find some of those targets
     assert all10 < all0  # and cost the established targets
+    assert out["rows"][1000][0] == out["rows"][1][0]  # the order matters only with slots

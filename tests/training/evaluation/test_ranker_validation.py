@@ -30,7 +30,12 @@ from training.evaluation.ranker_validation import (
     window_groups,
 )
 from training.loop import fit_in_process
-from training.tasks.feature_ranker import FeatureRankerTask, feature_scaling, retrieval_order
+from training.tasks.feature_ranker import (
+    FeatureRankerTask,
+    feature_scaling,
+    group_ndcg,
+    retrieval_order,
+)
 
 CFG = FeatureRankerConfig(epochs=8, batch_size=4, cutoffs=[0.5, 0.7, 0.9], users_per_cutoff=None)
 
@@ -108,6 +113,24 @@ def test_the_retrieval_order_is_the_gateways_fusion_read_back_from_the_features(
     )
     (scores,) = retrieval_order([{"features": features}], {**weights, "segment": 3.0})
     np.testing.assert_allclose(scores, [score for _, score in fused_ids], rtol=1e-6)
+
+
+def test_the_replayed_exploration_slot_takes_the_newest_of_the_best_content_matches() -> None:
+    """``group_ndcg(exploration=...)`` fills the slot as the gateway does: the newest of
+    ``exploration_pool`` new items by ANN rank, not the best content match alone."""
+    n = 12
+    features = np.zeros((n, len(FEATURES)), dtype=np.float32)
+    col = {name: FEATURES.index(name) for name in FEATURES}
+    features[:10, col["popularity"]] = 0.5  # established items, the ranker's top 10
+    features[10:, col["age_known"]] = 1.0
+    features[10, col["ann_rr"]], features[10, col["age"]] = 1 / 2, np.log1p(60) / 10
+    features[11, col["ann_rr"]], features[11, col["age"]] = 1 / 6, np.log1p(2) / 10
+    labels = np.zeros(n, dtype=np.float32)
+    labels[11] = 1.0  # the newer of the two new items, the worse content match
+    group = {"features": features, "labels": labels, "targets": 1}
+    scores = np.arange(n, 0, -1, dtype=np.float32)
+    assert group_ndcg([group], [scores]) == 0.0
+    assert group_ndcg([group], [scores], exploration=0.1) == pytest.approx(1 / np.log2(11))
 
 
 def test_cold_users_are_those_with_at_most_the_fold_in_known() -> None:
