@@ -66,6 +66,7 @@ from training import tracking
 from training.config import SequenceConfig, TrainConfig, load_config
 from training.data.candidates import (
     Catalogue,
+    SequenceAt,
     SequenceScores,
     training_cutoffs,
 )
@@ -232,10 +233,10 @@ def fit_feature_ranker(
 
     With a sequence model (``seq_dir``) it is a candidate source and a feature, as served.
     The served model was trained on the whole training period, so it has seen what the
-    cut-offs' users did next: the training groups get a replay model trained in this process
-    on the events before the first cut-off only (its request-time term stays at that
-    cut-off), the validation groups, whose targets lie after the training period, the served
-    model itself."""
+    cut-offs' users did next: the training groups at each cut-off get a replay model trained
+    in this process on the events before that cut-off only (:func:`replay_twins`), the
+    validation groups, whose targets lie after the training period, the served model
+    itself."""
     fr = cfg.feature_ranker
     if resume and _finished(cfg, FeatureRankerTask(fr)):
         return fit(cfg, FeatureRankerTask(fr), [], None, pretrained, resume)
@@ -247,21 +248,25 @@ def fit_feature_ranker(
     t0 = time.time()
     candidates = Catalogue.build(items, item_ids, vectors)
     cuts = training_cutoffs(train, fr.cutoffs)
-    served = early = None
+    twin_at: SequenceAt | None = None
+    served: SequenceScores | None = None
     if seq_dir is not None:
-        served = load_sequence_model(seq_dir / "sequence")
-        early = replay_sequence_model(cfg.sequence, served, train[train["timestamp"] < min(cuts)])
-
-    def scores(model: SASRec | None) -> SequenceScores | None:
-        if model is None:
-            return None
-        return lambda events, users: catalogue_scores(model, events, users, item_ids)
-
+        model = load_sequence_model(seq_dir / "sequence")
+        twin_at = replay_twins(cfg.sequence, model, train, item_ids)
+        served = model_scores(model, item_ids)
     half_life = popularity_half_life(train, get_settings().popularity_half_life_days)
     data.info["popularity_half_life_days"] = half_life  # as indexing these events chooses
     print(f"[feature_ranker] popularity half-life {half_life:g} days", flush=True)
     groups, held_out = replayed_groups(
-        candidates, train, test, fr, cuts, cfg.seed, scores(early), scores(served), half_life
+        candidates,
+        train,
+        test,
+        fr,
+        cuts,
+        cfg.seed,
+        twin_at,
+        served,
+        half_life,
     )
     if not groups:
         raise ValueError("no feature-ranker training groups: too few users after the cut-offs")
@@ -273,14 +278,34 @@ def fit_feature_ranker(
     return fit(cfg, FeatureRankerTask(fr, mean, std), groups, held_out, pretrained, resume)
 
 
-def replay_sequence_model(cfg: SequenceConfig, served: SASRec, events: pd.DataFrame) -> SASRec:
-    """The served sequence model's twin (same catalogue, content vectors and settings)
-    trained in this process on ``events`` only (see :func:`fit_feature_ranker`)."""
-    t0 = time.time()
-    content = served.space.content if served.space.content.size else None
-    model = train_on_events(cfg, events, served.space.item_ids, content)
-    print(f"[feature_ranker] replay sequence model in {time.time() - t0:.1f}s")
-    return model
+def model_scores(model: SASRec, item_ids: Sequence[str]) -> SequenceScores:
+    """``model``'s scores of ``item_ids`` (the ranker's catalogue) for each user's events."""
+    return lambda events, users: catalogue_scores(model, events, users, item_ids)
+
+
+def replay_twins(
+    cfg: SequenceConfig, served: SASRec, events: pd.DataFrame, item_ids: Sequence[str]
+) -> SequenceAt:
+    """At a cut-off, the served sequence model's twin (same catalogue, content vectors and
+    settings) trained in this process on the ``events`` before it only: as current as the
+    served model is when it serves. One twin for every cut-off, from the events before the
+    first, left the later cut-offs' sequence features a year stale on MovieLens (its
+    request-time term too), and the ranker learned to trust them less than the served
+    model deserves (FINDINGS.md)."""
+
+    def at(cut: pd.Timestamp) -> SequenceScores:
+        t0 = time.time()
+        content = served.space.content if served.space.content.size else None
+        before = events[events["timestamp"] < cut]
+        model = train_on_events(cfg, before, served.space.item_ids, content)
+        print(
+            f"[feature_ranker] replay sequence model at {cut} on {len(before)} events "
+            f"in {time.time() - t0:.1f}s",
+            flush=True,
+        )
+        return model_scores(model, item_ids)
+
+    return at
 
 
 class CatalogueVectors:

@@ -89,6 +89,9 @@ class Catalogue:
 #: ``(histories, users) -> [len(users), catalogue items]`` sequence-model scores of each
 #: user's events in ``histories`` (see :func:`training.models.sequence.catalogue_scores`)
 SequenceScores = Callable[[pd.DataFrame, Sequence[str]], np.ndarray]
+#: ``cut -> SequenceScores`` of the sequence model as it would have been served at ``cut``:
+#: trained on the events before it only
+SequenceAt = Callable[[pd.Timestamp], SequenceScores]
 
 
 def candidate_groups(

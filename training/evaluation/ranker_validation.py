@@ -25,8 +25,8 @@ Item vectors are the pretrained MiniLM's unless ``--content-model`` names anothe
 ``make train`` item tower was fine-tuned on the whole evaluation training period, so it has
 seen these windows' pairs). With ``feature_ranker.sequence`` (the default, as served) the
 sequence model is a source and two features, as in ``make train``: the training groups get a
-model trained on the events before the window's first cut-off, the validation groups one
-trained on all the events before the window's point (both in this process, with ``make
+model trained on the events before each cut-off, the validation groups one trained on all
+the events before the window's point (both in this process, with ``make
 train``'s sequence settings and these item vectors as content); ``--set sequence=false``
 replays without it.
 """
@@ -53,6 +53,7 @@ from training.config import FeatureRankerConfig, SequenceConfig, load_config
 from training.data import Dataset
 from training.data.candidates import (
     Catalogue,
+    SequenceAt,
     SequenceScores,
     split_at,
     training_cutoffs,
@@ -95,11 +96,16 @@ def window_groups(
     (point,) = training_cutoffs(events, [val_quantile])
     inner, later = split_at(events, point)
     cuts = training_cutoffs(inner, cfg.cutoffs)
-    early = served = None
+    twin_at: SequenceAt | None = None
+    served: SequenceScores | None = None
     if sequence is not None and cfg.sequence:
-        early = sequence_scores(sequence, catalogue, inner[inner["timestamp"] < min(cuts)])
+        seq = sequence
+
+        def twin_at(cut: pd.Timestamp) -> SequenceScores:
+            return sequence_scores(seq, catalogue, inner[inner["timestamp"] < cut])
+
         served = sequence_scores(sequence, catalogue, inner)
-    return replayed_groups(catalogue, inner, later, cfg, cuts, seed, early, served)
+    return replayed_groups(catalogue, inner, later, cfg, cuts, seed, twin_at, served)
 
 
 def popularity_order(groups: Groups) -> list[np.ndarray]:

@@ -32,6 +32,7 @@ from training.config import FeatureRankerConfig
 from training.data.candidates import (
     CandidateConfig,
     Catalogue,
+    SequenceAt,
     SequenceScores,
     candidate_groups,
     split_at,
@@ -51,13 +52,14 @@ def replayed_groups(
     cfg: FeatureRankerConfig,
     cuts: Sequence[pd.Timestamp],
     seed: int = 0,
-    sequence: SequenceScores | None = None,
+    sequence: SequenceAt | None = None,
     served: SequenceScores | None = None,
     half_life_days: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The stage's data: training groups at ``cuts`` inside ``events`` (the users active
-    after each, with the sequence model twin ``sequence``), and validation groups for the
-    users of ``later`` with the catalogue as ``events`` leave it (with the ``served`` model).
+    after each, with ``sequence(cut)``: the sequence model as it would have been served
+    there), and validation groups for the users of ``later`` with the catalogue as
+    ``events`` leave it (with the ``served`` model).
     ``make train`` passes its training/test split, :mod:`training.evaluation.ranker_validation`
     a point inside the training period: the same replay either way. Validation groups are
     always the gateway's fused candidates (what is served); training groups are fused too
@@ -79,7 +81,8 @@ def replayed_groups(
     groups: list[dict[str, Any]] = []
     for n, cut in enumerate(cuts):
         before, after = split_at(events, cut)
-        groups += candidate_groups(catalogue, before, after, replay, seed + n, sequence)
+        twin = sequence(cut) if sequence is not None else None
+        groups += candidate_groups(catalogue, before, after, replay, seed + n, twin)
     replay = dataclasses.replace(replay, max_users=cfg.eval_users, weights=weights)
     return groups, candidate_groups(catalogue, events, later, replay, seed + 5, served)
 

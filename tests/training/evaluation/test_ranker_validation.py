@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ from tests.training.evaluation.conftest import synthetic_generic
 from tests.training.evaluation.test_sequence_system import FakeEncoder
 from training.config import FeatureRankerConfig, SequenceConfig
 from training.data import Dataset, load_dataset
-from training.data.candidates import Catalogue, training_cutoffs
+from training.data.candidates import Catalogue, SequenceScores, training_cutoffs
 from training.evaluation.ranker_validation import (
     catalogue_for,
     fused,
@@ -162,6 +163,36 @@ def test_the_sequence_model_is_replayed_as_served_without_seeing_the_validation_
     again, _ = window_groups(catalogue, changed, CFG, 0.8, sequence=seq)
     for a, b in zip(again, groups, strict=True):
         np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def test_each_cut_off_gets_a_sequence_twin_trained_on_the_events_before_it(
+    data: tuple[Dataset, Catalogue], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As current as the served model is when it serves: one twin per cut-off, trained on
+    the events before that cut-off only (a single twin from before the first cut-off left
+    the later cut-offs' sequence features stale); the validation groups get one trained on
+    everything before the validation point."""
+    import training.evaluation.ranker_validation as rv
+
+    ds, catalogue = data
+    trained_until: list[pd.Timestamp] = []
+    real = rv.sequence_scores
+
+    def recording(cfg: SequenceConfig, cat: Catalogue, events: pd.DataFrame) -> SequenceScores:
+        trained_until.append(events["timestamp"].max())
+        return real(cfg, cat, events)
+
+    monkeypatch.setattr(rv, "sequence_scores", recording)
+    seq = SequenceConfig(epochs=1, dim=16, blocks=1, max_seq_len=20, time_periods=8)
+    window_groups(catalogue, ds.events, CFG, 0.8, sequence=seq)
+    (point,) = training_cutoffs(ds.events, [0.8])
+    inner = ds.events[ds.events["timestamp"] < point]
+    cuts = training_cutoffs(inner, CFG.cutoffs)
+    served, *twins = trained_until
+    assert served == inner["timestamp"].max()
+    assert len(twins) == len(cuts)
+    for until, cut in zip(twins, cuts, strict=True):
+        assert until == inner.loc[inner["timestamp"] < cut, "timestamp"].max()
 
 
 def test_validation_groups_are_the_served_candidates_whatever_the_training_replay(
