@@ -53,7 +53,7 @@ class Diversify(Stage):
         with_vectors = all("vector" in c.row for c in ctx.candidates)
         items = mmr(ctx.candidates, ctx.k, lam if with_vectors else 0.0)
         share, now = self.settings.exploration_share, self.popular.clock().now
-        pool = ctx.candidates + ann_extras(ctx)
+        pool = ctx.candidates + ann_extras(ctx) if share > 0 else ctx.candidates
         ctx.items = explore(items, pool, ctx.k, share, now, self.settings.exploration_pool)
 
 
