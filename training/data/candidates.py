@@ -73,17 +73,22 @@ class Catalogue:
     def build(cls, items: pd.DataFrame, item_ids: Sequence[str], vectors: np.ndarray) -> Catalogue:
         frame = items.set_index(items["item_id"].astype(str))
         frame = frame.loc[list(item_ids)]
-        created = np.zeros(len(frame), dtype=np.float64)
-        if "created_at" in frame:
-            ts = pd.to_datetime(frame["created_at"], utc=True)
-            created = np.where(ts.notna(), ts.astype("int64") // 10**9, 0).astype(np.float64)
         return cls(
             list(item_ids),
             np.asarray(vectors, dtype=np.float32),
             [list(c) for c in frame["categories"]],
             [str(t) for t in frame["title"]],
-            created,
+            creation_seconds(items, item_ids),
         )
+
+
+def creation_seconds(items: pd.DataFrame, item_ids: Sequence[str]) -> np.ndarray:
+    """The creation time of each of ``item_ids`` in epoch seconds, 0 when unknown."""
+    if "created_at" not in items:
+        return np.zeros(len(item_ids), dtype=np.float64)
+    created = items.set_index(items["item_id"].astype(str))["created_at"].loc[list(item_ids)]
+    ts = pd.to_datetime(created, utc=True)
+    return np.where(ts.notna(), ts.astype("int64") // 10**9, 0).astype(np.float64)
 
 
 #: ``(histories, users) -> [len(users), catalogue items]`` sequence-model scores of each

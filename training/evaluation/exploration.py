@@ -27,6 +27,7 @@ import pandas as pd
 
 from core import fusion
 from training.data import Dataset
+from training.data.candidates import creation_seconds
 from training.evaluation import metrics as M
 from training.evaluation.sequence_system import validation_split
 from training.evaluation.systems import PretrainedContent, TrendingPopularity
@@ -44,15 +45,6 @@ def with_new_slots(base: list[str], new_best: list[str], n: int, k: int = SHOWN)
     extra = new_best[:n]
     taken = set(extra)
     return [i for i in base if i not in taken][: k - len(extra)] + extra
-
-
-def creation_times(items: pd.DataFrame, item_ids: Sequence[str]) -> np.ndarray:
-    """Each item's creation time in epoch seconds, NaN when unknown."""
-    if "created_at" not in items:
-        return np.full(len(item_ids), np.nan)
-    created = pd.to_datetime(items["created_at"], utc=True, errors="coerce")
-    by_id = dict(zip(items["item_id"].astype(str), created, strict=True))
-    return np.array([by_id[i].timestamp() if pd.notna(by_id.get(i)) else np.nan for i in item_ids])
 
 
 def exploration_ceiling(
@@ -75,7 +67,7 @@ def exploration_ceiling(
     popular.fit(split.train)
     popular.observe(split.observed)
     is_new = np.array([i in split.new_items for i in content.item_ids])
-    created = creation_times(ds.items, content.item_ids)
+    created = creation_seconds(ds.items, content.item_ids)  # 0: unknown
     observed = split.observed.groupby(split.observed["user_id"].astype(str))["timestamp"].max()
     cutoff = split.cutoff if split.cutoff is not None else split.train.events["timestamp"].max()
     scores = content.full_scores(users)
@@ -83,10 +75,9 @@ def exploration_ceiling(
     best: dict[int, dict[str, list[str]]] = {pool: {} for pool in pools}
     for r, user in enumerate(users):
         now = pd.Timestamp(observed.get(user, cutoff)).timestamp()
-        exists = is_new & ~(created > now)  # NaN (no creation time) compares False: exists
-        found = np.flatnonzero(exists)
+        found = np.flatnonzero(is_new & (created <= now))  # no creation time: exists
         by_content = found[np.argsort(-scores[r, found], kind="stable")].tolist()
-        ages = np.where(np.isnan(created), np.inf, now - created).tolist()
+        ages = np.where(created > 0, now - created, np.inf).tolist()
         for pool in pools:
             order = fusion.newest_first(by_content, ages, pool)
             best[pool][user] = [content.item_ids[i] for i in order[:SHOWN]]
