@@ -6,7 +6,8 @@ online are computed the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -132,21 +133,16 @@ def co_occurrence(
     return out
 
 
-def half_life_gains(
-    events: pd.DataFrame,
-    choices: Sequence[float] = HALF_LIFE_CHOICES_DAYS,
-    windows: Sequence[float] = (0.8, 0.9),
-    k: int = 10,
-) -> np.ndarray:
-    """``(validation users, len(choices))`` NDCG@k of decayed popularity predicting what
-    users turn to next: ``events`` are cut at each of ``windows`` (quantiles of their
-    times); popularity from the events before the cut ranks the items each user had not
-    touched, against their next ``k`` new positive items after it (a user per window)."""
+def next_item_windows(
+    events: pd.DataFrame, windows: Sequence[float] = (0.8, 0.9), k: int = 10
+) -> list[NextItemWindow]:
+    """``events`` cut at each of ``windows`` (quantiles of their positives' times): what a
+    choice made on the events before the cut has to predict, each user's next ``k`` new
+    positive items after it (a user per window; windows with nothing on one side left out).
+    The validation windows every per-catalogue choice is made on."""
     pos = events.loc[events["weight"] > 0, ["user_id", "item_id", "timestamp", "weight"]]
     pos = pos.sort_values("timestamp", kind="stable")
-    rows: list[np.ndarray] = []
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    ideal = {n: float(discount[:n].sum()) for n in range(1, k + 1)}
+    out: list[NextItemWindow] = []
     for q in windows:
         cut = pos["timestamp"].quantile(q)
         before, after = pos[pos["timestamp"] < cut], pos[pos["timestamp"] >= cut]
@@ -158,15 +154,50 @@ def half_life_gains(
             new = [i for i in dict.fromkeys(items) if i not in seen.get(user, ())][:k]
             if new:
                 targets[user] = set(new)
-        gains = np.zeros((len(targets), len(choices)))
+        out.append(NextItemWindow(float(cut.timestamp()), before, seen, targets))
+    return out
+
+
+@dataclass(frozen=True)
+class NextItemWindow:
+    """One validation window of :func:`next_item_windows`: the cut (epoch seconds), the
+    positives before it, each user's items before it, and each user's next new items."""
+
+    cut: float
+    before: pd.DataFrame
+    seen: dict[object, set[object]]
+    targets: dict[object, set[object]]
+
+
+def ndcg(top: Sequence[object], relevant: Collection[object], k: int = 10) -> float:
+    """NDCG@k of the list ``top`` against the set ``relevant`` (binary gains)."""
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    gain = sum(discount[r] for r, i in enumerate(top[:k]) if i in relevant)
+    return float(gain / discount[: min(len(relevant), k)].sum()) if relevant else 0.0
+
+
+def unseen_top(order: Sequence[object], seen: Collection[object], k: int = 10) -> list[object]:
+    """The first ``k`` of ``order`` the user has not touched."""
+    return [i for i in order[: k + len(seen)] if i not in seen][:k]
+
+
+def half_life_gains(
+    events: pd.DataFrame,
+    choices: Sequence[float] = HALF_LIFE_CHOICES_DAYS,
+    windows: Sequence[float] = (0.8, 0.9),
+    k: int = 10,
+) -> np.ndarray:
+    """``(validation users, len(choices))`` NDCG@k of decayed popularity predicting what
+    users turn to next (:func:`next_item_windows`): popularity from the events before the
+    cut ranks the items each user had not touched, against their next new positives."""
+    rows: list[np.ndarray] = []
+    for w in next_item_windows(events, windows, k):
+        gains = np.zeros((len(w.targets), len(choices)))
         for c, days in enumerate(choices):
-            scores = item_popularity(before, days)
+            scores = item_popularity(w.before, days)
             order = sorted(scores, key=lambda i: (-scores[i], str(i)))
-            for u, (user, relevant) in enumerate(targets.items()):
-                mine = seen.get(user, set())
-                top = [i for i in order[: k + len(mine)] if i not in mine][:k]
-                gain = sum(discount[r] for r, i in enumerate(top) if i in relevant)
-                gains[u, c] = gain / ideal[len(relevant)]
+            for u, (user, relevant) in enumerate(w.targets.items()):
+                gains[u, c] = ndcg(unseen_top(order, w.seen.get(user, set()), k), relevant, k)
         rows.append(gains)
     return np.concatenate(rows) if rows else np.zeros((0, len(choices)))
 
@@ -206,12 +237,13 @@ def choose_half_life(
     gains = half_life_gains(events, choices)
     if len(gains) < min_users:
         return DEFAULT_HALF_LIFE_DAYS
-    return longest_within_one_se(gains, choices)
+    return largest_within_one_se(gains, choices)
 
 
-def longest_within_one_se(gains: np.ndarray, choices: Sequence[float]) -> float:
-    """The longest of ``choices`` whose column of ``gains`` (users x choices) trails the best
-    column's mean by at most one standard error of the paired per-user difference."""
+def largest_within_one_se(gains: np.ndarray, choices: Sequence[float]) -> float:
+    """The largest of ``choices`` (the longest half-life, the most exploration slots) whose
+    column of ``gains`` (users x choices) trails the best column's mean by at most one
+    standard error of the paired per-user difference."""
     best = gains[:, int(np.argmax(gains.mean(axis=0)))]
     behind = best[:, None] - gains
     se = behind.std(axis=0, ddof=1) / np.sqrt(len(gains))

@@ -118,12 +118,14 @@ class Settings(BaseSettings):
     mmr_lambda: float = Field(
         0.1, ge=0, le=1, description="Default diversity weight of the MMR re-rank (0 = off)."
     )
-    exploration_share: float = Field(
-        0.1,
+    exploration_share: float | None = Field(
+        None,
         ge=0,
         le=0.5,
         description="Share of the k slots (the last ones) kept for new items (no interaction "
-        "yet) that the content ANN found; 0 = none.",
+        "yet) that the content ANN found; 0 = none. Unset: the catalogue's, chosen by the "
+        "indexing job on the item vectors it indexed (core.exploration) and recorded in the "
+        "event log's aggregates bucket; 0.1 until one is recorded.",
     )
     exploration_pool: int = Field(
         20,

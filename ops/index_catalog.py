@@ -19,7 +19,13 @@ import pandas as pd
 
 from core.config import Settings, get_settings
 from core.rows import ItemRow, item_row
-from ops.indexing import embed_and_upsert, index_half_life, item_rows, without_deleted
+from ops.indexing import (
+    embed_and_upsert,
+    index_exploration,
+    index_half_life,
+    item_rows,
+    without_deleted,
+)
 from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
@@ -87,11 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level)
     connect()
-    VectorStore(settings).ensure_collections()
+    store = VectorStore(settings)
+    store.ensure_collections()
     # deleted users' events leave no trace in popularity or co-occurrence
     dataset = without_deleted(load_dataset(args.data), Tombstones.load(settings))
-    rows = item_rows(dataset, index_half_life(dataset, settings))
-    n = index_catalog_ray(rows, settings, args.batch_size, args.actors)
+    days = index_half_life(dataset, settings)
+    n = index_catalog_ray(item_rows(dataset, days), settings, args.batch_size, args.actors)
+    try:
+        index_exploration(dataset, store, settings, days)
+    finally:
+        store.close()
     print(f"indexed {n} items")
     return 0
 

@@ -18,7 +18,9 @@ anything is computed (no user row, no share in popularity or co-occurrence);
 Popularity decays with the catalogue's own half-life (:func:`index_half_life`: the setting,
 else chosen on the events indexed), which the job records in the event log's aggregates
 bucket with the time that popularity is decayed to, so the online popularity the profile
-workers add decays alike and the gateways add both at the same time.
+workers add decays alike and the gateways add both at the same time. Once the items are
+indexed, it chooses the share of each list's slots that exploration gives new items on the
+vectors just written (:func:`index_exploration`) and records it there too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from core.behaviour import (
     seen_items,
 )
 from core.config import Settings, get_settings
+from core.exploration import choose_exploration_share
 from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
 from core.rows import ItemRow, UserRow, item_row, user_row
 from core.sequence_inputs import user_event_sequences
@@ -181,6 +184,30 @@ def index_half_life(dataset: Dataset, settings: Settings) -> float:
     asyncio.run(with_log(settings, lambda events: aggregates.record_index(events, days, at)))
     log.info("popularity half-life: %g days, decayed to %s", days, at)
     return days
+
+
+def index_exploration(
+    dataset: Dataset, store: VectorStore, settings: Settings, half_life_days: float
+) -> float | None:
+    """The catalogue's exploration share, chosen on ``dataset``'s events and the item
+    vectors ``store`` holds (:func:`core.exploration.choose_exploration_share`, with the
+    popularity half-life of this index), recorded in the aggregates bucket for the gateways
+    (:func:`services.events.aggregates.record_exploration`). None, and nothing recorded, where
+    the ``exploration_share`` setting fixes it."""
+    if settings.exploration_share is not None:
+        return None
+    rows = store.all_items(("item_id", "created_at", "vector"))
+    share = choose_exploration_share(
+        dataset.events,
+        [str(r["item_id"]) for r in rows],
+        np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), -1),
+        np.asarray([float(r.get("created_at") or 0) for r in rows]),
+        half_life_days=half_life_days,
+        pool=settings.exploration_pool,
+    )
+    asyncio.run(with_log(settings, lambda events: aggregates.record_exploration(events, share)))
+    log.info("exploration share: %g of each list", share)
+    return share
 
 
 def item_rows(dataset: Dataset, half_life_days: float) -> list[tuple[ItemRow, str]]:
@@ -347,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store.ensure_collections()
         n_items = index_items(dataset, triton, store, args.batch_size, half_life_days=days)
+        if not args.no_tombstones:
+            index_exploration(dataset, store, settings, days)
         n_users = index_users(dataset, triton, store, args.batch_size)
     finally:
         triton.close()

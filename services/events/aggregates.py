@@ -19,7 +19,11 @@ half-life is the catalogue's: the indexing job chooses it on the events it index
 popularity is decayed to (``indexed_at``), so that a gateway decays the indexed part to the
 same "now" as the online part before adding them (:attr:`Aggregates.indexed_weight`): weeks
 after an index, a short half-life would otherwise let the stale indexed counts outweigh the
-fresh online ones. They are
+fresh online ones. It records there also the share of each list's slots that exploration
+gives new items, chosen on the item vectors it indexed (:func:`record_exploration`,
+:func:`core.exploration.choose_exploration_share`), which every gateway reads (a gateway
+with ``aggregates_refresh_s`` 0 reads it once, at start); the setting ``exploration_share``
+overrides it. The aggregates are
 approximate by design: a worker that dies loses at most one flush interval of increments,
 and each list is cut to its strongest ``aggregates_top_items`` items
 (``aggregates_co_neighbours`` neighbours each), which bounds the values at a few hundred KB.
@@ -45,7 +49,7 @@ POPULARITY = "popularity"
 CO_OCCURRENCE = "co_occurrence"
 PAIR_SEEDS = 10  # previous history items each new positive is paired with
 #: what the indexing job records in the ``popularity`` key (:func:`record_index`)
-INDEX_KEYS = ("half_life_s", "indexed_at")
+INDEX_KEYS = ("half_life_s", "indexed_at", "exploration_share")
 
 
 def half_life_s(settings: Settings, popularity_doc: Mapping[str, object]) -> float:
@@ -209,6 +213,13 @@ async def record_index(
     await _update(kv, POPULARITY, recorded, attempts)
 
 
+async def record_exploration(log: EventLog, share: float, attempts: int = 20) -> None:
+    """Record the exploration share the indexing job chose for this catalogue where the
+    gateways read it (:attr:`Aggregates.exploration_share`)."""
+    kv = await log.bucket(log.settings.aggregates_bucket, create=True)
+    await _update(kv, POPULARITY, lambda doc: {**doc, "exploration_share": share}, attempts)
+
+
 @dataclass(frozen=True)
 class Aggregates:
     """What a gateway reads: scores decayed to ``at`` (seconds since the epoch), and the
@@ -219,6 +230,7 @@ class Aggregates:
     popularity: dict[str, float] = field(default_factory=dict)
     co_occurrence: dict[str, list[str]] = field(default_factory=dict)  # best first
     indexed_weight: float = 1.0
+    exploration_share: float | None = None  # the indexing job's choice; None: none recorded
 
     def __bool__(self) -> bool:
         return bool(self.popularity or self.co_occurrence)
@@ -254,4 +266,5 @@ def decayed(
     }
     indexed_at = pop.get("indexed_at")
     indexed = 1.0 if indexed_at is None else decay(now - float(indexed_at), half_life)  # type: ignore[arg-type]
-    return Aggregates(now, scores, neighbours, indexed)
+    share = pop.get("exploration_share")
+    return Aggregates(now, scores, neighbours, indexed, None if share is None else float(share))  # type: ignore[arg-type]

@@ -77,7 +77,7 @@ class GatewayState:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._popular_at = 0.0
-        self._online_at = 0.0
+        self._online_at = 0.0  # 0: the aggregates were not read yet
         self._set_health(False)
         # Liveness is about this process only: a Triton or Milvus outage must not make
         # Kubernetes restart every gateway, so probes ask for this service name.
@@ -182,7 +182,7 @@ class GatewayState:
             and self.popular.refresh(self.store)
         ):
             self._popular_at = time.monotonic()
-        if events_ready and self._online_due():
+        if events_ready and (self._online_due() or not self._online_at):
             self._refresh_online()
         if (triton_ready, milvus_ready) != (self.triton_ready, self.milvus_ready):
             log.log(
@@ -212,14 +212,20 @@ class GatewayState:
 
     def _refresh_online(self) -> None:
         """The online popularity and co-occurrence the profile workers refresh from the
-        event stream (:mod:`services.events.aggregates`), into the popularity cache."""
+        event stream (:mod:`services.events.aggregates`), into the popularity cache, with the
+        exploration share the indexing job recorded. With ``aggregates_refresh_s`` 0, read
+        once, at start, for the share alone."""
         self._online_at = time.monotonic()
         try:
             online = self.events.call(lambda log: aggregates.read(log), 2.0)
         except Exception as exc:  # the previous aggregates stay in use
             log.warning("online aggregates not refreshed: %s", exc)
+            if not self.settings.aggregates_refresh_s:
+                self._online_at = 0.0  # the one read at start: retried at the next poll
             return
-        self.popular.set_online(online.popularity, online.co_occurrence, online.indexed_weight)
+        self.popular.set_exploration_share(online.exploration_share)
+        if self.settings.aggregates_refresh_s:
+            self.popular.set_online(online.popularity, online.co_occurrence, online.indexed_weight)
 
     def start_background(self) -> None:
         """The dependency monitor (profiles are applied by the profile workers)."""

@@ -4,10 +4,12 @@ then exploration slots for new items.
 λ comes from the request, else the experiment variant, else the settings; without a vector
 for every candidate it falls back to plain relevance order (λ = 0). Exploration: an item
 nobody has interacted with yet has no popularity and no co-occurrence, so no ranker trained
-on behaviour puts it in a top 10; ``exploration_share`` of the slots (the last ones) go to
-the newest of the ``exploration_pool`` new items the content ANN matched best (its whole
-list, also the items fusion left out of the candidates), so new items get seen and their
-behaviour can start (what it buys and costs: training/evaluation/FINDINGS.md).
+on behaviour puts it in a top 10; a share of the slots (the last ones: the catalogue's
+share, chosen and recorded by the indexing job, :mod:`core.exploration`, or the setting
+``exploration_share``) go to the newest of the ``exploration_pool`` new items the content
+ANN matched best (its whole list, also the items fusion left out of the candidates), so
+new items get seen and their behaviour can start (what it buys and costs:
+training/evaluation/FINDINGS.md).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class Diversify(Stage):
         lam = self.settings.mmr_lambda if lam is None else lam
         with_vectors = all("vector" in c.row for c in ctx.candidates)
         items = mmr(ctx.candidates, ctx.k, lam if with_vectors else 0.0)
-        share, now = self.settings.exploration_share, self.popular.clock().now
+        share = self.settings.exploration_share
+        share = self.popular.exploration_share() if share is None else share
+        now = self.popular.clock().now
         pool = ctx.candidates + ann_extras(ctx) if share > 0 else ctx.candidates
         ctx.items = explore(items, pool, ctx.k, share, now, self.settings.exploration_pool)
 

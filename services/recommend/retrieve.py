@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from core.config import Settings
+from core.exploration import DEFAULT_EXPLORATION_SHARE
 from core.fusion import fuse_ids
 from core.ranking_features import CO_SEEDS, CatalogueClock, co_occurrence_scores
 from core.sequence_inputs import model_inputs
@@ -49,6 +50,7 @@ class PopularItems:
         self._indexed_weight = 1.0
         self._neighbours: Mapping[str, Sequence[str]] = {}
         self._clock = CatalogueClock(top_popularity=0.0, now=time.time())
+        self._exploration_share: float | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -98,6 +100,18 @@ class PopularItems:
         }
         ranked = sorted(self._catalogue, key=lambda r: (-score[r["item_id"]], r["item_id"]))
         return ranked[: self.size]
+
+    def set_exploration_share(self, share: float | None) -> None:
+        """The share of each list's slots for new items that the indexing job chose for
+        this catalogue (:func:`core.exploration.choose_exploration_share`); None: none."""
+        if share != self._exploration_share:
+            log.info("exploration share recorded by the indexing job: %s", share)
+        self._exploration_share = share
+
+    def exploration_share(self) -> float:
+        """The recorded share, else :data:`core.exploration.DEFAULT_EXPLORATION_SHARE`."""
+        share = self._exploration_share
+        return DEFAULT_EXPLORATION_SHARE if share is None else share
 
     def neighbours(self, item_id: str) -> Sequence[str]:
         """The item's online co-occurrence neighbours, best first (none before any)."""

@@ -11,7 +11,7 @@ from core.behaviour import (
     DEFAULT_HALF_LIFE_DAYS,
     choose_half_life,
     half_life_scores,
-    longest_within_one_se,
+    largest_within_one_se,
     popularity_half_life,
 )
 from training.data import load_dataset
@@ -59,6 +59,6 @@ def test_a_shorter_memory_has_to_win_by_more_than_noise() -> None:
     base = rng.uniform(0, 0.2, size=100)
     noise = rng.normal(0, 0.05, size=100)
     slightly = np.column_stack([base + noise + 0.001, base])  # 30 days ahead by noise
-    assert longest_within_one_se(slightly, [30.0, 365.0]) == 365.0
+    assert largest_within_one_se(slightly, [30.0, 365.0]) == 365.0
     clearly = np.column_stack([base + 0.05, base])  # every user better with 30 days
-    assert longest_within_one_se(clearly, [30.0, 365.0]) == 30.0
+    assert largest_within_one_se(clearly, [30.0, 365.0]) == 30.0

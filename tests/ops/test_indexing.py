@@ -25,6 +25,7 @@ from ops.indexing import (
     embed_and_upsert,
     embed_bucketed,
     estimated_lengths,
+    index_exploration,
     index_half_life,
     index_rows,
     index_users,
@@ -39,8 +40,9 @@ from services.events import aggregates
 from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
+from tests.core.test_exploration_share import shop_arrivals
 from tests.nats_server import nats_settings, on_log
-from training.data import load_dataset
+from training.data import Dataset, load_dataset
 
 __all__ = ["nats_settings"]
 
@@ -73,6 +75,9 @@ class FakeStore:
     def upsert_items(self, rows: Sequence[ItemRow], timeout: float = 30.0) -> int:
         self.rows.extend(dict(r) for r in rows)
         return len(rows)
+
+    def all_items(self, fields: Sequence[str]) -> list[dict[str, Any]]:
+        return [{f: r[f] for f in fields} for r in self.rows]
 
 
 def catalogue(n: int) -> list[tuple[ItemRow, str]]:
@@ -310,3 +315,24 @@ def test_the_index_records_its_popularity_half_life_and_time_for_the_online_aggr
     # days later weighs it a quarter, as it does the online part of the same age
     later = on_log(nats_settings, lambda log: aggregates.read(log, now=1e9 + 4 * day))
     assert later.indexed_weight == pytest.approx(0.25)
+
+
+@pytest.mark.integration
+def test_the_index_records_the_exploration_share_it_chose_for_the_gateways(
+    nats_settings: Settings,
+) -> None:
+    """On a catalogue whose users buy the arrivals the job chooses three slots of ten, on
+    the vectors the store holds, and records it where the gateways read it; a setting that
+    fixes the share leaves nothing to choose."""
+    events, ids, vectors, created = shop_arrivals(600, fresh=True)
+    store = FakeStore()
+    store.rows = [
+        {"item_id": i, "vector": v.tolist(), "created_at": int(c)}
+        for i, v, c in zip(ids, vectors, created, strict=True)
+    ]
+    dataset = Dataset(events, pd.DataFrame({"item_id": ids}))
+    assert on_log(nats_settings, lambda log: aggregates.read(log)).exploration_share is None
+    assert index_exploration(dataset, cast(VectorStore, store), nats_settings, 3.0) == 0.3
+    assert on_log(nats_settings, lambda log: aggregates.read(log)).exploration_share == 0.3
+    fixed = nats_settings.model_copy(update={"exploration_share": 0.2})
+    assert index_exploration(dataset, cast(VectorStore, store), fixed, 3.0) is None

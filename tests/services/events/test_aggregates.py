@@ -47,10 +47,12 @@ def test_merges_decay_the_stored_scores_to_the_newest_time() -> None:
 
 
 def test_the_recorded_half_life_survives_merges_and_a_setting_overrides_it() -> None:
-    recorded = {"half_life_s": 3 * DAY, "indexed_at": 5 * DAY}
+    recorded = {"half_life_s": 3 * DAY, "indexed_at": 5 * DAY, "exploration_share": 0.3}
     doc = merge_popularity(recorded, Delta(at=0.0), 3 * DAY, top=10)
     assert doc["half_life_s"] == 3 * DAY  # the indexing job's choice stays for every reader
     assert doc["indexed_at"] == 5 * DAY
+    assert decayed(doc, {}, Settings(), now=0.0).exploration_share == 0.3  # so does this one
+    assert decayed({}, {}, Settings(), now=0.0).exploration_share is None
     assert half_life_s(Settings(), doc) == 3 * DAY
     assert half_life_s(Settings(), {}) == DEFAULT_HALF_LIFE_DAYS * DAY  # nothing recorded
     assert half_life_s(Settings(popularity_half_life_days=1.5), doc) == 1.5 * DAY

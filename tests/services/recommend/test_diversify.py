@@ -125,3 +125,43 @@ def test_mmr_picks_what_its_formula_says() -> None:
         assert kernel(rel, vectors, 10, lam).tolist() == _mmr_by_formula(rel, vectors, 10, lam), (
             trial
         )
+
+
+def test_the_stage_takes_the_share_the_index_recorded_unless_the_setting_fixes_one() -> None:
+    """``exploration_share`` unset: the catalogue's share, as the indexing job recorded it
+    (read from the aggregates into the popularity cache), 0.1 before any is recorded."""
+    from typing import cast
+
+    from core.config import Settings
+    from services.deadline import Deadline
+    from services.recommend.context import Context, Filters
+    from services.recommend.diversify import Diversify
+    from services.recommend.retrieve import PopularItems
+    from services.vectors.store import VectorStore
+    from tests.services.recommend.fakes import FakeStore
+
+    now = 1000 * 86400.0
+    rows = [
+        {"item_id": f"p{i}", "popularity": 10.0 - i, "created_at": now - 400 * 86400}
+        for i in range(10)
+    ] + [{"item_id": f"n{i}", "popularity": 0.0, "created_at": now - i * 86400} for i in range(5)]
+    popular = PopularItems(size=20)
+    assert popular.refresh(
+        cast(VectorStore, FakeStore([{**r, "title": "", "categories": []} for r in rows]))
+    )
+
+    def new_items(settings: Settings) -> int:
+        ctx = Context.begin("u", 10, Filters(), Deadline.after(5), diversity=0.0)
+        ctx.candidates = [Candidate(r["item_id"], r) for r in rows[:10]]
+        ctx.candidates += [Candidate(r["item_id"], r, {"ann": n}) for n, r in enumerate(rows[10:])]
+        for c, relevance in zip(ctx.candidates, range(15, 0, -1), strict=True):
+            c.relevance = float(relevance)
+        Diversify(settings, popular).run(ctx)
+        assert len(ctx.items) == 10
+        return sum(c.item_id.startswith("n") for c in ctx.items)
+
+    assert new_items(Settings()) == 1  # nothing recorded: the default
+    popular.set_exploration_share(0.3)
+    assert new_items(Settings()) == 3
+    assert new_items(Settings(exploration_share=0.2)) == 2
+    assert new_items(Settings(exploration_share=0.0)) == 0
