@@ -82,15 +82,13 @@ def exploration_gains(
             ]
         )
         match = profiles @ unit[new].T
+        every, ages = np.ones(len(new), dtype=bool), age[new].tolist()
         gains = np.zeros((len(users), len(choices)))
         for r, user in enumerate(users):
             seen = {str(i) for i in w.seen[user]}
             relevant = {str(i) for i in w.targets[user]}
-            best = new[np.argsort(-match[r], kind="stable")[:pool]]
-            picked = [
-                ids[i]
-                for i in best[fusion.newest_first(range(len(best)), age[best].tolist(), pool)]
-            ]
+            slots = fusion.slot_order(match[r], every, ages, pool)[: max(choices)]
+            picked = [ids[new[i]] for i in slots]
             base = unseen_top(order, seen, k)
             for c, n in enumerate(choices):
                 gains[r, c] = ndcg(base[: k - n] + picked[:n], relevant, k)

@@ -10,7 +10,7 @@
   min-max scaled so that λ means the same whichever scorer produced it.
 
 One implementation of each, so the served order and the evaluated order cannot drift apart;
-likewise :func:`explore` and :func:`newest_first`, the exploration slots for new items.
+likewise :func:`explore` and :func:`slot_order`, the exploration slots for new items.
 """
 
 from __future__ import annotations
@@ -123,3 +123,19 @@ def newest_first(by_content: Sequence[int], ages: Sequence[float], pool: int) ->
     ``python -m training.evaluation.exploration``)."""
     head = list(by_content[:pool])
     return sorted(head, key=lambda i: ages[i]) + list(by_content[pool:])
+
+
+def slot_order(
+    content: Sequence[float] | np.ndarray,
+    new: Sequence[bool] | np.ndarray,
+    ages: Sequence[float],
+    pool: int,
+) -> list[int]:
+    """The positions of the new items (``new``) the content match found (``content``: the
+    higher the better, ``-inf`` where it did not find the item), best match first (ties in
+    input order), then the first ``pool`` of them newest first (:func:`newest_first`): the
+    order :func:`explore` fills its slots in, for the gateway, the ranker's replay and the
+    offline analyses alike."""
+    score = np.asarray(content, dtype=np.float64)
+    found = [i for i in np.argsort(-score, kind="stable").tolist() if new[i] and score[i] > -np.inf]
+    return newest_first(found, ages, pool)

@@ -85,17 +85,14 @@ def explore(
 ) -> list[Candidate]:
     """``items`` with exploration slots (:func:`core.fusion.explore`) for the new items
     (:func:`core.ranking_features.is_new` at the catalogue's clock ``now``) the ANN found:
-    the newest of the ``pool`` best by ANN rank first (:func:`core.fusion.newest_first`)."""
+    the newest of the ``pool`` best by ANN rank first (:func:`core.fusion.slot_order`)."""
     picked = {c.item_id for c in items}
     every = list(items) + [c for c in candidates if c.item_id not in picked]
-    new, ages = [], []
+    new, ages, content = [], [], []
     for c in every:
         created = float(c.row.get("created_at") or 0)
         new.append(is_new(float(c.row.get("popularity") or 0), created, now))
         ages.append(now - created if created > 0 else math.inf)
-    by_content = sorted(
-        (i for i, c in enumerate(every) if new[i] and "ann" in c.ranks),
-        key=lambda i: every[i].ranks["ann"],
-    )
-    found = fusion.newest_first(by_content, ages, pool)
+        content.append(-float(c.ranks["ann"]) if "ann" in c.ranks else -math.inf)
+    found = fusion.slot_order(content, new, ages, pool)
     return [every[i] for i in fusion.explore(range(len(items)), found, new, k, share)]

@@ -7,7 +7,7 @@ list with its last ``n`` slots given to new items (no training event) that exist
 user's fold-in point (created by then, or with no creation time: what the gateway's
 catalogue holds then), for several ``n``; the new-item NDCG@10 it buys and the all-target
 NDCG@10 it costs, for the users who have a new-item target. The slots are filled as the
-gateway fills them (:func:`core.fusion.newest_first`): the newest of the ``pool`` best
+gateway fills them (:func:`core.fusion.slot_order`): the newest of the ``pool`` best
 content matches first, for several ``pool`` sizes (1: best content match first).
 Validation windows inside the evaluation's training period only (never the test users)::
 
@@ -75,11 +75,10 @@ def exploration_ceiling(
     best: dict[int, dict[str, list[str]]] = {pool: {} for pool in pools}
     for r, user in enumerate(users):
         now = pd.Timestamp(observed.get(user, cutoff)).timestamp()
-        found = np.flatnonzero(is_new & (created <= now))  # no creation time: exists
-        by_content = found[np.argsort(-scores[r, found], kind="stable")].tolist()
+        exists = is_new & (created <= now)  # no creation time: exists
         ages = np.where(created > 0, now - created, np.inf).tolist()
         for pool in pools:
-            order = fusion.newest_first(by_content, ages, pool)
+            order = fusion.slot_order(scores[r], exists, ages, pool)
             best[pool][user] = [content.item_ids[i] for i in order[:SHOWN]]
     rows: dict[int, dict[int, tuple[float, float]]] = {}
     for pool in pools:

@@ -106,7 +106,7 @@ def group_ndcg(
     """Mean NDCG@k of ranking each group by ``scores``; the ideal counts every target of the
     user (also those retrieval missed), as the offline evaluation does. ``exploration``: the
     gateway's exploration slots for new items (:func:`core.fusion.explore`, filled in
-    :func:`core.fusion.newest_first` order) applied first."""
+    :func:`core.fusion.slot_order`) applied first."""
     discount = 1.0 / np.log2(np.arange(k) + 2)
     pop, ann = FEATURES.index("popularity"), FEATURES.index("ann_rr")
     age, known = FEATURES.index("age"), FEATURES.index("age_known")
@@ -118,10 +118,9 @@ def group_ndcg(
         if exploration > 0:
             f = g["features"]
             new = (f[:, pop] == 0) & ((f[:, known] == 0) | (f[:, age] < recent))  # is_new
-            by_content = [int(i) for i in np.argsort(-f[:, ann], kind="stable")]
-            found = [i for i in by_content if new[i] and f[i, ann] > 0]
+            content = np.where(f[:, ann] > 0, f[:, ann], -np.inf)  # the ANN's reciprocal rank
             days = np.where(f[:, known] > 0, np.expm1(10 * f[:, age]), np.inf)  # the feature
-            found = fusion.newest_first(found, days.tolist(), pool)
+            found = fusion.slot_order(content, new, days.tolist(), pool)
             order = np.asarray(fusion.explore(order.tolist(), found, new, k, exploration))
         dcg = float((g["labels"][order] * discount[: len(order)]).sum())
         values.append(dcg / float(discount[: min(k, int(g["targets"]))].sum()))

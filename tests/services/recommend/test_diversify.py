@@ -60,6 +60,19 @@ def test_newest_first_reorders_only_the_best_content_matches() -> None:
     assert newest_first([2, 0, 1], tie, 3) == [2, 0, 1]  # equal ages keep content order
 
 
+def test_slot_order_takes_found_new_items_by_content_then_the_newest_of_the_pool() -> None:
+    from core.fusion import slot_order
+
+    inf = float("inf")
+    content = [0.9, 0.8, -inf, 0.7, 0.95, 0.6]  # -inf: the content match did not find it
+    new = [True, True, True, True, False, True]  # 4 is no new item, whatever its match
+    ages = [30.0, 10.0, 1.0, 5.0, 1.0, 2.0]
+    assert slot_order(content, new, ages, 1) == [0, 1, 3, 5]  # best match first
+    assert slot_order(content, new, ages, 3) == [3, 1, 0, 5]  # the newest of the best 3
+    assert slot_order(content, new, ages, 10) == [5, 3, 1, 0]
+    assert slot_order([], [], [], 5) == []
+
+
 def test_exploration_takes_the_newest_of_the_pool_and_what_fusion_left_out() -> None:
     from services.deadline import Deadline
     from services.recommend.context import Context, Filters, Rules
