@@ -15,7 +15,7 @@ vectors it indexed and records the share where the gateways read it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,7 @@ import pandas as pd
 from core import fusion
 from core.behaviour import (
     SECONDS_PER_DAY,
+    NextItemWindow,
     item_popularity,
     largest_within_one_se,
     ndcg,
@@ -66,15 +67,11 @@ def exploration_gains(
     created = np.asarray(created, dtype=np.float64)
     out: list[np.ndarray] = []
     for w in next_item_windows(events, windows, k):
-        liked = {str(i) for i in w.before["item_id"].unique()}
-        age = np.where(created > 0, w.cut - created, np.inf)
-        fresh = (created <= 0) | ((age >= 0) & (age < NEW_ITEM_DAYS * SECONDS_PER_DAY))
-        new = np.flatnonzero(fresh & np.array([i not in liked for i in ids], dtype=bool))
-        scores = item_popularity(w.before, half_life_days)
-        order = sorted(scores, key=lambda i: (-scores[i], i))
-        users = [u for u in w.targets if any(str(i) in row_of for i in w.seen.get(u, ()))]
+        age, new, users = _replayed(w, ids, created, row_of)
         if not users or not len(new):
             continue
+        scores = item_popularity(w.before, half_life_days)
+        order = sorted(scores, key=lambda i: (-scores[i], i))
         profiles = np.stack(
             [
                 unit[[row_of[str(i)] for i in w.seen[u] if str(i) in row_of]].mean(axis=0)
@@ -94,6 +91,42 @@ def exploration_gains(
                 gains[r, c] = ndcg(base[: k - n] + picked[:n], relevant, k)
         out.append(gains)
     return np.concatenate(out) if out else np.zeros((0, len(choices)))
+
+
+def _replayed(
+    w: NextItemWindow, ids: list[str], created: np.ndarray, row_of: Mapping[str, int]
+) -> tuple[np.ndarray, np.ndarray, list[object]]:
+    """At window ``w``'s cut: every item's age (seconds; inf when unknown), the positions of
+    the new items in ``ids``, and the users the replay scores (a target after the cut and a
+    history in ``row_of`` before it)."""
+    liked = {str(i) for i in w.before["item_id"].unique()}
+    age = np.where(created > 0, w.cut - created, np.inf)
+    fresh = (created <= 0) | ((age >= 0) & (age < NEW_ITEM_DAYS * SECONDS_PER_DAY))
+    new = np.flatnonzero(fresh & np.array([i not in liked for i in ids], dtype=bool))
+    users = [u for u in w.targets if any(str(i) in row_of for i in w.seen.get(u, ()))]
+    return age, new, users
+
+
+def exploration_items(
+    events: pd.DataFrame,
+    item_ids: Sequence[str],
+    created: np.ndarray,
+    windows: Sequence[float] = (0.8, 0.9),
+    k: int = SHOWN,
+) -> list[str]:
+    """The items whose vectors :func:`exploration_gains` reads (the new items at each cut
+    and the scored users' histories), in ``item_ids`` order: given only these, it computes
+    the same, so a job need not hold a large catalogue's every vector."""
+    ids = [str(i) for i in item_ids]
+    row_of = {item: r for r, item in enumerate(ids)}
+    created = np.asarray(created, dtype=np.float64)
+    needed: set[str] = set()
+    for w in next_item_windows(events, windows, k):
+        _, new, users = _replayed(w, ids, created, row_of)
+        if users and len(new):
+            needed.update(ids[i] for i in new)
+            needed.update(str(i) for u in users for i in w.seen[u] if str(i) in row_of)
+    return [i for i in ids if i in needed]
 
 
 def choose_exploration_share(

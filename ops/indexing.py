@@ -50,7 +50,7 @@ from core.behaviour import (
     seen_items,
 )
 from core.config import Settings, get_settings
-from core.exploration import choose_exploration_share
+from core.exploration import choose_exploration_share, exploration_items
 from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
 from core.rows import ItemRow, UserRow, item_row, user_row
 from core.sequence_inputs import user_event_sequences
@@ -64,6 +64,7 @@ from training.data import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
 INDEX_TIMEOUT_S = 120.0
+VECTOR_READ_BATCH = 1000  # item ids per query when the exploration choice reads vectors
 
 
 Lengths = Callable[[Sequence[str]], Sequence[int]]
@@ -192,21 +193,30 @@ def index_exploration(
     """The catalogue's exploration share, chosen on ``dataset``'s events and the item
     vectors ``store`` holds (:func:`core.exploration.choose_exploration_share`, with the
     popularity half-life of this index), recorded in the aggregates bucket for the gateways
-    (:func:`services.events.aggregates.record_exploration`). None, and nothing recorded, where
-    the ``exploration_share`` setting fixes it."""
+    (:func:`services.events.aggregates.record_exploration`). Only the vectors the choice
+    reads are fetched (:func:`core.exploration.exploration_items`), not the catalogue's.
+    None, and nothing recorded, where the ``exploration_share`` setting fixes it."""
     if settings.exploration_share is not None:
         return None
-    rows = store.all_items(("item_id", "created_at", "vector"))
+    rows = store.all_items(("item_id", "created_at"))
+    created = {str(r["item_id"]): float(r.get("created_at") or 0) for r in rows}
+    ids = exploration_items(dataset.events, list(created), np.fromiter(created.values(), float))
+    vectors: dict[str, Any] = {}
+    for start in range(0, len(ids), VECTOR_READ_BATCH):
+        batch = ids[start : start + VECTOR_READ_BATCH]
+        found = store.get_items(batch, INDEX_TIMEOUT_S, with_vectors=True, consistency="Strong")
+        vectors.update((i, found[i]["vector"]) for i in batch if i in found)
+    ids = [i for i in ids if i in vectors]
     share = choose_exploration_share(
         dataset.events,
-        [str(r["item_id"]) for r in rows],
-        np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), -1),
-        np.asarray([float(r.get("created_at") or 0) for r in rows]),
+        ids,
+        np.asarray([vectors[i] for i in ids], dtype=np.float32).reshape(len(ids), -1),
+        np.asarray([created[i] for i in ids]),
         half_life_days=half_life_days,
         pool=settings.exploration_pool,
     )
     asyncio.run(with_log(settings, lambda events: aggregates.record_exploration(events, share)))
-    log.info("exploration share: %g of each list", share)
+    log.info("exploration share: %g of each list (%d item vectors read)", share, len(ids))
     return share
 
 

@@ -105,3 +105,19 @@ def test_only_items_that_existed_unliked_at_the_cut_fill_the_slots() -> None:
     assert gains() == []  # "later" did not exist at the cut (day 1.2)
     created[2] = START.timestamp()  # on sale before the cut: the slot finds it after "liked"
     assert gains() == [[1 / np.log2(3)] * 3]
+
+
+def test_the_vectors_of_the_items_it_names_are_all_the_replay_reads() -> None:
+    """A job hands :func:`exploration_gains` only :func:`exploration_items`' vectors (a large
+    catalogue's every vector need not be read): the gains are the same."""
+    from core.exploration import exploration_items
+
+    events, ids, vectors, created = shop_arrivals(300, fresh=True)
+    needed = exploration_items(events, ids, created)
+    assert 0 < len(needed) < len(ids)
+    rows = [ids.index(i) for i in needed]
+    every = exploration_gains(events, ids, vectors, created, half_life_days=3.0, pool=20)
+    some = exploration_gains(
+        events, needed, vectors[rows], created[rows], half_life_days=3.0, pool=20
+    )
+    assert np.array_equal(every, some)

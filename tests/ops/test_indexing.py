@@ -71,6 +71,7 @@ class FakeTriton:
 class FakeStore:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.vectors_read = 0
 
     def upsert_items(self, rows: Sequence[ItemRow], timeout: float = 30.0) -> int:
         self.rows.extend(dict(r) for r in rows)
@@ -78,6 +79,13 @@ class FakeStore:
 
     def all_items(self, fields: Sequence[str]) -> list[dict[str, Any]]:
         return [{f: r[f] for f in fields} for r in self.rows]
+
+    def get_items(
+        self, ids: Sequence[str], timeout: float, with_vectors: bool, consistency: str
+    ) -> dict[str, dict[str, Any]]:
+        assert with_vectors and len(ids) <= 1000  # in batches, only the vectors needed
+        self.vectors_read += len(ids)
+        return {r["item_id"]: r for r in self.rows if r["item_id"] in set(ids)}
 
 
 def catalogue(n: int) -> list[tuple[ItemRow, str]]:
@@ -333,6 +341,7 @@ def test_the_index_records_the_exploration_share_it_chose_for_the_gateways(
     dataset = Dataset(events, pd.DataFrame({"item_id": ids}))
     assert on_log(nats_settings, lambda log: aggregates.read(log)).exploration_share is None
     assert index_exploration(dataset, cast(VectorStore, store), nats_settings, 3.0) == 0.3
+    assert 0 < store.vectors_read < len(ids)  # the new items at the cuts and the histories
     assert on_log(nats_settings, lambda log: aggregates.read(log)).exploration_share == 0.3
     fixed = nats_settings.model_copy(update={"exploration_share": 0.2})
     assert index_exploration(dataset, cast(VectorStore, store), fixed, 3.0) is None
