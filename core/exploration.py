@@ -6,11 +6,12 @@ that the content ANN matches best (:func:`core.fusion.explore`), so that their b
 can start. What a slot buys depends on the catalogue: where appeal fades in weeks (a
 shop's arrivals) a new item in the slot is often the user's next pick and *raises* a
 list's NDCG; where favourites last for years (films) it displaces one that would have
-been picked. :func:`choose_exploration_share` replays the slots on the last windows of the
-catalogue's events (:func:`core.behaviour.next_item_windows`) over a popularity list and
-keeps the most slots that cost no NDCG beyond noise. The indexing job runs it on the item
-vectors it indexed and records the share where the gateways read it
-(:mod:`services.events.aggregates`); the ``exploration_share`` setting overrides it.
+been picked. :func:`exploration_gains` replays the slots on the last windows of the
+catalogue's events (:func:`core.behaviour.next_item_windows`) over a popularity list, and
+:func:`choose_exploration_share` keeps the most slots that cost no NDCG beyond noise. The
+indexing job runs both on the item vectors it indexed and records the share where the
+gateways read it (:mod:`services.events.aggregates`); the ``exploration_share`` setting
+overrides it.
 """
 
 from __future__ import annotations
@@ -129,27 +130,15 @@ def exploration_items(
     return [i for i in ids if i in needed]
 
 
-def choose_exploration_share(
-    events: pd.DataFrame,
-    item_ids: Sequence[str],
-    vectors: np.ndarray,
-    created: np.ndarray,
-    *,
-    half_life_days: float,
-    pool: int,
-    min_users: int = 100,
-) -> float:
-    """The share of a list's slots for new items: the most of :data:`SLOT_CHOICES` whose
-    NDCG (:func:`exploration_gains`) trails the best's by at most one standard error of the
-    paired difference (:func:`core.behaviour.largest_within_one_se`), over :data:`SHOWN`.
-    Among choices the windows cannot tell apart, the most exploration: it is what lets new
-    items' behaviour start, which no window's NDCG counts. A slot changes few users' lists
-    (one of 29 validation users on MovieLens's evaluation training period), so below
-    ``min_users`` validation users the standard error says little:
+def choose_exploration_share(gains: np.ndarray, min_users: int = 100) -> float:
+    """The share of a list's slots for new items, from :func:`exploration_gains` over
+    :data:`SLOT_CHOICES`: the most slots whose NDCG trails the best's by at most one standard
+    error of the paired difference (:func:`core.behaviour.largest_within_one_se`), over
+    :data:`SHOWN`. Among choices the windows cannot tell apart, the most exploration: it is
+    what lets new items' behaviour start, which no window's NDCG counts. A slot changes few
+    users' lists (one of 29 validation users on MovieLens's evaluation training period), so
+    below ``min_users`` validation users the standard error says little:
     :data:`DEFAULT_EXPLORATION_SHARE`."""
-    gains = exploration_gains(
-        events, item_ids, vectors, created, half_life_days=half_life_days, pool=pool
-    )
     if len(gains) < min_users:
         return DEFAULT_EXPLORATION_SHARE
     return largest_within_one_se(gains, SLOT_CHOICES) / SHOWN

@@ -50,7 +50,12 @@ from core.behaviour import (
     seen_items,
 )
 from core.config import Settings, get_settings
-from core.exploration import choose_exploration_share, exploration_items
+from core.exploration import (
+    SLOT_CHOICES,
+    choose_exploration_share,
+    exploration_gains,
+    exploration_items,
+)
 from core.milvus_schema import CO_ITEMS, RECENT_ITEMS, SEEN_ITEMS
 from core.rows import ItemRow, UserRow, item_row, user_row
 from core.sequence_inputs import user_event_sequences
@@ -207,7 +212,7 @@ def index_exploration(
         found = store.get_items(batch, INDEX_TIMEOUT_S, with_vectors=True, consistency="Strong")
         vectors.update((i, found[i]["vector"]) for i in batch if i in found)
     ids = [i for i in ids if i in vectors]
-    share = choose_exploration_share(
+    gains = exploration_gains(
         dataset.events,
         ids,
         np.asarray([vectors[i] for i in ids], dtype=np.float32).reshape(len(ids), -1),
@@ -215,8 +220,17 @@ def index_exploration(
         half_life_days=half_life_days,
         pool=settings.exploration_pool,
     )
+    share = choose_exploration_share(gains)
     asyncio.run(with_log(settings, lambda events: aggregates.record_exploration(events, share)))
-    log.info("exploration share: %g of each list (%d item vectors read)", share, len(ids))
+    log.info(
+        "exploration share: %g of each list; NDCG@10 with %s new-item slots: %s over %d "
+        "validation users (%d item vectors read)",
+        share,
+        SLOT_CHOICES,
+        np.round(gains.mean(axis=0), 4).tolist() if len(gains) else "-",
+        len(gains),
+        len(ids),
+    )
     return share
 
 

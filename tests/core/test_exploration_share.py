@@ -63,23 +63,22 @@ def test_a_catalogue_whose_users_buy_the_arrivals_gets_more_slots() -> None:
     gains = exploration_gains(events, ids, vectors, created, half_life_days=3.0, pool=20)
     assert len(gains) >= 100
     assert gains[:, 2].mean() > gains[:, 0].mean() + 0.01  # three slots clearly ahead of one
-    share = choose_exploration_share(events, ids, vectors, created, half_life_days=3.0, pool=20)
-    assert share == 0.3
+    assert choose_exploration_share(gains) == 0.3
 
 
 def test_a_catalogue_whose_favourites_last_keeps_one_slot() -> None:
     events, ids, vectors, created = shop_arrivals(600, fresh=False)
     gains = exploration_gains(events, ids, vectors, created, half_life_days=365.0, pool=20)
     assert gains[:, 0].mean() > gains[:, 2].mean()  # each slot displaces a favourite
-    share = choose_exploration_share(events, ids, vectors, created, half_life_days=365.0, pool=20)
-    assert share == 0.1
+    assert choose_exploration_share(gains) == 0.1
 
 
 def test_too_few_users_to_tell_keep_the_default() -> None:
     events, ids, vectors, created = shop_arrivals(40, fresh=True)
-    assert len(exploration_gains(events, ids, vectors, created, half_life_days=3.0, pool=20)) > 0
-    share = choose_exploration_share(events, ids, vectors, created, half_life_days=3.0, pool=20)
-    assert share == DEFAULT_EXPLORATION_SHARE
+    gains = exploration_gains(events, ids, vectors, created, half_life_days=3.0, pool=20)
+    assert 0 < len(gains) < 100
+    assert choose_exploration_share(gains) == DEFAULT_EXPLORATION_SHARE
+    assert choose_exploration_share(gains, min_users=len(gains)) > DEFAULT_EXPLORATION_SHARE
 
 
 def test_only_items_that_existed_unliked_at_the_cut_fill_the_slots() -> None:
