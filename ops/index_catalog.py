@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level)
     connect()
     store = VectorStore(settings)
-    store.ensure_collections()
-    # deleted users' events leave no trace in popularity or co-occurrence
-    dataset = without_deleted(load_dataset(args.data), Tombstones.load(settings))
-    days = index_half_life(dataset, settings)
-    n = index_catalog_ray(item_rows(dataset, days), settings, args.batch_size, args.actors)
     try:
-        index_exploration(dataset, store, settings, days)
+        store.ensure_collections()
+        # deleted users' events leave no trace in popularity or co-occurrence
+        dataset = without_deleted(load_dataset(args.data), Tombstones.load(settings))
+        days = index_half_life(dataset, settings)
+        n = index_catalog_ray(item_rows(dataset, days), settings, args.batch_size, args.actors)
+        index_exploration(dataset, store, settings, days)  # on the vectors the actors wrote
     finally:
         store.close()
     print(f"indexed {n} items")
