@@ -77,7 +77,7 @@ from training.models.sequence import (
     catalogue_scores,
     content_vectors,
     load_sequence_model,
-    train_on_events,
+    twin_scorer,
 )
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
@@ -294,16 +294,16 @@ def replay_twins(
     cut-off scored higher on the validation windows (FINDINGS.md)."""
 
     def at(cut: pd.Timestamp) -> SequenceScores:
-        t0 = time.time()
         content = served.space.content if served.space.content.size else None
-        before = events[events["timestamp"] < cut]
-        model = train_on_events(cfg, before, served.space.item_ids, content)
-        print(
-            f"[feature_ranker] replay sequence model at {cut} on {len(before)} events "
-            f"in {time.time() - t0:.1f}s",
-            flush=True,
+        return twin_scorer(
+            cfg,
+            events[events["timestamp"] < cut],
+            served.space.item_ids,
+            content,
+            f"[feature_ranker] replay sequence model at {cut} on {{events}} events in "
+            "{seconds:.1f}s",
+            scored=item_ids,
         )
-        return model_scores(model, item_ids)
 
     return at
 

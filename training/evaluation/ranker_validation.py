@@ -59,7 +59,7 @@ from training.data.candidates import (
     training_cutoffs,
 )
 from training.loop import fit_in_process
-from training.models.sequence import catalogue_scores, train_on_events
+from training.models.sequence import twin_scorer
 from training.tasks.feature_ranker import (
     FeatureRankerTask,
     feature_scaling,
@@ -75,11 +75,9 @@ def sequence_scores(
     cfg: SequenceConfig, catalogue: Catalogue, events: pd.DataFrame
 ) -> SequenceScores:
     """A sequence model trained on ``events`` only, scoring the catalogue as served."""
-    t0 = time.time()
     content = catalogue.vectors if cfg.use_content else None
-    model = train_on_events(cfg, events, catalogue.item_ids, content)
-    print(f"<!-- sequence model on {len(events)} events: {time.time() - t0:.0f} s -->", flush=True)
-    return lambda histories, users: catalogue_scores(model, histories, users, catalogue.item_ids)
+    note = "<!-- sequence model on {events} events: {seconds:.0f} s -->"
+    return twin_scorer(cfg, events, catalogue.item_ids, content, note)
 
 
 def window_groups(

@@ -664,6 +664,25 @@ def train_on_events(
     return model
 
 
+def twin_scorer(
+    cfg: SequenceConfig,
+    events: pd.DataFrame,
+    item_ids: Sequence[str],
+    content: np.ndarray | None,
+    note: str,
+    scored: Sequence[str] | None = None,
+) -> Callable[[pd.DataFrame, Sequence[str]], np.ndarray]:
+    """A twin of the served model (:func:`train_on_events`) as a scorer of ``scored``
+    (default ``item_ids``) for each user's events (:func:`catalogue_scores`): the feature
+    ranker's replay in ``make train`` and in ``ranker_validation`` alike. Prints ``note``,
+    formatted with the ``events`` count and the training ``seconds``."""
+    t0 = time.time()
+    model = train_on_events(cfg, events, item_ids, content)
+    print(note.format(events=len(events), seconds=time.time() - t0), flush=True)
+    items = item_ids if scored is None else scored
+    return lambda histories, users: catalogue_scores(model, histories, users, items)
+
+
 def save_sequence_model(model: SASRec, out: Path) -> None:
     """``model.pt`` (weights), ``sequence_config.json``, ``items.json`` (the id vocabulary,
     model index = position + 1), ``content.npy`` (the content vectors it used) and
