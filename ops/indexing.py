@@ -212,10 +212,11 @@ def index_exploration(
         found = store.get_items(batch, INDEX_TIMEOUT_S, with_vectors=True, consistency="Strong")
         vectors.update((i, found[i]["vector"]) for i in batch if i in found)
     ids = [i for i in ids if i in vectors]
+    matrix = np.asarray([vectors[i] for i in ids], dtype=np.float32)
     gains = exploration_gains(
         dataset.events,
         ids,
-        np.asarray([vectors[i] for i in ids], dtype=np.float32).reshape(len(ids), -1),
+        matrix if ids else np.zeros((0, 1), dtype=np.float32),  # nothing to replay
         np.asarray([created[i] for i in ids]),
         half_life_days=half_life_days,
         pool=settings.exploration_pool,

@@ -345,3 +345,9 @@ def test_the_index_records_the_exploration_share_it_chose_for_the_gateways(
     assert on_log(nats_settings, lambda log: aggregates.read(log)).exploration_share == 0.3
     fixed = nats_settings.model_copy(update={"exploration_share": 0.2})
     assert index_exploration(dataset, cast(VectorStore, store), fixed, 3.0) is None
+    # a catalogue too small to replay anything on: no vector read, the default recorded
+    few = Dataset(events.iloc[:1], pd.DataFrame({"item_id": ids}))
+    store.vectors_read = 0
+    assert index_exploration(few, cast(VectorStore, store), nats_settings, 3.0) == 0.1
+    assert store.vectors_read == 0
+    assert on_log(nats_settings, lambda log: aggregates.read(log)).exploration_share == 0.1
