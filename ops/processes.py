@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,11 +29,47 @@ class StartupError(RuntimeError):
     """A process exited or did not become ready in time."""
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave this process: never twice
+
+
 def free_port() -> int:
-    """An unused TCP port on loopback."""
-    with socket.socket() as s:
+    """An unused TCP port on loopback, for a process started later, never one handed out
+    before, and outside the kernel's ephemeral range: a port from that range (what binding
+    port 0 gives) can be taken as the source port of any outgoing connection before the
+    process it was picked for binds it, and a stack's own clients open many while it starts
+    (a fresh-clone CI run lost a gateway's metrics port that way)."""
+    low, high = _ephemeral_range()
+    spans = [(lo, hi) for lo, hi in ((10000, low - 1), (high + 1, 65535)) if lo <= hi]
+    rng = random.SystemRandom()
+    for _ in range(200):
+        lo, hi = rng.choice(spans) if spans else (10000, 65535)
+        port = rng.randint(lo, hi)
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket() as s:  # no luck outside the range: the kernel's pick
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' source ports (Linux; else the IANA one)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def port_open(host: str, port: int) -> bool:
