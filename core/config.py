@@ -411,7 +411,8 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         description="How often a gateway re-reads the online aggregates; 0: never (the served "
-        "evaluation keeps popularity and co-occurrence as indexed, as its offline systems do).",
+        "evaluation keeps popularity and co-occurrence as indexed, as its offline systems do), "
+        "but once at start for the exploration share the indexing job recorded.",
     )
     aggregates_top_items: int = Field(
         2000, ge=1, description="Items kept in each online aggregate (the strongest)."
