@@ -37,7 +37,8 @@ def free_port() -> int:
     before, and outside the kernel's ephemeral range: a port from that range (what binding
     port 0 gives) can be taken as the source port of any outgoing connection before the
     process it was picked for binds it, and a stack's own clients open many while it starts
-    (a fresh-clone CI run lost a gateway's metrics port that way)."""
+    (a fresh-clone CI run lost a gateway's metrics port between its pick and its bind; what
+    took it was not found)."""
     low, high = _ephemeral_range()
     spans = [(lo, hi) for lo, hi in ((10000, low - 1), (high + 1, 65535)) if lo <= hi]
     rng = random.SystemRandom()
