@@ -74,9 +74,9 @@ from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.pretrained import OFFLINE_ENV, set_offline
 from training.models.sequence import (
     SASRec,
-    catalogue_scores,
     content_vectors,
     load_sequence_model,
+    model_scores,
     twin_scorer,
 )
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
@@ -276,11 +276,6 @@ def fit_feature_ranker(
     )
     mean, std = feature_scaling(groups)
     return fit(cfg, FeatureRankerTask(fr, mean, std), groups, held_out, pretrained, resume)
-
-
-def model_scores(model: SASRec, item_ids: Sequence[str]) -> SequenceScores:
-    """``model``'s scores of ``item_ids`` (the ranker's catalogue) for each user's events."""
-    return lambda events, users: catalogue_scores(model, events, users, item_ids)
 
 
 def replay_twins(

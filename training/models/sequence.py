@@ -679,8 +679,15 @@ def twin_scorer(
     t0 = time.time()
     model = train_on_events(cfg, events, item_ids, content)
     print(note.format(events=len(events), seconds=time.time() - t0), flush=True)
-    items = item_ids if scored is None else scored
-    return lambda histories, users: catalogue_scores(model, histories, users, items)
+    return model_scores(model, item_ids if scored is None else scored)
+
+
+def model_scores(
+    model: SASRec, item_ids: Sequence[str]
+) -> Callable[[pd.DataFrame, Sequence[str]], np.ndarray]:
+    """``model``'s scores of ``item_ids`` (the ranker's catalogue) for each user's events
+    (:func:`catalogue_scores`), as the feature ranker's replay calls them."""
+    return lambda histories, users: catalogue_scores(model, histories, users, item_ids)
 
 
 def save_sequence_model(model: SASRec, out: Path) -> None:
