@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from core import fusion
 from core.behaviour import (
@@ -28,7 +27,6 @@ from core.behaviour import (
     item_popularity,
     largest_within_one_se,
     ndcg,
-    next_item_windows,
     unseen_top,
 )
 from core.ranking_features import NEW_ITEM_DAYS
@@ -42,7 +40,7 @@ DEFAULT_EXPLORATION_SHARE = 0.1
 
 
 def exploration_gains(
-    events: pd.DataFrame,
+    windows: Sequence[NextItemWindow],
     item_ids: Sequence[str],
     vectors: np.ndarray,
     created: np.ndarray,
@@ -50,12 +48,12 @@ def exploration_gains(
     half_life_days: float,
     pool: int,
     choices: Sequence[int] = SLOT_CHOICES,
-    windows: Sequence[float] = (0.8, 0.9),
     k: int = SHOWN,
 ) -> np.ndarray:
     """``(validation users, len(choices))`` NDCG@k of popularity's list (decayed with
     ``half_life_days``) with its last ``n`` slots given to new items, against each user's
-    next new positives after a window's cut. The new items are those with no positive
+    next new positives after a window's cut (``windows``: the catalogue's events cut by
+    :func:`core.behaviour.next_item_windows`). The new items are those with no positive
     before the cut that existed then (``created``: epoch seconds, 0 unknown) and are not
     older than :data:`core.ranking_features.NEW_ITEM_DAYS`, as the gateway's
     :func:`core.ranking_features.is_new`; they are taken as the gateway takes them: the
@@ -67,7 +65,7 @@ def exploration_gains(
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     created = np.asarray(created, dtype=np.float64)
     out: list[np.ndarray] = []
-    for w in next_item_windows(events, windows, k):
+    for w in windows:
         age, new, users = _replayed(w, ids, created, row_of)
         if not users or not len(new):
             continue
@@ -109,20 +107,16 @@ def _replayed(
 
 
 def exploration_items(
-    events: pd.DataFrame,
-    item_ids: Sequence[str],
-    created: np.ndarray,
-    windows: Sequence[float] = (0.8, 0.9),
-    k: int = SHOWN,
+    windows: Sequence[NextItemWindow], item_ids: Sequence[str], created: np.ndarray
 ) -> list[str]:
-    """The items whose vectors :func:`exploration_gains` reads (the new items at each cut
-    and the scored users' histories), in ``item_ids`` order: given only these, it computes
-    the same, so a job need not hold a large catalogue's every vector."""
+    """The items whose vectors :func:`exploration_gains` reads on ``windows`` (the new
+    items at each cut and the scored users' histories), in ``item_ids`` order: given only
+    these, it computes the same, so a job need not hold a large catalogue's every vector."""
     ids = [str(i) for i in item_ids]
     row_of = {item: r for r, item in enumerate(ids)}
     created = np.asarray(created, dtype=np.float64)
     needed: set[str] = set()
-    for w in next_item_windows(events, windows, k):
+    for w in windows:
         _, new, users = _replayed(w, ids, created, row_of)
         if users and len(new):
             needed.update(ids[i] for i in new)

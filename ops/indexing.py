@@ -45,6 +45,7 @@ from core.behaviour import (
     first_seen,
     interests,
     item_popularity,
+    next_item_windows,
     popularity_half_life,
     popularity_reference,
     seen_items,
@@ -205,7 +206,8 @@ def index_exploration(
         return None
     rows = store.all_items(("item_id", "created_at"))
     created = {str(r["item_id"]): float(r.get("created_at") or 0) for r in rows}
-    ids = exploration_items(dataset.events, list(created), np.fromiter(created.values(), float))
+    windows = next_item_windows(dataset.events)  # cut once: the choice's items and gains
+    ids = exploration_items(windows, list(created), np.fromiter(created.values(), float))
     vectors: dict[str, Any] = {}
     for start in range(0, len(ids), VECTOR_READ_BATCH):
         batch = ids[start : start + VECTOR_READ_BATCH]
@@ -214,7 +216,7 @@ def index_exploration(
     ids = [i for i in ids if i in vectors]
     matrix = np.asarray([vectors[i] for i in ids], dtype=np.float32)
     gains = exploration_gains(
-        dataset.events,
+        windows,
         ids,
         matrix if ids else np.zeros((0, 1), dtype=np.float32),  # nothing to replay
         np.asarray([created[i] for i in ids]),

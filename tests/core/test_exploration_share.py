@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core.behaviour import SECONDS_PER_DAY
+from core.behaviour import SECONDS_PER_DAY, next_item_windows
 from core.exploration import (
     DEFAULT_EXPLORATION_SHARE,
     choose_exploration_share,
@@ -60,7 +60,9 @@ def shop_arrivals(
 
 def test_a_catalogue_whose_users_buy_the_arrivals_gets_more_slots() -> None:
     events, ids, vectors, created = shop_arrivals(600, fresh=True)
-    gains = exploration_gains(events, ids, vectors, created, half_life_days=3.0, pool=20)
+    gains = exploration_gains(
+        next_item_windows(events), ids, vectors, created, half_life_days=3.0, pool=20
+    )
     assert len(gains) >= 100
     assert gains[:, 2].mean() > gains[:, 0].mean() + 0.01  # three slots clearly ahead of one
     assert choose_exploration_share(gains) == 0.3
@@ -68,14 +70,18 @@ def test_a_catalogue_whose_users_buy_the_arrivals_gets_more_slots() -> None:
 
 def test_a_catalogue_whose_favourites_last_keeps_one_slot() -> None:
     events, ids, vectors, created = shop_arrivals(600, fresh=False)
-    gains = exploration_gains(events, ids, vectors, created, half_life_days=365.0, pool=20)
+    gains = exploration_gains(
+        next_item_windows(events), ids, vectors, created, half_life_days=365.0, pool=20
+    )
     assert gains[:, 0].mean() > gains[:, 2].mean()  # each slot displaces a favourite
     assert choose_exploration_share(gains) == 0.1
 
 
 def test_too_few_users_to_tell_keep_the_default() -> None:
     events, ids, vectors, created = shop_arrivals(40, fresh=True)
-    gains = exploration_gains(events, ids, vectors, created, half_life_days=3.0, pool=20)
+    gains = exploration_gains(
+        next_item_windows(events), ids, vectors, created, half_life_days=3.0, pool=20
+    )
     assert 0 < len(gains) < 100
     assert choose_exploration_share(gains) == DEFAULT_EXPLORATION_SHARE
     assert choose_exploration_share(gains, min_users=len(gains)) > DEFAULT_EXPLORATION_SHARE
@@ -98,7 +104,7 @@ def test_only_items_that_existed_unliked_at_the_cut_fill_the_slots() -> None:
 
     def gains() -> list[list[float]]:
         return exploration_gains(
-            events, ids, vectors, created, half_life_days=365.0, pool=20, windows=(0.6,)
+            next_item_windows(events, (0.6,)), ids, vectors, created, half_life_days=365.0, pool=20
         ).tolist()
 
     assert gains() == []  # "later" did not exist at the cut (day 1.2)
@@ -112,11 +118,13 @@ def test_the_vectors_of_the_items_it_names_are_all_the_replay_reads() -> None:
     from core.exploration import exploration_items
 
     events, ids, vectors, created = shop_arrivals(300, fresh=True)
-    needed = exploration_items(events, ids, created)
+    needed = exploration_items(next_item_windows(events), ids, created)
     assert 0 < len(needed) < len(ids)
     rows = [ids.index(i) for i in needed]
-    every = exploration_gains(events, ids, vectors, created, half_life_days=3.0, pool=20)
+    every = exploration_gains(
+        next_item_windows(events), ids, vectors, created, half_life_days=3.0, pool=20
+    )
     some = exploration_gains(
-        events, needed, vectors[rows], created[rows], half_life_days=3.0, pool=20
+        next_item_windows(events), needed, vectors[rows], created[rows], half_life_days=3.0, pool=20
     )
     assert np.array_equal(every, some)
