@@ -197,13 +197,16 @@ class Context:
             rules=rules or Rules(),
         )
 
-    def seen_ids(self) -> set[str]:
-        """Everything the user interacted with: never recommended, unless the repeat policy
-        lets some of it come back (then empty here, and the rules stage filters per item)."""
-        if self.rules.repeats:
-            return set()
+    def interacted_ids(self) -> set[str]:
+        """Everything the user interacted with: the history and the profile's seen items."""
         seen = self.profile["seen_items"] if self.profile else ()
         return {*self.history_ids, *seen}
+
+    def seen_ids(self) -> set[str]:
+        """What is never recommended: everything the user interacted with, unless the repeat
+        policy lets some of it come back (then empty here, and the rules stage filters per
+        item)."""
+        return set() if self.rules.repeats else self.interacted_ids()
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

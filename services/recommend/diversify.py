@@ -24,7 +24,7 @@ from core.config import Settings
 from core.ranking_features import is_new
 from services.recommend.context import Candidate, Context, Stage
 from services.recommend.retrieve import PopularItems
-from services.recommend.rules import ApplyRules, allowed
+from services.recommend.rules import allowed
 
 
 def mmr(candidates: Sequence[Candidate], k: int, diversity: float) -> list[Candidate]:
@@ -65,7 +65,7 @@ def ann_extras(ctx: Context) -> list[Candidate]:
     """The ANN's hits that fusion left out of the candidates, as candidates of that source
     alone, less what the request's rules keep out or bury: exploration may take them."""
     have = {c.item_id for c in ctx.candidates}
-    seen = ApplyRules.seen(ctx)
+    seen = ctx.interacted_ids()
     return [
         Candidate(row["item_id"], row, {"ann": rank})
         for rank, row in enumerate(ctx.ann_rows)

@@ -65,15 +65,10 @@ class ApplyRules:
     def __init__(self, store: VectorStore) -> None:
         self.store = store
 
-    @staticmethod
-    def seen(ctx: Context) -> set[str]:
-        seen = ctx.profile["seen_items"] if ctx.profile else ()
-        return {*ctx.history_ids, *seen}
-
     def admit(self, ctx: Context) -> None:
         """Drop the candidates the filters or the repeat policy keep out (in memory: not
         timed apart, its time counts toward ranking's)."""
-        seen = self.seen(ctx)
+        seen = ctx.interacted_ids()
         ctx.candidates = [c for c in ctx.candidates if allowed(ctx, c.row, seen)]
 
     def adjust(self, ctx: Context) -> None:
@@ -100,7 +95,7 @@ class ApplyRules:
             except StoreUnavailable as exc:
                 ctx.degraded.append(f"milvus unavailable: {exc}")
                 return
-            seen = self.seen(ctx)
+            seen = ctx.interacted_ids()
             pins = [rows[i] for i in ctx.rules.pin if i in rows and allowed(ctx, rows[i], seen)]
             pins = pins[: ctx.k]
             top = max((c.relevance for c in ctx.items), default=0.0)
