@@ -17,6 +17,7 @@ overrides it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -37,6 +38,7 @@ SLOT_CHOICES = (1, 2, 3)
 SHOWN = 10
 #: Where nothing chose one (too few users to choose on, no job recorded one yet).
 DEFAULT_EXPLORATION_SHARE = 0.1
+T = TypeVar("T")
 
 
 def exploration_gains(
@@ -87,9 +89,20 @@ def exploration_gains(
             picked = [ids[new[i]] for i in slots]
             base = unseen_top(order, seen, k)
             for c, n in enumerate(choices):
-                gains[r, c] = ndcg(base[: k - n] + picked[:n], relevant, k)
+                gains[r, c] = ndcg(with_new_slots(base, picked, n, k), relevant, k)
         out.append(gains)
     return np.concatenate(out) if out else np.zeros((0, len(choices)))
+
+
+def with_new_slots(base: Sequence[T], new_best: Sequence[T], n: int, k: int = SHOWN) -> list[T]:
+    """``base``'s first ``k - n`` items (none of the chosen new ones), then ``new_best[:n]``
+    in the last slots: the gateway's placement (:func:`core.fusion.explore`) for a ``base``
+    without new items, as popularity's lists are (that function would also count new items
+    already in ``base`` against the ``n`` slots); with fewer new items than slots, ``base``
+    keeps the slots left, as the gateway's list does."""
+    extra = list(new_best[:n])
+    taken = set(extra)
+    return [i for i in base if i not in taken][: k - len(extra)] + extra
 
 
 def _replayed(

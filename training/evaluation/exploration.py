@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from core import fusion
+from core.exploration import with_new_slots
 from training.data import Dataset
 from training.data.candidates import creation_seconds
 from training.evaluation import metrics as M
@@ -35,16 +36,6 @@ from training.evaluation.systems import PretrainedContent, TrendingPopularity
 SLOTS = (0, 1, 2, 3, 5, 10)
 POOLS = (1, 10, 20, 50)
 SHOWN = 10
-
-
-def with_new_slots(base: list[str], new_best: list[str], n: int, k: int = SHOWN) -> list[str]:
-    """``base``'s first ``k - n`` items (none of the chosen new ones), then ``new_best[:n]``
-    in the last slots: the gateway's placement (:func:`core.fusion.explore`) for a ``base``
-    without new items, as trending popularity's lists are (that function would also count
-    new items already in ``base`` against the ``n`` slots)."""
-    extra = new_best[:n]
-    taken = set(extra)
-    return [i for i in base if i not in taken][: k - len(extra)] + extra
 
 
 def exploration_ceiling(
