@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +36,7 @@ from training.ray_cluster import connect
 
 log = logging.getLogger(__name__)
 EMBED_TEXT = "embed_text"  # the item tower's input travels beside the row
+BLOCK_BATCHES = 16
 
 
 class EmbedAndWrite:
@@ -60,7 +63,8 @@ class EmbedAndWrite:
             )
             for r in records
         ]
-        return pd.DataFrame({"written": [embed_and_upsert(rows, self.triton, self.store)]})
+        written = embed_and_upsert(rows, self.triton, self.store)
+        return pd.DataFrame({"written": [written], "actor": [os.getpid()]})
 
 
 def index_catalog_ray(
@@ -71,17 +75,25 @@ def index_catalog_ray(
 
     if settings.milvus_is_lite:
         raise ValueError("Ray indexing needs a Milvus server URI, not a Milvus Lite file")
-    dataset = ray.data.from_pandas(pd.DataFrame([{**row, EMBED_TEXT: text} for row, text in rows]))
+    if not rows:
+        return 0
+    frame = pd.DataFrame([{**row, EMBED_TEXT: text} for row, text in rows])
+    # one block per BLOCK_BATCHES batches, at least one per actor: a single block (what
+    # from_pandas makes of one frame) feeds a single actor, however many are asked for
+    size = min(batch_size * BLOCK_BATCHES, math.ceil(len(frame) / actors))
+    dataset = ray.data.from_pandas([frame.iloc[i : i + size] for i in range(0, len(frame), size)])
     written = dataset.map_batches(
         EmbedAndWrite,
         fn_constructor_kwargs={"settings": settings},
         batch_size=batch_size,
         batch_format="pandas",
-        concurrency=actors,
+        # one block at a time per actor: else the first actor up can queue them all
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=0.5,
     )
-    total = written.sum("written")
-    return int(total) if total is not None else 0  # type: ignore[arg-type]
+    batches = written.to_pandas()  # one row per batch
+    log.info("indexed %d items by %d actors", batches["written"].sum(), batches["actor"].nunique())
+    return int(batches["written"].sum())
 
 
 def main(argv: list[str] | None = None) -> int:
