@@ -174,14 +174,22 @@ def main(argv: list[str] | None = None) -> int:
         plan, args.cache_dir, args.checkpoint, args.threads, command.strip(), args.omp_wait_policy
     )
     from bench.gpu import render as render_gpu
-    from bench.report import render
+    from bench.report import render, splice
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     gpu_json = args.json.with_name("bench_gpu.json")  # kept from a lent GPU (bench.gpu)
     gpu = render_gpu(json.loads(gpu_json.read_text())) if gpu_json.is_file() else None
-    args.out.write_text(render(results, args.json, gpu_section=gpu))
+    generated = render(results, args.json, gpu_section=gpu)
+    try:  # the generated part only: sections written below it stay
+        text = splice(args.out.read_text() if args.out.is_file() else None, generated)
+    except ValueError as exc:
+        kept = args.out.with_suffix(".generated.md")
+        kept.write_text(generated)
+        print(f"{args.out}: {exc}; this run's report is in {kept}", file=sys.stderr)
+        return 1
+    args.out.write_text(text)
     print(f"\nwrote {args.out} and {args.json}")
     failed = [name for name in SECTIONS if "error" in results.get(name, {"error": "missing"})]
     if failed:

@@ -12,7 +12,7 @@ import pytest
 
 from bench.__main__ import SECTIONS
 from bench.metrics import histogram_quantiles
-from bench.report import targets
+from bench.report import GENERATED_BEGIN, GENERATED_END, splice, targets
 from core.config import REPO_ROOT
 
 
@@ -51,10 +51,26 @@ def test_a_gemm_timed_at_another_size_says_so() -> None:
     assert "| torch_int8 | 1.5 |" in "\n".join(_gemm({"gemm_peak": g}))
 
 
+def test_a_run_replaces_only_the_generated_part_of_the_report() -> None:
+    """Sections written below the generated part (single runs with their conditions) are
+    what BENCHMARKS.md keeps of every past measurement: a run must not erase them."""
+    first = splice(None, "# Benchmarks\n\nrun 1\n")
+    assert first.startswith(GENERATED_BEGIN) and first.endswith(GENERATED_END + "\n")
+    written = first + "\n## By hand (2026-12-05)\n\nmeasured once\n"
+    second = splice(written, "# Benchmarks\n\nrun 2\n")
+    assert "run 2" in second and "run 1" not in second
+    assert second.endswith("\n## By hand (2026-12-05)\n\nmeasured once\n")
+    assert splice(second, "# Benchmarks\n\nrun 2\n") == second
+    with pytest.raises(ValueError, match="not overwritten"):
+        splice("# Benchmarks written by hand\n", "# Benchmarks\n")
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     out, report = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    kept = "## Measured by hand\n\nkept by every run\n"
+    out.write_text(splice(None, "# Benchmarks\n\nan earlier run\n") + "\n" + kept)
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--json", str(report)],
         cwd=REPO_ROOT,
@@ -76,3 +92,4 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     text = out.read_text()
     for heading in ("## Targets", "## Gateway", "## Milvus", "## perf_analyzer"):
         assert heading in text
+    assert text.endswith(kept) and "an earlier run" not in text
