@@ -176,7 +176,7 @@ ab-replay: env ## simulated A/B traffic from held-out interactions, then the rep
 gpu-bench-pack: env ## bundle (fp16 ranker + real pairs) for `python -m bench.gpu run` on a GPU machine
 	$(PY) -m bench.gpu pack --out var/gpu-bundle
 
-bench: env ## benchmarks against the running stack, side by side -> BENCHMARKS.md, reports/bench.json
+bench: env $(MILVUS_ENGINE) ## benchmarks on their own stack (the Milvus engine), side by side -> BENCHMARKS.md, reports/bench.json
 	test -d var/bench/pydeps/nvidia || $(PY) -m pip install -q --target var/bench/pydeps \
 	  nvidia-cuda-runtime-cu12  # only for perf_analyzer's libcudart; nothing runs on a GPU
 	$(PY) -m bench --out BENCHMARKS.md --json reports/bench.json

@@ -1,9 +1,10 @@
-"""``python -m bench [--quick] [--out BENCHMARKS.md] [--json reports/bench.json]``.
+"""``python -m bench [--quick] [--milvus engine|lite] [--out BENCHMARKS.md] [--json F]``.
 
-Exports (or reuses) a release into ``var/bench``, starts Milvus Lite, tritonserver and the
-gateway on free loopback ports, indexes a MovieLens slice through Triton, then runs each
-section with bounded counts and time and writes the Markdown report and the JSON file.
-``--quick`` is the smoke run the tests use: every section, tiny counts.
+Exports (or reuses) a release into ``var/bench``, starts Milvus (the real engine by default,
+or the Milvus Lite server), tritonserver and the gateway on free loopback ports, indexes a
+MovieLens slice through Triton, then runs each section with bounded counts and time and
+writes the Markdown report and the JSON file. ``--quick`` is the smoke run the tests use:
+every section, tiny counts.
 """
 
 from __future__ import annotations
@@ -154,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "runs" / "local" / "final")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch / ORT intra-op threads")
     parser.add_argument(
+        "--milvus",
+        choices=("lite", "engine"),
+        default="engine",
+        help="the real Milvus engine (make milvus-engine; the default: what serves in "
+        "production) or the Milvus Lite server (pure Python, brute-force search)",
+    )
+    parser.add_argument(
         "--omp-wait-policy",
         default="PASSIVE",
         help="OMP_WAIT_POLICY of this process (PyTorch); 'default' leaves it unset",
@@ -171,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     results = run(
-        plan, args.cache_dir, args.checkpoint, args.threads, command.strip(), args.omp_wait_policy
+        plan,
+        args.cache_dir,
+        args.checkpoint,
+        args.threads,
+        command.strip(),
+        args.omp_wait_policy,
+        args.milvus,
     )
     from bench.gpu import render as render_gpu
     from bench.report import render, splice
@@ -198,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(
-    plan: Plan, cache: Path, checkpoint: Path, threads: int, command: str, omp_policy: str
+    plan: Plan,
+    cache: Path,
+    checkpoint: Path,
+    threads: int,
+    command: str,
+    omp_policy: str,
+    milvus: str = "engine",
 ) -> Results:
     from bench import gateway, machine, models, pipelines, stack
     from bench.milvus import bench_milvus
@@ -235,8 +255,9 @@ def run(
 
     state = cache / f"stack-{os.getpid()}"
     try:
-        with stack.running_stack(repository, data_dir, state) as running:
+        with stack.running_stack(repository, data_dir, state, milvus=milvus) as running:
             results["setup"]["stack_ready_s"] = round(time.monotonic() - t0, 1)
+            results["setup"]["milvus"] = milvus
             results["setup"]["ports"] = running.ports.__dict__
             users = gateway.known_users(running.settings, 200)
             results["setup"]["load_users"] = len(users)

@@ -133,6 +133,7 @@ def render(results: dict[str, Any], json_path: Path, gpu_section: str | None = N
                 ],
                 ["load average at start (1/5/15 min)", m.get("load_average")],
                 ["models", results.get("setup", {}).get("models", {}).get("source", "?")],
+                ["Milvus", _MILVUS_SERVERS.get(results.get("setup", {}).get("milvus", "lite"))],
             ],
         ),
         "",
@@ -541,9 +542,14 @@ def _perf(results: dict[str, Any]) -> list[str]:
     ]
 
 
+#: the stack's Milvus by ``setup.milvus`` (runs before 2026-12-05 record none: Lite)
+_MILVUS_SERVERS = {"engine": "the Milvus engine 2.3.5 standalone", "lite": "Milvus Lite server"}
+
+
 def _milvus(results: dict[str, Any]) -> list[str]:
     mv = results.get("milvus", {})
-    out = ["", "## Milvus (Milvus Lite server, HNSW)", ""]
+    server = _MILVUS_SERVERS.get(results.get("setup", {}).get("milvus", "lite"), "?")
+    out = ["", f"## Milvus ({server}, HNSW)", ""]
     if "runs" not in mv:
         return [*out, f"not measured: {mv.get('error', '?')}"]
     rows = [

@@ -1,4 +1,5 @@
-"""``python -m bench --quick`` end to end: real stack, every section in the JSON report."""
+"""``python -m bench --quick`` end to end: real stack (the Milvus engine), every section in the
+JSON report."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     failed = {s: results.get(s, {}).get("error", "missing") for s in SECTIONS}
     assert not {s: e for s, e in failed.items() if s not in results or "error" in results[s]}
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results["setup"]["milvus"] == "engine"  # benchmarks run on the real engine
     assert results["gateway"]["levels"][0]["ranked"] > 0
     assert results["baseline"]["requests"] > 0
     assert {r["backend"] for r in results["ranker"]["rows"]} >= {"pytorch", "ort-plain", "ort-int8"}
