@@ -10,6 +10,10 @@ from bench.util import fmt, table
 THROUGHPUT_RATIO = 3.0
 TAIL_RATIO = 2.5
 PEAK_SHARE = 0.6
+#: issue #15's serving targets, the default pipeline (feature ranker, cross-encoder off):
+#: p50 and p99 at concurrency 1, QPS at 16 (the section's medians over its rounds)
+SERVED_PIPELINE = "feature ranker"
+SERVING_P50_MS, SERVING_P99_MS, SERVING_QPS = 20.0, 50.0, 100.0
 
 
 def _best(rows: list[dict[str, Any]], pred: Any) -> dict[str, Any] | None:
@@ -45,6 +49,23 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             "measured": ratio,
             "met": bool(ratio <= TAIL_RATIO),
         }
+    for row in results.get("pipelines", {}).get("table", []):
+        if row["pipeline"] != SERVED_PIPELINE:
+            continue
+        c = row["concurrency"]
+        if c == 1:
+            for name, limit in (("p50", SERVING_P50_MS), ("p99", SERVING_P99_MS)):
+                out[f"recommend_{name}_c1"] = {
+                    "target": f"{name} <= {limit:.0f} ms at concurrency 1 ({SERVED_PIPELINE})",
+                    "measured": row[f"{name}_ms"],
+                    "met": row[f"{name}_ms"] <= limit,
+                }
+        elif c >= 16:
+            out[f"recommend_qps_c{c}"] = {
+                "target": f">= {SERVING_QPS:.0f} QPS at concurrency {c} ({SERVED_PIPELINE})",
+                "measured": row["qps"],
+                "met": row["qps"] >= SERVING_QPS,
+            }
     from bench import indexing
 
     fastest = indexing.best(results.get("indexing", {}))

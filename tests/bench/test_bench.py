@@ -39,6 +39,18 @@ def test_targets_compare_with_the_baseline() -> None:
     assert not t["tail_c16"]["met"]
 
 
+def test_the_serving_targets_read_the_default_pipeline() -> None:
+    def row(pipeline: str, c: int, qps: float, p50: float, p99: float) -> dict[str, object]:
+        return {"pipeline": pipeline, "concurrency": c, "qps": qps, "p50_ms": p50, "p99_ms": p99}
+
+    rows = [row("feature ranker", 1, 70.0, 14.0, 51.0), row("feature ranker", 16, 120.0, 0, 0)]
+    rows += [row("cross-encoder", 1, 4.0, 300.0, 400.0), row("cross-encoder", 16, 4.0, 0, 0)]
+    t = targets({"pipelines": {"table": rows}})
+    assert t["recommend_p50_c1"]["met"] and t["recommend_p50_c1"]["measured"] == 14.0
+    assert not t["recommend_p99_c1"]["met"]  # 51 ms against 50
+    assert t["recommend_qps_c16"]["met"] and t["recommend_qps_c16"]["measured"] == 120.0
+
+
 def test_a_gemm_timed_at_another_size_says_so() -> None:
     from bench.report import _gemm
 
