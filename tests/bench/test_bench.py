@@ -107,3 +107,21 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     for heading in ("## Targets", "## Gateway", "## Milvus", "## perf_analyzer"):
         assert heading in text
     assert text.endswith(kept) and "an earlier run" not in text
+
+
+def test_the_pipelines_table_takes_the_median_of_the_rounds() -> None:
+    from bench.pipelines import BASELINE, table
+
+    def summary(qps: float, p50: float) -> dict[str, object]:
+        latency = {"p50": p50, "p99": 2 * p50}
+        return {"requests": 10, "ranked": 10, "qps_ranked": qps, "latency_ms": latency}
+
+    rows = table(
+        {
+            "feature ranker": {1: [summary(50.0, 20.0), summary(80.0, 10.0)]},
+            BASELINE: {1: [summary(4.0, 250.0), summary(5.0, 200.0)]},
+        }
+    )
+    ours = rows[0]
+    assert (ours["qps"], ours["p50_ms"], ours["p99_ms"]) == (65.0, 15.0, 30.0)  # two: their mean
+    assert ours["qps_ratio"] == 65.0 / 4.5 and ours["requests"] == 20
