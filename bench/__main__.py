@@ -187,23 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         args.omp_wait_policy,
         args.milvus,
     )
-    from bench.gpu import render as render_gpu
-    from bench.report import render, splice
+    from bench.report import write_benchmarks
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    gpu_json = args.json.with_name("bench_gpu.json")  # kept from a lent GPU (bench.gpu)
-    gpu = render_gpu(json.loads(gpu_json.read_text())) if gpu_json.is_file() else None
-    generated = render(results, args.json, gpu_section=gpu)
-    try:  # the generated part only: sections written below it stay
-        text = splice(args.out.read_text() if args.out.is_file() else None, generated)
-    except ValueError as exc:
-        kept = args.out.with_suffix(".generated.md")
-        kept.write_text(generated)
-        print(f"{args.out}: {exc}; this run's report is in {kept}", file=sys.stderr)
+    # the generated part only: the sections written below it stay
+    if write_benchmarks(results, args.json, args.out) != args.out:
         return 1
-    args.out.write_text(text)
     print(f"\nwrote {args.out} and {args.json}")
     failed = [name for name in SECTIONS if "error" in results.get(name, {"error": "missing"})]
     if failed:

@@ -533,15 +533,16 @@ def _best_per_device(rows: list[dict[str, Any]]) -> dict[int, tuple[dict, dict]]
     return {b: (d["cpu"], d["gpu"]) for b, d in sorted(best.items()) if {"cpu", "gpu"} <= set(d)}
 
 
-def report(gpu_json: Path, bench_json: Path, benchmarks_md: Path, keep: Path) -> None:
-    """Keep the GPU JSON beside the CPU one and re-render ``BENCHMARKS.md`` with both."""
-    from bench.report import render as render_all
+def report(gpu_json: Path, bench_json: Path, benchmarks_md: Path) -> Path:
+    """Keep the GPU JSON beside the CPU one (``bench_gpu.json``) and re-render the
+    generated part of ``BENCHMARKS.md`` with both; returns the file written
+    (:func:`bench.report.write_benchmarks`)."""
+    from bench.report import write_benchmarks
 
+    keep = bench_json.with_name("bench_gpu.json")
     if gpu_json.resolve() != keep.resolve():
         shutil.copyfile(gpu_json, keep)
-    results = json.loads(bench_json.read_text())
-    gpu = json.loads(keep.read_text())
-    benchmarks_md.write_text(render_all(results, bench_json, gpu_section=render(gpu)))
+    return write_benchmarks(json.loads(bench_json.read_text()), bench_json, benchmarks_md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,12 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run(args.bundle, args.out, seconds=args.seconds, batch_sizes=args.batch_sizes)
         print(render(results))
     else:
-        report(
-            args.json,
-            REPO_ROOT / "reports" / "bench.json",
-            REPO_ROOT / "BENCHMARKS.md",
-            REPO_ROOT / "reports" / "bench_gpu.json",
-        )
+        out = REPO_ROOT / "BENCHMARKS.md"
+        return 0 if report(args.json, REPO_ROOT / "reports" / "bench.json", out) == out else 1
     return 0
 
 

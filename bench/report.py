@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from bench.util import fmt, table
+
+log = logging.getLogger(__name__)
 
 THROUGHPUT_RATIO = 3.0
 TAIL_RATIO = 2.5
@@ -124,6 +128,27 @@ def splice(existing: str | None, generated: str) -> str:
             f"{GENERATED_END!r}); not overwritten"
         )
     return head + block + tail.removeprefix("\n")
+
+
+def write_benchmarks(results: dict[str, Any], json_path: Path, out: Path) -> Path:
+    """Render ``results`` (raw numbers in ``json_path``; the GPU section from the
+    ``bench_gpu.json`` beside it when a lent GPU left one) into ``out``'s generated part
+    (:func:`splice`). Returns the file written: ``out``, or where ``out`` has no generated
+    part to replace, ``<out>.generated.md`` beside it (``out`` is left as it is)."""
+    from bench.gpu import render as render_gpu
+
+    gpu_json = json_path.with_name("bench_gpu.json")
+    gpu = render_gpu(json.loads(gpu_json.read_text())) if gpu_json.is_file() else None
+    generated = render(results, json_path, gpu_section=gpu)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.write_text(splice(out.read_text() if out.is_file() else None, generated))
+    except ValueError as exc:
+        kept = out.with_suffix(".generated.md")
+        kept.write_text(generated)
+        log.error("%s: %s; this run's report is in %s", out, exc, kept)
+        return kept
+    return out
 
 
 def render(results: dict[str, Any], json_path: Path, gpu_section: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,26 @@ def test_render_compares_the_fastest_backend_of_each_device() -> None:
     assert "1: " not in text.split("Best GPU")[1]  # batch 1 has no GPU row to compare
     assert "| pytorch-cuda fp16 | 16 | 4,000.0 | 1.00 | 40.00 |" in text
     assert "TensorRT was not importable" not in text
+
+
+def test_report_adds_the_gpu_section_and_keeps_what_was_written_below(tmp_path: Path) -> None:
+    """``python -m bench.gpu report`` re-renders BENCHMARKS.md's generated part only."""
+    from bench.report import splice
+
+    row: dict[str, object] = {"backend": gpu.REFERENCE, "device": "cpu", "batch": 16}
+    row |= {"ms_per_batch": 1.0, "flops_per_s": 1e12, "share_of_peak": 0.5, "items_per_s": 100.0}
+    results = {"environment": {"gpu": "X"}, "rows": [row]}
+    lent = tmp_path / "out" / "bench_gpu.json"
+    lent.parent.mkdir()
+    lent.write_text(json.dumps(results))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "bench.json").write_text(json.dumps({"machine": {"date": "then"}}))
+    md = tmp_path / "BENCHMARKS.md"
+    by_hand = "## Measured once (2026-12-05)\n\nkept\n"
+    md.write_text(splice(None, "# Benchmarks\n\nno GPU yet\n") + "\n" + by_hand)
+    assert gpu.report(lent, reports / "bench.json", md) == md
+    text = md.read_text()
+    assert "## GPU: the ranker on" in text and "no GPU yet" not in text
+    assert text.endswith(by_hand)
+    assert (reports / "bench_gpu.json").is_file()
