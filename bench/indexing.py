@@ -90,16 +90,16 @@ def padding(
     spec: TokenizerSpec,
     arch: Arch | None = None,
 ) -> dict[str, float]:
-    """Tokens Triton's tokenizer produces for these batches: each padded to its longest text,
-    rounded up to ``pad_to_multiple_of`` (never past ``max_length``); with ``arch``, the
-    encoder FLOPs of those batches and of the same texts without any padding."""
+    """Tokens Triton's tokenizer produces for these batches: each padded to its longest text
+    (rounded up to ``pad_to_multiple_of`` for a batch under ``exact_padding_from`` texts;
+    never past ``max_length``); with ``arch``, the encoder FLOPs of those batches and of the
+    same texts without any padding."""
     tokenizer = spec.tokenizer()
     tokenizer.no_padding()
     real = np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
     padded, flops = 0, 0.0
     for chunk in chunks:
-        longest = int(real[list(chunk)].max())
-        width = min(-(-longest // spec.multiple) * spec.multiple, spec.max_length)
+        width = spec.width(len(chunk), int(real[list(chunk)].max()))
         padded += width * len(chunk)
         flops += _flops(arch, len(chunk), width) if arch else 0.0
     out = {

@@ -279,7 +279,8 @@ def bench_model(
     peaks = section_peaks(threads, 1.0 if max_seconds < 5 else 2.0)
     rows = []
     for size in batch_sizes:
-        feeds = batches(tokenizer, texts, pairs, size, count=max(1, min(8, 256 // size)))
+        sized = spec.tokenizer(pairs=pairs is not None, batch=size)  # as Triton pads `size`
+        feeds = batches(sized, texts, pairs, size, count=max(1, min(8, 256 // size)))
         for name, run in runners.items():
             r = throughput(run, feeds, arch, max_seconds, 10_000, warmup=1 if size <= 16 else 0)
             peak = peaks["int8"] if name.endswith("int8") else peaks["fp32"]
@@ -287,8 +288,8 @@ def bench_model(
                 {"backend": name, "batch": size, **r, "share_of_peak": r["flops_per_s"] / peak}
             )
     for length in extra_lengths:  # sequence-length what-if (e.g. the ranker's training length)
-        short = spec.tokenizer(pairs=pairs is not None, max_length=length)
         size = max(batch_sizes)
+        short = spec.tokenizer(pairs=pairs is not None, max_length=length, batch=size)
         feeds = batches(short, texts, pairs, size, count=max(1, min(8, 256 // size)))
         for name in ("pytorch", "ort-optimized", "ort-int8"):
             r = throughput(runners[name], feeds, arch, max_seconds, 10_000, warmup=0)
@@ -328,14 +329,15 @@ def bench_triton(
 ) -> list[dict[str, Any]]:
     """Concurrent requests of ``batch`` texts to the ensemble so dynamic batching engages.
 
-    FLOPs are counted on each request's own padded length (the tokenizer pads to a multiple
-    of 16); the backend pads merged requests to the longest, so this is a lower bound.
+    FLOPs are counted on each request's own padded length (the tokenizer pads a small request
+    to a multiple of 16); the backend pads merged requests to the longest, so this is a lower
+    bound.
     """
     from bench import metrics
 
-    tokenizer = spec.tokenizer(pairs=pairs is not None)
     rows = []
     for batch, concurrency in configs:
+        tokenizer = spec.tokenizer(pairs=pairs is not None, batch=batch)
         before = metrics.scrape(triton_metrics_port)
         start = time.perf_counter()
         done, errors = _triton_load(settings, texts, pairs, batch, concurrency, max_seconds)

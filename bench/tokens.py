@@ -2,8 +2,8 @@
 
 The settings are read from the release's ``tokenizer/config.pbtxt`` parameters
 (``max_length`` for single texts, ``pair_max_length`` for the ranker's (user, item) pairs,
-``pad_to_multiple_of``), so the PyTorch and ONNX Runtime benchmarks feed the same token ids
-as Triton, whatever the release configures.
+``pad_to_multiple_of``, ``exact_padding_from``), so the PyTorch and ONNX Runtime benchmarks
+feed the same token ids as Triton, whatever the release configures.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class TokenizerSpec:
     max_length: int = 128
     pair_max_length: int = 128
     multiple: int = 16
+    exact_from: int = 33  # requests of this many texts: padded to their longest, not rounded
 
     @classmethod
     def of_release(cls, repository: Path) -> TokenizerSpec:
@@ -37,16 +38,31 @@ class TokenizerSpec:
             max_length,
             int(params.get("pair_max_length", max_length)),
             int(params.get("pad_to_multiple_of", "16")),
+            int(params.get("exact_padding_from", "33")),
         )
 
-    def tokenizer(self, pairs: bool = False, max_length: int | None = None) -> Any:
-        """A ``tokenizers.Tokenizer`` configured like Triton's (texts or pairs)."""
+    def rounds(self, batch: int | None) -> bool:
+        """Whether Triton's tokenizer rounds a request of ``batch`` texts up to the multiple
+        (None: a request too small to be exact)."""
+        return batch is None or batch < self.exact_from
+
+    def width(self, batch: int, longest: int) -> int:
+        """The padded length of a request of ``batch`` texts whose longest has ``longest``
+        tokens."""
+        width = -(-longest // self.multiple) * self.multiple if self.rounds(batch) else longest
+        return min(width, self.max_length)
+
+    def tokenizer(
+        self, pairs: bool = False, max_length: int | None = None, batch: int | None = None
+    ) -> Any:
+        """A ``tokenizers.Tokenizer`` configured like Triton's (texts or pairs) for requests
+        of ``batch`` texts."""
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(self.path))
         default = self.pair_max_length if pairs else self.max_length
         tok.enable_truncation(max_length=max_length or default)
-        tok.enable_padding(pad_to_multiple_of=self.multiple)
+        tok.enable_padding(pad_to_multiple_of=self.multiple if self.rounds(batch) else None)
         return tok
 
 

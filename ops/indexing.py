@@ -5,7 +5,8 @@ time), so what is indexed and what is searched with always come from one release
 
 Items are sent to Triton in length buckets: sorted by their (approximate or exact) token
 count and cut into batches from that order. Triton's tokenizer pads every request to its
-longest text (rounded up to ``pad_to_multiple_of``), so a batch of similar lengths pads little,
+longest text (rounded up to ``pad_to_multiple_of`` only for requests too small to fill a batch
+on their own), so a batch of similar lengths pads little,
 while a batch in file order pads every short text to the longest one that happens to be in
 it. Each row keeps its own vector: a batch's vectors are zipped with that batch's rows, and
 :func:`embed_bucketed` puts vectors back in input order.

@@ -125,3 +125,16 @@ def test_the_pipelines_table_takes_the_median_of_the_rounds() -> None:
     ours = rows[0]
     assert (ours["qps"], ours["p50_ms"], ours["p99_ms"]) == (65.0, 15.0, 30.0)  # two: their mean
     assert ours["qps_ratio"] == 65.0 / 4.5 and ours["requests"] == 20
+
+
+def test_the_token_mirror_pads_as_the_triton_tokenizer_does(tmp_path: Path) -> None:
+    """A request under ``exact_padding_from`` texts is rounded up to the multiple, a larger
+    one only to its longest text; never past ``max_length``."""
+    from bench.tokens import TokenizerSpec
+
+    repo = REPO_ROOT / "model_repository"
+    spec = TokenizerSpec(tmp_path / "tokenizer.json", max_length=128, multiple=16, exact_from=33)
+    assert (spec.width(3, 14), spec.width(32, 14), spec.width(33, 14)) == (16, 16, 14)
+    assert spec.width(64, 140) == 128 and spec.width(1, 120) == 128
+    text = (repo / "tokenizer" / "config.pbtxt").read_text()
+    assert 'key: "exact_padding_from", value: { string_value: "33" }' in text  # the release's

@@ -69,6 +69,38 @@ def test_dynamic_batching_merges_concurrent_requests(
     assert np.abs(np.stack(singles) - batched).max() < 1e-5
 
 
+def test_a_request_that_fills_a_batch_is_padded_to_its_longest_text_only(
+    stack: LocalStack, triton: TritonClient
+) -> None:
+    """Small requests are rounded up to 16 tokens (a shape to share in the encoders' dynamic
+    batcher); one of 33 texts or more (the indexing job's batches) only to its longest, and
+    its vectors are still what ONNX Runtime computes."""
+    import tritonclient.grpc as grpcclient
+
+    from bench.tokens import TokenizerSpec
+
+    repo = stack.settings.model_repository
+    spec = TokenizerSpec.of_release(repo)
+    assert (spec.multiple, spec.exact_from) == (16, 33)
+    texts = [f"Movie {i} (2001). Genres: Drama" for i in range(40)]
+    counter = spec.tokenizer()
+    counter.no_padding()
+    longest = max(len(e.ids) for e in counter.encode_batch(texts))
+    assert longest % 16 != 0  # rounding up shows
+    client = grpcclient.InferenceServerClient(stack.settings.triton_url)
+    try:
+        for n, width in ((3, -(-longest // 16) * 16), (40, longest)):
+            data = np.array([t.encode() for t in texts[:n]], dtype=np.object_).reshape(-1, 1)
+            text = grpcclient.InferInput("TEXT", list(data.shape), "BYTES")
+            text.set_data_from_numpy(data)
+            ids = client.infer("tokenizer", [text]).as_numpy("INPUT_IDS")
+            assert ids.shape == (n, width) == (n, spec.width(n, longest))
+    finally:
+        client.close()
+    items = triton.embed_items(texts, 20)
+    assert np.abs(items - _direct(repo, "item_encoder", texts)[0]).max() < 1e-5
+
+
 def test_sequence_model_serves_what_the_trained_model_scores(
     stack: LocalStack, triton: TritonClient, tiny_sequence_model: str
 ) -> None:
