@@ -8,9 +8,11 @@ sends (``item_batches``), each embedded and upserted by its ``embed_and_upsert``
 - **file order** (before): batches of 64 in the catalogue's order; Triton's tokenizer pads
   each request to its longest text, so short texts pay for long neighbours;
 - **bucketed, estimated lengths**: batches cut from the texts sorted by their word and
-  punctuation count (no tokenizer needed: what ``make demo`` uses);
+  punctuation count (no tokenizer needed: what the indexing jobs fall back to where the
+  release's files are not at hand);
 - **bucketed, tokenizer lengths**: sorted by the exact token count of the release's own
-  ``tokenizer.json``.
+  ``tokenizer.json`` (what ``python -m ops.indexing``, ``make demo`` and the Ray catalogue
+  job use where the model repository is on their disk).
 
 The variants take turns batch by batch (who goes first alternates), so that load drift on a
 shared machine hits all of them alike. Items/s is end to end (Triton, then the Milvus

@@ -103,7 +103,13 @@ def index_everything(stack: LocalStack, dataset_path: Path) -> None:
 def index_dataset(stack: LocalStack, dataset: Dataset, k_scan: Sequence[int] = ()) -> SegmentReport:
     """Every item and user of ``dataset`` through Triton into the stack's Milvus; segments.
     The popularity half-life goes to the stack's event log (started here if it is not up)."""
-    from ops.indexing import index_exploration, index_half_life, index_items, index_users
+    from ops.indexing import (
+        index_exploration,
+        index_half_life,
+        index_items,
+        index_users,
+        release_lengths,
+    )
     from ops.segments import fit_segments
     from services.inference.triton_client import TritonClient
 
@@ -114,7 +120,8 @@ def index_dataset(stack: LocalStack, dataset: Dataset, k_scan: Sequence[int] = (
     try:
         store.ensure_collections()
         batch = stack.settings.triton_batch_size
-        n_items = index_items(dataset, triton, store, batch, half_life_days=days)
+        lengths = release_lengths(stack.settings.model_repository)
+        n_items = index_items(dataset, triton, store, batch, half_life_days=days, lengths=lengths)
         share = index_exploration(dataset, store, stack.settings, days)
         n_users = index_users(dataset, triton, store, batch)
         segments = fit_segments(store, stack.settings.segments, k_scan=k_scan)

@@ -22,10 +22,13 @@ import pandas as pd
 from core.config import Settings, get_settings
 from core.rows import ItemRow, item_row
 from ops.indexing import (
+    Lengths,
     embed_and_upsert,
     index_exploration,
     index_half_life,
     item_rows,
+    length_order,
+    release_lengths,
     without_deleted,
 )
 from services.events.scan import Tombstones
@@ -67,21 +70,38 @@ class EmbedAndWrite:
         return pd.DataFrame({"written": [written], "actor": [os.getpid()]})
 
 
+def blocks(
+    rows: Sequence[tuple[ItemRow, str]],
+    batch_size: int,
+    actors: int,
+    lengths: Lengths | None = None,
+) -> list[pd.DataFrame]:
+    """``rows`` (with their texts) from shortest to longest text, cut into Ray Data blocks
+    of whole batches: at most BLOCK_BATCHES batches, and at least one block per actor (a
+    single block, what ``from_pandas`` makes of one frame, feeds a single actor)."""
+    order = length_order([text for _, text in rows], lengths)
+    frame = pd.DataFrame([{**rows[i][0], EMBED_TEXT: rows[i][1]} for i in order])
+    batches = math.ceil(len(frame) / batch_size)
+    size = batch_size * min(BLOCK_BATCHES, math.ceil(batches / actors))
+    return [frame.iloc[i : i + size] for i in range(0, len(frame), size)]
+
+
 def index_catalog_ray(
-    rows: Sequence[tuple[ItemRow, str]], settings: Settings, batch_size: int = 64, actors: int = 2
+    rows: Sequence[tuple[ItemRow, str]],
+    settings: Settings,
+    batch_size: int = 64,
+    actors: int = 2,
+    lengths: Lengths | None = None,
 ) -> int:
-    """Embed and write ``rows`` (from :func:`ops.indexing.item_rows`) with Ray Data."""
+    """Embed and write ``rows`` (from :func:`ops.indexing.item_rows`) with Ray Data, in
+    length order (``lengths``, default estimated) so that each batch pads little."""
     import ray
 
     if settings.milvus_is_lite:
         raise ValueError("Ray indexing needs a Milvus server URI, not a Milvus Lite file")
     if not rows:
         return 0
-    frame = pd.DataFrame([{**row, EMBED_TEXT: text} for row, text in rows])
-    # one block per BLOCK_BATCHES batches, at least one per actor: a single block (what
-    # from_pandas makes of one frame) feeds a single actor, however many are asked for
-    size = min(batch_size * BLOCK_BATCHES, math.ceil(len(frame) / actors))
-    dataset = ray.data.from_pandas([frame.iloc[i : i + size] for i in range(0, len(frame), size)])
+    dataset = ray.data.from_pandas(blocks(rows, batch_size, actors, lengths))
     written = dataset.map_batches(
         EmbedAndWrite,
         fn_constructor_kwargs={"settings": settings},
@@ -111,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         # deleted users' events leave no trace in popularity or co-occurrence
         dataset = without_deleted(load_dataset(args.data), Tombstones.load(settings))
         days = index_half_life(dataset, settings)
-        n = index_catalog_ray(item_rows(dataset, days), settings, args.batch_size, args.actors)
+        rows, lengths = item_rows(dataset, days), release_lengths(settings.model_repository)
+        n = index_catalog_ray(rows, settings, args.batch_size, args.actors, lengths)
         index_exploration(dataset, store, settings, days)  # on the vectors the actors wrote
     finally:
         store.close()

@@ -401,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     store, triton = VectorStore(settings), TritonClient(settings)
     try:
         store.ensure_collections()
-        n_items = index_items(dataset, triton, store, args.batch_size, half_life_days=days)
+        lengths = release_lengths(settings.model_repository)  # exact where the release is here
+        n_items = index_items(
+            dataset, triton, store, args.batch_size, half_life_days=days, lengths=lengths
+        )
         if not args.no_tombstones:
             index_exploration(dataset, store, settings, days)
         n_users = index_users(dataset, triton, store, args.batch_size)

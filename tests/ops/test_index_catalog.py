@@ -87,3 +87,21 @@ def test_ray_catalogue_job_indexes_through_triton_into_milvus(
     recorded = on_log(settings, lambda log: aggregates.read(log, now=at + days * SECONDS_PER_DAY))
     assert recorded.indexed_weight == pytest.approx(0.5)
     assert recorded.exploration_share == DEFAULT_EXPLORATION_SHARE
+
+
+def test_blocks_are_whole_length_ordered_batches_for_every_actor() -> None:
+    """Each batch an actor embeds is cut from texts of similar length (it is padded to its
+    longest), and every actor gets a block."""
+    from core.rows import item_row
+    from ops.index_catalog import EMBED_TEXT, blocks
+    from ops.indexing import estimated_lengths
+
+    texts = [" ".join(["word"] * (1 + (i * 7) % 23)) for i in range(300)]
+    rows = [(item_row(str(i), f"t{i}", [], text), text) for i, text in enumerate(texts)]
+    for actors, expected in ((2, [160, 140]), (4, [96, 96, 96, 12]), (1, [300])):
+        cut = blocks(rows, 32, actors, estimated_lengths)
+        assert [len(b) for b in cut] == expected  # whole batches of 32, up to 16 a block
+    ordered = pd.concat(blocks(rows, 32, 2, estimated_lengths))[EMBED_TEXT].tolist()
+    assert sorted(ordered) == sorted(texts)
+    counts = estimated_lengths(ordered)
+    assert counts == sorted(counts)
