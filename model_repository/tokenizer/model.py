@@ -6,8 +6,8 @@ Each request is padded to a multiple of ``pad_to_multiple_of`` tokens: requests 
 length then share a shape, which lets the encoder's dynamic batcher put them in one batch.
 A request of at least ``exact_padding_from`` texts (more than half the encoders' largest
 batch, as the indexing job sends) shares a batch with no other, so it is padded to its
-longest text only: rounding a length-bucketed batch of ~18 tokens up to 32 cost a third of
-the indexing's compute.
+longest text only: rounded up, MovieLens's length-bucketed batches sent a third more tokens
+than their longest texts need.
 Pairs (the ranker's input) have their own, shorter budget, ``pair_max_length``: the ranker's
 cost grows with candidates x length, and it is trained at that length.
 """
