@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from bench import stack as bench_stack
-    from core.config import REPO_ROOT, Settings
+    from core.config import REPO_ROOT
 
     parser = argparse.ArgumentParser(prog="python -m bench.pipelines", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "runs" / "local" / "final")
@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--milvus",
         choices=("lite", "engine"),
-        default=Settings().milvus_server,
-        help="the Milvus Lite server, or the real engine (make milvus-engine); "
-        "default RECSYS_MILVUS_SERVER, else lite",
+        default="engine",
+        help="the real engine (make milvus-engine; the default, as in make bench) or the "
+        "Milvus Lite server",
     )
     parser.add_argument(
         "--compare",

@@ -112,8 +112,9 @@ def index_catalog_ray(
         num_cpus=0.5,
     )
     batches = written.to_pandas()  # one row per batch
-    log.info("indexed %d items by %d actors", batches["written"].sum(), batches["actor"].nunique())
-    return int(batches["written"].sum())
+    total = int(batches["written"].sum())
+    log.info("indexed %d items by %d actors", total, batches["actor"].nunique())
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
