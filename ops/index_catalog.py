@@ -82,7 +82,7 @@ def blocks(
     order = length_order([text for _, text in rows], lengths)
     frame = pd.DataFrame([{**rows[i][0], EMBED_TEXT: rows[i][1]} for i in order])
     batches = math.ceil(len(frame) / batch_size)
-    size = batch_size * min(BLOCK_BATCHES, math.ceil(batches / actors))
+    size = batch_size * max(1, min(BLOCK_BATCHES, math.ceil(batches / actors)))  # 0: no rows
     return [frame.iloc[i : i + size] for i in range(0, len(frame), size)]
 
 

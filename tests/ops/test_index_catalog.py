@@ -23,10 +23,10 @@ from tests.nats_server import on_log
 from training.data import load_dataset
 from training.ray_cluster import connect
 
-pytestmark = pytest.mark.integration
 N_ITEMS = 150
 
 
+@pytest.mark.integration
 def test_ray_catalogue_job_indexes_through_triton_into_milvus(
     stack: LocalStack,
     tmp_path: Path,
@@ -105,3 +105,4 @@ def test_blocks_are_whole_length_ordered_batches_for_every_actor() -> None:
     assert sorted(ordered) == sorted(texts)
     counts = estimated_lengths(ordered)
     assert counts == sorted(counts)
+    assert blocks([], 32, 2) == []
