@@ -9,7 +9,11 @@ dataset directory that ``make train TRAIN_DATA=var/exports/events`` trains on:
   optionally with the catalogue dataset's own events (``--with-base``);
 * ``items.parquet`` - the catalogue's items (``item_id, title, categories, text,
   created_at``) from ``--items-from`` (default ``RECSYS_DATA_DIR``): events carry item ids
-  only, and the loader keeps events of known items.
+  only, and the loader keeps events of known items;
+* ``exposures.parquet`` - the responses the gateway logged for users in A/B experiments
+  (``user_id, timestamp, items, request_id``, one row per response) from the exposures
+  stream, or from a JSONL exposure log (``--exposure-log``, the ``file`` sink), when there
+  are any: the feature ranker trains on them too (:mod:`training.data.exposures`).
 
 Honoured on the way: tombstones (an event at or below a deleted user's tombstone sequence is
 never exported, nor a base event of a deleted user), and idempotency (a message id seen twice,
@@ -31,7 +35,7 @@ import logging
 import math
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,10 @@ from core.config import Settings, get_settings
 from services.api import pb
 from services.events.log import EventLog
 from services.events.scan import Tombstones, scan_stream, subject_token, with_log
+from services.experiments.exposures import read_log, stream_records
 from services.profiles.profiles import EVENT_NAMES
+from training.data.exposures import COLUMNS as EXPOSURE_COLUMNS
+from training.data.exposures import EXPOSURES_FILE, empty_exposures
 
 log = logging.getLogger(__name__)
 EVENT_COLUMNS = ["user_id", "item_id", "event_type", "timestamp", "value"]
@@ -70,6 +77,7 @@ class ExportReport:
     undecodable: int = 0  # not an Event (never expected: the gateway validates)
     base: int = 0  # base dataset events added (--with-base)
     exported: int = 0  # events written
+    exposures: int = 0  # logged responses written
     items: int = 0
     users: int = 0
     out: str = ""
@@ -131,6 +139,42 @@ def decode_events(batch: pd.DataFrame, tombstones: Mapping[str, int]) -> pd.Data
     return out
 
 
+def exposures_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per response (:data:`training.data.exposures.COLUMNS`) from exposure records,
+    oldest first. The gateway writes one record per experiment the user is in, so a response
+    is found by its request id (else by user, time and items) and kept once; feedback
+    records are left out (a click is an event, and the events are exported)."""
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("type") != "exposure" or not rec.get("items"):
+            continue
+        items = [str(i) for i in rec["items"]]
+        request = str(rec.get("request_id") or "")
+        key = (request,) if request else (rec.get("user_id"), rec.get("ts"), tuple(items))
+        rows.setdefault(
+            key,
+            {
+                "user_id": str(rec.get("user_id", "")),
+                "timestamp": float(rec.get("ts", 0.0)),
+                "items": items,
+                "request_id": request,
+            },
+        )
+    if not rows:
+        return empty_exposures()
+    frame = pd.DataFrame(list(rows.values()), columns=EXPOSURE_COLUMNS)
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], unit="s", utc=True)
+    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def read_exposures(settings: Settings, exposure_log: Path | None = None) -> pd.DataFrame:
+    """The logged responses of the exposures stream, or of ``exposure_log`` (a JSONL log of
+    the ``file`` sink) when given."""
+    if exposure_log is not None:
+        return exposures_frame(read_log(exposure_log))
+    return exposures_frame(asyncio.run(with_log(settings, stream_records, "recsys-export")))
+
+
 def _typed(batch: pd.DataFrame) -> pa.Table:
     """One schema for every part file (a block of NaN values would otherwise be ``null``),
     without pandas metadata: Ray may hand a batch with pyarrow-backed columns, and the
@@ -189,10 +233,12 @@ def export_events(
     items_from: Path | None = None,
     with_base: bool = False,
     blocks: int = 4,
+    exposure_log: Path | None = None,
 ) -> ExportReport:
-    """Write ``out/events.parquet/`` and ``out/items.parquet`` (see module doc); ``out`` is
-    replaced as a whole. Raises :class:`services.events.log.EventLogUnavailable` when the log
-    cannot be read (no export is better than one blind to deletions)."""
+    """Write ``out/events.parquet/``, ``out/items.parquet`` and, where responses were
+    logged, ``out/exposures.parquet`` (see module doc); ``out`` is replaced as a whole.
+    Raises :class:`services.events.log.EventLogUnavailable` when the log cannot be read (no
+    export is better than one blind to deletions)."""
     import ray
 
     from training.ray_cluster import connect
@@ -229,6 +275,10 @@ def export_events(
     tmp.mkdir(parents=True)
     events.map_batches(_typed, batch_format="pandas").write_parquet(str(tmp / EVENTS_DIR))
     report.items = write_items(items_from or settings.data_dir, tmp)
+    exposures = read_exposures(settings, exposure_log)  # read after the events and tombstones
+    if len(exposures):
+        exposures.to_parquet(tmp / EXPOSURES_FILE, index=False)
+    report.exposures = len(exposures)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a reader sees the old export or the new one, never half of one
     log.info("exported %s", report.to_dict())
@@ -246,10 +296,21 @@ def main(argv: list[str] | None = None) -> int:
         "--with-base", action="store_true", help="add the catalogue dataset's own events"
     )
     parser.add_argument("--blocks", type=int, default=4, help="Ray Data blocks")
+    parser.add_argument(
+        "--exposure-log",
+        type=Path,
+        default=None,
+        help="read logged responses from this JSONL log (the file sink), not the stream",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level)
     report = export_events(
-        settings, args.out, items_from=args.items_from, with_base=args.with_base, blocks=args.blocks
+        settings,
+        args.out,
+        items_from=args.items_from,
+        with_base=args.with_base,
+        blocks=args.blocks,
+        exposure_log=args.exposure_log,
     )
     print(json.dumps(report.to_dict()))
     return 0

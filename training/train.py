@@ -63,13 +63,14 @@ from core.behaviour import popularity_half_life
 from core.config import REPO_ROOT, get_settings
 from core.text import item_texts
 from training import tracking
-from training.config import SequenceConfig, TrainConfig, load_config
+from training.config import SequenceConfig, TrainConfig, load_config, resolve_path
 from training.data.candidates import (
     Catalogue,
     SequenceAt,
     SequenceScores,
     training_cutoffs,
 )
+from training.data.exposures import load_exposures
 from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.pretrained import OFFLINE_ENV, set_offline
 from training.models.sequence import (
@@ -257,6 +258,7 @@ def fit_feature_ranker(
     half_life = popularity_half_life(train, get_settings().popularity_half_life_days)
     data.info["popularity_half_life_days"] = half_life  # as indexing these events chooses
     print(f"[feature_ranker] popularity half-life {half_life:g} days", flush=True)
+    exposures = load_exposures(resolve_path(cfg.data_dir))  # logged responses, if exported
     groups, held_out = replayed_groups(
         candidates,
         train,
@@ -267,11 +269,12 @@ def fit_feature_ranker(
         twin_at,
         served,
         half_life,
+        exposures,
     )
     if not groups:
         raise ValueError("no feature-ranker training groups: too few users after the cut-offs")
     print(
-        f"[feature_ranker] {len(groups)} training users at {len(fr.cutoffs)} cut-offs, "
+        f"[feature_ranker] {len(groups)} training groups at {len(fr.cutoffs)} cut-offs, "
         f"{len(held_out)} validation users, in {time.time() - t0:.1f}s"
     )
     mean, std = feature_scaling(groups)

@@ -1,22 +1,26 @@
 """The loop back to training, with a real nats-server and a local Ray: events ingested into the
 stream -> ``ops.export_events`` (Ray Data, Parquet) -> the training loader reads exactly those
-events, without the deleted users' and with a retried event once."""
+events, without the deleted users' and with a retried event once; the responses the gateway
+logged for users in experiments go beside them, one row per response."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from core.config import Settings
-from ops.export_events import decode_events, export_events
+from ops.export_events import decode_events, export_events, exposures_frame
 from services.api import pb
-from services.events.log import EventLog, user_token
+from services.events.log import BlockingEventLog, EventLog, user_token
+from services.experiments.runtime import ExperimentService
 from tests.nats_server import nats_settings, on_log
 from training.config import load_config, resolve_path
 from training.data import load_dataset
+from training.data.exposures import load_exposures
 
 __all__ = ["nats_settings"]
 pytestmark = pytest.mark.integration
@@ -75,6 +79,37 @@ def _published(settings: Settings) -> None:
     on_log(settings, work)
 
 
+def _arms(name: str) -> dict[str, object]:
+    return {
+        "name": name,
+        "salt": f"export-{name}",
+        "arms": [
+            {"name": "control", "weight": 50, "variant": {}},
+            {"name": "treatment", "weight": 50, "variant": {}},
+        ],
+    }
+
+
+def _exposed(settings: Settings) -> None:
+    """Two responses, as the gateway logs them: a record per experiment the user is in (two
+    here), then a click on one shown item (feedback: an event, not an exposure)."""
+    events = BlockingEventLog(settings, "test-gateway")
+    try:
+        assert events._ready.wait(20)
+        experiments = json.dumps([_arms("mix"), _arms("slots")])
+        svc = ExperimentService.from_settings(
+            settings.model_copy(update={"experiments": experiments}), events
+        )
+        for user, items, rec in (("alice", ["i3", "i4"], "rec-1"), ("bob", ["i1"], "rec-2")):
+            assignments, _ = svc.for_user(user)
+            assert len(assignments) == 2
+            svc.exposed(user, assignments, items, request_id=rec)
+        svc.clicked("alice", ["i3"], recommendation_id="rec-1")
+        assert svc.flush(10)
+    finally:
+        events.close()
+
+
 def test_events_export_to_parquet_and_train_loads_exactly_them(
     nats_settings: Settings, tmp_path: Path
 ) -> None:
@@ -83,6 +118,7 @@ def test_events_export_to_parquet_and_train_loads_exactly_them(
     settings = nats_settings.model_copy(update={"duplicate_window_s": 1.0})
     catalogue = _catalogue(tmp_path / "catalogue")
     _published(settings)
+    _exposed(settings)
     out = tmp_path / "export"
     try:
         report = export_events(settings, out, items_from=catalogue, with_base=True, blocks=2)
@@ -90,6 +126,7 @@ def test_events_export_to_parquet_and_train_loads_exactly_them(
         ray.shutdown()
     assert (report.read, report.duplicates, report.tombstoned) == (6, 1, 2)
     assert (report.exported, report.base, report.items) == (6, 2, 6)
+    assert report.exposures == 2  # four records, two responses
 
     # make train TRAIN_DATA=<export>: the override the Makefile passes
     cfg = load_config(None, [f"data_dir={out}"])
@@ -110,6 +147,16 @@ def test_events_export_to_parquet_and_train_loads_exactly_them(
     ]
     alice = events[events["user_id"] == "alice"].sort_values("timestamp")
     assert [int(t.timestamp()) for t in alice["timestamp"]] == [T0 // 1000 + 1, T0 // 1000 + 2]
+    # the feature ranker's stage reads the logged responses from the same directory
+    exposures = load_exposures(resolve_path(cfg.data_dir))
+    assert [
+        (u, i, r)
+        for u, i, r in zip(*(exposures[c] for c in ("user_id", "items", "request_id")), strict=True)
+    ] == [
+        ("alice", ["i3", "i4"], "rec-1"),
+        ("bob", ["i1"], "rec-2"),
+    ]
+    assert str(exposures["timestamp"].dtype) == "datetime64[ns, UTC]"
 
 
 def test_decoding_drops_tombstoned_and_undecodable_messages() -> None:
@@ -121,3 +168,23 @@ def test_decoding_drops_tombstoned_and_undecodable_messages() -> None:
     rows = decode_events(batch, {token: 1})
     assert list(rows["dropped"]) == ["tombstoned", "undecodable", ""]
     assert rows.iloc[2]["event_type"] == "click" and rows.iloc[2]["user_id"] == "u"
+
+
+def test_exposure_records_become_one_row_per_response() -> None:
+    """A response is its request id (one record per experiment the user is in), else its
+    user, time and items; feedback and empty exposures are no rows."""
+    record = {"type": "exposure", "user_id": "u", "ts": 20.0, "items": ["a", "b"]}
+    frame = exposures_frame(
+        [
+            {**record, "experiment": "mix", "request_id": "r1"},
+            {**record, "experiment": "slots", "request_id": "r1"},
+            {**record, "ts": 10.0, "experiment": "mix"},  # an older record, no request id
+            {**record, "ts": 10.0, "experiment": "slots"},
+            {**record, "ts": 30.0, "items": []},
+            {"type": "feedback", "user_id": "u", "ts": 21.0, "item_id": "a", "event": "click"},
+        ]
+    )
+    assert frame["request_id"].tolist() == ["", "r1"]  # oldest first
+    assert [t.timestamp() for t in frame["timestamp"]] == [10.0, 20.0]
+    assert frame["items"].tolist() == [["a", "b"], ["a", "b"]]
+    assert exposures_frame([]).empty

@@ -14,7 +14,9 @@ the negatives are the retrieval candidates themselves: what the ranker will see 
 
 Cut-offs inside the training period give training groups; the training/validation split
 gives validation groups (its targets lie after the training period; nothing from it is
-used to fit).
+used to fit). Logged exposures (:mod:`training.data.exposures`) give more training groups
+(:func:`exposure_groups`): the items a response showed, labelled the same way, so that what
+a user was shown and did not go on to like is a negative the replay cannot invent.
 """
 
 from __future__ import annotations
@@ -99,6 +101,46 @@ SequenceScores = Callable[[pd.DataFrame, Sequence[str]], np.ndarray]
 SequenceAt = Callable[[pd.Timestamp], SequenceScores]
 
 
+@dataclass(frozen=True)
+class IndexState:
+    """The catalogue as indexing would have written it from the events before a cut-off:
+    what every group replayed at that cut-off reads."""
+
+    index: dict[str, int]  # item id -> catalogue index
+    pop: np.ndarray  # time-decayed popularity
+    popular_order: np.ndarray  # catalogue indices, most popular first
+    neighbours: dict[str, list[str]]  # co-occurrence neighbours, best first
+    created: np.ndarray  # creation (else first-seen) time, epoch seconds, 0 unknown
+    clock: CatalogueClock
+    unborn: set[int]  # created after the cut-off: not in the catalogue yet
+
+    @classmethod
+    def at(cls, catalogue: Catalogue, before: pd.DataFrame, half_life_days: float) -> IndexState:
+        index = {iid: n for n, iid in enumerate(catalogue.item_ids)}
+        popularity = item_popularity(before, half_life_days)
+        pop = np.array([popularity.get(i, 0.0) for i in catalogue.item_ids])
+        seen_at = first_seen(before)
+        created = np.where(
+            catalogue.created_at > 0,
+            catalogue.created_at,
+            [seen_at.get(i, 0.0) for i in catalogue.item_ids],
+        )
+        # the catalogue's clock is its newest item, as the gateway's (PopularItems.clock)
+        latest = before["timestamp"].max().timestamp() if len(before) else 0.0
+        present = created <= latest
+        known = created[present & (created > 0)]
+        now = float(known.max()) if len(known) else latest
+        return cls(
+            index,
+            pop,
+            np.lexsort((np.array(catalogue.item_ids), -pop)),
+            co_occurrence(before, top=CO_ITEMS),
+            created,
+            CatalogueClock(top_popularity=float(pop.max(initial=0.0)), now=now),
+            {int(i) for i in np.flatnonzero(~present)},
+        )
+
+
 def candidate_groups(
     catalogue: Catalogue,
     before: pd.DataFrame,
@@ -106,30 +148,14 @@ def candidate_groups(
     cfg: CandidateConfig,
     seed: int = 0,
     sequence: SequenceScores | None = None,
+    state: IndexState | None = None,
 ) -> list[dict[str, Any]]:
     """One group per user active in ``after``: ``{"user_id", "features" (c, F), "labels"
     (c,), "targets" (the user's target count, found or not), "items" (c,) catalogue
-    indices}``, catalogue state from ``before`` (see the module docstring). ``sequence``:
-    the sequence model as the gateway serves it (a source, and a feature), trained on events
-    before ``after`` only."""
-    index = {iid: n for n, iid in enumerate(catalogue.item_ids)}
-    popularity = item_popularity(before, cfg.half_life_days)
-    pop = np.array([popularity.get(i, 0.0) for i in catalogue.item_ids])
-    neighbours = co_occurrence(before, top=CO_ITEMS)
-    seen_at = first_seen(before)
-    created = np.where(
-        catalogue.created_at > 0,
-        catalogue.created_at,
-        [seen_at.get(i, 0.0) for i in catalogue.item_ids],
-    )
-    # the catalogue's clock is its newest item, as the gateway's (PopularItems.clock)
-    latest = before["timestamp"].max().timestamp() if len(before) else 0.0
-    present = created <= latest
-    known = created[present & (created > 0)]
-    now = float(known.max()) if len(known) else latest
-    clock = CatalogueClock(top_popularity=float(pop.max(initial=0.0)), now=now)
-    unborn = {int(i) for i in np.flatnonzero(~present)}  # created after the cut-off
-    popular_order = np.lexsort((np.array(catalogue.item_ids), -pop))
+    indices}``, catalogue state from ``before`` (see the module docstring; ``state``, when
+    given, is :meth:`IndexState.at` of it). ``sequence``: the sequence model as the gateway
+    serves it (a source, and a feature), trained on events before ``after`` only."""
+    state = state or IndexState.at(catalogue, before, cfg.half_life_days)
     users = sorted(after["user_id"].astype(str).unique())
     if cfg.max_users is not None and len(users) > cfg.max_users:
         users = sorted(random.Random(seed).sample(users, cfg.max_users))
@@ -146,19 +172,12 @@ def candidate_groups(
     )
     groups = []
     for u, user in enumerate(users):
-        history, rest = histories[user], rests[user]
         group = _user_group(
             catalogue,
-            index,
-            pop,
-            popular_order,
-            neighbours,
-            created,
-            clock,
-            history,
-            rest,
+            state,
+            histories[user],
+            rests[user],
             cfg,
-            unborn,
             None if seq_scores is None else seq_scores[u],
         )
         if group is not None:
@@ -166,21 +185,70 @@ def candidate_groups(
     return groups
 
 
+def exposure_groups(
+    catalogue: Catalogue,
+    before: pd.DataFrame,
+    events: pd.DataFrame,
+    exposures: pd.DataFrame,
+    cfg: CandidateConfig,
+    seed: int = 0,
+    sequence: SequenceScores | None = None,
+    state: IndexState | None = None,
+) -> list[dict[str, Any]]:
+    """One group per logged response in ``exposures`` (``user_id, timestamp, items``, each
+    at or after the cut-off that ends ``before``): its shown items (those in the catalogue
+    then, not interacted with before), the features as the cut-off's index and the user's
+    ``events`` before the response give them, labelled like :func:`candidate_groups`' (among
+    the user's next ``cfg.targets`` new positives). Responses whose user liked nothing
+    later, or that show nothing left, give no group. At most ``cfg.max_users`` responses,
+    drawn with ``seed``; ``sequence`` and ``state``: as there."""
+    if cfg.max_users is not None and len(exposures) > cfg.max_users:
+        drawn = sorted(random.Random(seed).sample(range(len(exposures)), cfg.max_users))
+        exposures = exposures.iloc[drawn]
+    if exposures.empty:
+        return []
+    state = state or IndexState.at(catalogue, before, cfg.half_life_days)
+    by_user = {
+        str(u): g.sort_values("timestamp", kind="stable") for u, g in events.groupby("user_id")
+    }
+    responses = []  # (user, history before the response, what followed, shown indices)
+    for user, at, items in zip(
+        exposures["user_id"].astype(str), exposures["timestamp"], exposures["items"], strict=True
+    ):
+        mine = by_user.get(user)
+        if mine is None:
+            continue
+        history = mine[mine["timestamp"] < at]
+        if (history["weight"] > 0).any():  # a history to replay the sources on
+            shown = [state.index[i] for i in map(str, items) if i in state.index]
+            responses.append((user, history, mine[mine["timestamp"] >= at], shown))
+    seq_scores = None
+    if sequence is not None and responses:
+        keys = [str(n) for n in range(len(responses))]  # one history per response, not per user
+        keyed = [r[1].assign(user_id=k) for r, k in zip(responses, keys, strict=True)]
+        seq_scores = sequence(pd.concat(keyed), keys)
+    groups = []
+    for n, (user, history, rest, shown) in enumerate(responses):
+        scores = None if seq_scores is None else seq_scores[n]
+        group = _user_group(catalogue, state, history, rest, cfg, scores, shown)
+        if group is not None:
+            groups.append({"user_id": user, **group})
+    return groups
+
+
 def _user_group(
     catalogue: Catalogue,
-    index: dict[str, int],
-    pop: np.ndarray,
-    popular_order: np.ndarray,
-    neighbours: dict[str, list[str]],
-    created: np.ndarray,
-    clock: CatalogueClock,
+    state: IndexState,
     history: pd.DataFrame,
     rest: pd.DataFrame,
     cfg: CandidateConfig,
-    unborn: set[int],
     seq_scores: np.ndarray | None,
+    shown: Sequence[int] | None = None,
 ) -> dict[str, Any] | None:
-    seen = {index[i] for i in history["item_id"].astype(str) if i in index} | unborn
+    """The group of one user at one point: the fused candidates, or the ``shown`` items
+    (catalogue indices, in the order shown) of a logged response."""
+    index, pop, neighbours, created = state.index, state.pop, state.neighbours, state.created
+    seen = {index[i] for i in history["item_id"].astype(str) if i in index} | state.unborn
     positives = history[history["weight"] > 0].sort_values("timestamp", kind="stable")
     newest_first = dict.fromkeys(reversed(positives["item_id"].astype(str).tolist()))
     recent = [index[i] for i in newest_first if i in index]
@@ -211,7 +279,7 @@ def _user_group(
     co_ids = [index[i] for i in co if i in index and index[i] not in seen]
     co_ids.sort(key=lambda i: -co[catalogue.item_ids[i]])
     add("co_occurrence", co_ids)
-    add("popular", [i for i in popular_order[: n + len(seen)] if i not in seen])
+    add("popular", [i for i in state.popular_order[: n + len(seen)] if i not in seen])
     if seq_scores is not None:
         top = np.argpartition(-seq_scores, min(n + len(seen), len(seq_scores) - 1))
         top = top[: n + len(seen)]
@@ -223,6 +291,14 @@ def _user_group(
         items = sorted(ranks)
     else:
         items = sorted(index[i] for i, _ in fuse_ids(lists, cfg.weights, n))
+    kept: list[int] = []
+    if shown is not None:  # features among the candidates the ranker scored, rows of the shown
+        kept = list(dict.fromkeys(i for i in shown if i not in seen))
+        if not kept:
+            return None
+        items = items + sorted(set(kept) - set(items))  # shown, though this replay missed them
+        for i in kept:
+            ranks.setdefault(i, {})
     user = UserSide(
         history_vectors=hist,
         interests=interests([(catalogue.titles[i], catalogue.categories[i]) for i in recent[:50]]),
@@ -230,7 +306,7 @@ def _user_group(
     )
     features = feature_matrix(
         user,
-        clock,
+        state.clock,
         catalogue.vectors[items],
         [ranks[i] for i in items],
         [co.get(catalogue.item_ids[i], 0.0) for i in items],
@@ -239,6 +315,9 @@ def _user_group(
         [catalogue.categories[i] for i in items],
         None if seq_scores is None else seq_scores[items],
     )
+    if shown is not None:
+        row = {item: r for r, item in enumerate(items)}
+        features, items = features[[row[i] for i in kept]], kept
     wanted = set(targets)
     labels = np.array([i in wanted for i in items], dtype=np.float32)
     return {

@@ -32,9 +32,11 @@ from training.config import FeatureRankerConfig
 from training.data.candidates import (
     CandidateConfig,
     Catalogue,
+    IndexState,
     SequenceAt,
     SequenceScores,
     candidate_groups,
+    exposure_groups,
     split_at,
 )
 from training.models.feature_ranker import DCNv2, load_feature_ranker, save_feature_ranker
@@ -55,6 +57,7 @@ def replayed_groups(
     sequence: SequenceAt | None = None,
     served: SequenceScores | None = None,
     half_life_days: float | None = None,
+    exposures: pd.DataFrame | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The stage's data: training groups at ``cuts`` inside ``events`` (the users active
     after each, with ``sequence(cut)``: the sequence model as it would have been served
@@ -64,7 +67,12 @@ def replayed_groups(
     a point inside the training period: the same replay either way. Validation groups are
     always the gateway's fused candidates (what is served); training groups are fused too
     unless ``cfg.fused`` is off. Popularity decays with ``half_life_days``, by default the
-    one indexing ``events`` would (the setting, else chosen on them)."""
+    one indexing ``events`` would (the setting, else chosen on them).
+
+    Logged ``exposures`` (:mod:`training.data.exposures`) add training groups of the shown
+    items: each response with the index of the latest cut-off before it (and that cut-off's
+    sequence model); responses before the first cut-off, or without a later positive inside
+    ``events``, add none."""
     settings = get_settings()
     weights = settings.retrieval_weights
     if half_life_days is None:
@@ -79,10 +87,21 @@ def replayed_groups(
         half_life_days,
     )
     groups: list[dict[str, Any]] = []
-    for n, cut in enumerate(cuts):
+    ordered = sorted(cuts)
+    for n, cut in enumerate(ordered):
         before, after = split_at(events, cut)
         twin = sequence(cut) if sequence is not None else None
-        groups += candidate_groups(catalogue, before, after, replay, seed + n, twin)
+        state = IndexState.at(catalogue, before, half_life_days)  # for both kinds of group
+        groups += candidate_groups(catalogue, before, after, replay, seed + n, twin, state)
+        if exposures is not None and len(exposures):
+            at = exposures["timestamp"]
+            until = at < ordered[n + 1] if n + 1 < len(ordered) else True
+            shown = exposures[(at >= cut) & until]
+            logged = exposure_groups(
+                catalogue, before, events, shown, replay, seed + n, twin, state
+            )
+            print(f"[feature_ranker] {len(logged)} of {len(shown)} logged responses after {cut}")
+            groups += logged
     replay = dataclasses.replace(replay, max_users=cfg.eval_users, weights=weights)
     return groups, candidate_groups(catalogue, events, later, replay, seed + 5, served)
 

@@ -18,6 +18,7 @@ from training.data.candidates import (
     CandidateConfig,
     Catalogue,
     candidate_groups,
+    exposure_groups,
     split_at,
     training_cutoffs,
 )
@@ -175,3 +176,87 @@ def test_the_replay_keeps_the_candidates_the_gateway_s_fusion_keeps(
         grew += len(u["items"]) > len(f["items"])
         assert f["targets"] == u["targets"]
     assert grew > 0
+
+
+def test_a_logged_response_is_a_group_of_its_shown_items_labelled_by_what_followed(
+    world: tuple[pd.DataFrame, Catalogue],
+) -> None:
+    """The shown items in the order shown, less what the user had touched before and what
+    the catalogue does not hold; a shown item among the next new positives is a positive,
+    the others (shown, not liked) are the negatives; each row the one the replay builds at
+    the same point for the same user among the candidates the ranker scored (the sequence
+    model's log-probability is among all of them, not among the few shown)."""
+    events, catalogue = world
+    (cut,) = training_cutoffs(events, [0.6])
+    before, after = split_at(events, cut)
+    cfg = CandidateConfig(candidates=10, history_window=5, fold_in=0, targets=3, max_users=None)
+    replayed = candidate_groups(catalogue, before, after, cfg)
+    group = next(g for g in replayed if 0 < g["labels"].sum() < len(g["labels"]))
+    user = group["user_id"]
+    ids = [catalogue.item_ids[i] for i in group["items"]]
+    liked = next(i for i, y in zip(ids, group["labels"], strict=True) if y)
+    unliked = next(i for i, y in zip(ids, group["labels"], strict=True) if not y)
+    old = before.loc[before["user_id"] == user, "item_id"].iloc[0]
+    shown = [unliked, old, "not-in-the-catalogue", liked]
+    exposures = pd.DataFrame({"user_id": [user], "timestamp": [cut], "items": [shown]})
+
+    (logged,) = exposure_groups(catalogue, before, events, exposures, cfg)
+    assert [catalogue.item_ids[i] for i in logged["items"]] == [unliked, liked]
+    assert logged["labels"].tolist() == [0.0, 1.0]
+    assert logged["targets"] == group["targets"]
+    rows = [ids.index(unliked), ids.index(liked)]
+    np.testing.assert_allclose(logged["features"], group["features"][rows], rtol=1e-6)
+
+
+def test_responses_without_a_history_or_a_later_positive_give_no_group(
+    world: tuple[pd.DataFrame, Catalogue],
+) -> None:
+    events, catalogue = world
+    cfg = CandidateConfig(candidates=10, history_window=5, fold_in=0, targets=3, max_users=None)
+    first = events["timestamp"].min()
+    last = events["timestamp"].max() + pd.Timedelta(days=1)
+    user = str(events["user_id"].iloc[0])
+    exposures = pd.DataFrame(
+        {
+            "user_id": [user, user, "nobody"],
+            "timestamp": [first, last, last],  # nothing before / nothing after / no events
+            "items": [["i1", "i2"]] * 3,
+        }
+    )
+    assert exposure_groups(catalogue, events, events, exposures, cfg) == []
+
+
+def test_the_ranker_s_data_adds_logged_responses_after_the_first_cut_off(
+    world: tuple[pd.DataFrame, Catalogue],
+) -> None:
+    """Each response joins the training groups with the index of the latest cut-off before
+    it; one before the first cut-off (whose index would come from its future) adds none."""
+    from training.config import FeatureRankerConfig
+    from training.tasks.feature_ranker import replayed_groups
+
+    events, catalogue = world
+    train, later = split_at(events, training_cutoffs(events, [0.9])[0])
+    cfg = FeatureRankerConfig(cutoffs=[0.5, 0.7], candidates=10, users_per_cutoff=None)
+    cuts = training_cutoffs(train, cfg.cutoffs)
+    plain, _ = replayed_groups(catalogue, train, later, cfg, cuts, half_life_days=30.0)
+    early = cuts[0] - pd.Timedelta(seconds=1)
+    liked = train[train["weight"] > 0]
+    before_it = set(liked.loc[liked["timestamp"] < early, "user_id"])
+    # a user who would give a group at either point: liked something before and after both
+    later_likes = liked[(liked["timestamp"] > cuts[0]) & liked["user_id"].isin(before_it)]
+    user, at = later_likes.iloc[0][["user_id", "timestamp"]]
+    items = list(catalogue.item_ids)
+    exposures = pd.DataFrame(
+        {
+            "user_id": [user, user],
+            "timestamp": [early, at],
+            "items": [items, items],  # shown everything: whatever they liked next is in it
+        }
+    )
+    logged, _ = replayed_groups(
+        catalogue, train, later, cfg, cuts, half_life_days=30.0, exposures=exposures
+    )
+    assert len(logged) == len(plain) + 1
+    replayed = {(g["user_id"], tuple(g["items"])) for g in plain}
+    extra = [g for g in logged if (g["user_id"], tuple(g["items"])) not in replayed]
+    assert [g["user_id"] for g in extra] == [user] and extra[0]["labels"].sum() > 0
