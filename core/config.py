@@ -301,6 +301,11 @@ class Settings(BaseSettings):
         description="Where the gateway records exposures and A/B feedback: the JetStream "
         "stream below (shared by every replica: the A/B report's source) or exposure_log.",
     )
+    exposure_logging: Literal["experiments", "all"] = Field(
+        "experiments",
+        description="Which responses the gateway logs as exposures: those of users in an A/B "
+        "experiment, or all (the feature ranker trains on them from an export).",
+    )
     exposures_stream: str = Field(
         "RECSYS_EXPOSURES", description="JetStream stream of exposures and A/B feedback."
     )

@@ -123,6 +123,8 @@ def summarise(
     by_request: dict[tuple[str, str], dict[str, Any]] = {}
     clicks: list[dict[str, Any]] = []
     for r in records:
+        if not r.get("experiment"):
+            continue  # a response logged outside every experiment (exposure_logging=all)
         if r["type"] == "exposure":
             exposures[(r["experiment"], r["user_id"])].append(r)
             if r.get("request_id"):

@@ -13,6 +13,9 @@ table; the recommendation id, when the click carries one, is what the report joi
 
 Records go to the JetStream exposures stream (``exposure_sink=stream``, the default: every
 replica's in one place) or to the JSONL file ``exposure_log`` (``exposure_sink=file``).
+With ``exposure_logging=all`` a response to a user in no experiment is logged too, under no
+experiment (:data:`UNASSIGNED`): what the feature ranker trains on from an export, which the
+A/B report leaves out.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from services.experiments.assignment import (
 from services.experiments.exposures import ExposureLog, ExposureStream
 
 DEFAULT_LOG = Path("var") / "experiments" / "exposures.jsonl"
+#: the "assignment" of a response logged outside every experiment (``exposure_logging=all``)
+UNASSIGNED = Assignment("", "", Variant())
 
 
 class ExposureSink(Protocol):
@@ -68,9 +73,12 @@ class ExposureSink(Protocol):
 class ExperimentService:
     """Assignment + logging for all configured experiments (no-op when there are none)."""
 
-    def __init__(self, experiments: Sequence[Experiment], log: ExposureSink | None) -> None:
+    def __init__(
+        self, experiments: Sequence[Experiment], log: ExposureSink | None, log_all: bool = False
+    ) -> None:
         self.experiments = list(experiments)
         self.log = log
+        self.log_all = log_all  # responses to users in no experiment are logged too
 
     @classmethod
     def from_settings(
@@ -83,18 +91,19 @@ class ExperimentService:
         without that field) the file ``settings.exposure_log`` when that field exists, else
         ``<var_dir>/experiments/``."""
         experiments = load_experiments(settings)
+        log_all = getattr(settings, "exposure_logging", "experiments") == "all"
         if getattr(settings, "exposure_sink", "file") == "stream":
-            if not experiments:  # nothing to record; DeleteUser's purge needs no writer
+            if not experiments and not log_all:  # nothing to record; DeleteUser needs none
                 return cls(experiments, None)
             full = cast(Any, settings)  # a core.config.Settings: the log needs all of it
-            return cls(experiments, ExposureStream(events or BlockingEventLog(full)))
+            return cls(experiments, ExposureStream(events or BlockingEventLog(full)), log_all)
         path = getattr(settings, "exposure_log", None)
         if path is None:
             var_dir = getattr(settings, "var_dir", None)
             path = Path(var_dir) / "experiments" / "exposures.jsonl" if var_dir else DEFAULT_LOG
         # The log exists even with no experiment running: DeleteUser must still erase what
         # earlier experiments recorded.
-        return cls(experiments, ExposureLog(path))
+        return cls(experiments, ExposureLog(path), log_all)
 
     def for_user(self, user_id: str) -> tuple[list[Assignment], Variant]:
         """The user's arms and their variants merged: what the pipeline applies."""
@@ -111,11 +120,13 @@ class ExperimentService:
         device: str = "",
     ) -> None:
         """Record that the user (in ``assignments``) was shown ``item_ids`` on ``surface``
-        and ``device`` (the request's context; empty when it sent none)."""
-        if self.log is not None and assignments and item_ids:
+        and ``device`` (the request's context; empty when it sent none); a user in no
+        experiment only when every response is logged (:data:`UNASSIGNED`)."""
+        recorded = list(assignments) or ([UNASSIGNED] if self.log_all else [])
+        if self.log is not None and recorded and item_ids:
             self.log.record_exposures(
                 user_id,
-                assignments,
+                recorded,
                 item_ids,
                 request_id=request_id,
                 surface=surface,

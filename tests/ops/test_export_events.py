@@ -16,6 +16,7 @@ from core.config import Settings
 from ops.export_events import decode_events, export_events, exposures_frame
 from services.api import pb
 from services.events.log import BlockingEventLog, EventLog, user_token
+from services.experiments.assignment import Variant
 from services.experiments.runtime import ExperimentService
 from tests.nats_server import nats_settings, on_log
 from training.config import load_config, resolve_path
@@ -92,7 +93,8 @@ def _arms(name: str) -> dict[str, object]:
 
 def _exposed(settings: Settings) -> None:
     """Two responses, as the gateway logs them: a record per experiment the user is in (two
-    here), then a click on one shown item (feedback: an event, not an exposure)."""
+    here), then a click on one shown item (feedback: an event, not an exposure); and a
+    response to a user in no experiment where every response is logged."""
     events = BlockingEventLog(settings, "test-gateway")
     try:
         assert events._ready.wait(20)
@@ -106,6 +108,13 @@ def _exposed(settings: Settings) -> None:
             svc.exposed(user, assignments, items, request_id=rec)
         svc.clicked("alice", ["i3"], recommendation_id="rec-1")
         assert svc.flush(10)
+        # every response logged (exposure_logging=all), here with no experiment at all
+        every = ExperimentService.from_settings(
+            settings.model_copy(update={"exposure_logging": "all"}), events
+        )
+        assert every.for_user("dave") == ([], Variant())
+        every.exposed("dave", [], ["i2"], request_id="rec-3")
+        assert every.flush(10)
     finally:
         events.close()
 
@@ -126,7 +135,7 @@ def test_events_export_to_parquet_and_train_loads_exactly_them(
         ray.shutdown()
     assert (report.read, report.duplicates, report.tombstoned) == (6, 1, 2)
     assert (report.exported, report.base, report.items) == (6, 2, 6)
-    assert report.exposures == 2  # four records, two responses
+    assert report.exposures == 3  # five records, three responses
 
     # make train TRAIN_DATA=<export>: the override the Makefile passes
     cfg = load_config(None, [f"data_dir={out}"])
@@ -155,6 +164,7 @@ def test_events_export_to_parquet_and_train_loads_exactly_them(
     ] == [
         ("alice", ["i3", "i4"], "rec-1"),
         ("bob", ["i1"], "rec-2"),
+        ("dave", ["i2"], "rec-3"),
     ]
     assert str(exposures["timestamp"].dtype) == "datetime64[ns, UTC]"
 

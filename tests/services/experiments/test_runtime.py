@@ -25,9 +25,10 @@ CFG = json.dumps(
 
 
 class FakeSettings:
-    def __init__(self, var_dir: Path, experiments: str) -> None:
+    def __init__(self, var_dir: Path, experiments: str, logging: str = "experiments") -> None:
         self.var_dir = var_dir
         self.experiments = experiments
+        self.exposure_logging = logging
 
 
 def test_service_round_trip(tmp_path: Path) -> None:
@@ -65,3 +66,28 @@ def test_erasure_works_after_experiments_end(tmp_path: Path) -> None:
     running.exposed("u", assignments, ["i"])
     ended = ExperimentService.from_settings(FakeSettings(tmp_path, ""))
     assert ended.delete_user("u") == 1
+
+
+def test_logging_every_response_records_users_in_no_experiment_outside_the_report(
+    tmp_path: Path,
+) -> None:
+    """``exposure_logging=all``: a response to a user in no experiment is an exposure under
+    no experiment (what the ranker's training reads from an export); the A/B report and its
+    click attribution leave it out; users in experiments are logged as before."""
+    alone = ExperimentService.from_settings(FakeSettings(tmp_path, "", "all"))
+    alone.exposed("u0", [], ["i1", "i2"], request_id="r0")
+    alone.exposed("u0", [], [], request_id="nothing shown")
+    svc = ExperimentService.from_settings(FakeSettings(tmp_path, CFG, "all"))
+    assignments, _ = svc.for_user("u1")
+    svc.exposed("u1", assignments, ["i3"], request_id="r1")
+    svc.clicked("u1", ["i3"], recommendation_id="r1")
+    recs = list(read_log(tmp_path / "experiments" / "exposures.jsonl"))
+    assert [(r["type"], r["experiment"], r["user_id"]) for r in recs] == [
+        ("exposure", "", "u0"),
+        ("exposure", "mmr", "u1"),
+        ("feedback", "mmr", "u1"),
+    ]
+    s = summarise(recs)
+    assert {a.experiment for a in s["arms"]} == {"mmr"}
+    assert [(a.trials, a.successes) for a in s["arms"] if a.trials] == [(1, 1)]
+    assert alone.delete_user("u0") == 1
