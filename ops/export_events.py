@@ -10,10 +10,11 @@ dataset directory that ``make train TRAIN_DATA=var/exports/events`` trains on:
 * ``items.parquet`` - the catalogue's items (``item_id, title, categories, text,
   created_at``) from ``--items-from`` (default ``RECSYS_DATA_DIR``): events carry item ids
   only, and the loader keeps events of known items;
-* ``exposures.parquet`` - the responses the gateway logged for users in A/B experiments
-  (``user_id, timestamp, items, request_id``, one row per response) from the exposures
-  stream, or from a JSONL exposure log (``--exposure-log``, the ``file`` sink), when there
-  are any: the feature ranker trains on them too (:mod:`training.data.exposures`).
+* ``exposures.parquet`` - the responses the gateway logged (for users in A/B experiments,
+  or all of them with ``RECSYS_EXPOSURE_LOGGING=all``; ``user_id, timestamp, items,
+  request_id``, one row per response) from the exposures stream, or from a JSONL exposure
+  log (``--exposure-log``, the ``file`` sink), when there are any: the feature ranker
+  trains on them too (:mod:`training.data.exposures`).
 
 Honoured on the way: tombstones (an event at or below a deleted user's tombstone sequence is
 never exported, nor a base event of a deleted user), and idempotency (a message id seen twice,

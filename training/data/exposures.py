@@ -1,9 +1,10 @@
 """Logged exposures: which items a response showed to whom, and when.
 
-The gateway records one exposure per response for users in A/B experiments
-(:mod:`services.experiments`); ``python -m ops.export_events`` writes those of the exposures
-stream (or of a JSONL exposure log) beside the events as ``exposures.parquet``. The feature
-ranker trains on them besides its replayed candidates
+The gateway records one exposure per response for users in A/B experiments, or for every
+response with ``RECSYS_EXPOSURE_LOGGING=all`` (:mod:`services.experiments`);
+``python -m ops.export_events`` writes those of the exposures stream (or of a JSONL exposure
+log) beside the events as ``exposures.parquet``. The feature ranker trains on them besides
+its replayed candidates
 (:func:`training.data.candidates.exposure_groups`): a shown item the user did not go on to
 like is a negative from what was really served, which no replay can invent.
 """
