@@ -71,8 +71,8 @@ def replayed_groups(
 
     Logged ``exposures`` (:mod:`training.data.exposures`) add training groups of the shown
     items: each response with the index of the latest cut-off before it (and that cut-off's
-    sequence model); responses before the first cut-off, or without a later positive inside
-    ``events``, add none."""
+    sequence model); responses before the first cut-off, after the end of ``events``, or
+    without a later positive inside it, add none."""
     settings = get_settings()
     weights = settings.retrieval_weights
     if half_life_days is None:
@@ -95,8 +95,10 @@ def replayed_groups(
         groups += candidate_groups(catalogue, before, after, replay, seed + n, twin, state)
         if exposures is not None and len(exposures):
             at = exposures["timestamp"]
-            until = at < ordered[n + 1] if n + 1 < len(ordered) else True
-            shown = exposures[(at >= cut) & until]
+            # up to the next cut-off; the last, up to the end of ``events`` (later responses
+            # have nothing after them to label with: the validation period's are not used)
+            until = ordered[n + 1] if n + 1 < len(ordered) else events["timestamp"].max()
+            shown = exposures[(at >= cut) & (at < until)]
             logged = exposure_groups(
                 catalogue, before, events, shown, replay, seed + n, twin, state
             )

@@ -227,32 +227,35 @@ def test_responses_without_a_history_or_a_later_positive_give_no_group(
 
 
 def test_the_ranker_s_data_adds_logged_responses_after_the_first_cut_off(
-    world: tuple[pd.DataFrame, Catalogue],
+    world: tuple[pd.DataFrame, Catalogue], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each response joins the training groups with the index of the latest cut-off before
-    it; one before the first cut-off (whose index would come from its future) adds none."""
+    it; one before the first cut-off (whose index would come from its future) adds none, nor
+    one after the training events (nothing follows it to label with), which does not take
+    one of the cut-off's draws either."""
     from training.config import FeatureRankerConfig
     from training.tasks.feature_ranker import replayed_groups
 
     events, catalogue = world
     train, later = split_at(events, training_cutoffs(events, [0.9])[0])
-    cfg = FeatureRankerConfig(cutoffs=[0.5, 0.7], candidates=10, users_per_cutoff=None)
+    cfg = FeatureRankerConfig(cutoffs=[0.5, 0.7], candidates=10, users_per_cutoff=1)
     cuts = training_cutoffs(train, cfg.cutoffs)
     plain, _ = replayed_groups(catalogue, train, later, cfg, cuts, half_life_days=30.0)
     early = cuts[0] - pd.Timedelta(seconds=1)
     liked = train[train["weight"] > 0]
     before_it = set(liked.loc[liked["timestamp"] < early, "user_id"])
     # a user who would give a group at either point: liked something before and after both
-    later_likes = liked[(liked["timestamp"] > cuts[0]) & liked["user_id"].isin(before_it)]
+    later_likes = liked[(liked["timestamp"] > cuts[-1]) & liked["user_id"].isin(before_it)]
     user, at = later_likes.iloc[0][["user_id", "timestamp"]]
     items = list(catalogue.item_ids)
     exposures = pd.DataFrame(
         {
-            "user_id": [user, user],
-            "timestamp": [early, at],
-            "items": [items, items],  # shown everything: whatever they liked next is in it
+            "user_id": [user, user, user],
+            "timestamp": [early, at, train["timestamp"].max() + pd.Timedelta(days=1)],
+            "items": [items] * 3,  # shown everything: whatever they liked next is in it
         }
     )
+    capsys.readouterr()
     logged, _ = replayed_groups(
         catalogue, train, later, cfg, cuts, half_life_days=30.0, exposures=exposures
     )
@@ -260,3 +263,6 @@ def test_the_ranker_s_data_adds_logged_responses_after_the_first_cut_off(
     replayed = {(g["user_id"], tuple(g["items"])) for g in plain}
     extra = [g for g in logged if (g["user_id"], tuple(g["items"])) not in replayed]
     assert [g["user_id"] for g in extra] == [user] and extra[0]["labels"].sum() > 0
+    printed = capsys.readouterr().out
+    assert f"0 of 0 logged responses after {cuts[0]}" in printed
+    assert f"1 of 1 logged responses after {cuts[1]}" in printed
