@@ -4,7 +4,8 @@
 ``ops.export_events`` writes from the events stream) - required columns ``user_id, item_id,
 event_type, timestamp``; optional
 ``value`` (a rating for ``rating`` events, any number otherwise). ``event_type`` is one of
-``view, click, rating, purchase`` (aliases such as ``buy``/``rate`` are accepted, see
+``view, click, rating, purchase`` (aliases such as ``buy``/``rate`` are accepted, and a
+music log's ``play``/``listen`` count as clicks, see
 :data:`~training.data.schema.EVENT_TYPE_ALIASES`). ``timestamp``: epoch seconds/ms/us/ns or
 ISO 8601 text (naive = UTC) or a Parquet timestamp column.
 

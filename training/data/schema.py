@@ -49,6 +49,14 @@ EVENT_TYPE_ALIASES: Final[dict[str, str]] = {
     "impression": "view",
     "click": "click",
     "clicks": "click",
+    # a play of a track or a video is a consumption, as a click on a product page is; so is
+    # putting an item in the cart (Retailrocket-style logs: view, addtocart, transaction)
+    "play": "click",
+    "plays": "click",
+    "listen": "click",
+    "stream": "click",
+    "addtocart": "click",
+    "add_to_cart": "click",
     "rating": "rating",
     "rate": "rating",
     "rated": "rating",
