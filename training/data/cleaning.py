@@ -5,7 +5,8 @@ Rules (all reported in the :class:`~training.data.schema.LoadReport`, none silen
 * ids are stripped strings; an empty id makes the row malformed. Integral floats from
   Parquet (``1.0``) become ``"1"``.
 * event types are lower-cased and mapped through
-  :data:`~training.data.schema.EVENT_TYPE_ALIASES`; anything else is malformed.
+  :data:`~training.data.schema.EVENT_TYPE_ALIASES`; anything else is malformed, an
+  impression with its own reason (it records what was shown, not what the user did).
 * ``value`` must be numeric or empty; a ``rating`` needs a value in ``[0, rating_max]``.
 * timestamps: numbers are epoch seconds, milliseconds, microseconds or nanoseconds chosen
   by magnitude (``< 1e11`` s, ``< 1e14`` ms, ``< 1e17`` us, else ns); strings are ISO 8601
@@ -33,6 +34,7 @@ from core.text import normalize_categories, normalize_text
 from training.data.io import LINE
 from training.data.schema import (
     EVENT_TYPE_ALIASES,
+    EXPOSURE_EVENT_TYPES,
     LoadReport,
     empty_events,
 )
@@ -143,6 +145,12 @@ def clean_events(
 
     flag(df["user_id"] == "", "missing user_id")
     flag(df["item_id"] == "", "missing item_id")
+    flag(
+        et_raw.str.lower().isin(EXPOSURE_EVENT_TYPES),
+        "event_type "
+        + et_raw.map(repr)
+        + " records what was shown, not behaviour: shown items go in exposures.parquet",
+    )
     flag(df["event_type"].isna(), "unknown event_type: " + et_raw.map(repr))
     flag(bad_value, "bad value: " + raw.get("value", pd.Series("", index=df.index)).map(repr))
     is_rating = df["event_type"] == "rating"

@@ -46,7 +46,6 @@ import pandas as pd
 EVENT_TYPE_ALIASES: Final[dict[str, str]] = {
     "view": "view",
     "views": "view",
-    "impression": "view",
     "click": "click",
     "clicks": "click",
     # a play of a track or a video is a consumption, as a click on a product page is; so is
@@ -65,6 +64,11 @@ EVENT_TYPE_ALIASES: Final[dict[str, str]] = {
     "order": "purchase",
     "transaction": "purchase",
 }
+
+#: Event types that record what was *shown*, not what the user did: counted as views they
+#: would teach every model that being shown is being liked. Rejected with a pointer to where
+#: shown items belong (``exposures.parquet``, :mod:`training.data.exposures`).
+EXPOSURE_EVENT_TYPES: Final = frozenset({"impression", "impressions", "exposure", "shown"})
 
 EVENT_COLUMNS: Final = ("user_id", "item_id", "event_type", "timestamp", "value", "weight")
 ITEM_COLUMNS: Final = ("item_id", "title", "categories", "text", "created_at")

@@ -240,6 +240,27 @@ def test_generic_parquet(tmp_path: Path) -> None:
     _check_generic(ds, header_lines=0)
 
 
+def test_a_music_log_loads_and_impressions_are_refused_as_behaviour(tmp_path: Path) -> None:
+    """``play`` is a click; an impression is what was shown, which as a view would be a
+    positive: it is refused with a reason that says where shown items go."""
+    pd.DataFrame({"item_id": ["a", "b"], "title": ["Song", "Other song"]}).to_csv(
+        tmp_path / "items.csv", index=False
+    )
+    pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u1", "u2"],
+            "item_id": ["a", "b", "a", "b"],
+            "event_type": ["play", "Listen", "impression", "stream"],
+            "timestamp": [1714557600, 1714557900, 1714558200, 1714557600],
+        }
+    ).to_csv(tmp_path / "events.csv", index=False)
+    ds = load_generic(tmp_path / "events.csv", tmp_path / "items.csv")
+    assert ds.events["event_type"].tolist() == ["click"] * 3
+    assert (ds.events["weight"] == 0.5).all()
+    (bad,) = ds.report.malformed
+    assert bad.line_number == 4 and "shown" in bad.reason and "exposures.parquet" in bad.reason
+
+
 def test_parquet_native_types(tmp_path: Path) -> None:
     ev = pd.DataFrame(
         {
