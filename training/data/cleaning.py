@@ -122,7 +122,8 @@ def clean_events(
     df["item_id"] = clean_ids(raw["item_id"])
     et_raw = raw["event_type"].astype(object).where(raw["event_type"].notna(), "")
     et_raw = et_raw.astype(str).str.strip()
-    df["event_type"] = et_raw.str.lower().map(EVENT_TYPE_ALIASES)
+    et_lower = et_raw.str.lower()
+    df["event_type"] = et_lower.map(EVENT_TYPE_ALIASES)
     if "value" in raw.columns:
         v_raw = raw["value"].astype(object).where(raw["value"].notna(), "")
         v_str = v_raw.astype(str).str.strip()
@@ -146,7 +147,7 @@ def clean_events(
     flag(df["user_id"] == "", "missing user_id")
     flag(df["item_id"] == "", "missing item_id")
     flag(
-        et_raw.str.lower().isin(EXPOSURE_EVENT_TYPES),
+        et_lower.isin(EXPOSURE_EVENT_TYPES),
         "event_type "
         + et_raw.map(repr)
         + " records what was shown, not behaviour: shown items go in exposures.parquet",
