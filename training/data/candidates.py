@@ -208,8 +208,10 @@ def exposure_groups(
     if exposures.empty:
         return []
     state = state or IndexState.at(catalogue, before, cfg.half_life_days)
+    # group only the responding users' events (this runs at every cut-off)
+    responding = events[events["user_id"].astype(str).isin(set(exposures["user_id"].astype(str)))]
     by_user = {
-        str(u): g.sort_values("timestamp", kind="stable") for u, g in events.groupby("user_id")
+        str(u): g.sort_values("timestamp", kind="stable") for u, g in responding.groupby("user_id")
     }
     responses = []  # (user, history before the response, what followed, shown indices)
     for user, at, items in zip(
