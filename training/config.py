@@ -151,11 +151,14 @@ class FeatureRankerConfig(StageConfig):
     fold_in: int = 3
     targets: int = 10
     #: the sequence model as a candidate source and two features (its release then serves
-    #: it, at two more Triton requests per Recommend). On by default: on ml-latest-small it
-    #: raised every served slice a little (none significantly), on a click-only shop
-    #: catalogue it doubled the served NDCG@10 (training/evaluation/FINDINGS.md); off, the
-    #: release serves no sequence model.
+    #: it, at two more Triton requests per Recommend); off, the release serves no sequence
+    #: model. On: ``choose_sequence`` decides per catalogue
     sequence: bool = True
+    #: serve it only where it earns that cost: the ranker trained with and without it,
+    #: compared on the users of the last two cut-offs (:mod:`training.sequence_choice`;
+    #: training/evaluation/FINDINGS.md); off: ``sequence`` alone decides
+    choose_sequence: bool = True
+    choice_seeds: int = 2  # rankers trained per side of that comparison
     #: replay the gateway's fusion of the sources into its ``candidates`` (with the serving
     #: settings' ``retrieval_weights``, RECSYS_RETRIEVAL_WEIGHTS), so that the ranker learns
     #: on the candidates it will be served; false: the union of every source's best

@@ -23,8 +23,10 @@ Stages (:func:`run`):
    over every user's training-period events; NDCG@10 of validation users' next positives
    per epoch;
 6. train the feature ranker (``feature_ranker.enabled``): the gateway's candidates replayed
-   at cut-offs inside the training period on those catalogue vectors, then the same loop
-   running the :class:`~training.tasks.FeatureRankerTask`; AUC and NDCG@10 per epoch;
+   at cut-offs inside the training period on those catalogue vectors (with the sequence
+   model as a source and features where it earns its cost on the last cut-offs' users:
+   :mod:`training.sequence_choice`), then the same loop running the
+   :class:`~training.tasks.FeatureRankerTask`; AUC and NDCG@10 per epoch;
 7. export to ``output_dir`` (default ``<storage_path>/<name>/final``): ``user_tower/``,
    ``item_tower/``, ``ranker/``, ``feature_ranker/``, ``sequence/`` (weights, config, item-id
    vocabulary, content matrix, request-time snapshots), ``metrics.json`` (per-epoch history
@@ -41,6 +43,7 @@ from the latest checkpoint up to ``max_failures`` times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -82,6 +85,7 @@ from training.models.sequence import (
 )
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
+from training.sequence_choice import choose_sequence
 from training.tasks import FeatureRankerTask, RankerTask, RetrievalTask, SequenceTask, Task
 from training.tasks.feature_ranker import feature_scaling, replayed_groups
 from training.tasks.retrieval import mine_with_towers, tower_vectors
@@ -237,8 +241,11 @@ def fit_feature_ranker(
     cut-offs' users did next: the training groups at each cut-off get a replay model trained
     in this process on the events before that cut-off only (:func:`replay_twins`), the
     validation groups, whose targets lie after the training period, the served model
-    itself."""
-    fr = cfg.feature_ranker
+    itself. With ``choose_sequence`` the replay is also run without it, and the ranker
+    trained on the replay that :func:`~training.sequence_choice.choose_sequence` picks (its
+    evidence in ``metrics.json``'s ``data.sequence_choice``): a ranker trained without it
+    makes a release that serves no sequence model."""
+    fr = dataclasses.replace(cfg.feature_ranker, sequence=seq_dir is not None)
     if resume and _finished(cfg, FeatureRankerTask(fr)):
         return fit(cfg, FeatureRankerTask(fr), [], None, pretrained, resume)
     train, test = data.train_events, data.test_events
@@ -273,6 +280,22 @@ def fit_feature_ranker(
     )
     if not groups:
         raise ValueError("no feature-ranker training groups: too few users after the cut-offs")
+    if twin_at is not None and fr.choose_sequence:
+        t1 = time.time()
+        plain = replayed_groups(
+            candidates, train, test, fr, cuts, cfg.seed, None, None, half_life, exposures
+        )
+        choice = choose_sequence(
+            groups,
+            plain[0],
+            dataclasses.replace(fr, batch_size=fr.batch_size * cfg.num_workers),  # global batch
+            range(cfg.seed, cfg.seed + fr.choice_seeds),
+        )
+        data.info["sequence_choice"] = choice.as_dict()
+        print(f"[feature_ranker] {choice}, in {time.time() - t1:.1f}s", flush=True)
+        if not choice.serve:
+            fr = dataclasses.replace(fr, sequence=False)
+            groups, held_out = plain
     print(
         f"[feature_ranker] {len(groups)} training groups at {len(fr.cutoffs)} cut-offs, "
         f"{len(held_out)} validation users, in {time.time() - t0:.1f}s"

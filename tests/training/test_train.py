@@ -62,7 +62,8 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "feature_ranker.users_per_cutoff=20",
         "feature_ranker.eval_users=20",
         "feature_ranker.candidates=20",
-        "feature_ranker.sequence=true",  # the replayed sequence source and features
+        "feature_ranker.sequence=true",  # the replayed sequence source and features,
+        "feature_ranker.choose_sequence=false",  # served whatever the choice would say
     ]
 
 
@@ -185,6 +186,33 @@ def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
     # trained with the sequence model: the replay found its candidates, the release serves it
     assert float(model.std[FEATURES.index("sequence_logp")]) != 1.0  # not the constant fill
     assert served_sequence(root / "final") == str(root / "final" / "sequence")
+
+
+def test_the_feature_ranker_trains_on_the_replay_the_sequence_choice_picks(
+    first_run: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    """With ``choose_sequence`` the stage replays with and without the sequence model,
+    records the choice, and trains on the replay it picks: a ranker trained without it has
+    its features at the constant fill and makes a release that serves no sequence model."""
+    from core.ranking_features import FEATURES
+    from training.config import load_config
+    from training.models.feature_ranker import load_feature_ranker, uses_sequence
+    from training.prepare import prepare_data
+    from training.train import CatalogueVectors, fit_feature_ranker
+
+    metrics, root, ov = first_run
+    cfg = load_config(CONFIG, [*ov, "name=tiny-choice", "feature_ranker.choose_sequence=true"])
+    data = prepare_data(cfg)
+    catalogue = CatalogueVectors(cfg, data.dataset.items, root / "final" / "item_tower", {})
+    seq_dir = Path(metrics["sequence"]["checkpoint"])
+    out = fit_feature_ranker(cfg, data, catalogue, cfg.pretrained_dir(), False, seq_dir)
+    choice = data.info["sequence_choice"]
+    assert 0 < choice["users"] <= 20  # the last cut-off's users (the first has none before)
+    assert 0.0 <= choice["with_sequence"] <= 1.0 and 0.0 <= choice["without"] <= 1.0
+    model = load_feature_ranker(out / "feature_ranker")
+    assert uses_sequence(out / "feature_ranker") is choice["serve"]
+    varied = float(model.std[FEATURES.index("sequence_logp")]) != 1.0  # not the constant fill
+    assert varied is choice["serve"]
 
 
 def test_resume_continues_from_checkpoint(

@@ -23,10 +23,10 @@ trains on the union of the sources' lists instead, the replay before 2026-12-04.
 
 Item vectors are the pretrained MiniLM's unless ``--content-model`` names another encoder (a
 ``make train`` item tower was fine-tuned on the whole evaluation training period, so it has
-seen these windows' pairs). With ``feature_ranker.sequence`` (the default, as served) the
-sequence model is a source and two features, as in ``make train``: the training groups get a
-model trained on the events before each cut-off, the validation groups one trained on all
-the events before the window's point (both in this process, with ``make
+seen these windows' pairs). With ``feature_ranker.sequence`` (the default) the sequence
+model is a source and two features, as in a ``make train`` release that serves it: the
+training groups get a model trained on the events before each cut-off, the validation groups
+one trained on all the events before the window's point (both in this process, with ``make
 train``'s sequence settings and these item vectors as content); ``--set sequence=false``
 replays without it.
 """

@@ -72,7 +72,10 @@ def replayed_groups(
     Logged ``exposures`` (:mod:`training.data.exposures`) add training groups of the shown
     items: each response with the index of the latest cut-off before it (and that cut-off's
     sequence model); responses before the first cut-off, after the end of ``events``, or
-    without a later positive inside it, add none."""
+    without a later positive inside it, add none.
+
+    Every training group names the index of its cut-off in sorted ``cuts`` (``cutoff``);
+    a logged response's group is also marked ``logged``."""
     settings = get_settings()
     weights = settings.retrieval_weights
     if half_life_days is None:
@@ -92,7 +95,8 @@ def replayed_groups(
         before, after = split_at(events, cut)
         twin = sequence(cut) if sequence is not None else None
         state = IndexState.at(catalogue, before, half_life_days)  # for both kinds of group
-        groups += candidate_groups(catalogue, before, after, replay, seed + n, twin, state)
+        made = candidate_groups(catalogue, before, after, replay, seed + n, twin, state)
+        groups += [{**g, "cutoff": n} for g in made]
         if exposures is not None and len(exposures):
             at = exposures["timestamp"]
             # up to the next cut-off; the last, up to the end of ``events`` (later responses
@@ -103,7 +107,7 @@ def replayed_groups(
                 catalogue, before, events, shown, replay, seed + n, twin, state
             )
             print(f"[feature_ranker] {len(logged)} of {len(shown)} logged responses after {cut}")
-            groups += logged
+            groups += [{**g, "cutoff": n, "logged": True} for g in logged]
     replay = dataclasses.replace(replay, max_users=cfg.eval_users, weights=weights)
     return groups, candidate_groups(catalogue, events, later, replay, seed + 5, served)
 
@@ -124,10 +128,18 @@ def feature_scaling(groups: Groups) -> tuple[list[float], list[float]]:
 def group_ndcg(
     groups: Groups, scores: Sequence[np.ndarray], k: int = 10, exploration: float = 0.0
 ) -> float:
-    """Mean NDCG@k of ranking each group by ``scores``; the ideal counts every target of the
-    user (also those retrieval missed), as the offline evaluation does. ``exploration``: the
-    gateway's exploration slots for new items (:func:`core.fusion.explore`, filled in
-    :func:`core.fusion.slot_order`) applied first."""
+    """Mean NDCG@k of ranking each group by ``scores`` (:func:`group_ndcgs`)."""
+    values = group_ndcgs(groups, scores, k, exploration)
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def group_ndcgs(
+    groups: Groups, scores: Sequence[np.ndarray], k: int = 10, exploration: float = 0.0
+) -> np.ndarray:
+    """NDCG@k of ranking each group by ``scores``, one per group; the ideal counts every
+    target of the user (also those retrieval missed), as the offline evaluation does.
+    ``exploration``: the gateway's exploration slots for new items
+    (:func:`core.fusion.explore`, filled in :func:`core.fusion.slot_order`) applied first."""
     discount = 1.0 / np.log2(np.arange(k) + 2)
     pop, ann = FEATURES.index("popularity"), FEATURES.index("ann_rr")
     age, known = FEATURES.index("age"), FEATURES.index("age_known")
@@ -145,7 +157,7 @@ def group_ndcg(
             order = np.asarray(fusion.explore(order.tolist(), found, new, k, exploration))
         dcg = float((g["labels"][order] * discount[: len(order)]).sum())
         values.append(dcg / float(discount[: min(k, int(g["targets"]))].sum()))
-    return float(np.mean(values)) if values else float("nan")
+    return np.asarray(values, dtype=np.float64)
 
 
 def retrieval_order(groups: Groups, weights: Mapping[str, float]) -> list[np.ndarray]:
