@@ -18,6 +18,12 @@ cache, a profile the event log vouches for too), with the item cache alone, and 
 users, at concurrency 1, alternating per round. Each configuration is driven twice over the
 same users: their first ``Recommend`` since the gateway started, then their next one (a
 returning user with no event in between: the next page, a refresh).
+
+``--compare sequence`` (``make bench-sequence``): what serving the release's sequence model
+costs a ``Recommend`` (two Triton requests: a candidate source and two ranker features), the
+default pipeline with it against the same gateway without it, same stack, same users,
+alternating per round: the saving when ``make train`` chooses a release without it
+(:mod:`training.sequence_choice`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,18 @@ PIPELINES: dict[str, dict[str, object]] = {
 }
 BASELINE = "cross-encoder"
 
+# ``--compare sequence``: the default pipeline with the release's sequence model and without
+# it (a model name Triton does not have is never ready: no sequence source, the two ranker
+# features at their fill, as a release whose ranker chose to serve none)
+SEQUENCE_PIPELINES: dict[str, dict[str, object]] = {
+    "with the sequence model": PIPELINES["feature ranker"],
+    "without it": {**PIPELINES["feature ranker"], "triton_sequence_model": "no_sequence_model"},
+}
+SEQUENCE_BASELINE = "without it"
+# Triton models whose requests per Recommend each row reports: what shows that a pipeline
+# ran as named (the served default names)
+CHECKED_MODELS = ("feature_ranker", "sequence_recommender")
+
 # The Milvus-time comparison: settings of the gateway process (RECSYS_* in its environment).
 ITEM_CACHE, USER_CACHE = "RECSYS_MILVUS_ITEM_CACHE_SIZE", "RECSYS_MILVUS_USER_CACHE_SIZE"
 MILVUS_CONFIGS: dict[str, dict[str, str]] = {
@@ -62,18 +80,26 @@ def compare(
     levels: Sequence[tuple[int, int, float]],
     rounds: int,
     deadline_s: float,
+    pipelines: dict[str, dict[str, object]] = PIPELINES,
+    baseline: str = BASELINE,
 ) -> dict[str, Any]:
-    """Per pipeline and concurrency: the summaries of every round; then the ratios of the
-    medians (ours over the baseline) for QPS, p50 and p99."""
-    defaults = {key: getattr(stack.settings, key) for p in PIPELINES.values() for key in p}
+    """Per pipeline (gateway settings) and concurrency: the summaries of every round; then
+    the ratios of the medians (each over the ``baseline`` pipeline's) for QPS and p50.
+
+    Each pipeline's gateway starts from the stack's settings as they were, plus its own:
+    ``restart_gateway`` keeps what the last restart changed, so a setting only the baseline
+    changes (the cross-encoder pipeline's feature-ranker name) carried over into the next
+    pipeline's rounds until 2026-12-05: every second round of the feature ranker ran
+    without it."""
+    defaults = {key: getattr(stack.settings, key) for p in pipelines.values() for key in p}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {
-        name: {c: [] for c, _, _ in levels} for name in PIPELINES
+        name: {c: [] for c, _, _ in levels} for name in pipelines
     }
     try:
         for r in range(rounds):
-            names = list(PIPELINES) if r % 2 == 0 else list(reversed(PIPELINES))
+            names = list(pipelines) if r % 2 == 0 else list(reversed(pipelines))
             for name in names:
-                stack.restart_gateway(**PIPELINES[name])
+                stack.restart_gateway(**{**defaults, **pipelines[name]})
                 gateway.run_load(stack, users, 1, 3, 30.0, deadline_s)  # warm-up
                 for concurrency, max_requests, max_seconds in levels:
                     result = gateway.run_load(
@@ -83,14 +109,19 @@ def compare(
                     runs[name][concurrency].append(s)
                     lat = s["latency_ms"]
                     print(
-                        f"  {name:>15} c={concurrency:<3} {s['qps_ranked']:7.1f} ranked/s "
+                        f"  {name:>23} c={concurrency:<3} {s['qps_ranked']:7.1f} ranked/s "
                         f"p50 {lat['p50']:7.1f} ms p99 {lat['p99']:7.1f} ms "
                         f"codes {s['codes']} degraded {s['degraded']}",
                         flush=True,
                     )
     finally:
         stack.restart_gateway(**defaults)
-    return {"pipelines": PIPELINES, "runs": runs, "table": table(runs)}
+    return {
+        "pipelines": pipelines,
+        "baseline": baseline,
+        "runs": runs,
+        "table": table(runs, baseline),
+    }
 
 
 def compare_milvus(
@@ -221,8 +252,10 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def table(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """One row per (pipeline, concurrency): medians over rounds, and ours / baseline."""
+def table(
+    runs: dict[str, dict[int, list[dict[str, Any]]]], baseline: str = BASELINE
+) -> list[dict[str, Any]]:
+    """One row per (pipeline, concurrency): medians over rounds, and ours / ``baseline``."""
     rows = []
     for name, levels in runs.items():
         for concurrency, summaries in levels.items():
@@ -235,9 +268,19 @@ def table(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[str, An
                     "qps": _median([s["qps_ranked"] for s in summaries]),
                     "p50_ms": _median([s["latency_ms"]["p50"] for s in summaries]),
                     "p99_ms": _median([s["latency_ms"]["p99"] for s in summaries]),
+                    # Triton requests per Recommend to the models whose presence tells the
+                    # pipelines apart (feature ranker: 1 where it ranks; sequence model: 2)
+                    **{
+                        f"{model}_requests": sum(
+                            s.get("triton", {}).get(model, {}).get("requests", 0.0)
+                            for s in summaries
+                        )
+                        / max(1, sum(s["requests"] for s in summaries))
+                        for model in CHECKED_MODELS
+                    },
                 }
             )
-    base = {r["concurrency"]: r for r in rows if r["pipeline"] == BASELINE}
+    base = {r["concurrency"]: r for r in rows if r["pipeline"] == baseline}
     for row in rows:
         b = base.get(row["concurrency"])
         row["qps_ratio"] = row["qps"] / b["qps"] if b and b["qps"] else float("nan")
@@ -247,16 +290,20 @@ def table(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[str, An
 
 def render(section: dict[str, Any]) -> str:
     """The Markdown table of :func:`table`'s rows."""
+    baseline = section.get("baseline", BASELINE)
     lines = [
         "| pipeline | concurrency | ranked / requests | QPS | p50 ms | p99 ms | QPS vs "
-        f"{BASELINE} | p50 vs {BASELINE} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"{baseline} | p50 vs {baseline} | Triton requests per call: feature ranker / "
+        "sequence model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    nan = float("nan")
     for r in section["table"]:
+        calls = " / ".join(f"{r.get(f'{m}_requests', nan):.2f}" for m in CHECKED_MODELS)
         lines.append(
             f"| {r['pipeline']} | {r['concurrency']} | {r['ranked']} / {r['requests']} | "
             f"{r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['qps_ratio']:.2f}x | {r['p50_ratio']:.2f}x |"
+            f"{r['qps_ratio']:.2f}x | {r['p50_ratio']:.2f}x | {calls} |"
         )
     return "\n".join(lines)
 
@@ -285,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compare",
-        choices=("pipelines", "milvus"),
+        choices=("pipelines", "milvus", "sequence"),
         default="pipelines",
-        help="the two pipelines (default), or the Milvus time with and without the item cache",
+        help="the two pipelines (default), the Milvus time with and without the item cache, "
+        "or the default pipeline with and without the release's sequence model",
     )
     parser.add_argument(
         "--json",
@@ -296,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     suffix = "_engine" if args.milvus == "engine" else ""
-    name = "bench_pipelines" if args.compare == "pipelines" else "bench_milvus_time"
+    name = {
+        "pipelines": "bench_pipelines",
+        "milvus": "bench_milvus_time",
+        "sequence": "bench_sequence_cost",
+    }[args.compare]
     args.json = args.json or REPO_ROOT / "reports" / f"{name}{suffix}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -306,10 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     state = args.cache_dir / f"pipelines-{os.getpid()}"
     with bench_stack.running_stack(repository, data_dir, state, milvus=args.milvus) as running:
         users = gateway.known_users(running.settings, 200)
+        levels = ((1, 200, 30.0), (16, 1000, 30.0))
         if args.compare == "milvus":
             section = compare_milvus(running, users, args.rounds, 200, 30.0, 180.0)
+        elif args.compare == "sequence":
+            section = compare(
+                running, users, levels, args.rounds, 180.0, SEQUENCE_PIPELINES, SEQUENCE_BASELINE
+            )
         else:
-            levels = ((1, 200, 30.0), (16, 1000, 30.0))
             section = compare(running, users, levels, args.rounds, 180.0)
     section["models"] = models.source
     section["milvus"] = args.milvus

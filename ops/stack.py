@@ -92,6 +92,7 @@ class LocalStack:
             "RECSYS_RANK_CANDIDATES": str(self.settings.rank_candidates),
             "RECSYS_CROSS_ENCODER_TOP": str(self.settings.cross_encoder_top),
             "RECSYS_TRITON_FEATURE_RANKER_MODEL": self.settings.triton_feature_ranker_model,
+            "RECSYS_TRITON_SEQUENCE_MODEL": self.settings.triton_sequence_model,
             "RECSYS_NATS_URLS": self.settings.nats_urls,
             "RECSYS_PSEUDONYM_KEY": self.settings.pseudonym_key.get_secret_value(),
             "RECSYS_WORKER_METRICS_PORT": "0",

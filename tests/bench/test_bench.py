@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -125,6 +127,103 @@ def test_the_pipelines_table_takes_the_median_of_the_rounds() -> None:
     ours = rows[0]
     assert (ours["qps"], ours["p50_ms"], ours["p99_ms"]) == (65.0, 15.0, 30.0)  # two: their mean
     assert ours["qps_ratio"] == 65.0 / 4.5 and ours["requests"] == 20
+
+
+def test_every_setting_a_pipeline_comparison_changes_reaches_the_restarted_gateway(
+    tmp_path: Path,
+) -> None:
+    """``restart_gateway(**config)`` changes the stack's settings; the gateway process only
+    sees what :meth:`LocalStack.env` passes on (the sequence model's name once was not: the
+    gateway "without it" still called it)."""
+    from bench.pipelines import PIPELINES, SEQUENCE_PIPELINES
+    from core.config import Settings
+    from ops.stack import LocalStack, Ports
+
+    stack = LocalStack(Settings(), tmp_path, Ports())
+    for config in (*PIPELINES.values(), *SEQUENCE_PIPELINES.values()):
+        stack.settings = stack.settings.model_copy(update=config)
+        env = stack.env()
+        for key, value in config.items():
+            assert env[f"RECSYS_{key.upper()}"] == str(value), key
+
+
+def test_the_sequence_models_cost_is_a_ratio_against_the_gateway_without_it() -> None:
+    """``--compare sequence``: the same pipeline, the sequence model's name the only
+    difference (one Triton does not have: never ready), ratios against the one without."""
+    from bench.pipelines import (
+        PIPELINES,
+        SEQUENCE_BASELINE,
+        SEQUENCE_PIPELINES,
+        render,
+        table,
+    )
+
+    with_it, without = SEQUENCE_PIPELINES.values()
+    assert with_it == PIPELINES["feature ranker"]
+    assert {k: v for k, v in without.items() if k != "triton_sequence_model"} == with_it
+    from core.config import Settings
+
+    served = Settings.model_fields["triton_sequence_model"].default
+    assert without["triton_sequence_model"] != served
+
+    def summary(qps: float, calls: float) -> dict[str, object]:
+        return {
+            "requests": 5,
+            "ranked": 5,
+            "qps_ranked": qps,
+            "latency_ms": {"p50": 1000 / qps, "p99": 1},
+            "triton": {
+                "sequence_recommender": {"requests": calls},
+                "feature_ranker": {"requests": 5},
+            },
+        }
+
+    runs = {
+        "with the sequence model": {1: [summary(80.0, 10.0)]},
+        SEQUENCE_BASELINE: {1: [summary(100.0, 0.0)]},
+    }
+    rows = table(runs, SEQUENCE_BASELINE)
+    assert rows[0]["qps_ratio"] == 0.8 and rows[1]["qps_ratio"] == 1.0
+    # what shows that each side ran as named: two requests per Recommend, and none
+    calls = [(r["feature_ranker_requests"], r["sequence_recommender_requests"]) for r in rows]
+    assert calls == [(1.0, 2.0), (1.0, 0.0)]
+    text = render({"baseline": SEQUENCE_BASELINE, "table": rows})
+    assert "QPS vs without it" in text and "| 0.80x | 1.25x | 1.00 / 2.00 |" in text
+
+
+def test_each_pipeline_starts_from_the_same_settings_whatever_ran_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds alternate the order; a setting one pipeline changes must not carry over into
+    the next one's gateway (the cross-encoder's feature-ranker name once did: every second
+    round of the feature ranker ran without it)."""
+    import bench.pipelines as bp
+    from core.config import Settings
+    from ops.stack import LocalStack, Ports
+
+    started: list[tuple[str, str]] = []
+
+    class Stack(LocalStack):
+        def start_gateway(self, timeout: float = 60) -> Any:
+            started.append(
+                (self.settings.triton_feature_ranker_model, self.settings.triton_sequence_model)
+            )
+
+    def load(*args: object) -> Any:
+        latency = {"p50": 1.0, "p99": 1.0}
+        summary = {"requests": 1, "ranked": 1, "qps_ranked": 1.0, "latency_ms": latency}
+        return SimpleNamespace(summary=lambda: {**summary, "codes": {}, "degraded": {}})
+
+    monkeypatch.setattr(bp.gateway, "run_load", load)
+    stack = Stack(Settings(), tmp_path, Ports())
+    served = (stack.settings.triton_feature_ranker_model, stack.settings.triton_sequence_model)
+    bp.compare(stack, ["u"], [(1, 1, 1.0)], 2, 1.0)
+    feature, cross = served, ("no_feature_ranker", served[1])
+    assert started == [feature, cross, cross, feature, served]  # the last: settings restored
+    started.clear()
+    bp.compare(stack, ["u"], [(1, 1, 1.0)], 2, 1.0, bp.SEQUENCE_PIPELINES, bp.SEQUENCE_BASELINE)
+    without = (served[0], "no_sequence_model")
+    assert started == [served, without, without, served, served]
 
 
 def test_the_token_mirror_pads_as_the_triton_tokenizer_does(tmp_path: Path) -> None:
