@@ -22,11 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from training.config import FeatureRankerConfig
 from training.loop import fit_in_process
-from training.tasks.feature_ranker import FeatureRankerTask, feature_scaling, group_ndcgs
+from training.tasks.feature_ranker import (
+    FeatureRankerTask,
+    feature_scaling,
+    group_ndcgs,
+    group_scores,
+)
 
 Groups = Sequence[dict[str, Any]]
 
@@ -78,9 +82,7 @@ def validation_ndcg(
         per_seed = []
         for seed in seeds:
             model = fit_in_process(FeatureRankerTask(cfg, mean, std), train, seed)
-            with torch.no_grad():
-                scores = [model(torch.from_numpy(g["features"])).numpy() for g in held_out]
-            per_seed.append(group_ndcgs(held_out, scores))
+            per_seed.append(group_ndcgs(held_out, group_scores(model, held_out)))
         values = np.mean(per_seed, axis=0)
         out.update(
             {(cutoff, str(g["user_id"])): float(v) for g, v in zip(held_out, values, strict=True)}

@@ -62,7 +62,7 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "feature_ranker.users_per_cutoff=20",
         "feature_ranker.eval_users=20",
         "feature_ranker.candidates=20",
-        "feature_ranker.sequence=true",  # the replayed sequence source and features,
+        "feature_ranker.sequence=true",  # the replayed sequence source and features
         "feature_ranker.choose_sequence=false",  # served whatever the choice would say
     ]
 

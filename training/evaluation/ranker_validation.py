@@ -64,6 +64,7 @@ from training.tasks.feature_ranker import (
     FeatureRankerTask,
     feature_scaling,
     group_ndcg,
+    group_scores,
     replayed_groups,
     retrieval_order,
 )
@@ -163,8 +164,7 @@ def validate_window(
         task = FeatureRankerTask(cfg, mean, std)
         model = fit_in_process(task, groups, seed)
         metrics = task.evaluate(model, None, held_out, torch.device("cpu"))
-        with torch.no_grad():
-            scores = [model(torch.from_numpy(g["features"])).numpy() for g in held_out]
+        scores = group_scores(model, held_out)
         both = [fused(s, p) for s, p in zip(scores, popular, strict=True)]
         runs.append(
             {"seed": seed, "auc": metrics["auc"], "ranker": ndcg(scores), "fused": ndcg(both)}

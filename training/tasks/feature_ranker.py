@@ -160,6 +160,15 @@ def group_ndcgs(
     return np.asarray(values, dtype=np.float64)
 
 
+@torch.no_grad()
+def group_scores(
+    model: DCNv2, groups: Groups, device: torch.device | None = None
+) -> list[np.ndarray]:
+    """The model's logit of every candidate, one array per group (the model's mode as
+    found: a caller that trained it puts it in eval mode first)."""
+    return [model(torch.from_numpy(g["features"]).to(device)).float().cpu().numpy() for g in groups]
+
+
 def retrieval_order(groups: Groups, weights: Mapping[str, float]) -> list[np.ndarray]:
     """Each group's candidates scored as retrieval fused them with ``weights`` (what the
     gateway serves without a ranker; :func:`core.fusion.fuse_ids`): the 1-based rank in each
@@ -214,9 +223,7 @@ class FeatureRankerTask(Task[DCNv2, Groups]):
     ) -> dict[str, float]:
         was_training = model.training
         model.eval()
-        scores = [
-            model(torch.from_numpy(g["features"]).to(device)).float().cpu().numpy() for g in data
-        ]
+        scores = group_scores(model, data, device)
         model.train(was_training)  # as found: a caller scoring afterwards gets no dropout
         labels = np.concatenate([g["labels"] for g in data])
         logits = np.concatenate(scores)
