@@ -20,7 +20,7 @@ same users: their first ``Recommend`` since the gateway started, then their next
 returning user with no event in between: the next page, a refresh).
 
 ``--compare sequence`` (``make bench-sequence``): what serving the release's sequence model
-costs a ``Recommend`` (two Triton requests: a candidate source and two ranker features), the
+costs a ``Recommend`` (a Triton request: a candidate source and two ranker features), the
 default pipeline with it against the same gateway without it, same stack, same users,
 alternating per round: the saving when ``make train`` chooses a release without it
 (:mod:`training.sequence_choice`).

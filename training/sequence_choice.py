@@ -1,6 +1,6 @@
 """Whether a release serves the sequence model, chosen per catalogue inside the training period.
 
-The sequence model costs every ``Recommend`` two Triton requests (a candidate source, two
+The sequence model costs every ``Recommend`` a Triton request (a candidate source and two
 ranker features) and ``make train`` a replay twin per cut-off. On some catalogues the feature
 ranker does as well without it (a music play log: 0.1333 against 0.1300 NDCG@10 on
 ``ranker_validation``'s 0.9 window), on others it lifts it (a click-only shop: +7% on both

@@ -156,8 +156,10 @@ class Context:
     history_ids: list[str] = field(default_factory=list)  # newest first, all of them
     history: list[Row] = field(default_factory=list)  # rows of the window, with vectors
     cold: bool = False
-    # the sequence model's inputs (core.sequence_inputs.model_inputs), set by retrieve
+    # the sequence model's inputs (core.sequence_inputs.model_inputs) and its score of every
+    # item its one request named or was asked about (the ranker's feature), set by retrieve
     sequence_inputs: dict[str, np.ndarray] | None = None
+    sequence_scores: dict[str, float] = field(default_factory=dict)
     # the history's co-occurrence scores from the indexed neighbours alone (the ranker's
     # feature, as in training), set by retrieve when its own scores are exactly those
     co_scores: dict[str, float] | None = None

@@ -161,18 +161,23 @@ class Rank(Stage):
 
     def _sequence_scores(self, ctx: Context, budget: Deadline) -> np.ndarray | None:
         """The sequence model's score of every candidate (``None``, a feature that says
-        nothing, when retrieval could not ask it)."""
+        nothing, when retrieval could not ask it): retrieval's request scored them all; a
+        candidate it did not ask about costs a second request."""
         if ctx.sequence_inputs is None:
             return None
         ids = [c.item_id for c in ctx.candidates]
-        try:
-            result = self.triton.sequence(
-                ctx.sequence_inputs, ids, budget.left(), ctx.variant.model_version
-            )
-        except (InferenceUnavailable, DeadlineExceeded) as exc:
-            ctx.degraded.append(f"sequence model unavailable: {exc}")
-            return None
-        return result.candidate_scores
+        scores = ctx.sequence_scores
+        missing = [i for i in ids if i not in scores]
+        if missing:
+            try:
+                result = self.triton.sequence(
+                    ctx.sequence_inputs, missing, budget.left(), ctx.variant.model_version
+                )
+            except (InferenceUnavailable, DeadlineExceeded) as exc:
+                ctx.degraded.append(f"sequence model unavailable: {exc}")
+                return None
+            scores = {**scores, **dict(zip(missing, result.candidate_scores.tolist(), strict=True))}
+        return np.array([scores[i] for i in ids], dtype=np.float32)
 
     def _cross_encoder(self, ctx: Context, status: RankerStatus, top: int) -> None:
         if not status.ready:
@@ -220,7 +225,7 @@ class Supplied(Stage):
         popular.sort(key=lambda r: -float(r["popularity"]))
         lists["popular"] = popular
         if self.sequence is not None:
-            top = self.sequence(ctx, 3 * self.settings.rank_candidates, ())
+            top = self.sequence(ctx, 3 * self.settings.rank_candidates, (), list(by_id))
             lists["sequence"] = [by_id[i] for i in top if i in by_id]
         weights = {**(ctx.variant.retrieval_mix or self.settings.retrieval_weights), "supplied": 0}
         ctx.candidates = Retriever.fuse(lists, weights, len(rows))

@@ -295,15 +295,19 @@ SEQUENCE_SHARE = 0.5
 
 class SequenceSource:
     """The sequence model on Triton as a candidate source: the user's newest events (kept on
-    the user row) in, its best items out. Its inputs stay on the context, so the ranking
-    stage asks the same model for the candidates' scores. It waits at most
-    :data:`SEQUENCE_SHARE` of the time left."""
+    the user row) and the other sources' items in, its best items out, in one request. The
+    scores of both go on the context (``sequence_scores``), so the ranking stage has the
+    model's score of every candidate without asking again; its inputs stay there too, for a
+    candidate that was not asked about. It waits at most :data:`SEQUENCE_SHARE` of the time
+    left."""
 
     def __init__(self, triton: TritonClient, ready: Callable[[], bool]) -> None:
         self.triton = triton
         self.ready = ready
 
-    def __call__(self, ctx: Context, n: int, exclude: Collection[str]) -> list[str]:
+    def __call__(
+        self, ctx: Context, n: int, exclude: Collection[str], asked: Sequence[str] = ()
+    ) -> list[str]:
         profile = ctx.profile
         events = (profile or {}).get("events") or {}
         if profile is None or not events.get("items") or not self.ready():
@@ -311,13 +315,18 @@ class SequenceSource:
         # every kept event, unpadded: the served model keeps the newest it reads
         size = len(events["items"])
         inputs = {k: v[0] for k, v in model_inputs(events, profile["history_size"], size).items()}
+        asked = list(dict.fromkeys(asked))
         budget = ctx.deadline.reserve(1.0 - SEQUENCE_SHARE)
         try:
-            result = self.triton.sequence(inputs, [], budget.left(), ctx.variant.model_version)
+            result = self.triton.sequence(inputs, asked, budget.left(), ctx.variant.model_version)
         except (InferenceUnavailable, DeadlineExceeded) as exc:
             ctx.degraded.append(f"sequence model unavailable: {exc}")
             return []
         ctx.sequence_inputs = inputs
+        ctx.sequence_scores = {
+            **dict(zip(asked, result.candidate_scores.tolist(), strict=True)),
+            **dict(zip(result.top_items, result.top_scores.tolist(), strict=True)),
+        }
         return [i for i in result.top_items if i not in exclude][:n]
 
 
@@ -381,16 +390,18 @@ class Retrieve(Stage):
                 if profile and profile["segment"]
                 else []
             )
-            seq_ids = self.sequence(ctx, 3 * n, seen_all.exclude) if self.sequence else []
-            ids = {"co_occurrence": co_ids, "segment": segment_ids, "sequence": seq_ids}
-            found, rows = self.retriever.admitted(
-                ids, [r["item_id"] for r in popular], seen_all, n, ctx.deadline
-            )
-            popular = [rows.get(r["item_id"], r) for r in popular]
-            if history:
+            if history:  # before the sequence model, which scores its hits in its request
                 query = query_vector(profile, history, ctx.cold or self.history_query)
                 hits = self.retriever.ann(query, ann_limit(n, seen, seen_all), seen, ctx.deadline)
-                lists["ann"] = ctx.ann_rows = seen_all.admitted(hits)[:n]
+                ctx.ann_rows = seen_all.admitted(hits)[:n]
+            popular_ids = [r["item_id"] for r in popular]
+            asked = [*popular_ids, *co_ids, *segment_ids, *(r["item_id"] for r in ctx.ann_rows)]
+            seq_ids = self.sequence(ctx, 3 * n, seen_all.exclude, asked) if self.sequence else []
+            ids = {"co_occurrence": co_ids, "segment": segment_ids, "sequence": seq_ids}
+            found, rows = self.retriever.admitted(ids, popular_ids, seen_all, n, ctx.deadline)
+            popular = [rows.get(r["item_id"], r) for r in popular]
+            if history:
+                lists["ann"] = ctx.ann_rows
                 co = found["co_occurrence"]
                 lists["co_occurrence"] = [(r, seed_of[r["item_id"]]) for r in co]
             if segment_ids:

@@ -135,6 +135,10 @@ def test_click_probabilities_are_the_feature_rankers_on_the_gateways_features(
         assert ctx.sequence_inputs is not None and not ctx.degraded
         assert any("sequence" in c.ranks for c in ctx.candidates)
         scores = triton.sequence(ctx.sequence_inputs, [c.item_id for c in ctx.candidates], 20)
+        # retrieval's one request scored every candidate as this request does (its own best
+        # items through top_scores, the rest through candidate_scores)
+        one = [ctx.sequence_scores[c.item_id] for c in ctx.candidates]
+        assert np.allclose(one, scores.candidate_scores, atol=1e-5)
         features = candidate_features(ctx, popular.clock(), scores.candidate_scores)
         served = triton.rank_features(features, 20)
     finally:

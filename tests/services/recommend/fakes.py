@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from core.ranking_features import FEATURES
-from services.inference.triton_client import InferenceUnavailable
+from services.inference.triton_client import InferenceUnavailable, SequenceResult
 from services.vectors.store import Row, StoreUnavailable
 
 
@@ -98,6 +98,8 @@ class FakeTriton:
         self.versions: list[str | None] = []
         self.scored: list[int] = []  # documents per cross-encoder call
         self.rows: list[np.ndarray] = []  # feature rows per feature-ranker call
+        self.sequence_top: list[str] = []  # the sequence model's best items, best first
+        self.asked: list[list[str]] = []  # the candidates of each sequence-model call
 
     def score(
         self, query: str, documents: Sequence[str], timeout_s: float, version: str | None = None
@@ -119,3 +121,23 @@ class FakeTriton:
         self.rows.append(np.array(features))
         cos = features[:, FEATURES.index("cos_mean")]
         return ((cos + features[:, FEATURES.index("popularity")]) / 2).astype(np.float32)
+
+    def sequence(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        candidates: Sequence[str],
+        timeout_s: float,
+        version: str | None = None,
+    ) -> SequenceResult:
+        """``sequence_top`` less the inputs; every item's score a hash of its id, the same
+        in both outputs, as one model's are."""
+        if self.down:
+            raise InferenceUnavailable("sequence_recommender: connection refused")
+        self.asked.append(list(candidates))
+        history = {str(i) for i in inputs["items"]}
+        top = [i for i in self.sequence_top if i not in history]
+        return SequenceResult(top, _hash_scores(top), _hash_scores(candidates))
+
+
+def _hash_scores(ids: Sequence[str]) -> np.ndarray:
+    return np.asarray([hashlib.sha256(i.encode()).digest()[0] for i in ids], np.float32) / 25.5

@@ -93,12 +93,37 @@ def test_a_request_reads_milvus_four_times_and_segments_are_cached() -> None:
     rec = pipe.recommend("u1", 12, Filters(), Deadline.after(5), diversity=0.0)
     # profile: user + history rows; retrieval: the segment's first read (then cached), one
     # read for the co-occurrence, segment and popular rows, the ANN search
-    assert store.calls == ["get_user", "get_items", "get_segment", "get_items", "search_items"]
+    assert store.calls == ["get_user", "get_items", "get_segment", "search_items", "get_items"]
     assert {"co_occurrence", "segment", "popular", "ann"} <= {s for c in rec.items for s in c.ranks}
     store.calls.clear()
     pipe.recommend("u1", 5, Filters(), Deadline.after(5))
-    assert store.calls == ["get_user", "get_items", "get_items", "search_items"]
+    assert store.calls == ["get_user", "get_items", "search_items", "get_items"]
     assert all("vector" in c.row for c in rec.items)
+
+
+def test_one_sequence_model_request_scores_every_candidate() -> None:
+    """Retrieval asks the sequence model for its best items and for its scores of every
+    other source's items in one request; the ranker's sequence features come from it."""
+    from core.ranking_features import FEATURES
+
+    store, triton = _world()
+    store.users["u1"] |= {
+        "events": {"items": ["i0", "i1"], "tokens": [1, 1], "seconds": [10, 20]},
+        "history_size": 2,
+    }
+    triton.sequence_top = ["i1", "i11", "i7"]
+    pipe = _pipeline(store, triton, Rankers(features=UP, sequence=UP))
+    rec = pipe.recommend("u1", 6, Filters(), Deadline.after(5), diversity=0.0)
+    assert rec.ranked and not rec.degraded
+    assert len(triton.asked) == 1  # retrieval's request; ranking asked nothing
+    assert {c.item_id for c in rec.items if "sequence" in c.ranks} == {"i7", "i11"} & {
+        c.item_id for c in rec.items
+    }
+    (rows,) = triton.rows
+    logp = rows[:, FEATURES.index("sequence_logp")]
+    assert len(set(logp.round(6))) > 1  # the model's scores, not the "says nothing" default
+    # the other sources' items (popularity's here holds the whole unseen catalogue)
+    assert set(triton.asked[0]) == {f"i{i}" for i in range(5, 12)}
 
 
 def test_cross_encoder_votes_only_on_the_top_when_enabled() -> None:

@@ -106,3 +106,35 @@ def test_a_sequence_model_that_uses_the_ranking_budget_leaves_the_retrieval_orde
         "feature ranker unavailable: deadline exceeded",
     ]
     assert not ctx.ranked and [c.relevance for c in ctx.candidates] == [0.9, 0.1]
+
+
+def _sequence_ctx(scores: dict[str, float]) -> Context:
+    ctx = Context.begin("u", 2, Filters(), Deadline.after(5))
+    ctx.profile = {"interests": {"A": 1.0}}
+    ctx.history_ids = ["h0"]
+    ctx.history = [{**row("h0"), "vector": [1.0, 0.0], "co_items": []}]
+    ctx.sequence_inputs = {"items": np.asarray(["h0"])}
+    ctx.sequence_scores = scores
+    ctx.candidates = [
+        Candidate(i, {**row(i), "vector": [1.0, 0.0], "created_at": 0}) for i in ("a", "b")
+    ]
+    return ctx
+
+
+def test_the_ranker_reads_the_sequence_scores_retrieval_asked_for() -> None:
+    """Every candidate scored by retrieval's request: no second request, and those scores
+    are the sequence features; a candidate it did not ask about is asked for alone."""
+    triton = FakeTriton()
+    up = Rankers(features=RankerStatus(deployed=True, ready=True))
+    stage = Rank(Settings(), cast(TritonClient, triton), lambda: up, PopularItems(10))
+    ctx = _sequence_ctx({"a": 2.0, "b": 0.0, "z": 5.0})
+    stage(ctx)
+    assert ctx.ranked and triton.asked == []
+    expected = candidate_features(ctx, stage.popular.clock(), np.array([2.0, 0.0]))
+    np.testing.assert_allclose(triton.rows[0], expected)
+    ctx = _sequence_ctx({"a": 2.0})
+    stage(ctx)
+    assert ctx.ranked and triton.asked == [["b"]]
+    b = triton.sequence({"items": np.asarray([])}, ["b"], 1.0).candidate_scores[0]
+    expected = candidate_features(ctx, stage.popular.clock(), np.array([2.0, b]))
+    np.testing.assert_allclose(triton.rows[1], expected)
