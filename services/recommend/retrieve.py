@@ -288,8 +288,8 @@ class Retriever:
         ]
 
 
-#: The share of retrieval's time left that the sequence model may take: the Milvus reads
-#: of the other sources come after it, and a hung Triton must cost the sequence source only.
+#: The share of retrieval's time left that the sequence model may take: the Milvus read of
+#: the sources' rows comes after it, and a hung Triton must cost the sequence source only.
 SEQUENCE_SHARE = 0.5
 
 
