@@ -34,6 +34,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -275,14 +276,19 @@ def item_rows(dataset: Dataset, half_life_days: float) -> list[tuple[ItemRow, st
     ]
 
 
+def embed_rows(rows: Sequence[tuple[ItemRow, str]], triton: TritonClient) -> list[ItemRow]:
+    """One batch's rows with their item-tower vectors from Triton (one request)."""
+    vectors = triton.embed_items([text for _, text in rows], INDEX_TIMEOUT_S)
+    for (row, _), vector in zip(rows, vectors, strict=True):
+        row["vector"] = vector.tolist()
+    return [row for row, _ in rows]
+
+
 def embed_and_upsert(
     rows: Sequence[tuple[ItemRow, str]], triton: TritonClient, store: VectorStore
 ) -> int:
     """One batch: item-tower vectors from Triton, then one Milvus upsert."""
-    vectors = triton.embed_items([text for _, text in rows], INDEX_TIMEOUT_S)
-    for (row, _), vector in zip(rows, vectors, strict=True):
-        row["vector"] = vector.tolist()
-    return store.upsert_items([row for row, _ in rows])
+    return store.upsert_items(embed_rows(rows, triton))
 
 
 def index_items(
@@ -314,12 +320,24 @@ def index_rows(
     bucketed: bool = True,
     lengths: Lengths | None = None,
 ) -> int:
-    """:func:`index_items` for rows already built by :func:`item_rows`."""
+    """:func:`index_items` for rows already built by :func:`item_rows`. Each batch's Milvus
+    upsert runs while Triton embeds the next batch (one upsert in flight, in batch order); a
+    failed upsert stops the job at the next batch, and it returns only when every upsert has
+    been acknowledged."""
     done = 0
-    with tqdm(total=len(rows), desc="index items", unit="item") as bar:
+    pending: Future[int] | None = None
+    with (
+        tqdm(total=len(rows), desc="index items", unit="item") as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert") as upserts,
+    ):
         for chunk in item_batches([t for _, t in rows], batch, bucketed=bucketed, lengths=lengths):
-            done += embed_and_upsert([rows[i] for i in chunk], triton, store)
+            embedded = embed_rows([rows[i] for i in chunk], triton)
+            if pending is not None:
+                done += pending.result()
+            pending = upserts.submit(store.upsert_items, embedded)
             bar.update(len(chunk))
+        if pending is not None:
+            done += pending.result()
     return done
 
 

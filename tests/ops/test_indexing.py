@@ -7,6 +7,8 @@ item's row is caught; the last tests make sure these checks do fail on such mix-
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -39,7 +41,7 @@ from ops.indexing import (
 from services.events import aggregates
 from services.events.scan import Tombstones
 from services.inference.triton_client import TritonClient
-from services.vectors.store import VectorStore
+from services.vectors.store import StoreUnavailable, VectorStore
 from tests.core.test_exploration_share import shop_arrivals
 from tests.nats_server import nats_settings, on_log
 from training.data import Dataset, load_dataset
@@ -217,6 +219,64 @@ def test_the_check_catches_a_lost_or_repeated_item(monkeypatch: pytest.MonkeyPat
     store = run_index(rows, FakeTriton(), 32)
     with pytest.raises(AssertionError, match="lost or repeated"):
         assert_each_item_once_with_its_vector(store, rows)
+
+
+class SlowStore(FakeStore):
+    """An upsert that takes ``seconds``, recording how many ran at once and what Triton was
+    asked meanwhile; ``fail_at`` (1-based) raises like an unreachable Milvus."""
+
+    def __init__(self, triton: FakeTriton, seconds: float, fail_at: int = 0) -> None:
+        super().__init__()
+        self.triton, self.seconds, self.fail_at = triton, seconds, fail_at
+        self.in_flight = self.most_in_flight = self.upserts = 0
+        self.overlapped = 0  # upserts during which Triton got the next batch
+        self.lock = threading.Lock()
+
+    def upsert_items(self, rows: Sequence[ItemRow], timeout: float = 30.0) -> int:
+        with self.lock:
+            self.in_flight += 1
+            self.upserts += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            asked, upsert = len(self.triton.requests), self.upserts
+        time.sleep(self.seconds)
+        with self.lock:
+            self.in_flight -= 1
+            self.overlapped += len(self.triton.requests) > asked
+        if upsert == self.fail_at:
+            raise StoreUnavailable("upsert: connection refused")
+        return super().upsert_items(rows, timeout)
+
+
+class SlowTriton(FakeTriton):
+    """Triton that takes 20 ms per batch before it has it."""
+
+    def embed_items(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+        time.sleep(0.02)
+        return super().embed_items(texts, timeout_s)
+
+
+def test_a_batchs_upsert_runs_while_the_next_one_is_embedded() -> None:
+    """One upsert in flight, in batch order, overlapping the next batch's embedding; the job
+    returns once the last one is acknowledged."""
+    rows = catalogue(40)
+    triton = SlowTriton()
+    store = SlowStore(triton, 0.05)
+    written = index_rows(rows, cast(TritonClient, triton), cast(VectorStore, store), 8)
+    assert written == 40 == len(store.rows)
+    assert_each_item_once_with_its_vector(store, rows)
+    assert store.most_in_flight == 1 and store.overlapped >= 3  # all but the last can
+    id_of = {text: row["item_id"] for row, text in rows}
+    sent = [id_of[text] for batch in triton.requests for text in batch]
+    assert [r["item_id"] for r in store.rows] == sent  # in the order the batches went
+
+
+def test_a_failed_upsert_fails_the_indexing() -> None:
+    rows = catalogue(40)
+    triton = FakeTriton()
+    store = SlowStore(triton, 0.01, fail_at=2)
+    with pytest.raises(StoreUnavailable):
+        index_rows(rows, cast(TritonClient, triton), cast(VectorStore, store), 8)
+    assert len(store.rows) == 8 and len(triton.requests) <= 3  # stopped at the next batch
 
 
 def test_a_short_answer_from_triton_fails_the_batch() -> None:
