@@ -248,10 +248,10 @@ class SlowStore(FakeStore):
 
 
 class SlowTriton(FakeTriton):
-    """Triton that takes 20 ms per batch before it has it."""
+    """Triton that takes 50 ms per batch before it has it."""
 
     def embed_items(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
-        time.sleep(0.02)
+        time.sleep(0.05)
         return super().embed_items(texts, timeout_s)
 
 
@@ -260,7 +260,7 @@ def test_a_batchs_upsert_runs_while_the_next_one_is_embedded() -> None:
     returns once the last one is acknowledged."""
     rows = catalogue(40)
     triton = SlowTriton()
-    store = SlowStore(triton, 0.05)
+    store = SlowStore(triton, 0.1)
     written = index_rows(rows, cast(TritonClient, triton), cast(VectorStore, store), 8)
     assert written == 40 == len(store.rows)
     assert_each_item_once_with_its_vector(store, rows)
