@@ -390,18 +390,19 @@ class Retrieve(Stage):
                 if profile and profile["segment"]
                 else []
             )
+            ann_rows: list[Row] = []
             if history:  # before the sequence model, which scores its hits in its request
                 query = query_vector(profile, history, ctx.cold or self.history_query)
                 hits = self.retriever.ann(query, ann_limit(n, seen, seen_all), seen, ctx.deadline)
-                ctx.ann_rows = seen_all.admitted(hits)[:n]
+                ann_rows = seen_all.admitted(hits)[:n]
             popular_ids = [r["item_id"] for r in popular]
-            asked = [*popular_ids, *co_ids, *segment_ids, *(r["item_id"] for r in ctx.ann_rows)]
+            asked = [*popular_ids, *co_ids, *segment_ids, *(r["item_id"] for r in ann_rows)]
             seq_ids = self.sequence(ctx, 3 * n, seen_all.exclude, asked) if self.sequence else []
             ids = {"co_occurrence": co_ids, "segment": segment_ids, "sequence": seq_ids}
             found, rows = self.retriever.admitted(ids, popular_ids, seen_all, n, ctx.deadline)
             popular = [rows.get(r["item_id"], r) for r in popular]
-            if history:
-                lists["ann"] = ctx.ann_rows
+            if history:  # the hits reach the answer only when every Milvus read succeeded
+                lists["ann"] = ctx.ann_rows = ann_rows
                 co = found["co_occurrence"]
                 lists["co_occurrence"] = [(r, seed_of[r["item_id"]]) for r in co]
             if segment_ids:

@@ -126,6 +126,29 @@ def test_one_sequence_model_request_scores_every_candidate() -> None:
     assert set(triton.asked[0]) == {f"i{i}" for i in range(5, 12)}
 
 
+def test_a_failed_rows_read_after_the_ann_search_leaves_its_hits_out() -> None:
+    """The ANN search runs before the sources' rows are read; when that read fails, its
+    hits stay out of the answer (exploration included), as when the search itself fails."""
+    from services.recommend.context import Context
+
+    store, triton = _world()
+    reads = iter([False, True])  # the profile's history rows, then retrieval's
+    check = store._check
+
+    def failing_second_read(call: str) -> None:
+        if call == "get_items" and next(reads, False):
+            store.down.add("get_items")
+        check(call)
+
+    store._check = failing_second_read  # type: ignore[method-assign]
+    pipe = _pipeline(store, triton, FEATURES_UP)
+    ctx = Context.begin("u1", 5, Filters(), Deadline.after(5))
+    pipe.profile(ctx)
+    pipe.retrieve(ctx)
+    assert "search_items" in store.calls and ctx.degraded[0].startswith("milvus unavailable")
+    assert ctx.ann_rows == [] and all("ann" not in c.ranks for c in ctx.candidates)
+
+
 def test_cross_encoder_votes_only_on_the_top_when_enabled() -> None:
     store, triton = _world()
     plain = _pipeline(store, triton, BOTH_UP).recommend("u1", 7, Filters(), Deadline.after(5), 0.0)
