@@ -40,6 +40,9 @@ from training.ray_cluster import connect
 log = logging.getLogger(__name__)
 EMBED_TEXT = "embed_text"  # the item tower's input travels beside the row
 BLOCK_BATCHES = 16
+# how long the job waits for every actor (its Triton and Milvus clients) before the first
+# block goes out: an actor up early would otherwise take the blocks cut for the others
+ACTORS_START_S = 600
 
 
 class EmbedAndWrite:
@@ -101,7 +104,12 @@ def index_catalog_ray(
         raise ValueError("Ray indexing needs a Milvus server URI, not a Milvus Lite file")
     if not rows:
         return 0
-    dataset = ray.data.from_pandas(blocks(rows, batch_size, actors, lengths))
+    context = ray.data.DataContext.get_current()
+    waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, ACTORS_START_S
+    try:  # a dataset keeps a copy of the context it was made under
+        dataset = ray.data.from_pandas(blocks(rows, batch_size, actors, lengths))
+    finally:
+        context.wait_for_min_actors_s = waited
     written = dataset.map_batches(
         EmbedAndWrite,
         fn_constructor_kwargs={"settings": settings},
