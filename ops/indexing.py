@@ -33,7 +33,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -320,21 +320,35 @@ def index_rows(
     bucketed: bool = True,
     lengths: Lengths | None = None,
 ) -> int:
-    """:func:`index_items` for rows already built by :func:`item_rows`. Each batch's Milvus
-    upsert runs while Triton embeds the next batch (one upsert in flight, in batch order); a
-    failed upsert stops the job at the next batch, and it returns only when every upsert has
-    been acknowledged."""
+    """:func:`index_items` for rows already built by :func:`item_rows`, through
+    :func:`embed_while_upserting`."""
+    chunks = item_batches([t for _, t in rows], batch, bucketed=bucketed, lengths=lengths)
+    return embed_while_upserting(
+        ([rows[i] for i in chunk] for chunk in chunks),
+        lambda chunk: embed_rows(chunk, triton),
+        store.upsert_items,
+        tqdm(total=len(rows), desc="index items", unit="item"),
+    )
+
+
+def embed_while_upserting(
+    chunks: Iterable[Sequence[Any]],
+    embed: Callable[[Sequence[Any]], list[Any]],
+    upsert: Callable[[list[Any]], int],
+    bar: tqdm[Any],
+) -> int:
+    """Each chunk embedded (one Triton request), its Milvus upsert running while the next
+    chunk is embedded: one upsert in flight, in chunk order. A failed upsert stops the job at
+    the next chunk, and it returns (the rows written) only when every upsert has been
+    acknowledged."""
     done = 0
     pending: Future[int] | None = None
-    with (
-        tqdm(total=len(rows), desc="index items", unit="item") as bar,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert") as upserts,
-    ):
-        for chunk in item_batches([t for _, t in rows], batch, bucketed=bucketed, lengths=lengths):
-            embedded = embed_rows([rows[i] for i in chunk], triton)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert") as upserts:
+        for chunk in chunks:
+            embedded = embed(chunk)
             if pending is not None:
                 done += pending.result()
-            pending = upserts.submit(store.upsert_items, embedded)
+            pending = upserts.submit(upsert, embedded)
             bar.update(len(chunk))
         if pending is not None:
             done += pending.result()
@@ -382,17 +396,19 @@ def index_users(
     in ``tombstones`` (deleted) are left out. Sent in length buckets, as items are: a
     history's text runs from one title to the tower's whole window."""
     pending = user_rows(dataset, max_items, tombstones)
-    done = 0
-    with tqdm(total=len(pending), desc="index users", unit="user") as bar:
-        for bucket in length_buckets([text for _, text in pending], batch):
-            chunk = [pending[i] for i in bucket]
-            vectors = triton.embed_users([text for _, text in chunk], INDEX_TIMEOUT_S)
-            for (row, _), vector in zip(chunk, vectors, strict=True):
-                row["vector"] = np.asarray(vector, dtype=np.float32).tolist()
-            store.upsert_users([row for row, _ in chunk])
-            done += len(chunk)
-            bar.update(len(chunk))
-    return done
+
+    def embed(chunk: Sequence[tuple[UserRow, str]]) -> list[UserRow]:
+        vectors = triton.embed_users([text for _, text in chunk], INDEX_TIMEOUT_S)
+        for (row, _), vector in zip(chunk, vectors, strict=True):
+            row["vector"] = np.asarray(vector, dtype=np.float32).tolist()
+        return [row for row, _ in chunk]
+
+    return embed_while_upserting(
+        ([pending[i] for i in bucket] for bucket in length_buckets([t for _, t in pending], batch)),
+        embed,
+        store.upsert_users,
+        tqdm(total=len(pending), desc="index users", unit="user"),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

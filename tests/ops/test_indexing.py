@@ -291,16 +291,8 @@ def test_a_short_answer_from_triton_fails_the_batch() -> None:
         embed_bucketed([t for _, t in rows], lambda ts: np.zeros((len(ts) - 1, DIM)), batch=4)
 
 
-def test_users_are_indexed_in_length_buckets_each_with_its_own_vector(tmp_path: Path) -> None:
-    """Histories of 1 to 12 items: sent shortest first, every row keeps its text's vector."""
-
-    class Users(FakeTriton):
-        embed_users = FakeTriton.embed_items
-
-    class UserStore(FakeStore):
-        def upsert_users(self, rows: Sequence[dict[str, Any]], timeout: float = 30.0) -> int:
-            return self.upsert_items(cast(Sequence[ItemRow], rows), timeout)
-
+def users_dataset(tmp_path: Path) -> Dataset:
+    """12 users with histories of 1 to 12 items."""
     items = [f"i{n}" for n in range(12)]
     pd.DataFrame({"item_id": items, "title": [f"Film {n}" for n in range(12)]}).to_csv(
         tmp_path / "items.csv", index=False
@@ -314,7 +306,20 @@ def test_users_are_indexed_in_length_buckets_each_with_its_own_vector(tmp_path: 
             "timestamp": [1_600_000_000 + n for n in range(len(events))],
         }
     ).to_csv(tmp_path / "events.csv", index=False)
-    dataset = load_dataset(tmp_path)
+    return load_dataset(tmp_path)
+
+
+def test_users_are_indexed_in_length_buckets_each_with_its_own_vector(tmp_path: Path) -> None:
+    """Histories of 1 to 12 items: sent shortest first, every row keeps its text's vector."""
+
+    class Users(FakeTriton):
+        embed_users = FakeTriton.embed_items
+
+    class UserStore(FakeStore):
+        def upsert_users(self, rows: Sequence[dict[str, Any]], timeout: float = 30.0) -> int:
+            return self.upsert_items(cast(Sequence[ItemRow], rows), timeout)
+
+    dataset = users_dataset(tmp_path)
     triton, store = Users(), UserStore()
     assert index_users(dataset, cast(TritonClient, triton), cast(VectorStore, store), 4) == 12
     text_of = {row["user_id"]: text for row, text in user_rows(dataset)}
@@ -323,6 +328,23 @@ def test_users_are_indexed_in_length_buckets_each_with_its_own_vector(tmp_path: 
         assert np.array_equal(np.asarray(r["vector"], np.float32), vector_of(text_of[r["user_id"]]))
     sent = [len(t) for request in triton.requests for t in request]
     assert sent == sorted(sent) and len(set(sent)) > 1  # buckets, not file order
+
+
+def test_a_user_buckets_upsert_runs_while_the_next_one_is_embedded(tmp_path: Path) -> None:
+    """Users go through the same pipeline as items: one upsert in flight, in bucket order."""
+
+    class Users(SlowTriton):
+        embed_users = SlowTriton.embed_items
+
+    class UserStore(SlowStore):
+        upsert_users = SlowStore.upsert_items
+
+    triton = Users()
+    store = UserStore(triton, 0.1)
+    dataset = users_dataset(tmp_path)
+    assert index_users(dataset, cast(TritonClient, triton), cast(VectorStore, store), 3) == 12
+    assert store.most_in_flight == 1 and store.overlapped >= 2  # 4 buckets: all but the last
+    assert len(store.rows) == 12
 
 
 @pytest.mark.integration
