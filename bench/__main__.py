@@ -85,6 +85,7 @@ FULL = Plan(
     milvus_efs=(16, 64),
     milvus_seconds=90.0,
     variant_rounds=2,
+    indexing_rounds=2,  # the job's whole pass goes after the others, then before them
 )
 QUICK = Plan(
     items=300,

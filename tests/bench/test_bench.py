@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from bench import indexing
 from bench.__main__ import SECTIONS
 from bench.metrics import histogram_quantiles
 from bench.report import GENERATED_BEGIN, GENERATED_END, splice, targets
@@ -104,6 +105,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert results["baseline"]["requests"] > 0
     assert {r["backend"] for r in results["ranker"]["rows"]} >= {"pytorch", "ort-plain", "ort-int8"}
     assert results["milvus"]["runs"][0]["recall_at_k"] > 0.5
+    # the indexing job's own pass (upserts overlapped) beside the turn-taking variants
+    assert set(results["indexing"]["variants"]) >= {indexing.BASELINE, indexing.JOB}
+    assert results["targets"]["item_indexing"]["at"].startswith(indexing.JOB)
     assert "perf_analyzer" in results and "targets" in results
     text = out.read_text()
     for heading in ("## Targets", "## Gateway", "## Milvus", "## perf_analyzer"):
