@@ -331,7 +331,8 @@ def test_users_are_indexed_in_length_buckets_each_with_its_own_vector(tmp_path: 
 
 
 def test_a_user_buckets_upsert_runs_while_the_next_one_is_embedded(tmp_path: Path) -> None:
-    """Users go through the same pipeline as items: one upsert in flight, in bucket order."""
+    """Users go through the same pipeline as items: one upsert in flight, overlapping the
+    next bucket's embedding."""
 
     class Users(SlowTriton):
         embed_users = SlowTriton.embed_items
@@ -343,7 +344,8 @@ def test_a_user_buckets_upsert_runs_while_the_next_one_is_embedded(tmp_path: Pat
     store = UserStore(triton, 0.1)
     dataset = users_dataset(tmp_path)
     assert index_users(dataset, cast(TritonClient, triton), cast(VectorStore, store), 3) == 12
-    assert store.most_in_flight == 1 and store.overlapped >= 2  # 4 buckets: all but the last
+    # 4 buckets: all but the last can overlap; 2 leaves room for a late thread start
+    assert store.most_in_flight == 1 and store.overlapped >= 2
     assert len(store.rows) == 12
 
 
