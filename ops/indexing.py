@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -75,6 +75,7 @@ INDEX_TIMEOUT_S = 120.0
 VECTOR_READ_BATCH = 1000  # item ids per query when the exploration choice reads vectors
 
 
+Row = TypeVar("Row", ItemRow, UserRow)
 Lengths = Callable[[Sequence[str]], Sequence[int]]
 """Token counts (or an estimate) of texts, one per text, in their order."""
 
@@ -276,11 +277,14 @@ def item_rows(dataset: Dataset, half_life_days: float) -> list[tuple[ItemRow, st
     ]
 
 
-def embed_rows(rows: Sequence[tuple[ItemRow, str]], triton: TritonClient) -> list[ItemRow]:
-    """One batch's rows with their item-tower vectors from Triton (one request)."""
-    vectors = triton.embed_items([text for _, text in rows], INDEX_TIMEOUT_S)
+def with_vectors(
+    rows: Sequence[tuple[Row, str]], encode: Callable[[Sequence[str], float], np.ndarray]
+) -> list[Row]:
+    """One chunk's rows with their vectors from one Triton request to ``encode`` (the item
+    or the user tower), each row given its own text's vector."""
+    vectors = encode([text for _, text in rows], INDEX_TIMEOUT_S)
     for (row, _), vector in zip(rows, vectors, strict=True):
-        row["vector"] = vector.tolist()
+        row["vector"] = np.asarray(vector, dtype=np.float32).tolist()
     return [row for row, _ in rows]
 
 
@@ -288,7 +292,7 @@ def embed_and_upsert(
     rows: Sequence[tuple[ItemRow, str]], triton: TritonClient, store: VectorStore
 ) -> int:
     """One batch: item-tower vectors from Triton, then one Milvus upsert."""
-    return store.upsert_items(embed_rows(rows, triton))
+    return store.upsert_items(with_vectors(rows, triton.embed_items))
 
 
 def index_items(
@@ -325,7 +329,7 @@ def index_rows(
     chunks = item_batches([t for _, t in rows], batch, bucketed=bucketed, lengths=lengths)
     return embed_while_upserting(
         ([rows[i] for i in chunk] for chunk in chunks),
-        lambda chunk: embed_rows(chunk, triton),
+        lambda chunk: with_vectors(chunk, triton.embed_items),
         store.upsert_items,
         tqdm(total=len(rows), desc="index items", unit="item"),
     )
@@ -396,16 +400,9 @@ def index_users(
     in ``tombstones`` (deleted) are left out. Sent in length buckets, as items are: a
     history's text runs from one title to the tower's whole window."""
     pending = user_rows(dataset, max_items, tombstones)
-
-    def embed(chunk: Sequence[tuple[UserRow, str]]) -> list[UserRow]:
-        vectors = triton.embed_users([text for _, text in chunk], INDEX_TIMEOUT_S)
-        for (row, _), vector in zip(chunk, vectors, strict=True):
-            row["vector"] = np.asarray(vector, dtype=np.float32).tolist()
-        return [row for row, _ in chunk]
-
     return embed_while_upserting(
         ([pending[i] for i in bucket] for bucket in length_buckets([t for _, t in pending], batch)),
-        embed,
+        lambda chunk: with_vectors(chunk, triton.embed_users),
         store.upsert_users,
         tqdm(total=len(pending), desc="index users", unit="user"),
     )
