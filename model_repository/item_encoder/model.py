@@ -29,10 +29,13 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        onnx_file = params.get("onnx_file", "model.onnx")
-        self.session = ort.InferenceSession(
-            str(version_dir / onnx_file), options, providers=["CPUExecutionProvider"]
-        )
+        graph = version_dir / params.get("onnx_file", "model.onnx")
+        if not graph.is_file() and (version_dir / "model.onnx").is_file():
+            # a version exported before its config named this graph (e.g. the item tower's
+            # model.int8.onnx): it keeps serving what it was indexed with
+            pb_utils.Logger.log_warn(f"{graph} missing: serving {version_dir}/model.onnx")
+            graph = version_dir / "model.onnx"
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 

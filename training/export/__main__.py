@@ -21,9 +21,11 @@ from training.export.onnx_export import (
     export_ranker,
     export_sequence_model,
     export_tower,
+    quantize_tower,
     resolve_pretrained,
 )
 from training.export.repository import (
+    INT8_GRAPH,
     TOWERS,
     copy_tokenizer,
     new_release,
@@ -73,6 +75,9 @@ def export_release(
         for tower in TOWERS:
             if f"{tower}_embedder" not in release.staged:
                 release.stage(f"{tower}_embedder")
+        item_graph = release.staged["item_encoder"] / "model.onnx"
+        int8 = quantize_tower(item_tower, item_graph, item_graph.with_name(INT8_GRAPH))
+        report["item_encoder_int8"] = int8.as_dict()
         if ranker:
             result = export_ranker(ranker, release.stage("ranker") / "model.onnx")
             report["ranker"] = result.as_dict()
@@ -85,7 +90,8 @@ def export_release(
             report["sequence_recommender"] = export_sequence_model(sequence, staged).as_dict()
         for model, entry in report.items():
             if isinstance(entry, dict):  # report where the file ends up, not the staging dir
-                entry["onnx"] = str(repository / model / str(release.version) / "model.onnx")
+                name, graph = model.removesuffix("_int8"), Path(str(entry["onnx"])).name
+                entry["onnx"] = str(repository / name / str(release.version) / graph)
         release.commit(
             release_metadata(
                 item_tower=item_tower,

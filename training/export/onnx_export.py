@@ -36,6 +36,7 @@ __all__ = [
     "export_ranker",
     "export_sequence_model",
     "export_tower",
+    "quantize_tower",
     "resolve_pretrained",
 ]
 
@@ -43,6 +44,9 @@ OPSET = 17
 # fp32 ONNX Runtime vs PyTorch on normalised vectors / probabilities: differences are rounding
 # noise of order 1e-6; anything above this means the graph is wrong, not imprecise.
 PARITY_TOLERANCE = 1e-4
+# The int8 tower (training.export.quantize) against PyTorch, by cosine: measured 0.9948 at
+# worst over MovieLens' 9,742 item texts with MiniLM, 0.9964 with the fine-tuned tower.
+INT8_MIN_COSINE = 0.99
 
 PARITY_TEXTS = [
     "Heat (1995). Genres: Action, Crime, Thriller",
@@ -85,6 +89,26 @@ def load_ranker(path: str) -> CrossEncoderScorer:
     """Load a ranker directory (format in :mod:`training.models.ranker`) for export."""
     ranker, _ = load_trained_ranker(path)
     return CrossEncoderScorer(ranker).eval()
+
+
+@dataclass(frozen=True)
+class QuantizedReport:
+    """The int8 tower: how close to PyTorch by cosine, and that batching changes no vector."""
+
+    onnx_path: Path
+    rewritten: int  # MatMuls now int8
+    min_cosine: float
+    min_allowed: float
+    batch_max_abs_diff: float  # each text alone against the same text in the padded batch
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "onnx": str(self.onnx_path),
+            "rewritten_matmuls": self.rewritten,
+            "min_cosine": self.min_cosine,
+            "min_allowed": self.min_allowed,
+            "batch_max_abs_diff": self.batch_max_abs_diff,
+        }
 
 
 @dataclass(frozen=True)
@@ -162,6 +186,44 @@ def export_tower(
     diff = _check_parity(module, onnx_path, feeds, tolerance)
     log.info("exported %s (max |onnx - torch| = %.2e)", onnx_path, diff)
     return ExportReport(onnx_path, diff, tolerance, len(PARITY_TEXTS))
+
+
+def quantize_tower(
+    model_dir: str, fp32_path: Path, int8_path: Path, min_cosine: float = INT8_MIN_COSINE
+) -> QuantizedReport:
+    """Write the int8 graph of an exported tower (``training.export.quantize``) and check it:
+    each parity text's vector within ``min_cosine`` of PyTorch's, and the same alone as in
+    the padded batch (else the graph is wrong: rows must not depend on their neighbours)."""
+    import onnxruntime as ort
+
+    from training.export.quantize import quantize_rowwise
+
+    rewritten = quantize_rowwise(fp32_path, int8_path)
+    feeds = _tokenize(model_dir, PARITY_TEXTS)
+    feeds = {k: feeds[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = PooledEncoder(load_bert(model_dir)).eval()(**feeds).numpy()
+    session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    batch = {k: v.numpy() for k, v in feeds.items()}
+    got = session.run(None, batch)[0]
+    lengths = batch["attention_mask"].sum(axis=1)
+    alone = np.concatenate(
+        [
+            session.run(None, {k: v[i : i + 1, :n] for k, v in batch.items()})[0]
+            for i, n in enumerate(lengths)
+        ]
+    )
+    cosine = float(np.min(np.sum(expected * got, axis=1)))  # both unit-norm
+    batch_diff = float(np.max(np.abs(alone - got)))
+    if not cosine >= min_cosine:
+        raise ParityError(f"{int8_path}: min cosine to torch {cosine:.4f} < {min_cosine}")
+    if not batch_diff <= PARITY_TOLERANCE:
+        raise ParityError(
+            f"{int8_path}: a text's vector alone differs from its vector in a batch by "
+            f"{batch_diff:.3g} > {PARITY_TOLERANCE:.1g}"
+        )
+    log.info("quantised %s (%d MatMuls, min cosine %.4f)", int8_path, rewritten, cosine)
+    return QuantizedReport(int8_path, rewritten, cosine, min_cosine, batch_diff)
 
 
 def export_ranker(

@@ -36,6 +36,9 @@ from pathlib import Path
 from core.releases import pinned_model_name
 
 TOWERS = ("item", "user")
+# The item tower's int8 graph (training.export.quantize), beside its model.onnx in every
+# release; the CPU item_encoder serves it when its config's onnx_file names it.
+INT8_GRAPH = "model.int8.onnx"
 ENSEMBLES = {"item_embedder", "user_embedder", "ranker_scorer"}
 TOKENIZER_FILES = (
     "tokenizer.json",
