@@ -291,7 +291,7 @@ def run(
                     )
                 )
             with results.section("indexing") as r:
-                _indexing(r, running, repository, chosen, plan, threads)
+                _indexing(r, running, repository, chosen, plan, threads, state)
             with results.section("variants") as r:
                 _variants(r, running, users, plan, repository, graphs["ranker"], state, baseline)
             if baseline is not None:
@@ -430,14 +430,23 @@ def _variants(
 
 
 def _indexing(
-    r: dict[str, Any], running: Any, repository: Path, chosen: Any, plan: Plan, threads: int
+    r: dict[str, Any],
+    running: Any,
+    repository: Path,
+    chosen: Any,
+    plan: Plan,
+    threads: int,
+    state: Path,
 ) -> None:
-    """Item indexing of the whole catalogue (not the slice), into scratch collections."""
+    """Item indexing of the whole catalogue (not the slice), into scratch collections; Triton
+    restarted with a twin item embedder serving the release's other item graph."""
     from bench import indexing, machine, models, stack
+    from bench.variants import ITEM_TWIN, Variant, serve, served_graph, variant_repository
     from core.behaviour import popularity_half_life
     from ops.indexing import item_rows
     from training.data import load_dataset
     from training.export.onnx_export import PooledEncoder
+    from training.export.repository import INT8_GRAPH
     from training.models.pretrained import load_bert
 
     t0 = time.monotonic()
@@ -447,10 +456,19 @@ def _indexing(
     rows = rows[: plan.indexing_items] if plan.indexing_items else rows
     r["row_build_seconds"] = round(time.monotonic() - t0, 1)
     arch = models.arch_of(PooledEncoder(load_bert(chosen.item_tower)))
+    other = {"model.onnx": INT8_GRAPH}.get(served_graph(repository / "item_encoder"), "model.onnx")
+    twin = Variant(f"item embedder twin on {other}", item_twin_graph=other)
+    serve(running, variant_repository(repository, twin, state / "indexing-repository"))
     peak = machine.quick_fp32_peak(1.0, threads)
     r.update(
         indexing.compare(
-            running.settings, rows, repository, plan.indexing_rounds, arch=arch, fp32_peak=peak
+            running.settings,
+            rows,
+            repository,
+            plan.indexing_rounds,
+            arch=arch,
+            fp32_peak=peak,
+            twin=(other, ITEM_TWIN),
         )
     )
 

@@ -15,19 +15,24 @@ sends (``item_batches``), each embedded and upserted by ``embed_and_upsert`` unl
   job use where the model repository is on their disk);
 - **the job: tokenizer lengths, upsert overlapped**: the same batches through
   ``index_rows`` itself, which upserts each batch while Triton embeds the next (what
-  ``python -m ops.indexing`` and ``make demo`` run); the target row reports this one.
+  ``python -m ops.indexing`` and ``make demo`` run); the target row reports this one;
+- **the job, the other item graph**: the job again through a twin of the item embedder
+  whose encoder serves the release's other graph (``model.onnx``, fp32, where the release
+  serves ``model.int8.onnx``, and the other way round; ``bench.variants``), so the int8 item
+  tower and fp32 are timed side by side on one Triton.
 
 The others take turns batch by batch (who goes first alternates), so that load drift on a
-shared machine hits all of them alike; the job's pass, whose batches overlap, runs whole,
-after them in one round and before them in the next. Items/s is end to end (Triton, then
-the Milvus upsert: the items over the time spent in that variant's batches, or in the job's
-whole pass); the embed and upsert columns are the same items over the time spent in each
-(the job's overlap, so its two add up to more than its wall time); `x file order` is
-against the file-order batches of the same round. Padded length and real-token share are
-computed with the release's tokenizer for the batches each variant sent (exact, independent
-of load). Every round checks that each variant wrote each item exactly once (else the
-section fails); the last column is the largest difference between a variant's vectors and
-file order's.
+shared machine hits all of them alike; the jobs' passes, whose batches overlap, run whole,
+after them in one round and before them in the next, in the opposite order. Items/s is end
+to end (Triton, then the Milvus upsert: the items over the time spent in that variant's
+batches, or in the job's whole pass); the embed and upsert columns are the same items over
+the time spent in each (the jobs' overlap, so their two add up to more than their wall
+time); `x file order` is against the file-order batches of the same round. Padded length
+and real-token share are computed with the release's tokenizer for the batches each variant
+sent (exact, independent of load); the FLOP columns count the same operations for the int8
+graph. Every round checks that each variant wrote each item exactly once (else the section
+fails); the last column is the largest difference between a variant's vectors and file
+order's (for the other item graph: what quantisation changes).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import numpy as np
 from bench.models import Arch
 from bench.tokens import TokenizerSpec
 from bench.util import fmt, load_average, table
+from bench.variants import served_graph
 from core.config import Settings
 from core.rows import ItemRow
 from ops.indexing import embed_and_upsert, index_rows, item_batches, release_lengths
@@ -51,6 +57,7 @@ from services.vectors.store import StoreUnavailable, VectorStore
 
 BASELINE = "file order"
 JOB = "the job: tokenizer lengths, upsert overlapped"
+TWIN_JOB = "the job, the other item graph"
 TARGET_ITEMS_PER_S = 500.0
 SCRATCH = {
     "items_collection": "bench_indexing_items",
@@ -129,7 +136,7 @@ def _flops(arch: Arch, batch: int, length: int) -> float:
     return float(per_token * batch * length)
 
 
-def _variants(repository: Path) -> dict[str, dict[str, Any]]:
+def _variants(repository: Path, twin: str | None) -> dict[str, dict[str, Any]]:
     exact = release_lengths(repository)
     out: dict[str, dict[str, Any]] = {
         BASELINE: {"bucketed": False, "lengths": None},
@@ -138,6 +145,8 @@ def _variants(repository: Path) -> dict[str, dict[str, Any]]:
     if exact is not None:
         out["bucketed, tokenizer lengths"] = {"bucketed": True, "lengths": exact}
         out[JOB] = {"bucketed": True, "lengths": exact}
+        if twin is not None:
+            out[TWIN_JOB] = {"bucketed": True, "lengths": exact}
     return out
 
 
@@ -149,15 +158,19 @@ def compare(
     batch: int = 64,
     arch: Arch | None = None,
     fp32_peak: float | None = None,
+    twin: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every variant over ``rows`` in each of ``rounds`` rounds, batches taking turns; with
     the item tower's ``arch`` and the machine's ``fp32_peak`` (FLOP/s), the FLOP rate of each
-    and the items/s that peak would allow."""
+    and the items/s that peak would allow. ``twin``: (the other item graph, the twin
+    ensemble that serves it), which adds the job through that twin."""
     spec = TokenizerSpec.of_release(repository)
-    variants = _variants(repository)
+    variants = _variants(repository, twin and twin[1])
     texts = [text for _, text in rows]
     batches = {name: item_batches(texts, batch, **v) for name, v in variants.items()}
     out: dict[str, Any] = {"items": len(rows), "batch": batch, "rounds": [], "variants": {}}
+    if TWIN_JOB in variants and twin is not None:
+        out["item_graphs"] = {JOB: served_graph(repository / "item_encoder"), TWIN_JOB: twin[0]}
     if arch is not None and fp32_peak:
         out.update(arch=arch.__dict__, fp32_peak=fp32_peak)
     for name in variants:
@@ -167,13 +180,17 @@ def compare(
         for n, name in enumerate(variants)
     }
     triton = TritonClient(settings)
+    tritons = dict.fromkeys(variants, triton)
+    if TWIN_JOB in variants and twin is not None:
+        tritons[TWIN_JOB] = TritonClient(settings.model_copy(update={"triton_item_model": twin[1]}))
     written: dict[str, dict[str, np.ndarray]] = {}
     try:
         _connect(stores.values())
-        triton.embed_items(texts[: 2 * batch], 120.0)  # warm-up, not timed
+        for client in {id(c): c for c in tritons.values()}.values():
+            client.embed_items(texts[: 2 * batch], 120.0)  # warm-up, not timed
         for r in range(rounds):
             entry = _round(
-                rows, batches, variants, batch, triton, stores, first=r % 2, written=written
+                rows, batches, variants, batch, tritons, stores, first=r % 2, written=written
             )
             out["rounds"].append(entry)
             print(
@@ -188,7 +205,8 @@ def compare(
             except StoreUnavailable as exc:  # reported, never in place of the run's own error
                 print(f"  scratch collections of {store.items.name} not dropped: {exc}")
             store.close()
-        triton.close()
+        for client in {id(c): c for c in tritons.values()}.values():
+            client.close()
     for name, summary in out["variants"].items():
         runs = [entry[name] for entry in out["rounds"]]
         items = sum(run["items"] for run in runs)
@@ -229,15 +247,15 @@ def _round(
     batches: dict[str, list[list[int]]],
     variants: dict[str, dict[str, Any]],
     batch: int,
-    triton: TritonClient,
+    tritons: dict[str, TritonClient],
     stores: dict[str, VectorStore],
     first: int,
     written: dict[str, dict[str, np.ndarray]],
 ) -> dict[str, Any]:
-    """One pass of every variant over ``rows``: one batch of each in turn, and the job's
-    whole pass after them (``first`` 0) or before them (1)."""
+    """One pass of every variant over ``rows``: one batch of each in turn, and the jobs'
+    whole passes after them (``first`` 0) or before them in the opposite order (1)."""
     names = list(batches)
-    timed = {name: (_TimedTriton(triton), _TimedStore(stores[name])) for name in names}
+    timed = {name: (_TimedTriton(tritons[name]), _TimedStore(stores[name])) for name in names}
     wall = dict.fromkeys(names, 0.0)
     done = dict.fromkeys(names, 0)
     for store in stores.values():
@@ -245,15 +263,17 @@ def _round(
         store.ensure_collections()
     load = load_average()
 
-    def job() -> None:
+    def job(name: str) -> None:
         t0 = time.perf_counter()
-        triton_t, store_t = cast(TritonClient, timed[JOB][0]), cast(VectorStore, timed[JOB][1])
-        done[JOB] = index_rows(rows, triton_t, store_t, batch, **variants[JOB])
-        wall[JOB] = time.perf_counter() - t0
+        triton_t, store_t = cast(TritonClient, timed[name][0]), cast(VectorStore, timed[name][1])
+        done[name] = index_rows(rows, triton_t, store_t, batch, **variants[name])
+        wall[name] = time.perf_counter() - t0
 
-    if JOB in names and first:
-        job()
-    turns = [name for name in names if name != JOB]
+    jobs = [name for name in (JOB, TWIN_JOB) if name in names]
+    if first:
+        for name in reversed(jobs):
+            job(name)
+    turns = [name for name in names if name not in jobs]
     for step in range(max(len(batches[name]) for name in turns)):
         for name in turns if (step + first) % 2 == 0 else turns[::-1]:
             if step >= len(batches[name]):
@@ -264,8 +284,9 @@ def _round(
                 chunk, cast(TritonClient, timed[name][0]), cast(VectorStore, timed[name][1])
             )
             wall[name] += time.perf_counter() - t0
-    if JOB in names and not first:
-        job()
+    if not first:
+        for name in jobs:
+            job(name)
     entry: dict[str, Any] = {}
     for name in names:
         triton_t, store_t = timed[name]
@@ -333,6 +354,7 @@ def render(section: dict[str, Any]) -> str:
     """The table of ``BENCHMARKS.md``: one row per variant; FLOP columns when measured."""
     peak = "fp32_peak" in section
     rows = []
+    graphs = section.get("item_graphs", {})
     for name, v in section["variants"].items():
         runs = [entry[name] for entry in section["rounds"]]
         flops = (
@@ -346,7 +368,7 @@ def render(section: dict[str, Any]) -> str:
         )
         rows.append(
             [
-                name,
+                f"{name} ({graphs[name]})" if name in graphs else name,
                 len(runs),
                 fmt(v["items_per_s"], 1),
                 fmt(v["embed_items_per_s"], 1),

@@ -2,13 +2,16 @@
 
 The copy is hard-linked from the exported repository (no weights duplicated); only the files
 that change are replaced, never written through a link. The knob is one the served
-``model.py`` already reads: ``onnx_file``, which graph the ranker's ONNX Runtime session
-loads. Triton is restarted on the same ports with the copy; the gateway reconnects by itself.
+``model.py`` already reads: ``onnx_file``, which graph an ONNX Runtime session loads (the
+ranker's; or the item tower's, served by a twin ``item_embedder_twin`` beside the release's
+own, so that both item graphs answer on one Triton). Triton is restarted on the same ports
+with the copy; the gateway reconnects by itself.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,16 +19,51 @@ from pathlib import Path
 
 from ops.stack import LocalStack, gateway_serving
 
+ITEM_TWIN = "item_embedder_twin"  # the twin item embedder's ensemble
+_ONNX_FILE = re.compile(r'\{ key: "onnx_file", value: \{ string_value: "([^"]+)" \} \},?\n\s*')
+
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     ranker_graph: Path | None = None  # served instead of the ranker's model.onnx
+    item_twin_graph: str | None = None  # the graph file the twin item encoder serves
 
 
 def _replace(path: Path, text: str) -> None:
     path.unlink()  # break the hard link first: the original must not change
     path.write_text(text)
+
+
+def served_graph(model_dir: Path) -> str:
+    """The ONNX file a python-backend model's CPU config serves (its ``onnx_file``)."""
+    match = _ONNX_FILE.search((model_dir / "config.pbtxt").read_text())
+    return match.group(1) if match else "model.onnx"
+
+
+def _with_graph(config: str, graph: str) -> str:
+    entry = f'{{ key: "onnx_file", value: {{ string_value: "{graph}" }} }},\n  '
+    return _ONNX_FILE.sub("", config).replace("parameters [\n  ", "parameters [\n  " + entry, 1)
+
+
+def _item_twin(out: Path, graph: str) -> None:
+    """``item_encoder_twin`` (the release's item encoder serving ``graph``) and
+    ``item_embedder_twin`` (the tokenizer, then it), hard-linked beside the originals."""
+    encoder = "item_encoder"
+    for name in (encoder, "item_embedder"):
+        twin = out / f"{name}_twin"
+        shutil.copytree(out / name, twin, copy_function=os.link, ignore=_no_cache)
+        text = (twin / "config.pbtxt").read_text()
+        text = text.replace(f'name: "{name}"', f'name: "{twin.name}"')
+        if name == encoder:
+            text = _with_graph(text, graph)
+        else:
+            text = text.replace(f'model_name: "{encoder}"', f'model_name: "{encoder}_twin"')
+        _replace(twin / "config.pbtxt", text)
+
+
+def _no_cache(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if n == "__pycache__"]
 
 
 def variant_repository(repository: Path, variant: Variant, out: Path) -> Path:
@@ -34,16 +72,16 @@ def variant_repository(repository: Path, variant: Variant, out: Path) -> Path:
         repository,
         out,
         copy_function=os.link,
-        ignore=lambda d, names: [n for n in names if n == "__pycache__"],
+        ignore=_no_cache,
     )
     if variant.ranker_graph is not None:
         versions = [p for p in (out / "ranker").iterdir() if p.name.isdigit()]
         for version in versions:
             os.link(variant.ranker_graph, version / "model.variant.onnx")
         config = out / "ranker" / "config.pbtxt"
-        text = config.read_text()
-        entry = '{ key: "onnx_file", value: { string_value: "model.variant.onnx" } },'
-        _replace(config, text.replace("parameters [", "parameters [\n  " + entry, 1))
+        _replace(config, _with_graph(config.read_text(), "model.variant.onnx"))
+    if variant.item_twin_graph is not None:
+        _item_twin(out, variant.item_twin_graph)
     return out
 
 

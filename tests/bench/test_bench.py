@@ -105,8 +105,14 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert results["baseline"]["requests"] > 0
     assert {r["backend"] for r in results["ranker"]["rows"]} >= {"pytorch", "ort-plain", "ort-int8"}
     assert results["milvus"]["runs"][0]["recall_at_k"] > 0.5
-    # the indexing job's own pass (upserts overlapped) beside the turn-taking variants
-    assert set(results["indexing"]["variants"]) >= {indexing.BASELINE, indexing.JOB}
+    # the indexing job's own pass (upserts overlapped) beside the turn-taking variants, and
+    # again through a twin serving the release's other item graph: different vectors
+    variants = results["indexing"]["variants"]
+    assert set(variants) >= {indexing.BASELINE, indexing.JOB, indexing.TWIN_JOB}
+    graphs = results["indexing"]["item_graphs"]
+    assert {graphs[indexing.JOB], graphs[indexing.TWIN_JOB]} == {"model.onnx", "model.int8.onnx"}
+    assert variants[indexing.JOB]["max_abs_diff_vs_file_order"] < 1e-5
+    assert 1e-4 < variants[indexing.TWIN_JOB]["max_abs_diff_vs_file_order"] < 0.1
     assert results["targets"]["item_indexing"]["at"].startswith(indexing.JOB)
     assert "perf_analyzer" in results and "targets" in results
     text = out.read_text()
