@@ -94,3 +94,53 @@ def test_a_graph_without_weight_matmuls_is_refused(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     with pytest.raises(ValueError, match="no MatMul"):
         quantize_rowwise(tmp_path / "m.onnx", tmp_path / "q.onnx")
+
+
+def _runner(monkeypatch: pytest.MonkeyPatch, warnings: list[str]) -> type:
+    """The served ``model.py`` with a stand-in for the python backend's utilities."""
+    import importlib.util
+    import sys
+    import types
+
+    from core.config import REPO_ROOT
+
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.Logger = types.SimpleNamespace(log_warn=warnings.append)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    path = REPO_ROOT / "model_repository" / "item_encoder" / "model.py"
+    spec = importlib.util.spec_from_file_location("item_encoder_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TritonPythonModel  # type: ignore[no-any-return]
+
+
+def test_the_runner_serves_the_named_graph_and_an_older_version_its_model_onnx(
+    tower: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+
+    _, fp32 = tower
+    warnings: list[str] = []
+    runner = _runner(monkeypatch, warnings)
+    config = {
+        "input": [{"name": "input_ids"}, {"name": "attention_mask"}],
+        "output": [{"name": "embedding"}],
+        "parameters": {"onnx_file": {"string_value": "model.int8.onnx"}},
+    }
+    for version in ("1", "2"):
+        (tmp_path / version).mkdir()
+        shutil.copyfile(fp32, tmp_path / version / "model.onnx")
+    quantize_rowwise(fp32, tmp_path / "2" / "model.int8.onnx")
+    feeds = {"input_ids": np.full((1, 6), 1500), "attention_mask": np.ones((1, 6), np.int64)}
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    expected = reference.run(None, feeds)[0]
+    diffs = {}
+    for version in ("1", "2"):
+        model = runner()
+        args = {"model_config": json.dumps(config), "model_repository": str(tmp_path)}
+        model.initialize({**args, "model_version": version})
+        diffs[version] = float(np.abs(model.session.run(None, feeds)[0] - expected).max())
+    assert diffs["1"] < 1e-6 < diffs["2"]  # version 1 has no int8 graph: it serves fp32
+    assert len(warnings) == 1 and "1/model.int8.onnx missing" in warnings[0]
