@@ -2,7 +2,9 @@
 
 With ``--checkpoint`` it reads a training run's output (``item_tower/``, ``user_tower/`` and
 optionally ``ranker/``, ``feature_ranker/`` and ``sequence/``); without it, both towers are
-the pretrained BERT checkpoint.
+the pretrained BERT checkpoint. The item tower is also written as ``model.int8.onnx``
+(``training.export.quantize``), which the CPU ``item_encoder`` serves only where its config
+names it.
 """
 
 from __future__ import annotations
