@@ -19,6 +19,7 @@ from pathlib import Path
 from core.config import get_settings
 from training.export.onnx_export import (
     ParityError,
+    QuantisationLoss,
     export_feature_ranker,
     export_ranker,
     export_sequence_model,
@@ -78,8 +79,13 @@ def export_release(
             if f"{tower}_embedder" not in release.staged:
                 release.stage(f"{tower}_embedder")
         item_graph = release.staged["item_encoder"] / "model.onnx"
-        int8 = quantize_tower(item_tower, item_graph, item_graph.with_name(INT8_GRAPH))
-        report["item_encoder_int8"] = int8.as_dict()
+        try:
+            int8 = quantize_tower(item_tower, item_graph, item_graph.with_name(INT8_GRAPH))
+            report["item_encoder_int8"] = int8.as_dict()
+        except QuantisationLoss as exc:  # optional: a config naming it falls back to fp32
+            item_graph.with_name(INT8_GRAPH).unlink()
+            log.warning("release %d ships without its int8 item graph: %s", release.version, exc)
+            report["item_encoder_int8"] = f"not written: {exc}"
         if ranker:
             result = export_ranker(ranker, release.stage("ranker") / "model.onnx")
             report["ranker"] = result.as_dict()

@@ -133,6 +133,11 @@ class ParityError(RuntimeError):
     """ONNX Runtime's output differs from PyTorch's beyond the tolerance."""
 
 
+class QuantisationLoss(ParityError):
+    """The int8 graph is correct but too far from PyTorch for this tower: an optional graph,
+    so the release ships without it rather than failing."""
+
+
 def _tokenize(tokenizer_path: str, texts: list[str], pairs: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
@@ -216,7 +221,7 @@ def quantize_tower(
     cosine = float(np.min(np.sum(expected * got, axis=1)))  # both unit-norm
     batch_diff = float(np.max(np.abs(alone - got)))
     if not cosine >= min_cosine:
-        raise ParityError(f"{int8_path}: min cosine to torch {cosine:.4f} < {min_cosine}")
+        raise QuantisationLoss(f"{int8_path}: min cosine to torch {cosine:.4f} < {min_cosine}")
     if not batch_diff <= PARITY_TOLERANCE:
         raise ParityError(
             f"{int8_path}: a text's vector alone differs from its vector in a batch by "

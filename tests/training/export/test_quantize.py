@@ -144,3 +144,20 @@ def test_the_runner_serves_the_named_graph_and_an_older_version_its_model_onnx(
         diffs[version] = float(np.abs(model.session.run(None, feeds)[0] - expected).max())
     assert diffs["1"] < 1e-6 < diffs["2"]  # version 1 has no int8 graph: it serves fp32
     assert len(warnings) == 1 and "1/model.int8.onnx missing" in warnings[0]
+
+
+def test_a_release_whose_tower_quantises_poorly_ships_without_the_int8_graph(
+    tower: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 graph is optional: too far from PyTorch, it is left out, not the release."""
+    from tests.stack_fixtures import repository_sources
+    from training.export import __main__ as export
+
+    strict = lambda *a: onnx_export.quantize_tower(*a, min_cosine=1.01)  # noqa: E731
+    monkeypatch.setattr(export, "quantize_tower", strict)
+    bert, _ = tower
+    repo = repository_sources(tmp_path / "repo")
+    report = export.export_release(repo, bert, bert)
+    assert report["version"] == 1 and str(report["item_encoder_int8"]).startswith("not written")
+    assert (repo / "item_encoder" / "1" / "model.onnx").is_file()
+    assert not (repo / "item_encoder" / "1" / "model.int8.onnx").exists()
