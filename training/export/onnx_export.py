@@ -220,13 +220,13 @@ def quantize_tower(
     )
     cosine = float(np.min(np.sum(expected * got, axis=1)))  # both unit-norm
     batch_diff = float(np.max(np.abs(alone - got)))
-    if not cosine >= min_cosine:
-        raise QuantisationLoss(f"{int8_path}: min cosine to torch {cosine:.4f} < {min_cosine}")
-    if not batch_diff <= PARITY_TOLERANCE:
+    if not batch_diff <= PARITY_TOLERANCE:  # a wrong graph, whatever its cosine: first
         raise ParityError(
             f"{int8_path}: a text's vector alone differs from its vector in a batch by "
             f"{batch_diff:.3g} > {PARITY_TOLERANCE:.1g}"
         )
+    if not cosine >= min_cosine:
+        raise QuantisationLoss(f"{int8_path}: min cosine to torch {cosine:.4f} < {min_cosine}")
     log.info("quantised %s (%d MatMuls, min cosine %.4f)", int8_path, rewritten, cosine)
     return QuantizedReport(int8_path, rewritten, cosine, min_cosine, batch_diff)
 

@@ -81,8 +81,9 @@ def test_per_batch_activation_scales_fail_the_export_check(
 
     monkeypatch.setattr(quantize, "quantize_rowwise", per_batch)
     bert, fp32 = tower
-    with pytest.raises(ParityError, match="alone"):
-        onnx_export.quantize_tower(bert, fp32, tmp_path / "model.int8.onnx", min_cosine=0.0)
+    for bound in (0.0, 1.01):  # refused as wrong even where its cosine also falls short
+        with pytest.raises(ParityError, match="alone"):
+            onnx_export.quantize_tower(bert, fp32, tmp_path / "model.int8.onnx", min_cosine=bound)
 
 
 def test_a_graph_without_weight_matmuls_is_refused(tmp_path: Path) -> None:
