@@ -456,7 +456,8 @@ def _indexing(
     rows = rows[: plan.indexing_items] if plan.indexing_items else rows
     r["row_build_seconds"] = round(time.monotonic() - t0, 1)
     arch = models.arch_of(PooledEncoder(load_bert(chosen.item_tower)))
-    other = {"model.onnx": INT8_GRAPH}.get(served_graph(repository / "item_encoder"), "model.onnx")
+    fp32_served = served_graph(repository / "item_encoder") == "model.onnx"
+    other = INT8_GRAPH if fp32_served else "model.onnx"  # the graph the release does not serve
     twin = Variant(f"item embedder twin on {other}", item_twin_graph=other)
     serve(running, variant_repository(repository, twin, state / "indexing-repository"))
     peak = machine.quick_fp32_peak(1.0, threads)

@@ -136,7 +136,7 @@ def _flops(arch: Arch, batch: int, length: int) -> float:
     return float(per_token * batch * length)
 
 
-def _variants(repository: Path, twin: str | None) -> dict[str, dict[str, Any]]:
+def _variants(repository: Path, twin: bool) -> dict[str, dict[str, Any]]:
     exact = release_lengths(repository)
     out: dict[str, dict[str, Any]] = {
         BASELINE: {"bucketed": False, "lengths": None},
@@ -145,7 +145,7 @@ def _variants(repository: Path, twin: str | None) -> dict[str, dict[str, Any]]:
     if exact is not None:
         out["bucketed, tokenizer lengths"] = {"bucketed": True, "lengths": exact}
         out[JOB] = {"bucketed": True, "lengths": exact}
-        if twin is not None:
+        if twin:
             out[TWIN_JOB] = {"bucketed": True, "lengths": exact}
     return out
 
@@ -165,11 +165,11 @@ def compare(
     and the items/s that peak would allow. ``twin``: (the other item graph, the twin
     ensemble that serves it), which adds the job through that twin."""
     spec = TokenizerSpec.of_release(repository)
-    variants = _variants(repository, twin and twin[1])
+    variants = _variants(repository, twin is not None)
     texts = [text for _, text in rows]
     batches = {name: item_batches(texts, batch, **v) for name, v in variants.items()}
     out: dict[str, Any] = {"items": len(rows), "batch": batch, "rounds": [], "variants": {}}
-    if TWIN_JOB in variants and twin is not None:
+    if twin is not None and TWIN_JOB in variants:
         out["item_graphs"] = {JOB: served_graph(repository / "item_encoder"), TWIN_JOB: twin[0]}
     if arch is not None and fp32_peak:
         out.update(arch=arch.__dict__, fp32_peak=fp32_peak)
@@ -181,12 +181,14 @@ def compare(
     }
     triton = TritonClient(settings)
     tritons = dict.fromkeys(variants, triton)
-    if TWIN_JOB in variants and twin is not None:
+    clients = [triton]
+    if twin is not None and TWIN_JOB in variants:
         tritons[TWIN_JOB] = TritonClient(settings.model_copy(update={"triton_item_model": twin[1]}))
+        clients.append(tritons[TWIN_JOB])
     written: dict[str, dict[str, np.ndarray]] = {}
     try:
         _connect(stores.values())
-        for client in {id(c): c for c in tritons.values()}.values():
+        for client in clients:
             client.embed_items(texts[: 2 * batch], 120.0)  # warm-up, not timed
         for r in range(rounds):
             entry = _round(
@@ -205,7 +207,7 @@ def compare(
             except StoreUnavailable as exc:  # reported, never in place of the run's own error
                 print(f"  scratch collections of {store.items.name} not dropped: {exc}")
             store.close()
-        for client in {id(c): c for c in tritons.values()}.values():
+        for client in clients:
             client.close()
     for name, summary in out["variants"].items():
         runs = [entry[name] for entry in out["rounds"]]

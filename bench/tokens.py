@@ -8,7 +8,6 @@ feed the same token ids as Triton, whatever the release configures.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-_PARAM = re.compile(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}')
+from bench.util import config_parameters
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class TokenizerSpec:
     def of_release(cls, repository: Path) -> TokenizerSpec:
         model = repository / "tokenizer"
         version = max(int(p.name) for p in model.iterdir() if p.name.isdigit())
-        params = dict(_PARAM.findall((model / "config.pbtxt").read_text()))
+        params = config_parameters(model)
         max_length = int(params.get("max_length", "128"))
         return cls(
             model / str(version) / "tokenizer" / "tokenizer.json",

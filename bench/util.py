@@ -1,14 +1,24 @@
-"""Small helpers shared by the benchmark sections: bounded loops, quantiles, load average."""
+"""Small helpers shared by the benchmark sections: bounded loops, quantiles, load average,
+a Triton model's config parameters."""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_PARAM = re.compile(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}')
+
+
+def config_parameters(model_dir: Path) -> dict[str, str]:
+    """A Triton model's ``parameters`` (string values) from its ``config.pbtxt``."""
+    return dict(_PARAM.findall((model_dir / "config.pbtxt").read_text()))
 
 
 def load_average() -> list[float]:

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.util import config_parameters
 from ops.stack import LocalStack, gateway_serving
 
 ITEM_TWIN = "item_embedder_twin"  # the twin item embedder's ensemble
-_ONNX_FILE = re.compile(r'\{ key: "onnx_file", value: \{ string_value: "([^"]+)" \} \},?\n\s*')
+_ONNX_FILE = re.compile(r'\{ key: "onnx_file", value: \{ string_value: "[^"]+" \} \},?\n\s*')
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,7 @@ def _replace(path: Path, text: str) -> None:
 
 def served_graph(model_dir: Path) -> str:
     """The ONNX file a python-backend model's CPU config serves (its ``onnx_file``)."""
-    match = _ONNX_FILE.search((model_dir / "config.pbtxt").read_text())
-    return match.group(1) if match else "model.onnx"
+    return config_parameters(model_dir).get("onnx_file", "model.onnx")
 
 
 def _with_graph(config: str, graph: str) -> str:
