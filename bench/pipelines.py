@@ -4,7 +4,9 @@ replaced, on one stack, the same users, in one run.
 - **feature ranker** (the default): a hundred candidates, the DCN-v2 feature ranker on Triton
   (one batched request), the BERT cross-encoder off;
 - **cross-encoder** (before): thirty candidates, each scored by the BERT cross-encoder on
-  Triton (a BERT pass per candidate), no feature ranker.
+  Triton (a BERT pass per candidate), no feature ranker;
+- **feature ranker, 2 gateway processes**: the default pipeline with
+  ``RECSYS_GATEWAY_PROCESSES=2`` (what the Kubernetes deployment runs per pod).
 
 The gateway process is restarted with each configuration and driven closed-loop at
 concurrency 1 (latency) and 16 (throughput); the order alternates per round so drift on a
@@ -38,8 +40,13 @@ from bench import gateway, metrics
 from bench.util import load_average
 from ops.stack import LocalStack
 
+FEATURE_RANKER: dict[str, object] = {"rank_candidates": 100, "cross_encoder_top": 0}
+#: The default pipeline on two gateway processes sharing the port (``gateway_processes``:
+#: one Python process serves about one core; the load's 16 connections spread over both).
+PROCESSES_PIPELINE = "feature ranker, 2 gateway processes"
 PIPELINES: dict[str, dict[str, object]] = {
-    "feature ranker": {"rank_candidates": 100, "cross_encoder_top": 0},
+    "feature ranker": FEATURE_RANKER,
+    PROCESSES_PIPELINE: {**FEATURE_RANKER, "gateway_processes": 2},
     "cross-encoder": {
         "rank_candidates": 30,
         "cross_encoder_top": 30,
@@ -52,8 +59,8 @@ BASELINE = "cross-encoder"
 # it (a model name Triton does not have is never ready: no sequence source, the two ranker
 # features at their fill, as a release whose ranker chose to serve none)
 SEQUENCE_PIPELINES: dict[str, dict[str, object]] = {
-    "with the sequence model": PIPELINES["feature ranker"],
-    "without it": {**PIPELINES["feature ranker"], "triton_sequence_model": "no_sequence_model"},
+    "with the sequence model": FEATURE_RANKER,
+    "without it": {**FEATURE_RANKER, "triton_sequence_model": "no_sequence_model"},
 }
 SEQUENCE_BASELINE = "without it"
 # Triton models whose requests per Recommend each row reports: what shows that a pipeline

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
         "port), for the kubelet's native gRPC probes when the API port has TLS; 0 = off.",
     )
     grpc_workers: int = Field(16, ge=1, description="Threads serving gRPC calls.")
+    gateway_processes: int = Field(
+        1,
+        ge=1,
+        description="Gateway server processes sharing grpc_port (SO_REUSEPORT; the kernel "
+        "spreads connections, not calls, over them). One Python process serves at most "
+        "about one core (the GIL); set it to the CPUs the gateway may use. Per-process: "
+        "grpc_workers, max_in_flight, the rate limits and the caches, as per replica.",
+    )
     grace_period_s: float = Field(5.0, ge=0, description="Graceful-shutdown drain time.")
     default_deadline_s: float = Field(
         2.0, gt=0, description="Deadline applied to a call whose client sent none."
@@ -522,6 +530,18 @@ class Settings(BaseSettings):
             log = Path(data["var_dir"]) / "experiments" / "exposures.jsonl"
             data = {**data, "exposure_log": log}
         return data
+
+    @model_validator(mode="after")
+    def _processes_share_a_port(self) -> Settings:
+        """Several gateway processes need a port fixed before they start (0 would give each
+        its own), and the exposure file has one writer (its erasure rewrite replaces it)."""
+        if self.gateway_processes > 1 and self.grpc_port == 0:
+            raise ValueError("gateway_processes > 1 needs a fixed grpc_port, not 0 (any free)")
+        if self.gateway_processes > 1 and self.exposure_sink == "file":
+            raise ValueError(
+                "gateway_processes > 1 needs exposure_sink=stream: the exposure file has one writer"
+            )
+        return self
 
     @property
     def milvus_is_lite(self) -> bool:

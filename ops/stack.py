@@ -91,6 +91,7 @@ class LocalStack:
             "RECSYS_EXPERIMENTS": self.settings.experiments,
             "RECSYS_RANK_CANDIDATES": str(self.settings.rank_candidates),
             "RECSYS_CROSS_ENCODER_TOP": str(self.settings.cross_encoder_top),
+            "RECSYS_GATEWAY_PROCESSES": str(self.settings.gateway_processes),
             "RECSYS_TRITON_FEATURE_RANKER_MODEL": self.settings.triton_feature_ranker_model,
             "RECSYS_TRITON_SEQUENCE_MODEL": self.settings.triton_sequence_model,
             "RECSYS_NATS_URLS": self.settings.nats_urls,
@@ -173,7 +174,10 @@ class LocalStack:
         if not any(n.startswith("profile-worker") for n in self.processes):
             self.start_worker()
         proc = gateway_process(self.env(), self.var_dir).start()
-        proc.wait_ready(lambda: gateway_serving(self.gateway_target), timeout)
+        # several processes: each check is a new connection, which the kernel gives to any
+        # of them; 8 per process in a row all SERVING leave a process unasked with p ~ e^-8
+        checks = 1 if self.settings.gateway_processes == 1 else 8 * self.settings.gateway_processes
+        proc.wait_ready(lambda: all_serving(self.gateway_target, checks), timeout)
         self.processes["gateway"] = proc
         return proc
 
@@ -204,6 +208,11 @@ def gateway_serving(target: str, timeout: float = 1.0) -> bool:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def all_serving(target: str, checks: int) -> bool:
+    """``checks`` health checks in a row, each on its own connection, all SERVING."""
+    return all(gateway_serving(target) for _ in range(checks))
 
 
 @contextlib.contextmanager

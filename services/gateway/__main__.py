@@ -20,14 +20,20 @@ for _variable in BLAS_THREAD_VARIABLES:
 import logging  # noqa: E402
 
 from core.config import get_settings  # noqa: E402
-from services.gateway.server import serve  # noqa: E402
 
 
 def main() -> None:
+    """One gateway process, or ``gateway_processes`` of them under a supervisor."""
     settings = get_settings()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.gateway_processes > 1:
+        from services.gateway.processes import supervise
+
+        raise SystemExit(supervise(settings))
+    from services.gateway.server import serve
+
     serve(settings)
 
 

@@ -50,7 +50,10 @@ def health_server(settings: Settings, state: GatewayState) -> tuple[grpc.Server,
     servicer: the kubelet's native gRPC probes speak plaintext only, so with TLS (and client
     certificates) on the API port they need this port. No RecommenderService, no
     reflection: nothing but statuses can be reached here."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+        options=[("grpc.so_reuseport", 1)],  # every gateway process answers probes
+    )
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
     if port == 0:
@@ -74,6 +77,9 @@ def build(settings: Settings) -> Gateway:
             # (INVALID_ARGUMENT with details), not by gRPC core (RESOURCE_EXHAUSTED, none)
             ("grpc.max_receive_message_length", max_receive_bytes(settings)),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # several gateway processes share the port (gRPC's default on Linux, made
+            # explicit: services.gateway.processes depends on it)
+            ("grpc.so_reuseport", 1),
         ],
     )
     pb_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(settings, state), server)
@@ -112,7 +118,8 @@ def build(settings: Settings) -> Gateway:
 
 
 def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    """One gateway process until SIGTERM or SIGINT, then a graceful drain (several:
+    :func:`services.gateway.processes.supervise`)."""
     gateway = build(settings)
     freeze_long_lived()  # modules, clients, the first catalogue scan (serving may have begun)
     stop = threading.Event()

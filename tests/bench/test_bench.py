@@ -54,6 +54,23 @@ def test_the_serving_targets_read_the_default_pipeline() -> None:
     assert t["recommend_qps_c16"]["met"] and t["recommend_qps_c16"]["measured"] == 120.0
 
 
+def test_two_gateway_processes_get_their_own_throughput_row() -> None:
+    """The default pipeline's row stays the one-process gateway's; two processes report
+    beside it, not in its place."""
+    from bench.pipelines import PROCESSES_PIPELINE
+
+    rows = [
+        {"pipeline": "feature ranker", "concurrency": 16, "qps": 85.0, "p50_ms": 0, "p99_ms": 0},
+        {"pipeline": PROCESSES_PIPELINE, "concurrency": 16, "qps": 110.0, "p50_ms": 0, "p99_ms": 0},
+        {"pipeline": PROCESSES_PIPELINE, "concurrency": 1, "qps": 40.0, "p50_ms": 30, "p99_ms": 60},
+    ]
+    t = targets({"pipelines": {"table": rows}})
+    assert not t["recommend_qps_c16"]["met"] and t["recommend_qps_c16"]["measured"] == 85.0
+    two = t[f"recommend_qps_c16 [{PROCESSES_PIPELINE}]"]
+    assert two["met"] and two["measured"] == 110.0
+    assert "recommend_p50_c1" not in t  # latency targets: the default pipeline's only
+
+
 def test_a_gemm_timed_at_another_size_says_so() -> None:
     from bench.report import _gemm
 
@@ -211,12 +228,13 @@ def test_each_pipeline_starts_from_the_same_settings_whatever_ran_before(
     from core.config import Settings
     from ops.stack import LocalStack, Ports
 
-    started: list[tuple[str, str]] = []
+    started: list[tuple[str, str, int]] = []
 
     class Stack(LocalStack):
         def start_gateway(self, timeout: float = 60) -> Any:
+            s = self.settings
             started.append(
-                (self.settings.triton_feature_ranker_model, self.settings.triton_sequence_model)
+                (s.triton_feature_ranker_model, s.triton_sequence_model, s.gateway_processes)
             )
 
     def load(*args: object) -> Any:
@@ -226,13 +244,16 @@ def test_each_pipeline_starts_from_the_same_settings_whatever_ran_before(
 
     monkeypatch.setattr(bp.gateway, "run_load", load)
     stack = Stack(Settings(), tmp_path, Ports())
-    served = (stack.settings.triton_feature_ranker_model, stack.settings.triton_sequence_model)
+    s = stack.settings
+    served = (s.triton_feature_ranker_model, s.triton_sequence_model, s.gateway_processes)
     bp.compare(stack, ["u"], [(1, 1, 1.0)], 2, 1.0)
-    feature, cross = served, ("no_feature_ranker", served[1])
-    assert started == [feature, cross, cross, feature, served]  # the last: settings restored
+    feature, cross = served, ("no_feature_ranker", served[1], 1)
+    two = (*served[:2], 2)
+    # the last: settings restored
+    assert started == [feature, two, cross, cross, two, feature, served]
     started.clear()
     bp.compare(stack, ["u"], [(1, 1, 1.0)], 2, 1.0, bp.SEQUENCE_PIPELINES, bp.SEQUENCE_BASELINE)
-    without = (served[0], "no_sequence_model")
+    without = (served[0], "no_sequence_model", 1)
     assert started == [served, without, without, served, served]
 
 

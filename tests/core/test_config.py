@@ -33,3 +33,18 @@ def test_bad_values_fail_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECSYS_GRPC_PORT", "70000")
     with pytest.raises(ValidationError, match="grpc_port"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("changed", "why"),
+    [
+        ({"grpc_port": 0}, "fixed grpc_port"),
+        ({"exposure_sink": "file"}, "exposure_sink=stream"),
+    ],
+)
+def test_several_gateway_processes_need_one_port_and_the_shared_exposure_sink(
+    changed: dict[str, object], why: str
+) -> None:
+    Settings.model_validate({"gateway_processes": 1, **changed})  # one process: fine
+    with pytest.raises(ValidationError, match=why):
+        Settings.model_validate({"gateway_processes": 2, **changed})

@@ -14,9 +14,11 @@ from core.paths import REPO_ROOT
 # not imported from services.gateway.__main__: importing it sets them in this process
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-# what numpy runs with once the gateway's entry point is imported (not run)
+# what numpy runs with once the gateway's entry point is imported (not run), numpy after it
+# as the server's modules (or a spawned gateway process, which inherits the environment)
+# import it
 PROBE = (
-    "import services.gateway.__main__, threadpoolctl; "
+    "import services.gateway.__main__, numpy, threadpoolctl; "
     "print([p['num_threads'] for p in threadpoolctl.threadpool_info() "
     "if p['internal_api'] == 'openblas'])"
 )
