@@ -35,6 +35,11 @@ from ops.stack import LocalStack
 from services.api import pb, pb_grpc
 
 STAGES = ("profile", "retrieval", "ranking", "diversify", "explain")
+#: Each client thread its own TCP connection, as separate clients have: channels of one
+#: process to one target otherwise share one connection (gRPC's global subchannel pool), and
+#: several gateway processes on one port (SO_REUSEPORT) are spread over by connection; until
+#: 2026-12-06 all 16 threads' calls went over one connection.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def known_users(settings: Settings, limit: int, seed: int = 0) -> list[str]:
@@ -131,7 +136,8 @@ def drive(
     count and wall time (in-flight calls then finish, within their deadline).
 
     Calls the gateway sheds at once (``RESOURCE_EXHAUSTED``: more than ``max_in_flight``
-    waiting) are counted by code but not against ``max_requests``.
+    waiting) are counted by code but not against ``max_requests``. Each client thread has
+    its own connection (:data:`OWN_CONNECTION`).
     """
     lock = threading.Lock()
     issued = 0
@@ -148,7 +154,7 @@ def drive(
 
     def worker() -> None:
         nonlocal issued
-        with grpc.insecure_channel(stack.gateway_target) as channel:
+        with grpc.insecure_channel(stack.gateway_target, options=OWN_CONNECTION) as channel:
             stub = pb_grpc.RecommenderServiceStub(channel)
             while (user := next_user()) is not None:
                 t0 = time.perf_counter()

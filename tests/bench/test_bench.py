@@ -268,3 +268,44 @@ def test_the_token_mirror_pads_as_the_triton_tokenizer_does(tmp_path: Path) -> N
     assert spec.width(64, 140) == 128 and spec.width(1, 120) == 128
     text = (repo / "tokenizer" / "config.pbtxt").read_text()
     assert 'key: "exact_padding_from", value: { string_value: "33" }' in text  # the release's
+
+
+def test_each_load_driver_thread_is_its_own_connection() -> None:
+    """Channels of one process to one target share one connection unless told otherwise;
+    the driver's 16 "clients" were one connection, so several gateway processes on one port
+    (spread by connection) got every call on one of them."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from bench.gateway import OWN_CONNECTION
+    from ops.processes import free_port
+
+    peers: list[str] = []
+
+    class Recording(health.HealthServicer):
+        def Check(self, request: Any, context: Any) -> Any:
+            peers.append(context.peer())
+            return super().Check(request, context)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(Recording(), server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+
+        def connections(options: list[tuple[str, int]]) -> int:
+            peers.clear()
+            channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options) for _ in range(4)]
+            for channel in channels:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            for channel in channels:
+                channel.close()
+            return len(set(peers))
+
+        assert connections([]) == 1  # what the driver had
+        assert connections(OWN_CONNECTION) == 4
+    finally:
+        server.stop(0)
