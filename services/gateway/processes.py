@@ -3,11 +3,12 @@ core (the GIL), so a gateway given more CPUs runs ``gateway_processes`` of them.
 
 gRPC Python's own answer (its ``multiprocessing`` example): each process runs a whole server
 bound to the same port with ``SO_REUSEPORT``, and the kernel spreads new connections over
-them. Connections, not calls: a client with one channel stays on one process, as it stays on
-one replica behind a Kubernetes Service; many clients (or a client with several channels)
-use them all. Each process is a full gateway, like a replica: its own dependencies'
-clients, caches and background refreshes, its own ``grpc_workers``, ``max_in_flight`` and
-rate limits. What replicas must agree on already goes through the event log and Milvus.
+them. Connections, not calls: a client's channel stays on one process, as it stays on one
+replica behind a Kubernetes Service, and a process's channels to one address share one
+connection unless made with ``grpc.use_local_subchannel_pool``; many clients use them all.
+Each process is a full gateway, like a replica: its own dependencies' clients, caches and
+background refreshes, its own ``grpc_workers``, ``max_in_flight`` and rate limits. What
+replicas must agree on already goes through the event log and Milvus.
 
 This supervisor serves ``/metrics`` for all of them (Prometheus's multiprocess mode: each
 process writes its counters to a file under ``PROMETHEUS_MULTIPROC_DIR``, the supervisor
@@ -117,6 +118,7 @@ def supervise(settings: Settings) -> int:
         clean = died is None and all(p.exitcode == 0 for p in procs)
         return 0 if clean else 1
     finally:
+        _stop_all(procs, settings.grace_period_s)  # none left behind on an error above
         if ours:
             shutil.rmtree(path, ignore_errors=True)
 
