@@ -87,6 +87,7 @@ def supervise(settings: Settings) -> int:
     child = child_settings(settings)
     context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     procs: list[BaseProcess] = []
+    died: BaseProcess | None = None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -114,13 +115,11 @@ def supervise(settings: Settings) -> int:
                 died.pid,
                 died.exitcode,
             )
+    finally:  # also after an error above: no process left behind
         _stop_all(procs, settings.grace_period_s)
-        clean = died is None and all(p.exitcode == 0 for p in procs)
-        return 0 if clean else 1
-    finally:
-        _stop_all(procs, settings.grace_period_s)  # none left behind on an error above
         if ours:
             shutil.rmtree(path, ignore_errors=True)
+    return 0 if died is None and all(p.exitcode == 0 for p in procs) else 1
 
 
 def _wait_for_stop_or_death(procs: list[BaseProcess], stop: threading.Event) -> BaseProcess | None:
