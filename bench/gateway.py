@@ -31,15 +31,10 @@ from bench import metrics
 from bench.tokens import TokenizerSpec, encode
 from bench.util import load_average, quantiles
 from core.config import Settings
-from ops.stack import LocalStack
+from ops.stack import OWN_CONNECTION, LocalStack
 from services.api import pb, pb_grpc
 
 STAGES = ("profile", "retrieval", "ranking", "diversify", "explain")
-#: Each client thread its own TCP connection, as separate clients have: channels of one
-#: process to one target otherwise share one connection (gRPC's global subchannel pool), and
-#: several gateway processes on one port (SO_REUSEPORT) are spread over by connection; until
-#: 2026-12-06 all 16 threads' calls went over one connection.
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def known_users(settings: Settings, limit: int, seed: int = 0) -> list[str]:
@@ -137,8 +132,8 @@ def drive(
 
     Calls the gateway sheds at once (``RESOURCE_EXHAUSTED``: more than ``max_in_flight``
     waiting) are counted by code but not against ``max_requests``. Each client thread has
-    its own connection (:data:`OWN_CONNECTION`).
-    """
+    its own connection (:data:`ops.stack.OWN_CONNECTION`), as separate clients have: until
+    2026-12-06 all 16 threads' calls went over one."""
     lock = threading.Lock()
     issued = 0
     offset = sum(result.codes.values())  # later windows continue through the user pool

@@ -202,9 +202,16 @@ def milvus_data_dir(var_dir: Path, server: str) -> Path:
     return var_dir / ("milvus-engine" if server == "engine" else "milvus")
 
 
+#: A channel option: the channel's own TCP connection. gRPC otherwise shares one connection
+#: among a process's channels to one target, and gateway processes on one port
+#: (``SO_REUSEPORT``) are spread over by connection.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def gateway_serving(target: str, timeout: float = 1.0) -> bool:
-    """True when the gateway's health service answers SERVING."""
-    with grpc.insecure_channel(target) as channel:
+    """True when the gateway's health service answers SERVING, asked on a connection of its
+    own (:data:`OWN_CONNECTION`)."""
+    with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -279,8 +279,8 @@ def test_each_load_driver_thread_is_its_own_connection() -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from bench.gateway import OWN_CONNECTION
     from ops.processes import free_port
+    from ops.stack import OWN_CONNECTION
 
     peers: list[str] = []
 

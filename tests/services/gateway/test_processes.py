@@ -10,28 +10,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from bench import metrics
 from ops.processes import ManagedProcess, free_port, gateway_process
-from ops.stack import LocalStack
+from ops.stack import OWN_CONNECTION, LocalStack, gateway_serving
 from services.api import pb, pb_grpc
 
 pytestmark = pytest.mark.integration
 
 CALLS = 24  # each on its own connection: all on one process by chance has p = 2^-23
-
-
-def _serving(target: str) -> bool:
-    try:
-        with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1
-            )
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
 
 
 def _children(parent: int) -> list[int]:
@@ -71,7 +59,7 @@ def _start(stack: LocalStack, tmp_path: Path, **extra: str) -> tuple[ManagedProc
     }
     gateway = gateway_process(env, tmp_path, "gateway-processes.log").start()
     target = f"127.0.0.1:{port}"
-    gateway.wait_ready(lambda: _serving(target) and len(_children(gateway.pid)) == 2, 90)
+    gateway.wait_ready(lambda: gateway_serving(target) and len(_children(gateway.pid)) == 2, 90)
     return gateway, target, metrics_port
 
 
@@ -91,11 +79,11 @@ def test_two_processes_serve_one_port_and_drain_on_sigterm(
         deadline = time.monotonic() + 60
         while not all((metrics_dir / f"counter_{pid}.db").exists() for pid in children):
             assert time.monotonic() < deadline, "a process never served a call"
-            with grpc.insecure_channel(target) as channel:
+            with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
                 stub = pb_grpc.RecommenderServiceStub(channel)
                 stub.Recommend(pb.RecommendRequest(user_id="1", k=5), timeout=20)
         for _ in range(CALLS):
-            with grpc.insecure_channel(target) as channel:
+            with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
                 reply = pb_grpc.RecommenderServiceStub(channel).Recommend(
                     pb.RecommendRequest(user_id="1", k=5), timeout=20
                 )
@@ -118,7 +106,7 @@ def test_two_processes_serve_one_port_and_drain_on_sigterm(
         ok = frozenset({"method": "Recommend", "code": "OK"}.items())
         total = served[("recsys_requests", ok)]
         assert total == sum(per_process) >= CALLS
-        assert _serving(f"127.0.0.1:{health_port}")  # the probes' port, shared as well
+        assert gateway_serving(f"127.0.0.1:{health_port}")  # the probes' port, shared as well
 
         # events ingested through one process are in the profile every process reads
         user = "two-process-viewer"
@@ -126,11 +114,11 @@ def test_two_processes_serve_one_port_and_drain_on_sigterm(
             pb.Event(user_id=user, item_id=i, event_type=pb.EVENT_TYPE_RATING, value=5.0)
             for i in ("1", "2", "3")
         ]
-        with grpc.insecure_channel(target) as channel:
+        with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
             stub = pb_grpc.RecommenderServiceStub(channel)
             stub.IngestEvents(pb.IngestEventsRequest(events=events), timeout=20)
         for _ in range(12):
-            with grpc.insecure_channel(target) as channel:
+            with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
                 profile = pb_grpc.RecommenderServiceStub(channel).GetUserProfile(
                     pb.GetUserProfileRequest(user_id=user), timeout=20
                 )
