@@ -14,6 +14,7 @@ all its attempts together.
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -111,10 +112,18 @@ def fill_idempotency_keys(events: Iterable[pb.Event]) -> None:
 
 
 class RecommenderClient:
-    """A channel to the gateway with typed calls; use as a context manager or :meth:`close`.
+    """Channels to the gateway with typed calls; use as a context manager or :meth:`close`.
 
     ``api_key`` is sent as ``authorization: Bearer <key>``. ``tls`` (or ``True`` for the
     system roots) turns TLS on; without it the channel is plaintext (loopback only).
+
+    ``connections``: calls take turns over this many TCP connections to ``target``. Load
+    is spread per connection, not per call, by the gateway's processes on one port
+    (``RECSYS_GATEWAY_PROCESSES``) and by a Kubernetes ClusterIP Service, so one connection
+    keeps a client on one process of one pod; give a busy client at least as many
+    connections as the processes it should reach. (gRPC shares one connection among a
+    process's channels to the same target, so several clients alone do not do it: each
+    channel here has a connection pool of its own when there are several.)
     """
 
     def __init__(
@@ -126,9 +135,12 @@ class RecommenderClient:
         tls: Tls | bool | None = None,
         max_attempts: int = 4,
         options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive: every call needs a deadline")
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
         self.target = target
         self.timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -139,14 +151,28 @@ class RecommenderClient:
             ("grpc.service_config", service_config(max_attempts)),
             *options,
         ]
+        if connections > 1:
+            channel_options.append(("grpc.use_local_subchannel_pool", 1))
+        credentials = None
         if tls:
             settings = tls if isinstance(tls, Tls) else Tls()
             if settings.server_name:
                 channel_options.append(("grpc.ssl_target_name_override", settings.server_name))
-            self.channel = grpc.secure_channel(target, settings.credentials(), channel_options)
-        else:
-            self.channel = grpc.insecure_channel(target, channel_options)
-        self.stub = pb_grpc.RecommenderServiceStub(self.channel)
+            credentials = settings.credentials()
+        self.channels = [
+            grpc.secure_channel(target, credentials, channel_options)
+            if credentials is not None
+            else grpc.insecure_channel(target, channel_options)
+            for _ in range(connections)
+        ]
+        self.channel = self.channels[0]
+        self._stubs = [pb_grpc.RecommenderServiceStub(c) for c in self.channels]
+        self._turns = itertools.count()  # next() is atomic under the GIL: thread-safe turns
+
+    @property
+    def stub(self) -> pb_grpc.RecommenderServiceStub:
+        """The stub of the connection whose turn it is (round robin, one turn per call)."""
+        return self._stubs[next(self._turns) % len(self._stubs)]
 
     def __enter__(self) -> RecommenderClient:
         return self
@@ -155,7 +181,8 @@ class RecommenderClient:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def _call(self, method: Callable[..., Reply], request: Any, timeout: float | None) -> Reply:
         try:
@@ -306,10 +333,13 @@ class RecommenderClient:
         return self._call(self.stub.RankItems, request, timeout)
 
     def serving(self, timeout: float = 1.0) -> bool:
-        """True when the gateway's health service answers SERVING (False on any error)."""
-        check = self.channel.unary_unary(_HEALTH_CHECK)
+        """True when the gateway's health service answers SERVING on every connection (each
+        may reach another process or pod); False on any error."""
         try:
-            return bool(check(b"", timeout=timeout) == _SERVING)
+            return all(
+                channel.unary_unary(_HEALTH_CHECK)(b"", timeout=timeout) == _SERVING
+                for channel in self.channels
+            )
         except grpc.RpcError:
             return False
 
