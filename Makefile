@@ -101,7 +101,7 @@ lint-proto: $(BUF) ## buf lint (Google API design rules) and buf breaking agains
 lint: env lint-proto ## ruff, ruff format, mypy, buf lint and the one-way layer contract
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy core services training ops bench clients/python/src/recsys_client
+	$(VENV)/bin/mypy core services training ops bench clients/python/src/recsys_client tests
 	$(VENV)/bin/lint-imports --no-cache
 
 # --- the pipeline -------------------------------------------------------------------------

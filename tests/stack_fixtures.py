@@ -20,6 +20,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -151,7 +152,7 @@ def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def _indexed_stack(
-    model_repository: Path, dataset_dir: Path, var_dir: Path, **settings: object
+    model_repository: Path, dataset_dir: Path, var_dir: Path, **settings: Any
 ) -> Iterator[LocalStack]:
     """Milvus Lite (or what ``settings`` choose) + tritonserver + gateway, with the small
     dataset indexed."""

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -50,7 +51,13 @@ class ProdGateway:
 
     def client(self, api_key: str | None = "it-admin", **tls: Path | None) -> RecommenderClient:
         p = self.pki
-        settings = {"ca_file": p.ca, "cert_file": p.client_cert, "key_file": p.client_key, **tls}
+        # Any: forwarded as keywords into Tls, whose fields differ in type (server_name: str)
+        settings: dict[str, Any] = {
+            "ca_file": p.ca,
+            "cert_file": p.client_cert,
+            "key_file": p.client_key,
+            **tls,
+        }
         return RecommenderClient(self.target, 30, api_key=api_key, tls=Tls(**settings))
 
 

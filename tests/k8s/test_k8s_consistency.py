@@ -19,7 +19,7 @@ from k8s_helpers import (
     operator_secrets,
     pod_templates,
 )
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 ENV_PREFIX = "RECSYS_"
 SERVICE_NAME = "recsys.v1.RecommenderService"  # the readiness health service
@@ -124,7 +124,9 @@ def proto_service_names() -> set[str]:
 # --- settings ----------------------------------------------------------------------------
 
 
-def test_every_recsys_variable_is_a_setting(overlay: Rendered, settings_cls: type) -> None:
+def test_every_recsys_variable_is_a_setting(
+    overlay: Rendered, settings_cls: type[BaseModel]
+) -> None:
     fields = {f"{ENV_PREFIX}{name.upper()}" for name in settings_cls.model_fields}
     checked = [where for where, _ in recsys_containers(overlay)]
     assert any(w.startswith("Deployment/gateway/") for w in checked), checked
@@ -149,7 +151,9 @@ def test_settings_parse(overlay: Rendered, settings_cls: type, monkeypatch) -> N
         settings_from_env(settings_cls, env_values(overlay, c), monkeypatch)
 
 
-def test_secret_settings_come_from_secrets(overlay: Rendered, settings_cls: type) -> None:
+def test_secret_settings_come_from_secrets(
+    overlay: Rendered, settings_cls: type[BaseModel]
+) -> None:
     secret_vars = {
         f"{ENV_PREFIX}{name.upper()}"
         for name, info in settings_cls.model_fields.items()

@@ -64,9 +64,16 @@ def arguments(text: str, keyword: str) -> list[str]:
     return [rest for kw, rest in instructions(text) if kw == keyword]
 
 
+def _arg_default(rest: str) -> tuple[str, str]:
+    """``NAME=default`` of an ``ARG`` instruction -> (NAME, default)."""
+    match = re.match(r"(\w+)=(\S*)", rest)
+    assert match is not None, rest
+    return match[1], match[2]
+
+
 def base_images(text: str) -> list[str]:
     args = dict(
-        re.match(r"(\w+)=(\S*)", rest).groups()
+        _arg_default(rest)
         for keyword, rest in instructions(text)
         if keyword == "ARG" and "=" in rest
     )

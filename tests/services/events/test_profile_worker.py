@@ -483,9 +483,10 @@ def test_a_read_folds_in_what_no_worker_applied_yet_as_the_worker_will(env: Env)
         events = [(seq, pb.Event.FromString(data)) for seq, data in found]
         return profiles.merged(row, events, Deadline.after(5)) if events else row
 
-    now = {u: merged(u) for u in (known, new)}
+    maybe = {u: merged(u) for u in (known, new)}
     assert env.row(new) is None and env.row(known)["history_size"] == 2  # type: ignore[index]
-    assert now[known] is not None and now[new] is not None
+    assert maybe[known] is not None and maybe[new] is not None
+    now = {u: row for u, row in maybe.items() if row is not None}  # narrowed: both are there
     assert now[known]["history_size"] == 5  # one publish: ties in time, in item order
     assert set(now[known]["recent_items"]) == {"a", "b", "pop-2", "pop-9"}
     assert now[known]["version"] == more.last_seq[known]
@@ -504,7 +505,12 @@ def test_a_read_folds_in_what_no_worker_applied_yet_as_the_worker_will(env: Env)
         assert now[user]["version"] == row["version"]
         assert np.allclose(now[user]["vector"], row["vector"], atol=1e-5)
         version = int(row["version"])
-        assert env.on_log(lambda log, u=user, at=version: log.unapplied(u, at))[2] == []
+
+        # a def, not a lambda: mypy cannot infer a lambda with the extra (binding) defaults
+        def unapplied(log: EventLog, u: str = user, at: int = version) -> Any:
+            return log.unapplied(u, at)
+
+        assert env.on_log(unapplied)[2] == []
 
 
 def test_failed_applies_are_counted_per_backlog(env: Env) -> None:

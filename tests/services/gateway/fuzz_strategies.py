@@ -9,7 +9,7 @@ serialise them, so they never reach a server.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from hypothesis import strategies as st
 
@@ -18,7 +18,8 @@ from services.api import pb
 T = TypeVar("T")
 INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
-CHARS = st.characters(blacklist_categories=("Cs",))
+SURROGATES: tuple[Literal["Cs"]] = ("Cs",)  # typed: a bare tuple literal infers tuple[str]
+CHARS = st.characters(blacklist_categories=SURROGATES)
 VALID_ID = st.from_regex(r"\A[A-Za-z0-9_.:\-]{1,128}\Z")
 KNOWN_ITEM = st.integers(1, 500).map(str)  # MovieLens movieIds of the indexed slice
 KNOWN_USER = st.integers(1, 610).map(str)

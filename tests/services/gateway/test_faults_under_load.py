@@ -104,7 +104,7 @@ class Load:
 
 
 def _run_fault(
-    stack: LocalStack, name: str, kill: Callable[[], None], restart: Callable[[], None]
+    stack: LocalStack, name: str, kill: Callable[[], None], restart: Callable[[], object]
 ) -> None:
     run = uuid.uuid4().hex[:6]
     load = Load(stack.gateway_target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -57,11 +57,12 @@ class Exposures:
 
 def test_no_exposure_is_recorded_for_an_answer_past_its_deadline() -> None:
     servicer = RecommenderServicer.__new__(RecommenderServicer)
-    servicer.state = SimpleNamespace(experiments=Exposures())  # type: ignore[assignment]
+    exposures = Exposures()
+    servicer.state = cast(GatewayState, SimpleNamespace(experiments=exposures))
     result = Recommendation(items=[], reasons=[])
     situation = RequestContext()
     with pytest.raises(DeadlineExceeded):
         servicer._exposed("u1", [], result, situation, Deadline(time.monotonic() - 0.001))
-    assert servicer.state.experiments.recorded == []
+    assert exposures.recorded == []
     servicer._exposed("u1", [], result, situation, Deadline.after(5.0))
-    assert servicer.state.experiments.recorded == [[]]
+    assert exposures.recorded == [[]]

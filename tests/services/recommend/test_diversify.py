@@ -143,7 +143,7 @@ def test_mmr_picks_what_its_formula_says() -> None:
 def test_the_stage_takes_the_share_the_index_recorded_unless_the_setting_fixes_one() -> None:
     """``exploration_share`` unset: the catalogue's share, as the indexing job recorded it
     (read from the aggregates into the popularity cache), 0.1 before any is recorded."""
-    from typing import cast
+    from typing import Any, cast
 
     from core.config import Settings
     from services.deadline import Deadline
@@ -154,7 +154,7 @@ def test_the_stage_takes_the_share_the_index_recorded_unless_the_setting_fixes_o
     from tests.services.recommend.fakes import FakeStore
 
     now = 1000 * 86400.0
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"item_id": f"p{i}", "popularity": 10.0 - i, "created_at": now - 400 * 86400}
         for i in range(10)
     ] + [{"item_id": f"n{i}", "popularity": 0.0, "created_at": now - i * 86400} for i in range(5)]

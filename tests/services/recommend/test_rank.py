@@ -24,8 +24,8 @@ def _col(matrix: np.ndarray, name: str) -> np.ndarray:
 
 def test_cross_encoder_votes_among_the_top_which_stay_above_the_rest() -> None:
     top = [Candidate(i, row(i)) for i in "abc"]
-    for cand, relevance in zip(top, (0.9, 0.8, 0.7), strict=True):
-        cand.relevance = relevance
+    for cand, floor in zip(top, (0.9, 0.8, 0.7), strict=True):
+        cand.relevance = floor
     vote(top, [0.1, 0.2, 0.9], weight=1.0)  # the cross-encoder likes c best
     relevance = {c.item_id: c.relevance for c in top}
     # floor + the standard RRF term 1 / (60 + rank), rank 1-based (core.fusion.rrf)
@@ -79,7 +79,7 @@ class SlowSequence(FakeTriton):
     """A sequence model that runs out its whole timeout, as a Triton timeout does."""
 
     def sequence(
-        self, inputs: object, candidates: object, timeout_s: float, version: object
+        self, inputs: object, candidates: object, timeout_s: float, version: object = None
     ) -> NoReturn:
         time.sleep(timeout_s)
         raise InferenceUnavailable("sequence: deadline exceeded")

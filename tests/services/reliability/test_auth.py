@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ KEYS = {
     "admin-key": {"client": "ops", "scopes": ["admin"]},  # plain: hashed on load
 }
 EVENT = pb.Event(user_id="u1", item_id="i1", event_type=pb.EVENT_TYPE_VIEW)
-Code = grpc.StatusCode
+Code: TypeAlias = grpc.StatusCode
 
 
 def _settings(base: Settings, **extra: object) -> Settings:

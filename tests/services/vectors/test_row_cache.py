@@ -228,17 +228,23 @@ class UsersClient:
         self.rows.pop(re.findall(r'"(u\d+)"', kw["filter"])[0], None)
 
 
+def _version(row: dict[str, Any] | None) -> Any:
+    """A read user row's ``version`` (the row must be there)."""
+    assert row is not None
+    return row["version"]
+
+
 def test_a_cached_profile_read_is_served_from_the_cache_and_an_uncached_one_never() -> None:
     client = UsersClient()
     store = _store(client)  # type: ignore[arg-type]
     client.write("u1", 5)
-    assert store.get_user("u1", 1.0, with_vector=False, cached=True)["version"] == 5
+    assert _version(store.get_user("u1", 1.0, with_vector=False, cached=True)) == 5
     client.write("u1", 9)  # a worker's write: the gateway folds the log into the cached row
-    assert store.get_user("u1", 1.0, with_vector=False, cached=True)["version"] == 5
+    assert _version(store.get_user("u1", 1.0, with_vector=False, cached=True)) == 5
     assert len(client.calls) == 1  # the second read came from the cache
     # uncached (the gateway while the log is down): Milvus every time
-    assert store.get_user("u1", 1.0, with_vector=False)["version"] == 9
-    assert store.get_user("u1", 1.0, with_vector=False)["version"] == 9
+    assert _version(store.get_user("u1", 1.0, with_vector=False)) == 9
+    assert _version(store.get_user("u1", 1.0, with_vector=False)) == 9
     assert len(client.calls) == 3
     # no row at all: remembered too (the gateway folds the log's events into none)
     assert store.get_user("u5", 1.0, with_vector=False, cached=True) is None

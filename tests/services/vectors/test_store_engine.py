@@ -166,13 +166,13 @@ def test_the_item_cache_answers_as_milvus_does(store: VectorStore) -> None:
         ids = [f"c{i}" for i in range(30)]
         assert scanned["c1"]["categories"] == ["Comedy"] and len(store.item_cache) >= 30
         misses = store.item_cache.misses
-        cached = store.get_items(ids, 5.0, with_vectors=True, with_neighbours=True)
-        read = plain.get_items(ids, 5.0, with_vectors=True, with_neighbours=True)
-        assert store.item_cache.misses == misses and cached.keys() == read.keys()
+        cached_by_id = store.get_items(ids, 5.0, with_vectors=True, with_neighbours=True)
+        read_by_id = plain.get_items(ids, 5.0, with_vectors=True, with_neighbours=True)
+        assert store.item_cache.misses == misses and cached_by_id.keys() == read_by_id.keys()
         for item in ids:
-            assert cached[item].keys() == read[item].keys()
-            np.testing.assert_array_equal(cached[item]["vector"], read[item]["vector"])
-            assert cached[item]["categories"] == read[item]["categories"]
+            assert cached_by_id[item].keys() == read_by_id[item].keys()
+            np.testing.assert_array_equal(cached_by_id[item]["vector"], read_by_id[item]["vector"])
+            assert cached_by_id[item]["categories"] == read_by_id[item]["categories"]
     finally:
         plain.close()
 

@@ -8,6 +8,7 @@ import pytest
 
 from core.config import Settings
 from core.milvus_schema import users_schema
+from core.rows import UserRow
 from services.vectors.store import StoreSchemaError, VectorStore
 
 
@@ -33,7 +34,7 @@ def test_a_collection_from_an_older_schema_is_refused_with_its_missing_fields(
         store.drop_collections()
         store.ensure_collections()  # fresh collections: accepted
         assert store.ping()
-        row = {
+        row: UserRow = {
             "user_id": "u1",
             "vector": [1.0] + [0.0] * 7,
             "segment": "",

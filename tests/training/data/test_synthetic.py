@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -85,7 +86,7 @@ def test_music_replays_albums_artists_and_heavy_listeners() -> None:
     assert per_user.max() > 8 * per_user.median()  # a few listeners play much of the log
 
 
-def _without(**mechanism: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _without(**mechanism: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     return music_catalogue(dataclasses.replace(SMALL_MUSIC, **mechanism), seed=1)
 
 

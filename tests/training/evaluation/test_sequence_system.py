@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,10 +28,10 @@ class FakeEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def _system(**kw: object) -> SequenceRecommender:
+def _system(**kw: Any) -> SequenceRecommender:
     cfg = SequenceConfig(
         dim=16, blocks=1, epochs=2, batch_size=16, max_seq_len=20, time_periods=8, **kw
-    )  # type: ignore[arg-type]
+    )
     return SequenceRecommender(cfg, encoder=FakeEncoder(), threads=1)
 
 

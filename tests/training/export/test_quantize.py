@@ -154,7 +154,9 @@ def test_a_release_whose_tower_quantises_poorly_ships_without_the_int8_graph(
     from tests.stack_fixtures import repository_sources
     from training.export import __main__ as export
 
-    strict = lambda *a: onnx_export.quantize_tower(*a, min_cosine=1.01)  # noqa: E731
+    def strict(model_dir: str, fp32_path: Path, int8_path: Path) -> onnx_export.QuantizedReport:
+        return onnx_export.quantize_tower(model_dir, fp32_path, int8_path, min_cosine=1.01)
+
     monkeypatch.setattr(export, "quantize_tower", strict)
     bert, _ = tower
     repo = repository_sources(tmp_path / "repo")
