@@ -268,7 +268,7 @@ class Baseline:
         scorer = TorchScorer(ranker_dir, spec)
         ready = Rankers(cross_encoder=RankerStatus(deployed=True, ready=True))
         self.pipeline = Pipeline(
-            settings, self.store, cast(TritonClient, scorer), popular, lambda: ready
+            settings, self.store, cast(TritonClient, scorer), popular, lambda _: ready
         )
         self.result = BaselineResult()
 

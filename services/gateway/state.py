@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
 from core.config import Settings
+from core.releases import pinned_model_name
 from services.api import pb
 from services.deadline import Deadline
 from services.events import aggregates
@@ -26,7 +27,7 @@ from services.gateway.metrics import observe_stage
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
 from services.recommend.pipeline import Pipeline
-from services.recommend.rank import Rankers, RankerStatus
+from services.recommend.rank import Rankers, release_rankers
 from services.recommend.retrieve import PopularItems
 from services.recommend.rules import RulesFile
 from services.vectors.store import (
@@ -60,15 +61,17 @@ class GatewayState:
         self.events_ready = False
         # Invalid experiment JSON fails the start, loudly, rather than running no experiment.
         self.experiments = ExperimentService.from_settings(settings, self.events)  # one NATS
-        self.rankers = Rankers()
+        # release -> what it deploys besides the towers, for every release Triton serves
+        self.releases: dict[str, Rankers] = {}
         self.pipeline = Pipeline(
             settings,
             self.store,
             self.triton,
             self.popular,
-            lambda: self.rankers,
+            self.rankers,
             on_stage=observe_stage,
             read_profile=self.profile,
+            served=lambda: self.model_version,
         )
         self.health = health.HealthServicer()
         self.model_version = ""
@@ -157,22 +160,13 @@ class GatewayState:
                 log.error("milvus not usable: %s", exc)
             except StoreUnavailable as exc:
                 log.info("milvus not ready: %s", exc)
-        features_ready = cross_ready = sequence_ready = False
         if triton_ready:
             try:
-                self.model_version = self.triton.model_version(self.settings.triton_user_model)
-                features_ready = self.triton.ready([self.settings.triton_feature_ranker_model])
-                cross_ready = self.triton.ready([self.settings.triton_ranker_model])
-                sequence_ready = self.triton.ready([self.settings.triton_sequence_model])
+                self._refresh_releases()
             except InferenceUnavailable:
                 triton_ready = False
-        # "deployed" is sticky: once a release had a ranker, its absence is an outage.
-        was = self.rankers
-        self.rankers = Rankers(
-            features=RankerStatus(was.features.deployed or features_ready, features_ready),
-            cross_encoder=RankerStatus(was.cross_encoder.deployed or cross_ready, cross_ready),
-            sequence=RankerStatus(was.sequence.deployed or sequence_ready, sequence_ready),
-        )
+        if not triton_ready:
+            self.releases = {v: r.unready() for v, r in self.releases.items()}
         if (
             milvus_ready
             and (
@@ -196,6 +190,23 @@ class GatewayState:
         self.triton_ready, self.milvus_ready = triton_ready, milvus_ready
         self._set_health(triton_ready and milvus_ready and events_ready)
         return triton_ready and milvus_ready and events_ready
+
+    def rankers(self, release: str) -> Rankers:
+        """What ``release`` deploys besides the towers ("": the served release)."""
+        return self.releases.get(release or self.model_version, Rankers())
+
+    def _refresh_releases(self) -> None:
+        """The served release (the pinned one, else the newest ready user tower) and what
+        each release Triton has deploys, from one read of its repository index."""
+        index = self.triton.repository_index()
+        user = self.settings.triton_user_model
+        self.model_version = self.triton.model_version(user, index=index)
+        # a release's own user-tower ensemble is loaded while it is (the shared one: newest)
+        releases = {v for name, v in index if v and name == pinned_model_name(user, v)}
+        releases |= {self.model_version} - {""}
+        self.releases = {
+            v: release_rankers(self.triton, index, v, self.releases.get(v)) for v in releases
+        }
 
     def _popular_period(self) -> float:
         """The popularity refresh's period: its scan also fills the item cache

@@ -93,15 +93,30 @@ class TritonClient:
         except InferenceServerException:
             return False
 
-    def model_version(self, model: str, timeout_s: float = 1.0) -> str:
-        """The version that answers for ``model`` (the pinned one, else the newest ready)."""
-        if self.version:
-            return self.version
+    def repository_index(self, timeout_s: float = 1.0) -> dict[tuple[str, str], str]:
+        """``(model, version) -> state`` (``READY``, ``UNAVAILABLE``, ...) of every model
+        version Triton knows: which releases it serves and which models each one has."""
         try:
             index = self._client.get_model_repository_index(client_timeout=timeout_s)
         except InferenceServerException as exc:
             raise InferenceUnavailable(f"triton at {self.url}: {exc.message()}") from exc
-        ready = [int(m.version) for m in index.models if m.name == model and m.state == "READY"]
+        return {(m.name, m.version): m.state for m in index.models}
+
+    def model_version(
+        self,
+        model: str,
+        timeout_s: float = 1.0,
+        index: Mapping[tuple[str, str], str] | None = None,
+    ) -> str:
+        """The version that answers for ``model`` (the pinned one, else the newest ready),
+        from ``index`` (:meth:`repository_index`) when given."""
+        if self.version:
+            return self.version
+        if index is None:
+            index = self.repository_index(timeout_s)
+        ready = [
+            int(v) for (name, v), state in index.items() if name == model and state == "READY" and v
+        ]
         return str(max(ready)) if ready else ""
 
     def target(self, model: str, version: str | None = None) -> tuple[str, str]:

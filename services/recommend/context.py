@@ -145,6 +145,9 @@ class Context:
     deadline: Deadline  # what dependency calls may use: ``answer_by`` less ``RESERVE``
     diversity: float | None = None  # the request's MMR λ, over the variant's and the default
     variant: Variant = field(default_factory=Variant)
+    # the release on Triton whose models answer this call: the variant's, else the one the
+    # gateway serves ("" before it knows one: then each model's newest, or the client's pin)
+    release: str = ""
     on_stage: StageObserver = no_metrics
     request: RequestContext = field(default_factory=RequestContext)
     rules: Rules = field(default_factory=Rules)
@@ -184,8 +187,11 @@ class Context:
         on_stage: StageObserver = no_metrics,
         request: RequestContext | None = None,
         rules: Rules | None = None,
+        served: str = "",
     ) -> Context:
-        """A context whose dependency calls keep ``RESERVE`` of ``deadline`` for answering."""
+        """A context whose dependency calls keep ``RESERVE`` of ``deadline`` for answering;
+        ``served``: the release the gateway serves, unless the variant pins one."""
+        variant = variant or Variant()
         return cls(
             user_id,
             k,
@@ -193,7 +199,8 @@ class Context:
             answer_by=deadline,
             deadline=deadline.reserve(RESERVE),
             diversity=diversity,
-            variant=variant or Variant(),
+            variant=variant,
+            release=variant.model_version or served,
             on_stage=on_stage,
             request=request or RequestContext(),
             rules=rules or Rules(),

@@ -50,7 +50,9 @@ MILVUS = "milvus"
 
 
 class Pipeline:
-    """Composes the stages under one deadline; ``on_stage`` observes each stage's latency."""
+    """Composes the stages under one deadline; ``on_stage`` observes each stage's latency.
+    ``served()``: the release the gateway serves (a request's models come from it unless its
+    variant pins another); ``rankers(release)``: what that release deploys."""
 
     def __init__(
         self,
@@ -58,14 +60,15 @@ class Pipeline:
         store: VectorStore,
         triton: TritonClient,
         popular: PopularItems,
-        rankers: Callable[[], Rankers],
+        rankers: Callable[[str], Rankers],
         on_stage: StageObserver = no_metrics,
         read_profile: ProfileRead | None = None,
+        served: Callable[[], str] = lambda: "",
     ) -> None:
         retriever = Retriever(store, popular, settings.popular_refresh_s)
         self.profile = LoadProfile(settings, store, read_profile)
         self.popular_only = PopularOnly(retriever)
-        sequence = SequenceSource(triton, lambda: rankers().sequence.ready)
+        sequence = SequenceSource(triton, lambda release: rankers(release).sequence.ready)
         self.retrieve = Retrieve(settings, store, retriever, sequence)
         self.anchor = Anchor(settings, store, retriever)
         self.rules = ApplyRules(store)
@@ -75,6 +78,7 @@ class Pipeline:
         self.supplied = Supplied(settings, sequence)
         self.store = store
         self.on_stage = on_stage
+        self.served = served
 
     def recommend(
         self,
@@ -92,7 +96,16 @@ class Pipeline:
         session (then ``user_id`` is empty); ``rules`` are its repeat policy and business
         rules."""
         ctx = Context.begin(
-            user_id, k, filters, deadline, diversity, variant, self.on_stage, request, rules
+            user_id,
+            k,
+            filters,
+            deadline,
+            diversity,
+            variant,
+            self.on_stage,
+            request,
+            rules,
+            self.served(),
         )
         with milvus_clock() as in_milvus:
             try:
@@ -158,7 +171,16 @@ class Pipeline:
             rules = replace(rules, allow_seen=True)
         k = len(item_ids) + len(rules.pin)  # pins come on top: no candidate is cut
         ctx = Context.begin(
-            user_id, k, filters or Filters(), deadline, 0.0, variant, self.on_stage, request, rules
+            user_id,
+            k,
+            filters or Filters(),
+            deadline,
+            0.0,
+            variant,
+            self.on_stage,
+            request,
+            rules,
+            self.served(),
         )
         self.profile(ctx)
         rows = self.store.get_items(item_ids, ctx.deadline.left(), with_vectors=True)

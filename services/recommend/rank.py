@@ -12,7 +12,7 @@ so; a release without a feature ranker keeps retrieval order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,12 +43,46 @@ class RankerStatus:
 
 @dataclass
 class Rankers:
-    """The status of the learned models besides the towers: both rankers and the sequence
-    model (the gateway's monitor refreshes it)."""
+    """The status of one release's learned models besides the towers: both rankers and the
+    sequence model (the gateway's monitor refreshes it, :func:`release_rankers`)."""
 
     features: RankerStatus = field(default_factory=RankerStatus)
     cross_encoder: RankerStatus = field(default_factory=RankerStatus)
     sequence: RankerStatus = field(default_factory=RankerStatus)
+
+    def statuses(self) -> tuple[RankerStatus, RankerStatus, RankerStatus]:
+        return self.features, self.cross_encoder, self.sequence
+
+    def unready(self) -> Rankers:
+        """The same release with nothing servable (Triton is unreachable)."""
+        return Rankers(*(RankerStatus(s.deployed, False) for s in self.statuses()))
+
+
+def release_rankers(
+    triton: TritonClient,
+    index: Mapping[tuple[str, str], str],
+    release: str,
+    was: Rankers | None = None,
+) -> Rankers:
+    """What release ``release`` deploys besides the towers, from Triton's repository
+    ``index`` (:meth:`TritonClient.repository_index`): a model is part of the release when
+    its version of that release is in the index (the cross-encoder: the release's own
+    ensemble), and ready when that version is. Triton keeps older releases loaded for
+    rollback, so a model a release left out (the catalogue chose not to serve it) still
+    answers for "latest": asking by release keeps an older release's ranker or sequence
+    model away from this release's candidates. ``was``: this release's status before;
+    "deployed" is sticky, so a model of the release that drops out of the index is an
+    outage, not a release without it."""
+    was = was or Rankers()
+    statuses = []
+    for model, before in zip(
+        (triton.feature_ranker_model, triton.ranker_model, triton.sequence_model),
+        was.statuses(),
+        strict=True,
+    ):
+        state = index.get(triton.target(model, release))
+        statuses.append(RankerStatus(before.deployed or state is not None, state == "READY"))
+    return Rankers(*statuses)
 
 
 def candidate_features(
@@ -113,7 +147,7 @@ def vote(candidates: Sequence[Candidate], probabilities: Sequence[float], weight
 class Rank(Stage):
     """Sets every candidate's ``relevance`` (the feature ranker's probability when it ran,
     else the fused score; plus the cross-encoder's vote on the top) and ``ranked``; the
-    variant's ``model_version`` picks the release of both."""
+    context's release (the variant's, else the served one) picks the release of both."""
 
     name = "ranking"
 
@@ -121,7 +155,7 @@ class Rank(Stage):
         self,
         settings: Settings,
         triton: TritonClient,
-        rankers: Callable[[], Rankers],
+        rankers: Callable[[str], Rankers],
         popular: PopularItems,
     ) -> None:
         self.settings = settings
@@ -134,7 +168,7 @@ class Rank(Stage):
             cand.relevance = cand.fused
         if not (ctx.history and ctx.candidates):
             return
-        status = self.rankers()
+        status = self.rankers(ctx.release)
         if status.features.deployed:
             self._features(ctx, status.features)
         top = self.settings.cross_encoder_top
@@ -149,9 +183,7 @@ class Rank(Stage):
         try:
             scores = self._sequence_scores(ctx, budget)
             features = candidate_features(ctx, self.popular.clock(), scores)
-            probabilities = self.triton.rank_features(
-                features, budget.left(), ctx.variant.model_version
-            )
+            probabilities = self.triton.rank_features(features, budget.left(), ctx.release or None)
         except (InferenceUnavailable, DeadlineExceeded) as exc:  # a slow sequence model
             ctx.degraded.append(f"feature ranker unavailable: {exc}")
             return
@@ -171,7 +203,7 @@ class Rank(Stage):
         if missing:
             try:
                 result = self.triton.sequence(
-                    ctx.sequence_inputs, missing, budget.left(), ctx.variant.model_version
+                    ctx.sequence_inputs, missing, budget.left(), ctx.release or None
                 )
             except (InferenceUnavailable, DeadlineExceeded) as exc:
                 ctx.degraded.append(f"sequence model unavailable: {exc}")
@@ -187,7 +219,7 @@ class Rank(Stage):
         budget = ctx.answer_by.reserve(RESERVE)
         try:
             text = user_text([(h["title"], h["categories"]) for h in ctx.history])
-            probabilities = score_ctr(self.triton, text, order, budget, ctx.variant.model_version)
+            probabilities = score_ctr(self.triton, text, order, budget, ctx.release or None)
         except (InferenceUnavailable, DeadlineExceeded) as exc:
             ctx.degraded.append(f"cross-encoder unavailable: {exc}")
             return

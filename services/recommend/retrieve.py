@@ -301,7 +301,7 @@ class SequenceSource:
     candidate that was not asked about. It waits at most :data:`SEQUENCE_SHARE` of the time
     left."""
 
-    def __init__(self, triton: TritonClient, ready: Callable[[], bool]) -> None:
+    def __init__(self, triton: TritonClient, ready: Callable[[str], bool]) -> None:
         self.triton = triton
         self.ready = ready
 
@@ -310,7 +310,7 @@ class SequenceSource:
     ) -> list[str]:
         profile = ctx.profile
         events = (profile or {}).get("events") or {}
-        if profile is None or not events.get("items") or not self.ready():
+        if profile is None or not events.get("items") or not self.ready(ctx.release):
             return []
         # every kept event, unpadded: the served model keeps the newest it reads
         size = len(events["items"])
@@ -318,7 +318,7 @@ class SequenceSource:
         asked = list(dict.fromkeys(asked))
         budget = ctx.deadline.reserve(1.0 - SEQUENCE_SHARE)
         try:
-            result = self.triton.sequence(inputs, asked, budget.left(), ctx.variant.model_version)
+            result = self.triton.sequence(inputs, asked, budget.left(), ctx.release or None)
         except (InferenceUnavailable, DeadlineExceeded) as exc:
             ctx.degraded.append(f"sequence model unavailable: {exc}")
             return []

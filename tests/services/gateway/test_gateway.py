@@ -128,7 +128,7 @@ def test_click_probabilities_are_the_feature_rankers_on_the_gateways_features(
     try:
         ready = RankerStatus(deployed=True, ready=True)
         up = Rankers(features=ready, sequence=ready)
-        pipe = Pipeline(settings, store, triton, popular, lambda: up)
+        pipe = Pipeline(settings, store, triton, popular, lambda _: up)
         ctx = Context.begin("1", 5, Filters(), Deadline.after(20), diversity=0.0)
         pipe.profile(ctx)
         pipe.retrieve(ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -49,21 +50,30 @@ def _world() -> tuple[FakeStore, FakeTriton]:
 def _pipeline(
     store: FakeStore,
     triton: FakeTriton,
-    status: Rankers,
+    status: Rankers | Mapping[str, Rankers],
     observed: list[tuple[str, float]] | None = None,
+    served: str = "",
     **settings: Any,
 ) -> Pipeline:
+    """``status``: what every release deploys, or each release's (others: nothing)."""
     popular = PopularItems(100)
     milvus = cast(VectorStore, store)
     assert popular.refresh(milvus)
     sink = [] if observed is None else observed
+
+    def rankers(release: str) -> Rankers:
+        if isinstance(status, Rankers):
+            return status
+        return status.get(release, Rankers())
+
     return Pipeline(
         Settings(**settings),
         milvus,
         cast(TritonClient, triton),
         popular,
-        lambda: status,
+        rankers,
         on_stage=lambda stage, seconds: sink.append((stage, seconds)),
+        served=lambda: served,
     )
 
 
@@ -84,6 +94,18 @@ def test_stages_run_in_order_and_each_observes_its_latency() -> None:
     rec = pipe.recommend("u1", 7, Filters(), Deadline.after(5), diversity=0.0)
     assert [c.relevance for c in rec.items] == sorted((c.ctr or 0 for c in rec.items), reverse=True)
     assert all(c.ctr is not None for c in rec.items)
+
+
+def test_each_request_asks_the_models_of_its_own_release() -> None:
+    """The served release's ranker by default, a variant's pinned one instead; a release
+    that deploys no feature ranker keeps retrieval order, which is no outage."""
+    store, triton = _world()
+    pipe = _pipeline(store, triton, {"5": FEATURES_UP, "4": Rankers()}, served="5")
+    rec = pipe.recommend("u1", 4, Filters(), Deadline.after(5))
+    assert rec.ranked and not rec.degraded and triton.versions == ["5"]
+    rec = pipe.recommend("u1", 4, Filters(), Deadline.after(5), variant=Variant(model_version="4"))
+    assert not rec.ranked and not rec.degraded and triton.versions == ["5"]  # not asked
+    assert all(c.ctr is None for c in rec.items)  # no ranker's probability: fused order
 
 
 def test_a_request_reads_milvus_four_times_and_segments_are_cached() -> None:

@@ -13,7 +13,14 @@ from core.ranking_features import FEATURES, CatalogueClock
 from services.deadline import Deadline
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.recommend.context import Candidate, Context, Filters
-from services.recommend.rank import Rank, Rankers, RankerStatus, candidate_features, vote
+from services.recommend.rank import (
+    Rank,
+    Rankers,
+    RankerStatus,
+    candidate_features,
+    release_rankers,
+    vote,
+)
 from services.recommend.retrieve import PopularItems
 from tests.services.recommend.fakes import FakeTriton, row
 
@@ -98,7 +105,7 @@ def test_a_sequence_model_that_uses_the_ranking_budget_leaves_the_retrieval_orde
     first.fused, second.fused = 0.9, 0.1
     ctx.candidates = [first, second]
     up = Rankers(features=RankerStatus(deployed=True, ready=True))
-    stage = Rank(Settings(), cast(TritonClient, SlowSequence()), lambda: up, PopularItems(10))
+    stage = Rank(Settings(), cast(TritonClient, SlowSequence()), lambda _: up, PopularItems(10))
     stage(ctx)
     assert not ctx.answer_by.expired()
     assert ctx.degraded == [
@@ -126,7 +133,7 @@ def test_the_ranker_reads_the_sequence_scores_retrieval_asked_for() -> None:
     are the sequence features; a candidate it did not ask about is asked for alone."""
     triton = FakeTriton()
     up = Rankers(features=RankerStatus(deployed=True, ready=True))
-    stage = Rank(Settings(), cast(TritonClient, triton), lambda: up, PopularItems(10))
+    stage = Rank(Settings(), cast(TritonClient, triton), lambda _: up, PopularItems(10))
     ctx = _sequence_ctx({"a": 2.0, "b": 0.0, "z": 5.0})
     stage(ctx)
     assert ctx.ranked and triton.asked == []
@@ -138,3 +145,31 @@ def test_the_ranker_reads_the_sequence_scores_retrieval_asked_for() -> None:
     b = triton.sequence({"items": np.asarray([])}, ["b"], 1.0).candidate_scores[0]
     expected = candidate_features(ctx, stage.popular.clock(), np.array([2.0, b]))
     np.testing.assert_allclose(triton.rows[1], expected)
+
+
+def test_a_release_deploys_the_models_of_its_own_version_only() -> None:
+    """Release 2 left the feature ranker and the cross-encoder out while Triton still serves
+    release 1's for rollback: those answer for "latest", not for release 2."""
+    triton = TritonClient(Settings())  # no call: the repository index is given
+    index = {
+        ("user_embedder", "1"): "READY",
+        ("user_embedder", "2"): "READY",
+        ("feature_ranker", "1"): "READY",
+        ("ranker", "1"): "READY",
+        ("ranker_scorer", "1"): "READY",  # the shared ensemble: its steps' newest
+        ("ranker_scorer_r1", "1"): "READY",
+        ("sequence_recommender", "1"): "READY",
+        ("sequence_recommender", "2"): "UNAVAILABLE",  # failed to load: an outage
+    }
+    try:
+        first, second = (release_rankers(triton, index, v) for v in ("1", "2"))
+        up, down, absent = RankerStatus(True, True), RankerStatus(True, False), RankerStatus()
+        assert first == Rankers(features=up, cross_encoder=up, sequence=up)
+        assert second == Rankers(features=absent, cross_encoder=absent, sequence=down)
+        # "deployed" sticks to the release: its ranker dropping out of the index is an outage
+        gone = {k: v for k, v in index.items() if k != ("feature_ranker", "1")}
+        assert release_rankers(triton, gone, "1", first).features == down
+        assert release_rankers(triton, gone, "1").features == absent
+        assert first.unready() == Rankers(features=down, cross_encoder=down, sequence=down)
+    finally:
+        triton.close()
