@@ -151,9 +151,7 @@ def test_a_release_deploys_the_models_of_its_own_version_only() -> None:
     """Release 2 left the feature ranker and the cross-encoder out while Triton still serves
     release 1's for rollback: those answer for "latest", not for release 2."""
     triton = TritonClient(Settings())  # no call: the repository index is given
-    index = {
-        ("user_embedder", "1"): "READY",
-        ("user_embedder", "2"): "READY",
+    index = {  # the towers left out: what a release deploys besides them is read alone
         ("feature_ranker", "1"): "READY",
         ("ranker", "1"): "READY",
         ("ranker_scorer", "1"): "READY",  # the shared ensemble: its steps' newest
