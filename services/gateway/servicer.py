@@ -264,7 +264,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             degraded=bool(result.degraded),
             degraded_reason=public_degraded(result.degraded),
             cold_start=result.cold_start,
-            model_version=(variant and variant.model_version) or self.state.model_version,
+            model_version=result.release,
             experiment_arm=";".join(a.label() for a in assignments),
             recommendation_id=recommendation_id,
             degraded_reasons=degraded_codes(result.degraded),
@@ -542,6 +542,6 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             recommendation_id=recommendation_id,
             degraded=bool(result.degraded),
             degraded_reasons=degraded_codes(result.degraded),
-            model_version=variant.model_version or self.state.model_version,
+            model_version=result.release,
             filtered_item_ids=result.left_out,
         )

@@ -132,6 +132,7 @@ class Recommendation:
     candidates: int = 0
     ranked: bool = False
     left_out: list[str] = field(default_factory=list)  # RankItems: candidates kept out
+    release: str = ""  # the release whose models answered (:attr:`Context.release`)
 
 
 @dataclass
@@ -239,6 +240,7 @@ class Context:
             timings=self.timings,
             candidates=len(self.candidates),
             ranked=self.ranked,
+            release=self.release,
         )
 
 

@@ -102,9 +102,10 @@ def test_each_request_asks_the_models_of_its_own_release() -> None:
     store, triton = _world()
     pipe = _pipeline(store, triton, {"5": FEATURES_UP, "4": Rankers()}, served="5")
     rec = pipe.recommend("u1", 4, Filters(), Deadline.after(5))
-    assert rec.ranked and not rec.degraded and triton.versions == ["5"]
+    assert rec.ranked and not rec.degraded and triton.versions == ["5"] and rec.release == "5"
     rec = pipe.recommend("u1", 4, Filters(), Deadline.after(5), variant=Variant(model_version="4"))
     assert not rec.ranked and not rec.degraded and triton.versions == ["5"]  # not asked
+    assert rec.release == "4"  # what the response reports as its model_version
     assert all(c.ctr is None for c in rec.items)  # no ranker's probability: fused order
 
 
