@@ -25,7 +25,7 @@ returning user with no event in between: the next page, a refresh).
 costs a ``Recommend`` (a Triton request: a candidate source and two ranker features), the
 default pipeline with it against the same gateway without it, same stack, same users,
 alternating per round: the saving when ``make train`` chooses a release without it
-(:mod:`training.sequence_choice`).
+(:mod:`training.release_choice`).
 """
 
 from __future__ import annotations

@@ -151,14 +151,16 @@ class FeatureRankerConfig(StageConfig):
     fold_in: int = 3
     targets: int = 10
     #: the sequence model as a candidate source and two features (its release then serves
-    #: it, at two more Triton requests per Recommend); off, the release serves no sequence
-    #: model. On: ``choose_sequence`` decides per catalogue
+    #: it, at one more Triton request per Recommend); off, the release serves no sequence
+    #: model. On: ``choose_release`` decides per catalogue
     sequence: bool = True
-    #: serve it only where it earns that cost: the ranker trained with and without it,
-    #: compared on the users of the last two cut-offs (:mod:`training.sequence_choice`;
-    #: training/evaluation/FINDINGS.md); off: ``sequence`` alone decides
-    choose_sequence: bool = True
-    choice_seeds: int = 2  # rankers trained per side of that comparison
+    #: serve the ranker and the sequence model only where they earn their requests: the
+    #: retrieval order and the ranker, each with and without the sequence model, compared on
+    #: the users of the last two cut-offs; the cheapest within one standard error of the best
+    #: is served (:mod:`training.release_choice`; training/evaluation/FINDINGS.md). Off: the
+    #: ranker is served, with the sequence model when ``sequence``
+    choose_release: bool = True
+    choice_seeds: int = 2  # rankers trained per compared ranker release
     #: replay the gateway's fusion of the sources into its ``candidates`` (with the serving
     #: settings' ``retrieval_weights``, RECSYS_RETRIEVAL_WEIGHTS), so that the ranker learns
     #: on the candidates it will be served; false: the union of every source's best

@@ -24,9 +24,10 @@ Stages (:func:`run`):
    per epoch;
 6. train the feature ranker (``feature_ranker.enabled``): the gateway's candidates replayed
    at cut-offs inside the training period on those catalogue vectors (with the sequence
-   model as a source and features where it earns its cost on the last cut-offs' users:
-   :mod:`training.sequence_choice`), then the same loop running the
-   :class:`~training.tasks.FeatureRankerTask`; AUC and NDCG@10 per epoch;
+   model as a source and features), then the same loop running the
+   :class:`~training.tasks.FeatureRankerTask`; AUC and NDCG@10 per epoch. The ranker and
+   the sequence model are served only where they earn their Triton requests on the last
+   cut-offs' users (:mod:`training.release_choice`);
 7. export to ``output_dir`` (default ``<storage_path>/<name>/final``): ``user_tower/``,
    ``item_tower/``, ``ranker/``, ``feature_ranker/``, ``sequence/`` (weights, config, item-id
    vocabulary, content matrix, request-time snapshots), ``metrics.json`` (per-epoch history
@@ -85,7 +86,7 @@ from training.models.sequence import (
 )
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.ray_cluster import connect
-from training.sequence_choice import choose_sequence
+from training.release_choice import choose_release
 from training.tasks import FeatureRankerTask, RankerTask, RetrievalTask, SequenceTask, Task
 from training.tasks.feature_ranker import feature_scaling, replayed_groups
 from training.tasks.retrieval import mine_with_towers, tower_vectors
@@ -241,10 +242,12 @@ def fit_feature_ranker(
     cut-offs' users did next: the training groups at each cut-off get a replay model trained
     in this process on the events before that cut-off only (:func:`replay_twins`), the
     validation groups, whose targets lie after the training period, the served model
-    itself. With ``choose_sequence`` the replay is also run without it, and the ranker
-    trained on the replay that :func:`~training.sequence_choice.choose_sequence` picks (its
-    evidence in ``metrics.json``'s ``data.sequence_choice``): a ranker trained without it
-    makes a release that serves no sequence model."""
+    itself. With ``choose_release`` the replay is also run without it, and
+    :func:`~training.release_choice.choose_release` decides whether the release serves the
+    ranker and the sequence model (its evidence in ``metrics.json``'s
+    ``data.release_choice``). The ranker is trained on the replay of the chosen sequence
+    setting either way (its metrics are kept); one the release does not serve is saved as
+    such, and one trained without the sequence model makes a release that serves none."""
     fr = dataclasses.replace(cfg.feature_ranker, sequence=seq_dir is not None)
     if resume and _finished(cfg, FeatureRankerTask(fr)):
         return fit(cfg, FeatureRankerTask(fr), [], None, pretrained, resume)
@@ -280,20 +283,25 @@ def fit_feature_ranker(
     )
     if not groups:
         raise ValueError("no feature-ranker training groups: too few users after the cut-offs")
-    if twin_at is not None and fr.choose_sequence:
+    served_ranker = True
+    if fr.choose_release:
         t1 = time.time()
-        plain = replayed_groups(
-            candidates, train, test, fr, cuts, cfg.seed, None, None, half_life, exposures
-        )
-        choice = choose_sequence(
-            groups,
+        plain = (groups, held_out)
+        if twin_at is not None:
+            plain = replayed_groups(
+                candidates, train, test, fr, cuts, cfg.seed, None, None, half_life, exposures
+            )
+        choice = choose_release(
+            groups if twin_at is not None else None,
             plain[0],
             dataclasses.replace(fr, batch_size=fr.batch_size * cfg.num_workers),  # global batch
+            get_settings().retrieval_weights,
             range(cfg.seed, cfg.seed + fr.choice_seeds),
         )
-        data.info["sequence_choice"] = choice.as_dict()
+        data.info["release_choice"] = choice.as_dict()
         print(f"[feature_ranker] {choice}, in {time.time() - t1:.1f}s", flush=True)
-        if not choice.serve:
+        served_ranker = choice.ranker
+        if not choice.sequence:
             fr = dataclasses.replace(fr, sequence=False)
             groups, held_out = plain
     print(
@@ -301,7 +309,8 @@ def fit_feature_ranker(
         f"{len(held_out)} validation users, in {time.time() - t0:.1f}s"
     )
     mean, std = feature_scaling(groups)
-    return fit(cfg, FeatureRankerTask(fr, mean, std), groups, held_out, pretrained, resume)
+    task = FeatureRankerTask(fr, mean, std, served_ranker)
+    return fit(cfg, task, groups, held_out, pretrained, resume)
 
 
 def replay_twins(

@@ -9,6 +9,7 @@ epoch and reuses the finished rankers and sequence model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "feature_ranker.eval_users=20",
         "feature_ranker.candidates=20",
         "feature_ranker.sequence=true",  # the replayed sequence source and features
-        "feature_ranker.choose_sequence=false",  # served whatever the choice would say
+        "feature_ranker.choose_release=false",  # both served whatever the choice would say
     ]
 
 
@@ -188,31 +189,41 @@ def test_feature_ranker_stage_trains_on_replayed_candidates_and_exports(
     assert served_sequence(root / "final") == str(root / "final" / "sequence")
 
 
-def test_the_feature_ranker_trains_on_the_replay_the_sequence_choice_picks(
-    first_run: tuple[dict[str, Any], Path, list[str]],
+def test_the_feature_ranker_trains_on_the_replay_the_release_choice_picks(
+    first_run: tuple[dict[str, Any], Path, list[str]], tmp_path: Path
 ) -> None:
-    """With ``choose_sequence`` the stage replays with and without the sequence model,
-    records the choice, and trains on the replay it picks: a ranker trained without it has
-    its features at the constant fill and makes a release that serves no sequence model."""
+    """With ``choose_release`` the stage replays with and without the sequence model,
+    records the choice, and trains on the replay of the chosen sequence setting: a ranker
+    trained without it has its features at the constant fill and makes a release that serves
+    no sequence model; one the release does not serve is saved as such and not exported."""
     from core.ranking_features import FEATURES
     from training.config import load_config
-    from training.models.feature_ranker import load_feature_ranker, uses_sequence
+    from training.export.__main__ import served_feature_ranker, served_sequence
+    from training.models.feature_ranker import is_served, load_feature_ranker, uses_sequence
     from training.prepare import prepare_data
     from training.train import CatalogueVectors, fit_feature_ranker
 
     metrics, root, ov = first_run
-    cfg = load_config(CONFIG, [*ov, "name=tiny-choice", "feature_ranker.choose_sequence=true"])
+    cfg = load_config(CONFIG, [*ov, "name=tiny-choice", "feature_ranker.choose_release=true"])
     data = prepare_data(cfg)
     catalogue = CatalogueVectors(cfg, data.dataset.items, root / "final" / "item_tower", {})
     seq_dir = Path(metrics["sequence"]["checkpoint"])
     out = fit_feature_ranker(cfg, data, catalogue, cfg.pretrained_dir(), False, seq_dir)
-    choice = data.info["sequence_choice"]
+    choice = data.info["release_choice"]
     assert 0 < choice["users"] <= 20  # the last cut-off's users (the first has none before)
-    assert 0.0 <= choice["with_sequence"] <= 1.0 and 0.0 <= choice["without"] <= 1.0
+    assert len(choice["ndcg"]) == 4 and all(0.0 <= v <= 1.0 for v in choice["ndcg"].values())
+    assert choice["serves"] in choice["ndcg"]
     model = load_feature_ranker(out / "feature_ranker")
-    assert uses_sequence(out / "feature_ranker") is choice["serve"]
+    assert uses_sequence(out / "feature_ranker") is choice["sequence"]
+    assert is_served(out / "feature_ranker") is choice["ranker"]
     varied = float(model.std[FEATURES.index("sequence_logp")]) != 1.0  # not the constant fill
-    assert varied is choice["serve"]
+    assert varied is choice["sequence"]
+    # what the export of a run that ended here would publish
+    release = tmp_path / "final"
+    shutil.copytree(out / "feature_ranker", release / "feature_ranker")
+    shutil.copytree(seq_dir / "sequence", release / "sequence")
+    assert (served_feature_ranker(release) is not None) is choice["ranker"]
+    assert (served_sequence(release) is not None) is choice["sequence"]
 
 
 def test_resume_continues_from_checkpoint(

@@ -1,8 +1,9 @@
 """``python -m training.export``: publish towers (and the rankers) as a new Triton release.
 
 With ``--checkpoint`` it reads a training run's output (``item_tower/``, ``user_tower/`` and
-optionally ``ranker/``, ``feature_ranker/`` and ``sequence/``); without it, both towers are
-the pretrained BERT checkpoint. The item tower is also written as ``model.int8.onnx``
+optionally ``ranker/``, ``feature_ranker/`` and ``sequence/``, the last two where the run
+chose to serve them: ``training.release_choice``); without it, both towers are the
+pretrained BERT checkpoint. The item tower is also written as ``model.int8.onnx``
 (``training.export.quantize``), which the CPU ``item_encoder`` serves only where its config
 names it.
 """
@@ -35,14 +36,22 @@ from training.export.repository import (
     prune,
     release_metadata,
 )
-from training.models.feature_ranker import uses_sequence
+from training.models.feature_ranker import is_served, uses_sequence
 
 log = logging.getLogger("training.export")
 
 
+def served_feature_ranker(checkpoint: Path) -> str | None:
+    """The checkpoint's feature ranker when its release serves it (see ``is_served``): a
+    release without one serves the retrieval order."""
+    ranker = checkpoint / "feature_ranker"
+    return str(ranker) if ranker.is_dir() and is_served(ranker) else None
+
+
 def served_sequence(checkpoint: Path) -> str | None:
     """The checkpoint's sequence model when its release serves it: there is one, and the
-    feature ranker (if any) was trained with its features (see ``uses_sequence``)."""
+    feature ranker (if any, served or not: it is trained on the replay of the run's choice)
+    was trained with its features (see ``uses_sequence``)."""
     seq, ranker = checkpoint / "sequence", checkpoint / "feature_ranker"
     if not seq.is_dir() or (ranker.is_dir() and not uses_sequence(ranker)):
         return None
@@ -136,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.checkpoint)
         item, user = str(ckpt / "item_tower"), str(ckpt / "user_tower")
         ranker = str(ckpt / "ranker") if (ckpt / "ranker").is_dir() else None
-        features = ckpt / "feature_ranker"
-        feature_ranker = str(features) if features.is_dir() else None
+        feature_ranker = served_feature_ranker(ckpt)
         sequence = served_sequence(ckpt)
     else:
         item = user = resolve_pretrained(args.pretrained)

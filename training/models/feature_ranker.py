@@ -47,6 +47,7 @@ class DCNv2(nn.Module):
         hidden: Sequence[int] = (64, 32),
         dropout: float = 0.1,
         sequence: bool = False,
+        served: bool = True,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
@@ -66,6 +67,9 @@ class DCNv2(nn.Module):
             "dropout": dropout,
             # trained with the sequence model as a source and feature: its release serves it
             "sequence": sequence,
+            # false: the retrieval order did as well on the validation windows, so its release
+            # re-ranks nothing (training/release_choice.py); kept for its metrics
+            "served": served,
         }
 
     def set_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -100,6 +104,12 @@ def save_feature_ranker(model: DCNv2, out: Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(model.config, indent=2) + "\n")
 
 
+def is_served(path: Path) -> bool:
+    """Whether the feature ranker saved at ``path`` is served by its release (one saved
+    before the choice existed is)."""
+    return bool(json.loads((path / CONFIG_FILE).read_text()).get("served", True))
+
+
 def uses_sequence(path: Path) -> bool:
     """Whether the feature ranker saved at ``path`` was trained with the sequence model's
     source and features: then its release must serve that model, else it must not (the
@@ -122,6 +132,7 @@ def load_feature_ranker(path: Path) -> DCNv2:
         config["hidden"],
         config["dropout"],
         bool(config.get("sequence", False)),
+        bool(config.get("served", True)),
     )
     model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval()

@@ -192,11 +192,14 @@ class FeatureRankerTask(Task[DCNv2, Groups]):
     cfg: FeatureRankerConfig
     mean: list[float] = field(default_factory=lambda: [0.0] * len(FEATURES))
     std: list[float] = field(default_factory=lambda: [1.0] * len(FEATURES))
+    served: bool = True  # whether its release serves it (training/release_choice.py)
     name: ClassVar[str] = "feature_ranker"
 
     def build_model(self, pretrained: str) -> DCNv2:
         cfg = self.cfg
-        model = DCNv2(len(FEATURES), cfg.cross_layers, cfg.hidden, cfg.dropout, cfg.sequence)
+        model = DCNv2(
+            len(FEATURES), cfg.cross_layers, cfg.hidden, cfg.dropout, cfg.sequence, self.served
+        )
         model.set_scaling(torch.tensor(self.mean), torch.tensor(self.std))
         return model
 

@@ -1,0 +1,197 @@
+"""What a release serves, chosen per catalogue inside the training period.
+
+Each optional model costs every ``Recommend`` a Triton request: the feature ranker a batched
+DCN-v2 pass over the candidates, the sequence model a transformer pass over the history (a
+candidate source and two ranker features; BENCHMARKS.md: a third of the throughput at
+concurrency 1). Some catalogues earn it and some do not: the sequence model lifts the shop's
+ranker by 7% and the music log's by nothing, and MovieLens's ranker was level with the
+retrieval order it re-ranks (training/evaluation/FINDINGS.md). So, like popularity's
+half-life and the exploration share, the catalogue decides, on its last two cut-offs inside
+the training period (the test users are not looked at).
+
+Up to four releases are compared on the same users: the retrieval order (what the gateway
+serves without a ranker) and the feature ranker, each without and with the sequence model.
+A ranker's figure at a cut-off is that of rankers trained on the groups of the cut-offs
+before it (in this process, for a few seeds). The release served is the cheapest whose
+paired per-user difference to the best is within one standard error (the one-standard-error
+rule): between releases the windows cannot tell apart, the cheaper wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from training.config import FeatureRankerConfig
+from training.loop import fit_in_process
+from training.tasks.feature_ranker import (
+    FeatureRankerTask,
+    feature_scaling,
+    group_ndcgs,
+    group_scores,
+    retrieval_order,
+)
+
+Groups = Sequence[dict[str, Any]]
+Scores = dict[tuple[int, str], float]  # NDCG@10 of each (cut-off, user)
+
+
+@dataclass(frozen=True)
+class Release:
+    """One way to serve: re-ranked by the feature ranker or not, with the sequence model or
+    not."""
+
+    ranker: bool
+    sequence: bool
+
+    @property
+    def name(self) -> str:
+        base = "feature ranker" if self.ranker else "retrieval order"
+        return f"{base} + sequence model" if self.sequence else base
+
+
+#: Cheapest first. The two one-request releases are ordered by the request's work: the
+#: ranker's small MLP over a hundred rows against the sequence model's transformer over the
+#: history (+5.5 ms at the median in BENCHMARKS.md's sequence-cost run).
+RELEASES = (
+    Release(ranker=False, sequence=False),
+    Release(ranker=True, sequence=False),
+    Release(ranker=False, sequence=True),
+    Release(ranker=True, sequence=True),
+)
+
+
+@dataclass(frozen=True)
+class ReleaseChoice:
+    """The choice and its evidence over the validation users (and seeds)."""
+
+    ranker: bool
+    sequence: bool
+    users: int  # validation groups: a user of both windows counts twice
+    ndcg: dict[str, float]  # each compared release's mean NDCG@10
+    best: str  # the release with the highest mean (empty without evidence)
+    #: each release's standard error of its mean paired difference to the best
+    standard_error: dict[str, float]
+
+    @property
+    def name(self) -> str:
+        return Release(self.ranker, self.sequence).name
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "serves": self.name}
+
+    def __str__(self) -> str:
+        if not self.users:
+            return f"serves the {self.name}: no validation users to compare releases on"
+        figures = ", ".join(
+            f"{name} {v:.4f}"
+            if name == self.best
+            else f"{name} {v:.4f} (s.e. {self.standard_error[name]:.4f})"
+            for name, v in self.ndcg.items()
+        )
+        return (
+            f"serves the {self.name}: NDCG@10 on the last cut-offs' {self.users} users "
+            f"{figures}; the cheapest within one s.e. of the best ({self.best})"
+        )
+
+
+def cutoff_split(groups: Groups, cutoff: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the groups of the cut-offs before ``cutoff``, the users replayed at ``cutoff``): each
+    group names its cut-off (:func:`training.tasks.feature_ranker.replayed_groups`). Logged
+    responses after ``cutoff`` are neither: their labels lie in the validation period."""
+    train = [g for g in groups if int(g["cutoff"]) < cutoff]
+    held_out = [g for g in groups if int(g["cutoff"]) == cutoff and not g.get("logged")]
+    return train, held_out
+
+
+def validation_cutoffs(groups: Groups, windows: int = 2) -> list[int]:
+    """The last ``windows`` cut-offs that have one before them to train on."""
+    return sorted({int(g["cutoff"]) for g in groups})[1:][-windows:] if windows > 0 else []
+
+
+def validation_ndcg(
+    groups: Groups, cfg: FeatureRankerConfig, seeds: Sequence[int], windows: int = 2
+) -> Scores:
+    """Each ``(cut-off, user)``'s NDCG@10 for the last ``windows`` cut-offs that have one
+    before them, under rankers trained on the groups of the cut-offs before it, averaged over
+    ``seeds``."""
+    out: Scores = {}
+    for cutoff in validation_cutoffs(groups, windows):
+        train, held_out = cutoff_split(groups, cutoff)
+        if not held_out:
+            continue
+        mean, std = feature_scaling(train)
+        per_seed = []
+        for seed in seeds:
+            model = fit_in_process(FeatureRankerTask(cfg, mean, std), train, seed)
+            per_seed.append(group_ndcgs(held_out, group_scores(model, held_out)))
+        out.update(_by_user(held_out, np.mean(per_seed, axis=0)))
+    return out
+
+
+def retrieval_ndcg(groups: Groups, weights: Mapping[str, float], windows: int = 2) -> Scores:
+    """Each ``(cut-off, user)``'s NDCG@10 of the retrieval order (``weights``: the gateway's
+    fusion weights) on the same users as :func:`validation_ndcg`."""
+    out: Scores = {}
+    for cutoff in validation_cutoffs(groups, windows):
+        _, held_out = cutoff_split(groups, cutoff)
+        out.update(_by_user(held_out, group_ndcgs(held_out, retrieval_order(held_out, weights))))
+    return out
+
+
+def _by_user(held_out: Groups, values: np.ndarray) -> Scores:
+    return {
+        (int(g["cutoff"]), str(g["user_id"])): float(v)
+        for g, v in zip(held_out, values, strict=True)
+    }
+
+
+def choose_release(
+    with_sequence: Groups | None,
+    without: Groups,
+    cfg: FeatureRankerConfig,
+    weights: Mapping[str, float],
+    seeds: Sequence[int] = (0, 1),
+    windows: int = 2,
+) -> ReleaseChoice:
+    """The choice (see the module docstring) from the stage's replay without the sequence
+    model and, where it may be served, with it (``None``: it may not); ``cfg``: the stage's
+    settings (its batch the global batch); ``weights``: the gateway's retrieval fusion
+    weights. Fewer than two users in common, or a single cut-off, is no evidence: the
+    cheapest release."""
+    replays = {False: without, True: with_sequence}
+    scores: dict[Release, Scores] = {}
+    for release in RELEASES:
+        groups = replays[release.sequence]
+        if groups is None:
+            continue
+        if release.ranker:
+            ranker_cfg = dataclasses.replace(cfg, sequence=release.sequence)
+            scores[release] = validation_ndcg(groups, ranker_cfg, seeds, windows)
+        else:
+            scores[release] = retrieval_ndcg(groups, weights, windows)
+    users = sorted(set.intersection(*(set(s) for s in scores.values())))
+    if len(users) < 2:
+        return ReleaseChoice(False, False, len(users), {}, "", {})
+    table = {r: np.array([s[u] for u in users]) for r, s in scores.items()}
+    best = max(table, key=lambda r: float(table[r].mean()))  # the first (cheapest) of ties
+    errors = {r: _standard_error(table[best] - v) for r, v in table.items()}
+    chosen = next(
+        r for r in table if float((table[best] - table[r]).mean()) <= errors[r]
+    )  # the best itself qualifies, so there is one
+    return ReleaseChoice(
+        chosen.ranker,
+        chosen.sequence,
+        len(users),
+        {r.name: float(v.mean()) for r, v in table.items()},
+        best.name,
+        {r.name: e for r, e in errors.items()},
+    )
+
+
+def _standard_error(diff: np.ndarray) -> float:
+    return float(diff.std(ddof=1) / np.sqrt(len(diff)))
