@@ -85,8 +85,8 @@ class ReleaseChoice:
         return {**dataclasses.asdict(self), "serves": self.name}
 
     def __str__(self) -> str:
-        if not self.users:
-            return f"serves the {self.name}: no validation users to compare releases on"
+        if not self.ndcg:
+            return f"serves the {self.name}: {self.users} validation users, too few to compare"
         figures = ", ".join(
             f"{name} {v:.4f}"
             if name == self.best

@@ -114,7 +114,7 @@ def test_a_single_cut_off_is_no_evidence() -> None:
     with_seq = groups(cutoffs=1)
     choice = choose_release(with_seq, without_sequence(with_seq), CFG, WEIGHTS)
     assert not choice.ranker and not choice.sequence and choice.users == 0
-    assert "no validation users" in str(choice)
+    assert str(choice) == "serves the retrieval order: 0 validation users, too few to compare"
 
 
 def test_a_cut_offs_users_validate_and_its_logged_responses_are_left_out() -> None:
