@@ -21,11 +21,11 @@ users, at concurrency 1, alternating per round. Each configuration is driven twi
 same users: their first ``Recommend`` since the gateway started, then their next one (a
 returning user with no event in between: the next page, a refresh).
 
-``--compare sequence`` (``make bench-sequence``): what serving the release's sequence model
-costs a ``Recommend`` (a Triton request: a candidate source and two ranker features), the
-default pipeline with it against the same gateway without it, same stack, same users,
-alternating per round: the saving when ``make train`` chooses a release without it
-(:mod:`training.release_choice`).
+``--compare releases`` (``make bench-releases``): what each release ``make train`` chooses
+between costs a ``Recommend`` (:mod:`training.release_choice`): the retrieval order, the
+feature ranker, each without and with the sequence model (a Triton request each: the
+ranker's batched pass over the candidates; the sequence model's best items and every
+candidate's score), on the same stack, the same users, alternating per round.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 from bench import gateway, metrics
 from bench.util import load_average
 from ops.stack import LocalStack
+from training.release_choice import RELEASES
 
 FEATURE_RANKER: dict[str, object] = {"rank_candidates": 100, "cross_encoder_top": 0}
 #: The default pipeline on two gateway processes sharing the port (``gateway_processes``:
@@ -55,14 +56,18 @@ PIPELINES: dict[str, dict[str, object]] = {
 }
 BASELINE = "cross-encoder"
 
-# ``--compare sequence``: the default pipeline with the release's sequence model and without
-# it (a model name Triton does not have is never ready: no sequence source, the two ranker
-# features at their fill, as a release whose ranker chose to serve none)
-SEQUENCE_PIPELINES: dict[str, dict[str, object]] = {
-    "with the sequence model": FEATURE_RANKER,
-    "without it": {**FEATURE_RANKER, "triton_sequence_model": "no_sequence_model"},
+# ``--compare releases``: a model name Triton does not have is never ready, so the gateway
+# serves as a release without that model does (no ranking: the fused retrieval order; no
+# sequence source, its two ranker features at their fill)
+RELEASE_PIPELINES: dict[str, dict[str, object]] = {
+    release.name: {
+        **FEATURE_RANKER,
+        **({} if release.ranker else {"triton_feature_ranker_model": "no_feature_ranker"}),
+        **({} if release.sequence else {"triton_sequence_model": "no_sequence_model"}),
+    }
+    for release in RELEASES
 }
-SEQUENCE_BASELINE = "without it"
+RELEASE_BASELINE = RELEASES[0].name  # the retrieval order: no model beyond the towers
 # Triton models whose requests per Recommend each row reports: what shows that a pipeline
 # ran as named (the served default names)
 CHECKED_MODELS = ("feature_ranker", "sequence_recommender")
@@ -276,7 +281,7 @@ def table(
                     "p50_ms": _median([s["latency_ms"]["p50"] for s in summaries]),
                     "p99_ms": _median([s["latency_ms"]["p99"] for s in summaries]),
                     # Triton requests per Recommend to the models whose presence tells the
-                    # pipelines apart (feature ranker: 1 where it ranks; sequence model: 2)
+                    # pipelines apart (feature ranker: 1 where it ranks; sequence model: 1)
                     **{
                         f"{model}_requests": sum(
                             s.get("triton", {}).get(model, {}).get("requests", 0.0)
@@ -339,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compare",
-        choices=("pipelines", "milvus", "sequence"),
+        choices=("pipelines", "milvus", "releases"),
         default="pipelines",
         help="the two pipelines (default), the Milvus time with and without the item cache, "
-        "or the default pipeline with and without the release's sequence model",
+        "or the four releases make train chooses between",
     )
     parser.add_argument(
         "--json",
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     name = {
         "pipelines": "bench_pipelines",
         "milvus": "bench_milvus_time",
-        "sequence": "bench_sequence_cost",
+        "releases": "bench_release_cost",
     }[args.compare]
     args.json = args.json or REPO_ROOT / "reports" / f"{name}{suffix}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -368,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         levels = ((1, 200, 30.0), (16, 1000, 30.0))
         if args.compare == "milvus":
             section = compare_milvus(running, users, args.rounds, 200, 30.0, 180.0)
-        elif args.compare == "sequence":
+        elif args.compare == "releases":
             section = compare(
-                running, users, levels, args.rounds, 180.0, SEQUENCE_PIPELINES, SEQUENCE_BASELINE
+                running, users, levels, args.rounds, 180.0, RELEASE_PIPELINES, RELEASE_BASELINE
             )
         else:
             section = compare(running, users, levels, args.rounds, 180.0)

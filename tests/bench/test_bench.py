@@ -162,60 +162,72 @@ def test_every_setting_a_pipeline_comparison_changes_reaches_the_restarted_gatew
     """``restart_gateway(**config)`` changes the stack's settings; the gateway process only
     sees what :meth:`LocalStack.env` passes on (the sequence model's name once was not: the
     gateway "without it" still called it)."""
-    from bench.pipelines import PIPELINES, SEQUENCE_PIPELINES
+    from bench.pipelines import PIPELINES, RELEASE_PIPELINES
     from core.config import Settings
     from ops.stack import LocalStack, Ports
 
     stack = LocalStack(Settings(), tmp_path, Ports())
-    for config in (*PIPELINES.values(), *SEQUENCE_PIPELINES.values()):
+    for config in (*PIPELINES.values(), *RELEASE_PIPELINES.values()):
         stack.settings = stack.settings.model_copy(update=config)
         env = stack.env()
         for key, value in config.items():
             assert env[f"RECSYS_{key.upper()}"] == str(value), key
 
 
-def test_the_sequence_models_cost_is_a_ratio_against_the_gateway_without_it() -> None:
-    """``--compare sequence``: the same pipeline, the sequence model's name the only
-    difference (one Triton does not have: never ready), ratios against the one without."""
+def test_each_releases_cost_is_a_ratio_against_the_retrieval_order() -> None:
+    """``--compare releases``: the default pipeline, with the name of each model the release
+    leaves out one Triton does not have (never ready), ratios against the retrieval order."""
     from bench.pipelines import (
         PIPELINES,
-        SEQUENCE_BASELINE,
-        SEQUENCE_PIPELINES,
+        RELEASE_BASELINE,
+        RELEASE_PIPELINES,
         render,
         table,
     )
-
-    with_it, without = SEQUENCE_PIPELINES.values()
-    assert with_it == PIPELINES["feature ranker"]
-    assert {k: v for k, v in without.items() if k != "triton_sequence_model"} == with_it
     from core.config import Settings
 
-    served = Settings.model_fields["triton_sequence_model"].default
-    assert without["triton_sequence_model"] != served
+    assert list(RELEASE_PIPELINES) == [
+        "retrieval order",
+        "feature ranker",
+        "retrieval order + sequence model",
+        "feature ranker + sequence model",
+    ]
+    assert RELEASE_BASELINE == "retrieval order"
+    assert RELEASE_PIPELINES["feature ranker + sequence model"] == PIPELINES["feature ranker"]
+    served = {
+        key: Settings.model_fields[key].default
+        for key in ("triton_feature_ranker_model", "triton_sequence_model")
+    }
+    for name, config in RELEASE_PIPELINES.items():
+        named = {k: config.get(k, v) == v for k, v in served.items()}
+        assert named == {
+            "triton_feature_ranker_model": name.startswith("feature ranker"),
+            "triton_sequence_model": name.endswith("sequence model"),
+        }, name
 
-    def summary(qps: float, calls: float) -> dict[str, object]:
+    def summary(qps: float, ranker: float, sequence: float) -> dict[str, object]:
         return {
             "requests": 5,
             "ranked": 5,
             "qps_ranked": qps,
             "latency_ms": {"p50": 1000 / qps, "p99": 1},
             "triton": {
-                "sequence_recommender": {"requests": calls},
-                "feature_ranker": {"requests": 5},
+                "sequence_recommender": {"requests": sequence},
+                "feature_ranker": {"requests": ranker},
             },
         }
 
     runs = {
-        "with the sequence model": {1: [summary(80.0, 5.0)]},
-        SEQUENCE_BASELINE: {1: [summary(100.0, 0.0)]},
+        RELEASE_BASELINE: {1: [summary(100.0, 0.0, 0.0)]},
+        "feature ranker + sequence model": {1: [summary(80.0, 5.0, 5.0)]},
     }
-    rows = table(runs, SEQUENCE_BASELINE)
-    assert rows[0]["qps_ratio"] == 0.8 and rows[1]["qps_ratio"] == 1.0
+    rows = table(runs, RELEASE_BASELINE)
+    assert rows[0]["qps_ratio"] == 1.0 and rows[1]["qps_ratio"] == 0.8
     # what shows that each side ran as named: a request per Recommend, and none
     calls = [(r["feature_ranker_requests"], r["sequence_recommender_requests"]) for r in rows]
-    assert calls == [(1.0, 1.0), (1.0, 0.0)]
-    text = render({"baseline": SEQUENCE_BASELINE, "table": rows})
-    assert "QPS vs without it" in text and "| 0.80x | 1.25x | 1.00 / 1.00 |" in text
+    assert calls == [(0.0, 0.0), (1.0, 1.0)]
+    text = render({"baseline": RELEASE_BASELINE, "table": rows})
+    assert "QPS vs retrieval order" in text and "| 0.80x | 1.25x | 1.00 / 1.00 |" in text
 
 
 def test_each_pipeline_starts_from_the_same_settings_whatever_ran_before(
@@ -252,9 +264,15 @@ def test_each_pipeline_starts_from_the_same_settings_whatever_ran_before(
     # the last: settings restored
     assert started == [feature, two, cross, cross, two, feature, served]
     started.clear()
-    bp.compare(stack, ["u"], [(1, 1, 1.0)], 2, 1.0, bp.SEQUENCE_PIPELINES, bp.SEQUENCE_BASELINE)
-    without = (served[0], "no_sequence_model", 1)
-    assert started == [served, without, without, served, served]
+    bp.compare(stack, ["u"], [(1, 1, 1.0)], 2, 1.0, bp.RELEASE_PIPELINES, bp.RELEASE_BASELINE)
+    ranker, sequence = served[:2]
+    order = [
+        ("no_feature_ranker", "no_sequence_model", 1),
+        (ranker, "no_sequence_model", 1),
+        ("no_feature_ranker", sequence, 1),
+        served,
+    ]
+    assert started == [*order, *reversed(order), served]
 
 
 def test_the_token_mirror_pads_as_the_triton_tokenizer_does(tmp_path: Path) -> None:
