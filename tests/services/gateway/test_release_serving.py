@@ -74,7 +74,7 @@ def requests_by_version(port: int) -> dict[tuple[str, str], float]:
 
 def test_each_user_is_served_the_models_of_their_release(two_releases: LocalStack) -> None:
     port = two_releases.ports.triton_metrics
-    users = [str(u) for u in range(1, 31)]  # the small dataset's users: all have a history
+    users = [str(u) for u in range(1, 31)]  # the small dataset's first users
     with RecommenderClient(two_releases.gateway_target, timeout=20) as client:
         arms = {u: client.recommend(u, k=5).experiment_arm for u in users}
         served = [u for u in users if arms[u] != PINNED]
