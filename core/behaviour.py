@@ -243,9 +243,19 @@ def choose_half_life(
 def largest_within_one_se(gains: np.ndarray, choices: Sequence[float]) -> float:
     """The largest of ``choices`` (the longest half-life, the most exploration slots) whose
     column of ``gains`` (users x choices) trails the best column's mean by at most one
-    standard error of the paired per-user difference."""
-    best = gains[:, int(np.argmax(gains.mean(axis=0)))]
-    behind = best[:, None] - gains
+    standard error of the paired per-user difference (:func:`within_one_se`)."""
+    _, _, close = within_one_se(gains)
+    return float(max(d for d, ok in zip(choices, close, strict=True) if ok))
+
+
+def within_one_se(gains: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """The one-standard-error rule over ``gains`` (users x choices, each user's figure under
+    each choice): the best column (the highest mean; the first of ties), each column's
+    standard error of its paired per-user difference to the best, and whether each trails
+    the best's mean by at most that. The caller picks among the close ones: the simplest,
+    the cheapest."""
+    best = int(np.argmax(gains.mean(axis=0)))
+    behind = gains[:, [best]] - gains
     se = behind.std(axis=0, ddof=1) / np.sqrt(len(gains))
     close = behind.mean(axis=0) <= se + 1e-12  # the best itself trails by 0
-    return float(max(d for d, ok in zip(choices, close, strict=True) if ok))
+    return best, se, close

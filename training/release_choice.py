@@ -14,7 +14,8 @@ serves without a ranker) and the feature ranker, each without and with the seque
 A ranker's figure at a cut-off is that of rankers trained on the groups of the cut-offs
 before it (in this process, for a few seeds). The release served is the cheapest whose
 paired per-user difference to the best is within one standard error (the one-standard-error
-rule): between releases the windows cannot tell apart, the cheaper wins.
+rule, :func:`core.behaviour.within_one_se`, as popularity's half-life and the exploration
+share choose): between releases the windows cannot tell apart, the cheaper wins.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from core.behaviour import within_one_se
 from training.config import FeatureRankerConfig
 from training.loop import fit_in_process
 from training.tasks.feature_ranker import (
@@ -178,21 +180,15 @@ def choose_release(
     users = sorted(set.intersection(*(set(s) for s in scores.values())))
     if len(users) < 2:
         return ReleaseChoice(False, False, len(users), {}, "", {})
-    table = {r: np.array([s[u] for u in users]) for r, s in scores.items()}
-    best = max(table, key=lambda r: float(table[r].mean()))  # the first (cheapest) of ties
-    errors = {r: _standard_error(table[best] - v) for r, v in table.items()}
-    chosen = next(
-        r for r in table if float((table[best] - table[r]).mean()) <= errors[r]
-    )  # the best itself qualifies, so there is one
+    releases = list(scores)  # cheapest first
+    gains = np.array([[scores[r][u] for r in releases] for u in users])
+    best, errors, close = within_one_se(gains)
+    chosen = releases[int(np.argmax(close))]  # the first close one: the best itself is
     return ReleaseChoice(
         chosen.ranker,
         chosen.sequence,
         len(users),
-        {r.name: float(v.mean()) for r, v in table.items()},
-        best.name,
-        {r.name: e for r, e in errors.items()},
+        {r.name: float(v) for r, v in zip(releases, gains.mean(axis=0), strict=True)},
+        releases[best].name,
+        {r.name: float(e) for r, e in zip(releases, errors, strict=True)},
     )
-
-
-def _standard_error(diff: np.ndarray) -> float:
-    return float(diff.std(ddof=1) / np.sqrt(len(diff)))
