@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from recsys_client import RecommenderClient
 
+from bench import metrics
 from ops.stack import LocalStack
 from tests.stack_fixtures import _indexed_stack
 
@@ -60,15 +59,11 @@ def two_releases(
 def requests_by_version(port: int) -> dict[tuple[str, str], float]:
     """Triton's successful inference requests, per (model, version), of the optional
     models."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
     out: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("nv_inference_request_success") and s.labels.get("model") in (
-                OPTIONAL
-            ):
-                out[(s.labels["model"], s.labels["version"])] = float(s.value)
+    for (name, labels), value in metrics.scrape(port).items():
+        label = dict(labels)
+        if name == "nv_inference_request_success" and label.get("model") in OPTIONAL:
+            out[(label["model"], label["version"])] = value
     return out
 
 
