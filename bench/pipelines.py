@@ -42,6 +42,11 @@ from ops.stack import LocalStack
 from training.release_choice import RELEASES
 
 FEATURE_RANKER: dict[str, object] = {"rank_candidates": 100, "cross_encoder_top": 0}
+# A model name Triton does not have is never ready: the gateway serves as a release without
+# that model does (no ranking: the fused retrieval order; no sequence source, its two ranker
+# features at their fill).
+NO_FEATURE_RANKER: dict[str, object] = {"triton_feature_ranker_model": "no_feature_ranker"}
+NO_SEQUENCE_MODEL: dict[str, object] = {"triton_sequence_model": "no_sequence_model"}
 #: The default pipeline on two gateway processes sharing the port (``gateway_processes``:
 #: one Python process serves about one core; the load's 16 connections spread over both).
 PROCESSES_PIPELINE = "feature ranker, 2 gateway processes"
@@ -51,19 +56,18 @@ PIPELINES: dict[str, dict[str, object]] = {
     "cross-encoder": {
         "rank_candidates": 30,
         "cross_encoder_top": 30,
-        "triton_feature_ranker_model": "no_feature_ranker",  # never ready: not deployed
+        **NO_FEATURE_RANKER,
     },
 }
 BASELINE = "cross-encoder"
 
-# ``--compare releases``: a model name Triton does not have is never ready, so the gateway
-# serves as a release without that model does (no ranking: the fused retrieval order; no
-# sequence source, its two ranker features at their fill)
+# ``--compare releases``: each release make train chooses between, as the default pipeline
+# without the models it leaves out
 RELEASE_PIPELINES: dict[str, dict[str, object]] = {
     release.name: {
         **FEATURE_RANKER,
-        **({} if release.ranker else {"triton_feature_ranker_model": "no_feature_ranker"}),
-        **({} if release.sequence else {"triton_sequence_model": "no_sequence_model"}),
+        **({} if release.ranker else NO_FEATURE_RANKER),
+        **({} if release.sequence else NO_SEQUENCE_MODEL),
     }
     for release in RELEASES
 }
