@@ -21,6 +21,7 @@ from core.config import get_settings
 from training.export.onnx_export import (
     ParityError,
     QuantisationLoss,
+    TowerExportReport,
     export_feature_ranker,
     export_ranker,
     export_sequence_model,
@@ -74,30 +75,31 @@ def export_release(
     try:
         copy_tokenizer(item_tower, release.stage("tokenizer") / "tokenizer")
         sources = {"item": item_tower, "user": user_tower}
-        exported: dict[str, Path] = {}
+        exported: dict[str, TowerExportReport] = {}
         for tower in TOWERS:
             target = release.stage(f"{tower}_encoder") / "model.onnx"
             if sources[tower] in exported:  # shared weights: one export, two models
-                shutil.copyfile(exported[sources[tower]], target)
+                shutil.copyfile(exported[sources[tower]].onnx_path, target)
                 continue
             result = export_tower(sources[tower], target)
-            exported[sources[tower]] = target
+            exported[sources[tower]] = result
             report[f"{tower}_encoder"] = result.as_dict()
             release.stage(f"{tower}_embedder")
         for tower in TOWERS:
             if f"{tower}_embedder" not in release.staged:
                 release.stage(f"{tower}_embedder")
         item_graph = release.staged["item_encoder"] / "model.onnx"
+        reference = exported[item_tower].reference  # PyTorch's vectors: BERT loaded once
         try:
-            int8 = quantize_tower(item_tower, item_graph, item_graph.with_name(INT8_GRAPH))
+            int8 = quantize_tower(reference, item_graph, item_graph.with_name(INT8_GRAPH))
             report["item_encoder_int8"] = int8.as_dict()
         except QuantisationLoss as exc:  # optional: a config naming it falls back to fp32
             item_graph.with_name(INT8_GRAPH).unlink()
             log.warning("release %d ships without its int8 item graph: %s", release.version, exc)
             report["item_encoder_int8"] = f"not written: {exc}"
         if ranker:
-            result = export_ranker(ranker, release.stage("ranker") / "model.onnx")
-            report["ranker"] = result.as_dict()
+            cross = export_ranker(ranker, release.stage("ranker") / "model.onnx")
+            report["ranker"] = cross.as_dict()
             release.stage("ranker_scorer")
         if feature_ranker:
             target = release.stage("feature_ranker") / "model.onnx"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,16 @@ class QuantizedReport:
 
 
 @dataclass(frozen=True)
+class TowerReference:
+    """A tower's parity inputs and PyTorch's vectors for them, kept by its export so that a
+    graph derived from the exported one (the int8 graph) is checked against the same vectors
+    without loading the tower again."""
+
+    feeds: dict[str, np.ndarray]  # input_ids, attention_mask: the padded parity batch
+    vectors: np.ndarray  # (texts, dim), unit norm
+
+
+@dataclass(frozen=True)
 class ExportReport:
     """What an export produced and how closely ONNX Runtime matched PyTorch."""
 
@@ -127,6 +137,13 @@ class ExportReport:
             "tolerance": self.tolerance,
             "parity_batch": self.parity_batch,
         }
+
+
+@dataclass(frozen=True)
+class TowerExportReport(ExportReport):
+    """A tower's export, with PyTorch's parity vectors for the graphs derived from it."""
+
+    reference: TowerReference = field(repr=False, compare=False)
 
 
 class ParityError(RuntimeError):
@@ -146,27 +163,33 @@ def _tokenize(tokenizer_path: str, texts: list[str], pairs: list[str] | None = N
     return dict(tok(*args, padding=True, truncation=True, max_length=128, return_tensors="pt"))
 
 
-def _check_parity(
+def _parity(
     module: nn.Module, onnx_path: Path, feeds: dict[str, torch.Tensor], tolerance: float
-) -> float:
+) -> tuple[float, list[np.ndarray]]:
+    """ONNX Runtime against PyTorch on ``feeds``: the largest difference (refused beyond
+    ``tolerance``) and PyTorch's outputs."""
     import onnxruntime as ort
 
     with torch.no_grad():
         expected = module(**feeds)
-    expected_list = list(expected) if isinstance(expected, tuple) else [expected]
+    expected_list = [e.numpy() for e in (expected if isinstance(expected, tuple) else [expected])]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
-    diff = max(
-        float(np.max(np.abs(e.numpy() - g))) for e, g in zip(expected_list, got, strict=True)
-    )
+    diff = max(float(np.max(np.abs(e - g))) for e, g in zip(expected_list, got, strict=True))
     if not diff <= tolerance:
         raise ParityError(f"{onnx_path}: max |onnx - torch| = {diff:.3g} > {tolerance:.1g}")
-    return diff
+    return diff, expected_list
+
+
+def _check_parity(
+    module: nn.Module, onnx_path: Path, feeds: dict[str, torch.Tensor], tolerance: float
+) -> float:
+    return _parity(module, onnx_path, feeds, tolerance)[0]
 
 
 def export_tower(
     model_dir: str, onnx_path: Path, tolerance: float = PARITY_TOLERANCE
-) -> ExportReport:
+) -> TowerExportReport:
     """Export a BERT tower (mean pool + normalise) and check it on fresh texts."""
     module = PooledEncoder(load_bert(model_dir)).eval()
     sample = _tokenize(model_dir, ["warm-up text for tracing", "second"])
@@ -188,28 +211,29 @@ def export_tower(
         )
     feeds = _tokenize(model_dir, PARITY_TEXTS)
     feeds = {k: feeds[k] for k in ("input_ids", "attention_mask")}
-    diff = _check_parity(module, onnx_path, feeds, tolerance)
+    diff, (vectors,) = _parity(module, onnx_path, feeds, tolerance)
     log.info("exported %s (max |onnx - torch| = %.2e)", onnx_path, diff)
-    return ExportReport(onnx_path, diff, tolerance, len(PARITY_TEXTS))
+    reference = TowerReference({k: v.numpy() for k, v in feeds.items()}, vectors)
+    return TowerExportReport(onnx_path, diff, tolerance, len(PARITY_TEXTS), reference)
 
 
 def quantize_tower(
-    model_dir: str, fp32_path: Path, int8_path: Path, min_cosine: float = INT8_MIN_COSINE
+    reference: TowerReference,
+    fp32_path: Path,
+    int8_path: Path,
+    min_cosine: float = INT8_MIN_COSINE,
 ) -> QuantizedReport:
-    """Write the int8 graph of an exported tower (``training.export.quantize``) and check it:
-    each parity text's vector within ``min_cosine`` of PyTorch's, and the same alone as in
-    the padded batch (else the graph is wrong: rows must not depend on their neighbours)."""
+    """Write the int8 graph of an exported tower (``training.export.quantize``) and check it
+    against the export's PyTorch vectors (``reference``): each parity text's vector within
+    ``min_cosine`` of PyTorch's, and the same alone as in the padded batch (else the graph is
+    wrong: rows must not depend on their neighbours)."""
     import onnxruntime as ort
 
     from training.export.quantize import quantize_rowwise
 
     rewritten = quantize_rowwise(fp32_path, int8_path)
-    feeds = _tokenize(model_dir, PARITY_TEXTS)
-    feeds = {k: feeds[k] for k in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        expected = PooledEncoder(load_bert(model_dir)).eval()(**feeds).numpy()
+    batch, expected = reference.feeds, reference.vectors
     session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
-    batch = {k: v.numpy() for k, v in feeds.items()}
     got = session.run(None, batch)[0]
     lengths = batch["attention_mask"].sum(axis=1)
     alone = np.concatenate(

@@ -10,18 +10,21 @@ import onnxruntime as ort
 import pytest
 
 from training.export import onnx_export
-from training.export.onnx_export import ParityError, export_tower, quantize_tower
+from training.export.onnx_export import (
+    ParityError,
+    TowerExportReport,
+    export_tower,
+    quantize_tower,
+)
 from training.export.quantize import MS_DOMAIN, quantize_rowwise
 
 
 @pytest.fixture(scope="module")
-def tower(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def tower(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, TowerExportReport]:
     from training.models.pretrained import make_tiny_bert
 
     bert = make_tiny_bert(tmp_path_factory.mktemp("bert"))
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export_tower(bert, out)
-    return bert, out
+    return bert, export_tower(bert, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 def _weight_matmuls(path: Path) -> int:
@@ -31,11 +34,12 @@ def _weight_matmuls(path: Path) -> int:
 
 
 def test_every_weight_matmul_becomes_int8_and_the_tower_stays_close(
-    tower: tuple[str, Path], tmp_path: Path
+    tower: tuple[str, TowerExportReport], tmp_path: Path
 ) -> None:
-    bert, fp32 = tower
+    _, export = tower
+    fp32 = export.onnx_path
     before = _weight_matmuls(fp32)
-    report = quantize_tower(bert, fp32, tmp_path / "model.int8.onnx")
+    report = quantize_tower(export.reference, fp32, tmp_path / "model.int8.onnx")
     graph = onnx.load(str(report.onnx_path)).graph
     assert report.rewritten == before > 0 and _weight_matmuls(report.onnx_path) == 0
     assert sum(n.domain == MS_DOMAIN for n in graph.node) == before
@@ -44,10 +48,10 @@ def test_every_weight_matmul_becomes_int8_and_the_tower_stays_close(
 
 
 def test_a_vector_does_not_change_with_its_batch_companions(
-    tower: tuple[str, Path], tmp_path: Path
+    tower: tuple[str, TowerExportReport], tmp_path: Path
 ) -> None:
     """One text alone, beside a short text and beside a long, loud one: the same vector."""
-    _, fp32 = tower
+    fp32 = tower[1].onnx_path
     int8 = tmp_path / "model.int8.onnx"
     quantize_rowwise(fp32, int8)
     session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
@@ -67,7 +71,7 @@ def test_a_vector_does_not_change_with_its_batch_companions(
 
 
 def test_per_batch_activation_scales_fail_the_export_check(
-    tower: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tower: tuple[str, TowerExportReport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ONNX Runtime's own dynamic quantisation (one scale per batch) makes a vector depend on
     its batch: the export refuses it."""
@@ -80,10 +84,12 @@ def test_per_batch_activation_scales_fail_the_export_check(
         return 1
 
     monkeypatch.setattr(quantize, "quantize_rowwise", per_batch)
-    bert, fp32 = tower
+    _, export = tower
     for bound in (0.0, 1.01):  # refused as wrong even where its cosine also falls short
         with pytest.raises(ParityError, match="alone"):
-            onnx_export.quantize_tower(bert, fp32, tmp_path / "model.int8.onnx", min_cosine=bound)
+            onnx_export.quantize_tower(
+                export.reference, export.onnx_path, tmp_path / "model.int8.onnx", bound
+            )
 
 
 def test_a_graph_without_weight_matmuls_is_refused(tmp_path: Path) -> None:
@@ -117,12 +123,12 @@ def _runner(monkeypatch: pytest.MonkeyPatch, warnings: list[str]) -> type:
 
 
 def test_the_runner_serves_the_named_graph_and_an_older_version_its_model_onnx(
-    tower: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tower: tuple[str, TowerExportReport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
     import shutil
 
-    _, fp32 = tower
+    fp32 = tower[1].onnx_path
     warnings: list[str] = []
     runner = _runner(monkeypatch, warnings)
     config = {
@@ -148,14 +154,16 @@ def test_the_runner_serves_the_named_graph_and_an_older_version_its_model_onnx(
 
 
 def test_a_release_whose_tower_quantises_poorly_ships_without_the_int8_graph(
-    tower: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tower: tuple[str, TowerExportReport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The int8 graph is optional: too far from PyTorch, it is left out, not the release."""
     from tests.stack_fixtures import repository_sources
     from training.export import __main__ as export
 
-    def strict(model_dir: str, fp32_path: Path, int8_path: Path) -> onnx_export.QuantizedReport:
-        return onnx_export.quantize_tower(model_dir, fp32_path, int8_path, min_cosine=1.01)
+    def strict(
+        reference: onnx_export.TowerReference, fp32_path: Path, int8_path: Path
+    ) -> onnx_export.QuantizedReport:
+        return onnx_export.quantize_tower(reference, fp32_path, int8_path, min_cosine=1.01)
 
     monkeypatch.setattr(export, "quantize_tower", strict)
     bert, _ = tower
