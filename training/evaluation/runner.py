@@ -332,6 +332,9 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
         "pipeline": tuning,
         "quality_target": target,
         "quality_targets_extra": targets,  # the same target for extra (e.g. served) systems
+        # slice -> system -> user -> NDCG@10: two runs (e.g. two releases served) compare
+        # paired on their common users (python -m training.evaluation.compare)
+        "per_user_ndcg@10": per_user,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 

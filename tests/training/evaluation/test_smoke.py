@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from core.paths import REPO_ROOT
@@ -15,7 +14,6 @@ def test_smoke_run_on_generic_data(
     generic_dir: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "eval"
-    t = time.perf_counter()
     proc = subprocess.run(
         [
             sys.executable,
@@ -34,9 +32,7 @@ def test_smoke_run_on_generic_data(
         text=True,
         timeout=180,
     )
-    elapsed = time.perf_counter() - t
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert elapsed < 120  # < 60 s on an idle 2-core machine; CI machines are shared
     result = json.loads((out / "eval.json").read_text())
     systems = set(result["metrics"]["all"])
     expected = {
@@ -68,6 +64,17 @@ def test_smoke_run_on_generic_data(
     assert "Dataset" in md and "Split" in md and "Seed" in md and "Where the pipeline loses" in md
     for png in ("ndcg_by_slice.png", "accuracy_vs_beyond.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # per-user scores are kept, and are what the table averages
+    for sname, systems in result["per_user_ndcg@10"].items():
+        for name, users in systems.items():
+            if users:
+                mean = sum(users.values()) / len(users)
+                assert abs(mean - result["metrics"][sname][name]["ndcg@10"]) < 1e-9
+    # so a run compares with itself, paired, to no difference at all
+    from training.evaluation.compare import compare
+
+    rows = compare(result, result, "pipeline")
+    assert {r.slice for r in rows} and all(r.diff == r.low == r.high == 0.0 for r in rows)
 
 
 def test_missing_checkpoint_is_skipped_with_a_note(generic_dir: Path, tmp_path: Path) -> None:
