@@ -98,9 +98,10 @@ class Settings(BaseSettings):
     popular_refresh_s: float = Field(
         60.0,
         gt=0,
-        description="Popularity cache refresh period (a catalogue scan, which also fills the "
-        "item cache when the catalogue fits in it; it then runs a little before the item "
-        "cache's TTL ends, if that comes first).",
+        description="Popularity cache refresh period (a scan of every item's popularity and "
+        "the top's rows by id; when the catalogue fits in the item cache the scan reads whole "
+        "rows and fills it, and then runs a little before the item cache's TTL ends, if that "
+        "comes first).",
     )
     segments: int = Field(8, ge=1, description="User segments fitted by k-means.")
     cold_start_events: int = Field(

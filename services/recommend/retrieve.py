@@ -9,6 +9,7 @@ a cache in the gateway, so there is always something to answer with.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -30,6 +31,11 @@ from services.vectors.store import Row, StoreUnavailable, VectorStore
 log = logging.getLogger(__name__)
 
 
+#: What the popularity refresh reads of every item: the full rows are read for the top only.
+POPULARITY_FIELDS = ("item_id", "popularity", "created_at")
+ROWS_TIMEOUT_S = 10.0  # the background read of the top's rows
+
+
 class PopularItems:
     """Top items by popularity, cached in the gateway, with category and exclusion filters
     applied on read.
@@ -40,12 +46,21 @@ class PopularItems:
     refreshed from the event stream by the profile workers) add their decayed popularity to
     the catalogue's, both decayed to the same time, and their co-occurrence neighbours to the
     indexed ones, so feedback moves both without re-indexing.
+
+    A refresh reads three small fields of every item (:data:`POPULARITY_FIELDS`) and the
+    full rows of the top ``size`` only, so a catalogue of millions costs the gateway its ids
+    and popularities, not its texts. The online scores only add, so the combined top is
+    always among the catalogue's top and the items the online aggregates name: a rank over
+    those, not over the catalogue, and a read of the rows of the few lifted ones.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: list[Row] = []
-        self._catalogue: list[Row] = []  # every item, for items the online scores lift
+        self._items: list[Row] = []  # the served top, best first
+        self._popularity: dict[str, float] = {}  # every item's catalogue popularity
+        self._static: list[str] = []  # the catalogue's top ids, best first
+        self._rows: dict[str, Row] = {}  # the full rows of the static and the served top
+        self._store: VectorStore | None = None  # where rows of lifted items are read
         self._online: Mapping[str, float] = {}
         self._indexed_weight = 1.0
         self._neighbours: Mapping[str, Sequence[str]] = {}
@@ -58,20 +73,28 @@ class PopularItems:
 
     def refresh(self, store: VectorStore) -> bool:
         try:
-            rows = store.all_items(fill_cache=True)
+            light = store.all_items(POPULARITY_FIELDS, fill_cache=True)
+            popularity = {r["item_id"]: float(r["popularity"]) for r in light}
+            static = [
+                r["item_id"]
+                for r in heapq.nsmallest(
+                    self.size, light, key=lambda r: (-float(r["popularity"]), r["item_id"])
+                )
+            ]
+            rows = store.get_items(static, ROWS_TIMEOUT_S)  # the item cache's, when filled
         except StoreUnavailable as exc:
             log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
             return False
-        rows.sort(key=lambda r: (-float(r["popularity"]), r["item_id"]))
-        created = [int(r.get("created_at") or 0) for r in rows]
+        created = [int(r.get("created_at") or 0) for r in light]
         clock = CatalogueClock(
-            top_popularity=float(rows[0]["popularity"]) if rows else 0.0,
+            top_popularity=popularity[static[0]] if static else 0.0,
             now=float(max(created)) if any(created) else time.time(),
         )
         with self._lock:
-            self._catalogue = rows
-            self._items = self._ranked()
-            self._clock = clock
+            self._store, self._popularity, self._clock = store, popularity, clock
+            self._static = [i for i in static if i in rows]  # deleted since the scan: gone
+            self._rows = dict(rows)
+        self._rank()
         return True
 
     def set_online(
@@ -87,19 +110,38 @@ class PopularItems:
         with self._lock:
             self._online, self._neighbours = dict(popularity), dict(neighbours)
             self._indexed_weight = indexed_weight
-            self._items = self._ranked()
+        self._rank()
 
-    def _ranked(self) -> list[Row]:
+    def _rank(self) -> None:
+        """The served top: the catalogue's top and the online items, by combined score; the
+        rows of lifted items read first, outside the lock. An item with no row (deleted, or
+        Milvus unreachable until the next refresh) gives its place to the next one."""
+        with self._lock:
+            ids = self._ranked_ids()[: self.size]
+            store, missing = self._store, [i for i in ids if i not in self._rows]
+        read: dict[str, Row] = {}
+        if missing and store is not None:
+            try:
+                read = store.get_items(missing, ROWS_TIMEOUT_S)
+            except StoreUnavailable as exc:
+                log.warning("rows of %d items the online scores lift: %s", len(missing), exc)
+        with self._lock:
+            rows = {**self._rows, **read}
+            top = [i for i in self._ranked_ids() if i in rows][: self.size]
+            keep = set(self._static) | set(top)
+            self._rows = {i: r for i, r in rows.items() if i in keep}
+            self._items = [rows[i] for i in top]
+
+    def _ranked_ids(self) -> list[str]:
+        """The catalogue's top and the online items by combined score, best first: the first
+        ``size`` are the top, the next ``size`` its reserve for items without a row."""
         online = self._online
         if not online:
-            return self._catalogue[: self.size]
-        weight = self._indexed_weight
-        score = {
-            r["item_id"]: float(r["popularity"]) * weight + online.get(r["item_id"], 0.0)
-            for r in self._catalogue
-        }
-        ranked = sorted(self._catalogue, key=lambda r: (-score[r["item_id"]], r["item_id"]))
-        return ranked[: self.size]
+            return list(self._static)
+        weight, catalogue = self._indexed_weight, self._popularity
+        pool = set(self._static) | {i for i in online if i in catalogue}
+        score = {i: catalogue[i] * weight + online.get(i, 0.0) for i in pool}
+        return heapq.nsmallest(2 * self.size, pool, key=lambda i: (-score[i], i))
 
     def set_exploration_share(self, share: float | None) -> None:
         """The share of each list's slots for new items that the indexing job chose for
@@ -121,7 +163,9 @@ class PopularItems:
         """Forget a deleted item at once (the next refresh would, a while later)."""
         with self._lock:
             self._items = [r for r in self._items if r["item_id"] != item_id]
-            self._catalogue = [r for r in self._catalogue if r["item_id"] != item_id]
+            self._static = [i for i in self._static if i != item_id]
+            self._popularity.pop(item_id, None)
+            self._rows.pop(item_id, None)
 
     def clock(self) -> CatalogueClock:
         """The catalogue's top popularity and newest item time, for the ranker's features

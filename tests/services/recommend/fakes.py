@@ -85,9 +85,10 @@ class FakeStore:
         self._check("get_segment")
         return self.segments.get(segment_id)
 
-    def all_items(self, fill_cache: bool = False) -> list[Row]:
+    def all_items(self, fields: Sequence[str] | None = None, fill_cache: bool = False) -> list[Row]:
         self._check("all_items")
-        return [self._out(r, False) for r in self.items.values()]
+        rows = [self._out(r, False) for r in self.items.values()]
+        return rows if fields is None else [{k: r[k] for k in fields if k in r} for r in rows]
 
 
 class FakeTriton:

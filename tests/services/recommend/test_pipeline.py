@@ -163,8 +163,8 @@ def test_a_failed_rows_read_after_the_ann_search_leaves_its_hits_out() -> None:
             store.down.add("get_items")
         check(call)
 
+    pipe = _pipeline(store, triton, FEATURES_UP)  # its popularity refresh reads rows too
     store._check = failing_second_read  # type: ignore[method-assign]
-    pipe = _pipeline(store, triton, FEATURES_UP)
     ctx = Context.begin("u1", 5, Filters(), Deadline.after(5))
     pipe.profile(ctx)
     pipe.retrieve(ctx)

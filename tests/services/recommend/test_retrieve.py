@@ -3,10 +3,16 @@ and the Milvus filter literals built from client strings."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import cast
+
+import numpy as np
+import pytest
+
 from services.recommend.context import Filters
-from services.recommend.retrieve import PopularItems, Retriever
-from services.vectors.store import literal
-from tests.services.recommend.fakes import row
+from services.recommend.retrieve import POPULARITY_FIELDS, PopularItems, Retriever
+from services.vectors.store import Row, VectorStore, literal
+from tests.services.recommend.fakes import FakeStore, row
 
 
 def test_fusion_rewards_agreement_between_sources() -> None:
@@ -52,6 +58,108 @@ def test_popularity_cache_keeps_the_catalogues_clock_for_the_ranker() -> None:
     clock = cache.clock()
     assert (clock.top_popularity, clock.now) == (7.0, 50.0)  # the newest item, not the wall
     assert [r["item_id"] for r in cache.top(5)] == ["b"]
+
+
+class CountingStore(FakeStore):
+    """Records what the popularity refresh reads: the fields of the scan, the ids read."""
+
+    def __init__(self, items: list[Row]) -> None:
+        super().__init__(items)
+        self.scanned: list[Sequence[str] | None] = []
+        self.read: list[list[str]] = []
+
+    def all_items(self, fields: Sequence[str] | None = None, fill_cache: bool = False) -> list[Row]:
+        self.scanned.append(fields)
+        return super().all_items(fields, fill_cache)
+
+    def get_items(
+        self,
+        item_ids: Iterable[str],
+        timeout: float,
+        with_vectors: bool = False,
+        with_neighbours: bool = False,
+    ) -> dict[str, Row]:
+        self.read.append(list(item_ids))
+        return super().get_items(self.read[-1], timeout, with_vectors, with_neighbours)
+
+
+def catalogue(n: int, seed: int) -> list[Row]:
+    rng = np.random.default_rng(seed)
+    pops = rng.integers(0, 20, n).astype(float)  # many ties: the order by id must hold too
+    return [
+        row(f"i{k:04d}", pop=p) | {"text": "long text " * 50, "created_at": 100 + k}
+        for k, p in enumerate(pops)
+    ]
+
+
+def test_the_refresh_reads_every_items_popularity_and_the_tops_rows_only() -> None:
+    items = catalogue(300, 0)
+    store = CountingStore(items)
+    cache = PopularItems(size=10)
+    assert cache.refresh(cast(VectorStore, store))
+    assert store.scanned == [POPULARITY_FIELDS]  # no texts for the whole catalogue
+    expected = sorted(items, key=lambda r: (-r["popularity"], r["item_id"]))[:10]
+    assert store.read == [[r["item_id"] for r in expected]]
+    assert cache.top(20) == [{k: v for k, v in r.items()} for r in expected]  # full rows
+    assert cache.clock().now == 399.0 and cache.clock().top_popularity == 19.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_online_scores_rank_as_over_the_whole_catalogue(seed: int) -> None:
+    """The top over the catalogue's top and the online items equals the top over every item,
+    and only lifted items' rows are read, a bounded number kept."""
+    items = catalogue(400, seed)
+    store = CountingStore(items)
+    cache = PopularItems(size=15)
+    assert cache.refresh(cast(VectorStore, store))
+    rng = np.random.default_rng(seed + 100)
+    for _ in range(3):
+        lifted = rng.choice(len(items), 40, replace=False)
+        online = {items[k]["item_id"]: float(rng.uniform(0, 25)) for k in lifted}
+        online["not-in-the-catalogue"] = 1000.0
+        weight = float(rng.uniform(0.1, 1.0))
+        store.read.clear()
+        cache.set_online(online, {}, indexed_weight=weight)
+        score = {
+            r["item_id"]: r["popularity"] * weight + online.get(r["item_id"], 0.0) for r in items
+        }
+        brute = sorted(score, key=lambda i: (-score[i], i))[:15]
+        assert [r["item_id"] for r in cache.top(15)] == brute
+        assert all(set(ids) <= set(online) for ids in store.read)  # only lifted items read
+        assert len(cache._rows) <= 30
+
+
+def test_a_lifted_item_whose_row_cannot_be_read_is_left_out_until_it_can() -> None:
+    items = [row(i, pop=p) for i, p in (("a", 9.0), ("b", 5.0), ("c", 0.0))]
+    store = CountingStore(items)
+    cache = PopularItems(size=2)
+    assert cache.refresh(cast(VectorStore, store))
+    store.down.add("get_items")
+    cache.set_online({"c": 6.0}, {})
+    assert [r["item_id"] for r in cache.top(5)] == ["a", "b"]  # no crash, the rest served
+    store.down.clear()
+    cache.set_online({"c": 6.0}, {})
+    assert [r["item_id"] for r in cache.top(5)] == ["a", "c"]
+
+
+def test_an_item_deleted_between_the_scan_and_the_rows_read_is_not_served() -> None:
+    items = [row(i, pop=p) for i, p in (("a", 9.0), ("b", 5.0), ("c", 1.0))]
+    store = CountingStore(items)
+    scan = store.all_items
+
+    def scan_then_delete(
+        fields: Sequence[str] | None = None, fill_cache: bool = False
+    ) -> list[Row]:
+        rows = scan(fields, fill_cache)
+        del store.items["a"]
+        return rows
+
+    store.all_items = scan_then_delete  # type: ignore[method-assign]
+    cache = PopularItems(size=2)
+    assert cache.refresh(cast(VectorStore, store))
+    assert [r["item_id"] for r in cache.top(5)] == ["b"]
+    cache.discard("b")
+    assert cache.top(5) == []
 
 
 def test_milvus_literals_escape_client_strings() -> None:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from core.config import Settings
 from core.milvus_schema import ITEM_FIELDS
@@ -189,6 +190,26 @@ def test_a_catalogue_larger_than_the_item_cache_is_scanned_without_filling_it() 
     assert client.calls[-1][2] == ITEM_FIELDS and len(store.item_cache) == 0
     store = _store(ItemsClient())
     assert len(store.all_items()) == 5 and len(store.item_cache) == 0  # not asked to fill
+
+
+@pytest.mark.parametrize("cache_size", [10, 4])
+def test_the_popularity_refresh_reads_texts_of_the_top_only(cache_size: int) -> None:
+    """A catalogue larger than the item cache: three fields of every item, then the top's
+    rows by id. One that fits: the scan reads everything once (filling the cache) and the
+    top's rows come from the cache, no second read."""
+    from services.recommend.retrieve import POPULARITY_FIELDS, PopularItems
+
+    client = ItemsClient()
+    store = _store(client, milvus_item_cache_size=cache_size)
+    popular = PopularItems(size=2)
+    assert popular.refresh(store)
+    assert [r["title"] for r in popular.top(5)] == ["t4", "t3"]  # full rows, best first
+    scans = [c[2] for c in client.calls if c[0] == "scan"]
+    reads = [c[1] for c in client.calls if c[0] == "query"]
+    if cache_size < len(client.rows):
+        assert scans == [list(POPULARITY_FIELDS)] and reads == [["i4", "i3"]]
+    else:
+        assert scans == [[*ITEM_FIELDS, "vector", "co_items"]] and reads == []
 
 
 def test_without_the_cache_every_read_goes_to_milvus() -> None:

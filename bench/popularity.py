@@ -1,0 +1,212 @@
+"""The gateway's popularity refresh at a catalogue larger than its item cache.
+
+``python -m bench.popularity``: every ``RECSYS_POPULAR_REFRESH_S`` each gateway process reads
+the catalogue's popularity for its cold-start list and the ranker's clock. Side by side, on
+one collection of the real Milvus engine:
+
+* **every row (the baseline)**: the refresh before 2026-12-06 (thirty-fourth session): every
+  item's row, titles and texts included, read and sorted in the gateway, and all of it kept
+  (for items the online scores might lift);
+* **popularity, then the top's rows (ours)**: :meth:`PopularItems.refresh`: three small fields
+  of every item (:data:`services.recommend.retrieve.POPULARITY_FIELDS`), the top's rows by id.
+
+The items are synthetic (random unit vectors, a text of ``--text-chars`` characters, random
+popularity), written once and flushed. The two refreshes alternate for ``--rounds`` rounds;
+each is timed (wall and the process's CPU seconds), then run once more under ``tracemalloc``
+for the Python memory it allocates at its peak and keeps afterwards. A table is printed and
+written with the raw figures (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.util import fmt, load_average, table
+from core.config import Settings
+from core.paths import REPO_ROOT
+from core.rows import item_row
+from services.recommend.retrieve import PopularItems
+from services.vectors.store import Row, VectorStore
+
+BASELINE = "every row (the refresh before)"
+OURS = "popularity, then the top's rows"
+
+
+def fill(store: VectorStore, items: int, text_chars: int, seed: int = 0) -> float:
+    """Write ``items`` synthetic rows and flush them; the seconds it took."""
+    rng = np.random.default_rng(seed)
+    dim = store.settings.embedding_dim
+    words = ["a", "film", "about", "the", "quick", "brown", "fox", "and", "its", "lazy", "dog"]
+    t0 = time.perf_counter()
+    for start in range(0, items, 1000):
+        n = min(1000, items - start)
+        vectors = rng.normal(size=(n, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        rows = []
+        for k in range(n):
+            text = " ".join(rng.choice(words, size=text_chars // 4))[:text_chars]
+            rows.append(
+                item_row(
+                    f"item-{start + k:07d}",
+                    f"Title {start + k}",
+                    ["Drama", "Comedy"][: 1 + k % 2],
+                    text,
+                    popularity=float(rng.pareto(1.2)),
+                    created_at=1_600_000_000 + start + k,
+                    vector=vectors[k],
+                )
+            )
+        store.upsert_items(rows)
+    store.flush()
+    return time.perf_counter() - t0
+
+
+def every_row(store: VectorStore, size: int) -> tuple[list[Row], list[Row]]:
+    """The refresh before: every row read and sorted; the catalogue and its top kept."""
+    rows = store.all_items(fill_cache=True)
+    rows.sort(key=lambda r: (-float(r["popularity"]), r["item_id"]))
+    return rows, rows[:size]
+
+
+def popularity_first(store: VectorStore, size: int) -> PopularItems:
+    cache = PopularItems(size)
+    if not cache.refresh(store):
+        raise RuntimeError("the popularity refresh failed")
+    return cache
+
+
+def measure(fn: Callable[[], Any]) -> dict[str, float]:
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    kept = fn()
+    out = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    del kept
+    return out
+
+
+def memory(fn: Callable[[], Any]) -> dict[str, float]:
+    """Python memory (MB) the refresh allocates at its peak, and keeps while its result lives."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = fn()
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del kept
+    return {"peak_mb": (peak - before) / 2**20, "kept_mb": (current - before) / 2**20}
+
+
+def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[str, Any]:
+    size = settings.popular_cache_size
+    store = VectorStore(settings)
+    load_before = load_average()
+    try:
+        store.drop_collections()
+        store.ensure_collections()
+        fill_s = fill(store, items, text_chars)
+        variants: dict[str, Callable[[], Any]] = {
+            BASELINE: lambda: every_row(store, size),
+            OURS: lambda: popularity_first(store, size),
+        }
+        everything, base_top = every_row(store, size)
+        scanned = len(everything)  # engine 2.3's iterator misses rows still unsealed
+        del everything
+        top = {
+            BASELINE: [r["item_id"] for r in base_top],
+            OURS: [r["item_id"] for r in popularity_first(store, size).top(size)],
+        }
+        if top[BASELINE] != top[OURS]:
+            raise RuntimeError("the two refreshes disagree on the top items")
+        timings: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for r in range(rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in order:
+                timings[name].append(measure(variants[name]))
+        memories = {name: memory(fn) for name, fn in variants.items()}
+    finally:
+        with contextlib.suppress(Exception):
+            store.drop_collections()
+        store.close()
+    return {
+        "items": items,
+        "scanned": scanned,
+        "text_chars": text_chars,
+        "item_cache_size": settings.milvus_item_cache_size,
+        "popular_cache_size": size,
+        "fill_s": fill_s,
+        "rounds": rounds,
+        "same_top": True,
+        "timings": timings,
+        "memory": memories,
+        "load_average": [load_before, load_average()],
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    base = result["timings"][BASELINE]
+    rows = []
+    for name, runs in result["timings"].items():
+        wall = float(np.median([r["wall_s"] for r in runs]))
+        cpu = float(np.median([r["cpu_s"] for r in runs]))
+        mem = result["memory"][name]
+        rows.append(
+            [
+                name,
+                fmt(wall, 2),
+                fmt(cpu, 2),
+                fmt(float(np.median([r["wall_s"] for r in base])) / wall, 1) + "x",
+                fmt(mem["peak_mb"], 1),
+                fmt(mem["kept_mb"], 1),
+            ]
+        )
+    head = (
+        f"{result['scanned']:,} items scanned of {result['items']:,} written (texts of "
+        f"{result['text_chars']} characters; item cache "
+        f"{result['item_cache_size']:,} rows), top {result['popular_cache_size']}, medians of "
+        f"{result['rounds']} rounds; the same top items from both"
+    )
+    headers = ["refresh", "wall s", "gateway CPU s", "speed-up", "peak MB", "kept MB"]
+    return head + "\n\n" + table(headers, rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ops.stack import local_stack
+
+    parser = argparse.ArgumentParser(prog="python -m bench.popularity", description=__doc__)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--text-chars", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--json", type=Path, default=REPO_ROOT / "reports" / "bench_popularity_refresh.json"
+    )
+    args = parser.parse_args(argv)
+    with (
+        tempfile.TemporaryDirectory(prefix="popularity-") as tmp,
+        local_stack(Settings(), Path(tmp)) as stack,
+    ):
+        stack.start_milvus(engine=True)
+        result = run(stack.settings, args.items, args.text_chars, args.rounds)
+    text = render(result)
+    result["table"] = text
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
