@@ -5,7 +5,8 @@ from it (ops/pod_container.py): read-only root, its UID/GID and fsGroup, dropped
 capabilities, its limits, the ConfigMap's and Secrets' environment and the volumes at the
 paths the manifests mount. Only the cluster addresses and ports are replaced by those of a
 local Triton and Milvus (ops/stack.py) on the host network. Passes when the container's health
-is SERVING and one Recommend is answered; a start-up crash fails it with the container's log.
+is SERVING, one Recommend is answered and the container started as many gateway processes
+as the manifests ask for; a start-up crash fails it with the container's log.
 Figures (build, start-up, Recommend, stop) go to var/container-smoke/report.json.
 
     python -m ops.container_smoke [--overlay dev] [--no-build]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -153,6 +155,16 @@ def serving(target: str) -> bool:
     return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
 
+SUPERVISOR_LINE = re.compile(r"(\d+) gateway processes on \S+ \(pids ([\d, ]+)\)")
+
+
+def started_processes(log_text: str) -> int:
+    """How many gateway processes the container's supervisor says it started (1 when it ran
+    none: ``RECSYS_GATEWAY_PROCESSES=1`` serves in the main process)."""
+    found = SUPERVISOR_LINE.findall(log_text)
+    return int(found[-1][0]) if found else 1
+
+
 def metrics_answer(port: int) -> bool:
     """The profile worker's probes: GET /metrics answers 200."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as reply:
@@ -194,6 +206,13 @@ def smoke(env: dict[str, str], docs: list[dict[str, Any]], stack: LocalStack) ->
         if not reply.items:
             raise SystemExit(f"Recommend answered no items:\n{reply}\n{logs(env, NAME)}")
         figures["recommended"], figures["degraded"] = len(reply.items), reply.degraded
+        wanted = int(manifest_env.get("RECSYS_GATEWAY_PROCESSES", "1"))
+        figures["gateway_processes"] = started_processes(logs(env, NAME, lines=500))
+        if figures["gateway_processes"] != wanted:
+            raise SystemExit(
+                f"the manifests ask for {wanted} gateway processes, the container started "
+                f"{figures['gateway_processes']}:\n{logs(env, NAME)}"
+            )
         if any(d.get("metadata", {}).get("name") == "profile-worker" for d in docs):
             worker = f"{NAME}-worker"
             worker_env = {**overrides, "RECSYS_WORKER_METRICS_PORT": str(worker_port)}
@@ -243,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     figures["total_s"] = round(time.monotonic() - started, 1)
     (WORK / "report.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
-    print("container smoke: SERVING and Recommend answered")
+    print(
+        "container smoke: SERVING and Recommend answered "
+        f"({figures['gateway_processes']} gateway processes)"
+    )
     return 0
 
 

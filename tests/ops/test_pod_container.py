@@ -156,3 +156,11 @@ def test_secret_volumes_become_read_only_files(tmp_path: Path) -> None:
         prepare(run.host_dirs)
         assert (tmp_path / "s" / "k").read_bytes() == b"value"
         assert (tmp_path / "data").stat().st_gid == 9
+
+
+def test_the_smoke_counts_the_gateway_processes_the_supervisor_started() -> None:
+    from ops.container_smoke import started_processes
+
+    line = "INFO services.gateway.processes 2 gateway processes on 0.0.0.0:50051 (pids 7, 8)"
+    assert started_processes(f"starting\n{line}\nserving") == 2
+    assert started_processes("a gateway serving in its main process") == 1
