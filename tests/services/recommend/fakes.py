@@ -30,6 +30,8 @@ class FakeStore:
         self.down: set[str] = set()
         self.slow: dict[str, float] = {}  # call -> seconds it takes before it succeeds
         self.calls: list[str] = []  # every call, in order
+        self.scanned: list[Sequence[str] | None] = []  # the fields of each all_items scan
+        self.read: list[list[str]] = []  # the ids of each get_items read
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
@@ -57,9 +59,10 @@ class FakeStore:
         with_neighbours: bool = False,
     ) -> dict[str, Row]:
         self._check("get_items")
+        self.read.append(list(dict.fromkeys(item_ids)))
         return {
             i: self._out(self.items[i], with_vectors, with_neighbours)
-            for i in dict.fromkeys(item_ids)
+            for i in self.read[-1]
             if i in self.items
         }
 
@@ -87,6 +90,7 @@ class FakeStore:
 
     def all_items(self, fields: Sequence[str] | None = None, fill_cache: bool = False) -> list[Row]:
         self._check("all_items")
+        self.scanned.append(fields)
         rows = [self._out(r, False) for r in self.items.values()]
         return rows if fields is None else [{k: r[k] for k in fields if k in r} for r in rows]
 

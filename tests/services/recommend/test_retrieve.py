@@ -3,7 +3,7 @@ and the Milvus filter literals built from client strings."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
@@ -60,29 +60,6 @@ def test_popularity_cache_keeps_the_catalogues_clock_for_the_ranker() -> None:
     assert [r["item_id"] for r in cache.top(5)] == ["b"]
 
 
-class CountingStore(FakeStore):
-    """Records what the popularity refresh reads: the fields of the scan, the ids read."""
-
-    def __init__(self, items: list[Row]) -> None:
-        super().__init__(items)
-        self.scanned: list[Sequence[str] | None] = []
-        self.read: list[list[str]] = []
-
-    def all_items(self, fields: Sequence[str] | None = None, fill_cache: bool = False) -> list[Row]:
-        self.scanned.append(fields)
-        return super().all_items(fields, fill_cache)
-
-    def get_items(
-        self,
-        item_ids: Iterable[str],
-        timeout: float,
-        with_vectors: bool = False,
-        with_neighbours: bool = False,
-    ) -> dict[str, Row]:
-        self.read.append(list(item_ids))
-        return super().get_items(self.read[-1], timeout, with_vectors, with_neighbours)
-
-
 def catalogue(n: int, seed: int) -> list[Row]:
     rng = np.random.default_rng(seed)
     pops = rng.integers(0, 20, n).astype(float)  # many ties: the order by id must hold too
@@ -94,7 +71,7 @@ def catalogue(n: int, seed: int) -> list[Row]:
 
 def test_the_refresh_reads_every_items_popularity_and_the_tops_rows_only() -> None:
     items = catalogue(300, 0)
-    store = CountingStore(items)
+    store = FakeStore(items)
     cache = PopularItems(size=10)
     assert cache.refresh(cast(VectorStore, store))
     assert store.scanned == [POPULARITY_FIELDS]  # no texts for the whole catalogue
@@ -109,7 +86,7 @@ def test_online_scores_rank_as_over_the_whole_catalogue(seed: int) -> None:
     """The top over the catalogue's top and the online items equals the top over every item,
     and only lifted items' rows are read, a bounded number kept."""
     items = catalogue(400, seed)
-    store = CountingStore(items)
+    store = FakeStore(items)
     cache = PopularItems(size=15)
     assert cache.refresh(cast(VectorStore, store))
     rng = np.random.default_rng(seed + 100)
@@ -131,7 +108,7 @@ def test_online_scores_rank_as_over_the_whole_catalogue(seed: int) -> None:
 
 def test_a_lifted_item_whose_row_cannot_be_read_is_left_out_until_it_can() -> None:
     items = [row(i, pop=p) for i, p in (("a", 9.0), ("b", 5.0), ("c", 0.0))]
-    store = CountingStore(items)
+    store = FakeStore(items)
     cache = PopularItems(size=2)
     assert cache.refresh(cast(VectorStore, store))
     store.down.add("get_items")
@@ -144,7 +121,7 @@ def test_a_lifted_item_whose_row_cannot_be_read_is_left_out_until_it_can() -> No
 
 def test_an_item_deleted_between_the_scan_and_the_rows_read_is_not_served() -> None:
     items = [row(i, pop=p) for i, p in (("a", 9.0), ("b", 5.0), ("c", 1.0))]
-    store = CountingStore(items)
+    store = FakeStore(items)
     scan = store.all_items
 
     def scan_then_delete(
