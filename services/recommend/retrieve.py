@@ -75,12 +75,7 @@ class PopularItems:
         try:
             light = store.all_items(POPULARITY_FIELDS, fill_cache=True)
             popularity = {r["item_id"]: float(r["popularity"]) for r in light}
-            static = [
-                r["item_id"]
-                for r in heapq.nsmallest(
-                    self.size, light, key=lambda r: (-float(r["popularity"]), r["item_id"])
-                )
-            ]
+            static = _best(popularity, self.size)
             rows = store.get_items(static, ROWS_TIMEOUT_S)  # the item cache's, when filled
         except StoreUnavailable as exc:
             log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
@@ -140,8 +135,7 @@ class PopularItems:
             return list(self._static)
         weight, catalogue = self._indexed_weight, self._popularity
         pool = set(self._static) | {i for i in online if i in catalogue}
-        score = {i: catalogue[i] * weight + online.get(i, 0.0) for i in pool}
-        return heapq.nsmallest(2 * self.size, pool, key=lambda i: (-score[i], i))
+        return _best({i: catalogue[i] * weight + online.get(i, 0.0) for i in pool}, 2 * self.size)
 
     def set_exploration_share(self, share: float | None) -> None:
         """The share of each list's slots for new items that the indexing job chose for
@@ -188,6 +182,11 @@ class PopularItems:
             if len(out) == k:
                 break
         return out
+
+
+def _best(scores: Mapping[str, float], n: int) -> list[str]:
+    """The ``n`` ids of the highest scores, best first, ties by id."""
+    return heapq.nsmallest(n, scores, key=lambda i: (-scores[i], i))
 
 
 def interleaved(first: Sequence[str], second: Sequence[str]) -> list[str]:
