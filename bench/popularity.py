@@ -149,7 +149,7 @@ def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[st
         "popular_cache_size": size,
         "fill_s": fill_s,
         "rounds": rounds,
-        "same_top": True,
+        "same_top_items": len(top[OURS]),  # compared in order; a difference fails the run
         "timings": timings,
         "memory": memories,
         "load_average": [load_before, load_average()],
@@ -177,7 +177,7 @@ def render(result: dict[str, Any]) -> str:
         f"{result['scanned']:,} items scanned of {result['items']:,} written (texts of "
         f"{result['text_chars']} characters; item cache "
         f"{result['item_cache_size']:,} rows), top {result['popular_cache_size']}, medians of "
-        f"{result['rounds']} rounds; the same top items from both"
+        f"{result['rounds']} rounds; the same top {result['same_top_items']} items from both"
     )
     headers = ["refresh", "wall s", "gateway CPU s", "speed-up", "peak MB", "kept MB"]
     return head + "\n\n" + table(headers, rows) + "\n"
