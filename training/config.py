@@ -156,16 +156,28 @@ class FeatureRankerConfig(StageConfig):
     sequence: bool = True
     #: serve the ranker and the sequence model only where they earn their requests: the
     #: retrieval order and the ranker, each with and without the sequence model, compared on
-    #: the users of the last two cut-offs; the cheapest within one standard error of the best
-    #: is served (:mod:`training.release_choice`; training/evaluation/FINDINGS.md). Off: the
-    #: ranker is served, with the sequence model when ``sequence``
+    #: the users of the last ``choice_windows`` cut-offs; the cheapest within one standard
+    #: error of the best is served (:mod:`training.release_choice`;
+    #: training/evaluation/FINDINGS.md). Off: the ranker is served, with the sequence model
+    #: when ``sequence``
     choose_release: bool = True
     choice_seeds: int = 2  # rankers trained per compared ranker release
+    #: the release choice's validation cut-offs, the last ones that have a cut-off before
+    #: them to train on: each window's rankers train on the cut-offs before it. Four of the
+    #: seven default cut-offs: each window's rankers train on at least three
+    choice_windows: int = 4
     #: replay the gateway's fusion of the sources into its ``candidates`` (with the serving
     #: settings' ``retrieval_weights``, RECSYS_RETRIEVAL_WEIGHTS), so that the ranker learns
     #: on the candidates it will be served; false: the union of every source's best
     #: ``candidates`` (some 250 a user), the replay before 2026-12-04
     fused: bool = True
+
+    def __post_init__(self) -> None:
+        if self.choice_windows < 1 or self.choice_seeds < 1:
+            raise ValueError(
+                "feature_ranker.choice_windows and choice_seeds must be at least 1, got "
+                f"{self.choice_windows} and {self.choice_seeds}"
+            )
 
 
 @dataclass

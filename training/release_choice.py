@@ -6,8 +6,10 @@ candidate source and two ranker features; BENCHMARKS.md: a third of the throughp
 concurrency 1). Some catalogues earn it and some do not: the sequence model lifts the shop's
 ranker by 7% and the music log's by nothing, and MovieLens's ranker was level with the
 retrieval order it re-ranks (training/evaluation/FINDINGS.md). So, like popularity's
-half-life and the exploration share, the catalogue decides, on its last two cut-offs inside
-the training period (the test users are not looked at).
+half-life and the exploration share, the catalogue decides, on the users of its last
+cut-offs inside the training period (``feature_ranker.choice_windows``, four: two read too few
+users to settle the shop's choice from one run to the next; FINDINGS.md). The test users are
+not looked at.
 
 Up to four releases are compared on the same users: the retrieval order (what the gateway
 serves without a ranker) and the feature ranker, each without and with the sequence model.
@@ -111,13 +113,13 @@ def cutoff_split(groups: Groups, cutoff: int) -> tuple[list[dict[str, Any]], lis
     return train, held_out
 
 
-def validation_cutoffs(groups: Groups, windows: int = 2) -> list[int]:
+def validation_cutoffs(groups: Groups, windows: int) -> list[int]:
     """The last ``windows`` cut-offs that have one before them to train on."""
     return sorted({int(g["cutoff"]) for g in groups})[1:][-windows:] if windows > 0 else []
 
 
 def validation_ndcg(
-    groups: Groups, cfg: FeatureRankerConfig, seeds: Sequence[int], windows: int = 2
+    groups: Groups, cfg: FeatureRankerConfig, seeds: Sequence[int], windows: int
 ) -> Scores:
     """Each ``(cut-off, user)``'s NDCG@10 for the last ``windows`` cut-offs that have one
     before them, under rankers trained on the groups of the cut-offs before it, averaged over
@@ -136,7 +138,7 @@ def validation_ndcg(
     return out
 
 
-def retrieval_ndcg(groups: Groups, weights: Mapping[str, float], windows: int = 2) -> Scores:
+def retrieval_ndcg(groups: Groups, weights: Mapping[str, float], windows: int) -> Scores:
     """Each ``(cut-off, user)``'s NDCG@10 of the retrieval order (``weights``: the gateway's
     fusion weights) on the same users as :func:`validation_ndcg`."""
     out: Scores = {}
@@ -159,13 +161,13 @@ def choose_release(
     cfg: FeatureRankerConfig,
     weights: Mapping[str, float],
     seeds: Sequence[int] = (0, 1),
-    windows: int = 2,
 ) -> ReleaseChoice:
     """The choice (see the module docstring) from the stage's replay without the sequence
     model and, where it may be served, with it (``None``: it may not); ``cfg``: the stage's
-    settings (its batch the global batch); ``weights``: the gateway's retrieval fusion
-    weights. Fewer than two users in common, or a single cut-off, is no evidence: the
-    cheapest release."""
+    settings (its batch the global batch; ``choice_windows``: how many of the last cut-offs
+    validate); ``weights``: the gateway's retrieval fusion weights. Fewer than two users in
+    common, or a single cut-off, is no evidence: the cheapest release."""
+    windows = cfg.choice_windows
     replays = {False: without, True: with_sequence}
     scores: dict[Release, Scores] = {}
     for release in RELEASES:

@@ -41,6 +41,9 @@ def test_overrides_and_validation(tmp_path: Path) -> None:
     assert load_config(None, ["sequence.content_source=pretrained"]).sequence.content_source == (
         "pretrained"
     )
+    with pytest.raises(ValueError, match="choice_windows and choice_seeds must be at least 1"):
+        load_config(None, ["feature_ranker.choice_windows=0"])
+    assert load_config(None, ["feature_ranker.choice_windows=4"]).feature_ranker.choice_windows == 4
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
 
 

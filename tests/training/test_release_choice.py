@@ -4,6 +4,7 @@ users."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -74,8 +75,12 @@ def test_both_served_where_the_sequence_model_lifts_the_ranker_over_everything()
     assert choice.ranker and choice.sequence
     # the users of the last two cut-offs, each window trained on the cut-offs before it
     assert choice.users == 80
-    once = choose_release(with_seq, without_sequence(with_seq), CFG, WEIGHTS, windows=1)
+    last = dataclasses.replace(CFG, choice_windows=1)
+    once = choose_release(with_seq, without_sequence(with_seq), last, WEIGHTS)
     assert once.users == 40
+    # the default reads the last four cut-offs that have one before them
+    longer = groups(cutoffs=6, users=10)
+    assert choose_release(None, without_sequence(longer), CFG, WEIGHTS).users == 40
     assert set(choice.ndcg) == {r.name for r in RELEASES}
     assert choice.best == "feature ranker + sequence model" == choice.name
     best, plain = choice.ndcg[choice.best], choice.ndcg["feature ranker"]
