@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from training.config import StageConfig
 from training.models.pretrained import load_tokenizer, set_offline
 from training.models.ranker import adamw
+from training.reproducible import deterministic
 from training.tasks.base import ModelT, Row, Task
 from training.tracking import worker_logger
 
@@ -214,10 +215,12 @@ def _schedule(
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
 
 
+@deterministic()
 def fit_in_process(task: Task[ModelT, Any], rows: Sequence[Row], seed: int) -> ModelT:
     """``task``'s model trained in this process, one worker, with the loop's optimizer,
     schedule, clipping and epochs (no Ray, no checkpoints): for analyses that train many
-    small models, such as :mod:`training.evaluation.ranker_validation`."""
+    small models, such as :mod:`training.evaluation.ranker_validation`, and the release
+    choice; the same model for the same seed on any number of threads."""
     _setup(seed, torch.get_num_threads(), 0)
     model = task.build_model("")
     stage = task.cfg

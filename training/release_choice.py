@@ -7,9 +7,9 @@ concurrency 1). Some catalogues earn it and some do not: the sequence model lift
 ranker by 7% and the music log's by nothing, and MovieLens's ranker was level with the
 retrieval order it re-ranks (training/evaluation/FINDINGS.md). So, like popularity's
 half-life and the exploration share, the catalogue decides, on the users of its last
-cut-offs inside the training period (``feature_ranker.choice_windows``, four: two read too few
-users to settle the shop's choice from one run to the next; FINDINGS.md). The test users are
-not looked at.
+cut-offs inside the training period (``feature_ranker.choice_windows``, four: with two, the
+shop's choice sat on the one-standard-error line; FINDINGS.md). The test users are not
+looked at.
 
 Up to four releases are compared on the same users: the retrieval order (what the gateway
 serves without a ranker) and the feature ranker, each without and with the sequence model.

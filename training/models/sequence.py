@@ -79,6 +79,7 @@ from core.sequence_inputs import (
 from core.text import item_texts
 from training.config import SequenceConfig
 from training.models.ranker import adamw
+from training.reproducible import deterministic
 
 #: age buckets: 0 = no interaction before the snapshot, 1 + floor(log2(1 + days since))
 AGE_BUCKETS = 1 + 18
@@ -608,6 +609,7 @@ class _Rows(torch.utils.data.Dataset[Mapping[str, Any]]):
         return self.rows[i]
 
 
+@deterministic()
 def train_sequence_model(
     cfg: SequenceConfig,
     space: ItemSpace,
@@ -617,7 +619,8 @@ def train_sequence_model(
     log: Callable[[str], None] | None = None,
 ) -> tuple[SASRec, list[dict[str, float]]]:
     """Train in this process (no Ray): the same model, batches, loss and optimizer settings
-    as the Ray stage (AdamW, linear warm-up/decay, gradient norm clipped to 1)."""
+    as the Ray stage (AdamW, linear warm-up/decay, gradient norm clipped to 1); the same
+    weights for the same seed on any number of threads."""
     torch.manual_seed(seed)
     model = SASRec(cfg, space)
     collate = SequenceCollator(cfg.max_seq_len, seed=seed)

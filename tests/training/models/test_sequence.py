@@ -3,7 +3,9 @@ shuffling, the request-time snapshots, and that it learns a deterministic next i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -219,3 +221,27 @@ def test_save_load_and_validation_metrics(tmp_path: Path) -> None:
     assert data.inputs and all(len(t) <= 10 for t in data.targets)
     m = evaluate_sequence(model, data, k=3)
     assert 0.0 <= m["ndcg_at_3"] <= 1.0 and m["eval_users"] == len(data.inputs)
+
+
+def test_training_is_bit_reproducible_on_two_threads() -> None:
+    """The same seed gives the same weights with two intra-op threads, as the release
+    choice's replay twins train in ``make train``'s driver (without PyTorch's deterministic
+    kernels, two such runs here gave different weights)."""
+    items = 2000  # large enough for the multi-threaded kernels that accumulate in any order
+    ev = _cycle_events(users=300, length=30, items=items)
+    space = _space(ev, [f"i{n}" for n in range(items)], content_dim=32)
+    rows = training_rows(ev, space, max_len=20)
+    cfg = _cfg(dim=64, batch_size=64, max_seq_len=20)
+
+    def weights(train: Callable[..., tuple[SASRec, Any]]) -> list[torch.Tensor]:
+        model, _ = train(cfg, space, rows, seed=0)
+        return [v.detach().clone() for _, v in sorted(model.state_dict().items())]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = weights(train_sequence_model), weights(train_sequence_model)
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+        assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+    finally:
+        torch.set_num_threads(threads)
