@@ -76,11 +76,13 @@ class ReleaseChoice:
 
     ranker: bool
     sequence: bool
-    users: int  # validation groups: a user of both windows counts twice
+    users: int  # validation groups: a user of several windows counts once in each
     ndcg: dict[str, float]  # each compared release's mean NDCG@10
     best: str  # the release with the highest mean (empty without evidence)
     #: each release's standard error of its mean paired difference to the best
     standard_error: dict[str, float]
+    #: the windows read: indices of the stage's sorted cut-offs that have validation users
+    cutoffs: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -99,8 +101,9 @@ class ReleaseChoice:
             for name, v in self.ndcg.items()
         )
         return (
-            f"serves the {self.name}: NDCG@10 on the last cut-offs' {self.users} users "
-            f"{figures}; the cheapest within one s.e. of the best ({self.best})"
+            f"serves the {self.name}: NDCG@10 on the last {len(self.cutoffs)} cut-offs' "
+            f"{self.users} users {figures}; the cheapest within one s.e. of the best "
+            f"({self.best})"
         )
 
 
@@ -181,7 +184,7 @@ def choose_release(
             scores[release] = retrieval_ndcg(groups, weights, windows)
     users = sorted(set.intersection(*(set(s) for s in scores.values())))
     if len(users) < 2:
-        return ReleaseChoice(False, False, len(users), {}, "", {})
+        return ReleaseChoice(False, False, len(users), {}, "", {}, _cutoffs(users))
     releases = list(scores)  # cheapest first
     gains = np.array([[scores[r][u] for r in releases] for u in users])
     best, errors, close = within_one_se(gains)
@@ -193,4 +196,9 @@ def choose_release(
         {r.name: float(v) for r, v in zip(releases, gains.mean(axis=0), strict=True)},
         releases[best].name,
         {r.name: float(e) for r, e in zip(releases, errors, strict=True)},
+        _cutoffs(users),
     )
+
+
+def _cutoffs(users: Sequence[tuple[int, str]]) -> tuple[int, ...]:
+    return tuple(sorted({cutoff for cutoff, _ in users}))

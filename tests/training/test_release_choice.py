@@ -74,13 +74,15 @@ def test_both_served_where_the_sequence_model_lifts_the_ranker_over_everything()
     choice = choose_release(with_seq, without_sequence(with_seq), CFG, WEIGHTS)
     assert choice.ranker and choice.sequence
     # the users of the last two cut-offs, each window trained on the cut-offs before it
-    assert choice.users == 80
+    assert choice.users == 80 and choice.cutoffs == (1, 2)
     last = dataclasses.replace(CFG, choice_windows=1)
     once = choose_release(with_seq, without_sequence(with_seq), last, WEIGHTS)
-    assert once.users == 40
+    assert once.users == 40 and once.cutoffs == (2,)
     # the default reads the last four cut-offs that have one before them
     longer = groups(cutoffs=6, users=10)
-    assert choose_release(None, without_sequence(longer), CFG, WEIGHTS).users == 40
+    four = choose_release(None, without_sequence(longer), CFG, WEIGHTS)
+    assert four.users == 40 and four.cutoffs == (2, 3, 4, 5)
+    assert "on the last 4 cut-offs' 40 users" in str(four)
     assert set(choice.ndcg) == {r.name for r in RELEASES}
     assert choice.best == "feature ranker + sequence model" == choice.name
     best, plain = choice.ndcg[choice.best], choice.ndcg["feature ranker"]
@@ -119,6 +121,7 @@ def test_a_single_cut_off_is_no_evidence() -> None:
     with_seq = groups(cutoffs=1)
     choice = choose_release(with_seq, without_sequence(with_seq), CFG, WEIGHTS)
     assert not choice.ranker and not choice.sequence and choice.users == 0
+    assert choice.cutoffs == ()
     assert str(choice) == "serves the retrieval order: 0 validation users, too few to compare"
 
 

@@ -211,6 +211,7 @@ def test_the_feature_ranker_trains_on_the_replay_the_release_choice_picks(
     out = fit_feature_ranker(cfg, data, catalogue, cfg.pretrained_dir(), False, seq_dir)
     choice = data.info["release_choice"]
     assert 0 < choice["users"] <= 20  # the last cut-off's users (the first has none before)
+    assert choice["cutoffs"] == (1,)
     assert len(choice["ndcg"]) == 4 and all(0.0 <= v <= 1.0 for v in choice["ndcg"].values())
     assert choice["serves"] in choice["ndcg"]
     model = load_feature_ranker(out / "feature_ranker")
