@@ -201,4 +201,5 @@ def choose_release(
 
 
 def _cutoffs(users: Sequence[tuple[int, str]]) -> tuple[int, ...]:
+    """The windows that ``(cut-off, user)`` keys name, in order."""
     return tuple(sorted({cutoff for cutoff, _ in users}))
