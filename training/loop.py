@@ -220,7 +220,7 @@ def fit_in_process(task: Task[ModelT, Any], rows: Sequence[Row], seed: int) -> M
     """``task``'s model trained in this process, one worker, with the loop's optimizer,
     schedule, clipping and epochs (no Ray, no checkpoints): for analyses that train many
     small models, such as :mod:`training.evaluation.ranker_validation`, and the release
-    choice; the same model for the same seed on any number of threads."""
+    choice; with PyTorch's deterministic kernels (:mod:`training.reproducible`)."""
     _setup(seed, torch.get_num_threads(), 0)
     model = task.build_model("")
     stage = task.cfg
