@@ -3,9 +3,7 @@ shuffling, the request-time snapshots, and that it learns a deterministic next i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -233,14 +231,14 @@ def test_training_is_bit_reproducible_on_two_threads() -> None:
     rows = training_rows(ev, space, max_len=20)
     cfg = _cfg(dim=64, batch_size=64, max_seq_len=20)
 
-    def weights(train: Callable[..., tuple[SASRec, Any]]) -> list[torch.Tensor]:
-        model, _ = train(cfg, space, rows, seed=0)
+    def weights() -> list[torch.Tensor]:
+        model, _ = train_sequence_model(cfg, space, rows, seed=0)
         return [v.detach().clone() for _, v in sorted(model.state_dict().items())]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        first, second = weights(train_sequence_model), weights(train_sequence_model)
+        first, second = weights(), weights()
         assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
         assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
     finally:
