@@ -142,6 +142,11 @@ class FeatureRankerConfig(StageConfig):
     cross_layers: int = 2
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.1
+    #: DCN-v2s trained side by side from their own initialisations, the served logit their
+    #: mean (:class:`~training.models.feature_ranker.RankerEnsemble`); 1: one DCN-v2. Three
+    #: rank as well as one on the three catalogues' validation users, and their lists move
+    #: less with the seed (training/evaluation/FINDINGS.md)
+    members: int = 3
     #: cut-offs as event-count quantiles of the training period
     cutoffs: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     users_per_cutoff: int | None = 400
@@ -173,10 +178,10 @@ class FeatureRankerConfig(StageConfig):
     fused: bool = True
 
     def __post_init__(self) -> None:
-        if self.choice_windows < 1 or self.choice_seeds < 1:
+        if self.choice_windows < 1 or self.choice_seeds < 1 or self.members < 1:
             raise ValueError(
-                "feature_ranker.choice_windows and choice_seeds must be at least 1, got "
-                f"{self.choice_windows} and {self.choice_seeds}"
+                "feature_ranker.choice_windows, choice_seeds and members must be at least 1, "
+                f"got {self.choice_windows}, {self.choice_seeds} and {self.members}"
             )
 
 

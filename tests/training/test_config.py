@@ -41,8 +41,10 @@ def test_overrides_and_validation(tmp_path: Path) -> None:
     assert load_config(None, ["sequence.content_source=pretrained"]).sequence.content_source == (
         "pretrained"
     )
-    with pytest.raises(ValueError, match="choice_windows and choice_seeds must be at least 1"):
+    with pytest.raises(ValueError, match="choice_seeds and members must be at least 1"):
         load_config(None, ["feature_ranker.choice_windows=0"])
+    with pytest.raises(ValueError, match="got 4, 2 and 0"):
+        load_config(None, ["feature_ranker.members=0"])
     assert load_config(None, ["feature_ranker.choice_windows=4"]).feature_ranker.choice_windows == 4
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
 

@@ -39,7 +39,13 @@ from training.data.candidates import (
     exposure_groups,
     split_at,
 )
-from training.models.feature_ranker import DCNv2, load_feature_ranker, save_feature_ranker
+from training.models.feature_ranker import (
+    Ranker,
+    build_ranker,
+    load_feature_ranker,
+    member_logits,
+    save_feature_ranker,
+)
 from training.models.metrics import log_loss, roc_auc
 from training.tasks.base import Batch, Row, Task
 
@@ -162,7 +168,7 @@ def group_ndcgs(
 
 @torch.no_grad()
 def group_scores(
-    model: DCNv2, groups: Groups, device: torch.device | None = None
+    model: Ranker, groups: Groups, device: torch.device | None = None
 ) -> list[np.ndarray]:
     """The model's logit of every candidate, one array per group (the model's mode as
     found: a caller that trained it puts it in eval mode first)."""
@@ -186,7 +192,7 @@ def retrieval_order(groups: Groups, weights: Mapping[str, float]) -> list[np.nda
 
 
 @dataclass
-class FeatureRankerTask(Task[DCNv2, Groups]):
+class FeatureRankerTask(Task[Ranker, Groups]):
     """Click / no-click on replayed gateway candidates (see the module docstring)."""
 
     cfg: FeatureRankerConfig
@@ -195,18 +201,24 @@ class FeatureRankerTask(Task[DCNv2, Groups]):
     served: bool = True  # whether its release serves it (training/release_choice.py)
     name: ClassVar[str] = "feature_ranker"
 
-    def build_model(self, pretrained: str) -> DCNv2:
+    def build_model(self, pretrained: str) -> Ranker:
         cfg = self.cfg
-        model = DCNv2(
-            len(FEATURES), cfg.cross_layers, cfg.hidden, cfg.dropout, cfg.sequence, self.served
+        model = build_ranker(
+            cfg.members,
+            len(FEATURES),
+            cfg.cross_layers,
+            cfg.hidden,
+            cfg.dropout,
+            cfg.sequence,
+            self.served,
         )
         model.set_scaling(torch.tensor(self.mean), torch.tensor(self.std))
         return model
 
-    def load_model(self, checkpoint: Path) -> DCNv2:
+    def load_model(self, checkpoint: Path) -> Ranker:
         return load_feature_ranker(checkpoint / SUBDIR)
 
-    def save_model(self, model: DCNv2, tokenizer: Any, checkpoint: Path) -> None:
+    def save_model(self, model: Ranker, tokenizer: Any, checkpoint: Path) -> None:
         save_feature_ranker(model, checkpoint / SUBDIR)
 
     def collator(self, tokenizer: Any) -> Any:
@@ -218,11 +230,16 @@ class FeatureRankerTask(Task[DCNv2, Groups]):
         return f"{len(rows)} users, {candidates} candidates ({positives} clicked)"
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(model(batch["features"]), batch["labels"])
+        """Each member's own binary cross-entropy, summed (so an ensemble's logged
+        ``train_loss`` is the members' sum): the members learn independently (their gradients
+        do not mix), so they stay as different as their seeds made them."""
+        logits = member_logits(model, batch["features"])
+        labels = batch["labels"].expand_as(logits)
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum()
 
     @torch.no_grad()
     def evaluate(
-        self, model: DCNv2, tokenizer: Any, data: Groups, device: torch.device
+        self, model: Ranker, tokenizer: Any, data: Groups, device: torch.device
     ) -> dict[str, float]:
         was_training = model.training
         model.eval()
