@@ -23,7 +23,7 @@ Saved format (what :func:`load_feature_ranker` and the exporter read)::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -77,6 +77,18 @@ class DCNv2(nn.Module):
             # re-ranks nothing (training/release_choice.py); kept for its metrics
             "served": served,
         }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DCNv2:
+        """An untrained DCN-v2 of a saved ``config.json``'s settings."""
+        return cls(
+            len(config["features"]),
+            int(config["cross_layers"]),
+            list(config["hidden"]),
+            float(config["dropout"]),
+            bool(config.get("sequence", False)),
+            bool(config.get("served", True)),
+        )
 
     def set_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise with the training features' statistics (near-constant: std 1)."""
@@ -160,15 +172,7 @@ class RankerEnsemble(nn.Module):
 
     def member(self, index: int) -> DCNv2:
         """Member ``index`` as its own DCN-v2 (a copy of its weights and the scaling)."""
-        cfg = self.config
-        net = DCNv2(
-            len(self.mean),
-            int(cfg["cross_layers"]),
-            list(cfg["hidden"]),
-            float(cfg["dropout"]),
-            bool(cfg["sequence"]),
-            bool(cfg["served"]),
-        )
+        net = DCNv2.from_config(self.config)
         layers = [
             *net.cross,
             *(x for x in net.deep if isinstance(x, nn.Linear)),
@@ -198,22 +202,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
 Ranker = DCNv2 | RankerEnsemble
 
 
-def build_ranker(
-    members: int,
-    n_features: int = len(FEATURES),
-    cross_layers: int = 2,
-    hidden: Sequence[int] = (64, 32),
-    dropout: float = 0.1,
-    sequence: bool = False,
-    served: bool = True,
-) -> Ranker:
-    """One DCN-v2 (``members`` 1: saved as before ensembles existed), else an ensemble of
-    ``members``, each built in turn from the global random state."""
+def build_ranker(members: int, make: Callable[[], DCNv2] = DCNv2) -> Ranker:
+    """One DCN-v2 from ``make`` (``members`` 1: saved as before ensembles existed), else an
+    ensemble of ``members``, each made in turn from the global random state."""
     if members < 1:
         raise ValueError(f"a feature ranker needs at least one member, got {members}")
-    nets = [
-        DCNv2(n_features, cross_layers, hidden, dropout, sequence, served) for _ in range(members)
-    ]
+    nets = [make() for _ in range(members)]
     return nets[0] if members == 1 else RankerEnsemble(nets)
 
 
@@ -267,14 +261,6 @@ def load_feature_ranker(path: Path) -> Ranker:
             f"{path} was trained on features {config['features']}, this code builds "
             f"{list(FEATURES)}: retrain or use the matching code"
         )
-    model = build_ranker(
-        int(config.get("members", 1)),
-        len(FEATURES),
-        config["cross_layers"],
-        config["hidden"],
-        config["dropout"],
-        bool(config.get("sequence", False)),
-        bool(config.get("served", True)),
-    )
+    model = build_ranker(int(config.get("members", 1)), lambda: DCNv2.from_config(config))
     model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval()

@@ -40,6 +40,7 @@ from training.data.candidates import (
     split_at,
 )
 from training.models.feature_ranker import (
+    DCNv2,
     Ranker,
     build_ranker,
     load_feature_ranker,
@@ -205,12 +206,9 @@ class FeatureRankerTask(Task[Ranker, Groups]):
         cfg = self.cfg
         model = build_ranker(
             cfg.members,
-            len(FEATURES),
-            cfg.cross_layers,
-            cfg.hidden,
-            cfg.dropout,
-            cfg.sequence,
-            self.served,
+            lambda: DCNv2(
+                len(FEATURES), cfg.cross_layers, cfg.hidden, cfg.dropout, cfg.sequence, self.served
+            ),
         )
         model.set_scaling(torch.tensor(self.mean), torch.tensor(self.std))
         return model

@@ -30,7 +30,7 @@ def _rows(n: int = 32, seed: int = 0) -> torch.Tensor:
 
 def test_an_ensemble_serves_its_members_mean_logit_and_round_trips(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_ranker(3, sequence=True)
+    model = build_ranker(3, lambda: DCNv2(sequence=True))
     assert isinstance(model, RankerEnsemble)
     model.set_scaling(torch.full((len(FEATURES),), 0.5), torch.full((len(FEATURES),), 2.0))
     model.eval()
