@@ -93,7 +93,7 @@ class DCNv2(nn.Module):
     def set_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise with the training features' statistics (near-constant: std 1)."""
         self.mean.copy_(mean)
-        self.std.copy_(torch.where(std > MIN_STD, std, torch.ones_like(std)))
+        self.std.copy_(_spread(std))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(batch,)``."""
@@ -106,7 +106,7 @@ class DCNv2(nn.Module):
 
 class RankerEnsemble(nn.Module):
     """Several DCN-v2s of one configuration, each from its own initialisation and trained on
-    its own loss over the same batches (:meth:`member_logits`); it serves the mean of their
+    its own loss over the same batches (``forward(..., members=True)``); it serves the mean of their
     logits. One ranker's order moves with its seed (NDCG@10 0.183-0.192 over three seeds on a
     MovieLens validation window); three members rank about as well, and two of them trained
     with different seeds share 93-94% of a user's top 10 where two single rankers share
@@ -129,32 +129,21 @@ class RankerEnsemble(nn.Module):
         self.register_buffer("mean", first.mean.clone())
         self.register_buffer("std", first.std.clone())
 
-        def stacked(layers: Callable[[DCNv2], Sequence[nn.Linear]]) -> nn.ParameterList:
-            per_layer = zip(*(layers(m) for m in members), strict=True)
-            out = []
-            for same in per_layer:  # one layer of every member
-                out.append(nn.Parameter(torch.stack([lin.weight.detach() for lin in same])))
-                out.append(nn.Parameter(torch.stack([lin.bias.detach() for lin in same])))
-            return nn.ParameterList(out)
-
-        self.cross = stacked(lambda m: [cast(nn.Linear, c) for c in m.cross])
-        self.deep = stacked(lambda m: [x for x in m.deep if isinstance(x, nn.Linear)])
-        self.head = stacked(lambda m: [m.head])
+        cross, deep, head = zip(*(_linears(m) for m in members), strict=True)
+        self.cross, self.deep, self.head = _stacked(cross), _stacked(deep), _stacked(head)
         self.dropout = nn.Dropout(float(first.config["dropout"]))
-
-    @property
-    def members(self) -> int:
-        return int(self.config["members"])
 
     def set_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """As :meth:`DCNv2.set_scaling`: one scaling, shared by the members."""
         self.mean.copy_(mean)
-        self.std.copy_(torch.where(std > MIN_STD, std, torch.ones_like(std)))
+        self.std.copy_(_spread(std))
 
-    def member_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Every member's logits, ``(members, batch)``: what training's loss reads. Each
-        member's rows go through its own weights exactly as through its DCN-v2."""
-        x0 = ((features - self.mean) / self.std).expand(self.members, -1, -1)
+    def forward(self, features: torch.Tensor, members: bool = False) -> torch.Tensor:
+        """Logits of shape ``(batch,)``: the members' mean; ``members``: each member's,
+        ``(members, batch)``, what training's loss reads (through ``forward``, so that a DDP
+        wrapper sees the pass). Each member's rows go through its own weights exactly as
+        through its DCN-v2."""
+        x0 = ((features - self.mean) / self.std).expand(int(self.config["members"]), -1, -1)
         x = x0
         for w, b in _pairs(self.cross):
             x = x0 * _linear(x, w, b) + x
@@ -162,29 +151,41 @@ class RankerEnsemble(nn.Module):
         for w, b in _pairs(self.deep):
             h = self.dropout(torch.relu(_linear(h, w, b)))
         (w, b), *_ = _pairs(self.head)
-        return _linear(torch.cat([x, h], dim=-1), w, b).squeeze(-1)
-
-    def forward(self, features: torch.Tensor, members: bool = False) -> torch.Tensor:
-        """Logits of shape ``(batch,)``: the members' mean; ``members``: each member's, as
-        :meth:`member_logits` (through ``forward``, so that a DDP wrapper sees the pass)."""
-        logits = self.member_logits(features)
+        logits = _linear(torch.cat([x, h], dim=-1), w, b).squeeze(-1)
         return logits if members else logits.mean(dim=0)
 
     def member(self, index: int) -> DCNv2:
         """Member ``index`` as its own DCN-v2 (a copy of its weights and the scaling)."""
         net = DCNv2.from_config(self.config)
-        layers = [
-            *net.cross,
-            *(x for x in net.deep if isinstance(x, nn.Linear)),
-            net.head,
-        ]
+        layers = [layer for group in _linears(net) for layer in group]
         weights = [*_pairs(self.cross), *_pairs(self.deep), *_pairs(self.head)]
         with torch.no_grad():
             for layer, (w, b) in zip(layers, weights, strict=True):
-                cast(nn.Linear, layer).weight.copy_(w[index])
-                cast(nn.Linear, layer).bias.copy_(b[index])
+                layer.weight.copy_(w[index])
+                layer.bias.copy_(b[index])
             net.set_scaling(self.mean, self.std)
         return net.train(self.training)
+
+
+def _spread(std: torch.Tensor) -> torch.Tensor:
+    """The standardisation's spread: a feature that barely varies is left unscaled."""
+    return torch.where(std > MIN_STD, std, torch.ones_like(std))
+
+
+def _linears(net: DCNv2) -> tuple[list[nn.Linear], list[nn.Linear], list[nn.Linear]]:
+    """A DCN-v2's linear layers in order: its cross layers, its MLP's, its head."""
+    cross = [cast(nn.Linear, layer) for layer in net.cross]
+    return cross, [x for x in net.deep if isinstance(x, nn.Linear)], [net.head]
+
+
+def _stacked(members: Sequence[Sequence[nn.Linear]]) -> nn.ParameterList:
+    """The same layers of every member as (weight, bias) pairs, ``(members, out, in)`` and
+    ``(members, out)``, layer after layer."""
+    out = []
+    for same in zip(*members, strict=True):  # one layer of every member
+        out.append(nn.Parameter(torch.stack([lin.weight.detach() for lin in same])))
+        out.append(nn.Parameter(torch.stack([lin.bias.detach() for lin in same])))
+    return nn.ParameterList(out)
 
 
 def _pairs(params: nn.ParameterList) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -620,7 +620,8 @@ def train_sequence_model(
 ) -> tuple[SASRec, list[dict[str, float]]]:
     """Train in this process (no Ray): the same model, batches, loss and optimizer settings
     as the Ray stage (AdamW, linear warm-up/decay, gradient norm clipped to 1); the same
-    weights for the same seed on any number of threads."""
+    weights for the same seed from run to run, also on several threads (PyTorch's
+    deterministic kernels)."""
     torch.manual_seed(seed)
     model = SASRec(cfg, space)
     collate = SequenceCollator(cfg.max_seq_len, seed=seed)
