@@ -199,11 +199,11 @@ def test_triton_image() -> None:
     assert base_images(text) == [TRITON_BASE]
     runs = " ".join(arguments(text, "RUN"))
     pins = dict(re.findall(r'"([\w-]+)==([^"]+)"', runs))
-    assert set(pins) >= {"numpy", "onnxruntime", "tokenizers"}, pins
+    assert set(pins) >= {"numpy", "onnxruntime", "tokenizers", "openvino"}, pins
     assert pins["numpy"].startswith("1."), "the python backend needs numpy<2"
     lock = REPO_ROOT / "requirements-triton.lock"  # a deleted lock fails here, never skips
     locked = dict(re.findall(r"^([\w-]+)==(\S+)", lock.read_text(), re.M))
-    for package in ("numpy", "tokenizers"):
+    for package in ("numpy", "tokenizers", "openvino"):
         assert pins[package] == locked.get(package), f"{package}: image != {lock.name}"
 
 

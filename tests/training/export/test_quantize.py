@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from tests.training.export.served_runner import load_runner
 from training.export import onnx_export
 from training.export.onnx_export import (
     ParityError,
@@ -103,25 +104,6 @@ def test_a_graph_without_weight_matmuls_is_refused(tmp_path: Path) -> None:
         quantize_rowwise(tmp_path / "m.onnx", tmp_path / "q.onnx")
 
 
-def _runner(monkeypatch: pytest.MonkeyPatch, warnings: list[str]) -> type:
-    """The served ``model.py`` with a stand-in for the python backend's utilities."""
-    import importlib.util
-    import sys
-    import types
-
-    from core.config import REPO_ROOT
-
-    utils = types.ModuleType("triton_python_backend_utils")
-    utils.Logger = types.SimpleNamespace(log_warn=warnings.append)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
-    path = REPO_ROOT / "model_repository" / "item_encoder" / "model.py"
-    spec = importlib.util.spec_from_file_location("item_encoder_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TritonPythonModel  # type: ignore[no-any-return]
-
-
 def test_the_runner_serves_the_named_graph_and_an_older_version_its_model_onnx(
     tower: tuple[str, TowerExportReport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,8 +111,8 @@ def test_the_runner_serves_the_named_graph_and_an_older_version_its_model_onnx(
     import shutil
 
     fp32 = tower[1].onnx_path
-    warnings: list[str] = []
-    runner = _runner(monkeypatch, warnings)
+    logs: list[str] = []
+    runner = load_runner(monkeypatch, logs).TritonPythonModel
     config = {
         "input": [{"name": "input_ids"}, {"name": "attention_mask"}],
         "output": [{"name": "embedding"}],
@@ -150,7 +132,7 @@ def test_the_runner_serves_the_named_graph_and_an_older_version_its_model_onnx(
         model.initialize({**args, "model_version": version})
         diffs[version] = float(np.abs(model.session.run(None, feeds)[0] - expected).max())
     assert diffs["1"] < 1e-6 < diffs["2"]  # version 1 has no int8 graph: it serves fp32
-    assert len(warnings) == 1 and "1/model.int8.onnx missing" in warnings[0]
+    assert sum("1/model.int8.onnx missing" in line for line in logs) == 1
 
 
 def test_a_release_whose_tower_quantises_poorly_ships_without_the_int8_graph(

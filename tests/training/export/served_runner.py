@@ -1,0 +1,35 @@
+"""The served python-backend runner (``model_repository/item_encoder/model.py``) loaded in
+this process, with a stand-in for Triton's ``triton_python_backend_utils``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from core.config import REPO_ROOT
+
+RUNNER = REPO_ROOT / "model_repository" / "item_encoder" / "model.py"
+
+
+def load_runner(monkeypatch: pytest.MonkeyPatch, logs: list[str]) -> types.ModuleType:
+    """The runner module; what it logs (warnings and info alike) goes to ``logs``."""
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.Logger = types.SimpleNamespace(log_warn=logs.append, log_info=logs.append)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    spec = importlib.util.spec_from_file_location("served_runner_model", RUNNER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def host_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (from /proc/cpuinfo, not from OpenVINO: the
+    runner asks OpenVINO, so the tests ask the kernel)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.is_file() else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
