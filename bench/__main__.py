@@ -439,9 +439,17 @@ def _indexing(
     state: Path,
 ) -> None:
     """Item indexing of the whole catalogue (not the slice), into scratch collections; Triton
-    restarted with a twin item embedder serving the release's other item graph."""
+    restarted with a twin item embedder serving the release's item tower otherwise."""
     from bench import indexing, machine, models, stack
-    from bench.variants import ITEM_TWIN, Variant, serve, served_graph, variant_repository
+    from bench.variants import (
+        FP32,
+        ITEM_TWIN,
+        Variant,
+        item_tower_served,
+        serve,
+        served_label,
+        variant_repository,
+    )
     from core.behaviour import popularity_half_life
     from ops.indexing import item_rows
     from training.data import load_dataset
@@ -456,9 +464,9 @@ def _indexing(
     rows = rows[: plan.indexing_items] if plan.indexing_items else rows
     r["row_build_seconds"] = round(time.monotonic() - t0, 1)
     arch = models.arch_of(PooledEncoder(load_bert(chosen.item_tower)))
-    fp32_served = served_graph(repository / "item_encoder") == "model.onnx"
-    other = INT8_GRAPH if fp32_served else "model.onnx"  # the graph the release does not serve
-    twin = Variant(f"item embedder twin on {other}", item_twin_graph=other)
+    served = item_tower_served(repository / "item_encoder")
+    other = FP32 if served != FP32 else (INT8_GRAPH, "onnxruntime")
+    twin = Variant(f"item embedder twin on {other}", item_twin=other)
     serve(running, variant_repository(repository, twin, state / "indexing-repository"))
     peak = machine.quick_fp32_peak(1.0, threads)
     r.update(
@@ -469,7 +477,7 @@ def _indexing(
             plan.indexing_rounds,
             arch=arch,
             fp32_peak=peak,
-            twin=(other, ITEM_TWIN),
+            twin=indexing.Twin(served_label(served), served_label(other), ITEM_TWIN),
         )
     )
 

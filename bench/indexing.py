@@ -16,10 +16,12 @@ sends (``item_batches``), each embedded and upserted by ``embed_and_upsert`` unl
 - **the job: tokenizer lengths, upsert overlapped**: the same batches through
   ``index_rows`` itself, which upserts each batch while Triton embeds the next (what
   ``python -m ops.indexing`` and ``make demo`` run); the target row reports this one;
-- **the job, the other item graph**: the job again through a twin of the item embedder
-  whose encoder serves the release's other graph (``model.onnx``, fp32, where the release
-  serves ``model.int8.onnx``, and the other way round; ``bench.variants``), so the int8 item
-  tower and fp32 are timed side by side on one Triton.
+- **the job, the tower served otherwise**: the job again through a twin of the item embedder
+  whose encoder serves the release's item tower another way (``bench.variants``): ONNX
+  Runtime's fp32 ``model.onnx`` where the release serves anything else (OpenVINO's bf16
+  products, the config's ``engine: auto`` on a CPU with bf16 instructions, or the int8
+  graph), else the int8 graph; so the served tower and its fp32 or int8 alternative are timed
+  side by side on one Triton.
 
 The others take turns batch by batch (who goes first alternates), so that load drift on a
 shared machine hits all of them alike; the jobs' passes, whose batches overlap, run whole,
@@ -32,7 +34,7 @@ and real-token share are computed with the release's tokenizer for the batches e
 sent (exact, independent of load); the FLOP columns count the same operations for the int8
 graph. Every round checks that each variant wrote each item exactly once (else the section
 fails); the last column is the largest difference between a variant's vectors and file
-order's (for the other item graph: what quantisation changes).
+order's (for the tower served otherwise: what bf16 or int8 changes).
 """
 
 from __future__ import annotations
@@ -41,23 +43,31 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from bench.models import Arch
 from bench.tokens import TokenizerSpec
 from bench.util import fmt, load_average, table
-from bench.variants import served_graph
 from core.config import Settings
 from core.rows import ItemRow
 from ops.indexing import embed_and_upsert, index_rows, item_batches, release_lengths
 from services.inference.triton_client import TritonClient
 from services.vectors.store import StoreUnavailable, VectorStore
 
+
+class Twin(NamedTuple):
+    """How the release serves its item tower, how the twin does, and the twin's ensemble."""
+
+    served: str  # e.g. "model.onnx, OpenVINO bf16"
+    other: str
+    ensemble: str
+
+
 BASELINE = "file order"
 JOB = "the job: tokenizer lengths, upsert overlapped"
-TWIN_JOB = "the job, the other item graph"
+TWIN_JOB = "the job, the tower served otherwise"
 TARGET_ITEMS_PER_S = 500.0
 SCRATCH = {
     "items_collection": "bench_indexing_items",
@@ -158,19 +168,19 @@ def compare(
     batch: int = 64,
     arch: Arch | None = None,
     fp32_peak: float | None = None,
-    twin: tuple[str, str] | None = None,
+    twin: Twin | None = None,
 ) -> dict[str, Any]:
     """Every variant over ``rows`` in each of ``rounds`` rounds, batches taking turns; with
     the item tower's ``arch`` and the machine's ``fp32_peak`` (FLOP/s), the FLOP rate of each
-    and the items/s that peak would allow. ``twin``: (the other item graph, the twin
-    ensemble that serves it), which adds the job through that twin."""
+    and the items/s that peak would allow. ``twin`` adds the job through the twin ensemble
+    that serves the tower otherwise."""
     spec = TokenizerSpec.of_release(repository)
     variants = _variants(repository, twin is not None)
     texts = [text for _, text in rows]
     batches = {name: item_batches(texts, batch, **v) for name, v in variants.items()}
     out: dict[str, Any] = {"items": len(rows), "batch": batch, "rounds": [], "variants": {}}
     if twin is not None and TWIN_JOB in variants:
-        out["item_graphs"] = {JOB: served_graph(repository / "item_encoder"), TWIN_JOB: twin[0]}
+        out["item_graphs"] = {JOB: twin.served, TWIN_JOB: twin.other}
     if arch is not None and fp32_peak:
         out.update(arch=arch.__dict__, fp32_peak=fp32_peak)
     for name in variants:
@@ -183,7 +193,8 @@ def compare(
     tritons = dict.fromkeys(variants, triton)
     clients = [triton]
     if twin is not None and TWIN_JOB in variants:
-        tritons[TWIN_JOB] = TritonClient(settings.model_copy(update={"triton_item_model": twin[1]}))
+        twin_settings = settings.model_copy(update={"triton_item_model": twin.ensemble})
+        tritons[TWIN_JOB] = TritonClient(twin_settings)
         clients.append(tritons[TWIN_JOB])
     written: dict[str, dict[str, np.ndarray]] = {}
     try:

@@ -79,13 +79,19 @@ def _rate(fn: Callable[[], object], flops: float, seconds: float) -> float:
             return flops * n / elapsed
 
 
-def torch_fp32(n: int, seconds: float, threads: int) -> float:
+def torch_fp32(n: int, seconds: float, threads: int, dtype: str = "float32") -> float:
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
     with torch.inference_mode():
         return _rate(lambda: torch.mm(a, b), 2.0 * n**3, seconds)
+
+
+def torch_bf16(n: int, seconds: float, threads: int) -> float:
+    """bf16 inputs, fp32 accumulation (oneDNN): what the item tower's bf16 engine computes
+    with; fast only on CPUs with bf16 instructions (AVX-512 BF16, AMX)."""
+    return torch_fp32(n, seconds, threads, dtype="bfloat16")
 
 
 # Below this rate torch's int8 GEMM is a fallback loop, not a kernel: 1.5 GOP/s here, 11 s
@@ -165,7 +171,8 @@ def _ort_matmul(n: int, seconds: float, threads: int, integer: bool) -> float:
 
 
 def gemm_peaks(n: int = 2048, seconds: float = 3.0, threads: int = 2) -> dict[str, Any]:
-    """Measured GEMM rates (FLOP/s or int OP/s) per library; ``fp32``/``int8`` = the best."""
+    """Measured GEMM rates (FLOP/s or int OP/s) per library; ``fp32``/``int8``/``bf16`` = the
+    best."""
     rates: dict[str, float | None] = {}
     load_before = load_average()
     rates["torch_fp32"] = torch_fp32(n, seconds, threads)
@@ -177,6 +184,7 @@ def gemm_peaks(n: int = 2048, seconds: float = 3.0, threads: int = 2) -> dict[st
     except RuntimeError:  # no int8 GEMM kernel for this CPU/build
         rates["torch_int8"] = None
     rates["ort_int8"] = _ort_matmul(n, seconds, threads, integer=True)
+    rates["torch_bf16"] = torch_bf16(n, seconds, threads)
     fp32 = max(v for k, v in rates.items() if k.endswith("fp32") and v)
     int8 = max((v for k, v in rates.items() if k.endswith("int8") and v), default=None)
     return {
@@ -187,6 +195,7 @@ def gemm_peaks(n: int = 2048, seconds: float = 3.0, threads: int = 2) -> dict[st
         "sizes": {k: sizes.get(k, n) for k in rates},  # a slow kernel is timed smaller
         "fp32": fp32,
         "int8": int8,
+        "bf16": rates["torch_bf16"],
         "load_average": [load_before, load_average()],
     }
 

@@ -1,4 +1,5 @@
-"""Encoder and ranker throughput: PyTorch, ONNX Runtime (three graphs) and Triton.
+"""Encoder and ranker throughput: PyTorch, ONNX Runtime (three graphs), OpenVINO in bf16 and
+Triton.
 
 Inputs are real texts: item texts of the catalogue for the item tower, (user behaviour text,
 item text) pairs for the ranker, tokenized with the release's tokenizer exactly as Triton's
@@ -8,8 +9,10 @@ ONNX Runtime graphs: ``plain`` is the exported ``model.onnx`` (what Triton serve
 graph optimisations at ORT_ENABLE_ALL apply as in ``model.py``); ``optimized`` is
 ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert")`` (fused attention,
 SkipLayerNorm, BiasGelu); ``int8`` is ``quantize_dynamic`` of the optimized graph (int8
-weights, dynamically quantized uint8 activations: u8s8 VNNI kernels on this CPU). Their
-quality cost is measured against fp32 PyTorch on the same real texts.
+weights, dynamically quantized uint8 activations: u8s8 VNNI kernels on this CPU).
+``openvino-bf16`` is the plain graph as the served runner's ``openvino-bf16`` engine compiles
+it (bf16 products, fp32 accumulation), where the CPU has bf16 instructions. Their quality
+cost is measured against fp32 PyTorch on the same real texts.
 
 FLOPs: a BERT layer over a padded sequence of ``L`` tokens costs per token ``2 x W`` for its
 weight matrices (``W`` = entries of the Q, K, V, output, FFN-in and FFN-out weights) plus
@@ -31,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.machine import _ort_matmul, quick_fp32_peak
+from bench.machine import _ort_matmul, quick_fp32_peak, torch_bf16
 from bench.tokens import TokenizerSpec, encode
-from bench.util import Bounded, load_average
+from bench.util import Bounded, load_average, precision
+from bench.variants import openvino_bf16
 
 log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
@@ -107,6 +111,25 @@ def ort_runner(
 
     def run(feeds: Feeds) -> list[np.ndarray]:
         return list(session.run(None, {k: v for k, v in feeds.items() if k in names}))
+
+    return run
+
+
+def openvino_runner(path: Path, threads: int) -> Callable[[Feeds], list[np.ndarray]]:
+    """``path`` compiled as the served runner's ``openvino-bf16`` engine compiles it."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(
+        core.read_model(str(path)), "CPU", {**config, "INFERENCE_NUM_THREADS": threads}
+    )
+    request = compiled.create_infer_request()
+    names = {i.get_any_name() for i in compiled.inputs}
+
+    def run(feeds: Feeds) -> list[np.ndarray]:
+        result = request.infer({k: v for k, v in feeds.items() if k in names})
+        return [np.array(result[o]) for o in compiled.outputs]
 
     return run
 
@@ -229,10 +252,11 @@ def quality(reference: list[np.ndarray], got: list[np.ndarray], kind: str) -> di
 
 
 def section_peaks(threads: int, seconds: float) -> dict[str, float]:
-    """fp32 and int8 GEMM rates measured right now (the denominators of this section)."""
+    """fp32, int8 and bf16 GEMM rates measured right now (the denominators of this section)."""
     return {
         "fp32": quick_fp32_peak(seconds, threads),
         "int8": _ort_matmul(2048, seconds, threads, integer=True),
+        "bf16": torch_bf16(2048, seconds, threads),
         "load_average": load_average(),  # type: ignore[dict-item]
     }
 
@@ -251,7 +275,7 @@ def bench_model(
     threads: int = 2,
     extra_lengths: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """One model through PyTorch and the three ONNX Runtime graphs."""
+    """One model through PyTorch, the three ONNX Runtime graphs and OpenVINO in bf16."""
     cfg = bert_of(module).config
     arch = arch_of(module)
     variants = ort_variants(
@@ -265,6 +289,8 @@ def bench_model(
         runners[f"ort-{name}"] = ort_runner(variants[name], threads)
     # thread setting: the served graph with ORT's worker threads blocking instead of spinning
     runners["ort-plain-nospin"] = ort_runner(variants["plain"], threads, spinning=False)
+    if openvino_bf16():
+        runners["openvino-bf16"] = openvino_runner(variants["plain"], threads)
 
     # quality against fp32 PyTorch on real inputs
     q_feeds = [encode(tokenizer, t, p) for t, p in quality_batches]
@@ -283,7 +309,7 @@ def bench_model(
         feeds = batches(sized, texts, pairs, size, count=max(1, min(8, 256 // size)))
         for name, run in runners.items():
             r = throughput(run, feeds, arch, max_seconds, 10_000, warmup=1 if size <= 16 else 0)
-            peak = peaks["int8"] if name.endswith("int8") else peaks["fp32"]
+            peak = peaks[precision(name)]
             rows.append(
                 {"backend": name, "batch": size, **r, "share_of_peak": r["flops_per_s"] / peak}
             )
@@ -293,7 +319,7 @@ def bench_model(
         feeds = batches(short, texts, pairs, size, count=max(1, min(8, 256 // size)))
         for name in ("pytorch", "ort-optimized", "ort-int8"):
             r = throughput(runners[name], feeds, arch, max_seconds, 10_000, warmup=0)
-            peak = peaks["int8"] if name.endswith("int8") else peaks["fp32"]
+            peak = peaks[precision(name)]
             rows.append(
                 {
                     "backend": f"{name} max_len={length}",

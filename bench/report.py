@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench.util import fmt, table
+from bench.util import fmt, precision, table
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,17 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             continue
         largest = max(r["batch"] for r in rows)
         served = _best(rows, lambda r, b=largest: r["backend"] == "ort-plain" and r["batch"] == b)
-        best_fp32 = _best(rows, lambda r: "int8" not in r["backend"])
-        best_int8 = _best(rows, lambda r: "int8" in r["backend"])
-        for name, row in (("served_graph", served), ("best_fp32", best_fp32), ("int8", best_int8)):
+        by_precision = {
+            p: _best(rows, lambda r, p=p: precision(r["backend"]) == p)
+            for p in ("fp32", "int8", "bf16")
+        }
+        best = {"best_fp32": by_precision["fp32"], **{p: by_precision[p] for p in ("int8", "bf16")}}
+        for name, row in (("served_graph", served), *best.items()):
             if row is None:
                 continue
             out[f"{model}_{name}"] = {
                 "target": f">= {PEAK_SHARE:.0%} of the measured "
-                f"{'int8' if 'int8' in row['backend'] else 'fp32'} GEMM rate",
+                f"{precision(row['backend'])} GEMM rate",
                 "measured": row["share_of_peak"],
                 "at": f"{row['backend']} batch {row['batch']}",
                 "met": row["share_of_peak"] >= PEAK_SHARE,
@@ -454,8 +457,9 @@ def _models(results: dict[str, Any]) -> list[str]:
             f"FLOPs/token = 2 x W + 4 x layers x L x d with W = {a['weight_entries']:,} weight "
             f"entries, {a['layers']} layers, d = {a['hidden']}, L = padded length. Peaks "
             f"measured right before: fp32 {_gflops(p['fp32'])} GFLOP/s, int8 "
-            f"{_gflops(p['int8'])} GOP/s (load {p['load_average'][0]}); int8 rows are "
-            "compared with the int8 peak. `-nospin`: ORT worker threads block instead of "
+            f"{_gflops(p['int8'])} GOP/s, bf16 {_gflops(p['bf16']) if 'bf16' in p else '?'} "
+            f"GFLOP/s (load {p['load_average'][0]}); int8 and bf16 rows are "
+            "compared with their own peak. `-nospin`: ORT worker threads block instead of "
             "spinning (`session.intra_op.allow_spinning=0`). On this shared machine a share "
             "above 100 % means the load dropped between the peak and the row.",
             "",

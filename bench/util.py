@@ -21,6 +21,11 @@ def config_parameters(model_dir: Path) -> dict[str, str]:
     return dict(_PARAM.findall((model_dir / "config.pbtxt").read_text()))
 
 
+def precision(backend: str) -> str:
+    """The peak a backend's row is compared with: ``int8``, ``bf16`` or ``fp32``."""
+    return next((p for p in ("int8", "bf16") if backend.endswith(p)), "fp32")
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages (what else was running while we measured)."""
     return [round(x, 2) for x in os.getloadavg()]

@@ -1,11 +1,11 @@
 """Serving experiments: the gateway against a changed copy of the release.
 
 The copy is hard-linked from the exported repository (no weights duplicated); only the files
-that change are replaced, never written through a link. The knob is one the served
-``model.py`` already reads: ``onnx_file``, which graph an ONNX Runtime session loads (the
-ranker's; or the item tower's, served by a twin ``item_embedder_twin`` beside the release's
-own, so that both item graphs answer on one Triton). Triton is restarted on the same ports
-with the copy; the gateway reconnects by itself.
+that change are replaced, never written through a link. The knobs are ones the served
+``model.py`` already reads: ``onnx_file``, which graph it loads (the ranker's; or the item
+tower's), and ``engine``, what runs it; the item tower's are served by a twin
+``item_embedder_twin`` beside the release's own, so that both answer on one Triton. Triton
+is restarted on the same ports with the copy; the gateway reconnects by itself.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from bench.util import config_parameters
 from ops.stack import LocalStack, gateway_serving
 
 ITEM_TWIN = "item_embedder_twin"  # the twin item embedder's ensemble
-_ONNX_FILE = re.compile(r'\{ key: "onnx_file", value: \{ string_value: "[^"]+" \} \},?\n\s*')
+FP32 = ("model.onnx", "onnxruntime")  # ONNX Runtime's fp32 graph: (onnx_file, engine)
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     ranker_graph: Path | None = None  # served instead of the ranker's model.onnx
-    item_twin_graph: str | None = None  # the graph file the twin item encoder serves
+    item_twin: tuple[str, str] | None = None  # (onnx_file, engine) the twin item encoder serves
 
 
 def _replace(path: Path, text: str) -> None:
@@ -41,14 +41,52 @@ def served_graph(model_dir: Path) -> str:
     return config_parameters(model_dir).get("onnx_file", "model.onnx")
 
 
+def served_engine(model_dir: Path) -> str:
+    """What a python-backend model's CPU config runs its graph with (its ``engine``)."""
+    return config_parameters(model_dir).get("engine", "onnxruntime")
+
+
+ENGINES = {"onnxruntime": "ONNX Runtime fp32", "openvino-bf16": "OpenVINO bf16"}
+
+
+def openvino_bf16() -> bool:
+    """Whether OpenVINO runs bf16 products on this CPU (what the runner's ``auto`` asks)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def item_tower_served(model_dir: Path) -> tuple[str, str]:
+    """(onnx_file, engine) of the item encoder here, ``auto`` resolved as the served runner
+    resolves it (unless its probe finds bf16 too far from fp32: then it logs so)."""
+    graph, engine = served_graph(model_dir), served_engine(model_dir)
+    if engine == "auto":
+        engine = "openvino-bf16" if openvino_bf16() else "onnxruntime"
+    return graph, engine
+
+
+def served_label(served: tuple[str, str]) -> str:
+    """``"model.onnx, OpenVINO bf16"``."""
+    return f"{served[0]}, {ENGINES[served[1]]}"
+
+
+def _with_parameter(config: str, key: str, value: str) -> str:
+    """``config`` with its parameter ``key`` set to ``value`` (replaced, or added first)."""
+    entry = re.compile(rf'\{{ key: "{key}", value: \{{ string_value: "[^"]+" \}} \}},?\n\s*')
+    line = f'{{ key: "{key}", value: {{ string_value: "{value}" }} }},\n  '
+    return entry.sub("", config).replace("parameters [\n  ", "parameters [\n  " + line, 1)
+
+
 def _with_graph(config: str, graph: str) -> str:
-    entry = f'{{ key: "onnx_file", value: {{ string_value: "{graph}" }} }},\n  '
-    return _ONNX_FILE.sub("", config).replace("parameters [\n  ", "parameters [\n  " + entry, 1)
+    return _with_parameter(config, "onnx_file", graph)
 
 
-def _item_twin(out: Path, graph: str) -> None:
-    """``item_encoder_twin`` (the release's item encoder serving ``graph``) and
-    ``item_embedder_twin`` (the tokenizer, then it), hard-linked beside the originals."""
+def _item_twin(out: Path, served: tuple[str, str]) -> None:
+    """``item_encoder_twin`` (the release's item encoder serving the graph ``served`` names
+    with its engine) and ``item_embedder_twin`` (the tokenizer, then it), hard-linked beside
+    the originals."""
     encoder = "item_encoder"
     for name in (encoder, "item_embedder"):
         twin = out / f"{name}_twin"
@@ -56,7 +94,7 @@ def _item_twin(out: Path, graph: str) -> None:
         text = (twin / "config.pbtxt").read_text()
         text = text.replace(f'name: "{name}"', f'name: "{twin.name}"')
         if name == encoder:
-            text = _with_graph(text, graph)
+            text = _with_parameter(_with_graph(text, served[0]), "engine", served[1])
         else:
             text = text.replace(f'model_name: "{encoder}"', f'model_name: "{encoder}_twin"')
         _replace(twin / "config.pbtxt", text)
@@ -80,8 +118,8 @@ def variant_repository(repository: Path, variant: Variant, out: Path) -> Path:
             os.link(variant.ranker_graph, version / "model.variant.onnx")
         config = out / "ranker" / "config.pbtxt"
         _replace(config, _with_graph(config.read_text(), "model.variant.onnx"))
-    if variant.item_twin_graph is not None:
-        _item_twin(out, variant.item_twin_graph)
+    if variant.item_twin is not None:
+        _item_twin(out, variant.item_twin)
     return out
 
 
