@@ -11,9 +11,10 @@ and the ranker share this file.
 
 - ``onnxruntime`` (the default): ONNX Runtime in fp32;
 - ``openvino-bf16``: OpenVINO with bf16 matrix products (fp32 accumulation), for the BERT
-  towers on CPUs with bf16 instructions (AVX-512 BF16 or AMX): 2x ONNX Runtime's items/s at
-  a cosine of 0.99997 to it on the MovieLens catalogue, and a vector still never depends on
-  its batch (README, "Triton model repository"). Refused where the CPU lacks them;
+  towers on CPUs with bf16 instructions (AVX-512 BF16 or AMX): 1.7x ONNX Runtime's items/s
+  through Triton and the Milvus engine, at a cosine of 0.99997 or more to it on the
+  MovieLens catalogue; a vector moves with its batch only within bf16's rounding (README,
+  "Triton model repository"). Refused where the CPU lacks them;
 - ``auto``: ``openvino-bf16`` where it can run, else ``onnxruntime``.
 
 Before serving in bf16 the runner checks it against ONNX Runtime in fp32 on probe texts
