@@ -20,6 +20,7 @@ from services.events import aggregates
 from services.inference.triton_client import TritonClient
 from services.vectors.store import VectorStore
 from tests.nats_server import on_log
+from tests.training.export.served_runner import tower_atol
 from training.data import load_dataset
 from training.ray_cluster import connect
 
@@ -74,7 +75,7 @@ def test_ray_catalogue_job_indexes_through_triton_into_milvus(
         stored = store.get_items(ids, 10, with_vectors=True, with_neighbours=True)
         direct = triton.embed_items([text for _, text in rows[:5]], 20)
         got = np.stack([stored[i]["vector"] for i in ids])
-        assert np.abs(got - direct).max() < 1e-5
+        assert np.abs(got - direct).max() < tower_atol(1e-5)  # its batches, not these five
         assert stored[ids[0]]["co_items"] == rows[0][0]["co_items"]
     finally:
         triton.close()

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from ops.stack import LocalStack
 from services.inference.triton_client import TritonClient
-from tests.training.export.served_runner import host_has_bf16
+from tests.training.export.served_runner import host_has_bf16, tower_atol
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +31,9 @@ def _direct(
     return session.run(None, feeds)
 
 
-def _assert_served_items(served: np.ndarray, fp32: np.ndarray) -> None:
-    """The item tower serves ONNX Runtime's fp32 vectors, or OpenVINO's bf16 ones where the
-    CPU has bf16 instructions (its config's engine ``auto``): then close to them, not equal."""
+def _assert_served_tower(served: np.ndarray, fp32: np.ndarray) -> None:
+    """A tower serves ONNX Runtime's fp32 vectors, or OpenVINO's bf16 ones where the CPU has
+    bf16 instructions (its config's engine ``auto``): then close to them, not equal."""
     if not host_has_bf16():
         assert np.abs(served - fp32).max() < 1e-5
         return
@@ -53,8 +53,8 @@ def test_item_and_user_towers(stack: LocalStack, triton: TritonClient) -> None:
     items = triton.embed_items(TEXTS, 20)
     users = triton.embed_users(USERS, 20)
     assert items.shape == (3, 384) and users.shape == (3, 384)
-    _assert_served_items(items, _direct(repo, "item_encoder", TEXTS)[0])
-    assert np.abs(users - _direct(repo, "user_encoder", USERS)[0]).max() < 1e-5
+    _assert_served_tower(items, _direct(repo, "item_encoder", TEXTS)[0])
+    _assert_served_tower(users, _direct(repo, "user_encoder", USERS)[0])
     assert np.allclose(np.linalg.norm(items, axis=1), 1, atol=1e-5)
 
 
@@ -77,7 +77,7 @@ def test_dynamic_batching_merges_concurrent_requests(
     batched = triton.embed_items(texts, 20)
     with ThreadPoolExecutor(8) as pool:
         singles = list(pool.map(lambda t: triton.embed_items([t], 20)[0], texts))
-    assert np.abs(np.stack(singles) - batched).max() < 1e-5
+    assert np.abs(np.stack(singles) - batched).max() < tower_atol(1e-5)
 
 
 def test_a_request_that_fills_a_batch_is_padded_to_its_longest_text_only(
@@ -109,7 +109,7 @@ def test_a_request_that_fills_a_batch_is_padded_to_its_longest_text_only(
     finally:
         client.close()
     items = triton.embed_items(texts, 20)
-    _assert_served_items(items, _direct(repo, "item_encoder", texts)[0])
+    _assert_served_tower(items, _direct(repo, "item_encoder", texts)[0])
 
 
 def test_sequence_model_serves_what_the_trained_model_scores(
