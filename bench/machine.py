@@ -79,7 +79,7 @@ def _rate(fn: Callable[[], object], flops: float, seconds: float) -> float:
             return flops * n / elapsed
 
 
-def torch_fp32(n: int, seconds: float, threads: int, dtype: str = "float32") -> float:
+def _torch_gemm(n: int, seconds: float, threads: int, dtype: str) -> float:
     import torch
 
     torch.set_num_threads(threads)
@@ -88,10 +88,14 @@ def torch_fp32(n: int, seconds: float, threads: int, dtype: str = "float32") -> 
         return _rate(lambda: torch.mm(a, b), 2.0 * n**3, seconds)
 
 
+def torch_fp32(n: int, seconds: float, threads: int) -> float:
+    return _torch_gemm(n, seconds, threads, "float32")
+
+
 def torch_bf16(n: int, seconds: float, threads: int) -> float:
-    """bf16 inputs, fp32 accumulation (oneDNN): what the item tower's bf16 engine computes
-    with; fast only on CPUs with bf16 instructions (AVX-512 BF16, AMX)."""
-    return torch_fp32(n, seconds, threads, dtype="bfloat16")
+    """bf16 inputs, fp32 accumulation (oneDNN): the arithmetic of the towers' bf16 engine and
+    of training's bf16 encoding; fast only on CPUs with bf16 instructions (AVX-512 BF16, AMX)."""
+    return _torch_gemm(n, seconds, threads, "bfloat16")
 
 
 # Below this rate torch's int8 GEMM is a fallback loop, not a kernel: 1.5 GOP/s here, 11 s
