@@ -365,6 +365,7 @@ class CatalogueVectors:
                         [texts[i] for i in item_ids],
                         self.cfg.retrieval.max_seq_len,
                         cpus,
+                        self.cfg.retrieval.bf16_encoding,
                     )
                 )
             seconds = self.timings["item_vectors"]
@@ -419,6 +420,7 @@ def mine_hard_negatives(
             k.hard_negative_top_k,
             cfg.retrieval.max_seq_len,
             cpus,
+            cfg.retrieval.bf16_encoding,
         )
     )
     n_users, n_items = len(q.user_texts), len(q.item_ids)

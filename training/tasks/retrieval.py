@@ -29,6 +29,7 @@ from training.models.two_tower import (
     load_towers,
     save_towers,
 )
+from training.precision import use_bf16
 from training.prepare import RetrievalEval
 from training.tasks.base import Batch, Row, Task
 
@@ -77,8 +78,10 @@ def encode_texts(
     max_seq_len: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
 ) -> torch.Tensor:
-    """Normalised vectors for ``texts`` (batched, length-sorted to limit padding)."""
+    """Normalised vectors for ``texts`` (batched, length-sorted to limit padding); ``bf16``:
+    bf16 matrix products on the CPU (``training.precision``)."""
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     out: list[torch.Tensor | None] = [None] * len(texts)
     for s in range(0, len(order), batch_size):
@@ -90,7 +93,9 @@ def encode_texts(
             padding=True,
             return_tensors="pt",
         )
-        vecs = encode(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            vecs = encode(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        vecs = vecs.float().cpu()
         for j, k in enumerate(idx):
             out[k] = vecs[j]
     if not texts:
@@ -111,6 +116,7 @@ def top_k_items(
     max_seq_len: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
 ) -> list[list[str]]:
     """The ``k`` best items per user by inner product, skipping ``exclude[u]``."""
     model.eval()
@@ -121,6 +127,7 @@ def top_k_items(
         max_seq_len=max_seq_len,
         batch_size=batch_size,
         device=device,
+        bf16=bf16,
     )
     user_vecs = encode_texts(
         model.encode_users,
@@ -129,6 +136,7 @@ def top_k_items(
         max_seq_len=max_seq_len,
         batch_size=batch_size,
         device=device,
+        bf16=bf16,
     )
     scores = user_vecs @ item_vecs.T
     pos = {iid: j for j, iid in enumerate(item_ids)}
@@ -190,8 +198,10 @@ def mine_with_towers(
     top_k: int,
     max_seq_len: int,
     threads: int = 0,
+    bf16: bool = False,
 ) -> list[list[str]]:
-    """Top-``top_k`` items per user text under saved towers (hard-negative mining)."""
+    """Top-``top_k`` items per user text under saved towers (hard-negative mining); ``bf16``:
+    bf16 products where the CPU has bf16 instructions (``training.precision``)."""
     set_offline()
     if threads > 0:
         torch.set_num_threads(threads)
@@ -209,14 +219,16 @@ def mine_with_towers(
         exclude=exclude,
         max_seq_len=max_seq_len,
         device=device,
+        bf16=use_bf16(bf16, device),
     )
 
 
 def tower_vectors(
-    towers_dir: str, texts: list[str], max_seq_len: int, threads: int = 0
+    towers_dir: str, texts: list[str], max_seq_len: int, threads: int = 0, bf16: bool = False
 ) -> np.ndarray:
     """Unit vectors of ``texts`` under a saved item tower (``towers_dir`` is the tower's own
-    directory), as indexing writes them into Milvus; float32 ``(len(texts), dim)``."""
+    directory), as indexing writes them into Milvus; float32 ``(len(texts), dim)``. ``bf16``:
+    bf16 products where the CPU has bf16 instructions (``training.precision``)."""
     set_offline()
     if threads > 0:
         torch.set_num_threads(threads)
@@ -227,7 +239,10 @@ def tower_vectors(
     def pooled(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return encode(bert, ids, mask)
 
-    vectors = encode_texts(pooled, tok, texts, max_seq_len=max_seq_len, device=device)
+    bf16_products = use_bf16(bf16, device)
+    vectors = encode_texts(
+        pooled, tok, texts, max_seq_len=max_seq_len, device=device, bf16=bf16_products
+    )
     return vectors.numpy().astype(np.float32)
 
 
