@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 from ops.stack import LocalStack
 from services.inference.triton_client import TritonClient
-from tests.training.export.served_runner import host_has_bf16, tower_atol
+from tests.training.export.served_runner import tower_atol
+from training.precision import cpu_has_bf16
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def _direct(
 def _assert_served_tower(served: np.ndarray, fp32: np.ndarray) -> None:
     """A tower serves ONNX Runtime's fp32 vectors, or OpenVINO's bf16 ones where the CPU has
     bf16 instructions (its config's engine ``auto``): then close to them, not equal."""
-    if not host_has_bf16():
+    if not cpu_has_bf16():
         assert np.abs(served - fp32).max() < 1e-5
         return
     cosine = (served * fp32).sum(1) / np.linalg.norm(served, axis=1) / np.linalg.norm(fp32, axis=1)

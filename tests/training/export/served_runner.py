@@ -6,11 +6,11 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from core.config import REPO_ROOT
+from training.precision import cpu_has_bf16
 
 RUNNER = REPO_ROOT / "model_repository" / "item_encoder" / "model.py"
 
@@ -27,17 +27,9 @@ def load_runner(monkeypatch: pytest.MonkeyPatch, logs: list[str]) -> types.Modul
     return module
 
 
-def host_has_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (from /proc/cpuinfo, not from OpenVINO: the
-    runner asks OpenVINO, so the tests ask the kernel)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text().split() if cpuinfo.is_file() else []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def tower_atol(fp32: float) -> float:
     """How far a served tower's vector may be from ONNX Runtime's fp32 run of the same graph,
     or from itself in another batch: ``fp32`` where the towers serve fp32, bf16's rounding
     (measured up to 1.3e-3 on MiniLM) where the CPU has bf16 instructions and their configs'
     engine ``auto`` serves them on OpenVINO."""
-    return 5e-3 if host_has_bf16() else fp32
+    return 5e-3 if cpu_has_bf16() else fp32

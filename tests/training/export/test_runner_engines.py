@@ -12,10 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.training.export.served_runner import host_has_bf16, load_runner
+from tests.training.export.served_runner import load_runner
 from training.export.onnx_export import TowerExportReport, export_tower
+from training.precision import cpu_has_bf16
 
-BF16 = pytest.mark.skipif(not host_has_bf16(), reason="this CPU has no bf16 instructions")
+BF16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
 TOWER = {"input": [{"name": "input_ids"}, {"name": "attention_mask"}]}
 
 
@@ -56,7 +57,7 @@ def test_auto_serves_bf16_where_the_cpu_has_it_else_fp32(
     feeds = _feeds()
     served = model.session.run(None, feeds)[0]  # type: ignore[attr-defined]
     expected = ort.InferenceSession(str(tower.onnx_path)).run(None, feeds)[0]
-    if host_has_bf16():
+    if cpu_has_bf16():
         assert isinstance(model.session, runner.OpenVinoSession)  # type: ignore[attr-defined]
         assert "OpenVINO, bf16" in logs[-1]
         assert 1e-6 < np.abs(served - expected).max() < 0.05  # bf16, not fp32
@@ -119,7 +120,7 @@ def test_bf16_serves_only_the_towers_and_an_unknown_engine_is_refused(
     features = {"input": [{"name": "features"}]}
     model = _serve(runner, tower.onnx_path, tmp_path / "ranker", "auto", features)
     assert isinstance(model.session, ort.InferenceSession)  # type: ignore[attr-defined]
-    if host_has_bf16():
+    if cpu_has_bf16():
         assert "bf16 serves the BERT towers" in logs[-1]
     with pytest.raises(ValueError, match="engine 'tensorrt'"):
         _serve(runner, tower.onnx_path, tmp_path / "unknown", "tensorrt")
