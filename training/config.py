@@ -54,7 +54,7 @@ class RetrievalConfig(StageConfig):
     eval_candidates: int | None = 1000
     #: the trained towers' encoding passes (the catalogue vectors, hard-negative mining) run
     #: their matrix products in bf16 on a CPU with bf16 instructions (``training.precision``:
-    #: 6.3x there); false keeps fp32 everywhere. Training steps stay fp32
+    #: 2.1x there); false keeps fp32 everywhere. Training steps stay fp32
     bf16_encoding: bool = True
 
 
