@@ -29,7 +29,6 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from core.ranking_features import FEATURES
 
@@ -95,13 +94,15 @@ class DCNv2(nn.Module):
         self.mean.copy_(mean)
         self.std.copy_(_spread(std))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits of shape ``(batch,)``."""
+    def forward(self, features: torch.Tensor, members: bool = False) -> torch.Tensor:
+        """Logits of shape ``(batch,)``; ``members``: as one member's, ``(1, batch)``, the
+        shape :meth:`RankerEnsemble.forward` gives training's loss."""
         x0 = (features - self.mean) / self.std
         x = x0
         for layer in self.cross:
             x = x0 * layer(x) + x
-        return self.head(torch.cat([x, self.deep(x0)], dim=-1)).squeeze(-1)
+        logits = self.head(torch.cat([x, self.deep(x0)], dim=-1)).squeeze(-1)
+        return logits.unsqueeze(0) if members else logits
 
 
 class RankerEnsemble(nn.Module):
@@ -210,16 +211,6 @@ def build_ranker(members: int, make: Callable[[], DCNv2] = DCNv2) -> Ranker:
         raise ValueError(f"a feature ranker needs at least one member, got {members}")
     nets = [make() for _ in range(members)]
     return nets[0] if members == 1 else RankerEnsemble(nets)
-
-
-def member_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """``(members, batch)`` logits of a ranker, or of one in a DDP wrapper (called through
-    the wrapper, whose forward sets up the gradients' all-reduce): an ensemble's members
-    each, a single DCN-v2 as one."""
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if isinstance(inner, RankerEnsemble):
-        return cast(torch.Tensor, model(features, members=True))
-    return cast(torch.Tensor, model(features)).unsqueeze(0)
 
 
 class FeatureScorer(nn.Module):

@@ -44,7 +44,6 @@ from training.models.feature_ranker import (
     Ranker,
     build_ranker,
     load_feature_ranker,
-    member_logits,
     save_feature_ranker,
 )
 from training.models.metrics import log_loss, roc_auc
@@ -231,7 +230,7 @@ class FeatureRankerTask(Task[Ranker, Groups]):
         """Each member's own binary cross-entropy, summed (so an ensemble's logged
         ``train_loss`` is the members' sum): the members learn independently (their gradients
         do not mix), so they stay as different as their seeds made them."""
-        logits = member_logits(model, batch["features"])
+        logits = model(batch["features"], members=True)  # through DDP's forward, if wrapped
         labels = batch["labels"].expand_as(logits)
         return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum()
 

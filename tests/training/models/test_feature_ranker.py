@@ -18,7 +18,6 @@ from training.models.feature_ranker import (
     RankerEnsemble,
     build_ranker,
     load_feature_ranker,
-    member_logits,
     save_feature_ranker,
 )
 from training.tasks.feature_ranker import FeatureRankerTask
@@ -35,7 +34,7 @@ def test_an_ensemble_serves_its_members_mean_logit_and_round_trips(tmp_path: Pat
     model.set_scaling(torch.full((len(FEATURES),), 0.5), torch.full((len(FEATURES),), 2.0))
     model.eval()
     rows = _rows()
-    each = member_logits(model, rows)
+    each = model(rows, members=True)
     assert each.shape == (3, len(rows))
     assert not torch.allclose(each[0], each[1])  # each member from its own initialisation
     torch.testing.assert_close(model(rows), each.mean(dim=0))
