@@ -9,17 +9,16 @@ serialise them, so they never reach a server.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from hypothesis import strategies as st
 
 from services.api import pb
+from tests.fuzz_text import CHARS
 
 T = TypeVar("T")
 INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
-SURROGATES: tuple[Literal["Cs"]] = ("Cs",)  # typed: a bare tuple literal infers tuple[str]
-CHARS = st.characters(blacklist_categories=SURROGATES)
 VALID_ID = st.from_regex(r"\A[A-Za-z0-9_.:\-]{1,128}\Z")
 KNOWN_ITEM = st.integers(1, 500).map(str)  # MovieLens movieIds of the indexed slice
 KNOWN_USER = st.integers(1, 610).map(str)
