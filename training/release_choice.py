@@ -121,14 +121,12 @@ def validation_cutoffs(groups: Groups, windows: int) -> list[int]:
     return sorted({int(g["cutoff"]) for g in groups})[1:][-windows:] if windows > 0 else []
 
 
-def validation_ndcg(
-    groups: Groups, cfg: FeatureRankerConfig, seeds: Sequence[int], windows: int
-) -> Scores:
-    """Each ``(cut-off, user)``'s NDCG@10 for the last ``windows`` cut-offs that have one
-    before them, under rankers trained on the groups of the cut-offs before it, averaged over
-    ``seeds``."""
+def validation_ndcg(groups: Groups, cfg: FeatureRankerConfig, seeds: Sequence[int]) -> Scores:
+    """Each ``(cut-off, user)``'s NDCG@10 for the last ``cfg.choice_windows`` cut-offs that
+    have one before them, under rankers trained on the groups of the cut-offs before it,
+    averaged over ``seeds``."""
     out: Scores = {}
-    for cutoff in validation_cutoffs(groups, windows):
+    for cutoff in validation_cutoffs(groups, cfg.choice_windows):
         train, held_out = cutoff_split(groups, cutoff)
         if not held_out:
             continue
@@ -179,7 +177,7 @@ def choose_release(
             continue
         if release.ranker:
             ranker_cfg = dataclasses.replace(cfg, sequence=release.sequence)
-            scores[release] = validation_ndcg(groups, ranker_cfg, seeds, windows)
+            scores[release] = validation_ndcg(groups, ranker_cfg, seeds)
         else:
             scores[release] = retrieval_ndcg(groups, weights, windows)
     users = sorted(set.intersection(*(set(s) for s in scores.values())))
