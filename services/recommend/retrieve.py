@@ -109,23 +109,30 @@ class PopularItems:
 
     def _rank(self) -> None:
         """The served top: the catalogue's top and the online items, by combined score; the
-        rows of lifted items read first, outside the lock. An item with no row (deleted, or
-        Milvus unreachable until the next refresh) gives its place to the next one."""
+        rows of lifted items read first, outside the lock (then ranked again: a refresh may
+        have come in between). An item with no row (deleted, or Milvus unreachable until the
+        next refresh) gives its place to the next one."""
         with self._lock:
-            ids = self._ranked_ids()[: self.size]
-            store, missing = self._store, [i for i in ids if i not in self._rows]
+            ranked = self._ranked_ids()
+            store, missing = self._store, [i for i in ranked[: self.size] if i not in self._rows]
+            if not missing or store is None:
+                self._serve(ranked, self._rows)
+                return
         read: dict[str, Row] = {}
-        if missing and store is not None:
-            try:
-                read = store.get_items(missing, ROWS_TIMEOUT_S)
-            except StoreUnavailable as exc:
-                log.warning("rows of %d items the online scores lift: %s", len(missing), exc)
+        try:
+            read = store.get_items(missing, ROWS_TIMEOUT_S)
+        except StoreUnavailable as exc:
+            log.warning("rows of %d items the online scores lift: %s", len(missing), exc)
         with self._lock:
-            rows = {**self._rows, **read}
-            top = [i for i in self._ranked_ids() if i in rows][: self.size]
-            keep = set(self._static) | set(top)
-            self._rows = {i: r for i, r in rows.items() if i in keep}
-            self._items = [rows[i] for i in top]
+            self._serve(self._ranked_ids(), {**self._rows, **read})
+
+    def _serve(self, ranked: list[str], rows: dict[str, Row]) -> None:
+        """The first ``size`` of ``ranked`` that have a row become the served top; only the
+        rows of it and of the catalogue's top are kept. Called under the lock."""
+        top = [i for i in ranked if i in rows][: self.size]
+        keep = set(self._static) | set(top)
+        self._rows = {i: r for i, r in rows.items() if i in keep}
+        self._items = [rows[i] for i in top]
 
     def _ranked_ids(self) -> list[str]:
         """The catalogue's top and the online items by combined score, best first: the first
