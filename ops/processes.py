@@ -251,11 +251,15 @@ def milvus_engine_process(
     return ManagedProcess("milvus-engine", argv, var_dir / "logs" / log_name)
 
 
+def http_healthy(url: str, timeout: float, body: bytes = b"") -> bool:
+    """True when ``url`` answers 200 with ``body`` somewhere in its reply."""
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return bool(reply.status == 200 and body in reply.read())
+
+
 def milvus_engine_healthy(metrics_port: int, timeout: float = 1.0) -> bool:
     """True when the engine's ``/healthz`` answers OK (every component is up)."""
-    url = f"http://127.0.0.1:{metrics_port}/healthz"
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return bool(reply.status == 200 and b"OK" in reply.read())
+    return http_healthy(f"http://127.0.0.1:{metrics_port}/healthz", timeout, b"OK")
 
 
 def nats_process(
@@ -280,8 +284,7 @@ def nats_process(
 def nats_healthy(monitor_port: int, timeout: float = 1.0) -> bool:
     """True when the server's ``/healthz?js-enabled-only=true`` answers OK (JetStream up)."""
     url = f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return bool(reply.status == 200)
+    return http_healthy(url, timeout)
 
 
 def profile_worker_process(
