@@ -36,11 +36,13 @@ def test_the_setting_reads_as_a_yaml_boolean(tmp_path: Path) -> None:
     assert load_config(config, ["retrieval.bf16_encoding=off"]).retrieval.bf16_encoding is False
 
 
-def test_bf16_encoding_stays_close_to_fp32(tmp_path: Path) -> None:
+def test_bf16_encoding_stays_close_to_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where bf16 is allowed (here on any CPU: PyTorch emulates it without the instructions)."""
     from training.models.pretrained import load_bert, load_tokenizer, make_tiny_bert
     from training.models.two_tower import encode
     from training.tasks.retrieval import encode_texts
 
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     path = make_tiny_bert(tmp_path / "bert", hidden_size=64, intermediate_size=128)
     bert, tok = load_bert(path).eval(), load_tokenizer(Path(path))
     texts = [f"Movie {i} (19{i:02d}). Genres: Drama, Comedy" * (1 + i % 3) for i in range(20)]

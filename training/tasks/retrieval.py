@@ -81,7 +81,9 @@ def encode_texts(
     bf16: bool = False,
 ) -> torch.Tensor:
     """Normalised vectors for ``texts`` (batched, length-sorted to limit padding); ``bf16``:
-    bf16 matrix products on the CPU (``training.precision``)."""
+    bf16 matrix products where ``training.precision`` allows them (a CPU with bf16
+    instructions), fp32 elsewhere."""
+    autocast = use_bf16(bf16, device)
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     out: list[torch.Tensor | None] = [None] * len(texts)
     for s in range(0, len(order), batch_size):
@@ -93,7 +95,7 @@ def encode_texts(
             padding=True,
             return_tensors="pt",
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             vecs = encode(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         vecs = vecs.float().cpu()
         for j, k in enumerate(idx):
@@ -219,7 +221,7 @@ def mine_with_towers(
         exclude=exclude,
         max_seq_len=max_seq_len,
         device=device,
-        bf16=use_bf16(bf16, device),
+        bf16=bf16,
     )
 
 
@@ -239,10 +241,7 @@ def tower_vectors(
     def pooled(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return encode(bert, ids, mask)
 
-    bf16_products = use_bf16(bf16, device)
-    vectors = encode_texts(
-        pooled, tok, texts, max_seq_len=max_seq_len, device=device, bf16=bf16_products
-    )
+    vectors = encode_texts(pooled, tok, texts, max_seq_len=max_seq_len, device=device, bf16=bf16)
     return vectors.numpy().astype(np.float32)
 
 
