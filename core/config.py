@@ -65,7 +65,8 @@ class Settings(BaseSettings):
         description="Gateway server processes sharing grpc_port (SO_REUSEPORT; the kernel "
         "spreads connections, not calls, over them). One Python process serves at most "
         "about one core (the GIL); set it to the CPUs the gateway may use. Per-process: "
-        "grpc_workers, max_in_flight, the rate limits and the caches, as per replica.",
+        "grpc_workers, max_in_flight and the caches, as per replica (rate limits are "
+        "shared, rate_limit_shared).",
     )
     grace_period_s: float = Field(5.0, ge=0, description="Graceful-shutdown drain time.")
     default_deadline_s: float = Field(
@@ -343,6 +344,16 @@ class Settings(BaseSettings):
     )
     rate_limit_rps: float = Field(0.0, ge=0, description="Calls per second per client; 0 = off.")
     rate_limit_burst: int = Field(0, ge=0, description="Token-bucket size; 0 = max(1, rps).")
+    rate_limit_shared: bool = Field(
+        True,
+        description=(
+            "One bucket per client for every gateway process and replica, kept in the event "
+            "log's rate_limit_bucket; false, or while NATS does not answer: one per process."
+        ),
+    )
+    rate_limit_bucket: str = Field(
+        "recsys_rate_limits", description="Key-value bucket of the shared rate limits."
+    )
     max_in_flight: int = Field(
         12, ge=1, description="RPCs doing work at once; more wait up to max_queue_wait_s."
     )

@@ -7,8 +7,8 @@ them. Connections, not calls: a client's channel stays on one process, as it sta
 replica behind a Kubernetes Service, and a process's channels to one address share one
 connection unless made with ``grpc.use_local_subchannel_pool``; many clients use them all.
 Each process is a full gateway, like a replica: its own dependencies' clients, caches and
-background refreshes, its own ``grpc_workers``, ``max_in_flight`` and rate limits. What
-replicas must agree on already goes through the event log and Milvus.
+background refreshes, its own ``grpc_workers`` and ``max_in_flight``. What replicas must
+agree on already goes through the event log and Milvus, a client's rate limit included.
 
 This supervisor serves ``/metrics`` for all of them (Prometheus's multiprocess mode: each
 process writes its counters to a file under ``PROMETHEUS_MULTIPROC_DIR``, the supervisor

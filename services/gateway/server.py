@@ -66,8 +66,12 @@ def build(settings: Settings) -> Gateway:
     """Create and start the server; dependencies may still be down (health says so)."""
     pseudonym.install(settings)  # user ids in log lines become keyed hashes
     credentials = server_credentials(settings)  # bad TLS or key settings fail before binding
-    guards = interceptors(settings)  # auth, per-client rate limit, bounded concurrency
     state = GatewayState(settings)
+    try:  # auth, per-client rate limit (shared through the event log), bounded concurrency
+        guards = interceptors(settings, state.events)
+    except Exception:
+        state.close()  # a bad key file: no event-log thread left behind
+        raise
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
         interceptors=[MetricsInterceptor(), *guards],  # metrics outermost: counts rejections

@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from core.config import Settings
+from services.events.log import BlockingEventLog
 from services.reliability import pseudonym
 from services.reliability.auth import AuthInterceptor, current_principal
 from services.reliability.concurrency import ConcurrencyLimiter, max_concurrent_rpcs
@@ -27,11 +28,14 @@ __all__ = [
 ]
 
 
-def interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
-    """Auth, per-user binding, rate limit and concurrency limit, outermost first."""
+def interceptors(
+    settings: Settings, events: BlockingEventLog | None = None
+) -> list[grpc.ServerInterceptor]:
+    """Auth, per-user binding, rate limit (its buckets shared through ``events``, when
+    given) and concurrency limit, outermost first."""
     return [
         AuthInterceptor.from_settings(settings),
         UserBindingInterceptor(),
-        RateLimitInterceptor.from_settings(settings),
+        RateLimitInterceptor.from_settings(settings, events),
         ConcurrencyLimiter.from_settings(settings),
     ]

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from core.config import Settings
 from services.api import pb, pb_grpc
+from services.events.log import BlockingEventLog
 from services.reliability import current_principal, interceptors, max_concurrent_rpcs
 
 
@@ -75,12 +76,14 @@ def running_server(
     settings: Settings,
     servicer: FakeServicer | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    events: BlockingEventLog | None = None,
 ) -> Iterator[tuple[str, FakeServicer]]:
-    """Start the interceptors + fake servicer the way ``server.build`` does; stop on exit."""
+    """Start the interceptors + fake servicer the way ``server.build`` does (rate limits
+    shared through ``events`` when given); stop on exit."""
     servicer = servicer or FakeServicer()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
-        interceptors=interceptors(settings),
+        interceptors=interceptors(settings, events),
         maximum_concurrent_rpcs=max_concurrent_rpcs(settings),
     )
     pb_grpc.add_RecommenderServiceServicer_to_server(servicer, server)
