@@ -37,7 +37,7 @@ import numpy as np
 from bench.machine import _ort_matmul, quick_fp32_peak, torch_bf16
 from bench.tokens import TokenizerSpec, encode
 from bench.util import Bounded, load_average, precision
-from bench.variants import openvino_bf16
+from bench.variants import openvino_bf16, served_runner
 
 log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
@@ -116,20 +116,12 @@ def ort_runner(
 
 
 def openvino_runner(path: Path, threads: int) -> Callable[[Feeds], list[np.ndarray]]:
-    """``path`` compiled as the served runner's ``openvino-bf16`` engine compiles it."""
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
-    compiled = core.compile_model(
-        core.read_model(str(path)), "CPU", {**config, "INFERENCE_NUM_THREADS": threads}
-    )
-    request = compiled.create_infer_request()
-    names = {i.get_any_name() for i in compiled.inputs}
+    """``path`` compiled by the served runner's own ``openvino-bf16`` session."""
+    session = served_runner().OpenVinoSession(path, threads)
+    names = {i.get_any_name() for i in session.compiled.inputs}
 
     def run(feeds: Feeds) -> list[np.ndarray]:
-        result = request.infer({k: v for k, v in feeds.items() if k in names})
-        return [np.array(result[o]) for o in compiled.outputs]
+        return list(session.run(None, {k: v for k, v in feeds.items() if k in names}))
 
     return run
 

@@ -10,17 +10,21 @@ is restarted on the same ports with the copy; the gateway reconnects by itself.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.util import config_parameters
+from core.config import REPO_ROOT
 from ops.stack import LocalStack, gateway_serving
 
 ITEM_TWIN = "item_embedder_twin"  # the twin item embedder's ensemble
+RUNNER = REPO_ROOT / "model_repository" / "item_encoder" / "model.py"
 FP32 = ("model.onnx", "onnxruntime")  # ONNX Runtime's fp32 graph: (onnx_file, engine)
 
 
@@ -49,13 +53,20 @@ def served_engine(model_dir: Path) -> str:
 ENGINES = {"onnxruntime": "ONNX Runtime fp32", "openvino-bf16": "OpenVINO bf16"}
 
 
+def served_runner() -> types.ModuleType:
+    """The served python-backend runner (``model_repository/item_encoder/model.py``, which
+    the towers and rankers link to) as a module outside Triton: its engines, so that a
+    benchmark runs a graph as it is served."""
+    spec = importlib.util.spec_from_file_location("served_runner_model", RUNNER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def openvino_bf16() -> bool:
     """Whether OpenVINO runs bf16 products on this CPU (what the runner's ``auto`` asks)."""
-    try:
-        import openvino as ov
-    except ImportError:
-        return False
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return served_runner().bf16_unavailable() is None
 
 
 def item_tower_served(model_dir: Path) -> tuple[str, str]:

@@ -29,7 +29,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (the benchmarks): only its engines are used
+    pb_utils = None
 
 ENGINES = ("onnxruntime", "openvino-bf16", "auto")
 TOWER_INPUTS = ["input_ids", "attention_mask"]

@@ -3,16 +3,13 @@ this process, with a stand-in for Triton's ``triton_python_backend_utils``."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
 import pytest
 
-from core.config import REPO_ROOT
+from bench.variants import served_runner
 from training.precision import cpu_has_bf16
-
-RUNNER = REPO_ROOT / "model_repository" / "item_encoder" / "model.py"
 
 
 def load_runner(monkeypatch: pytest.MonkeyPatch, logs: list[str]) -> types.ModuleType:
@@ -20,11 +17,7 @@ def load_runner(monkeypatch: pytest.MonkeyPatch, logs: list[str]) -> types.Modul
     utils = types.ModuleType("triton_python_backend_utils")
     utils.Logger = types.SimpleNamespace(log_warn=logs.append, log_info=logs.append)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
-    spec = importlib.util.spec_from_file_location("served_runner_model", RUNNER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return served_runner()
 
 
 def tower_atol(fp32: float) -> float:
