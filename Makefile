@@ -184,7 +184,7 @@ bench: env $(MILVUS_ENGINE) ## benchmarks on their own stack (the Milvus engine)
 bench-releases: env $(MILVUS_ENGINE) ## Recommend as each release make train chooses between serves it, side by side -> reports/bench_release_cost_engine.json
 	$(PY) -m bench.pipelines --compare releases $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
-bench-popularity: env $(MILVUS_ENGINE) ## the gateway's popularity refresh at 100,000 items: every row against popularity, then the top's rows -> reports/bench_popularity_refresh.json
+bench-popularity: env $(MILVUS_ENGINE) ## the gateway's popularity refresh at 100,000 items: every row, popularity then the top's rows, and a later refresh above the last top's floor -> reports/bench_popularity_refresh.json
 	$(PY) -m bench.popularity $(BENCH_POPULARITY_ARGS)
 
 bench-events: env ## event log through 3 gateways: acknowledged ingest/s, apply lag at 1,000 ev/s (1, 2 workers)

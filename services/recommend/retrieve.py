@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: What the popularity refresh reads of every item: the full rows are read for the top only.
 POPULARITY_FIELDS = ("item_id", "popularity", "created_at")
 ROWS_TIMEOUT_S = 10.0  # the background read of the top's rows
+#: a catalogue larger than the item cache is read above this share of the last top's least
+#: popularity (all of it again when fewer than the top's size are found there)
+FLOOR_SHARE = 0.5
 
 
 class PopularItems:
@@ -48,10 +51,13 @@ class PopularItems:
     indexed ones, so feedback moves both without re-indexing.
 
     A refresh reads three small fields of every item (:data:`POPULARITY_FIELDS`) and the
-    full rows of the top ``size`` only, so a catalogue of millions costs the gateway its ids
-    and popularities, not its texts. The online scores only add, so the combined top is
+    full rows of the top ``size`` only. The online scores only add, so the combined top is
     always among the catalogue's top and the items the online aggregates name: a rank over
-    those, not over the catalogue, and a read of the rows of the few lifted ones.
+    those, not over the catalogue, and a read of the rows of the few lifted ones. Where the
+    catalogue is larger than the item cache (no scan fills it), later refreshes read only
+    the items above :data:`FLOOR_SHARE` of the last top's least popularity (Milvus filters),
+    the newest items for the clock, and the popularity of the online items below that by
+    id: a catalogue of millions costs each refresh its top, not its size.
     """
 
     def __init__(self, size: int) -> None:
@@ -66,6 +72,9 @@ class PopularItems:
         self._neighbours: Mapping[str, Sequence[str]] = {}
         self._clock = CatalogueClock(top_popularity=0.0, now=time.time())
         self._exploration_share: float | None = None
+        self._floor: float | None = None  # what the next refresh reads above, if not all
+        self._complete = True  # _popularity holds every item (else: those above the floor)
+        self._absent: set[str] = set()  # online ids with no row, since the last refresh
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -73,24 +82,40 @@ class PopularItems:
 
     def refresh(self, store: VectorStore) -> bool:
         try:
-            light = store.all_items(POPULARITY_FIELDS, fill_cache=True)
+            light, complete = self._read(store)
             popularity = {r["item_id"]: float(r["popularity"]) for r in light}
             static = _best(popularity, self.size)
             rows = store.get_items(static, ROWS_TIMEOUT_S)  # the item cache's, when filled
+            newest = light
+            if not complete:  # the newest item may lie below the floor: those since the last
+                newest = store.items_where(POPULARITY_FIELDS, min_created_at=int(self._clock.now))
         except StoreUnavailable as exc:
             log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
             return False
-        created = [int(r.get("created_at") or 0) for r in light]
+        created = [int(r.get("created_at") or 0) for r in newest]
         clock = CatalogueClock(
             top_popularity=popularity[static[0]] if static else 0.0,
-            now=float(max(created)) if any(created) else time.time(),
+            now=float(max(created)) if any(created) else self._clock.now,
         )
+        floor = FLOOR_SHARE * popularity[static[-1]] if len(static) == self.size else 0.0
         with self._lock:
             self._store, self._popularity, self._clock = store, popularity, clock
             self._static = [i for i in static if i in rows]  # deleted since the scan: gone
             self._rows = dict(rows)
+            self._complete, self._absent = complete, set()
+            self._floor = floor if floor > 0 else None
         self._rank()
         return True
+
+    def _read(self, store: VectorStore) -> tuple[list[Row], bool]:
+        """:data:`POPULARITY_FIELDS` of every item, or, when the catalogue is larger than
+        the item cache and enough items lie above the floor, of those: (rows, every item)."""
+        floor = self._floor
+        if floor is not None and not store.item_cache_holds_catalogue():
+            light = store.items_where(POPULARITY_FIELDS, min_popularity=floor)
+            if sum(float(r["popularity"]) >= floor for r in light) >= self.size:
+                return light, False
+        return store.all_items(POPULARITY_FIELDS, fill_cache=True), True
 
     def set_online(
         self,
@@ -112,6 +137,7 @@ class PopularItems:
         rows of lifted items read first, outside the lock (then ranked again: a refresh may
         have come in between). An item with no row (deleted, or Milvus unreachable until the
         next refresh) gives its place to the next one."""
+        self._read_online_popularity()
         with self._lock:
             ranked = self._ranked_ids()
             store, missing = self._store, [i for i in ranked[: self.size] if i not in self._rows]
@@ -125,6 +151,26 @@ class PopularItems:
             log.warning("rows of %d items the online scores lift: %s", len(missing), exc)
         with self._lock:
             self._serve(self._ranked_ids(), {**self._rows, **read})
+
+    def _read_online_popularity(self) -> None:
+        """The catalogue popularity of online items the last refresh did not read (those
+        below its floor), by id, outside the lock; ids without a row are remembered as such
+        until the next refresh. Unread (Milvus unreachable), an item waits for the next."""
+        with self._lock:
+            store, known, absent = self._store, self._popularity, self._absent
+            unknown = [i for i in self._online if i not in known and i not in absent]
+            if self._complete or store is None or not unknown:
+                return
+        try:
+            light = store.items_where(POPULARITY_FIELDS, ids=unknown)
+        except StoreUnavailable as exc:
+            log.warning("popularity of %d online items: %s", len(unknown), exc)
+            return
+        found = {r["item_id"]: float(r["popularity"]) for r in light}
+        with self._lock:
+            if self._popularity is known:  # no refresh came in between
+                known.update(found)
+                absent.update(i for i in unknown if i not in found)
 
     def _serve(self, ranked: list[str], rows: dict[str, Row]) -> None:
         """The first ``size`` of ``ranked`` that have a row become the served top; only the

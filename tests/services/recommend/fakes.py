@@ -32,6 +32,9 @@ class FakeStore:
         self.calls: list[str] = []  # every call, in order
         self.scanned: list[Sequence[str] | None] = []  # the fields of each all_items scan
         self.read: list[list[str]] = []  # the ids of each get_items read
+        self.item_cache_size = 10_000
+        #: (min_popularity, min_created_at, ids) of each items_where read
+        self.filtered: list[tuple[float | None, int | None, list[str] | None]] = []
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
@@ -93,6 +96,27 @@ class FakeStore:
         self.scanned.append(fields)
         rows = [self._out(r, False) for r in self.items.values()]
         return rows if fields is None else [{k: r[k] for k in fields if k in r} for r in rows]
+
+    def item_cache_holds_catalogue(self) -> bool:
+        return len(self.items) <= self.item_cache_size
+
+    def items_where(
+        self,
+        fields: Sequence[str],
+        *,
+        min_popularity: float | None = None,
+        min_created_at: int | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[Row]:
+        self._check("items_where")
+        self.filtered.append((min_popularity, min_created_at, None if ids is None else list(ids)))
+        return [
+            {k: r[k] for k in fields if k in r}
+            for r in self.items.values()
+            if (min_popularity is None or r["popularity"] >= min_popularity)
+            and (min_created_at is None or int(r.get("created_at") or 0) >= min_created_at)
+            and (ids is None or r["item_id"] in ids)
+        ]
 
 
 class FakeTriton:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.recommend.context import Filters
-from services.recommend.retrieve import POPULARITY_FIELDS, PopularItems, Retriever
+from services.recommend.retrieve import FLOOR_SHARE, POPULARITY_FIELDS, PopularItems, Retriever
 from services.vectors.store import Row, VectorStore, literal
 from tests.services.recommend.fakes import FakeStore, row
 
@@ -81,14 +81,47 @@ def test_the_refresh_reads_every_items_popularity_and_the_tops_rows_only() -> No
     assert cache.clock().now == 399.0 and cache.clock().top_popularity == 19.0
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_online_scores_rank_as_over_the_whole_catalogue(seed: int) -> None:
-    """The top over the catalogue's top and the online items equals the top over every item,
-    and only lifted items' rows are read, a bounded number kept."""
-    items = catalogue(400, seed)
+def test_a_catalogue_larger_than_the_item_cache_is_read_above_the_last_tops_floor() -> None:
+    """The first refresh reads every item; the next ones the items above half the top's
+    least popularity and those created since the clock's time, with the same top; a new
+    item below the floor still moves the clock, and a re-index that drops the top below the
+    floor is read whole again."""
+    items = catalogue(400, 0)
     store = FakeStore(items)
+    store.item_cache_size = 100
     cache = PopularItems(size=15)
     assert cache.refresh(cast(VectorStore, store))
+    assert store.scanned == [POPULARITY_FIELDS] and store.filtered == []
+    expected = sorted(items, key=lambda r: (-r["popularity"], r["item_id"]))[:15]
+    floor = FLOOR_SHARE * expected[-1]["popularity"]
+    store.items["new"] = row("new", pop=0.0) | {"created_at": 1000}
+    assert cache.refresh(cast(VectorStore, store))
+    assert store.scanned == [POPULARITY_FIELDS]  # not every item again
+    assert store.filtered == [(floor, None, None), (None, 499, None)]
+    assert cache.top(15) == expected
+    assert cache.clock().now == 1000.0 and cache.clock().top_popularity == 19.0
+    assert len(cache._popularity) == sum(r["popularity"] >= floor for r in items)
+    for r in store.items.values():  # a re-index: every popularity a tenth
+        r["popularity"] /= 10
+    assert cache.refresh(cast(VectorStore, store))
+    assert store.scanned == [POPULARITY_FIELDS] * 2  # too few above the floor: all of it
+    assert [r["item_id"] for r in cache.top(15)] == [r["item_id"] for r in expected]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "above-floor"])
+def test_online_scores_rank_as_over_the_whole_catalogue(seed: int, whole: bool) -> None:
+    """The top over the catalogue's top and the online items equals the top over every item,
+    and only lifted items' rows are read, a bounded number kept; read above the floor
+    (a catalogue larger than the item cache), the online items below it are read by id,
+    each once (an id with no item too)."""
+    items = catalogue(400, seed)
+    store = FakeStore(items)
+    store.item_cache_size = 1000 if whole else 100
+    cache = PopularItems(size=15)
+    for _ in range(2):
+        assert cache.refresh(cast(VectorStore, store))
+    assert cache._complete == whole
     rng = np.random.default_rng(seed + 100)
     for _ in range(3):
         lifted = rng.choice(len(items), 40, replace=False)
@@ -104,6 +137,8 @@ def test_online_scores_rank_as_over_the_whole_catalogue(seed: int) -> None:
         assert [r["item_id"] for r in cache.top(15)] == brute
         assert all(set(ids) <= set(online) for ids in store.read)  # only lifted items read
         assert len(cache._rows) <= 30
+    by_id = [i for _, _, ids in store.filtered if ids is not None for i in ids]
+    assert len(by_id) == len(set(by_id)) and ("not-in-the-catalogue" in by_id) != whole
 
 
 def test_a_lifted_item_whose_row_cannot_be_read_is_left_out_until_it_can() -> None:

@@ -221,3 +221,36 @@ def test_hnsw_recall_at_10_against_exact_search(engine: LocalStack) -> None:
     finally:
         store.drop_collections()
         store.close()
+
+
+def test_items_where_filters_in_the_engine(engine: LocalStack) -> None:
+    """The popularity refresh's filtered reads (a floor, the newest, by id) return exactly
+    the matching rows; this process's upsert is seen at once (Session)."""
+    store = _store(engine, "where")
+    store.ensure_collections()
+    try:
+        vectors = _unit(np.random.default_rng(5), 50, DIM)
+        rows = [
+            item_row(
+                f"w{i:02d}",
+                f"t{i}",
+                ["Drama"],
+                "",
+                popularity=i / 4,
+                created_at=1000 + i,
+                vector=vectors[i],
+            )
+            for i in range(50)
+        ]
+        store.upsert_items(rows)
+        fields = ("item_id", "popularity", "created_at")
+        above = store.items_where(fields, min_popularity=10.0)
+        assert sorted(r["item_id"] for r in above) == [f"w{i:02d}" for i in range(40, 50)]
+        newest = store.items_where(fields, min_created_at=1047)
+        assert sorted(r["created_at"] for r in newest) == [1047, 1048, 1049]
+        some = store.items_where(fields, min_popularity=10.0, ids=["w01", "w45", "nope"])
+        assert [r["item_id"] for r in some] == ["w45"]
+        assert store.items_where(fields, ids=[]) == []
+    finally:
+        store.drop_collections()
+        store.close()
