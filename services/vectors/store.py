@@ -74,6 +74,7 @@ def row_version(row: Mapping[str, Any] | None) -> int:
 CONNECT_ATTEMPTS, CONNECT_RETRY_S = 2, 0.2  # see VectorStore._new_client
 CONNECT_TIMEOUT_S = 5.0  # the longest connect, also for calls with a longer timeout
 NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
+QUERY_LIMIT = 16_384  # the most rows one query may return (offset + limit, Milvus 2.3)
 # What a cached item row holds: every field, so that any later read finds what it needs.
 CACHED_ITEM_FIELDS = (*ITEM_FIELDS, "vector", "co_items")
 
@@ -464,7 +465,9 @@ class VectorStore:
     def item_cache_holds_catalogue(self) -> bool:
         """Whether the item cache can hold every item (then a scan may fill it)."""
         cache = self.item_cache
-        return cache.enabled and self.count(self.items.name) <= cache.size
+        if not cache.enabled:
+            return False
+        return self.count(self.items.name, self.settings.milvus_item_consistency) <= cache.size
 
     def items_where(
         self,
@@ -475,8 +478,10 @@ class VectorStore:
         ids: Sequence[str] | None = None,
     ) -> list[Row]:
         """The items that meet every condition given (popularity at least, created at
-        least, among ``ids``), read in pages: Milvus evaluates the filter, so a read of the
-        few above a popularity costs those few, not the catalogue."""
+        least, among ``ids``) at the item read level: Milvus evaluates the filter, so a read
+        of the few above a popularity costs those few, not the catalogue. One query (10-25 ms
+        for 5,000 of 20,000 rows on the engine, where a query iterator's setup alone takes
+        0.9-1.3 s against engine 2.3.5); pages only when it hits the query's limit."""
         clauses = []
         if min_popularity is not None:
             clauses.append(f"popularity >= {min_popularity:.6f}")
@@ -486,7 +491,18 @@ class VectorStore:
             if not ids:
                 return []
             clauses.append(f"item_id in {literal(list(ids))}")
-        return self.scan(self.items.name, fields, where=" and ".join(clauses))
+        where, level = " and ".join(clauses), self.settings.milvus_item_consistency
+        rows = self._call(
+            "query",
+            self.items.name,
+            filter=where,
+            output_fields=list(fields),
+            consistency_level=level,
+            limit=QUERY_LIMIT,
+        )
+        if len(rows) < QUERY_LIMIT:
+            return [_plain(r) for r in rows]
+        return self.scan(self.items.name, fields, consistency=level, where=where)
 
     def scan(
         self,
@@ -515,8 +531,9 @@ class VectorStore:
             iterator.close()
         return rows
 
-    def count(self, collection: str) -> int:
-        rows = self._call("query", collection, filter="", output_fields=["count(*)"])
+    def count(self, collection: str, consistency: str | None = None) -> int:
+        level = {"consistency_level": consistency} if consistency else {}
+        rows = self._call("query", collection, filter="", output_fields=["count(*)"], **level)
         return int(rows[0]["count(*)"])
 
     # --- users ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 from core.config import Settings
 from core.rows import ItemRow, UserRow, item_row, user_row
 from ops.stack import LocalStack, local_stack
+from services.vectors import store as store_module
 from services.vectors.store import VectorStore
 
 pytestmark = pytest.mark.integration
@@ -223,9 +224,12 @@ def test_hnsw_recall_at_10_against_exact_search(engine: LocalStack) -> None:
         store.close()
 
 
-def test_items_where_filters_in_the_engine(engine: LocalStack) -> None:
+def test_items_where_filters_in_the_engine(
+    engine: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The popularity refresh's filtered reads (a floor, the newest, by id) return exactly
-    the matching rows; this process's upsert is seen at once (Session)."""
+    the matching rows, by one query or, past its limit, in pages; this process's upsert is
+    seen at once (Session)."""
     store = _store(engine, "where")
     store.ensure_collections()
     try:
@@ -251,6 +255,9 @@ def test_items_where_filters_in_the_engine(engine: LocalStack) -> None:
         some = store.items_where(fields, min_popularity=10.0, ids=["w01", "w45", "nope"])
         assert [r["item_id"] for r in some] == ["w45"]
         assert store.items_where(fields, ids=[]) == []
+        monkeypatch.setattr(store_module, "QUERY_LIMIT", 4)  # 10 matches: paged instead
+        paged = store.items_where(fields, min_popularity=10.0)
+        assert sorted(r["item_id"] for r in paged) == sorted(r["item_id"] for r in above)
     finally:
         store.drop_collections()
         store.close()
