@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help env proto client-proto proto-release lint lint-proto kubectl-installed milvus-engine export train export-events mlflow-ui demo serve test test-unit \
-        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench bench-releases bench-events bench-popularity eval ab-report ab-replay fuzz reliability clean \
+        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench bench-releases bench-events bench-popularity bench-limits eval ab-report ab-replay fuzz reliability clean \
         distclean
 
 help:
@@ -186,6 +186,9 @@ bench-releases: env $(MILVUS_ENGINE) ## Recommend as each release make train cho
 
 bench-popularity: env $(MILVUS_ENGINE) ## the gateway's popularity refresh at 100,000 items: every row, popularity then the top's rows, and a later refresh above the last top's floor -> reports/bench_popularity_refresh.json
 	$(PY) -m bench.popularity $(BENCH_POPULARITY_ARGS)
+
+bench-limits: env ## a client's rate limit per gateway process against one shared through NATS: a check's cost, what 2 processes admit -> reports/bench_rate_limit.json
+	$(PY) -m bench.rate_limit $(BENCH_LIMITS_ARGS)
 
 bench-events: env ## event log through 3 gateways: acknowledged ingest/s, apply lag at 1,000 ev/s (1, 2 workers)
 	$(PY) -m bench.event_log --out var/bench/event_log.md $(BENCH_EVENTS_ARGS)

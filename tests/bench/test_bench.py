@@ -17,9 +17,12 @@ from bench import indexing
 from bench.__main__ import SECTIONS
 from bench.metrics import histogram_quantiles
 from bench.report import GENERATED_BEGIN, GENERATED_END, splice, targets
-from core.config import REPO_ROOT
+from core.config import REPO_ROOT, Settings
+from tests.nats_server import nats_settings
 from tests.training.export.served_runner import tower_atol
 from training.precision import cpu_has_bf16
+
+__all__ = ["nats_settings"]  # the fixture
 
 
 def test_histogram_quantiles_interpolate_within_buckets() -> None:
@@ -354,3 +357,19 @@ def test_the_popularity_refresh_bench_agrees_on_the_top_and_renders(tmp_path: Pa
     assert result["memory"][BASELINE]["kept_mb"] > result["memory"][SCAN]["kept_mb"] > 0
     text = render(result)
     assert "300 items scanned of 300 written" in text and f"| {OURS} |" in text
+
+
+def test_the_rate_limit_bench_admits_a_shared_limit_once(nats_settings: Settings) -> None:
+    """Two processes under one client's limit: shared, they admit no more than the bucket
+    and its refill (plus what each may hold of one lease); each on its own bucket, more
+    than that."""
+    import argparse
+
+    from bench.rate_limit import BASELINE, OURS, render, run
+
+    args = argparse.Namespace(calls=50, rates=[5.0, 200.0], processes=2, limit=50.0, seconds=1.0)
+    result = run(nats_settings, args)
+    most = (50.0 + 50.0 * 1.0 + 2 * 5) / 1.0  # burst + a second's refill + two leases
+    assert result["admitted"][OURS]["admitted_per_s"] <= most
+    assert result["admitted"][BASELINE]["admitted_per_s"] > most
+    assert set(result["cost"]) == {"5", "200"} and f"| {OURS} |" in render(result)
