@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import tempfile
 import time
 import tracemalloc
@@ -36,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.util import fmt, load_average, table
+from bench.util import fmt, load_average, publish, table
 from core.config import Settings
 from core.paths import REPO_ROOT
 from core.rows import item_row
@@ -220,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         stack.start_milvus(engine=True)
         result = run(stack.settings, args.items, args.text_chars, args.rounds)
-    text = render(result)
-    result["table"] = text
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    publish(result, render(result), args.json)
     return 0
 
 

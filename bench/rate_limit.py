@@ -18,7 +18,6 @@ A table is printed and written with the raw figures (``--json``).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
@@ -27,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.util import fmt, load_average, table
+from bench.util import fmt, load_average, publish, table
 from core.config import Settings
 from core.paths import REPO_ROOT
-from ops.processes import free_port, nats_healthy, nats_process
+from ops.stack import local_stack
 from services.events.log import BlockingEventLog
 from services.reliability.ratelimit import SharedBuckets, TokenBuckets
 
@@ -158,19 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=REPO_ROOT / "reports" / "bench_rate_limit.json"
     )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="rate-limit-") as tmp:
-        port, monitor = free_port(), free_port()
-        proc = nats_process(Path(tmp) / "nats", port, monitor, Path(tmp)).start()
-        try:
-            proc.wait_ready(lambda: nats_healthy(monitor), 30)
-            result = run(Settings(nats_urls=f"nats://127.0.0.1:{port}"), args)
-        finally:
-            proc.stop()
-    text = render(result)
-    result["table"] = text
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    with (
+        tempfile.TemporaryDirectory(prefix="rate-limit-") as tmp,
+        local_stack(Settings(), Path(tmp)) as stack,
+    ):
+        stack.start_nats()
+        result = run(stack.settings, args)
+    publish(result, render(result), args.json)
     return 0
 
 

@@ -3,6 +3,7 @@ a Triton model's config parameters."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -24,6 +25,14 @@ def config_parameters(model_dir: Path) -> dict[str, str]:
 def precision(backend: str) -> str:
     """The peak a backend's row is compared with: ``int8``, ``bf16`` or ``fp32``."""
     return next((p for p in ("int8", "bf16") if backend.endswith(p)), "fp32")
+
+
+def publish(result: dict[str, Any], text: str, path: Path) -> None:
+    """Print a bench's table and write its figures, the table with them, to ``path``."""
+    result["table"] = text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
 
 
 def load_average() -> list[float]:
