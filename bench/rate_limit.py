@@ -98,7 +98,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     logs = [BlockingEventLog(settings, f"bench-{i}") for i in range(args.processes)]
     try:
         for events in logs:
-            if not events._ready.wait(30):
+            if not events.wait_connected(30):
                 raise RuntimeError("nats-server did not answer")
         load_before = load_average()
         cost = {f"{rate:g}": check_cost(logs[0], rate, args.calls) for rate in args.rates}

@@ -674,6 +674,11 @@ class BlockingEventLog:
             future.cancel()
             raise EventLogUnavailable("event log: no acknowledgement in time") from exc
 
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the first connection (streams and buckets
+        ensured); whether it came."""
+        return self._ready.wait(timeout)
+
     def ready(self) -> bool:
         if not self._ready.is_set():
             return False

@@ -97,7 +97,7 @@ def _exposed(settings: Settings) -> None:
     response to a user in no experiment where every response is logged."""
     events = BlockingEventLog(settings, "test-gateway")
     try:
-        assert events._ready.wait(20)
+        assert events.wait_connected(20)
         experiments = json.dumps([_arms("mix"), _arms("slots")])
         svc = ExperimentService.from_settings(
             settings.model_copy(update={"experiments": experiments}), events

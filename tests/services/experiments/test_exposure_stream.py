@@ -47,7 +47,7 @@ def test_stream_is_the_report_source_and_joins_by_recommendation_id(
     get_settings.cache_clear()
     svc, events = _service(nats_settings)
     try:
-        assert events._ready.wait(20)
+        assert events.wait_connected(20)
         users = [f"user-{n}" for n in range(8)]
         for n, user in enumerate(users):
             assignments, _ = svc.for_user(user)

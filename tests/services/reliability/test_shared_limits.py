@@ -32,7 +32,7 @@ def processes(settings: Settings, n: int) -> Iterator[list[BlockingEventLog]]:
     logs = [BlockingEventLog(settings, f"test-gateway-{i}") for i in range(n)]
     try:
         for events in logs:
-            assert events._ready.wait(20)
+            assert events.wait_connected(20)
         yield logs
     finally:
         for events in logs:
