@@ -7,12 +7,17 @@ one collection of the real Milvus engine:
 * **every row (the baseline)**: the refresh before 2026-12-06 (thirty-fourth session): every
   item's row, titles and texts included, read and sorted in the gateway, and all of it kept
   (for items the online scores might lift);
-* **popularity, then the top's rows**: :meth:`PopularItems.refresh` the first time (and every
-  time where the catalogue fits the item cache): three small fields of every item
-  (:data:`services.recommend.retrieve.POPULARITY_FIELDS`), the top's rows by id;
-* **above the last top's floor (ours)**: every later refresh of a catalogue larger than the
-  item cache: the same fields of the items above half the last top's least popularity and of
-  the items created since the last refresh (Milvus filters them), the top's rows by id.
+* **every item's popularity, then the top's rows**: the first refresh before 2026-12-07
+  (fortieth session), and every refresh where the catalogue fits the item cache: three small
+  fields of every item (:data:`services.recommend.retrieve.POPULARITY_FIELDS`), the top's
+  rows by id;
+* **first: above a counted floor (ours)**: :meth:`PopularItems.refresh` the first time at a
+  catalogue larger than the item cache: a popularity floor and the newest item's time found
+  by Milvus counts, then the same fields of the items above that floor and of the newest
+  ones, the top's rows by id;
+* **later: above the last top's floor (ours)**: every later refresh there: the same fields
+  of the items above half the last top's least popularity and of the items created since
+  the last refresh, the top's rows by id.
 
 The items are synthetic (random unit vectors, a text of ``--text-chars`` characters, random
 popularity), written once and flushed. The two refreshes alternate for ``--rounds`` rounds;
@@ -39,12 +44,13 @@ from bench.util import fmt, load_average, publish, table
 from core.config import Settings
 from core.paths import REPO_ROOT
 from core.rows import item_row
-from services.recommend.retrieve import PopularItems
+from services.recommend.retrieve import POPULARITY_FIELDS, ROWS_TIMEOUT_S, PopularItems
 from services.vectors.store import Row, VectorStore
 
 BASELINE = "every row (the refresh before)"
-SCAN = "popularity, then the top's rows"
-OURS = "above the last top's floor"
+SCAN = "every item's popularity, then the top's rows"
+FIRST = "first: above a counted floor"
+OURS = "later: above the last top's floor"
 
 
 def fill(store: VectorStore, items: int, text_chars: int, seed: int = 0) -> float:
@@ -83,6 +89,15 @@ def every_row(store: VectorStore, size: int) -> tuple[list[Row], list[Row]]:
     return rows, rows[:size]
 
 
+def every_popularity(store: VectorStore, size: int) -> list[str]:
+    """The first refresh before: every item's popularity read, the top's rows by id."""
+    light = store.all_items(POPULARITY_FIELDS)
+    light.sort(key=lambda r: (-float(r["popularity"]), r["item_id"]))
+    top = [r["item_id"] for r in light[:size]]
+    rows = store.get_items(top, ROWS_TIMEOUT_S)
+    return [i for i in top if i in rows]
+
+
 def popularity_first(store: VectorStore, size: int) -> PopularItems:
     cache = PopularItems(size)
     if not cache.refresh(store):
@@ -97,6 +112,19 @@ def refreshed_again(cache: PopularItems, store: VectorStore) -> PopularItems:
     if cache._complete:
         raise RuntimeError("the later refresh read every item: the catalogue fits the cache")
     return cache
+
+
+def _counted(store: VectorStore) -> list[int]:
+    """The store's item counts from now on, one entry each (the count itself)."""
+    counts: list[int] = []
+    count_items = store.count_items
+
+    def counting(**conditions: Any) -> int:
+        counts.append(n := count_items(**conditions))
+        return n
+
+    store.count_items = counting  # type: ignore[method-assign]
+    return counts
 
 
 def measure(fn: Callable[[], Any]) -> dict[str, float]:
@@ -131,10 +159,13 @@ def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[st
         store.drop_collections()
         store.ensure_collections()
         fill_s = fill(store, items, text_chars)
+        counts = _counted(store)
         warm = popularity_first(store, size)
+        first_counts, read_first = len(counts), len(warm._popularity)
         variants: dict[str, Callable[[], Any]] = {
             BASELINE: lambda: every_row(store, size),
-            SCAN: lambda: popularity_first(store, size),
+            SCAN: lambda: every_popularity(store, size),
+            FIRST: lambda: popularity_first(store, size),
             OURS: lambda: refreshed_again(warm, store),
         }
         everything, base_top = every_row(store, size)
@@ -142,10 +173,11 @@ def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[st
         del everything
         top = {
             BASELINE: [r["item_id"] for r in base_top],
-            SCAN: [r["item_id"] for r in popularity_first(store, size).top(size)],
+            SCAN: every_popularity(store, size),
+            FIRST: [r["item_id"] for r in popularity_first(store, size).top(size)],
             OURS: [r["item_id"] for r in refreshed_again(warm, store).top(size)],
         }
-        if not top[BASELINE] == top[SCAN] == top[OURS]:
+        if not top[BASELINE] == top[SCAN] == top[FIRST] == top[OURS]:
             raise RuntimeError("the refreshes disagree on the top items")
         read_above = len(warm._popularity)  # the items above the floor the later one read
         timings: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -167,6 +199,8 @@ def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[st
         "fill_s": fill_s,
         "rounds": rounds,
         "same_top_items": len(top[OURS]),  # compared in order; a difference fails the run
+        "first_counts": first_counts,  # Milvus counts of the first refresh's searches
+        "read_first": read_first,  # the items above the floor the first refresh read
         "read_above_floor": read_above,
         "timings": timings,
         "memory": memories,
@@ -196,7 +230,9 @@ def render(result: dict[str, Any]) -> str:
         f"{result['text_chars']} characters; item cache "
         f"{result['item_cache_size']:,} rows), top {result['popular_cache_size']}, medians of "
         f"{result['rounds']} rounds; the same top {result['same_top_items']} items from "
-        f"each; the later refresh read {result['read_above_floor']:,} items above the floor"
+        f"each; the first refresh made {result['first_counts']} counts and read "
+        f"{result['read_first']:,} items above its floor, a later one "
+        f"{result['read_above_floor']:,} above the last top's"
     )
     headers = ["refresh", "wall s", "gateway CPU s", "speed-up", "peak MB", "kept MB"]
     return head + "\n\n" + table(headers, rows) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -26,7 +27,7 @@ from core.sequence_inputs import model_inputs
 from services.deadline import Deadline, DeadlineExceeded
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.recommend.context import Candidate, Context, Filters, Stage
-from services.vectors.store import Row, StoreUnavailable, VectorStore
+from services.vectors.store import QUERY_LIMIT, Row, StoreUnavailable, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ ROWS_TIMEOUT_S = 10.0  # the background read of the top's rows
 #: a catalogue larger than the item cache is read above this share of the last top's least
 #: popularity (all of it again when fewer than the top's size are found there)
 FLOOR_SHARE = 0.5
+#: the most Milvus counts one search for a first floor or the newest item's time makes
+SEARCH_STEPS = 64
+DAY_S = 86_400
 
 
 class PopularItems:
@@ -54,10 +58,12 @@ class PopularItems:
     full rows of the top ``size`` only. The online scores only add, so the combined top is
     always among the catalogue's top and the items the online aggregates name: a rank over
     those, not over the catalogue, and a read of the rows of the few lifted ones. Where the
-    catalogue is larger than the item cache (no scan fills it), later refreshes read only
-    the items above :data:`FLOOR_SHARE` of the last top's least popularity (Milvus filters),
-    the newest items for the clock, and the popularity of the online items below that by
-    id: a catalogue of millions costs each refresh its top, not its size.
+    catalogue is larger than the item cache (no scan fills it), refreshes read only the
+    items above a floor (Milvus filters), the newest items for the clock, and the popularity
+    of the online items below that by id: a catalogue of millions costs each refresh its
+    top, not its size. The floor is :data:`FLOOR_SHARE` of the last top's least popularity;
+    the first refresh finds one, and the newest item's time, by Milvus counts
+    (:func:`_threshold`), so that a gateway's start does not wait for a read of every item.
     """
 
     def __init__(self, size: int) -> None:
@@ -74,6 +80,7 @@ class PopularItems:
         self._exploration_share: float | None = None
         self._floor: float | None = None  # what the next refresh reads above, if not all
         self._complete = True  # _popularity holds every item (else: those above the floor)
+        self._dated = False  # the clock's time is the catalogue's newest item's (read)
         self._absent: set[str] = set()  # online ids with no row, since the last refresh
         self._lock = threading.Lock()
 
@@ -88,7 +95,8 @@ class PopularItems:
             rows = store.get_items(static, ROWS_TIMEOUT_S)  # the item cache's, when filled
             newest = light
             if not complete:  # the newest item may lie below the floor: those since the last
-                newest = store.items_where(POPULARITY_FIELDS, min_created_at=int(self._clock.now))
+                since = int(self._clock.now) if self._dated else _newest_time(store, light)
+                newest = store.items_where(POPULARITY_FIELDS, min_created_at=since)
         except StoreUnavailable as exc:
             log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
             return False
@@ -102,19 +110,21 @@ class PopularItems:
             self._store, self._popularity, self._clock = store, popularity, clock
             self._static = [i for i in static if i in rows]  # deleted since the scan: gone
             self._rows = dict(rows)
-            self._complete, self._absent = complete, set()
+            self._complete, self._absent, self._dated = complete, set(), True
             self._floor = floor if floor > 0 else None
         self._rank()
         return True
 
     def _read(self, store: VectorStore) -> tuple[list[Row], bool]:
         """:data:`POPULARITY_FIELDS` of every item, or, when the catalogue is larger than
-        the item cache and enough items lie above the floor, of those: (rows, every item)."""
-        floor = self._floor
-        if floor is not None and not store.item_cache_holds_catalogue():
-            light = store.items_where(POPULARITY_FIELDS, min_popularity=floor)
-            if sum(float(r["popularity"]) >= floor for r in light) >= self.size:
-                return light, False
+        the item cache and enough items lie above the floor (the last top's, else one found
+        by counting), of those: (rows, every item)."""
+        if not store.item_cache_holds_catalogue():
+            floor = self._floor if self._floor is not None else _first_floor(store, self.size)
+            if floor is not None:
+                light = store.items_where(POPULARITY_FIELDS, min_popularity=floor)
+                if sum(float(r["popularity"]) >= floor for r in light) >= self.size:
+                    return light, False
         return store.all_items(POPULARITY_FIELDS, fill_cache=True), True
 
     def set_online(
@@ -235,6 +245,76 @@ class PopularItems:
             if len(out) == k:
                 break
         return out
+
+
+def _first_floor(store: VectorStore, size: int) -> float | None:
+    """A popularity with at least ``size`` items at or above it and, where ties allow, fewer
+    than one query returns (:data:`~services.vectors.store.QUERY_LIMIT`), found by Milvus
+    counts: doubled from 1, then bisected geometrically (the filter's six decimals are the
+    grid). None where the top's least popularity is 0: every item is read then."""
+
+    def halfway(lo: float, hi: float) -> float:
+        return round(math.sqrt(lo * hi) if lo > 0 else hi / 2, 6)
+
+    floor = _threshold(
+        lambda t: store.count_items(min_popularity=t),
+        lo=0.0,
+        start=1.0,
+        grow=lambda t: 2 * t,
+        halfway=halfway,
+        least=size,
+        most=QUERY_LIMIT - 1,
+    )
+    return floor if floor > 0 else None
+
+
+def _newest_time(store: VectorStore, read: Sequence[Row]) -> int:
+    """A creation time at or below the newest item's with at least one item and, where ties
+    allow, fewer than one query returns at or after it, found by Milvus counts from the
+    newest among the rows ``read``, in day steps doubled, then bisected."""
+    known = max((int(r.get("created_at") or 0) for r in read), default=0)
+    since = _threshold(
+        lambda t: store.count_items(min_created_at=int(t)),
+        lo=float(known),
+        start=float(known),
+        grow=lambda t: known + max(2 * (t - known), DAY_S),
+        halfway=lambda lo, hi: float((int(lo) + int(hi)) // 2),
+        least=1,
+        most=QUERY_LIMIT - 1,
+    )
+    return int(since)
+
+
+def _threshold(
+    count: Callable[[float], int],
+    *,
+    lo: float,
+    start: float,
+    grow: Callable[[float], float],
+    halfway: Callable[[float, float], float],
+    least: int,
+    most: int,
+) -> float:
+    """A ``t`` with ``least <= count(t) <= most``, where ``count`` falls as ``t`` grows and
+    ``count(lo) >= least``: from ``start``, grown until fewer than ``least`` are counted,
+    then bisected between the last two. ``lo`` where ties leave no such ``t`` (or the
+    :data:`SEARCH_STEPS` run out): the caller's read then takes more than ``most``."""
+    t, hi = start, None
+    for _ in range(SEARCH_STEPS):
+        if hi is not None:
+            t = halfway(lo, hi)
+            if not lo < t < hi:
+                break
+        n = count(t)
+        if least <= n <= most:
+            return t
+        if n < least:
+            hi = t
+        else:
+            lo = t
+            if hi is None:
+                t = grow(t)
+    return lo
 
 
 def _best(scores: Mapping[str, float], n: int) -> list[str]:

@@ -35,6 +35,7 @@ class FakeStore:
         self.item_cache_size = 10_000
         #: (min_popularity, min_created_at, ids) of each items_where read
         self.filtered: list[tuple[float | None, int | None, list[str] | None]] = []
+        self.counted: list[tuple[float | None, int | None]] = []  # each count_items' conditions
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
@@ -110,8 +111,21 @@ class FakeStore:
     ) -> list[Row]:
         self._check("items_where")
         self.filtered.append((min_popularity, min_created_at, None if ids is None else list(ids)))
+        where = self._where(min_popularity, min_created_at, ids)
+        return [{k: r[k] for k in fields if k in r} for r in where]
+
+    def count_items(
+        self, *, min_popularity: float | None = None, min_created_at: int | None = None
+    ) -> int:
+        self._check("count_items")
+        self.counted.append((min_popularity, min_created_at))
+        return len(self._where(min_popularity, min_created_at, None))
+
+    def _where(
+        self, min_popularity: float | None, min_created_at: int | None, ids: Sequence[str] | None
+    ) -> list[Row]:
         return [
-            {k: r[k] for k in fields if k in r}
+            r
             for r in self.items.values()
             if (min_popularity is None or r["popularity"] >= min_popularity)
             and (min_created_at is None or int(r.get("created_at") or 0) >= min_created_at)

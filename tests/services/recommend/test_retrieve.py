@@ -9,6 +9,7 @@ from typing import cast
 import numpy as np
 import pytest
 
+from services.recommend import retrieve
 from services.recommend.context import Filters
 from services.recommend.retrieve import FLOOR_SHARE, POPULARITY_FIELDS, PopularItems, Retriever
 from services.vectors.store import Row, VectorStore, literal
@@ -81,22 +82,32 @@ def test_the_refresh_reads_every_items_popularity_and_the_tops_rows_only() -> No
     assert cache.clock().now == 399.0 and cache.clock().top_popularity == 19.0
 
 
-def test_a_catalogue_larger_than_the_item_cache_is_read_above_the_last_tops_floor() -> None:
-    """The first refresh reads every item; the next ones the items above half the top's
-    least popularity and those created since the clock's time, with the same top; a new
-    item below the floor still moves the clock, and a re-index that drops the top below the
-    floor is read whole again."""
+@pytest.mark.parametrize("limit", [40, 16_384], ids=["bisected", "first-count"])
+def test_a_catalogue_larger_than_the_item_cache_is_read_above_a_floor(
+    limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first refresh reads the items above a floor that Milvus counts found (at least
+    the top's size, fewer than a query's limit) and the newest items, not every item; the
+    next ones the items above half the top's least popularity and those created since the
+    clock's time, with the same top; a new item below the floor still moves the clock, and
+    a re-index that drops the top below the floor is read whole again."""
+    monkeypatch.setattr(retrieve, "QUERY_LIMIT", limit)
     items = catalogue(400, 0)
     store = FakeStore(items)
     store.item_cache_size = 100
     cache = PopularItems(size=15)
     assert cache.refresh(cast(VectorStore, store))
-    assert store.scanned == [POPULARITY_FIELDS] and store.filtered == []
     expected = sorted(items, key=lambda r: (-r["popularity"], r["item_id"]))[:15]
+    assert store.scanned == [] and cache.top(15) == expected
+    (first, _, _), (_, since, _) = store.filtered
+    assert 15 <= sum(r["popularity"] >= first for r in items) < limit
+    assert 0 < sum(r["created_at"] >= since for r in items) < limit
+    assert cache.clock().now == 499.0 and cache.clock().top_popularity == 19.0
+    assert len(store.counted) <= 2 * retrieve.SEARCH_STEPS
+    store.filtered.clear()
     floor = FLOOR_SHARE * expected[-1]["popularity"]
     store.items["new"] = row("new", pop=0.0) | {"created_at": 1000}
     assert cache.refresh(cast(VectorStore, store))
-    assert store.scanned == [POPULARITY_FIELDS]  # not every item again
     assert store.filtered == [(floor, None, None), (None, 499, None)]
     assert cache.top(15) == expected
     assert cache.clock().now == 1000.0 and cache.clock().top_popularity == 19.0
@@ -104,8 +115,30 @@ def test_a_catalogue_larger_than_the_item_cache_is_read_above_the_last_tops_floo
     for r in store.items.values():  # a re-index: every popularity a tenth
         r["popularity"] /= 10
     assert cache.refresh(cast(VectorStore, store))
-    assert store.scanned == [POPULARITY_FIELDS] * 2  # too few above the floor: all of it
+    assert store.scanned == [POPULARITY_FIELDS]  # too few above the floor: all of it
     assert [r["item_id"] for r in cache.top(15)] == [r["item_id"] for r in expected]
+
+
+@pytest.mark.parametrize(
+    "pops", [[5.0] * 400, [3.0] * 10 + [0.0] * 390], ids=["one-value", "top-below-zero"]
+)
+def test_a_first_floor_that_ties_leave_unfound_still_gives_the_whole_top(
+    pops: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every item shares one popularity no count lies between the top's size and the
+    limit: the floor under it reads them all. Where fewer than the top's size have any
+    popularity, the floor is 0 and every item is read, as for a catalogue the cache holds."""
+    monkeypatch.setattr(retrieve, "QUERY_LIMIT", 40)
+    items = [row(f"i{k:04d}", pop=p) | {"created_at": k} for k, p in enumerate(pops)]
+    store = FakeStore(items)
+    store.item_cache_size = 100
+    cache = PopularItems(size=15)
+    assert cache.refresh(cast(VectorStore, store))
+    expected = sorted(items, key=lambda r: (-r["popularity"], r["item_id"]))[:15]
+    assert [r["item_id"] for r in cache.top(15)] == [r["item_id"] for r in expected]
+    assert cache.clock().now == 399.0
+    assert store.scanned == ([] if pops[-1] else [POPULARITY_FIELDS])
+    assert len(store.counted) <= retrieve.SEARCH_STEPS + 1
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -70,7 +70,7 @@ class ItemsClient:
     """Serves ``n`` items; records every call's method, filter ids and output fields."""
 
     def __init__(self, n: int = 5) -> None:
-        self.rows = {
+        self.rows: dict[str, dict[str, Any]] = {
             f"i{i}": {
                 "item_id": f"i{i}",
                 "title": f"t{i}",
@@ -86,12 +86,18 @@ class ItemsClient:
         self.calls: list[tuple[str, list[str], list[str], Any]] = []
 
     def query(self, collection: str, **kw: Any) -> list[dict[str, Any]]:
+        where = kw["filter"]
+        least = re.search(r"(popularity|created_at) >= ([\d.]+)", where)
+        if least:  # the popularity refresh's floor or newest items
+            field, value = least[1], float(least[2])
+            matches = [i for i, r in self.rows.items() if r[field] >= value]
+        else:
+            matches = re.findall(r'"(i\d+)"', where)
         if kw["output_fields"] == ["count(*)"]:
-            return [{"count(*)": len(self.rows)}]
-        ids = re.findall(r'"(i\d+)"', kw["filter"])
-        self.calls.append(("query", ids, kw["output_fields"], kw.get("consistency_level")))
+            return [{"count(*)": len(matches if where else self.rows)}]
+        self.calls.append(("query", matches, kw["output_fields"], kw.get("consistency_level")))
         fields = kw["output_fields"]
-        return [{f: self.rows[i][f] for f in fields} for i in ids if i in self.rows]
+        return [{f: self.rows[i][f] for f in fields} for i in matches if i in self.rows]
 
     def search(self, collection: str, **kw: Any) -> list[Hits]:
         self.calls.append(("search", [], kw["output_fields"], kw.get("consistency_level")))
@@ -194,9 +200,9 @@ def test_a_catalogue_larger_than_the_item_cache_is_scanned_without_filling_it() 
 
 @pytest.mark.parametrize("cache_size", [10, 4])
 def test_the_popularity_refresh_reads_texts_of_the_top_only(cache_size: int) -> None:
-    """A catalogue larger than the item cache: three fields of every item, then the top's
-    rows by id. One that fits: the scan reads everything once (filling the cache) and the
-    top's rows come from the cache, no second read."""
+    """A catalogue larger than the item cache: three fields of the items above a counted
+    floor, then the top's rows by id, no scan. One that fits: the scan reads everything once
+    (filling the cache) and the top's rows come from the cache, no second read."""
     from services.recommend.retrieve import POPULARITY_FIELDS, PopularItems
 
     client = ItemsClient()
@@ -207,7 +213,9 @@ def test_the_popularity_refresh_reads_texts_of_the_top_only(cache_size: int) -> 
     scans = [c[2] for c in client.calls if c[0] == "scan"]
     reads = [c[1] for c in client.calls if c[0] == "query"]
     if cache_size < len(client.rows):
-        assert scans == [list(POPULARITY_FIELDS)] and reads == [["i4", "i3"]]
+        texts = [c[1] for c in client.calls if c[0] == "query" and "text" in c[2]]
+        assert scans == [] and texts == [["i4", "i3"]]
+        assert all(c[2] == list(POPULARITY_FIELDS) for c in client.calls if "text" not in c[2])
     else:
         assert scans == [[*ITEM_FIELDS, "vector", "co_items"]] and reads == []
 

@@ -21,6 +21,7 @@ from core.rows import ItemRow, UserRow, item_row, user_row
 from ops.stack import LocalStack, local_stack
 from services.vectors import store as store_module
 from services.vectors.store import VectorStore
+from tests.services.vectors.popular_refresh import check_first_refresh
 
 pytestmark = pytest.mark.integration
 
@@ -228,8 +229,8 @@ def test_items_where_filters_in_the_engine(
     engine: LocalStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The popularity refresh's filtered reads (a floor, the newest, by id) return exactly
-    the matching rows, by one query or, past its limit, in pages; this process's upsert is
-    seen at once (Session)."""
+    the matching rows, by one query or, past its limit, in pages, and its counts count
+    them; this process's upsert is seen at once (Session)."""
     store = _store(engine, "where")
     store.ensure_collections()
     try:
@@ -255,9 +256,27 @@ def test_items_where_filters_in_the_engine(
         some = store.items_where(fields, min_popularity=10.0, ids=["w01", "w45", "nope"])
         assert [r["item_id"] for r in some] == ["w45"]
         assert store.items_where(fields, ids=[]) == []
+        counts = [store.count_items(min_popularity=10.0), store.count_items(min_created_at=1047)]
+        assert counts == [10, 3] and store.count_items(min_popularity=0.3) == 48
         monkeypatch.setattr(store_module, "QUERY_LIMIT", 4)  # 10 matches: paged instead
         paged = store.items_where(fields, min_popularity=10.0)
         assert sorted(r["item_id"] for r in paged) == sorted(r["item_id"] for r in above)
+    finally:
+        store.drop_collections()
+        store.close()
+
+
+def test_a_first_popularity_refresh_counts_in_the_engine(
+    engine: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a catalogue larger than the item cache the first refresh finds its floor and the
+    newest item by the engine's counts: the same top and clock as every item gives."""
+    store = VectorStore(
+        _store(engine, "first").settings.model_copy(update={"milvus_item_cache_size": 50})
+    )
+    store.ensure_collections()
+    try:
+        check_first_refresh(store, monkeypatch)
     finally:
         store.drop_collections()
         store.close()

@@ -1,5 +1,6 @@
-"""Item pages and item deletion against Milvus (an embedded Milvus Lite file): keyset pages
-cover the catalogue once, in id order, whatever order the items were written in."""
+"""Item pages, item deletion and counts against Milvus (an embedded Milvus Lite file): keyset
+pages cover the catalogue once, in id order, whatever order the items were written in; the
+popularity cache's first refresh finds its floor by Lite's counts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from core.config import Settings
 from core.rows import item_row
 from services.vectors.store import VectorStore
+from tests.services.vectors.popular_refresh import check_first_refresh
 
 DIM = 8
 N_ITEMS = 230
@@ -57,3 +59,17 @@ def test_deleted_item_is_gone_from_reads_and_pages(store: VectorStore) -> None:
     ids = [r["item_id"] for r in store.list_items("item-0005", 3, 10.0)]
     assert ids == ["item-0006", "item-0008", "item-0009"]
     assert store.delete_item("item-0007", 10.0) is False
+
+
+def test_a_first_popularity_refresh_counts_in_milvus_lite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(
+        milvus_uri=str(tmp_path / "counts.db"), embedding_dim=DIM, milvus_item_cache_size=50
+    )
+    store = VectorStore(settings)
+    store.ensure_collections()
+    try:
+        check_first_refresh(store, monkeypatch)
+    finally:
+        store.close()
