@@ -184,7 +184,7 @@ bench: env $(MILVUS_ENGINE) ## benchmarks on their own stack (the Milvus engine)
 bench-releases: env $(MILVUS_ENGINE) ## Recommend as each release make train chooses between serves it, side by side -> reports/bench_release_cost_engine.json
 	$(PY) -m bench.pipelines --compare releases $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
-bench-popularity: env $(MILVUS_ENGINE) ## the gateway's popularity refresh at 100,000 items: every row, every item's popularity, a first refresh above a counted floor, a later one above the last top's floor -> reports/bench_popularity_refresh.json
+bench-popularity: env $(MILVUS_ENGINE) ## the gateway's popularity refresh at 100,000 items: every row, every item's popularity (pages of 4,096 and 16,384), a first refresh above a counted floor, a later one above the last top's floor -> reports/bench_popularity_refresh.json
 	$(PY) -m bench.popularity $(BENCH_POPULARITY_ARGS)
 
 bench-limits: env ## a client's rate limit per gateway process against one shared through NATS: a check's cost, what 2 processes admit -> reports/bench_rate_limit.json

@@ -5,12 +5,13 @@ the catalogue's popularity for its cold-start list and the ranker's clock. Side 
 one collection of the real Milvus engine:
 
 * **every row (the baseline)**: the refresh before 2026-12-06 (thirty-fourth session): every
-  item's row, titles and texts included, read and sorted in the gateway, and all of it kept
-  (for items the online scores might lift);
+  item's row, titles and texts included, read (in pages of 4,096, as then) and sorted in
+  the gateway, and all of it kept (for items the online scores might lift);
 * **every item's popularity, then the top's rows**: the first refresh before 2026-12-07
   (fortieth session), and every refresh where the catalogue fits the item cache: three small
   fields of every item (:data:`services.recommend.retrieve.POPULARITY_FIELDS`), the top's
-  rows by id;
+  rows by id; read in the query iterator's pages of 4,096 rows as before that session, and
+  of 16,384 (:meth:`VectorStore.scan` since);
 * **first: above a counted floor (ours)**: :meth:`PopularItems.refresh` the first time at a
   catalogue larger than the item cache: a popularity floor and the newest item's time found
   by Milvus counts, then the same fields of the items above that floor and of the newest
@@ -20,7 +21,8 @@ one collection of the real Milvus engine:
   the last refresh, the top's rows by id.
 
 The items are synthetic (random unit vectors, a text of ``--text-chars`` characters, random
-popularity), written once and flushed. The two refreshes alternate for ``--rounds`` rounds;
+popularity, on ``--popular`` of them only if given: then the top reaches items without any),
+written once and flushed. The refreshes alternate for ``--rounds`` rounds;
 each is timed (wall and the process's CPU seconds), then run once more under ``tracemalloc``
 for the Python memory it allocates at its peak and keeps afterwards. A table is printed and
 written with the raw figures (``--json``).
@@ -42,19 +44,25 @@ import numpy as np
 
 from bench.util import fmt, load_average, publish, table
 from core.config import Settings
+from core.milvus_schema import ITEM_FIELDS
 from core.paths import REPO_ROOT
 from core.rows import item_row
 from services.recommend.retrieve import POPULARITY_FIELDS, ROWS_TIMEOUT_S, PopularItems
 from services.vectors.store import Row, VectorStore
 
 BASELINE = "every row (the refresh before)"
-SCAN = "every item's popularity, then the top's rows"
+SCAN_4096 = "every item's popularity in pages of 4,096"
+SCAN = "every item's popularity in pages of 16,384"
 FIRST = "first: above a counted floor"
 OURS = "later: above the last top's floor"
 
 
-def fill(store: VectorStore, items: int, text_chars: int, seed: int = 0) -> float:
-    """Write ``items`` synthetic rows and flush them; the seconds it took."""
+def fill(
+    store: VectorStore, items: int, text_chars: int, popular: int | None = None, seed: int = 0
+) -> float:
+    """Write ``items`` synthetic rows and flush them (any popularity on ``popular`` of them,
+    spread evenly; on every one by default); the seconds it took."""
+    every = max(items // popular, 1) if popular else 1
     rng = np.random.default_rng(seed)
     dim = store.settings.embedding_dim
     words = ["a", "film", "about", "the", "quick", "brown", "fox", "and", "its", "lazy", "dog"]
@@ -72,7 +80,7 @@ def fill(store: VectorStore, items: int, text_chars: int, seed: int = 0) -> floa
                     f"Title {start + k}",
                     ["Drama", "Comedy"][: 1 + k % 2],
                     text,
-                    popularity=float(rng.pareto(1.2)),
+                    popularity=float(rng.pareto(1.2)) if (start + k) % every == 0 else 0.0,
                     created_at=1_600_000_000 + start + k,
                     vector=vectors[k],
                 )
@@ -83,15 +91,17 @@ def fill(store: VectorStore, items: int, text_chars: int, seed: int = 0) -> floa
 
 
 def every_row(store: VectorStore, size: int) -> tuple[list[Row], list[Row]]:
-    """The refresh before: every row read and sorted; the catalogue and its top kept."""
-    rows = store.all_items(fill_cache=True)
+    """The refresh before: every row read (in pages of 4,096, as then) and sorted; the
+    catalogue and its top kept."""
+    rows = store.scan(store.items.name, ITEM_FIELDS, batch=4096)
     rows.sort(key=lambda r: (-float(r["popularity"]), r["item_id"]))
     return rows, rows[:size]
 
 
-def every_popularity(store: VectorStore, size: int) -> list[str]:
-    """The first refresh before: every item's popularity read, the top's rows by id."""
-    light = store.all_items(POPULARITY_FIELDS)
+def every_popularity(store: VectorStore, size: int, batch: int | None = None) -> list[str]:
+    """The first refresh before: every item's popularity read (in pages of ``batch``, the
+    store's own by default), the top's rows by id."""
+    light = store.scan(store.items.name, POPULARITY_FIELDS, batch=batch)
     light.sort(key=lambda r: (-float(r["popularity"]), r["item_id"]))
     top = [r["item_id"] for r in light[:size]]
     rows = store.get_items(top, ROWS_TIMEOUT_S)
@@ -151,19 +161,22 @@ def memory(fn: Callable[[], Any]) -> dict[str, float]:
     return {"peak_mb": (peak - before) / 2**20, "kept_mb": (current - before) / 2**20}
 
 
-def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[str, Any]:
+def run(
+    settings: Settings, items: int, text_chars: int, rounds: int, popular: int | None = None
+) -> dict[str, Any]:
     size = settings.popular_cache_size
     store = VectorStore(settings)
     load_before = load_average()
     try:
         store.drop_collections()
         store.ensure_collections()
-        fill_s = fill(store, items, text_chars)
+        fill_s = fill(store, items, text_chars, popular)
         counts = _counted(store)
         warm = popularity_first(store, size)
         first_counts, read_first = len(counts), len(warm._popularity)
         variants: dict[str, Callable[[], Any]] = {
             BASELINE: lambda: every_row(store, size),
+            SCAN_4096: lambda: every_popularity(store, size, batch=4096),
             SCAN: lambda: every_popularity(store, size),
             FIRST: lambda: popularity_first(store, size),
             OURS: lambda: refreshed_again(warm, store),
@@ -173,11 +186,12 @@ def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[st
         del everything
         top = {
             BASELINE: [r["item_id"] for r in base_top],
+            SCAN_4096: every_popularity(store, size, batch=4096),
             SCAN: every_popularity(store, size),
             FIRST: [r["item_id"] for r in popularity_first(store, size).top(size)],
             OURS: [r["item_id"] for r in refreshed_again(warm, store).top(size)],
         }
-        if not top[BASELINE] == top[SCAN] == top[FIRST] == top[OURS]:
+        if not top[BASELINE] == top[SCAN_4096] == top[SCAN] == top[FIRST] == top[OURS]:
             raise RuntimeError("the refreshes disagree on the top items")
         read_above = len(warm._popularity)  # the items above the floor the later one read
         timings: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -192,6 +206,7 @@ def run(settings: Settings, items: int, text_chars: int, rounds: int) -> dict[st
         store.close()
     return {
         "items": items,
+        "popular": popular or items,
         "scanned": scanned,
         "text_chars": text_chars,
         "item_cache_size": settings.milvus_item_cache_size,
@@ -226,7 +241,8 @@ def render(result: dict[str, Any]) -> str:
             ]
         )
     head = (
-        f"{result['scanned']:,} items scanned of {result['items']:,} written (texts of "
+        f"{result['scanned']:,} items scanned of {result['items']:,} written "
+        f"({result.get('popular', result['items']):,} with any popularity; texts of "
         f"{result['text_chars']} characters; item cache "
         f"{result['item_cache_size']:,} rows), top {result['popular_cache_size']}, medians of "
         f"{result['rounds']} rounds; the same top {result['same_top_items']} items from "
@@ -246,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-chars", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--popular", type=int, default=None, help="items with any popularity (default: all)"
+    )
+    parser.add_argument(
         "--json", type=Path, default=REPO_ROOT / "reports" / "bench_popularity_refresh.json"
     )
     args = parser.parse_args(argv)
@@ -254,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         local_stack(Settings(), Path(tmp)) as stack,
     ):
         stack.start_milvus(engine=True)
-        result = run(stack.settings, args.items, args.text_chars, args.rounds)
+        result = run(stack.settings, args.items, args.text_chars, args.rounds, args.popular)
     publish(result, render(result), args.json)
     return 0
 

@@ -40,6 +40,8 @@ ROWS_TIMEOUT_S = 10.0  # the background read of the top's rows
 FLOOR_SHARE = 0.5
 #: the most Milvus counts one search for a first floor or the newest item's time makes
 SEARCH_STEPS = 64
+#: the least popularity a Milvus filter tells from 0 (it is written with six decimals)
+LEAST_POPULARITY = 1e-6
 DAY_S = 86_400
 
 
@@ -64,6 +66,8 @@ class PopularItems:
     top, not its size. The floor is :data:`FLOOR_SHARE` of the last top's least popularity;
     the first refresh finds one, and the newest item's time, by Milvus counts
     (:func:`_threshold`), so that a gateway's start does not wait for a read of every item.
+    Where fewer than ``size`` items have any popularity, the refresh reads those and the
+    first of the rest in id order.
     """
 
     def __init__(self, size: int) -> None:
@@ -121,11 +125,21 @@ class PopularItems:
         by counting), of those: (rows, every item)."""
         if not store.item_cache_holds_catalogue():
             floor = self._floor if self._floor is not None else _first_floor(store, self.size)
-            if floor is not None:
-                light = store.items_where(POPULARITY_FIELDS, min_popularity=floor)
-                if sum(float(r["popularity"]) >= floor for r in light) >= self.size:
-                    return light, False
+            if floor is None:  # fewer than the top's size have any popularity
+                return self._read_the_few_popular(store), False
+            light = store.items_where(POPULARITY_FIELDS, min_popularity=floor)
+            if sum(float(r["popularity"]) >= floor for r in light) >= self.size:
+                return light, False
         return store.all_items(POPULARITY_FIELDS, fill_cache=True), True
+
+    def _read_the_few_popular(self, store: VectorStore) -> list[Row]:
+        """The items with any popularity, and the first of the others in id order to fill
+        the top (ties by id, as over every item): two reads whatever the catalogue's size."""
+        light = store.items_where(POPULARITY_FIELDS, min_popularity=LEAST_POPULARITY)
+        rest = self.size - len(light)
+        return light + store.least_popular_items(
+            POPULARITY_FIELDS, rest, LEAST_POPULARITY, ROWS_TIMEOUT_S
+        )
 
     def set_online(
         self,
@@ -251,21 +265,19 @@ def _first_floor(store: VectorStore, size: int) -> float | None:
     """A popularity with at least ``size`` items at or above it and, where ties allow, fewer
     than one query returns (:data:`~services.vectors.store.QUERY_LIMIT`), found by Milvus
     counts: doubled from 1, then bisected geometrically (the filter's six decimals are the
-    grid). None where the top's least popularity is 0: every item is read then."""
-
-    def halfway(lo: float, hi: float) -> float:
-        return round(math.sqrt(lo * hi) if lo > 0 else hi / 2, 6)
-
-    floor = _threshold(
-        lambda t: store.count_items(min_popularity=t),
-        lo=0.0,
+    grid). None where fewer than ``size`` items have any popularity."""
+    count = store.count_items
+    if count(min_popularity=LEAST_POPULARITY) < size:
+        return None
+    return _threshold(
+        lambda t: count(min_popularity=t),
+        lo=LEAST_POPULARITY,
         start=1.0,
         grow=lambda t: 2 * t,
-        halfway=halfway,
+        halfway=lambda lo, hi: round(math.sqrt(lo * hi), 6),
         least=size,
         most=QUERY_LIMIT - 1,
     )
-    return floor if floor > 0 else None
 
 
 def _newest_time(store: VectorStore, read: Sequence[Row]) -> int:

@@ -75,6 +75,7 @@ CONNECT_ATTEMPTS, CONNECT_RETRY_S = 2, 0.2  # see VectorStore._new_client
 CONNECT_TIMEOUT_S = 5.0  # the longest connect, also for calls with a longer timeout
 NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
 QUERY_LIMIT = 16_384  # the most rows one query may return (offset + limit, Milvus 2.3)
+VECTOR_SCAN_BATCH = 4096  # rows a scan's page holds when they carry vectors
 # What a cached item row holds: every field, so that any later read finds what it needs.
 CACHED_ITEM_FIELDS = (*ITEM_FIELDS, "vector", "co_items")
 
@@ -406,16 +407,31 @@ class VectorStore:
         ]
 
     def list_items(self, after: str, limit: int, timeout: float) -> list[Row]:
-        """Up to ``limit`` items whose id sorts after ``after``, in id order (a page): the
-        first page of a query iterator, which reads in primary-key order (a plain query with
-        a limit returns any ``limit`` matches, not the first ones)."""
+        """Up to ``limit`` items whose id sorts after ``after``, in id order (a page)."""
+        return self._first_by_id(f"item_id > {literal(after)}", ITEM_FIELDS, limit, timeout)
+
+    def least_popular_items(
+        self, fields: Sequence[str], limit: int, below: float, timeout: float
+    ) -> list[Row]:
+        """The first ``limit`` items in id order whose popularity is below ``below``: where
+        fewer than a top's size have any popularity, the rest of that top (ties by id)."""
+        return self._first_by_id(f"popularity < {below:.6f}", fields, limit, timeout)
+
+    def _first_by_id(
+        self, where: str, fields: Sequence[str], limit: int, timeout: float
+    ) -> list[Row]:
+        """The first ``limit`` items that match ``where`` in id order: the first page of a
+        query iterator, which reads in primary-key order (a plain query with a limit returns
+        any ``limit`` matches, not the first ones)."""
+        if limit <= 0:
+            return []
         iterator = self._call(
             "query_iterator",
             self.items.name,
             batch_size=limit,
             limit=limit,
-            filter=f"item_id > {literal(after)}",
-            output_fields=ITEM_FIELDS,
+            filter=where,
+            output_fields=list(fields),
             timeout=timeout,
         )
         try:
@@ -511,12 +527,20 @@ class VectorStore:
         self,
         collection: str,
         fields: Sequence[str],
-        batch: int = 4096,
+        batch: int | None = None,
         consistency: str | None = None,
         where: str = "",
     ) -> list[Row]:
         """Every row of a collection (that matches the filter ``where``), read in pages
-        (offline jobs, caches), at the collection's consistency level or ``consistency``."""
+        (offline jobs, caches), at the collection's consistency level or ``consistency``.
+
+        A page of the engine's query iterator costs about 0.3 s whatever its size, and the
+        level asked for does not change that: pymilvus sends iterator pages at the
+        collection's own level (Strong), so each waits for a time tick. So pages are as large
+        as a query may return (:data:`QUERY_LIMIT`), except where rows carry a vector
+        (:data:`VECTOR_SCAN_BATCH`, for the memory a page of Python floats takes)."""
+        if batch is None:
+            batch = VECTOR_SCAN_BATCH if "vector" in fields else QUERY_LIMIT
         level = {"consistency_level": consistency} if consistency else {}
         iterator = self._call(
             "query_iterator",

@@ -341,7 +341,7 @@ def test_the_popularity_refresh_bench_agrees_on_the_top_and_renders(tmp_path: Pa
     """Every refresh on one Milvus (an embedded Lite file here; the engine in the bench)
     over a catalogue larger than the item cache: the same top items, a row per refresh; the
     first refresh counts and reads part of the catalogue, as the later one does."""
-    from bench.popularity import BASELINE, FIRST, OURS, SCAN, render, run
+    from bench.popularity import BASELINE, FIRST, OURS, SCAN, SCAN_4096, render, run
     from core.config import Settings
 
     settings = Settings(
@@ -354,11 +354,15 @@ def test_the_popularity_refresh_bench_agrees_on_the_top_and_renders(tmp_path: Pa
     assert result["same_top_items"] == 20 and result["scanned"] == 300
     assert 20 <= result["read_above_floor"] < 300  # the later refresh reads the top's part
     assert 20 <= result["read_first"] < 300 and result["first_counts"] >= 2
-    assert all(len(result["timings"][name]) == 2 for name in (BASELINE, SCAN, FIRST, OURS))
+    assert all(
+        len(result["timings"][name]) == 2 for name in (BASELINE, SCAN_4096, SCAN, FIRST, OURS)
+    )
     # every row's texts kept against the top's only: the baseline keeps more
     assert result["memory"][BASELINE]["kept_mb"] > result["memory"][FIRST]["kept_mb"] > 0
     text = render(result)
     assert "300 items scanned of 300 written" in text and f"| {FIRST} |" in text
+    few = run(settings, items=300, text_chars=40, rounds=1, popular=10)  # the top reaches 0
+    assert few["same_top_items"] == 20 and few["read_first"] == few["read_above_floor"] == 20
 
 
 def test_the_rate_limit_bench_admits_a_shared_limit_once(nats_settings: Settings) -> None:

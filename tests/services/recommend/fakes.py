@@ -121,6 +121,15 @@ class FakeStore:
         self.counted.append((min_popularity, min_created_at))
         return len(self._where(min_popularity, min_created_at, None))
 
+    def least_popular_items(
+        self, fields: Sequence[str], limit: int, below: float, timeout: float
+    ) -> list[Row]:
+        self._check("least_popular_items")
+        rows = sorted(
+            (r for r in self.items.values() if r["popularity"] < below), key=lambda r: r["item_id"]
+        )
+        return [{k: r[k] for k in fields if k in r} for r in rows[: max(limit, 0)]]
+
     def _where(
         self, min_popularity: float | None, min_created_at: int | None, ids: Sequence[str] | None
     ) -> list[Row]:

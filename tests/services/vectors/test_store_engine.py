@@ -21,6 +21,7 @@ from core.rows import ItemRow, UserRow, item_row, user_row
 from ops.stack import LocalStack, local_stack
 from services.vectors import store as store_module
 from services.vectors.store import VectorStore
+from tests.services.vectors.popular_refresh import N_ITEMS as POPULAR_ITEMS
 from tests.services.vectors.popular_refresh import check_first_refresh
 
 pytestmark = pytest.mark.integration
@@ -266,17 +267,19 @@ def test_items_where_filters_in_the_engine(
         store.close()
 
 
+@pytest.mark.parametrize("popular", [POPULAR_ITEMS, 10], ids=["all-popular", "ten-popular"])
 def test_a_first_popularity_refresh_counts_in_the_engine(
-    engine: LocalStack, monkeypatch: pytest.MonkeyPatch
+    engine: LocalStack, monkeypatch: pytest.MonkeyPatch, popular: int
 ) -> None:
     """At a catalogue larger than the item cache the first refresh finds its floor and the
-    newest item by the engine's counts: the same top and clock as every item gives."""
+    newest item by the engine's counts (where ten items have any popularity, the rest of
+    the top is the first of the others by id): the same top and clock as every item gives."""
     store = VectorStore(
         _store(engine, "first").settings.model_copy(update={"milvus_item_cache_size": 50})
     )
     store.ensure_collections()
     try:
-        check_first_refresh(store, monkeypatch)
+        check_first_refresh(store, monkeypatch, popular)
     finally:
         store.drop_collections()
         store.close()

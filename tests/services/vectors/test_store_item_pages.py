@@ -14,6 +14,7 @@ import pytest
 from core.config import Settings
 from core.rows import item_row
 from services.vectors.store import VectorStore
+from tests.services.vectors.popular_refresh import N_ITEMS as POPULAR_ITEMS
 from tests.services.vectors.popular_refresh import check_first_refresh
 
 DIM = 8
@@ -52,6 +53,12 @@ def test_pages_cover_the_catalogue_once_in_id_order(store: VectorStore) -> None:
     assert set(store.list_items("", 1, 10.0)[0]) >= {"item_id", "title", "categories"}
 
 
+@pytest.mark.parametrize("batch", [7, None], ids=["pages-of-7", "default"])
+def test_a_scan_reads_every_row_once(store: VectorStore, batch: int | None) -> None:
+    rows = store.scan(store.items.name, ["item_id"], batch=batch)
+    assert sorted(r["item_id"] for r in rows) == [f"item-{n:04d}" for n in range(N_ITEMS)]
+
+
 def test_deleted_item_is_gone_from_reads_and_pages(store: VectorStore) -> None:
     assert store.get_items(["item-0007"], 10.0)  # read once: cached, if the cache is on
     assert store.delete_item("item-0007", 10.0) is True
@@ -61,8 +68,9 @@ def test_deleted_item_is_gone_from_reads_and_pages(store: VectorStore) -> None:
     assert store.delete_item("item-0007", 10.0) is False
 
 
+@pytest.mark.parametrize("popular", [POPULAR_ITEMS, 10], ids=["all-popular", "ten-popular"])
 def test_a_first_popularity_refresh_counts_in_milvus_lite(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, popular: int
 ) -> None:
     settings = Settings(
         milvus_uri=str(tmp_path / "counts.db"), embedding_dim=DIM, milvus_item_cache_size=50
@@ -70,6 +78,6 @@ def test_a_first_popularity_refresh_counts_in_milvus_lite(
     store = VectorStore(settings)
     store.ensure_collections()
     try:
-        check_first_refresh(store, monkeypatch)
+        check_first_refresh(store, monkeypatch, popular)
     finally:
         store.close()
