@@ -187,7 +187,7 @@ bench-releases: env $(MILVUS_ENGINE) ## Recommend as each release make train cho
 bench-popularity: env $(MILVUS_ENGINE) ## the gateway's popularity refresh at 100,000 items: every row, every item's popularity (pages of 4,096 and 16,384), a first refresh above a counted floor, a later one above the last top's floor -> reports/bench_popularity_refresh.json
 	$(PY) -m bench.popularity $(BENCH_POPULARITY_ARGS)
 
-bench-limits: env ## a client's rate limit per gateway process against one shared through NATS: a check's cost, what 2 processes admit -> reports/bench_rate_limit.json
+bench-limits: env ## a client's rate limit per gateway process against one shared through NATS: a check's cost, what 2 processes and a real 2-process gateway admit -> reports/bench_rate_limit.json
 	$(PY) -m bench.rate_limit $(BENCH_LIMITS_ARGS)
 
 bench-events: env ## event log through 3 gateways: acknowledged ingest/s, apply lag at 1,000 ev/s (1, 2 workers)

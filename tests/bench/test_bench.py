@@ -379,3 +379,35 @@ def test_the_rate_limit_bench_admits_a_shared_limit_once(nats_settings: Settings
     assert result["admitted"][OURS]["admitted_per_s"] <= most
     assert result["admitted"][BASELINE]["admitted_per_s"] > most
     assert set(result["cost"]) == {"5", "200"} and f"| {OURS} |" in render(result)
+
+
+def test_a_real_gateway_of_two_processes_admits_a_shared_limit_once(tmp_path: Path) -> None:
+    """``python -m services.gateway`` with two OS processes on one port, called by sixteen
+    connections of one client (all on one process with p = 2^-15): with the limit shared
+    through NATS the gateway admits the bucket and its refill once (plus a lease a
+    process may hold), with a bucket per process more than that."""
+    import argparse
+
+    from bench.rate_limit import BASELINE, OURS, render, run_gateways
+    from ops.stack import local_stack
+
+    args = argparse.Namespace(gateway_processes=2, channels=16, limit=20.0, seconds=2.0)
+    with local_stack(Settings(), tmp_path) as stack:
+        stack.start_nats()
+        gateways = run_gateways(stack, args)
+    most = (20.0 + 20.0 * 2.0 + 2 * 2) / 2.0  # burst + 2 s of refill + a lease per process
+    admitted = {kind: a["admitted_per_s"] for kind, a in gateways["admitted"].items()}
+    assert admitted[OURS] <= most < admitted[BASELINE], gateways
+    assert set(gateways["admitted"][OURS]["codes"]) == {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+    text = render(
+        {
+            "cost": {},
+            "admitted": {},
+            "processes": 2,
+            "seconds": 2.0,
+            "limit": 20.0,
+            "calls": 0,
+            "gateways": gateways,
+        }
+    )
+    assert f"| {OURS} |" in text and "2 processes on one port" in text
