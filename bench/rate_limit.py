@@ -35,13 +35,12 @@ from typing import Any, cast
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.util import fmt, load_average, publish, table
 from core.config import Settings
 from core.paths import REPO_ROOT
 from ops.processes import gateway_process
-from ops.stack import OWN_CONNECTION, LocalStack, local_stack
+from ops.stack import OWN_CONNECTION, LocalStack, gateway_serving, local_stack
 from services.api import pb, pb_grpc
 from services.events.log import BlockingEventLog
 from services.reliability.ratelimit import SharedBuckets, TokenBuckets
@@ -131,11 +130,10 @@ def gateway_admitted(stack: LocalStack, kind: str, args: argparse.Namespace) -> 
 
 def answers(target: str) -> bool:
     """Whether the gateway's health service answers (NOT_SERVING included: no Triton)."""
-    with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
-        try:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
+    try:
+        gateway_serving(target)
+    except grpc.RpcError:
+        return False
     return True
 
 

@@ -76,7 +76,8 @@ class PopularItems:
         self._popularity: dict[str, float] = {}  # every item's catalogue popularity
         self._static: list[str] = []  # the catalogue's top ids, best first
         self._rows: dict[str, Row] = {}  # the full rows of the static and the served top
-        self._store: VectorStore | None = None  # where rows of lifted items are read
+        # where rows of lifted items are read; set by the first refresh, which dates the clock
+        self._store: VectorStore | None = None
         self._online: Mapping[str, float] = {}
         self._indexed_weight = 1.0
         self._neighbours: Mapping[str, Sequence[str]] = {}
@@ -84,7 +85,6 @@ class PopularItems:
         self._exploration_share: float | None = None
         self._floor: float | None = None  # what the next refresh reads above, if not all
         self._complete = True  # _popularity holds every item (else: those above the floor)
-        self._dated = False  # the clock's time is the catalogue's newest item's (read)
         self._absent: set[str] = set()  # online ids with no row, since the last refresh
         self._lock = threading.Lock()
 
@@ -99,7 +99,8 @@ class PopularItems:
             rows = store.get_items(static, ROWS_TIMEOUT_S)  # the item cache's, when filled
             newest = light
             if not complete:  # the newest item may lie below the floor: those since the last
-                since = int(self._clock.now) if self._dated else _newest_time(store, light)
+                dated = self._store is not None  # a refresh has read the clock's time
+                since = int(self._clock.now) if dated else _newest_time(store, light)
                 newest = store.items_where(POPULARITY_FIELDS, min_created_at=since)
         except StoreUnavailable as exc:
             log.warning("popularity refresh failed, keeping %d cached: %s", len(self), exc)
@@ -114,7 +115,7 @@ class PopularItems:
             self._store, self._popularity, self._clock = store, popularity, clock
             self._static = [i for i in static if i in rows]  # deleted since the scan: gone
             self._rows = dict(rows)
-            self._complete, self._absent, self._dated = complete, set(), True
+            self._complete, self._absent = complete, set()
             self._floor = floor if floor > 0 else None
         self._rank()
         return True
