@@ -304,8 +304,8 @@ def run(
     quality_items = texts["items"][: plan.quality[0]]
     n_users, n_docs = plan.quality[1], plan.quality[2]
     with results.section("encoder") as r:
-        from training.export.onnx_export import PooledEncoder
-        from training.models.pretrained import load_bert
+        from training.models.two_tower import PooledEncoder
+        from training.pretrained import load_bert
 
         module = PooledEncoder(load_bert(chosen.item_tower)).eval()
         r.update(
@@ -324,9 +324,9 @@ def run(
             )
         )
     with results.section("ranker") as r:
-        from training.export.onnx_export import load_ranker
+        from training.models.ranker import load_scorer
 
-        ranker = load_ranker(chosen.ranker)
+        ranker = load_scorer(chosen.ranker)
         r.update(
             models.bench_model(
                 "ranker",
@@ -453,9 +453,9 @@ def _indexing(
     from core.behaviour import popularity_half_life
     from ops.indexing import item_rows
     from training.data import load_dataset
-    from training.export.onnx_export import PooledEncoder
     from training.export.repository import INT8_GRAPH
-    from training.models.pretrained import load_bert
+    from training.models.two_tower import PooledEncoder
+    from training.pretrained import load_bert
 
     t0 = time.monotonic()
     ds = load_dataset(stack.MOVIELENS)
@@ -511,13 +511,14 @@ def _triton_models(
     threads: int,
 ) -> None:
     from bench import machine, models
-    from training.export.onnx_export import PooledEncoder, load_ranker
-    from training.models.pretrained import load_bert
+    from training.models.ranker import load_scorer
+    from training.models.two_tower import PooledEncoder
+    from training.pretrained import load_bert
 
     peak = machine.quick_fp32_peak(1.0, threads)
     r["fp32_peak"] = peak
     encoder_arch = models.arch_of(PooledEncoder(load_bert(chosen.item_tower)))
-    ranker_arch = models.arch_of(load_ranker(chosen.ranker))
+    ranker_arch = models.arch_of(load_scorer(chosen.ranker))
     common: dict[str, Any] = {
         "settings": running.settings,
         "triton_metrics_port": running.ports.triton_metrics,

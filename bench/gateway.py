@@ -193,11 +193,11 @@ class TorchScorer:
     def __init__(self, ranker_dir: str, spec: TokenizerSpec, threads: int = 2) -> None:
         import torch
 
-        from training.export.onnx_export import load_ranker
+        from training.models.ranker import load_scorer
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = load_ranker(ranker_dir)
+        self.model = load_scorer(ranker_dir)
         self.tokenizer = spec.tokenizer(pairs=True)
 
     def score(

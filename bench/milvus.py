@@ -133,8 +133,8 @@ def catalogue_vectors(cache_dir: Path) -> tuple[list[str], np.ndarray, dict[str,
     from bench.stack import MOVIELENS
     from core.text import item_texts
     from training.data import load_dataset
-    from training.evaluation.encoders import TowerEncoder
-    from training.models.pretrained import resolve_pretrained
+    from training.models.text_encoder import TowerEncoder
+    from training.pretrained import resolve_pretrained
 
     items = item_texts(load_dataset(MOVIELENS).items)
     tags = sorted(set(pd.read_csv(MOVIELENS / "tags.csv")["tag"].astype(str)))

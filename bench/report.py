@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_report import render as render_gpu
 from bench.util import fmt, precision, table
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,6 @@ def write_benchmarks(results: dict[str, Any], json_path: Path, out: Path) -> Pat
     ``bench_gpu.json`` beside it when a lent GPU left one) into ``out``'s generated part
     (:func:`splice`). Returns the file written: ``out``, or where ``out`` has no generated
     part to replace, ``<out>.generated.md`` beside it (``out`` is left as it is)."""
-    from bench.gpu import render as render_gpu
-
     gpu_json = json_path.with_name("bench_gpu.json")
     gpu = render_gpu(json.loads(gpu_json.read_text())) if gpu_json.is_file() else None
     generated = render(results, json_path, gpu_section=gpu)
@@ -169,7 +168,7 @@ def write_benchmarks(results: dict[str, Any], json_path: Path, out: Path) -> Pat
 
 def render(results: dict[str, Any], json_path: Path, gpu_section: str | None = None) -> str:
     """``BENCHMARKS.md``: this machine's sections, then the GPU section (already rendered by
-    :func:`bench.gpu.render`) when one was run."""
+    :func:`bench.gpu_report.render`) when one was run."""
     m = results.get("machine", {})
     lines = [
         "# Benchmarks",

@@ -53,15 +53,15 @@ def resolve_models(checkpoint: Path | None, var_dir: Path) -> Models:
             features,
             served_sequence(checkpoint),
         )
-    from training.export.onnx_export import resolve_pretrained
+    from training.pretrained import resolve_pretrained
 
     pretrained = resolve_pretrained()
     ranker = var_dir / "pretrained_ranker"
     if not (ranker / "ranker_config.json").is_file():
         import torch
 
-        from training.models.pretrained import load_bert, load_tokenizer
         from training.models.ranker import CrossEncoder, save_ranker
+        from training.pretrained import load_bert, load_tokenizer
 
         torch.manual_seed(0)
         model = CrossEncoder(load_bert(pretrained), hidden_size=384)

@@ -32,7 +32,7 @@ from services.vectors.store import VectorStore
 from training.data import load_dataset
 from training.data.schema import Dataset
 from training.export.repository import latest_release, servable_models
-from training.models.pretrained import resolve_pretrained
+from training.pretrained import resolve_pretrained
 
 if TYPE_CHECKING:
     from ops.segments import SegmentReport

@@ -38,8 +38,8 @@ N_USERS = 300  # MovieLens user ids 1..300
 def tiny_ranker(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small, randomly initialised cross-encoder in the training output format: real
     weights through the real export and serving path, fast enough for CI."""
-    from training.models.pretrained import load_bert, load_tokenizer, make_tiny_bert
     from training.models.ranker import CrossEncoder, save_ranker
+    from training.pretrained import load_bert, load_tokenizer, make_tiny_bert
 
     bert_dir = make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
     model = CrossEncoder(load_bert(bert_dir), hidden_size=32)
@@ -113,7 +113,7 @@ def model_repository(
     """The tracked repository sources plus one exported release: pretrained towers, (tiny,
     untrained) rankers and a tiny sequence model."""
     from training.export.__main__ import export_release
-    from training.export.onnx_export import resolve_pretrained
+    from training.pretrained import resolve_pretrained
 
     repo = tmp_path_factory.mktemp("model_repository") / "repo"
     shutil.copytree(

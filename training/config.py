@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from core.config import REPO_ROOT, get_settings
-from training.models.pretrained import resolve_pretrained
+from training.pretrained import resolve_pretrained
 
 #: where the sequence model's item content vectors come from (``SequenceConfig``)
 CONTENT_SOURCES = ("item_tower", "pretrained")

@@ -38,8 +38,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.config import StageConfig
-from training.models.pretrained import load_tokenizer, set_offline
 from training.models.ranker import adamw
+from training.pretrained import load_tokenizer, set_offline
 from training.reproducible import deterministic
 from training.tasks.base import ModelT, Row, Task
 from training.tracking import worker_logger

@@ -76,7 +76,6 @@ from training.data.candidates import (
 )
 from training.data.exposures import load_exposures
 from training.loop import LoopConfig, latest_checkpoint, train_func
-from training.models.pretrained import OFFLINE_ENV, set_offline
 from training.models.sequence import (
     SASRec,
     content_vectors,
@@ -85,6 +84,7 @@ from training.models.sequence import (
     twin_scorer,
 )
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
+from training.pretrained import OFFLINE_ENV, set_offline
 from training.ray_cluster import connect
 from training.release_choice import choose_release
 from training.tasks import FeatureRankerTask, RankerTask, RetrievalTask, SequenceTask, Task

@@ -1,4 +1,5 @@
-"""Generated gRPC stubs for ``recsys.v1`` (built by ``make proto`` from ``proto/``; never edited).
+"""Generated gRPC stubs for ``recsys.v1`` (built by ``make proto`` from ``proto/``; never edited),
+and :mod:`services.api.validation`, the rules every request and stored event is checked by.
 
 The generated modules import each other as ``recsys.v1...``, so this package puts its own
 directory on ``sys.path`` and re-exports them.

@@ -14,10 +14,10 @@ from grpc_reflection.v1alpha import reflection
 
 from core.config import Settings
 from services.api import pb, pb_grpc
+from services.api.validation import max_receive_bytes
 from services.gateway.metrics import MetricsInterceptor, start_metrics_server
 from services.gateway.servicer import RecommenderServicer
 from services.gateway.state import GatewayState
-from services.gateway.validation import max_receive_bytes
 from services.gc_pauses import freeze_long_lived
 from services.reliability import interceptors, max_concurrent_rpcs, pseudonym, server_credentials
 from services.reliability.error_details import UnknownMethod

@@ -27,10 +27,10 @@ from core.config import Settings
 from core.rows import item_row
 from core.text import item_text
 from services.api import pb, pb_grpc
+from services.api import validation as v
 from services.deadline import Deadline, DeadlineExceeded
 from services.events.log import EventLogUnavailable
 from services.experiments.assignment import Assignment
-from services.gateway import validation as v
 from services.gateway.metrics import record_recommendation
 from services.gateway.sessions import Sessions
 from services.gateway.state import GatewayState

@@ -18,11 +18,11 @@ from grpc_health.v1 import health, health_pb2
 from core.config import Settings
 from core.releases import pinned_model_name
 from services.api import pb
+from services.api import validation as v
 from services.deadline import Deadline
 from services.events import aggregates
 from services.events.log import UNAPPLIED, BlockingEventLog, EventLogUnavailable
 from services.experiments.runtime import ExperimentService
-from services.gateway import validation as v
 from services.gateway.metrics import observe_stage
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles

@@ -68,10 +68,10 @@ from pymilvus.exceptions import DataNotMatchException, ParamError
 
 from core.config import Settings
 from services.api import pb
+from services.api import validation as v
 from services.deadline import Deadline, DeadlineExceeded
 from services.events import aggregates
 from services.events.log import EventLog, PendingVector
-from services.gateway import validation as v
 from services.inference.triton_client import InferenceUnavailable, TritonClient
 from services.profiles.profiles import Profiles
 from services.vectors.store import StoreUnavailable, VectorStore, row_version

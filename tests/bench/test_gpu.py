@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bench import gpu
+from bench.gpu_report import REFERENCE, render
 from bench.tokens import TokenizerSpec
 
 USERS = ["Recently liked: Heat (Action, Crime)", "Recently liked: Toy Story (Animation)"]
@@ -17,8 +18,8 @@ ITEMS = ["Jumanji (1995). Genres: Adventure", "Casino (1995). Genres: Crime, Dra
 
 @pytest.fixture(scope="module")
 def tiny_ranker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.models.pretrained import load_bert, load_tokenizer, make_tiny_bert
     from training.models.ranker import CrossEncoder, save_ranker
+    from training.pretrained import load_bert, load_tokenizer, make_tiny_bert
 
     bert_dir = make_tiny_bert(tmp_path_factory.mktemp("bert"), seed=3)
     model = CrossEncoder(load_bert(bert_dir), hidden_size=32)
@@ -54,7 +55,7 @@ def test_run_times_every_available_backend_and_reports_quality(
     assert results["errors"] == {}
     assert results["export"]["max_abs_diff"] <= results["export"]["tolerance"]
     backends = {r["backend"] for r in results["rows"]}
-    assert {gpu.REFERENCE, "ort-cpu fp32 fused", "ort-cpu int8"} <= backends
+    assert {REFERENCE, "ort-cpu fp32 fused", "ort-cpu int8"} <= backends
     assert all(r["items_per_s"] > 0 and r["flops_per_s"] > 0 for r in results["rows"])
     fused = results["quality_vs_ort_cpu_fp32"]["ort-cpu fp32 fused"]
     assert fused["max_abs_diff_prob"] < 1e-4  # same fp32 arithmetic, fused kernels
@@ -65,12 +66,12 @@ def test_run_times_every_available_backend_and_reports_quality(
 def test_render_compares_the_fastest_backend_of_each_device() -> None:
     row = {"ms_per_batch": 1.0, "flops_per_s": 1e12, "share_of_peak": 0.5}
     rows = [
-        {**row, "backend": gpu.REFERENCE, "device": "cpu", "batch": 16, "items_per_s": 100.0},
+        {**row, "backend": REFERENCE, "device": "cpu", "batch": 16, "items_per_s": 100.0},
         {**row, "backend": "ort-cpu int8", "device": "cpu", "batch": 16, "items_per_s": 200.0},
         {**row, "backend": "pytorch-cuda fp16", "device": "gpu", "batch": 16, "items_per_s": 4e3},
         {**row, "backend": "ort-cpu int8", "device": "cpu", "batch": 1, "items_per_s": 50.0},
     ]
-    text = gpu.render({"environment": {"gpu": "X", "tensorrt": "10.0"}, "rows": rows})
+    text = render({"environment": {"gpu": "X", "tensorrt": "10.0"}, "rows": rows})
     assert "16: 20x (pytorch-cuda fp16 vs ort-cpu int8)" in text
     assert "1: " not in text.split("Best GPU")[1]  # batch 1 has no GPU row to compare
     assert "| pytorch-cuda fp16 | 16 | 4,000.0 | 1.00 | 40.00 |" in text
@@ -81,7 +82,7 @@ def test_report_adds_the_gpu_section_and_keeps_what_was_written_below(tmp_path: 
     """``python -m bench.gpu report`` re-renders BENCHMARKS.md's generated part only."""
     from bench.report import splice
 
-    row: dict[str, object] = {"backend": gpu.REFERENCE, "device": "cpu", "batch": 16}
+    row: dict[str, object] = {"backend": REFERENCE, "device": "cpu", "batch": 16}
     row |= {"ms_per_batch": 1.0, "flops_per_s": 1e12, "share_of_peak": 0.5, "items_per_s": 100.0}
     results = {"environment": {"gpu": "X"}, "rows": [row]}
     lent = tmp_path / "out" / "bench_gpu.json"

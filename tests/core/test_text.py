@@ -51,7 +51,7 @@ def test_user_text_format_and_truncation() -> None:
 
 
 def test_user_text_token_budget() -> None:
-    from training.models.pretrained import load_tokenizer, resolve_pretrained
+    from training.pretrained import load_tokenizer, resolve_pretrained
 
     tok = load_tokenizer(resolve_pretrained(""))
     h = [(f"Movie number {i} (2000)", ["Drama", "Comedy"]) for i in range(40)]

@@ -175,7 +175,7 @@ def test_events_retrain_release_and_reindex_as_one_chain(
     from training.data import load_dataset
     from training.export.__main__ import export_release
     from training.export.__main__ import main as export_main
-    from training.models.pretrained import make_tiny_bert
+    from training.pretrained import make_tiny_bert
     from training.train import run
 
     stack = chain_stack

@@ -25,7 +25,7 @@ def write(path: Path, text: str, *, crlf: bool = False) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A randomly initialised 2-layer, 32-wide BERT with the MiniLM tokenizer."""
-    from training.models.pretrained import make_tiny_bert
+    from training.pretrained import make_tiny_bert
 
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 

@@ -38,8 +38,8 @@ def test_the_setting_reads_as_a_yaml_boolean(tmp_path: Path) -> None:
 
 def test_bf16_encoding_stays_close_to_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where bf16 is allowed (here on any CPU: PyTorch emulates it without the instructions)."""
-    from training.models.pretrained import load_bert, load_tokenizer, make_tiny_bert
     from training.models.two_tower import encode
+    from training.pretrained import load_bert, load_tokenizer, make_tiny_bert
     from training.tasks.retrieval import encode_texts
 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)

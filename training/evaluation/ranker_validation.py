@@ -198,9 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], help="feature_ranker key=value")
     args = ap.parse_args(argv)
     from training.data import load_dataset
-    from training.evaluation.encoders import TowerEncoder
     from training.evaluation.protocol import make_split
-    from training.export.onnx_export import resolve_pretrained
+    from training.models.text_encoder import TowerEncoder
+    from training.pretrained import resolve_pretrained
 
     train_cfg = load_config(args.config, [f"feature_ranker.{kv}" for kv in args.set])
     # one process takes the global batch of make train's workers (same steps per epoch)

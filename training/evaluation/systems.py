@@ -402,8 +402,8 @@ class PretrainedContent(EmbeddingRecommender):
 
     def _fit(self, train: Dataset) -> None:
         if self.encoder is None:
-            from training.evaluation.encoders import TowerEncoder
-            from training.export.onnx_export import resolve_pretrained
+            from training.models.text_encoder import TowerEncoder
+            from training.pretrained import resolve_pretrained
 
             self.encoder = TowerEncoder(
                 resolve_pretrained(self.model_dir), max_seq_len=self.max_seq_len
@@ -496,7 +496,7 @@ class TwoTower(EmbeddingRecommender):
         self.lookup: dict[str, tuple[str, list[str]]] = {}
 
     def _fit(self, train: Dataset) -> None:
-        from training.evaluation.encoders import TowerEncoder
+        from training.models.text_encoder import TowerEncoder
 
         self.item_encoder = TowerEncoder(
             self.checkpoint_dir / "item_tower", max_seq_len=self.max_seq_len

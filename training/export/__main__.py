@@ -27,7 +27,6 @@ from training.export.onnx_export import (
     export_sequence_model,
     export_tower,
     quantize_tower,
-    resolve_pretrained,
 )
 from training.export.repository import (
     INT8_GRAPH,
@@ -38,6 +37,7 @@ from training.export.repository import (
     release_metadata,
 )
 from training.models.feature_ranker import is_served, uses_sequence
+from training.pretrained import resolve_pretrained
 
 log = logging.getLogger("training.export")
 

@@ -22,22 +22,18 @@ from torch import nn
 from core.ranking_features import FEATURES
 from core.sequence_inputs import GAP_BUCKETS, INPUTS, N_TOKENS, RANK_BUCKETS
 from training.models.feature_ranker import FeatureScorer, load_feature_ranker
-from training.models.pretrained import load_bert, resolve_pretrained
-from training.models.ranker import CrossEncoder
-from training.models.ranker import load_ranker as load_trained_ranker
+from training.models.ranker import load_scorer
 from training.models.sequence import SASRec, load_sequence_model
-from training.models.two_tower import encode
+from training.models.two_tower import PooledEncoder
+from training.pretrained import load_bert
 
 log = logging.getLogger(__name__)
 __all__ = [
-    "CrossEncoderScorer",
-    "PooledEncoder",
     "export_feature_ranker",
     "export_ranker",
     "export_sequence_model",
     "export_tower",
     "quantize_tower",
-    "resolve_pretrained",
 ]
 
 OPSET = 17
@@ -55,40 +51,6 @@ PARITY_TEXTS = [
     "A much longer description of an item that goes on for a while so that the sequence "
     "axis is exercised at a length different from the other inputs in this batch.",
 ]
-
-
-class PooledEncoder(nn.Module):
-    """A BERT tower as served: mean pooling then L2 normalisation (as trained)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return encode(self.bert, input_ids, attention_mask)
-
-
-class CrossEncoderScorer(nn.Module):
-    """The CTR ranker as served: the trained cross-encoder's logit and its sigmoid."""
-
-    def __init__(self, ranker: CrossEncoder) -> None:
-        super().__init__()
-        self.ranker = ranker
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.ranker(input_ids, attention_mask, token_type_ids).unsqueeze(-1)
-        return logit, torch.sigmoid(logit)  # (batch, 1) each: one score per pair
-
-
-def load_ranker(path: str) -> CrossEncoderScorer:
-    """Load a ranker directory (format in :mod:`training.models.ranker`) for export."""
-    ranker, _ = load_trained_ranker(path)
-    return CrossEncoderScorer(ranker).eval()
 
 
 @dataclass(frozen=True)
@@ -259,7 +221,7 @@ def export_ranker(
     model_dir: str, onnx_path: Path, tolerance: float = PARITY_TOLERANCE
 ) -> ExportReport:
     """Export the cross-encoder ranker and check logits and probabilities on fresh pairs."""
-    module = load_ranker(model_dir)
+    module = load_scorer(model_dir)
     sample = _tokenize(model_dir, ["user text", "another user"], ["item text", "item"])
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     names = ["input_ids", "attention_mask", "token_type_ids"]

@@ -11,7 +11,7 @@ the [CLS] state (no BERT pooler); click probability = ``sigmoid(logit)``. Traine
 ``BCEWithLogitsLoss`` on positives and sampled negatives (random + hard negatives mined with
 the retrieval towers) and AdamW (decoupled weight decay; biases and LayerNorm excluded).
 
-Saved format (what :func:`training.export.onnx_export.load_ranker` reads)::
+Saved format (what :func:`load_ranker` and :func:`load_scorer` read)::
 
     <out>/ranker/
         config.json, model.safetensors      BertModel.save_pretrained
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.models.pretrained import load_bert
+from training.pretrained import load_bert
 
 RANKER_CONFIG = "ranker_config.json"
 HEAD_FILE = "head.pt"
@@ -109,6 +109,29 @@ def load_ranker(path: str | Path) -> tuple[CrossEncoder, dict[str, Any]]:
     model = CrossEncoder(load_bert(p), hidden_size=int(cfg["hidden_size"]))
     model.head.load_state_dict(torch.load(p / HEAD_FILE, map_location="cpu", weights_only=True))
     return model, cfg
+
+
+class CrossEncoderScorer(nn.Module):
+    """The CTR ranker as served: the trained cross-encoder's logit and its sigmoid."""
+
+    def __init__(self, ranker: CrossEncoder) -> None:
+        super().__init__()
+        self.ranker = ranker
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.ranker(input_ids, attention_mask, token_type_ids).unsqueeze(-1)
+        return logit, torch.sigmoid(logit)  # (batch, 1) each: one score per pair
+
+
+def load_scorer(path: str | Path) -> CrossEncoderScorer:
+    """A ranker directory (:func:`save_ranker`) as served, in eval mode."""
+    ranker, _ = load_ranker(path)
+    return CrossEncoderScorer(ranker).eval()
 
 
 def adamw(

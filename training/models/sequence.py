@@ -79,6 +79,8 @@ from core.sequence_inputs import (
 from core.text import item_texts
 from training.config import SequenceConfig
 from training.models.ranker import adamw
+from training.models.text_encoder import TowerEncoder
+from training.pretrained import resolve_pretrained
 from training.reproducible import deterministic
 
 #: age buckets: 0 = no interaction before the snapshot, 1 + floor(log2(1 + days since))
@@ -223,9 +225,6 @@ def content_vectors(
     """Frozen BERT vectors of the item texts, from the encoder the content baseline uses
     (``PretrainedContent``: mean-pooled, normalised, cached under ``var/cache/eval/``)."""
     if encoder is None:
-        from training.evaluation.encoders import TowerEncoder
-        from training.models.pretrained import resolve_pretrained
-
         encoder = TowerEncoder(resolve_pretrained(model_dir), max_seq_len=max_seq_len)
     texts = item_texts(items)
     return np.asarray(encoder.encode([texts[i] for i in item_ids], cache=cache), np.float32)

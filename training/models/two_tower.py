@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.models.pretrained import load_bert
+from training.pretrained import load_bert
 
 TOWER_CONFIG = "tower_config.json"
 MIN_TEMPERATURE = 0.01
@@ -49,6 +49,17 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 def encode(bert: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hidden = bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return F.normalize(mean_pool(hidden, attention_mask), p=2, dim=-1)
+
+
+class PooledEncoder(nn.Module):
+    """A BERT tower as served: mean pooling then L2 normalisation (as trained)."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return encode(self.bert, input_ids, attention_mask)
 
 
 class TwoTower(nn.Module):

@@ -21,7 +21,6 @@ from torch import nn
 
 from training.config import RetrievalConfig
 from training.models.metrics import recall_at_k
-from training.models.pretrained import load_bert, load_tokenizer, set_offline
 from training.models.two_tower import (
     TwoTower,
     encode,
@@ -31,6 +30,7 @@ from training.models.two_tower import (
 )
 from training.precision import use_bf16
 from training.prepare import RetrievalEval
+from training.pretrained import load_bert, load_tokenizer, set_offline
 from training.tasks.base import Batch, Row, Task
 
 

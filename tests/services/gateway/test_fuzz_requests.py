@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from ops.reliability_report import Scenario, record
 from ops.stack import LocalStack
 from services.api import pb, pb_grpc
-from services.gateway.validation import max_receive_bytes
+from services.api.validation import max_receive_bytes
 from tests.services.gateway import fuzz_strategies as s
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuzz]

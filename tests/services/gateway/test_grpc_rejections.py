@@ -17,8 +17,8 @@ from recsys_client import InvalidArgumentError, RecommenderClient
 from core.config import Settings
 from ops.stack import LocalStack
 from services.api import pb
+from services.api.validation import MAX_DESCRIPTION_BYTES, max_receive_bytes
 from services.gateway.metrics import MetricsInterceptor
-from services.gateway.validation import MAX_DESCRIPTION_BYTES, max_receive_bytes
 from services.reliability import interceptors
 from services.reliability.error_details import DETAILS_KEY, UnknownMethod
 

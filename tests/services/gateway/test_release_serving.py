@@ -43,7 +43,7 @@ def two_releases(
     """The session's repository (release 1: the pretrained towers, the rankers and the
     sequence model) with a release 2 of the towers alone, indexed and served."""
     from training.export.__main__ import export_release
-    from training.export.onnx_export import resolve_pretrained
+    from training.pretrained import resolve_pretrained
 
     root = tmp_path_factory.mktemp("two-releases")
     repo = root / "repo"

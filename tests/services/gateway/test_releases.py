@@ -26,7 +26,7 @@ def triton(
     tmp_path_factory: pytest.TempPathFactory, tiny_feature_ranker: str, tiny_sequence_model: str
 ) -> Iterator[TritonClient]:
     from training.export.__main__ import export_release
-    from training.models.pretrained import make_tiny_bert
+    from training.pretrained import make_tiny_bert
 
     root = tmp_path_factory.mktemp("releases")
     repo = repository_sources(root / "repo")

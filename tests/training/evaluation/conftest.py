@@ -79,7 +79,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     random BERTs: exercises the checkpoint systems without training anything."""
     import torch
 
-    from training.models.pretrained import make_tiny_bert
+    from training.pretrained import make_tiny_bert
 
     root = tmp_path_factory.mktemp("ckpt")
     meta = {"pooling": "mean", "normalize": True, "max_seq_len": 32, "shared_weights": False}

@@ -12,7 +12,7 @@ from training.export.onnx_export import ParityError, _check_parity, export_tower
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.models.pretrained import make_tiny_bert
+    from training.pretrained import make_tiny_bert
 
     bert = make_tiny_bert(tmp_path_factory.mktemp("bert"))
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"

@@ -22,7 +22,7 @@ from training.export.quantize import MS_DOMAIN, quantize_rowwise
 
 @pytest.fixture(scope="module")
 def tower(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, TowerExportReport]:
-    from training.models.pretrained import make_tiny_bert
+    from training.pretrained import make_tiny_bert
 
     bert = make_tiny_bert(tmp_path_factory.mktemp("bert"))
     return bert, export_tower(bert, tmp_path_factory.mktemp("onnx") / "model.onnx")

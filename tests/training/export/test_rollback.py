@@ -44,8 +44,8 @@ def _tiny_release_sources(root: Path, seed: int, bias: float) -> tuple[str, str]
     ``seed`` and ``bias``: its scores cannot be mistaken for the other release's."""
     import torch
 
-    from training.models.pretrained import load_bert, load_tokenizer, make_tiny_bert
     from training.models.ranker import CrossEncoder, save_ranker
+    from training.pretrained import load_bert, load_tokenizer, make_tiny_bert
 
     bert = make_tiny_bert(root / f"bert{seed}", seed=seed)
     torch.manual_seed(seed)

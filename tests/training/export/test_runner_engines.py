@@ -22,7 +22,7 @@ TOWER = {"input": [{"name": "input_ids"}, {"name": "attention_mask"}]}
 
 @pytest.fixture(scope="module")
 def tower(tmp_path_factory: pytest.TempPathFactory) -> TowerExportReport:
-    from training.models.pretrained import make_tiny_bert
+    from training.pretrained import make_tiny_bert
 
     bert = make_tiny_bert(tmp_path_factory.mktemp("bert"), hidden_size=64, intermediate_size=128)
     return export_tower(bert, tmp_path_factory.mktemp("onnx") / "model.onnx")

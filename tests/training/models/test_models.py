@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from training.models.metrics import log_loss, recall_at_k, roc_auc
-from training.models.pretrained import load_bert, load_tokenizer, resolve_pretrained
-from training.models.ranker import CrossEncoder, adamw, encode_pairs, load_ranker, save_ranker
+from training.models.ranker import (
+    CrossEncoder,
+    adamw,
+    encode_pairs,
+    load_ranker,
+    load_scorer,
+    save_ranker,
+)
 from training.models.two_tower import (
     TwoTower,
     in_batch_softmax_loss,
@@ -19,6 +25,7 @@ from training.models.two_tower import (
     mean_pool,
     save_towers,
 )
+from training.pretrained import load_bert, load_tokenizer, resolve_pretrained
 
 
 def test_resolve_pretrained(tmp_path: Path) -> None:
@@ -93,9 +100,8 @@ def test_ranker_save_format(tiny_bert: str, tmp_path: Path) -> None:
     m2, _ = load_ranker(out)
     with torch.no_grad():
         assert torch.allclose(m(**enc), m2.eval()(**enc), atol=1e-6)
-    # the lead's export loader reads the same directory
-    export = pytest.importorskip("training.export.onnx_export")
-    served = export.load_ranker(str(out))
+    # the served form (what the export traces) reads the same directory
+    served = load_scorer(str(out))
     with torch.no_grad():
         logit, _prob = served(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
     assert torch.allclose(logit.squeeze(-1), m(**enc), atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 
 from core.config import Settings
 from services.api import pb
-from services.gateway import validation as v
+from services.api import validation as v
 
 SETTINGS = Settings(max_k=50, default_k=10)
 
