@@ -28,6 +28,12 @@ SLICE_TITLES = {
     "next_30_days": "Next 30 days: positives within 30 days of the fold-in point",
 }
 ACCURACY = ("recall@10", "recall@20", "ndcg@10", "mrr@20", "hit_rate@10")
+#: issue #15's quality targets, judged here from the numbers an ``eval.json`` keeps (so a
+#: report re-rendered from an older run is judged by the same rules)
+NEXT_ITEMS_RATIO = 1.2  # next items: >= 1.2x the best baseline, the paired CI above 0
+COLD_START_RATIO = 1.3  # cold-start users: >= 1.3x popularity, the paired CI above 0
+NEW_ITEMS_NDCG = 0.02  # new items: NDCG@10 above this
+OFFLINE_REFERENCE = "pipeline"  # a served system must at least equal it on the long horizon
 
 
 def _fmt(v: float | None) -> str:
@@ -77,52 +83,67 @@ def losses(result: dict[str, Any], system: str = "pipeline") -> list[str]:
     return out
 
 
-def quality_target_lines(qt: dict[str, Any]) -> list[str]:
-    """The quality-target verdicts of one pipeline system (offline or served)."""
+def _verdict(met: bool) -> str:
+    return "**met**" if met else "**NOT met**"
+
+
+def quality_target_lines(qt: dict[str, Any], metrics: dict[str, Any] | None = None) -> list[str]:
+    """Issue #15's verdicts for one system (the offline reference or a served one), from its
+    :func:`~training.evaluation.runner` target numbers and the run's metrics table."""
     lines: list[str] = []
-    name = qt.get("system", "pipeline")
-    if qt.get("evaluated"):
-        vb = qt["vs_best_baseline_all"]
-        verdict = "**NOT met**"
-        if qt["beats_best_baseline_all"]:
-            verdict = "**met**" if vb["low"] > 0 else "**met on the mean, not significant**"
+    name = qt.get("system", OFFLINE_REFERENCE)
+    if not qt.get("evaluated"):
+        return [f"- not evaluated: {qt.get('reason', 'pipeline missing')}"]
+    metrics = metrics or {}
+    vb = qt["vs_best_baseline_all"]
+    lines.append(
+        f"- Long horizon, all users: `{name}` NDCG@10 {qt['pipeline_ndcg_all']:.4f} vs best "
+        f"baseline `{qt['best_baseline_all']}` {qt['best_baseline_ndcg_all']:.4f} (paired "
+        f"difference {vb['diff']:+.4f}, 95% bootstrap CI [{vb['low']:+.4f}, {vb['high']:+.4f}] "
+        f"over {int(vb['users'])} users): {_verdict(vb['high'] >= 0)} (target: not below it, "
+        "the interval not entirely below 0)."
+    )
+    reference = metrics.get("all", {}).get(OFFLINE_REFERENCE, {}).get("ndcg@10")
+    if name != OFFLINE_REFERENCE and reference is not None:
         lines.append(
-            f"- All users: `{name}` NDCG@10 {qt['pipeline_ndcg_all']:.4f} vs best baseline "
-            f"`{qt['best_baseline_all']}` {qt['best_baseline_ndcg_all']:.4f}: {verdict} "
-            f"(paired difference {vb['diff']:+.4f}, 95% bootstrap CI "
-            f"[{vb['low']:+.4f}, {vb['high']:+.4f}] over {int(vb['users'])} users)."
+            f"- Long horizon against the offline reference `{OFFLINE_REFERENCE}` "
+            f"{reference:.4f}: {_verdict(qt['pipeline_ndcg_all'] >= reference)} (target: at "
+            "least equal)."
         )
-        if (
-            "best_issue_baseline_all" in qt
-            and qt["best_issue_baseline_all"] != qt["best_baseline_all"]
-        ):
-            vi = qt["vs_best_issue_baseline_all"]
-            lines.append(
-                f"- Against the issue's list only (without the trending popularity added "
-                f"here): best `{qt['best_issue_baseline_all']}` "
-                f"{qt['best_issue_baseline_ndcg_all']:.4f}, difference {vi['diff']:+.4f} "
-                f"[{vi['low']:+.4f}, {vi['high']:+.4f}]."
-            )
-        if "pipeline_ndcg_cold" in qt:
-            vp = qt["vs_popularity_cold"]
-            lines.append(
-                f"- Cold start: `{name}` {qt['pipeline_ndcg_cold']:.4f} vs popularity "
-                f"{qt['popularity_ndcg_cold']:.4f} ({100 * qt['relative_margin_cold']:+.1f}%, "
-                f"CI of difference [{vp['low']:+.4f}, {vp['high']:+.4f}]): "
-                f"{'**met**' if qt['beats_popularity_cold_widely'] else '**NOT met**'} "
-                "(wide = at least +10% relative and CI above 0)."
-            )
-        if "next_items" in qt:
-            nx = qt["next_items"]
-            vn = nx["vs_best_baseline"]
-            lines.append(
-                f"- Next items: `{name}` NDCG@10 {nx['ndcg']:.4f} vs best baseline "
-                f"`{nx['best_baseline']}` {nx['best_baseline_ndcg']:.4f} "
-                f"({nx['ratio']:.2f}x, CI of difference [{vn['low']:+.4f}, {vn['high']:+.4f}]): "
-                f"{'**met**' if nx['met'] else '**NOT met**'} (target >= 1.2x, CI above 0)."
-            )
-    else:
-        lines.append(f"- not evaluated: {qt.get('reason', 'pipeline missing')}")
+    if "best_issue_baseline_all" in qt and qt["best_issue_baseline_all"] != qt["best_baseline_all"]:
+        vi = qt["vs_best_issue_baseline_all"]
+        lines.append(
+            f"- Against the issue's list only (without the trending popularity added "
+            f"here): best `{qt['best_issue_baseline_all']}` "
+            f"{qt['best_issue_baseline_ndcg_all']:.4f}, difference {vi['diff']:+.4f} "
+            f"[{vi['low']:+.4f}, {vi['high']:+.4f}]."
+        )
+    if "next_items" in qt:
+        nx = qt["next_items"]
+        vn = nx["vs_best_baseline"]
+        met = nx["ratio"] >= NEXT_ITEMS_RATIO and vn["low"] > 0
+        lines.append(
+            f"- Next items: `{name}` NDCG@10 {nx['ndcg']:.4f} vs best baseline "
+            f"`{nx['best_baseline']}` {nx['best_baseline_ndcg']:.4f} "
+            f"({nx['ratio']:.2f}x, CI of difference [{vn['low']:+.4f}, {vn['high']:+.4f}]): "
+            f"{_verdict(met)} (target >= {NEXT_ITEMS_RATIO}x, CI above 0)."
+        )
+    if "pipeline_ndcg_cold" in qt:
+        vp = qt["vs_popularity_cold"]
+        ratio = 1 + qt["relative_margin_cold"]
+        lines.append(
+            f"- Cold start: `{name}` {qt['pipeline_ndcg_cold']:.4f} vs popularity "
+            f"{qt['popularity_ndcg_cold']:.4f} ({ratio:.2f}x, CI of difference "
+            f"[{vp['low']:+.4f}, {vp['high']:+.4f}]): "
+            f"{_verdict(ratio >= COLD_START_RATIO and vp['low'] > 0)} "
+            f"(target >= {COLD_START_RATIO}x, CI above 0)."
+        )
+    new = metrics.get("new_items", {}).get(name, {})
+    if new.get("users"):
+        lines.append(
+            f"- New items: `{name}` NDCG@10 {new['ndcg@10']:.4f} over {int(new['users'])} "
+            f"users: {_verdict(new['ndcg@10'] > NEW_ITEMS_NDCG)} (target > {NEW_ITEMS_NDCG})."
+        )
     return lines
 
 
@@ -154,11 +175,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     for sname, rows in result["metrics"].items():
         lines += [f"## {SLICE_TITLES.get(sname, sname)}", "", metrics_table(rows), ""]
-    lines += ["## Quality target", ""]
+    lines += ["## Quality targets (issue #15)", ""]
     targets = [result.get("quality_target", {})]
     targets += list(result.get("quality_targets_extra", {}).values())
     for qt in targets:
-        lines += quality_target_lines(qt)
+        lines += quality_target_lines(qt, result.get("metrics"))
     lost = losses(result)
     lines += ["", "## Where the pipeline loses", ""]
     lines += [f"- {x}" for x in lost] or ["- nowhere on the accuracy metrics above."]
@@ -311,3 +332,34 @@ def _json_default(o: object) -> object:
     if isinstance(o, set):
         return sorted(o)
     return str(o)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.evaluation.report DIR/eval.json ...``: render each ``eval.md`` again
+    from its JSON (after a change to the report, the verdicts' rules included), without
+    running anything: the same numbers, no new look at any split."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.evaluation.report")
+    ap.add_argument("results", type=Path, nargs="+", help="eval.json files")
+    args = ap.parse_args(argv)
+    for path in args.results:
+        md = path.with_name("eval.md")
+        text = render_markdown(json.loads(path.read_text()))
+        md.write_text(text + _appended(md.read_text() if md.is_file() else "", text))
+        print(f"wrote {md}")
+    return 0
+
+
+def _appended(old: str, new: str) -> str:
+    """The sections of ``old`` after the last one that ``new`` has too: what another job
+    appended to the report (the served evaluation's segments), kept in their order."""
+    titles = {line for line in new.splitlines() if line.startswith("## ")}
+    parts = ["## " + part for part in old.split("\n## ")[1:]]
+    known = [i for i, part in enumerate(parts) if part.splitlines()[0] in titles]
+    kept = parts[known[-1] + 1 :] if known else []
+    return "".join("\n" + part.rstrip("\n") + "\n" for part in kept)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
