@@ -67,12 +67,8 @@ def tiny_sequence_model(tmp_path_factory: pytest.TempPathFactory, small_dataset_
     vectors), in the training output format: its vocabulary is the indexed catalogue."""
     from training.config import SequenceConfig
     from training.data import load_dataset
-    from training.models.sequence import (
-        build_item_space,
-        save_sequence_model,
-        train_sequence_model,
-        training_rows,
-    )
+    from training.models.sequence import save_sequence_model, train_sequence_model
+    from training.models.sequence_data import build_item_space, training_rows
 
     data = load_dataset(small_dataset_dir)
     cfg = SequenceConfig(

@@ -30,13 +30,8 @@ from training.data.examples import (
     user_positive_sets,
 )
 from training.data.split import time_split
-from training.models.sequence import (
-    ItemSpace,
-    SequenceEval,
-    build_item_space,
-    sequence_eval,
-    training_rows,
-)
+from training.models.sequence import SequenceEval, sequence_eval
+from training.models.sequence_data import ItemSpace, build_item_space, training_rows
 
 
 @dataclass(frozen=True)

@@ -76,13 +76,8 @@ from training.data.candidates import (
 )
 from training.data.exposures import load_exposures
 from training.loop import LoopConfig, latest_checkpoint, train_func
-from training.models.sequence import (
-    SASRec,
-    content_vectors,
-    load_sequence_model,
-    model_scores,
-    twin_scorer,
-)
+from training.models.sequence import SASRec, load_sequence_model, model_scores, twin_scorer
+from training.models.sequence_data import content_vectors
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.pretrained import OFFLINE_ENV, set_offline
 from training.ray_cluster import connect

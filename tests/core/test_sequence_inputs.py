@@ -12,7 +12,7 @@ from core.sequence_inputs import (
     user_event_sequences,
 )
 from training.config import SequenceConfig
-from training.models.sequence import build_item_space, user_inputs, user_sequences
+from training.models.sequence_data import build_item_space, user_inputs, user_sequences
 
 T0 = 1_600_000_000
 

@@ -34,12 +34,11 @@ import yaml
 from training.config import SequenceConfig
 from training.data.schema import Dataset
 from training.evaluation.systems import CatalogueRecommender
-from training.models.sequence import (
-    SASRec,
+from training.models.sequence import SASRec, train_sequence_model
+from training.models.sequence_data import (
     UserSequence,
     build_item_space,
     content_vectors,
-    train_sequence_model,
     training_rows,
     user_inputs,
     user_sequences,

@@ -2,7 +2,7 @@
 the catalogue (or a logQ-corrected sampled softmax) at every position of the training
 sequences, NDCG@10/Recall@10 of the validation users' next positives.
 
-The catalogue (:class:`~training.models.sequence.ItemSpace`: item ids, frozen content
+The catalogue (:class:`~training.models.sequence_data.ItemSpace`: item ids, frozen content
 vectors, request-time snapshots) is too big for plain config, so the driver puts it into
 Ray's object store once and the task carries the reference; :meth:`SequenceTask.item_space`
 fetches it on the worker.
@@ -24,14 +24,13 @@ from torch import nn
 from training.config import SequenceConfig
 from training.models.sequence import (
     TERM_SCALE,
-    ItemSpace,
     SASRec,
-    SequenceCollator,
     SequenceEval,
     evaluate_sequence,
     load_sequence_model,
     save_sequence_model,
 )
+from training.models.sequence_data import ItemSpace, SequenceCollator
 from training.tasks.base import Batch, Row, Task
 
 SUBDIR = "sequence"

@@ -10,19 +10,21 @@ import pandas as pd
 import pytest
 import torch
 
+from core.sequence_inputs import gap_buckets
 from training.config import SequenceConfig
 from training.models.sequence import (
-    AGE_BUCKETS,
     SASRec,
-    SequenceCollator,
-    build_item_space,
     evaluate_sequence,
-    gap_buckets,
     load_sequence_model,
     save_sequence_model,
     sequence_eval,
-    shuffle_ties,
     train_sequence_model,
+)
+from training.models.sequence_data import (
+    AGE_BUCKETS,
+    SequenceCollator,
+    build_item_space,
+    shuffle_ties,
     training_rows,
     user_inputs,
     user_sequences,
