@@ -50,7 +50,7 @@ class DCNv2(nn.Module):
         n_features: int = len(FEATURES),
         cross_layers: int = 2,
         hidden: Sequence[int] = (64, 32),
-        dropout: float = 0.1,
+        dropout: float = 0.0,
         sequence: bool = False,
         served: bool = True,
     ) -> None:
