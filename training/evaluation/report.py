@@ -63,7 +63,7 @@ def metrics_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def losses(result: dict[str, Any], system: str = "pipeline") -> list[str]:
+def losses(result: dict[str, Any], system: str = OFFLINE_REFERENCE) -> list[str]:
     """Every (slice, accuracy metric) where another system beats ``system``."""
     out = []
     for sname, rows in result["metrics"].items():
