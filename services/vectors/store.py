@@ -75,6 +75,7 @@ CONNECT_ATTEMPTS, CONNECT_RETRY_S = 2, 0.2  # see VectorStore._new_client
 CONNECT_TIMEOUT_S = 5.0  # the longest connect, also for calls with a longer timeout
 NOT_LOADED = 101  # Milvus's CollectionNotLoaded code, from the engine and Milvus Lite alike
 QUERY_LIMIT = 16_384  # the most rows one query may return (offset + limit, Milvus 2.3)
+NARROWING_ROUNDS = 4  # id-order reads: queries before a query iterator (_first_by_id)
 VECTOR_SCAN_BATCH = 4096  # rows a scan's page holds when they carry vectors
 # What a cached item row holds: every field, so that any later read finds what it needs.
 CACHED_ITEM_FIELDS = (*ITEM_FIELDS, "vector", "co_items")
@@ -420,11 +421,58 @@ class VectorStore:
     def _first_by_id(
         self, where: str, fields: Sequence[str], limit: int, timeout: float
     ) -> list[Row]:
-        """The first ``limit`` items that match ``where`` in id order: the first page of a
-        query iterator, which reads in primary-key order (a plain query with a limit returns
-        any ``limit`` matches, not the first ones)."""
+        """The first ``limit`` items that match ``where`` in id order, at the item read level.
+
+        A plain query with a limit returns any ``limit`` matches, not the first ones. So the
+        ids of the matches are read (ids only), and the first ``limit`` of them by id read in
+        full. Where more match than one query returns (:data:`QUERY_LIMIT`), the first
+        ``limit`` by id all sort at or below the ``limit``-th smallest id of those returned,
+        so the filter is narrowed to that and read again: each round keeps about
+        ``limit / QUERY_LIMIT`` of the matches (two rounds up to some 2.7 million at a page
+        of 100). Only after :data:`NARROWING_ROUNDS` does it take a query iterator's first
+        page, which reads in primary-key order but waits on the engine at its setup and its
+        page (a page of 100 of 2,000 items: 0.33-0.80 s on engine 2.3.5, the queries 5-15
+        ms)."""
         if limit <= 0:
             return []
+        level = self.settings.milvus_item_consistency
+        narrowed = where
+        for _ in range(NARROWING_ROUNDS):
+            ids = self._call(
+                "query",
+                self.items.name,
+                filter=narrowed,
+                output_fields=["item_id"],
+                consistency_level=level,
+                limit=QUERY_LIMIT,
+                timeout=timeout,
+            )
+            first = sorted(r["item_id"] for r in ids)[:limit]
+            if len(ids) < QUERY_LIMIT:
+                return self._rows_by_id(first, fields, level, timeout)
+            narrowed = f"({where}) and item_id <= {literal(first[-1])}"
+        return self._first_page_by_id(where, fields, limit, timeout)
+
+    def _rows_by_id(
+        self, ids: list[str], fields: Sequence[str], level: str, timeout: float
+    ) -> list[Row]:
+        """The rows of ``ids`` (``fields`` only), in id order."""
+        if not ids:
+            return []
+        rows = self._call(
+            "query",
+            self.items.name,
+            filter=f"item_id in {literal(ids)}",
+            output_fields=list(fields),
+            consistency_level=level,
+            timeout=timeout,
+        )
+        return sorted((_plain(r) for r in rows), key=lambda r: r["item_id"])
+
+    def _first_page_by_id(
+        self, where: str, fields: Sequence[str], limit: int, timeout: float
+    ) -> list[Row]:
+        """The first page of a query iterator, which reads in primary-key order."""
         iterator = self._call(
             "query_iterator",
             self.items.name,

@@ -92,6 +92,12 @@ def test_engine_collections_writes_and_reads(engine: LocalStack, store: VectorSt
     vectors = _unit(np.random.default_rng(0), 40, DIM)
     items = [_item(f"i{i}", vectors[i], ["Drama" if i % 2 else "Comedy"]) for i in range(40)]
     assert store.upsert_items(items) == 40
+    # Pages in id order hold this process's writes at once (still in a growing segment).
+    listed, after = [], ""
+    while page := store.list_items(after, 7, 5.0):
+        listed += [r["item_id"] for r in page]
+        after = page[-1]["item_id"]
+    assert listed == sorted(i["item_id"] for i in items)
 
     # This process's own write: Session (the default) sees it at once, like Strong; Bounded
     # only promises it within the bounded staleness.

@@ -13,6 +13,7 @@ import pytest
 
 from core.config import Settings
 from core.rows import item_row
+from services.vectors import store as store_module
 from services.vectors.store import VectorStore
 from tests.services.vectors.popular_refresh import N_ITEMS as POPULAR_ITEMS
 from tests.services.vectors.popular_refresh import check_first_refresh
@@ -40,7 +41,31 @@ def store(tmp_path: Path) -> Iterator[VectorStore]:
         store.close()
 
 
-def test_pages_cover_the_catalogue_once_in_id_order(store: VectorStore) -> None:
+@pytest.mark.parametrize(
+    ("query_limit", "rounds"),
+    [(None, None), (120, None), (120, 0)],
+    ids=["by-ids", "narrowed", "iterator"],
+)
+def test_pages_cover_the_catalogue_once_in_id_order(
+    store: VectorStore,
+    monkeypatch: pytest.MonkeyPatch,
+    query_limit: int | None,
+    rounds: int | None,
+) -> None:
+    """By a query of the matching ids; where more match than a query returns (120 here),
+    by narrowing the filter below the page's last id; or by a query iterator's first page."""
+    if query_limit is not None:
+        monkeypatch.setattr(store_module, "QUERY_LIMIT", query_limit)
+    if rounds is not None:
+        monkeypatch.setattr(store_module, "NARROWING_ROUNDS", rounds)
+    queries: list[str] = []
+    call = store._call
+
+    def counted(method: str, *args: object, **kwargs: object) -> object:
+        queries.append(method)
+        return call(method, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_call", counted)
     seen: list[str] = []
     after = ""
     while True:
@@ -50,6 +75,7 @@ def test_pages_cover_the_catalogue_once_in_id_order(store: VectorStore) -> None:
             break
         after = page[-1]["item_id"]
     assert seen == sorted(f"item-{n:04d}" for n in range(N_ITEMS))
+    assert ("query_iterator" in queries) == (rounds == 0)
     assert set(store.list_items("", 1, 10.0)[0]) >= {"item_id", "title", "categories"}
 
 
