@@ -49,7 +49,7 @@ K_LIST = 20  # list length asked of every system (Recall@20, MRR@20)
 #: window (a minute or more each on two cores), and its fusion with popularity is meant to be
 #: learned by the ranker, not by these rank-fusion weights.
 REPORTED_ONLY = ("content_finetuned", "sequence")
-PIPELINE = "pipeline"
+PIPELINE = HybridPipeline.name
 
 
 @dataclass

@@ -533,7 +533,7 @@ class CallableRecommender:
         self,
         recommend_fn: Callable[[str, int], list[str]],
         *,
-        name: str = "pipeline",
+        name: str,
         fit_fn: Callable[[Dataset], None] | None = None,
         observe_fn: Callable[[pd.DataFrame], None] | None = None,
     ) -> None:
