@@ -117,6 +117,10 @@ def test_flush_seals_every_collection_before_waiting_for_any() -> None:
         def flush(self, name: str, **_: Any) -> None:
             self.order.append(("flush", name))
 
+        def query(self, name: str, **kw: Any) -> list[dict[str, int]]:
+            assert kw["output_fields"] == ["count(*)"] and kw["consistency_level"] == "Strong"
+            return [{"count(*)": 5}]
+
         def describe_index(self, name: str, field: str, **_: Any) -> dict[str, int]:
             self.order.append(("describe_index", name))
             self.polls += 1  # every collection indexed from the second round of polls on
@@ -132,3 +136,33 @@ def test_flush_seals_every_collection_before_waiting_for_any() -> None:
     assert client.order[: len(names)] == [("flush", n) for n in names]
     assert [m for m, _ in client.order].count("flush") == len(names)
     assert client.polls == 2 * len(names)  # one round waiting, one round done, all together
+
+
+def test_flush_waits_for_every_row_written_not_the_index_total() -> None:
+    """The index's own total may not count every row written yet: the flush waits until
+    the rows counted at Strong are indexed and served sealed."""
+
+    class Catching(FakeClient):
+        def __init__(self) -> None:
+            super().__init__("v2.3.5")
+            self.polls = 0
+
+        def flush(self, name: str, **_: Any) -> None:
+            pass
+
+        def query(self, name: str, **_: Any) -> list[dict[str, int]]:
+            return [{"count(*)": 8}]
+
+        def describe_index(self, name: str, field: str, **_: Any) -> dict[str, int]:
+            self.polls += 1
+            rows = 2 if self.polls <= 6 else 8  # a quarter counted for two rounds of polls
+            return {"indexed_rows": rows, "total_rows": rows, "pending_index_rows": 0}
+
+        def list_loaded_segments(self, name: str, **_: Any) -> list[Any]:
+            rows = 2 if self.polls <= 9 else 8  # and served sealed a round later
+            return [type("Segment", (), {"num_rows": rows, "state": "Sealed"})()]
+
+    client = Catching()
+    store = _store(client)
+    store.flush(timeout=10.0)
+    assert client.polls == 4 * len(store.specs)
