@@ -34,6 +34,7 @@ from core.fusion import mmr, rrf
 from core.text import history_from_ids, item_lookup, item_texts, user_text
 from training.data.schema import Dataset
 from training.evaluation.metrics import ndcg_at_k
+from training.evaluation.reference import OFFLINE_REFERENCE
 from training.evaluation.systems import (
     SCORE_BATCH,
     CatalogueRecommender,
@@ -96,7 +97,7 @@ def _weighted(
 class HybridPipeline(CatalogueRecommender):
     """Offline full pipeline over fitted source systems (see module docstring)."""
 
-    name = "pipeline"
+    name = OFFLINE_REFERENCE
 
     def __init__(
         self,

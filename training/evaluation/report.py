@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from training.evaluation.pipeline import HybridPipeline
+from training.evaluation.reference import OFFLINE_REFERENCE
 
 COLUMNS = (
     ("recall@10", "Recall@10"),
@@ -35,8 +35,6 @@ ACCURACY = ("recall@10", "recall@20", "ndcg@10", "mrr@20", "hit_rate@10")
 NEXT_ITEMS_RATIO = 1.2  # next items: >= 1.2x the best baseline, the paired CI above 0
 COLD_START_RATIO = 1.3  # cold-start users: >= 1.3x popularity, the paired CI above 0
 NEW_ITEMS_NDCG = 0.02  # new items: NDCG@10 above this
-#: the offline reference: a served system must at least equal it on the long horizon
-OFFLINE_REFERENCE = HybridPipeline.name
 
 
 def _fmt(v: float | None) -> str:
