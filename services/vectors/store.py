@@ -260,9 +260,9 @@ class VectorStore:
         for spec in self.specs:
             self._call("flush", spec.name, timeout=timeout)
         # Every row written before the flush, counted at Strong, must be indexed and served
-        # sealed: the index's own total need not count them all yet (a wait on that total
-        # alone once returned while a recall test's searches found 0.38 of the exact top 10
-        # at ef 512, where it finds 0.99 once all is served; 2026-12-07, engine 2.3.5).
+        # sealed, not only the index's own total: a wait on that total alone once returned
+        # and the recall test's searches right after found 0.38 of the exact top 10 at ef
+        # 512, where they find 0.99 (2026-12-07, engine 2.3.5; seen once in several runs).
         written = {spec.name: self.count(spec.name, "Strong") for spec in self.specs}
         pending = [spec.name for spec in self.specs]
         while True:
