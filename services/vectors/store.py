@@ -300,6 +300,13 @@ class VectorStore:
             self._version = str(self._call("get_server_version", timeout=timeout))
         return self._version
 
+    def _spec(self, collection: str) -> CollectionSpec:
+        """The spec of one of this store's collections, by name."""
+        for spec in self.specs:
+            if spec.name == collection:
+                return spec
+        raise ValueError(f"{collection!r} is not one of this store's collections")
+
     def drop_collections(self) -> None:
         for spec in self.specs:
             if self._call("has_collection", spec.name):
@@ -592,14 +599,42 @@ class VectorStore:
         """Every row of a collection (that matches the filter ``where``), read in pages
         (offline jobs, caches), at the collection's consistency level or ``consistency``.
 
-        A page of the engine's query iterator costs about 0.3 s whatever its size, and the
-        level asked for does not change that: pymilvus sends iterator pages at the
-        collection's own level (Strong), so each waits for a time tick. So pages are as large
-        as a query may return (:data:`QUERY_LIMIT`), except where rows carry a vector
-        (:data:`VECTOR_SCAN_BATCH`, for the memory a page of Python floats takes)."""
+        Where fewer match than one query returns (:data:`QUERY_LIMIT`), by plain queries: the
+        rows themselves where one page may hold them all, else the matching primary keys
+        (keys only), then their rows by key, ``batch`` at a time. Else by the engine's query
+        iterator, whose every page costs about 0.3 s whatever its size and level (pymilvus
+        sends its pages at the collection's own level, Strong, so each waits for a time
+        tick). Pages are as large as a query may return, except where rows carry a vector
+        (:data:`VECTOR_SCAN_BATCH`, for the memory a page of Python floats takes). Measured on
+        engine 2.3.5 at 9,742 items: every row whole at Session 0.78-0.93 s against the
+        iterator's 1.58-2.18 s; ids and creation times at Strong 0.25-0.32 s against 0.80 s."""
         if batch is None:
             batch = VECTOR_SCAN_BATCH if "vector" in fields else QUERY_LIMIT
         level = {"consistency_level": consistency} if consistency else {}
+        key = self._spec(collection).primary_key
+        whole = batch >= QUERY_LIMIT
+        first = self._call(
+            "query",
+            collection,
+            filter=where,
+            output_fields=list(fields) if whole else [key],
+            limit=QUERY_LIMIT,
+            **level,
+        )
+        if len(first) < QUERY_LIMIT:
+            if whole:
+                return [_plain(r) for r in first]
+            keys = [r[key] for r in first]
+            rows: list[Row] = []
+            for start in range(0, len(keys), batch):
+                rows += self._call(
+                    "query",
+                    collection,
+                    filter=f"{key} in {literal(keys[start : start + batch])}",
+                    output_fields=list(fields),
+                    **level,
+                )
+            return [_plain(r) for r in rows]
         iterator = self._call(
             "query_iterator",
             collection,
@@ -608,13 +643,13 @@ class VectorStore:
             output_fields=list(fields),
             **level,
         )
-        rows: list[Row] = []
+        paged: list[Row] = []
         try:
             while page := iterator.next():
-                rows.extend(_plain(r) for r in page)
+                paged.extend(_plain(r) for r in page)
         finally:
             iterator.close()
-        return rows
+        return paged
 
     def count(self, collection: str, consistency: str | None = None, where: str = "") -> int:
         """The collection's rows (that match the filter ``where``), counted by Milvus."""

@@ -91,8 +91,8 @@ class ItemsClient:
         if least:  # the popularity refresh's floor or newest items
             field, value = least[1], float(least[2])
             matches = [i for i, r in self.rows.items() if r[field] >= value]
-        else:
-            matches = re.findall(r'"(i\d+)"', where)
+        else:  # ids listed, or (no filter) every item
+            matches = re.findall(r'"(i\d+)"', where) if where else list(self.rows)
         if kw["output_fields"] == ["count(*)"]:
             return [{"count(*)": len(matches if where else self.rows)}]
         self.calls.append(("query", matches, kw["output_fields"], kw.get("consistency_level")))
@@ -216,8 +216,10 @@ def test_the_popularity_refresh_reads_texts_of_the_top_only(cache_size: int) -> 
         texts = [c[1] for c in client.calls if c[0] == "query" and "text" in c[2]]
         assert scans == [] and texts == [["i4", "i3"]]
         assert all(c[2] == list(POPULARITY_FIELDS) for c in client.calls if "text" not in c[2])
-    else:
-        assert scans == [[*ITEM_FIELDS, "vector", "co_items"]] and reads == []
+    else:  # every id, then every row whole once (a catalogue this small: no iterator)
+        fields = [c[2] for c in client.calls if c[0] == "query"]
+        assert scans == [] and fields == [["item_id"], [*ITEM_FIELDS, "vector", "co_items"]]
+        assert reads == [list(client.rows)] * 2
 
 
 def test_without_the_cache_every_read_goes_to_milvus() -> None:

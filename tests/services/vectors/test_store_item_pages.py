@@ -79,10 +79,18 @@ def test_pages_cover_the_catalogue_once_in_id_order(
     assert set(store.list_items("", 1, 10.0)[0]) >= {"item_id", "title", "categories"}
 
 
+@pytest.mark.parametrize("query_limit", [None, 100], ids=["by-keys", "iterator"])
 @pytest.mark.parametrize("batch", [7, None], ids=["pages-of-7", "default"])
-def test_a_scan_reads_every_row_once(store: VectorStore, batch: int | None) -> None:
-    rows = store.scan(store.items.name, ["item_id"], batch=batch)
+def test_a_scan_reads_every_row_once(
+    store: VectorStore, monkeypatch: pytest.MonkeyPatch, batch: int | None, query_limit: int | None
+) -> None:
+    """By plain queries (the keys, then their rows a page at a time), or, where more rows
+    match than one query returns (100 here), by a query iterator."""
+    if query_limit is not None:
+        monkeypatch.setattr(store_module, "QUERY_LIMIT", query_limit)
+    rows = store.scan(store.items.name, ["item_id", "title"], batch=batch)
     assert sorted(r["item_id"] for r in rows) == [f"item-{n:04d}" for n in range(N_ITEMS)]
+    assert {r["title"] for r in rows} == {f"title item-{n:04d}" for n in range(N_ITEMS)}
 
 
 def test_deleted_item_is_gone_from_reads_and_pages(store: VectorStore) -> None:
