@@ -124,14 +124,15 @@ class PopularItems:
         """:data:`POPULARITY_FIELDS` of every item, or, when the catalogue is larger than
         the item cache and enough items lie above the floor (the last top's, else one found
         by counting), of those: (rows, every item)."""
-        if not store.item_cache_holds_catalogue():
+        fits = store.item_cache_holds_catalogue()
+        if not fits:
             floor = self._floor if self._floor is not None else _first_floor(store, self.size)
             if floor is None:  # fewer than the top's size have any popularity
                 return self._read_the_few_popular(store), False
             light = store.items_where(POPULARITY_FIELDS, min_popularity=floor)
             if sum(float(r["popularity"]) >= floor for r in light) >= self.size:
                 return light, False
-        return store.all_items(POPULARITY_FIELDS, fill_cache=True), True
+        return store.all_items(POPULARITY_FIELDS, fill_cache=True, fits=fits), True
 
     def _read_the_few_popular(self, store: VectorStore) -> list[Row]:
         """The items with any popularity, and the first of the others in id order to fill

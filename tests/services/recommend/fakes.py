@@ -92,7 +92,12 @@ class FakeStore:
         self._check("get_segment")
         return self.segments.get(segment_id)
 
-    def all_items(self, fields: Sequence[str] | None = None, fill_cache: bool = False) -> list[Row]:
+    def all_items(
+        self,
+        fields: Sequence[str] | None = None,
+        fill_cache: bool = False,
+        fits: bool | None = None,
+    ) -> list[Row]:
         self._check("all_items")
         self.scanned.append(fields)
         rows = [self._out(r, False) for r in self.items.values()]

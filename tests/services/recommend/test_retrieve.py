@@ -199,9 +199,9 @@ def test_an_item_deleted_between_the_scan_and_the_rows_read_is_not_served() -> N
     scan = store.all_items
 
     def scan_then_delete(
-        fields: Sequence[str] | None = None, fill_cache: bool = False
+        fields: Sequence[str] | None = None, fill_cache: bool = False, fits: bool | None = None
     ) -> list[Row]:
-        rows = scan(fields, fill_cache)
+        rows = scan(fields, fill_cache, fits)
         del store.items["a"]
         return rows
 

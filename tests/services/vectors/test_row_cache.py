@@ -84,6 +84,7 @@ class ItemsClient:
             for i in range(n)
         }
         self.calls: list[tuple[str, list[str], list[str], Any]] = []
+        self.catalogue_counts = 0  # count(*) without a filter
 
     def query(self, collection: str, **kw: Any) -> list[dict[str, Any]]:
         where = kw["filter"]
@@ -94,6 +95,7 @@ class ItemsClient:
         else:  # ids listed, or (no filter) every item
             matches = re.findall(r'"(i\d+)"', where) if where else list(self.rows)
         if kw["output_fields"] == ["count(*)"]:
+            self.catalogue_counts += not where
             return [{"count(*)": len(matches if where else self.rows)}]
         self.calls.append(("query", matches, kw["output_fields"], kw.get("consistency_level")))
         fields = kw["output_fields"]
@@ -202,7 +204,8 @@ def test_a_catalogue_larger_than_the_item_cache_is_scanned_without_filling_it() 
 def test_the_popularity_refresh_reads_texts_of_the_top_only(cache_size: int) -> None:
     """A catalogue larger than the item cache: three fields of the items above a counted
     floor, then the top's rows by id, no scan. One that fits: the scan reads everything once
-    (filling the cache) and the top's rows come from the cache, no second read."""
+    (filling the cache) and the top's rows come from the cache, no second read. Either way
+    the catalogue is counted once."""
     from services.recommend.retrieve import POPULARITY_FIELDS, PopularItems
 
     client = ItemsClient()
@@ -210,6 +213,7 @@ def test_the_popularity_refresh_reads_texts_of_the_top_only(cache_size: int) -> 
     popular = PopularItems(size=2)
     assert popular.refresh(store)
     assert [r["title"] for r in popular.top(5)] == ["t4", "t3"]  # full rows, best first
+    assert client.catalogue_counts == 1
     scans = [c[2] for c in client.calls if c[0] == "scan"]
     reads = [c[1] for c in client.calls if c[0] == "query"]
     if cache_size < len(client.rows):
