@@ -307,6 +307,19 @@ class VectorStore:
                 return spec
         raise ValueError(f"{collection!r} is not one of this store's collections")
 
+    def _by_keys(
+        self, spec: CollectionSpec, keys: Sequence[str], fields: Sequence[str], **opts: Any
+    ) -> list[Any]:
+        """The rows of ``spec``'s collection whose primary key is one of ``keys`` (``fields``
+        only, in the server's order); ``opts``: the query's consistency level and timeout."""
+        return self._call(
+            "query",
+            spec.name,
+            filter=f"{spec.primary_key} in {literal(list(keys))}",
+            output_fields=list(fields),
+            **opts,
+        )
+
     def drop_collections(self) -> None:
         for spec in self.specs:
             if self._call("has_collection", spec.name):
@@ -342,14 +355,8 @@ class VectorStore:
             return self._cached_items(ids, timeout, with_vectors, with_neighbours)
         fields = ITEM_FIELDS + (["vector"] if with_vectors else [])
         fields += ["co_items"] if with_neighbours else []
-        rows = self._call(
-            "query",
-            self.items.name,
-            filter=f"item_id in {literal(ids)}",
-            output_fields=fields,
-            consistency_level=consistency or self.settings.milvus_item_consistency,
-            timeout=timeout,
-        )
+        level = consistency or self.settings.milvus_item_consistency
+        rows = self._by_keys(self.items, ids, fields, consistency_level=level, timeout=timeout)
         return {r["item_id"]: _plain(r) for r in rows}
 
     def _cached_items(
@@ -358,11 +365,10 @@ class VectorStore:
         found, missing = self.item_cache.get(ids)
         if missing:
             epoch = self.item_cache.epoch()
-            rows = self._call(
-                "query",
-                self.items.name,
-                filter=f"item_id in {literal(missing)}",
-                output_fields=list(CACHED_ITEM_FIELDS),
+            rows = self._by_keys(
+                self.items,
+                missing,
+                CACHED_ITEM_FIELDS,
                 consistency_level=self.settings.milvus_item_consistency,
                 timeout=timeout,
             )
@@ -466,25 +472,11 @@ class VectorStore:
             )
             first = sorted(r["item_id"] for r in ids)[:limit]
             if len(ids) < QUERY_LIMIT:
-                return self._rows_by_id(first, fields, level, timeout)
+                opts = {"consistency_level": level, "timeout": timeout}
+                rows = self._by_keys(self.items, first, fields, **opts) if first else []
+                return sorted((_plain(r) for r in rows), key=lambda r: r["item_id"])
             narrowed = f"({where}) and item_id <= {literal(first[-1])}"
         return self._first_page_by_id(where, fields, limit, timeout)
-
-    def _rows_by_id(
-        self, ids: list[str], fields: Sequence[str], level: str, timeout: float
-    ) -> list[Row]:
-        """The rows of ``ids`` (``fields`` only), in id order."""
-        if not ids:
-            return []
-        rows = self._call(
-            "query",
-            self.items.name,
-            filter=f"item_id in {literal(ids)}",
-            output_fields=list(fields),
-            consistency_level=level,
-            timeout=timeout,
-        )
-        return sorted((_plain(r) for r in rows), key=lambda r: r["item_id"])
 
     def _first_page_by_id(
         self, where: str, fields: Sequence[str], limit: int, timeout: float
@@ -617,29 +609,23 @@ class VectorStore:
         if batch is None:
             batch = VECTOR_SCAN_BATCH if "vector" in fields else QUERY_LIMIT
         level = {"consistency_level": consistency} if consistency else {}
-        key = self._spec(collection).primary_key
+        spec = self._spec(collection)
         whole = batch >= QUERY_LIMIT
         first = self._call(
             "query",
             collection,
             filter=where,
-            output_fields=list(fields) if whole else [key],
+            output_fields=list(fields) if whole else [spec.primary_key],
             limit=QUERY_LIMIT,
             **level,
         )
         if len(first) < QUERY_LIMIT:
             if whole:
                 return [_plain(r) for r in first]
-            keys = [r[key] for r in first]
+            keys = [r[spec.primary_key] for r in first]
             rows: list[Row] = []
             for start in range(0, len(keys), batch):
-                rows += self._call(
-                    "query",
-                    collection,
-                    filter=f"{key} in {literal(keys[start : start + batch])}",
-                    output_fields=list(fields),
-                    **level,
-                )
+                rows += self._by_keys(spec, keys[start : start + batch], fields, **level)
             return [_plain(r) for r in rows]
         iterator = self._call(
             "query_iterator",
@@ -718,11 +704,10 @@ class VectorStore:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
-        rows = self._call(
-            "query",
-            self.users.name,
-            filter=f"user_id in {literal(ids)}",
-            output_fields=USER_FIELDS + (["vector"] if with_vector else []),
+        rows = self._by_keys(
+            self.users,
+            ids,
+            USER_FIELDS + (["vector"] if with_vector else []),
             consistency_level=self.settings.milvus_user_consistency,
             timeout=timeout,
         )
@@ -776,13 +761,8 @@ class VectorStore:
         if not ids:
             return 0
         partial = self._supports_partial_update(timeout)
-        existing = self._call(
-            "query",
-            self.users.name,
-            filter=f"user_id in {literal(ids)}",
-            output_fields=["user_id"] if partial else [*USER_FIELDS, "vector"],
-            timeout=timeout,
-        )
+        fields = ["user_id"] if partial else [*USER_FIELDS, "vector"]
+        existing = self._by_keys(self.users, ids, fields, timeout=timeout)
         if partial:
             rows = [{"user_id": r["user_id"], "segment": segments[r["user_id"]]} for r in existing]
         else:
