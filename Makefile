@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help env proto client-proto proto-release lint lint-proto kubectl-installed milvus-engine export train export-events mlflow-ui demo serve test test-unit \
-        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench bench-releases bench-events bench-popularity bench-limits eval ab-report ab-replay fuzz reliability clean \
+        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench bench-releases bench-events bench-popularity bench-reads bench-limits eval ab-report ab-replay fuzz reliability clean \
         distclean
 
 help:
@@ -186,6 +186,9 @@ bench-releases: env $(MILVUS_ENGINE) ## Recommend as each release make train cho
 
 bench-popularity: env $(MILVUS_ENGINE) ## the gateway's popularity refresh at 100,000 items: every row, every item's popularity (pages of 4,096 and 16,384), a first refresh above a counted floor, a later one above the last top's floor -> reports/bench_popularity_refresh.json
 	$(PY) -m bench.popularity $(BENCH_POPULARITY_ARGS)
+
+bench-reads: env $(MILVUS_ENGINE) ## the store's reads in id order (ListItems pages, the first items without popularity) and scans of 10,000 rows at 100,000 items: plain queries against the query iterator -> reports/bench_reads.json
+	$(PY) -m bench.reads $(BENCH_READS_ARGS)
 
 bench-limits: env ## a client's rate limit per gateway process against one shared through NATS: a check's cost, what 2 processes and a real 2-process gateway admit -> reports/bench_rate_limit.json
 	$(PY) -m bench.rate_limit $(BENCH_LIMITS_ARGS)

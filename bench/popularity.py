@@ -58,12 +58,20 @@ OURS = "later: above the last top's floor"
 
 
 def fill(
-    store: VectorStore, items: int, text_chars: int, popular: int | None = None, seed: int = 0
+    store: VectorStore,
+    items: int,
+    text_chars: int,
+    popular: int | None = None,
+    seed: int = 0,
+    shuffled: bool = False,
 ) -> float:
     """Write ``items`` synthetic rows and flush them (any popularity on ``popular`` of them,
-    spread evenly; on every one by default); the seconds it took."""
+    spread evenly; on every one by default); the seconds it took. ``shuffled``: the ids are
+    written in a random order, not in id order (segments then hold ids from the whole
+    range, as where ids are not given out in creation order)."""
     every = max(items // popular, 1) if popular else 1
     rng = np.random.default_rng(seed)
+    number = rng.permutation(items) if shuffled else np.arange(items)
     dim = store.settings.embedding_dim
     words = ["a", "film", "about", "the", "quick", "brown", "fox", "and", "its", "lazy", "dog"]
     t0 = time.perf_counter()
@@ -76,8 +84,8 @@ def fill(
             text = " ".join(rng.choice(words, size=text_chars // 4))[:text_chars]
             rows.append(
                 item_row(
-                    f"item-{start + k:07d}",
-                    f"Title {start + k}",
+                    f"item-{number[start + k]:07d}",
+                    f"Title {number[start + k]}",
                     ["Drama", "Comedy"][: 1 + k % 2],
                     text,
                     popularity=float(rng.pareto(1.2)) if (start + k) % every == 0 else 0.0,

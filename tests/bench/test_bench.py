@@ -365,6 +365,40 @@ def test_the_popularity_refresh_bench_agrees_on_the_top_and_renders(tmp_path: Pa
     assert few["same_top_items"] == 20 and few["read_first"] == few["read_above_floor"] == 20
 
 
+def test_the_reads_bench_reads_the_same_items_by_queries_as_by_the_iterator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every read of ``bench.reads`` on one Milvus (an embedded Lite file here; the engine in
+    the bench): ours and the iterator's agree (the run fails otherwise), ours never opens an
+    iterator, and a query limit below the catalogue makes the first pages narrow."""
+    import argparse
+
+    from bench import reads
+    from core.config import Settings
+    from services.vectors import store as store_module
+
+    monkeypatch.setattr(store_module, "QUERY_LIMIT", 120)
+    settings = Settings(
+        milvus_uri=str(tmp_path / "milvus.db"), embedding_dim=8, popular_cache_size=20
+    )
+    args = argparse.Namespace(
+        items=230, popular=10, text_chars=20, page=7, pages=3, scan_rows=50, rounds=2
+    )
+    result = reads.run(settings, args)
+    calls = result["calls"]
+    assert calls[reads.PAGES_START]["items"] == calls[reads.PAGES_MIDDLE]["items"] == 7
+    assert calls[reads.LEAST_POPULAR]["items"] == 20
+    assert calls[reads.SCAN_VECTORS]["items"] == calls[reads.SCAN_IDS]["items"] == 50
+    for name in result["timings"]:
+        assert "query_iterator" not in calls[name][reads.OURS], name
+        assert calls[name][reads.ITERATOR]["query_iterator"] >= 1, name
+        assert len(result["timings"][name][reads.OURS]) == 2
+    # 230 items, 120 a query: a page from the start reads ids, narrows, then reads its rows
+    assert calls[reads.PAGES_START][reads.OURS]["query"] >= 3 * 3
+    text = reads.render(result)
+    assert "230 items (10 with any popularity" in text and f"| {reads.SCAN_IDS} | 50 |" in text
+
+
 def test_the_rate_limit_bench_admits_a_shared_limit_once(nats_settings: Settings) -> None:
     """Two processes under one client's limit: shared, they admit no more than the bucket
     and its refill (plus what each may hold of one lease); each on its own bucket, more
