@@ -5,7 +5,8 @@ comes from ``config["task"]`` (:mod:`training.tasks`):
 
 * the model is wrapped with ``ray.train.torch.prepare_model`` (DDP) and the data with
   ``ray.train.torch.prepare_data_loader`` (adds a ``DistributedSampler``);
-* AdamW with linear warm-up and decay over every step of the run, gradient norm clipped to 1;
+* AdamW with linear warm-up and decay over every step of the run, gradient norm clipped to 1
+  (:mod:`training.steps`, which also trains a stage in one process, without Ray);
 * after every epoch all workers call ``ray.train.report(metrics, checkpoint=...)``; rank 0
   evaluates, writes a checkpoint directory (the task's model files, ``train_state.pt`` with
   optimizer/scheduler/epoch/history, and ``metrics.json``) and attaches it; it also logs the
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,10 +38,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.config import StageConfig
-from training.models.ranker import adamw
-from training.pretrained import load_tokenizer, set_offline
-from training.reproducible import deterministic
-from training.tasks.base import ModelT, Row, Task
+from training.pretrained import load_tokenizer
+from training.steps import ListDataset, optimizer_step, schedule, seed_worker
+from training.tasks.base import Row, Task
 from training.tracking import worker_logger
 
 STATE_FILE = "train_state.pt"
@@ -74,7 +73,7 @@ def train_func(config: dict[str, Any]) -> None:
     task, stage = c.task, c.task.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _setup(c.seed, c.torch_threads, rank)
+    seed_worker(c.seed, c.torch_threads, rank)
     tracker = worker_logger(c.tracking, rank)  # Ray's setup_mlflow on rank 0
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(c.pretrained)
@@ -103,7 +102,7 @@ def train_func(config: dict[str, Any]) -> None:
         t0 = time.time()
         for step, batch in enumerate(loader, 1):
             loss = task.loss(ddp, batch)
-            _optimizer_step(ddp, opt, sched, loss)
+            optimizer_step(ddp, opt, sched, loss)
             losses.append(float(loss.item()))
             if step % stage.log_every == 0 or step == steps:
                 _log(
@@ -157,17 +156,6 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
 # set-up and resume
 
 
-def _setup(seed: int, threads: int, rank: int) -> None:
-    """Offline Hugging Face, the worker's CPU share, and seeds: the same weight init on every
-    rank (DDP also broadcasts rank 0's), different Python/NumPy draws per rank."""
-    set_offline()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed)
-
-
 def _resume(
     task: Task[Any, Any], resume_from: str | None, rank: int
 ) -> tuple[Any, dict[str, Any] | None]:
@@ -192,7 +180,7 @@ def _optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, list[dict[str, Any]], int]:
     """AdamW with linear warm-up/decay over every step of the run; restored from ``state``
     when resuming. Returns (optimizer, schedule, metrics history, first epoch to run)."""
-    opt, sched = _schedule(model, stage, steps * stage.epochs)
+    opt, sched = schedule(model, stage, steps * stage.epochs)
     if state is None:
         return opt, sched, [], 0
     opt.load_state_dict(state["optimizer"])
@@ -200,60 +188,8 @@ def _optimizer(
     return opt, sched, list(state["history"]), int(state["epoch"]) + 1
 
 
-def _schedule(
-    model: torch.nn.Module, stage: StageConfig, total: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its linear warm-up/decay over ``total`` steps."""
-    opt = adamw(model, stage.lr, stage.weight_decay)
-    warmup = int(stage.warmup_ratio * total)
-
-    def linear(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
-
-
-@deterministic()
-def fit_in_process(task: Task[ModelT, Any], rows: Sequence[Row], seed: int) -> ModelT:
-    """``task``'s model trained in this process, one worker, with the loop's optimizer,
-    schedule, clipping and epochs (no Ray, no checkpoints): for analyses that train many
-    small models, such as :mod:`training.evaluation.ranker_validation`, and the release
-    choice; with PyTorch's deterministic kernels (:mod:`training.reproducible`)."""
-    _setup(seed, torch.get_num_threads(), 0)
-    model = task.build_model("")
-    stage = task.cfg
-    loader = DataLoader(
-        _ListDataset(rows),
-        batch_size=stage.batch_size,
-        shuffle=True,
-        collate_fn=task.collator(None),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    opt, sched = _schedule(model, stage, len(loader) * stage.epochs)
-    task.start(rows, torch.device("cpu"))
-    model.train()
-    for _ in range(stage.epochs):
-        for batch in loader:
-            _optimizer_step(model, opt, sched, task.loss(model, batch))
-    model.eval()
-    return model
-
-
 # --------------------------------------------------------------------------------------------
 # data
-
-
-class _ListDataset(torch.utils.data.Dataset[Row]):
-    def __init__(self, rows: Sequence[Row]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Row:
-        return self.rows[i]
 
 
 def _loader(
@@ -263,7 +199,7 @@ def _loader(
     there are enough rows that dropping it cannot leave a worker with nothing."""
     drop_last = len(rows) >= 2 * batch_size * world
     loader = DataLoader(
-        _ListDataset(rows),
+        ListDataset(rows),
         batch_size=batch_size,
         shuffle=True,
         collate_fn=collate,
@@ -285,20 +221,6 @@ def _ray_get(x: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # steps, metrics, checkpoints
-
-
-def _optimizer_step(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LambdaLR,
-    loss: torch.Tensor,
-) -> None:
-    """Backward, clip the global gradient norm to 1, step the optimizer and the schedule."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
 
 
 def _epoch_metrics(

@@ -31,7 +31,7 @@ import numpy as np
 
 from core.behaviour import within_one_se
 from training.config import FeatureRankerConfig
-from training.loop import fit_in_process
+from training.steps import fit_in_process
 from training.tasks.feature_ranker import (
     FeatureRankerTask,
     feature_scaling,

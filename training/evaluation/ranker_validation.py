@@ -9,7 +9,7 @@ and the users active after it are the validation groups, by the stage's own repl
 (:func:`training.tasks.feature_ranker.replayed_groups`, which ``make train`` runs on the
 whole training period). The
 model is trained in this process with the stage's settings from ``make train``'s config
-(:func:`training.loop.fit_in_process`; one process takes the workers' global batch) for a
+(:func:`training.steps.fit_in_process`; one process takes the workers' global batch) for a
 few seeds, and compared on the same candidates with their popularity order (the
 ``popular`` source's rank), with their retrieval order (the sources fused as the gateway
 fuses them: what it serves with the ranker off, the order the ranker has to beat) and with a
@@ -58,8 +58,8 @@ from training.data.candidates import (
     split_at,
     training_cutoffs,
 )
-from training.loop import fit_in_process
 from training.models.sequence import twin_scorer
+from training.steps import fit_in_process
 from training.tasks.feature_ranker import (
     FeatureRankerTask,
     feature_scaling,

@@ -295,7 +295,8 @@ class SASRec(nn.Module):
         """``[N + 1, d]`` item table and ``[N + 1]`` request-time term at "now" as served:
         row 0 (padding, and any item the model does not know) is the new-item vector
         without content, with no request-time term."""
-        return self.item_table(), torch.cat([torch.zeros(1), self.request_bias()])
+        bias = self.request_bias()
+        return self.item_table(), torch.cat([bias.new_zeros(1), bias])
 
     @torch.no_grad()
     def request_bias(self) -> torch.Tensor:

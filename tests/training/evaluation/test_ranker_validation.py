@@ -30,7 +30,7 @@ from training.evaluation.ranker_validation import (
     validate_window,
     window_groups,
 )
-from training.loop import fit_in_process
+from training.steps import fit_in_process
 from training.tasks.feature_ranker import (
     FeatureRankerTask,
     feature_scaling,
