@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help env proto client-proto proto-release lint lint-proto kubectl-installed milvus-engine export train export-events mlflow-ui demo serve test test-unit \
-        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack bench bench-releases bench-events bench-popularity bench-reads bench-limits eval ab-report ab-replay fuzz reliability clean \
+        test-integration test-k8s docker-installed images container-smoke gpu-export gpu-bench-pack gpu-train-pack bench bench-releases bench-events bench-popularity bench-reads bench-limits eval ab-report ab-replay fuzz reliability clean \
         distclean
 
 help:
@@ -175,6 +175,9 @@ ab-replay: env ## simulated A/B traffic from held-out interactions, then the rep
 
 gpu-bench-pack: env ## bundle (fp16 ranker + real pairs) for `python -m bench.gpu run` on a GPU machine
 	$(PY) -m bench.gpu pack --out var/gpu-bundle
+
+gpu-train-pack: env ## bundle (the sequence stage's item space, sequences, pydantic wheels) for `python -m bench.gpu_train run` on a GPU machine, and its epochs timed here
+	$(PY) -m bench.gpu_train pack --out var/gpu-train-bundle
 
 bench: env $(MILVUS_ENGINE) ## benchmarks on their own stack (the Milvus engine), side by side -> BENCHMARKS.md, reports/bench.json
 	test -d var/bench/pydeps/nvidia || $(PY) -m pip install -q --target var/bench/pydeps \

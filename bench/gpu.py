@@ -45,6 +45,7 @@ import numpy as np
 from bench import models
 from bench.gpu_report import QUALITY_ITEMS, QUALITY_USERS, REFERENCE, render
 from bench.tokens import TokenizerSpec, encode
+from bench.util import cpu_model
 from core.paths import REPO_ROOT
 
 Runner = Callable[[models.Feeds], list[np.ndarray]]
@@ -128,7 +129,7 @@ def environment() -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "host_cpu": _cpu_model(),
+        "host_cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -163,14 +164,6 @@ def environment() -> dict[str, Any]:
             timeout=20,
         ).stdout.strip()
     return env
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def gpu_peaks(n: int = 8192, reps: int = 10) -> dict[str, float]:

@@ -3,8 +3,10 @@ a Triton model's config parameters."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +35,15 @@ def publish(result: dict[str, Any], text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(text)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def load_average() -> list[float]:
