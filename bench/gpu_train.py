@@ -196,6 +196,8 @@ def run_device(
 
 
 def run(bundle: Path, out: Path, devices: Sequence[str], epochs: int | None) -> dict[str, Any]:
+    """The bundle's stage on each of ``devices`` in turn (the manifest's epochs unless
+    ``epochs``), written to ``out/bench_gpu_train.json`` with its table, and printed."""
     manifest = json.loads((bundle / MANIFEST).read_text())
     epochs = epochs or int(manifest["epochs"])
     task, rows = load_task(bundle), load_rows(bundle / ROWS_FILE)
