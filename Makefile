@@ -176,8 +176,9 @@ ab-replay: env ## simulated A/B traffic from held-out interactions, then the rep
 gpu-bench-pack: env ## bundle (fp16 ranker + real pairs) for `python -m bench.gpu run` on a GPU machine
 	$(PY) -m bench.gpu pack --out var/gpu-bundle
 
-gpu-train-pack: env ## bundle (the sequence stage's item space, sequences, pydantic wheels) for `python -m bench.gpu_train run` on a GPU machine, and its epochs timed here
+gpu-train-pack: env ## bundles (the sequence stage; the two towers with BERT in fp16; pydantic wheels) for `python -m bench.gpu_train run` on a GPU machine, and their epochs timed here
 	$(PY) -m bench.gpu_train pack --out var/gpu-train-bundle
+	$(PY) -m bench.gpu_train pack --stage retrieval --out var/gpu-train-bundle-retrieval
 
 bench: env $(MILVUS_ENGINE) ## benchmarks on their own stack (the Milvus engine), side by side -> BENCHMARKS.md, reports/bench.json
 	test -d var/bench/pydeps/nvidia || $(PY) -m pip install -q --target var/bench/pydeps \

@@ -45,13 +45,13 @@ import numpy as np
 from bench import models
 from bench.gpu_report import QUALITY_ITEMS, QUALITY_USERS, REFERENCE, render
 from bench.tokens import TokenizerSpec, encode
-from bench.util import cpu_model
+from bench.util import FP16_WEIGHTS, copy_weights, cpu_model
 from core.paths import REPO_ROOT
 
 Runner = Callable[[models.Feeds], list[np.ndarray]]
 BATCH_SIZES = (1, 16, 64, 256, 1024)
 RANKER_FILES = ("config.json", "head.pt", "ranker_config.json", "tokenizer.json")
-FP16_WEIGHTS = "model_fp16.safetensors"  # the bundle's weights: half the bytes, so they travel
+RANKER_COPIED = (*RANKER_FILES, "tokenizer_config.json")
 
 
 # --- pack (on the development machine) ---------------------------------------------------
@@ -82,7 +82,7 @@ def pack_ranker(
     """A ranker directory (fp16 weights), its tokenizer settings and the texts, into ``out``."""
     if out.exists():
         shutil.rmtree(out)
-    _copy_ranker(source, "model.safetensors", out / "ranker", FP16_WEIGHTS, half=True)
+    copy_weights(source, "model.safetensors", out / "ranker", FP16_WEIGHTS, True, RANKER_COPIED)
     settings = {
         "max_length": spec.max_length,
         "pair_max_length": spec.pair_max_length,
@@ -98,27 +98,8 @@ def pack_ranker(
 def restore_ranker(bundle: Path, work: Path) -> Path:
     """An fp32 ranker directory from the bundle (fp16-rounded weights, widened back)."""
     target = work / "ranker"
-    _copy_ranker(bundle / "ranker", FP16_WEIGHTS, target, "model.safetensors", half=False)
+    copy_weights(bundle / "ranker", FP16_WEIGHTS, target, "model.safetensors", False, RANKER_COPIED)
     return target
-
-
-def _copy_ranker(source: Path, weights: str, target: Path, out_weights: str, half: bool) -> None:
-    """Copy a ranker directory, its floating-point weights cast to fp16 or back to fp32."""
-    from safetensors.torch import load_file, save_file
-
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (*RANKER_FILES, "tokenizer_config.json"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-    tensors = load_file(str(source / weights))
-    save_file(
-        {
-            k: (v.half() if half else v.float()) if v.is_floating_point() else v
-            for k, v in tensors.items()
-        },
-        str(target / out_weights),
-        metadata={"format": "pt"},
-    )
 
 
 # --- the machine ---------------------------------------------------------------------------

@@ -1,36 +1,42 @@
-"""The sequence model's training on a GPU against the CPU, with plain PyTorch (no Ray).
+"""Two training stages on a GPU against the CPU, with plain PyTorch (no Ray).
 
 Issue #15 asks that the training function run on a lent GPU machine, which has PyTorch with
 CUDA but not Ray, and that the speed-up be reported. What runs is the stage's own task,
 model, loss, optimizer, schedule and step (:func:`training.steps.train_epochs`, which the
-Ray loop shares), one worker, on each device in turn. Split as :mod:`bench.gpu` is, since
-that machine starts bare and takes at most 64 MiB of working tree:
+Ray loop shares), one worker, on each device in turn: the sequence model, and the two BERT
+towers fine-tuned on behaviour text (where a GPU should matter most). Split as
+:mod:`bench.gpu` is, since that machine starts bare and takes at most 64 MiB of working tree
+(so one bundle a call):
 
-* ``python -m bench.gpu_train pack`` (here): prepares the data as ``make train`` does
-  (``training.prepare`` with the local config), the sequence model's item space with its
-  content vectors (the pretrained content encoder: the same shape and cost as the item
-  tower's vectors ``make train`` gives it), the training sequences, and the wheels of
-  pydantic (``training.config`` reads the platform settings) for that machine's Python
-  3.12, into ``var/gpu-train-bundle``; it also times the same epochs on this machine
-  (``--epochs``, the threads a Ray worker of ``make train`` has).
-* ``python -m bench.gpu_train run --bundle var/gpu-train-bundle --out DIR`` (there): the
-  same epochs on CUDA, then on that machine's CPU, each device's epoch times (the GPU
-  synchronised at each epoch's end) and mean training losses, and the speed-ups against
-  both CPUs, into ``DIR/bench_gpu_train.json`` and a printed table. A device that cannot
-  run is recorded with its error, not dropped.
+* ``python -m bench.gpu_train pack [--stage retrieval]`` (here): prepares the data as
+  ``make train`` does (``training.prepare`` with the local config) and writes the stage's
+  bundle: for the sequence stage its untrained model's configuration and item space with the
+  content vectors (the pretrained content encoder's: the same shape and cost as the item
+  tower's vectors ``make train`` gives it) and its training sequences; for the towers their
+  settings, examples and the pretrained BERT with fp16 weights (widened back there); with
+  either, the wheels of pydantic (``training.config`` reads the platform settings) for that
+  machine's Python 3.12. It also times the same epochs here (``--epochs``, on the threads a
+  Ray worker of ``make train`` has).
+* ``python -m bench.gpu_train run --bundle DIR --out OUT`` (there): the same epochs on CUDA,
+  then on that machine's CPU, each device's epoch times (the GPU synchronised at each
+  epoch's end) and mean training losses, and the speed-ups against both CPUs, into
+  ``OUT/bench_gpu_train.json`` and a printed table. A device that cannot run is recorded
+  with its error, not dropped.
 
-On the device tool: ``carry`` names ``var/gpu-train-bundle``; the command starts with
-``python3 -m pip install -q --no-index --no-deps --target /tmp/site
-var/gpu-train-bundle/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD``.
+On the device tool: ``carry`` names the bundle; the command starts with ``python3 -m pip
+install -q --no-index --no-deps --target /tmp/site BUNDLE/wheels/*.whl && export
+PYTHONPATH=/tmp/site:$PWD``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -40,12 +46,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.util import cpu_model
+from bench.util import FP16_WEIGHTS, copy_weights, cpu_model
 from core.paths import REPO_ROOT
 
 BUNDLE = REPO_ROOT / "var" / "gpu-train-bundle"
-MODEL_DIR = "sequence"
-ROWS_FILE = "rows.npz"
+STAGES = ("sequence", "retrieval")
+MODEL_DIR = "sequence"  # the sequence stage: its untrained model's directory (item space)
+ROWS_FILE = "rows.npz"  # the sequence stage's training sequences
+TEXT_ROWS = "rows.json"  # the retrieval stage's (behaviour text, item text) examples
+STAGE_CONFIG = "stage_config.json"
+BERT_DIR = "bert"  # the retrieval stage's pretrained BERT, its weights in fp16
+BERT_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 MANIFEST = "manifest.json"
 WHEELS = "wheels"
 #: the platform settings' packages, absent on the GPU machine (its python is 3.12)
@@ -91,14 +108,38 @@ def load_rows(path: Path) -> list[dict[str, np.ndarray]]:
     return rows
 
 
-def pack(cfg: Any, out: Path, epochs: int, wheels: bool = True) -> dict[str, Any]:
-    """Write the bundle (module docstring) and time ``epochs`` here; the manifest."""
-    from training.models.sequence import SASRec, save_sequence_model
-    from training.models.sequence_data import content_vectors
+def pack(
+    cfg: Any, out: Path, epochs: int, wheels: bool = True, stage: str = "sequence"
+) -> dict[str, Any]:
+    """Write the bundle of ``stage`` (module docstring) and time ``epochs`` here; the
+    manifest."""
     from training.prepare import prepare_data
 
-    seq = cfg.sequence
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: one of {', '.join(STAGES)}")
     data = prepare_data(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    packed = _pack_sequence(cfg, data, out) if stage == "sequence" else _pack_text(cfg, data, out)
+    if wheels:
+        download_wheels(out / WHEELS)
+    manifest = {"stage": stage, "data_dir": str(cfg.data_dir), **packed}
+    manifest.update(epochs=epochs, seed=cfg.seed)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="gpu-train-") as work:
+        task, rows, pretrained = load_stage(out, Path(work))
+        here = run_device(task, rows, "cpu", epochs, cfg.seed, cfg.cpus_per_worker, pretrained)
+    manifest["here"] = {**here, "machine": machine()}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _pack_sequence(cfg: Any, data: Any, out: Path) -> dict[str, Any]:
+    """The sequence stage's untrained model (its configuration and item space with the
+    content vectors) and its training sequences."""
+    from training.models.sequence import SASRec, save_sequence_model
+    from training.models.sequence_data import content_vectors
+
+    seq = cfg.sequence
     space = data.sequence_space
     if space is None or not data.sequence_train:
         raise ValueError("no sequences were prepared (sequence.enabled?)")
@@ -112,27 +153,30 @@ def pack(cfg: Any, out: Path, epochs: int, wheels: bool = True) -> dict[str, Any
     )
     space = space.with_content(vectors)
     encoded_s = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     save_sequence_model(SASRec(seq, space), out / MODEL_DIR)
     save_rows(data.sequence_train, out / ROWS_FILE)
-    if wheels:
-        download_wheels(out / WHEELS)
-    threads = cfg.cpus_per_worker
-    here = run_device(load_task(out), load_rows(out / ROWS_FILE), "cpu", epochs, cfg.seed, threads)
-    manifest = {
-        "data_dir": str(cfg.data_dir),
+    return {
         "sequences": len(data.sequence_train),
         "events": int(sum(len(r["items"]) for r in data.sequence_train)),
         "items": space.n_items,
         "content_dim": int(vectors.shape[1]),
         "content_encoded_s": encoded_s,
-        "epochs": epochs,
-        "seed": cfg.seed,
-        "here": {**here, "machine": machine()},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+
+
+def _pack_text(cfg: Any, data: Any, out: Path) -> dict[str, Any]:
+    """The retrieval stage's configuration, examples and pretrained BERT (fp16 weights)."""
+    pretrained = Path(cfg.pretrained_dir())
+    copy_weights(pretrained, "model.safetensors", out / BERT_DIR, FP16_WEIGHTS, True, BERT_FILES)
+    (out / STAGE_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg.retrieval)))
+    (out / TEXT_ROWS).write_text(json.dumps(data.retrieval_train))
+    return {
+        "examples": len(data.retrieval_train),
+        "bert": f"{pretrained.parent.name}/{pretrained.name}",
+        "batch_size": cfg.retrieval.batch_size,
+        "max_seq_len": cfg.retrieval.max_seq_len,
+    }
 
 
 def download_wheels(out: Path) -> None:
@@ -147,13 +191,23 @@ def download_wheels(out: Path) -> None:
     subprocess.run([*pip, *target, "-d", str(out), *pins], check=True)
 
 
-def load_task(bundle: Path) -> Any:
-    """The sequence stage's task over the bundle's item space and configuration."""
-    from training.models.sequence import load_sequence_model
-    from training.tasks.sequence import SequenceTask
+def load_stage(bundle: Path, work: Path) -> tuple[Any, list[Any], str]:
+    """The bundle's task, its training rows and the BERT directory it starts from ("" for
+    the sequence stage), restored under ``work``."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    if manifest["stage"] == "sequence":
+        from training.models.sequence import load_sequence_model
+        from training.tasks.sequence import SequenceTask
 
-    model = load_sequence_model(bundle / MODEL_DIR)
-    return SequenceTask(model.cfg, space=model.space)
+        model = load_sequence_model(bundle / MODEL_DIR)
+        return SequenceTask(model.cfg, space=model.space), load_rows(bundle / ROWS_FILE), ""
+    from training.config import RetrievalConfig
+    from training.tasks.retrieval import RetrievalTask
+
+    bert = work / BERT_DIR
+    copy_weights(bundle / BERT_DIR, FP16_WEIGHTS, bert, "model.safetensors", False, BERT_FILES)
+    cfg = RetrievalConfig(**json.loads((bundle / STAGE_CONFIG).read_text()))
+    return RetrievalTask(cfg), json.loads((bundle / TEXT_ROWS).read_text()), str(bert)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -164,6 +218,7 @@ def run_device(
     epochs: int,
     seed: int,
     threads: int | None = None,
+    pretrained: str = "",
 ) -> dict[str, Any]:
     """``epochs`` of the stage on ``device``: each epoch's seconds, steps and mean loss."""
     from training.steps import train_epochs
@@ -187,7 +242,7 @@ def run_device(
                 raise RuntimeError("CUDA is not available here")
             record["name"] = torch.cuda.get_device_name(0)
         t0 = time.perf_counter()
-        train_epochs(task, rows, seed, device=device, epochs=epochs, on_epoch=on_epoch)
+        train_epochs(task, rows, seed, device, epochs, on_epoch, pretrained)
         record["total_s"] = time.perf_counter() - t0
     except Exception as exc:  # recorded, not dropped (module docstring)
         record["error"] = f"{type(exc).__name__}: {exc}"
@@ -199,9 +254,10 @@ def run(bundle: Path, out: Path, devices: Sequence[str], epochs: int | None) -> 
     """The bundle's stage on each of ``devices`` in turn (the manifest's epochs unless
     ``epochs``), written to ``out/bench_gpu_train.json`` with its table, and printed."""
     manifest = json.loads((bundle / MANIFEST).read_text())
-    epochs = epochs or int(manifest["epochs"])
-    task, rows = load_task(bundle), load_rows(bundle / ROWS_FILE)
-    runs = [run_device(task, rows, d, epochs, int(manifest["seed"])) for d in devices]
+    epochs, seed = epochs or int(manifest["epochs"]), int(manifest["seed"])
+    with tempfile.TemporaryDirectory(prefix="gpu-train-") as work:
+        task, rows, pretrained = load_stage(bundle, Path(work))
+        runs = [run_device(task, rows, d, epochs, seed, None, pretrained) for d in devices]
     result = {
         "manifest": manifest,
         "machine": machine(),
@@ -250,11 +306,19 @@ def render(result: dict[str, Any]) -> str:
             f"| {label} | {r['threads']} | {s:.2f} | {loss:.4f} | {vs_there} | {vs_here} |"
         )
     m = result["manifest"]
+    if m["stage"] == "sequence":
+        what = (
+            f"The sequence model, {m['sequences']:,} training sequences ({m['events']:,} "
+            f"events) over {m['items']:,} items with {m['content_dim']}-d content vectors"
+        )
+    else:
+        what = (
+            f"The two towers from {m['bert']}, {m['examples']:,} examples in batches of "
+            f"{m['batch_size']} of up to {m['max_seq_len']} tokens"
+        )
     head = (
-        f"The sequence model, {m['sequences']:,} training sequences ({m['events']:,} events) "
-        f"over {m['items']:,} items with {m['content_dim']}-d content vectors, "
-        f"{len(here['epochs'])} epoch(s) on each device (the median after the first where "
-        f"more); {result['date']}, torch {result['torch']}"
+        f"{what}, {len(here['epochs'])} epoch(s) on each device (the median after the first "
+        f"where more); {result['date']}, torch {result['torch']}"
     )
     return head + "\n\n" + "\n".join(lines) + "\n"
 
@@ -271,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=BUNDLE)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--stage", choices=STAGES, default="sequence")
     p.add_argument("--no-wheels", action="store_true")
     r = verbs.add_parser("run", help="there: the same epochs on CUDA and on that CPU")
     r.add_argument("--bundle", type=Path, default=BUNDLE)
@@ -281,9 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "pack":
         from training.config import load_config
 
-        manifest = pack(
-            load_config(args.config, args.set), args.out, args.epochs, not args.no_wheels
-        )
+        cfg = load_config(args.config, args.set)
+        manifest = pack(cfg, args.out, args.epochs, not args.no_wheels, args.stage)
         print(json.dumps(manifest, indent=2))
         return 0
     result = run(args.bundle, args.out, args.devices.split(","), args.epochs)

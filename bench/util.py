@@ -37,6 +37,34 @@ def publish(result: dict[str, Any], text: str, path: Path) -> None:
     print(text)
 
 
+#: a bundle's weights for a lent GPU machine: half the bytes, so that they travel
+FP16_WEIGHTS = "model_fp16.safetensors"
+
+
+def copy_weights(
+    source: Path, weights: str, target: Path, out_weights: str, half: bool, files: Sequence[str]
+) -> None:
+    """Copy a model directory's ``files``, its floating-point weights (``weights``, a
+    safetensors file) cast to fp16 or back to fp32 as ``out_weights``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    tensors = load_file(str(source / weights))
+    save_file(
+        {
+            k: (v.half() if half else v.float()) if v.is_floating_point() else v
+            for k, v in tensors.items()
+        },
+        str(target / out_weights),
+        metadata={"format": "pt"},
+    )
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
     with contextlib.suppress(OSError):

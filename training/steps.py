@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from training.config import StageConfig
 from training.models.ranker import adamw
-from training.pretrained import set_offline
+from training.pretrained import load_tokenizer, set_offline
 from training.reproducible import deterministic
 from training.tasks.base import ModelT, Row, Task
 
@@ -98,20 +98,23 @@ def train_epochs(
     device: torch.device | str = "cpu",
     epochs: int | None = None,
     on_epoch: EpochObserver | None = None,
+    pretrained: str = "",
 ) -> ModelT:
     """``task``'s model trained in this process on ``device``, one worker, with the loop's
     optimizer, schedule, clipping and the stage's epochs (``epochs`` stops earlier, with the
-    schedule of the whole run); no Ray, no checkpoints. ``on_epoch`` sees each epoch's time,
-    the device synchronised first, so that a GPU's queued work is counted."""
+    schedule of the whole run); no Ray, no checkpoints. ``pretrained``: the BERT directory
+    a text stage starts from and tokenizes with. ``on_epoch`` sees each epoch's time, the
+    device synchronised first, so that a GPU's queued work is counted."""
     device = torch.device(device)
     seed_worker(seed, torch.get_num_threads(), 0)
-    model = task.build_model("").to(device)
+    model = task.build_model(pretrained).to(device)
+    tokenizer = load_tokenizer(pretrained) if pretrained else None
     stage = task.cfg
     loader = DataLoader(
         ListDataset(rows),
         batch_size=stage.batch_size,
         shuffle=True,
-        collate_fn=task.collator(None),
+        collate_fn=task.collator(tokenizer),
         generator=torch.Generator().manual_seed(seed),
     )
     opt, sched = schedule(model, stage, len(loader) * stage.epochs)

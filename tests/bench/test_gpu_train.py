@@ -45,6 +45,7 @@ def test_the_sequence_stage_imports_without_ray_or_the_serving_stack() -> None:
         "import sys\n"
         f"for m in {absent!r}: sys.modules[m] = None\n"
         "import bench.gpu_train, training.steps, training.tasks.sequence\n"
+        "import training.tasks.retrieval\n"
         "from training.tasks import SequenceTask\n"
         "print('imported')\n"
     )
@@ -78,6 +79,7 @@ def test_pack_then_run_trains_the_same_stage_on_each_device(tmp_path: Path) -> N
     )
     bundle = tmp_path / "bundle"
     manifest = gpu_train.pack(cfg, bundle, epochs=2, wheels=False)
+    assert manifest["stage"] == "sequence"
     assert manifest["sequences"] == 96 and manifest["content_dim"] == 32
     assert len(manifest["here"]["epochs"]) == 2 and "error" not in manifest["here"]
     assert json.loads((bundle / gpu_train.MANIFEST).read_text()) == manifest
@@ -94,3 +96,38 @@ def test_pack_then_run_trains_the_same_stage_on_each_device(tmp_path: Path) -> N
     assert np.allclose(here, there, rtol=1e-3), (here, there)
     saved = json.loads((tmp_path / "out" / "bench_gpu_train.json").read_text())
     assert saved["table"] == result["table"] and "| cpu: " in result["table"]
+
+
+def test_the_text_stage_travels_with_its_bert_in_half_the_bytes_and_trains_alike(
+    tmp_path: Path,
+) -> None:
+    """The two-tower stage: its BERT packed with fp16 weights and widened back there, its
+    examples and settings; the run on the CPU trains as the packing machine did."""
+    from training.config import load_config
+    from training.pretrained import make_tiny_bert
+
+    bert = Path(make_tiny_bert(tmp_path / "bert"))
+    cfg = load_config(
+        LOCAL_CONFIG,
+        [
+            f"pretrained_model={bert}",
+            "retrieval.max_examples=48",
+            "retrieval.batch_size=8",
+            "retrieval.max_seq_len=32",
+        ],
+    )
+    bundle = tmp_path / "bundle"
+    manifest = gpu_train.pack(cfg, bundle, epochs=2, wheels=False, stage="retrieval")
+    assert manifest["stage"] == "retrieval" and manifest["examples"] == 48
+    packed = bundle / gpu_train.BERT_DIR
+    original = (bert / "model.safetensors").stat().st_size
+    assert (packed / "model_fp16.safetensors").stat().st_size < 0.6 * original
+    assert (packed / "tokenizer.json").is_file() and not (packed / "model.safetensors").exists()
+
+    result = gpu_train.run(bundle, tmp_path / "out", ["cpu"], epochs=None)
+    (cpu,) = result["runs"]
+    assert [e["steps"] for e in cpu["epochs"]] == [6, 6]
+    here = [e["loss"] for e in manifest["here"]["epochs"]]
+    there = [e["loss"] for e in cpu["epochs"]]
+    assert np.allclose(here, there, rtol=1e-3), (here, there)
+    assert f"The two towers from {tmp_path.name}/bert, 48 examples" in result["table"]
