@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.util import load_average, quantiles
+from bench.util import engine_settings, load_average, quantiles
 from core.config import Settings
 from core.rows import item_row
 from services.vectors.store import VectorStore, literal
@@ -259,10 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m bench.milvus``: :func:`recall_at_scale` on a real engine of its own."""
     import argparse
     import json
-    import tempfile
 
     from core.config import REPO_ROOT
-    from ops.stack import local_stack
 
     parser = argparse.ArgumentParser(prog="python -m bench.milvus", description=__doc__)
     parser.add_argument("--efs", default="10,16,24,32,48,64,128,256")
@@ -272,12 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ids, vectors, sources = catalogue_vectors(args.cache_dir)
     efs = sorted({int(x) for x in args.efs.split(",")})
-    with (
-        tempfile.TemporaryDirectory(prefix="recall-") as tmp,
-        local_stack(Settings(), Path(tmp)) as stack,
-    ):
-        stack.start_milvus(engine=True)
-        section = recall_at_scale(stack.settings, ids, vectors, efs, args.queries)
+    with engine_settings("recall-") as settings:
+        section = recall_at_scale(settings, ids, vectors, efs, args.queries)
     section["sources"] = sources
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(section, indent=2) + "\n")

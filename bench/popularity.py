@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.util import fmt, load_average, publish, table
+from bench.util import engine_settings, fmt, load_average, publish, table
 from core.config import Settings
 from core.milvus_schema import ITEM_FIELDS
 from core.paths import REPO_ROOT
@@ -263,8 +262,6 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ops.stack import local_stack
-
     parser = argparse.ArgumentParser(prog="python -m bench.popularity", description=__doc__)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--text-chars", type=int, default=400)
@@ -276,12 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=REPO_ROOT / "reports" / "bench_popularity_refresh.json"
     )
     args = parser.parse_args(argv)
-    with (
-        tempfile.TemporaryDirectory(prefix="popularity-") as tmp,
-        local_stack(Settings(), Path(tmp)) as stack,
-    ):
-        stack.start_milvus(engine=True)
-        result = run(stack.settings, args.items, args.text_chars, args.rounds, args.popular)
+    with engine_settings("popularity-") as settings:
+        result = run(settings, args.items, args.text_chars, args.rounds, args.popular)
     publish(result, render(result), args.json)
     return 0
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench.popularity import fill
-from bench.util import fmt, load_average, publish, table
+from bench.util import engine_settings, fmt, load_average, publish, table
 from core.config import Settings
 from core.milvus_schema import ITEM_FIELDS
 from core.paths import REPO_ROOT
@@ -252,8 +251,6 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ops.stack import local_stack
-
     parser = argparse.ArgumentParser(prog="python -m bench.reads", description=__doc__)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--popular", type=int, default=100)
@@ -267,12 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.scan_rows < min(QUERY_LIMIT, args.items):
         parser.error(f"--scan-rows must be below {QUERY_LIMIT:,} (one query) and --items")
-    with (
-        tempfile.TemporaryDirectory(prefix="reads-") as tmp,
-        local_stack(Settings(), Path(tmp)) as stack,
-    ):
-        stack.start_milvus(engine=True)
-        settings = stack.settings
+    with engine_settings("reads-") as settings:
         if args.dim:
             settings = settings.model_copy(update={"embedding_dim": args.dim})
         result = run(settings, args)

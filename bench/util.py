@@ -8,13 +8,17 @@ import json
 import os
 import platform
 import re
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where used: a GPU machine runs bench.gpu without pydantic
+    from core.config import Settings
 
 _PARAM = re.compile(r'key:\s*"(\w+)",\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}')
 
@@ -63,6 +67,21 @@ def copy_weights(
         str(target / out_weights),
         metadata={"format": "pt"},
     )
+
+
+@contextlib.contextmanager
+def engine_settings(prefix: str) -> Iterator[Settings]:
+    """The settings of a local stack of a bench's own running the real Milvus engine (in a
+    temporary directory named ``prefix``), stopped after."""
+    from core.config import Settings
+    from ops.stack import local_stack
+
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
+        local_stack(Settings(), Path(tmp)) as stack,
+    ):
+        stack.start_milvus(engine=True)
+        yield stack.settings
 
 
 def cpu_model() -> str:
