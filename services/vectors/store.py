@@ -528,7 +528,8 @@ class VectorStore:
         a user's first ``Recommend`` after a start, or after the rows' TTL, does not pay for
         its items one request at a time (measured on the engine: 3.2-3.4 ms of items read by
         id per first visit). ``fits``: :meth:`item_cache_holds_catalogue`'s answer where the
-        caller has just had it (it costs a count)."""
+        caller has just had it (it costs a count); should the catalogue have outgrown the
+        cache since, the rows read are not kept (they would evict what the cache holds)."""
         cache = self.item_cache
         if fill_cache and fits is None:
             fits = self.item_cache_holds_catalogue()
@@ -537,7 +538,8 @@ class VectorStore:
         epoch = cache.epoch()  # at the item read level: this process's upserts are seen
         level = self.settings.milvus_item_consistency
         rows = self.scan(self.items.name, CACHED_ITEM_FIELDS, consistency=level)
-        cache.put({r["item_id"]: r for r in rows}, epoch)
+        if len(rows) <= cache.size:
+            cache.put({r["item_id"]: r for r in rows}, epoch)
         drop = [f for f in CACHED_ITEM_FIELDS if f not in fields]
         return [_trimmed(r, drop) for r in rows]
 

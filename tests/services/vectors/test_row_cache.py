@@ -200,6 +200,18 @@ def test_a_catalogue_larger_than_the_item_cache_is_scanned_without_filling_it() 
     assert len(store.all_items()) == 5 and len(store.item_cache) == 0  # not asked to fill
 
 
+def test_a_stale_answer_that_the_catalogue_fits_does_not_flood_the_item_cache() -> None:
+    """The caller counted before the catalogue outgrew the cache: the scan's rows come back
+    as asked, and the rows the cache held stay (none evicted for the scan's)."""
+    client = ItemsClient()
+    store = _store(client, milvus_item_cache_size=4)
+    store.get_items(["i1", "i2"], 1.0)
+    rows = store.all_items(("item_id", "title"), fill_cache=True, fits=True)
+    assert [set(r) for r in rows] == [{"item_id", "title"}] * 5
+    held, _ = store.item_cache.get(["i0", "i1", "i2", "i3", "i4"])
+    assert sorted(held) == ["i1", "i2"]
+
+
 @pytest.mark.parametrize("cache_size", [10, 4])
 def test_the_popularity_refresh_reads_texts_of_the_top_only(cache_size: int) -> None:
     """A catalogue larger than the item cache: three fields of the items above a counted
