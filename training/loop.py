@@ -6,7 +6,8 @@ comes from ``config["task"]`` (:mod:`training.tasks`):
 * the model is wrapped with ``ray.train.torch.prepare_model`` (DDP) and the data with
   ``ray.train.torch.prepare_data_loader`` (adds a ``DistributedSampler``);
 * AdamW with linear warm-up and decay over every step of the run, gradient norm clipped to 1
-  (:mod:`training.steps`, which also trains a stage in one process, without Ray);
+  (:mod:`training.models.optim`; :mod:`training.steps` also trains a stage in one process,
+  without Ray);
 * after every epoch all workers call ``ray.train.report(metrics, checkpoint=...)``; rank 0
   evaluates, writes a checkpoint directory (the task's model files, ``train_state.pt`` with
   optimizer/scheduler/epoch/history, and ``metrics.json``) and attaches it; it also logs the
@@ -38,8 +39,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.config import StageConfig
+from training.models.optim import ListDataset, optimizer_step, schedule
 from training.pretrained import load_tokenizer
-from training.steps import ListDataset, optimizer_step, schedule, seed_worker
+from training.steps import seed_worker
 from training.tasks.base import Row, Task
 from training.tracking import worker_logger
 

@@ -1,7 +1,8 @@
-"""The training step every stage shares, without Ray: seeds, AdamW with its schedule, the
-clipped optimizer step, and a plain PyTorch loop over a task's rows on one device.
+"""Training without Ray: the workers' seeds and a plain PyTorch loop over a task's rows on
+one device, with the optimizer, schedule and step every stage shares
+(:mod:`training.models.optim`).
 
-The Ray Train loop (:mod:`training.loop`) takes its optimizer, schedule and step from here;
+The Ray Train loop (:mod:`training.loop`) seeds its workers here;
 :func:`train_epochs` runs the same task, model, loss and step in this process, on the CPU for
 the analyses that train many small models (:func:`fit_in_process`) or on a GPU where Ray is
 not installed (``python -m bench.gpu_train``). Nothing here imports Ray.
@@ -18,8 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.config import StageConfig
-from training.models.ranker import adamw
+from training.models.optim import ListDataset, optimizer_step, schedule
 from training.pretrained import load_tokenizer, set_offline
 from training.reproducible import deterministic
 from training.tasks.base import ModelT, Row, Task
@@ -37,46 +37,6 @@ def seed_worker(seed: int, threads: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed)
-
-
-def schedule(
-    model: torch.nn.Module, stage: StageConfig, total: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its linear warm-up/decay over ``total`` steps."""
-    opt = adamw(model, stage.lr, stage.weight_decay)
-    warmup = int(stage.warmup_ratio * total)
-
-    def linear(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
-
-
-def optimizer_step(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LambdaLR,
-    loss: torch.Tensor,
-) -> None:
-    """Backward, clip the global gradient norm to 1, step the optimizer and the schedule."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-
-
-class ListDataset(torch.utils.data.Dataset[Row]):
-    def __init__(self, rows: Sequence[Row]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Row:
-        return self.rows[i]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

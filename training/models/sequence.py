@@ -74,7 +74,7 @@ from core.sequence_inputs import (
     RANK_BUCKETS,
 )
 from training.config import SequenceConfig
-from training.models.ranker import adamw
+from training.models.optim import ListDataset, optimizer_step, schedule
 from training.models.sequence_data import (
     AGE_BUCKETS,
     N_POP_FEATURES,
@@ -314,29 +314,6 @@ class SASRec(nn.Module):
 # training without Ray (the offline evaluation), saving and loading
 
 
-def linear_schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up then linear decay to 0, as the Ray loop uses."""
-    warmup = int(warmup_ratio * total)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
-
-
-class _Rows(torch.utils.data.Dataset[Mapping[str, Any]]):
-    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Mapping[str, Any]:
-        return self.rows[i]
-
-
 @deterministic()
 def train_sequence_model(
     cfg: SequenceConfig,
@@ -347,30 +324,28 @@ def train_sequence_model(
     log: Callable[[str], None] | None = None,
 ) -> tuple[SASRec, list[dict[str, float]]]:
     """Train in this process (no Ray): the same model, batches, loss and optimizer settings
-    as the Ray stage (AdamW, linear warm-up/decay, gradient norm clipped to 1); the same
-    weights for the same seed from run to run, also on several threads (PyTorch's
-    deterministic kernels)."""
+    as the Ray stage (:mod:`training.models.optim`: AdamW, linear warm-up/decay, the
+    gradient norm clipped to 1); the same weights for the same seed from run to run, also
+    on several threads (PyTorch's deterministic kernels)."""
     torch.manual_seed(seed)
     model = SASRec(cfg, space)
     collate = SequenceCollator(cfg.max_seq_len, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     loader: torch.utils.data.DataLoader[Mapping[str, Any]] = torch.utils.data.DataLoader(
-        _Rows(rows), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen
+        ListDataset(rows),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=gen,
     )
-    total = max(1, len(loader) * cfg.epochs)
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, cfg.warmup_ratio))
+    opt, sched = schedule(model, cfg, max(1, len(loader) * cfg.epochs))
     history: list[dict[str, float]] = []
     for epoch in range(cfg.epochs):
         model.train()
         t0, losses = time.perf_counter(), []
         for batch in loader:
             loss = model(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(model, opt, sched, loss)
             losses.append(float(loss.item()))
         row = {
             "epoch": float(epoch),
