@@ -20,6 +20,18 @@ from training.pretrained import resolve_pretrained
 
 #: where the sequence model's item content vectors come from (``SequenceConfig``)
 CONTENT_SOURCES = ("item_tower", "pretrained")
+#: the sequence model's default alternative setting: no id embeddings (every item through its
+#: content vector and the new-item vector), 60 epochs early-stopped, lr 5e-3, d=64, light
+#: regularisation; chosen on the music log's and the shop's validation windows (FINDINGS.md)
+CONTENT_ONLY: dict[str, Any] = {
+    "id_dropout": 1.0,
+    "epochs": 60,
+    "lr": 5e-3,
+    "dim": 64,
+    "dropout": 0.1,
+    "weight_decay": 0.0,
+    "early_stop_every": 5,
+}
 
 
 @dataclass
@@ -37,8 +49,16 @@ class StageConfig:
     eval_batch_size: int = 64
     eval_before_training: bool = False
     log_every: int = 5
+    #: stop after this many epochs of the ``epochs``-long schedule (the epoch where early
+    #: stopping on a validation cut-off peaked, :mod:`training.models.sequence_choice`)
+    stop_epoch: int | None = None
     #: test hook: raise once after this epoch to exercise FailureConfig + resume
     fail_after_epoch: int | None = None
+
+    @property
+    def run_epochs(self) -> int:
+        """The epochs trained: ``epochs``, or fewer where ``stop_epoch`` cuts the schedule."""
+        return self.epochs if self.stop_epoch is None else min(self.stop_epoch, self.epochs)
 
 
 @dataclass
@@ -118,6 +138,19 @@ class SequenceConfig(StageConfig):
     content_model: str = ""  # "" = the run's pretrained model
     content_max_seq_len: int = 128  # the same as the evaluation's content baseline: one cache
     content_cache: bool = True  # cache item vectors under var/cache/eval/
+    #: a second setting (overrides of this one) tried against it on a validation cut-off
+    #: inside the training period; the better one is trained (``make train``, ``make eval``:
+    #: :mod:`training.models.sequence_choice`). ``{}``: no choice. The default reads items
+    #: through their content alone, longer and lighter: thin catalogues (few users per item)
+    #: overfit the ids and need more steps (FINDINGS.md, "The sequence model on thin
+    #: catalogues")
+    alternative: dict[str, Any] = field(default_factory=lambda: dict(CONTENT_ONLY))
+    #: where the choice cuts the training period (event-count quantile)
+    choice_quantile: float = 0.9
+    #: early stopping (a run with a validation set): evaluate every this many epochs (0: off)
+    #: and stop after ``early_stop_patience`` evaluations without a better score
+    early_stop_every: int = 0
+    early_stop_patience: int = 2
 
     def __post_init__(self) -> None:
         if self.content_source not in CONTENT_SOURCES:
@@ -125,6 +158,13 @@ class SequenceConfig(StageConfig):
                 f"sequence.content_source must be one of {CONTENT_SOURCES}, "
                 f"got {self.content_source!r}"
             )
+        if self.alternative:
+            self.alternative_config()  # unknown keys and bad values fail at load time
+
+    def alternative_config(self) -> SequenceConfig:
+        """This setting with :attr:`alternative`'s overrides (itself without a choice)."""
+        base = {**dataclasses.asdict(self), "alternative": {}}
+        return _build(SequenceConfig, {**base, **self.alternative}, "sequence.alternative")
 
 
 @dataclass
@@ -294,6 +334,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ValueError(f"config key {key!r} must be a list, got {value!r}")
         (element,) = typing.get_args(hint)
         return [_coerce(v, element, f"{key}[{n}]") for n, v in enumerate(value)]
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if value is None:
         if hint is not None and type(None) not in typing.get_args(hint):

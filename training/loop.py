@@ -87,6 +87,7 @@ def train_func(config: dict[str, Any]) -> None:
     rows = _ray_get(c.train_examples)
     loader = _loader(rows, stage.batch_size, world, task.collator(tokenizer))
     steps, epochs = len(loader), stage.epochs
+    last = stage.run_epochs  # the schedule spans ``epochs``; early stopping may end sooner
     opt, sched, history, start = _optimizer(model, stage, steps, state)
     eval_data = _ray_get(c.eval_data) if rank == 0 else None
     described = task.start(rows, device)
@@ -97,7 +98,7 @@ def train_func(config: dict[str, Any]) -> None:
         history.append({"epoch": -1, **base})
         tracker.log_epoch(history[-1])
     _log(rank, f"[{task.name}] {described}, {world} workers, {steps} steps/epoch/worker")
-    for epoch in range(start, epochs):
+    for epoch in range(start, last):
         _set_epoch(loader, epoch)
         ddp.train()
         losses: list[float] = []

@@ -80,7 +80,7 @@ def train_epochs(
     opt, sched = schedule(model, stage, len(loader) * stage.epochs)
     task.start(rows, device)
     model.train()
-    for epoch in range(stage.epochs if epochs is None else min(epochs, stage.epochs)):
+    for epoch in range(stage.run_epochs if epochs is None else min(epochs, stage.run_epochs)):
         t0, losses = time.perf_counter(), []
         for batch in loader:
             loss = task.loss(model, to_device(batch, device))

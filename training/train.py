@@ -67,7 +67,7 @@ from core.behaviour import popularity_half_life
 from core.config import REPO_ROOT, get_settings
 from core.text import item_texts
 from training import tracking
-from training.config import SequenceConfig, TrainConfig, load_config, resolve_path
+from training.config import TrainConfig, load_config, resolve_path
 from training.data.candidates import (
     Catalogue,
     SequenceAt,
@@ -77,6 +77,7 @@ from training.data.candidates import (
 from training.data.exposures import load_exposures
 from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.sequence import SASRec, load_sequence_model, model_scores, twin_scorer
+from training.models.sequence_choice import choose_sequence
 from training.models.sequence_data import content_vectors
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.pretrained import OFFLINE_ENV, set_offline
@@ -216,6 +217,12 @@ def fit_sequence(
             f"[sequence] content vectors ({seq.content_source}) {vectors.shape} "
             f"in {time.time() - t0:.1f}s"
         )
+    if data.train_events is not None:
+        content = space.content if space.content.size else None
+        choice = choose_sequence(seq, data.train_events, space.item_ids, content, seed=cfg.seed)
+        data.info["sequence_choice"] = choice.as_dict()
+        print(f"[sequence] {choice}", flush=True)
+        seq = choice.config
     task = SequenceTask(seq, space=ray.put(space))
     return fit(cfg, task, data.sequence_train, data.sequence_eval, pretrained, resume)
 
@@ -258,7 +265,7 @@ def fit_feature_ranker(
     served: SequenceScores | None = None
     if seq_dir is not None:
         model = load_sequence_model(seq_dir / "sequence")
-        twin_at = replay_twins(cfg.sequence, model, train, item_ids)
+        twin_at = replay_twins(model, train, item_ids)
         served = model_scores(model, item_ids)
     half_life = popularity_half_life(train, get_settings().popularity_half_life_days)
     data.info["popularity_half_life_days"] = half_life  # as indexing these events chooses
@@ -308,11 +315,10 @@ def fit_feature_ranker(
     return fit(cfg, task, groups, held_out, pretrained, resume)
 
 
-def replay_twins(
-    cfg: SequenceConfig, served: SASRec, events: pd.DataFrame, item_ids: Sequence[str]
-) -> SequenceAt:
+def replay_twins(served: SASRec, events: pd.DataFrame, item_ids: Sequence[str]) -> SequenceAt:
     """At a cut-off, the served sequence model's twin (same catalogue, content vectors and
-    settings) trained in this process on the ``events`` before it only: as current as the
+    settings, the chosen one's included) trained in this process on the ``events`` before
+    it only: as current as the
     served model is when it serves. One twin for every cut-off, from the events before the
     first, left the later cut-offs' sequence features (its request-time term too) up to
     thirteen years stale on MovieLens, unlike the served model the ranker meets; a twin per
@@ -321,7 +327,7 @@ def replay_twins(
     def at(cut: pd.Timestamp) -> SequenceScores:
         content = served.space.content if served.space.content.size else None
         return twin_scorer(
-            cfg,
+            served.cfg,
             events[events["timestamp"] < cut],
             served.space.item_ids,
             content,
@@ -527,7 +533,7 @@ def _previous_run(run_dir: Path, task: Task[Any, Any], resume: bool) -> tuple[Pa
     if found is None:
         return None, False
     ckpt_dir, epoch = found
-    if epoch + 1 >= task.cfg.epochs:
+    if epoch + 1 >= task.cfg.run_epochs:
         print(f"[{task.name}] already finished ({epoch + 1} epochs) at {ckpt_dir}; reusing it")
         return ckpt_dir, True
     print(f"[{task.name}] resuming after epoch {epoch + 1} from {ckpt_dir}")
@@ -536,7 +542,7 @@ def _previous_run(run_dir: Path, task: Task[Any, Any], resume: bool) -> tuple[Pa
 
 def _finished(cfg: TrainConfig, task: Task[Any, Any]) -> bool:
     found = latest_checkpoint(cfg.run_dir(task.name))
-    return found is not None and found[1] + 1 >= task.cfg.epochs
+    return found is not None and found[1] + 1 >= task.cfg.run_epochs
 
 
 def _local_checkpoint(cfg: TrainConfig, stage: str, result: Result) -> Path:

@@ -57,6 +57,8 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "sequence.time_periods=8",
         "sequence.content_max_seq_len=32",
         "sequence.content_cache=false",
+        # the choice between the configured setting and a content-only, early-stopped one
+        "sequence.alternative={id_dropout: 1.0, epochs: 3, early_stop_every: 1}",
         "feature_ranker.epochs=2",
         "feature_ranker.batch_size=4",
         "feature_ranker.cutoffs=[0.7, 0.9]",
@@ -120,8 +122,12 @@ def test_sequence_stage_trains_and_exports(
     from training.models.sequence import load_sequence_model
 
     metrics, root, _ = first_run
+    choice = metrics["data"]["sequence_choice"]  # chosen before the stage, on the training period
+    assert set(choice["ndcg_at_10"]) == {"configured", "alternative"}
+    assert [e for e, _ in choice["curves"]["alternative"]][:1] == [1]  # scored every epoch
+    alternative = choice["chosen"] == "alternative"
     seq = _epochs(metrics, "sequence")
-    assert [e["epoch"] for e in seq] == [0, 1]
+    assert [e["epoch"] for e in seq] == list(range(choice["stop_epoch"] if alternative else 2))
     assert all(e["train_loss"] > 0 for e in seq) and 0.0 <= seq[-1]["ndcg_at_10"] <= 1.0
     assert metrics["data"]["sequence_train_sequences"] == 64
     final = root / "final" / "sequence"
@@ -130,6 +136,9 @@ def test_sequence_stage_trains_and_exports(
     model = load_sequence_model(final)
     assert model.content.shape[1] == 32  # the tiny BERT's item vectors (+ a padding row)
     assert model.cfg.dim == 16 and len(model.space.item_ids) == metrics["data"]["items"]
+    # the served model (and so the feature ranker's replay twins) carries the chosen setting
+    assert model.cfg.id_dropout == (1.0 if alternative else 0.1) and model.cfg.alternative == {}
+    assert model.cfg.stop_epoch == choice["stop_epoch"]
 
 
 def test_sequence_content_is_the_trained_item_towers_catalogue(

@@ -49,6 +49,10 @@ K_LIST = 20  # list length asked of every system (Recall@20, MRR@20)
 #: window (a minute or more each on two cores), and its fusion with popularity is meant to be
 #: learned by the ranker, not by these rank-fusion weights.
 REPORTED_ONLY = ("content_finetuned", "sequence")
+#: ``--smoke``: two epochs, and a choice against a content-only setting of four
+SEQUENCE_SMOKE = SequenceConfig(
+    epochs=2, alternative={"id_dropout": 1.0, "epochs": 4, "early_stop_every": 2}
+)
 PIPELINE = HybridPipeline.name
 
 
@@ -100,7 +104,7 @@ def build_sources(
         "bpr": BPR(iterations=bpr_iters, seed=opts.seed, threads=1),
         "content_pretrained": PretrainedContent(opts.pretrained_model, encoder=encoder),
         "sequence": SequenceRecommender(
-            SequenceConfig(epochs=2) if opts.smoke else None,
+            SEQUENCE_SMOKE if opts.smoke else None,
             model_dir=opts.pretrained_model,
             encoder=encoder,
             seed=opts.seed,

@@ -35,6 +35,7 @@ from training.config import SequenceConfig
 from training.data.schema import Dataset
 from training.evaluation.systems import CatalogueRecommender
 from training.models.sequence import SASRec, train_sequence_model
+from training.models.sequence_choice import SequenceChoice, choose_sequence
 from training.models.sequence_data import (
     UserSequence,
     build_item_space,
@@ -68,6 +69,7 @@ class SequenceRecommender(CatalogueRecommender):
         self.encoder = encoder
         self.seed, self.threads = seed, threads
         self.model: SASRec | None = None
+        self.choice: SequenceChoice | None = None  # the setting _fit chose, and why
         self.train_history: list[dict[str, float]] = []
         self._sequences: dict[str, UserSequence] | None = None
 
@@ -85,16 +87,22 @@ class SequenceRecommender(CatalogueRecommender):
                     cache=self.cfg.content_cache,
                 )
             )
+        content = space.content if space.content.size else None
+        self.choice = choose_sequence(
+            self.cfg, train.events, self.item_ids, content, seed=self.seed, log=log.info
+        )
+        log.info("%s", self.choice)
+        cfg = self.choice.config
         rows = training_rows(
             train.events,
             space,
-            max_len=self.cfg.max_seq_len,
-            max_rows=self.cfg.max_examples,
+            max_len=cfg.max_seq_len,
+            max_rows=cfg.max_examples,
             seed=self.seed,
         )
         t0 = time.perf_counter()
         self.model, self.train_history = train_sequence_model(
-            self.cfg, space, rows, seed=self.seed, log=log.info
+            cfg, space, rows, seed=self.seed, log=log.info
         )
         log.info("sequence: %d sequences, trained in %.1fs", len(rows), time.perf_counter() - t0)
 
@@ -115,7 +123,7 @@ class SequenceRecommender(CatalogueRecommender):
         if self.model is None:
             raise RuntimeError("fit() first")
         seqs = self.sequences()
-        x = user_inputs([seqs.get(u) for u in user_ids], self.cfg.max_seq_len)
+        x = user_inputs([seqs.get(u) for u in user_ids], self.model.cfg.max_seq_len)
         return self.model.encode_user(x)
 
     def scores(self, user_ids: Sequence[str]) -> np.ndarray:
@@ -146,7 +154,7 @@ def validate(
     seed: int = 0,
     threads: int = 2,
     val_quantile: float = 0.9,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """NDCG@10 per validation slice for every config (and the reference baselines)."""
     from training.evaluation import metrics as M
     from training.evaluation.systems import ALS, BPR, ItemKNN, TrendingPopularity
@@ -163,13 +171,13 @@ def validate(
         }
     for name, cfg in configs.items():
         systems[name] = SequenceRecommender(cfg, seed=seed, threads=threads)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, system in systems.items():
         t0 = time.perf_counter()
         system.fit(split.train)
         system.observe(split.observed)
         recs = system.recommend(split.users, 10)
-        row: dict[str, float] = {"seconds": round(time.perf_counter() - t0, 1)}
+        row: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1)}
         for sname in ("all", "next_items", "next_items_warm", "next_items_cold"):
             per_user = M.per_user_ndcg(recs, slices[sname], 10)
             row[sname] = float(np.mean(list(per_user.values()))) if per_user else 0.0
@@ -177,6 +185,8 @@ def validate(
             row["s_per_epoch"] = round(
                 float(np.mean([h["epoch_seconds"] for h in system.train_history])), 2
             )
+            if system.choice is not None:
+                row["chosen"] = system.choice.chosen
         out[name] = row
         print(f"{name}: {json.dumps(row)}", flush=True)
     return out

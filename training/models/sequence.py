@@ -322,11 +322,18 @@ def train_sequence_model(
     *,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    validation: Callable[[SASRec], float] | None = None,
 ) -> tuple[SASRec, list[dict[str, float]]]:
     """Train in this process (no Ray): the same model, batches, loss and optimizer settings
     as the Ray stage (:mod:`training.models.optim`: AdamW, linear warm-up/decay, the
     gradient norm clipped to 1); the same weights for the same seed from run to run, also
-    on several threads (PyTorch's deterministic kernels)."""
+    on several threads (PyTorch's deterministic kernels).
+
+    With ``validation`` (a score, higher is better) and ``cfg.early_stop_every``, it is
+    early-stopped: scored every that many epochs, stopped after ``early_stop_patience``
+    scores without a better one, and the best-scoring epoch's weights returned (its history
+    rows carry ``val_score``). Scoring draws no random numbers, so the weights up to an
+    epoch are those of a run without it."""
     torch.manual_seed(seed)
     model = SASRec(cfg, space)
     collate = SequenceCollator(cfg.max_seq_len, seed=seed)
@@ -339,8 +346,9 @@ def train_sequence_model(
         generator=gen,
     )
     opt, sched = schedule(model, cfg, max(1, len(loader) * cfg.epochs))
+    stop = _EarlyStop(cfg, validation) if validation and cfg.early_stop_every > 0 else None
     history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(cfg.run_epochs):
         model.train()
         t0, losses = time.perf_counter(), []
         for batch in loader:
@@ -352,11 +360,51 @@ def train_sequence_model(
             "train_loss": float(np.mean(losses)) if losses else math.nan,
             "epoch_seconds": time.perf_counter() - t0,
         }
+        if stop is not None and stop.due(epoch):
+            row["val_score"] = stop.score(model, epoch)
         history.append(row)
         if log is not None:
             log(f"[sequence] epoch {epoch + 1}/{cfg.epochs} " + _fmt(row))
+        if stop is not None and stop.exhausted:
+            break
+    if stop is not None:
+        stop.restore(model)
     model.eval()
     return model, history
+
+
+class _EarlyStop:
+    """The best validation score so far, its epoch and weights (see train_sequence_model)."""
+
+    def __init__(self, cfg: SequenceConfig, validation: Callable[[SASRec], float]) -> None:
+        self.every, self.patience, self.last = (
+            cfg.early_stop_every,
+            max(1, cfg.early_stop_patience),
+            cfg.run_epochs - 1,
+        )
+        self.validation = validation
+        self.best, self.best_epoch, self.misses = -math.inf, -1, 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.every == 0 or epoch == self.last
+
+    def score(self, model: SASRec, epoch: int) -> float:
+        value = float(self.validation(model))
+        if value > self.best:
+            self.best, self.best_epoch, self.misses = value, epoch, 0
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.misses += 1
+        return value
+
+    @property
+    def exhausted(self) -> bool:
+        return self.misses >= self.patience
+
+    def restore(self, model: SASRec) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
 
 
 def train_on_events(
@@ -475,7 +523,6 @@ def sequence_eval(
     return SequenceEval(inputs, seen, targets)
 
 
-@torch.no_grad()
 def evaluate_sequence(
     model: SASRec,
     data: SequenceEval,
@@ -488,6 +535,23 @@ def evaluate_sequence(
     excluded."""
     if not data.inputs:
         return {}
+    ndcg, recall = _per_user(model, data, k, batch_size, device)
+    return {
+        f"ndcg_at_{k}": float(np.mean(ndcg)),
+        f"recall_at_{k}": float(np.mean(recall)),
+        "eval_users": float(len(ndcg)),
+    }
+
+
+def sequence_ndcg(model: SASRec, data: SequenceEval, k: int = 10) -> np.ndarray:
+    """Each validation user's NDCG@k (:func:`evaluate_sequence`'s, before the mean)."""
+    return _per_user(model, data, k, 256, "cpu")[0]
+
+
+@torch.no_grad()
+def _per_user(
+    model: SASRec, data: SequenceEval, k: int, batch_size: int, device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     ndcg, recall = [], []
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
@@ -504,11 +568,7 @@ def evaluate_sequence(
             ideal = min(k, len(rel))
             ndcg.append(float((hits * discounts[: len(hits)]).sum() / discounts[:ideal].sum()))
             recall.append(float(hits.sum() / ideal))
-    return {
-        f"ndcg_at_{k}": float(np.mean(ndcg)),
-        f"recall_at_{k}": float(np.mean(recall)),
-        "eval_users": float(len(ndcg)),
-    }
+    return np.array(ndcg), np.array(recall)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

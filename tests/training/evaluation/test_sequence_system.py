@@ -29,9 +29,10 @@ class FakeEncoder:
 
 
 def _system(**kw: Any) -> SequenceRecommender:
-    cfg = SequenceConfig(
-        dim=16, blocks=1, epochs=2, batch_size=16, max_seq_len=20, time_periods=8, **kw
+    base: dict[str, Any] = dict(
+        dim=16, blocks=1, epochs=2, batch_size=16, max_seq_len=20, time_periods=8, alternative={}
     )
+    cfg = SequenceConfig(**{**base, **kw})
     return SequenceRecommender(cfg, encoder=FakeEncoder(), threads=1)
 
 
@@ -94,7 +95,22 @@ def test_content_model_in_the_config_chooses_the_encoder(
     monkeypatch.setattr(sequence_system, "content_vectors", fake_vectors)
     split = make_split(load_dataset(generic_dir), quantile=0.8)
     _system(content_model="runs/x/item_tower").fit(split.train)
-    SequenceRecommender(SequenceConfig(epochs=1, dim=16, blocks=1), model_dir="mini").fit(
-        split.train
-    )
+    cfg = SequenceConfig(epochs=1, dim=16, blocks=1, alternative={})
+    SequenceRecommender(cfg, model_dir="mini").fit(split.train)
     assert seen == ["runs/x/item_tower", "mini"]
+
+
+def test_the_evaluated_model_is_the_setting_its_choice_chose(generic_dir: Path) -> None:
+    """``make eval``'s sequence model chooses its setting as ``make train``'s stage does, on
+    a cut-off of the evaluation's training period, and trains that one. This small log's
+    users follow one another in time: after the cut-off too few of them have a history
+    before it to score, so it keeps the configured setting and says so."""
+    split = make_split(load_dataset(generic_dir), quantile=0.8)
+    system = _system(alternative={"id_dropout": 1.0, "epochs": 3, "early_stop_every": 1})
+    system.fit(split.train)
+    assert system.choice is not None and system.model is not None
+    assert system.choice.chosen == "configured" and system.choice.users < 2
+    assert system.choice.ndcg == {} and "sequence setting: configured" in str(system.choice)
+    assert system.model.cfg == system.choice.config and system.model.cfg.alternative == {}
+    assert len(system.train_history) == system.choice.config.run_epochs == 2
+    assert system.choice.cutoff < str(split.train.events["timestamp"].max())
