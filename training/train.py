@@ -219,7 +219,9 @@ def fit_sequence(
         )
     if data.train_events is not None:
         content = space.content if space.content.size else None
-        choice = choose_sequence(seq, data.train_events, space.item_ids, content, seed=cfg.seed)
+        choice = choose_sequence(
+            seq, data.train_events, space.item_ids, content, seed=cfg.seed, log=_print
+        )
         data.info["sequence_choice"] = choice.as_dict()
         print(f"[sequence] {choice}", flush=True)
         seq = choice.config
@@ -563,6 +565,10 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.time()
     yield
     timings[key] = time.time() - t0
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
 
 
 def _short(m: dict[str, Any]) -> str:
