@@ -361,7 +361,7 @@ def train_sequence_model(
             "epoch_seconds": time.perf_counter() - t0,
         }
         if stop is not None and stop.due(epoch):
-            row["val_score"] = stop.score(model, epoch)
+            row["val_score"] = stop.score(model)
         history.append(row)
         if log is not None:
             log(f"[sequence] epoch {epoch + 1}/{cfg.epochs} " + _fmt(row))
@@ -374,7 +374,7 @@ def train_sequence_model(
 
 
 class _EarlyStop:
-    """The best validation score so far, its epoch and weights (see train_sequence_model)."""
+    """The best validation score so far and its weights (see train_sequence_model)."""
 
     def __init__(self, cfg: SequenceConfig, validation: Callable[[SASRec], float]) -> None:
         self.every, self.patience, self.last = (
@@ -383,16 +383,16 @@ class _EarlyStop:
             cfg.run_epochs - 1,
         )
         self.validation = validation
-        self.best, self.best_epoch, self.misses = -math.inf, -1, 0
+        self.best, self.misses = -math.inf, 0
         self.state: dict[str, torch.Tensor] | None = None
 
     def due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every == 0 or epoch == self.last
 
-    def score(self, model: SASRec, epoch: int) -> float:
+    def score(self, model: SASRec) -> float:
         value = float(self.validation(model))
         if value > self.best:
-            self.best, self.best_epoch, self.misses = value, epoch, 0
+            self.best, self.misses = value, 0
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             self.misses += 1

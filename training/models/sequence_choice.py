@@ -103,12 +103,12 @@ def choose_sequence(
     per_user: dict[str, np.ndarray] = {}
     curves: dict[str, list[tuple[int, float]]] = {}
     trained: dict[str, SequenceConfig] = {}
+
+    def score(model: SASRec) -> float:
+        return float(sequence_ndcg(model, data).mean())
+
     for name, candidate in candidates.items():
         t1 = time.time()
-
-        def score(model: SASRec) -> float:
-            return float(sequence_ndcg(model, data).mean())
-
         model, history = train_sequence_model(
             candidate,
             space,
