@@ -59,6 +59,7 @@ def _overrides(tiny_bert: str, root: Path) -> list[str]:
         "sequence.content_cache=false",
         # the choice between the configured setting and a content-only, early-stopped one
         "sequence.alternative={id_dropout: 1.0, epochs: 3, early_stop_every: 1}",
+        "sequence.choice_min_users=2",  # a small log: few users after the cut-off
         "feature_ranker.epochs=2",
         "feature_ranker.batch_size=4",
         "feature_ranker.cutoffs=[0.7, 0.9]",

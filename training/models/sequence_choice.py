@@ -14,7 +14,9 @@ training period's events) and scored on the next items of the users active after
 early-stopped there and remembers its best epoch (``stop_epoch``), which the final run
 stops at on the same schedule. The alternative wins only if it beats the configured setting
 by more than one standard error of the paired per-user difference
-(:func:`core.behaviour.within_one_se`). Nothing after the training period is read.
+(:func:`core.behaviour.within_one_se`), and only where at least ``choice_min_users`` users
+can be scored (popularity's half-life and the exploration share also keep their defaults
+below a count of users). Nothing after the training period is read.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def choose_sequence(
 ) -> SequenceChoice:
     """The setting to train on ``events`` (the training period) over ``item_ids`` (with
     their ``content`` vectors, row-aligned; see the module docstring). Without an
-    ``alternative``, or too few users after the cut-off, the configured setting as is."""
+    ``alternative``, or with fewer than ``choice_min_users`` users to score after the
+    cut-off, the configured setting as is, and nothing trained."""
     plain = dataclasses.replace(cfg, alternative={})
     if not cfg.alternative:
         return SequenceChoice(plain, CONFIGURED)
@@ -94,7 +97,7 @@ def choose_sequence(
     before, after = events[events["timestamp"] < cut], events[events["timestamp"] >= cut]
     space = build_item_space(before, item_ids, periods=cfg.time_periods, content=content)
     data = sequence_eval(before, after, space, max_users=cfg.eval_users, seed=seed)
-    if len(data.inputs) < 2:
+    if len(data.inputs) < max(2, cfg.choice_min_users):  # too few to tell the two apart
         return SequenceChoice(plain, CONFIGURED, cutoff=str(cut), users=len(data.inputs))
     rows = training_rows(
         before, space, max_len=cfg.max_seq_len, max_rows=cfg.max_examples, seed=seed

@@ -78,10 +78,19 @@ def _split_events(users: int = 60, length: int = 14, items: int = 30) -> Any:
     return _events(rows)
 
 
-def test_no_alternative_trains_the_configured_setting_without_a_run() -> None:
+def test_no_alternative_or_too_few_users_keeps_the_configured_setting_without_a_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_training(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("nothing should be trained")
+
+    monkeypatch.setattr(sequence_choice, "train_sequence_model", no_training)
     ev = _split_events()
     choice = choose_sequence(_cfg(alternative={}), ev, ITEMS, None)
     assert choice.chosen == CONFIGURED and choice.ndcg == {} and choice.config.stop_epoch is None
+    few = choose_sequence(_cfg(choice_min_users=1000), ev, ITEMS, None)  # 60 users at most
+    assert few.chosen == CONFIGURED and few.ndcg == {} and 2 <= few.users < 1000
+    assert few.config.alternative == {} and few.config.id_dropout == _cfg().id_dropout
 
 
 def test_a_real_choice_between_the_configured_setting_and_an_early_stopped_one() -> None:
@@ -90,7 +99,8 @@ def test_a_real_choice_between_the_configured_setting_and_an_early_stopped_one()
     left for the final run to choose again."""
     ev = _split_events()
     space = _space(ev, ITEMS, content_dim=4)
-    cfg = _cfg(epochs=2, alternative={"id_dropout": 1.0, "epochs": 4, "early_stop_every": 2})
+    alternative = {"id_dropout": 1.0, "epochs": 4, "early_stop_every": 2}
+    cfg = _cfg(epochs=2, alternative=alternative, choice_min_users=2)
     choice = choose_sequence(cfg, ev, ITEMS, space.content, seed=0)
     assert set(choice.ndcg) == {CONFIGURED, ALTERNATIVE} and choice.users >= 2
     assert [e for e, _ in choice.curves[ALTERNATIVE]] == [2, 4]
@@ -135,7 +145,8 @@ def test_the_alternative_must_win_by_more_than_one_standard_error(
 
     monkeypatch.setattr(sequence_choice, "sequence_ndcg", fake_ndcg)
     monkeypatch.setattr(sequence_choice, "train_sequence_model", fake_train)
-    cfg = _cfg(epochs=2, alternative={"id_dropout": 1.0, "epochs": 6, "early_stop_every": 2})
+    alternative = {"id_dropout": 1.0, "epochs": 6, "early_stop_every": 2}
+    cfg = _cfg(epochs=2, alternative=alternative, choice_min_users=2)
     choice = choose_sequence(cfg, ev, ITEMS, None)
     assert next(calls) == 2  # both candidates trained
     assert choice.chosen == chosen
