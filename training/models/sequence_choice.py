@@ -67,6 +67,9 @@ class SequenceChoice:
         }
 
     def __str__(self) -> str:
+        if not self.ndcg:
+            why = f"{self.users} users to score after {self.cutoff}, too few" if self.cutoff else ""
+            return f"sequence setting: {self.chosen} (not chosen on: {why or 'no alternative'})"
         scores = ", ".join(f"{k} {v:.4f}" for k, v in self.ndcg.items())
         stop = f", stopped at epoch {self.config.stop_epoch}" if self.config.stop_epoch else ""
         return (

@@ -91,6 +91,7 @@ def test_no_alternative_or_too_few_users_keeps_the_configured_setting_without_a_
     few = choose_sequence(_cfg(choice_min_users=1000), ev, ITEMS, None)  # 60 users at most
     assert few.chosen == CONFIGURED and few.ndcg == {} and 2 <= few.users < 1000
     assert few.config.alternative == {} and few.config.id_dropout == _cfg().id_dropout
+    assert "too few" in str(few) and "no alternative" in str(choice)
 
 
 def test_a_real_choice_between_the_configured_setting_and_an_early_stopped_one() -> None:
