@@ -50,7 +50,7 @@ class StageConfig:
     eval_before_training: bool = False
     log_every: int = 5
     #: stop after this many epochs of the ``epochs``-long schedule (the epoch where early
-    #: stopping on a validation cut-off peaked, :mod:`training.models.sequence_choice`)
+    #: stopping on a validation cut-off peaked, :mod:`training.sequence_choice`)
     stop_epoch: int | None = None
     #: test hook: raise once after this epoch to exercise FailureConfig + resume
     fail_after_epoch: int | None = None
@@ -140,7 +140,7 @@ class SequenceConfig(StageConfig):
     content_cache: bool = True  # cache item vectors under var/cache/eval/
     #: a second setting (overrides of this one) tried against it on a validation cut-off
     #: inside the training period; the better one is trained (``make train``, ``make eval``:
-    #: :mod:`training.models.sequence_choice`). ``{}``: no choice. The default reads items
+    #: :mod:`training.sequence_choice`). ``{}``: no choice. The default reads items
     #: through their content alone, longer and lighter: thin catalogues (few users per item)
     #: overfit the ids and need more steps (FINDINGS.md, "The sequence model on thin
     #: catalogues")

@@ -77,12 +77,12 @@ from training.data.candidates import (
 from training.data.exposures import load_exposures
 from training.loop import LoopConfig, latest_checkpoint, train_func
 from training.models.sequence import SASRec, load_sequence_model, model_scores, twin_scorer
-from training.models.sequence_choice import choose_sequence
 from training.models.sequence_data import content_vectors
 from training.prepare import PreparedData, mining_queries, prepare_data, ranker_pairs
 from training.pretrained import OFFLINE_ENV, set_offline
 from training.ray_cluster import connect
 from training.release_choice import choose_release
+from training.sequence_choice import choose_sequence
 from training.tasks import FeatureRankerTask, RankerTask, RetrievalTask, SequenceTask, Task
 from training.tasks.feature_ranker import feature_scaling, replayed_groups
 from training.tasks.retrieval import mine_with_towers, tower_vectors

@@ -35,7 +35,6 @@ from training.config import SequenceConfig
 from training.data.schema import Dataset
 from training.evaluation.systems import CatalogueRecommender
 from training.models.sequence import SASRec, train_sequence_model
-from training.models.sequence_choice import SequenceChoice, choose_sequence
 from training.models.sequence_data import (
     UserSequence,
     build_item_space,
@@ -44,6 +43,7 @@ from training.models.sequence_data import (
     user_inputs,
     user_sequences,
 )
+from training.sequence_choice import SequenceChoice, choose_sequence
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ import pandas as pd
 
 from core.behaviour import within_one_se
 from training.config import SequenceConfig
+from training.data.candidates import split_at, training_cutoffs
 from training.models.sequence import SASRec, sequence_eval, sequence_ndcg, train_sequence_model
 from training.models.sequence_data import build_item_space, training_rows
 
@@ -95,9 +96,8 @@ def choose_sequence(
     if not cfg.alternative:
         return SequenceChoice(plain, CONFIGURED)
     t0 = time.time()
-    ts = events["timestamp"].sort_values(kind="stable")
-    cut = ts.iloc[min(len(ts) - 1, int(len(ts) * cfg.choice_quantile))]
-    before, after = events[events["timestamp"] < cut], events[events["timestamp"] >= cut]
+    (cut,) = training_cutoffs(events, [cfg.choice_quantile])  # as the feature ranker's
+    before, after = split_at(events, cut)
     space = build_item_space(before, item_ids, periods=cfg.time_periods, content=content)
     data = sequence_eval(before, after, space, max_users=cfg.eval_users, seed=seed)
     if len(data.inputs) < max(2, cfg.choice_min_users):  # too few to tell the two apart

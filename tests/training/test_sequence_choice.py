@@ -1,5 +1,5 @@
 """Early stopping of the sequence model and the choice of its setting on a validation cut-off
-inside the training period (:mod:`training.models.sequence_choice`)."""
+inside the training period (:mod:`training.sequence_choice`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from tests.training.models.test_sequence import _cfg, _cycle_events, _events, _space
+from training import sequence_choice
 from training.config import CONTENT_ONLY, SequenceConfig
-from training.models import sequence_choice
 from training.models.sequence import SASRec, train_sequence_model
-from training.models.sequence_choice import ALTERNATIVE, CONFIGURED, choose_sequence
 from training.models.sequence_data import training_rows
+from training.sequence_choice import ALTERNATIVE, CONFIGURED, choose_sequence
 
 ITEMS = [f"i{n}" for n in range(30)]
 
